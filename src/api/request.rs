@@ -1,0 +1,154 @@
+//! Parsing and validating what clients send: JSON bodies, query strings, request ids.
+//!
+//! Every refusal is an [`ApiError`] with duet's JSON shape, never axum's default plain-text
+//! rejections (which would also answer 422 where the contract says 400).
+
+use axum::{
+    body::Body,
+    http::{HeaderMap, header},
+};
+use serde::Deserialize;
+
+use super::{ApiError, X_REQUEST_ID};
+
+/// A validated query.
+#[derive(Debug)]
+pub struct QueryParams {
+    pub query: String,
+    pub system: Option<String>,
+    pub deltas: bool,
+}
+
+#[derive(Deserialize)]
+struct PostBody {
+    query: String,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    deltas: Option<bool>,
+}
+
+/// JSON escaping can make a body up to six times its text (`\u0000`), so the body limit is
+/// looser than the query limit; the query itself is measured after decoding.
+fn body_limit(max_query_bytes: usize) -> usize {
+    max_query_bytes.saturating_mul(12).saturating_add(64 * 1024)
+}
+
+pub async fn parse_post(
+    headers: &HeaderMap,
+    body: Body,
+    max_query_bytes: usize,
+) -> Result<QueryParams, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let limit = body_limit(max_query_bytes);
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::PayloadTooLarge(format!("the request body is larger than {limit} bytes"))
+    })?;
+    let parsed: PostBody = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the body must be a JSON object with a string \"query\": {}",
+            json_problem(&e)
+        ))
+    })?;
+    validate(
+        parsed.query,
+        parsed.system,
+        parsed.deltas.unwrap_or(false),
+        max_query_bytes,
+    )
+}
+
+/// serde_json's message without the line/column noise for one-line bodies.
+fn json_problem(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.find(" at line ") {
+        Some(i) if e.line() <= 1 => text[..i].to_owned(),
+        _ => text,
+    }
+}
+
+#[derive(Deserialize)]
+struct GetQuery {
+    q: Option<String>,
+    system: Option<String>,
+    deltas: Option<String>,
+}
+
+pub fn parse_get(raw: Option<&str>, max_query_bytes: usize) -> Result<QueryParams, ApiError> {
+    let raw = raw.unwrap_or("");
+    if raw.len() > body_limit(max_query_bytes) {
+        return Err(ApiError::PayloadTooLarge(
+            "the query string is too long".into(),
+        ));
+    }
+    let parsed: GetQuery = serde_urlencoded::from_str(raw)
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+    let Some(query) = parsed.q else {
+        return Err(ApiError::BadRequest(
+            "the query parameter \"q\" is required".into(),
+        ));
+    };
+    let deltas = match parsed.deltas.as_deref().map(str::trim) {
+        None | Some("" | "0" | "false" | "no" | "off") => false,
+        Some("1" | "true" | "yes" | "on") => true,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "\"deltas\" must be 1, 0, true or false".into(),
+            ));
+        }
+    };
+    validate(query, parsed.system, deltas, max_query_bytes)
+}
+
+fn validate(
+    query: String,
+    system: Option<String>,
+    deltas: bool,
+    max_query_bytes: usize,
+) -> Result<QueryParams, ApiError> {
+    if query.trim().is_empty() {
+        return Err(ApiError::BadRequest("\"query\" must not be blank".into()));
+    }
+    if query.len() > max_query_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "\"query\" is {} bytes; the limit is {max_query_bytes}",
+            query.len()
+        )));
+    }
+    if system.as_ref().is_some_and(|s| s.len() > max_query_bytes) {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "\"system\" is longer than the limit of {max_query_bytes} bytes"
+        )));
+    }
+    let system = system.filter(|s| !s.trim().is_empty());
+    Ok(QueryParams {
+        query,
+        system,
+        deltas,
+    })
+}
+
+/// The caller's `X-Request-Id`, kept as the run's `client_request_id`. It ends up in logs,
+/// headers and the database, so only short printable ASCII is taken.
+pub fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(X_REQUEST_ID) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .ok()
+        .filter(|t| !t.is_empty() && t.len() <= 200 && t.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "X-Request-Id must be 1 to 200 printable ASCII characters without spaces".into(),
+            )
+        })?;
+    Ok(Some(text.to_owned()))
+}

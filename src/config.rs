@@ -1,0 +1,544 @@
+//! Typed configuration, read once from the environment (and `.env`) and validated at start.
+//!
+//! Every variable of contract §2 lives here. A bad value is a [`ConfigError`] naming the
+//! variable, so the service never starts half-configured.
+
+use std::{
+    collections::HashMap, fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration,
+};
+
+use serde::Serialize;
+
+/// The two models of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Flash,
+    Pro,
+}
+
+impl Role {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::Flash => "flash",
+            Role::Pro => "pro",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which upstream family answers for a role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    Simulated,
+    Gemini,
+    OpenAi,
+    Anthropic,
+}
+
+impl ProviderKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Simulated => "simulated",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+        }
+    }
+
+    fn default_model(self, role: Role) -> &'static str {
+        match (self, role) {
+            (ProviderKind::Simulated, Role::Flash) => "simulated-flash",
+            (ProviderKind::Simulated, Role::Pro) => "simulated-pro",
+            (ProviderKind::Gemini, Role::Flash) => "gemini-2.5-flash",
+            (ProviderKind::Gemini, Role::Pro) => "gemini-2.5-pro",
+            (ProviderKind::OpenAi, Role::Flash) => "gpt-4.1-mini",
+            (ProviderKind::OpenAi, Role::Pro) => "gpt-4.1",
+            (ProviderKind::Anthropic, Role::Flash) => "claude-haiku-4-5",
+            (ProviderKind::Anthropic, Role::Pro) => "claude-sonnet-4-5",
+        }
+    }
+
+    fn default_base_url(self) -> &'static str {
+        match self {
+            ProviderKind::Simulated => "",
+            ProviderKind::Gemini => "https://generativelanguage.googleapis.com/v1beta",
+            ProviderKind::OpenAi => "https://api.openai.com/v1",
+            ProviderKind::Anthropic => "https://api.anthropic.com",
+        }
+    }
+
+    /// The family-wide key variable a role falls back to.
+    fn fallback_key_var(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::Simulated => None,
+            ProviderKind::Gemini => Some("GEMINI_API_KEY"),
+            ProviderKind::OpenAi => Some("OPENAI_API_KEY"),
+            ProviderKind::Anthropic => Some("ANTHROPIC_API_KEY"),
+        }
+    }
+}
+
+impl FromStr for ProviderKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "simulated" => Ok(ProviderKind::Simulated),
+            "gemini" => Ok(ProviderKind::Gemini),
+            "openai" => Ok(ProviderKind::OpenAi),
+            "anthropic" => Ok(ProviderKind::Anthropic),
+            other => Err(format!(
+                "unknown provider {other:?} (expected simulated, gemini, openai or anthropic)"
+            )),
+        }
+    }
+}
+
+/// A secret that cannot be printed by accident: `Debug` shows `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The only way to read the value; grep for it when auditing where secrets go.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Pacing of the simulated provider for one role.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimulatedTiming {
+    /// Delay before the first token.
+    pub first_token: Duration,
+    /// Delay between later tokens.
+    pub per_token: Duration,
+}
+
+/// Everything one role needs to reach its model.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub role: Role,
+    pub provider: ProviderKind,
+    pub model: String,
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    /// Whole-call deadline.
+    pub timeout: Duration,
+    /// Optional deadline for the first token.
+    pub ttft_timeout: Option<Duration>,
+    pub simulated: SimulatedTiming,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind_addr: SocketAddr,
+    pub database_url: String,
+    pub flash: ModelConfig,
+    pub pro: ModelConfig,
+    pub stall_timeout: Duration,
+    pub max_query_bytes: usize,
+    pub max_concurrent_streams: usize,
+    pub sse_keepalive: Duration,
+    pub shutdown_grace: Duration,
+    pub audit_deadletter_path: PathBuf,
+    pub api_keys: Vec<Secret>,
+    pub admin_token: Option<Secret>,
+    pub log_format: LogFormat,
+}
+
+/// A configuration value that cannot be used; its `Display` is the one line printed at start.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("configuration error: {var}: {problem}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, problem: impl Into<String>) -> Self {
+        ConfigError {
+            var,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Where variables come from: the process environment in production, a map in tests.
+pub trait Source {
+    fn get(&self, var: &str) -> Option<String>;
+}
+
+/// The process environment. Call [`load_dotenv`] first to include `.env`.
+pub struct Env;
+
+impl Source for Env {
+    fn get(&self, var: &str) -> Option<String> {
+        std::env::var(var).ok()
+    }
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, var: &str) -> Option<String> {
+        HashMap::get(self, var).cloned()
+    }
+}
+
+impl Source for HashMap<&str, &str> {
+    fn get(&self, var: &str) -> Option<String> {
+        HashMap::get(self, var).map(|v| (*v).to_owned())
+    }
+}
+
+/// Reads `.env` from the working directory when present; real environment variables win.
+pub fn load_dotenv() -> Result<(), ConfigError> {
+    match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(e) if e.not_found() => Ok(()),
+        Err(e) => Err(ConfigError::new(".env", e.to_string())),
+    }
+}
+
+/// A variable's value with surrounding blanks trimmed; empty counts as unset, as in most shells'
+/// `VAR=` idiom for "use the default".
+fn var(src: &dyn Source, name: &str) -> Option<String> {
+    src.get(name)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn parse_or<T: FromStr>(
+    src: &dyn Source,
+    name: &'static str,
+    default: T,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    match var(src, name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| ConfigError::new(name, format!("{v:?} is not {expected}"))),
+    }
+}
+
+/// Seconds as a positive, finite decimal (`0.25`, `5`, `45`).
+fn seconds(src: &dyn Source, name: &'static str) -> Result<Option<Duration>, ConfigError> {
+    let Some(v) = var(src, name) else {
+        return Ok(None);
+    };
+    let secs: f64 = v.parse().map_err(|_| {
+        ConfigError::new(name, format!("{v:?} is not a number of seconds (e.g. 2.5)"))
+    })?;
+    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+        return Err(ConfigError::new(
+            name,
+            format!("{v:?} must be more than 0 and at most 86400 seconds"),
+        ));
+    }
+    Ok(Some(Duration::from_secs_f64(secs)))
+}
+
+fn seconds_or(src: &dyn Source, name: &'static str, default: f64) -> Result<Duration, ConfigError> {
+    Ok(seconds(src, name)?.unwrap_or(Duration::from_secs_f64(default)))
+}
+
+fn positive(src: &dyn Source, name: &'static str, default: usize) -> Result<usize, ConfigError> {
+    let n: usize = parse_or(src, name, default, "a whole number")?;
+    if n == 0 {
+        return Err(ConfigError::new(name, "must be at least 1"));
+    }
+    Ok(n)
+}
+
+fn model_config(src: &dyn Source, role: Role) -> Result<ModelConfig, ConfigError> {
+    let names = RoleVars::of(role);
+    let provider = match var(src, names.provider) {
+        None => ProviderKind::Simulated,
+        Some(v) => v.parse().map_err(|e| ConfigError::new(names.provider, e))?,
+    };
+    let model = var(src, names.model).unwrap_or_else(|| provider.default_model(role).to_owned());
+    let base_url = match var(src, names.base_url) {
+        None => provider.default_base_url().to_owned(),
+        Some(url) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    names.base_url,
+                    format!("{url:?} must start with http:// or https://"),
+                ));
+            }
+            url.trim_end_matches('/').to_owned()
+        }
+    };
+    let api_key = var(src, names.api_key)
+        .or_else(|| provider.fallback_key_var().and_then(|k| var(src, k)))
+        .map(Secret::new);
+    if api_key.is_none() && provider != ProviderKind::Simulated {
+        let fallback = provider.fallback_key_var().unwrap_or("");
+        return Err(ConfigError::new(
+            names.api_key,
+            format!(
+                "{} needs an API key: set {} or {fallback}",
+                provider.as_str(),
+                names.api_key
+            ),
+        ));
+    }
+    let (default_timeout, default_first, default_per) = match role {
+        Role::Flash => (5.0, 0.3, 0.015),
+        Role::Pro => (45.0, 2.0, 0.03),
+    };
+    Ok(ModelConfig {
+        role,
+        provider,
+        model,
+        base_url,
+        api_key,
+        timeout: seconds_or(src, names.timeout, default_timeout)?,
+        ttft_timeout: seconds(src, names.ttft_timeout)?,
+        simulated: SimulatedTiming {
+            first_token: seconds_or(src, names.sim_first_token, default_first)?,
+            per_token: seconds_or(src, names.sim_per_token, default_per)?,
+        },
+    })
+}
+
+/// The variable names of one role, spelled out so that errors can name them as `&'static str`.
+struct RoleVars {
+    provider: &'static str,
+    model: &'static str,
+    base_url: &'static str,
+    api_key: &'static str,
+    timeout: &'static str,
+    ttft_timeout: &'static str,
+    sim_first_token: &'static str,
+    sim_per_token: &'static str,
+}
+
+impl RoleVars {
+    const fn of(role: Role) -> RoleVars {
+        match role {
+            Role::Flash => RoleVars {
+                provider: "FLASH_PROVIDER",
+                model: "FLASH_MODEL",
+                base_url: "FLASH_BASE_URL",
+                api_key: "FLASH_API_KEY",
+                timeout: "FLASH_TIMEOUT_S",
+                ttft_timeout: "FLASH_TTFT_TIMEOUT_S",
+                sim_first_token: "SIMULATED_FLASH_TTFT_S",
+                sim_per_token: "SIMULATED_FLASH_TOKEN_S",
+            },
+            Role::Pro => RoleVars {
+                provider: "PRO_PROVIDER",
+                model: "PRO_MODEL",
+                base_url: "PRO_BASE_URL",
+                api_key: "PRO_API_KEY",
+                timeout: "PRO_TIMEOUT_S",
+                ttft_timeout: "PRO_TTFT_TIMEOUT_S",
+                sim_first_token: "SIMULATED_PRO_TTFT_S",
+                sim_per_token: "SIMULATED_PRO_TOKEN_S",
+            },
+        }
+    }
+}
+
+fn secrets_list(src: &dyn Source, name: &'static str) -> Result<Vec<Secret>, ConfigError> {
+    let Some(v) = var(src, name) else {
+        return Ok(Vec::new());
+    };
+    let keys: Vec<Secret> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(Secret::new)
+        .collect();
+    if keys.is_empty() {
+        return Err(ConfigError::new(name, "lists no key"));
+    }
+    Ok(keys)
+}
+
+impl Config {
+    /// Reads the process environment (after `.env`).
+    pub fn from_env() -> Result<Config, ConfigError> {
+        load_dotenv()?;
+        Config::from_source(&Env)
+    }
+
+    /// Reads and validates every variable of contract §2 from `src`.
+    pub fn from_source(src: &dyn Source) -> Result<Config, ConfigError> {
+        let database_url = var(src, "DATABASE_URL").unwrap_or_else(|| "sqlite://duet.db".into());
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "must start with sqlite:// or postgres://",
+            ));
+        }
+        let log_format = match var(src, "LOG_FORMAT").as_deref() {
+            None => {
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    LogFormat::Pretty
+                } else {
+                    LogFormat::Json
+                }
+            }
+            Some("pretty") => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!("{other:?} is not pretty or json"),
+                ));
+            }
+        };
+        Ok(Config {
+            bind_addr: parse_or(
+                src,
+                "BIND_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], 8080)),
+                "an address like 127.0.0.1:8080",
+            )?,
+            database_url,
+            flash: model_config(src, Role::Flash)?,
+            pro: model_config(src, Role::Pro)?,
+            stall_timeout: seconds_or(src, "STALL_TIMEOUT_S", 15.0)?,
+            max_query_bytes: positive(src, "MAX_QUERY_BYTES", 32_768)?,
+            max_concurrent_streams: positive(src, "MAX_CONCURRENT_STREAMS", 10_000)?,
+            sse_keepalive: seconds_or(src, "SSE_KEEPALIVE_S", 15.0)?,
+            shutdown_grace: seconds_or(src, "SHUTDOWN_GRACE_S", 30.0)?,
+            audit_deadletter_path: var(src, "AUDIT_DEADLETTER_PATH")
+                .unwrap_or_else(|| "duet-deadletter.jsonl".into())
+                .into(),
+            api_keys: secrets_list(src, "API_KEYS")?,
+            admin_token: var(src, "ADMIN_TOKEN").map(Secret::new),
+            log_format,
+        })
+    }
+
+    /// The defaults, as `cargo run` with an empty environment would see them.
+    pub fn defaults() -> Config {
+        // The empty source cannot fail validation: every default is valid by construction.
+        match Config::from_source(&HashMap::<&str, &str>::new()) {
+            Ok(c) => c,
+            Err(e) => unreachable!("defaults are valid: {e}"),
+        }
+    }
+
+    pub fn model(&self, role: Role) -> &ModelConfig {
+        match role {
+            Role::Flash => &self.flash,
+            Role::Pro => &self.pro,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<&str, &str> = pairs.iter().copied().collect();
+        Config::from_source(&map)
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::defaults();
+        assert_eq!(c.bind_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database_url, "sqlite://duet.db");
+        assert_eq!(c.flash.provider, ProviderKind::Simulated);
+        assert_eq!(c.pro.provider, ProviderKind::Simulated);
+        assert_eq!(c.flash.timeout, Duration::from_secs(5));
+        assert_eq!(c.pro.timeout, Duration::from_secs(45));
+        assert_eq!(c.flash.ttft_timeout, None);
+        assert_eq!(c.stall_timeout, Duration::from_secs(15));
+        assert_eq!(c.max_query_bytes, 32_768);
+        assert_eq!(c.max_concurrent_streams, 10_000);
+        assert_eq!(c.sse_keepalive, Duration::from_secs(15));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(
+            c.audit_deadletter_path,
+            PathBuf::from("duet-deadletter.jsonl")
+        );
+        assert!(c.api_keys.is_empty());
+        assert!(c.admin_token.is_none());
+    }
+
+    #[test]
+    fn fractional_seconds_are_accepted() {
+        let c = load(&[("FLASH_TIMEOUT_S", "0.25"), ("PRO_TTFT_TIMEOUT_S", "1.5")]).unwrap();
+        assert_eq!(c.flash.timeout, Duration::from_millis(250));
+        assert_eq!(c.pro.ttft_timeout, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let cases = [
+            ("FLASH_TIMEOUT_S", "soon"),
+            ("PRO_TIMEOUT_S", "-1"),
+            ("PRO_TIMEOUT_S", "NaN"),
+            ("STALL_TIMEOUT_S", "0"),
+            ("MAX_QUERY_BYTES", "lots"),
+            ("MAX_CONCURRENT_STREAMS", "0"),
+            ("BIND_ADDR", "localhost"),
+            ("FLASH_PROVIDER", "skynet"),
+            ("DATABASE_URL", "mysql://x"),
+            ("LOG_FORMAT", "xml"),
+            ("FLASH_BASE_URL", "ftp://x"),
+        ];
+        for (name, value) in cases {
+            let err = load(&[(name, value)]).unwrap_err();
+            assert_eq!(err.var, name, "{name}={value}");
+            assert!(err.to_string().contains(name), "{err}");
+            assert!(!err.to_string().contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn real_provider_without_key_is_refused() {
+        let err = load(&[("PRO_PROVIDER", "gemini")]).unwrap_err();
+        assert_eq!(err.var, "PRO_API_KEY");
+        assert!(err.problem.contains("GEMINI_API_KEY"));
+        let ok = load(&[("PRO_PROVIDER", "gemini"), ("GEMINI_API_KEY", "k")]).unwrap();
+        assert_eq!(ok.pro.api_key.as_ref().map(Secret::expose), Some("k"));
+        assert_eq!(ok.pro.model, "gemini-2.5-pro");
+        let own = load(&[
+            ("FLASH_PROVIDER", "openai"),
+            ("OPENAI_API_KEY", "shared"),
+            ("FLASH_API_KEY", "own"),
+        ])
+        .unwrap();
+        assert_eq!(own.flash.api_key.as_ref().map(Secret::expose), Some("own"));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = load(&[("API_KEYS", "a1, b2"), ("ADMIN_TOKEN", "topsecret")]).unwrap();
+        assert_eq!(c.api_keys.len(), 2);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("topsecret") && !shown.contains("a1"));
+    }
+}

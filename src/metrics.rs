@@ -1,0 +1,158 @@
+//! Prometheus metrics: the families of contract §6, registered once in a private registry.
+//!
+//! Labels are small closed sets (routes, roles, outcomes, error types), never user text or ids,
+//! so cardinality stays bounded whatever clients send.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub streams_active: IntGauge,
+    pub model_latency_seconds: HistogramVec,
+    pub model_ttft_seconds: HistogramVec,
+    pub model_timeouts_total: IntCounterVec,
+    pub model_errors_total: IntCounterVec,
+    pub tokens_total: IntCounterVec,
+    pub sse_events_total: IntCounterVec,
+    pub client_disconnects_total: IntCounter,
+    pub flash_skipped_total: IntCounter,
+    pub audit_queue_depth: IntGauge,
+    pub audit_writes_total: IntCounterVec,
+    pub audit_write_seconds: Histogram,
+    pub streams_rejected_total: IntCounterVec,
+}
+
+/// Model latencies run from tens of milliseconds (Flash first tokens) to a minute (Pro).
+const MODEL_BUCKETS: &[f64] = &[
+    0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
+    60.0,
+];
+/// Audit batch writes take well under a millisecond on SQLite up to seconds during outages.
+const AUDIT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m;
+                registry.register(Box::new(m.clone()))?;
+                m
+            }};
+        }
+        let metrics = Metrics {
+            requests_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_requests_total",
+                    "HTTP requests answered, by route and status."
+                ),
+                &["route", "status"]
+            )?),
+            streams_active: reg!(IntGauge::new(
+                "duet_streams_active",
+                "Runs in progress (event streams and /query calls)."
+            )?),
+            model_latency_seconds: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "duet_model_latency_seconds",
+                    "Time from the start of a model call to its end, by outcome."
+                )
+                .buckets(MODEL_BUCKETS.to_vec()),
+                &["model", "outcome"]
+            )?),
+            model_ttft_seconds: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "duet_model_ttft_seconds",
+                    "Time from the start of a model call to its first token."
+                )
+                .buckets(MODEL_BUCKETS.to_vec()),
+                &["model"]
+            )?),
+            model_timeouts_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_model_timeouts_total",
+                    "Model calls ended by a deadline, by which deadline fired."
+                ),
+                &["model", "kind"]
+            )?),
+            model_errors_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_model_errors_total",
+                    "Failed model calls, by error type."
+                ),
+                &["model", "error_type"]
+            )?),
+            tokens_total: reg!(IntCounterVec::new(
+                Opts::new("duet_tokens_total", "Tokens reported by providers."),
+                &["model", "direction"]
+            )?),
+            sse_events_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_sse_events_total",
+                    "Server-sent events emitted, by event name."
+                ),
+                &["event"]
+            )?),
+            client_disconnects_total: reg!(IntCounter::new(
+                "duet_client_disconnects_total",
+                "Runs cancelled because the client went away."
+            )?),
+            flash_skipped_total: reg!(IntCounter::new(
+                "duet_flash_skipped_total",
+                "Flash calls cancelled because Pro answered first."
+            )?),
+            audit_queue_depth: reg!(IntGauge::new(
+                "duet_audit_queue_depth",
+                "Run records waiting for the audit writer."
+            )?),
+            audit_writes_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_audit_writes_total",
+                    "Audit record writes, by outcome (ok, retry, deadletter)."
+                ),
+                &["outcome"]
+            )?),
+            audit_write_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "duet_audit_write_seconds",
+                    "Time to write one batch of audit records."
+                )
+                .buckets(AUDIT_BUCKETS.to_vec())
+            )?),
+            streams_rejected_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_streams_rejected_total",
+                    "Requests refused before a run started, by reason."
+                ),
+                &["reason"]
+            )?),
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        metrics.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(metrics)
+    }
+
+    /// Counts one emitted event. Resolving the label is a hash lookup; events are few per run
+    /// (deltas aside), so a cache of handles is not worth its code yet.
+    pub fn sse_event(&self, event: &str) {
+        self.sse_events_total.with_label_values(&[event]).inc();
+    }
+
+    /// The text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec only fails on invalid metric data, which registration rules out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,216 @@
+//! The simulated provider: no key, no network, deterministic answers with real-model pacing.
+//!
+//! The text is derived from a hash of (role, query, system), so the same query always gets the
+//! same answer, and Flash and Pro answer differently. Pacing comes from [`SimulatedTiming`]:
+//! a first-token delay, then one token per interval. Everything is `tokio::time::sleep`, so
+//! the paused test clock controls it and dropping the stream cancels it at once.
+
+use std::{
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::Arc,
+};
+
+use futures::StreamExt;
+
+use super::{Completion, ModelRequest, Provider, ProviderEvent, ProviderStream, Usage};
+use crate::config::{Role, SimulatedTiming};
+
+pub struct Simulated {
+    model: String,
+    timing: SimulatedTiming,
+}
+
+impl Simulated {
+    pub fn new(model: String, timing: SimulatedTiming) -> Self {
+        Simulated { model, timing }
+    }
+}
+
+const WORDS: &[&str] = &[
+    "the",
+    "answer",
+    "depends",
+    "on",
+    "context",
+    "and",
+    "a",
+    "careful",
+    "reading",
+    "of",
+    "your",
+    "question",
+    "suggests",
+    "that",
+    "several",
+    "factors",
+    "matter",
+    "most",
+    "notably",
+    "scale",
+    "cost",
+    "latency",
+    "accuracy",
+    "in",
+    "practice",
+    "teams",
+    "measure",
+    "first",
+    "then",
+    "decide",
+    "because",
+    "evidence",
+    "beats",
+    "intuition",
+    "when",
+    "stakes",
+    "are",
+    "high",
+];
+
+/// The deterministic answer of a role to a request, split into tokens (each but the first
+/// starts with a space, as real tokenizers emit them).
+pub fn answer_tokens(role: Role, request: &ModelRequest) -> Vec<String> {
+    let mut h = DefaultHasher::new();
+    role.as_str().hash(&mut h);
+    request.query.hash(&mut h);
+    request.system.as_deref().hash(&mut h);
+    let mut seed = h.finish() | 1;
+    // xorshift64: a tiny, stable generator; `rand`'s algorithms may change between versions
+    // and this text must stay the same for the same query.
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let topic: String = request.query.chars().take(60).collect();
+    let topic = topic.split_whitespace().collect::<Vec<_>>().join(" ");
+    let (opening, words) = match role {
+        Role::Flash => (format!("Quick take on \u{201c}{topic}\u{201d}:"), 16),
+        Role::Pro => (format!("Considered answer on \u{201c}{topic}\u{201d}:"), 48),
+    };
+    let mut tokens: Vec<String> = Vec::with_capacity(words + 8);
+    for (i, w) in opening.split(' ').enumerate() {
+        tokens.push(if i == 0 {
+            w.to_owned()
+        } else {
+            format!(" {w}")
+        });
+    }
+    for i in 0..words {
+        // Bounded by WORDS.len(), so the index is always in range.
+        let w = WORDS[(next() % WORDS.len() as u64) as usize];
+        let end = if i + 1 == words || next() % 9 == 0 {
+            "."
+        } else {
+            ""
+        };
+        tokens.push(format!(" {w}{end}"));
+    }
+    tokens
+}
+
+impl Provider for Simulated {
+    fn provider_name(&self) -> &str {
+        "simulated"
+    }
+
+    fn model_name(&self) -> &str {
+        &self.model
+    }
+
+    fn stream(&self, request: &ModelRequest) -> ProviderStream {
+        let tokens = answer_tokens(request.role, request);
+        let input_tokens =
+            approx_tokens(&request.query) + request.system.as_deref().map_or(0, approx_tokens);
+        let completion = Completion {
+            finish_reason: Some("stop".into()),
+            usage: Usage {
+                input_tokens: Some(input_tokens),
+                output_tokens: Some(tokens.len() as u64),
+            },
+            model_version: Some(format!("{}-001", self.model)),
+        };
+        let timing = self.timing;
+        let tokens: Arc<[String]> = tokens.into();
+        futures::stream::unfold(0usize, move |i| {
+            let tokens = Arc::clone(&tokens);
+            let completion = completion.clone();
+            async move {
+                if i > tokens.len() {
+                    return None;
+                }
+                let pause = if i == 0 {
+                    timing.first_token
+                } else {
+                    timing.per_token
+                };
+                if i < tokens.len() {
+                    tokio::time::sleep(pause).await;
+                    Some((Ok(ProviderEvent::Delta(tokens[i].clone())), i + 1))
+                } else {
+                    Some((Ok(ProviderEvent::Finished(completion)), i + 1))
+                }
+            }
+        })
+        .boxed()
+    }
+}
+
+/// Roughly four bytes per token, as for English with common tokenizers; never zero.
+fn approx_tokens(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+
+    use super::*;
+
+    fn req(role: Role, q: &str) -> ModelRequest {
+        ModelRequest {
+            role,
+            query: q.into(),
+            system: None,
+        }
+    }
+
+    #[test]
+    fn answers_are_deterministic_and_differ_by_role() {
+        let a = answer_tokens(Role::Flash, &req(Role::Flash, "why is the sky blue?"));
+        let b = answer_tokens(Role::Flash, &req(Role::Flash, "why is the sky blue?"));
+        let c = answer_tokens(Role::Pro, &req(Role::Pro, "why is the sky blue?"));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(c.len() > a.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paces_tokens_and_finishes() {
+        let timing = SimulatedTiming {
+            first_token: Duration::from_millis(300),
+            per_token: Duration::from_millis(10),
+        };
+        let sim = Simulated::new("simulated-flash".into(), timing);
+        let start = tokio::time::Instant::now();
+        let mut s = sim.stream(&req(Role::Flash, "hello"));
+        let first = s.next().await;
+        assert!(matches!(first, Some(Ok(ProviderEvent::Delta(_)))));
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
+        let mut n = 1;
+        let mut finished = None;
+        while let Some(ev) = s.next().await {
+            match ev.unwrap() {
+                ProviderEvent::Delta(_) => n += 1,
+                ProviderEvent::Finished(c) => finished = Some(c),
+            }
+        }
+        let c = finished.unwrap();
+        assert_eq!(c.usage.output_tokens, Some(n));
+        assert_eq!(c.model_version.as_deref(), Some("simulated-flash-001"));
+        assert_eq!(start.elapsed(), Duration::from_millis(300 + 10 * (n - 1)));
+    }
+}

@@ -1,0 +1,111 @@
+//! Server-Sent Events on the wire: event encoding and the response body with keep-alives.
+//!
+//! Events are encoded once, by the run that produces them, into one `Bytes` each: the same
+//! bytes go to the live client and into the replay buffer, and the response body only moves
+//! them. Data is always one line of JSON (serde escapes CR and LF), so no text from a user or
+//! a model can end an event early or forge another one.
+
+use std::{
+    convert::Infallible,
+    io::Write,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::Stream;
+use serde::Serialize;
+use tokio::{
+    sync::mpsc,
+    time::{Instant, Sleep},
+};
+
+/// The comment sent after a period of silence, so proxies keep the connection open.
+pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Encodes one event: `event:`, `id: {run_id}:{seq}`, one `data:` line of JSON, blank line.
+pub fn encode(event: &str, run_id: &str, seq: u32, data: &impl Serialize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(128).writer();
+    // Writing to a BytesMut cannot fail, and our data types serialize without error (plain
+    // structs of strings and numbers); a failure would be a bug, which we still turn into a
+    // valid, empty JSON object rather than a broken stream.
+    let _ = write!(buf, "event: {event}\nid: {run_id}:{seq}\ndata: ");
+    if serde_json::to_writer(&mut buf, data).is_err() {
+        let _ = buf.write_all(b"{}");
+    }
+    let _ = buf.write_all(b"\n\n");
+    buf.into_inner().freeze()
+}
+
+/// The `retry:` field that tells a browser how long to wait before reconnecting.
+pub fn retry_field(after: Duration) -> Bytes {
+    let mut buf = BytesMut::with_capacity(16);
+    buf.put_slice(format!("retry: {}\n\n", after.as_millis()).as_bytes());
+    buf.freeze()
+}
+
+/// A response body fed by a run's bounded channel, sending [`KEEPALIVE`] whenever nothing has
+/// gone out for `interval`. It ends when the run drops its sender (after `done`); dropping it
+/// (the client went away) closes the channel, which the run notices and cancels itself.
+pub struct EventBody {
+    prefix: Option<Bytes>,
+    rx: mpsc::Receiver<Bytes>,
+    keepalive: Pin<Box<Sleep>>,
+    interval: Duration,
+}
+
+impl EventBody {
+    pub fn new(prefix: Option<Bytes>, rx: mpsc::Receiver<Bytes>, interval: Duration) -> Self {
+        EventBody {
+            prefix,
+            rx,
+            keepalive: Box::pin(tokio::time::sleep(interval)),
+            interval,
+        }
+    }
+}
+
+impl Stream for EventBody {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(prefix)));
+        }
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(frame)) => {
+                let deadline = Instant::now() + this.interval;
+                this.keepalive.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.keepalive.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let deadline = Instant::now() + this.interval;
+                    this.keepalive.as_mut().reset(deadline);
+                    Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_is_one_escaped_line() {
+        let data = serde_json::json!({"text": "a\n\nevent: done\ndata: {}\r\n"});
+        let bytes = encode("flash", "r1", 3, &data);
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert_eq!(
+            text,
+            "event: flash\nid: r1:3\ndata: {\"text\":\"a\\n\\nevent: done\\ndata: {}\\r\\n\"}\n\n"
+        );
+        assert_eq!(text.matches('\n').count(), 4);
+    }
+}

@@ -1,0 +1,321 @@
+//! Test scaffolding: a scripted provider, a server on port 0, and an SSE reader.
+
+#![allow(dead_code, reason = "each test module uses a different part")]
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use duet::{
+    audit::{MemorySink, RunRecord},
+    config::Config,
+    metrics::Metrics,
+    providers::{
+        Completion, ErrorType, ModelRequest, Provider, ProviderError, ProviderEvent,
+        ProviderStream, Usage,
+    },
+    server::{Parts, Server},
+};
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::Value;
+
+/// One step of a scripted model call.
+#[derive(Clone, Debug)]
+pub enum Step {
+    Wait(Duration),
+    Delta(&'static str),
+    /// Sends the query itself back as one delta (for injection tests).
+    EchoQuery,
+    Finish,
+    Fail(ErrorType, bool),
+    Panic,
+    /// Never yields again.
+    Hang,
+    /// Ends the stream without `Finished` (a truncated answer).
+    End,
+}
+
+pub fn ms(n: u64) -> Step {
+    Step::Wait(Duration::from_millis(n))
+}
+
+/// A provider that plays scripts, one per attempt (the last repeats), and counts calls
+/// started and streams dropped.
+pub struct Scripted {
+    name: &'static str,
+    model: &'static str,
+    scripts: Vec<Vec<Step>>,
+    pub started: Arc<AtomicUsize>,
+    pub dropped: Arc<AtomicUsize>,
+    /// Deltas handed out, to check backpressure.
+    pub yielded: Arc<AtomicUsize>,
+}
+
+impl Scripted {
+    pub fn new(model: &'static str, script: Vec<Step>) -> Arc<Self> {
+        Self::attempts(model, vec![script])
+    }
+
+    pub fn attempts(model: &'static str, scripts: Vec<Vec<Step>>) -> Arc<Self> {
+        Arc::new(Scripted {
+            name: "scripted",
+            model,
+            scripts,
+            started: Arc::default(),
+            dropped: Arc::default(),
+            yielded: Arc::default(),
+        })
+    }
+
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    pub fn dropped(&self) -> usize {
+        self.dropped.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a drop of the stream it lives in.
+struct DropCounter(Arc<AtomicUsize>);
+
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Provider for Scripted {
+    fn provider_name(&self) -> &str {
+        self.name
+    }
+
+    fn model_name(&self) -> &str {
+        self.model
+    }
+
+    fn stream(&self, request: &ModelRequest) -> ProviderStream {
+        let attempt = self.started.fetch_add(1, Ordering::SeqCst);
+        let script = self.scripts[attempt.min(self.scripts.len() - 1)].clone();
+        let counter = DropCounter(Arc::clone(&self.dropped));
+        let yielded = Arc::clone(&self.yielded);
+        let query = request.query.to_string();
+        let model = self.model;
+        let state = (script.into_iter(), counter, 0u64);
+        futures::stream::unfold(state, move |(mut steps, counter, mut n)| {
+            let query = query.clone();
+            let yielded = Arc::clone(&yielded);
+            async move {
+                loop {
+                    let item = match steps.next()? {
+                        Step::Wait(d) => {
+                            tokio::time::sleep(d).await;
+                            continue;
+                        }
+                        Step::Delta(t) => {
+                            n += 1;
+                            yielded.fetch_add(1, Ordering::SeqCst);
+                            Ok(ProviderEvent::Delta(t.to_owned()))
+                        }
+                        Step::EchoQuery => {
+                            n += 1;
+                            Ok(ProviderEvent::Delta(query.clone()))
+                        }
+                        Step::Finish => Ok(ProviderEvent::Finished(Completion {
+                            finish_reason: Some("stop".into()),
+                            usage: Usage {
+                                input_tokens: Some(7),
+                                output_tokens: Some(n),
+                            },
+                            model_version: Some(format!("{model}-v1")),
+                        })),
+                        Step::Fail(kind, retryable) => Err(ProviderError::new(
+                            kind,
+                            retryable,
+                            format!("{model} failed ({kind})"),
+                        )
+                        .with_detail(format!("upstream said no to {model}"))),
+                        Step::Panic => panic!("scripted provider panic"),
+                        Step::Hang => {
+                            std::future::pending::<()>().await;
+                            return None;
+                        }
+                        Step::End => return None,
+                    };
+                    return Some((item, (steps, counter, n)));
+                }
+            }
+        })
+        .boxed()
+    }
+}
+
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    pub server: Option<Server>,
+    pub sink: MemorySink,
+    pub client: reqwest::Client,
+    pub flash: Arc<Scripted>,
+    pub pro: Arc<Scripted>,
+}
+
+/// Config for tests: defaults plus overrides, bound to port 0.
+pub fn config(overrides: &[(&str, &str)]) -> Config {
+    let mut vars: HashMap<&str, &str> = overrides.iter().copied().collect();
+    vars.entry("BIND_ADDR").or_insert("127.0.0.1:0");
+    vars.entry("LOG_FORMAT").or_insert("pretty");
+    Config::from_source(&vars).expect("test config is valid")
+}
+
+/// The usual pair: Flash answers after 300 ms, Pro after 2 s.
+pub fn normal_flash() -> Vec<Step> {
+    vec![
+        ms(300),
+        Step::Delta("Quick"),
+        ms(10),
+        Step::Delta(" answer"),
+        Step::Finish,
+    ]
+}
+
+pub fn normal_pro() -> Vec<Step> {
+    vec![
+        ms(2000),
+        Step::Delta("Careful"),
+        ms(20),
+        Step::Delta(" final"),
+        ms(20),
+        Step::Delta(" answer"),
+        Step::Finish,
+    ]
+}
+
+pub async fn spawn_app(flash: Vec<Step>, pro: Vec<Step>, overrides: &[(&str, &str)]) -> TestApp {
+    spawn_with(
+        Scripted::new("flash-m", flash),
+        Scripted::new("pro-m", pro),
+        overrides,
+    )
+    .await
+}
+
+pub async fn spawn_with(
+    flash: Arc<Scripted>,
+    pro: Arc<Scripted>,
+    overrides: &[(&str, &str)],
+) -> TestApp {
+    let sink = MemorySink::new();
+    let parts = Parts {
+        config: config(overrides),
+        flash: flash.clone(),
+        pro: pro.clone(),
+        sink: Arc::new(sink.clone()),
+        metrics: Metrics::new().expect("metrics"),
+    };
+    let server = Server::start(parts).await.expect("server starts");
+    TestApp {
+        addr: server.addr,
+        server: Some(server),
+        sink,
+        client: reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client"),
+        flash,
+        pro,
+    }
+}
+
+/// One parsed server-sent event.
+#[derive(Debug, Clone)]
+pub struct Ev {
+    pub event: String,
+    pub id: String,
+    pub data: Value,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn post_stream(&self, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/query/stream"))
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Runs a query and returns every event until the stream ends.
+    pub async fn stream(&self, body: Value) -> Vec<Ev> {
+        let resp = self.post_stream(body).await;
+        assert_eq!(resp.status(), 200);
+        read_events(resp).await
+    }
+
+    /// Waits (on the test clock) until the sink holds `n` records.
+    pub async fn records(&self, n: usize) -> Vec<RunRecord> {
+        for _ in 0..1000 {
+            let records = self.sink.records();
+            if records.len() >= n {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("expected {n} records, have {}", self.sink.records().len());
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await.expect("clean stop");
+        }
+    }
+}
+
+pub async fn read_events(resp: reqwest::Response) -> Vec<Ev> {
+    let mut events = Vec::new();
+    let mut stream = resp.bytes_stream().eventsource();
+    while let Some(ev) = stream.next().await {
+        let ev = ev.expect("well-formed event stream");
+        events.push(Ev {
+            event: ev.event,
+            id: ev.id,
+            data: serde_json::from_str(&ev.data).expect("data is JSON"),
+        });
+    }
+    events
+}
+
+pub fn names(events: &[Ev]) -> Vec<&str> {
+    events.iter().map(|e| e.event.as_str()).collect()
+}
+
+/// Checks the invariants every stream keeps: ids `{run_id}:{seq}` from 0 without gaps, every
+/// data object carries the run id, `start` first and `done` last and once.
+pub fn check_invariants(events: &[Ev]) -> String {
+    assert!(!events.is_empty());
+    let run_id = events[0].data["run_id"]
+        .as_str()
+        .expect("run_id")
+        .to_owned();
+    for (seq, ev) in events.iter().enumerate() {
+        assert_eq!(ev.id, format!("{run_id}:{seq}"), "{ev:?}");
+        assert_eq!(ev.data["run_id"], run_id.as_str());
+    }
+    assert_eq!(events[0].event, "start");
+    assert_eq!(events.last().map(|e| e.event.as_str()), Some("done"));
+    assert_eq!(names(events).iter().filter(|n| **n == "done").count(), 1);
+    run_id
+}
+
+pub fn done(events: &[Ev]) -> &Value {
+    &events.last().expect("events").data
+}

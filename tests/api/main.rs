@@ -1,0 +1,16 @@
+//! Integration tests: the real server on loopback, real HTTP, scripted providers.
+//!
+//! Timing tests run on tokio's paused clock (`start_paused = true`): the server, its runs and
+//! the client share one current-thread runtime, so the clock only jumps when every task is
+//! waiting, and deadlines fire at exact, repeatable instants.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test scaffolding: a failed step should fail the test, loudly"
+)]
+
+mod helpers;
+mod process;
+mod stream;
+mod validation;

@@ -1,0 +1,91 @@
+//! The real binary: start-up errors, port 0, and SIGTERM ending open streams with `done`.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn duet() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
+    let dir = tempfile::tempdir().unwrap().keep();
+    cmd.current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LOG_FORMAT", "json");
+    cmd
+}
+
+#[test]
+fn bad_config_stops_with_one_line_naming_the_variable() {
+    let out = duet().env("PRO_TIMEOUT_S", "soon").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("PRO_TIMEOUT_S"), "{stderr}");
+
+    let out = duet().env("FLASH_PROVIDER", "anthropic").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("FLASH_API_KEY") && stderr.contains("ANTHROPIC_API_KEY"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_ends_open_streams_with_done_and_exits_zero() {
+    let mut child = duet()
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("SIMULATED_PRO_TTFT_S", "60")
+        .env("PRO_TIMEOUT_S", "120")
+        .env("SHUTDOWN_GRACE_S", "0.5")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Port 0: the chosen address is in the "listening" log line, which is what this checks.
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("a listening line").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "listening" {
+            break v["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("http://{addr}/query/stream"))
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap();
+    let reader = tokio::spawn(read_events(resp));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let events = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    check_invariants(&events);
+    assert_eq!(names(&events), ["start", "flash", "error", "done"]);
+    assert_eq!(done(&events)["status"], "cancelled");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

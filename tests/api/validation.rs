@@ -1,0 +1,194 @@
+//! Bad input gets a clear JSON error and no run (contract §3).
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+async fn expect_error(resp: reqwest::Response, status: u16, kind: &str) -> Value {
+    assert_eq!(resp.status(), status);
+    assert!(
+        resp.headers().get("x-run-id").is_none(),
+        "no run was started"
+    );
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], kind, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+    body
+}
+
+#[tokio::test]
+async fn bad_bodies_are_400_with_json_errors() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let bodies = [
+        "",
+        "{",
+        "not json",
+        "[]",
+        "\"query\"",
+        "null",
+        "{}",
+        r#"{"query": null}"#,
+        r#"{"query": 42}"#,
+        r#"{"query": ["a"]}"#,
+        r#"{"query": ""}"#,
+        r#"{"query": "   \n\t "}"#,
+        r#"{"query": "ok", "deltas": "yes"}"#,
+        r#"{"query": "ok", "system": 5}"#,
+    ];
+    for path in ["/query/stream", "/query"] {
+        for body in bodies {
+            let resp = app
+                .client
+                .post(app.url(path))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            expect_error(resp, 400, "invalid_request").await;
+        }
+    }
+    assert!(app.sink.records().is_empty(), "no run started");
+    assert_eq!(app.flash.started(), 0);
+}
+
+#[tokio::test]
+async fn wrong_content_type_is_415() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    for ct in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut req = app
+            .client
+            .post(app.url("/query/stream"))
+            .body(r#"{"query":"q"}"#);
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        expect_error(req.send().await.unwrap(), 415, "unsupported_media_type").await;
+    }
+    // Parameters on the media type are fine.
+    let resp = app
+        .client
+        .post(app.url("/query"))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(r#"{"query":"q"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn oversized_query_is_413() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[("MAX_QUERY_BYTES", "100")]).await;
+    let ok = "a".repeat(100);
+    let too_big = "a".repeat(101);
+    let resp = app.post_stream(json!({"query": too_big})).await;
+    expect_error(resp, 413, "payload_too_large").await;
+    let resp = app
+        .post_stream(json!({"query": "q", "system": too_big}))
+        .await;
+    expect_error(resp, 413, "payload_too_large").await;
+    // A huge body is cut off without reading it all.
+    let resp = app
+        .post_stream(json!({"query": "a".repeat(1_000_000)}))
+        .await;
+    expect_error(resp, 413, "payload_too_large").await;
+    let resp = app
+        .client
+        .get(app.url(&format!("/query/stream?q={too_big}")))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 413, "payload_too_large").await;
+    let resp = app
+        .client
+        .post(app.url("/query"))
+        .json(&json!({"query": ok}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn bad_get_parameters_are_400() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    for q in [
+        "",
+        "?",
+        "?deltas=1",
+        "?q=",
+        "?q=%20%20",
+        "?q=hi&deltas=maybe",
+    ] {
+        let resp = app
+            .client
+            .get(app.url(&format!("/query/stream{q}")))
+            .send()
+            .await
+            .unwrap();
+        expect_error(resp, 400, "invalid_request").await;
+    }
+}
+
+#[tokio::test]
+async fn bad_request_id_is_400() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let resp = app
+        .client
+        .post(app.url("/query/stream"))
+        .header("x-request-id", "x".repeat(201))
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 400, "invalid_request").await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let resp = app.client.get(app.url("/nope")).send().await.unwrap();
+    expect_error(resp, 404, "not_found").await;
+    let resp = app
+        .client
+        .delete(app.url("/query/stream"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 405, "method_not_allowed").await;
+    let resp = app.client.get(app.url("/query")).send().await.unwrap();
+    expect_error(resp, 405, "method_not_allowed").await;
+}
+
+#[tokio::test]
+async fn unknown_last_event_id_is_404_not_a_new_run() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let resp = app
+        .client
+        .get(app.url("/query/stream?q=hi"))
+        .header("last-event-id", "0192d5c4-0000-7000-8000-000000000000:3")
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 404, "not_found").await;
+    assert_eq!(app.flash.started(), 0);
+}
+
+#[tokio::test]
+async fn healthz_answers() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+}

@@ -166,6 +166,17 @@ pub struct Config {
     pub api_keys: Vec<Secret>,
     pub admin_token: Option<Secret>,
     pub log_format: LogFormat,
+    /// Sustained requests per minute per client (API key, or peer address without keys);
+    /// `None` turns the limit off.
+    pub rate_limit_per_minute: Option<u32>,
+    /// Requests a client may make at once before the sustained rate applies.
+    pub rate_limit_burst: u32,
+    /// Origins allowed to call the API from a browser; empty means same-origin only.
+    pub cors_allowed_origins: Vec<String>,
+    /// Longest time a client may take to send its request headers.
+    pub header_read_timeout: Duration,
+    /// How long an ended run's events stay in memory for `Last-Event-ID` resumes.
+    pub resume_retention: Duration,
 }
 
 /// A configuration value that cannot be used; its `Display` is the one line printed at start.
@@ -378,6 +389,30 @@ fn secrets_list(src: &dyn Source, name: &'static str) -> Result<Vec<Secret>, Con
     Ok(keys)
 }
 
+fn cors_origins(src: &dyn Source) -> Result<Vec<String>, ConfigError> {
+    let Some(v) = var(src, "CORS_ALLOWED_ORIGINS") else {
+        return Ok(Vec::new());
+    };
+    v.split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|o| {
+            let valid = o == "*"
+                || ((o.starts_with("http://") || o.starts_with("https://"))
+                    && !o.ends_with('/')
+                    && http::HeaderValue::from_str(o).is_ok());
+            if valid {
+                Ok(o.to_owned())
+            } else {
+                Err(ConfigError::new(
+                    "CORS_ALLOWED_ORIGINS",
+                    format!("{o:?} is not an origin like https://example.com (or *)"),
+                ))
+            }
+        })
+        .collect()
+}
+
 impl Config {
     /// Reads the process environment (after `.env`).
     pub fn from_env() -> Result<Config, ConfigError> {
@@ -435,6 +470,21 @@ impl Config {
             api_keys: secrets_list(src, "API_KEYS")?,
             admin_token: var(src, "ADMIN_TOKEN").map(Secret::new),
             log_format,
+            rate_limit_per_minute: match parse_or(
+                src,
+                "RATE_LIMIT_PER_MINUTE",
+                600u32,
+                "a whole number (0 turns the limit off)",
+            )? {
+                0 => None,
+                n => Some(n),
+            },
+            rate_limit_burst: positive(src, "RATE_LIMIT_BURST", 100)?
+                .try_into()
+                .map_err(|_| ConfigError::new("RATE_LIMIT_BURST", "is too large"))?,
+            cors_allowed_origins: cors_origins(src)?,
+            header_read_timeout: seconds_or(src, "HEADER_READ_TIMEOUT_S", 10.0)?,
+            resume_retention: seconds_or(src, "RESUME_RETENTION_S", 300.0)?,
         })
     }
 
@@ -508,6 +558,9 @@ mod tests {
             ("DATABASE_URL", "mysql://x"),
             ("LOG_FORMAT", "xml"),
             ("FLASH_BASE_URL", "ftp://x"),
+            ("RATE_LIMIT_PER_MINUTE", "-3"),
+            ("CORS_ALLOWED_ORIGINS", "example.com"),
+            ("HEADER_READ_TIMEOUT_S", "0"),
         ];
         for (name, value) in cases {
             let err = load(&[(name, value)]).unwrap_err();

@@ -7,8 +7,15 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use axum::extract::ConnectInfo;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
 use tracing::{info, warn};
 
 use crate::{
@@ -105,21 +112,13 @@ impl Server {
             metrics: parts.metrics,
         };
         let app = api::router(state.clone());
-        let grace = config.shutdown_grace + HARD_STOP_MARGIN;
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app)
-                .with_graceful_shutdown(token.clone().cancelled_owned())
-                .into_future();
-            tokio::pin!(serve);
-            tokio::select! {
-                result = &mut serve => result,
-                () = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
-                    warn!("connections still open after the grace period; closing them");
-                    Ok(())
-                }
-            }
-        });
+        let task = tokio::spawn(accept_loop(
+            listener,
+            app,
+            shutdown.clone(),
+            config.header_read_timeout,
+            config.shutdown_grace + HARD_STOP_MARGIN,
+        ));
         info!(%addr, "listening");
         Ok(Server {
             addr,
@@ -147,6 +146,73 @@ impl Server {
         served?;
         Ok(())
     }
+}
+
+/// Accepts connections until the token is cancelled, then lets open ones finish (each open
+/// response ends when its run sends `done`), dropping stragglers after `hard_stop`.
+///
+/// A hand-written loop over hyper-util rather than `axum::serve`, for what `axum::serve` does
+/// not expose: a header read timeout (slowloris), HTTP/2 settings, and surviving `EMFILE`
+/// without spinning.
+async fn accept_loop(
+    listener: TcpListener,
+    app: axum::Router,
+    token: CancellationToken,
+    header_read_timeout: Duration,
+    hard_stop: Duration,
+) -> std::io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024)
+        // Pings find dead HTTP/2 peers whose streams would otherwise idle until a deadline.
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of descriptors or memory: back off instead of spinning on accept.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = token.cancelled() => break,
+        };
+        // Small SSE frames must go out at once, not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let service = app
+            .clone()
+            .map_request(move |req: hyper::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // Connection errors (resets, timeouts) are the client's business, not ours.
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(hard_stop, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("connections still open after the grace period; closing them");
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

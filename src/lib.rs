@@ -8,6 +8,7 @@
 //! - [`orchestrator`]: one run: both models at once, deadlines, ordering, cancellation, and
 //!   the drop guard that always sends `done` and always hands over the record.
 //! - [`providers`]: the streaming provider abstraction and its implementations.
+//! - [`resume`]: each run's events, kept for `Last-Event-ID` reconnects.
 //! - [`sse`]: event encoding and the keep-alive response body (contract §4).
 //! - [`audit`]: run records and the sinks they go to (contract §5).
 //! - [`metrics`]: Prometheus families (contract §6).
@@ -22,6 +23,7 @@ pub mod config;
 pub mod metrics;
 pub mod orchestrator;
 pub mod providers;
+pub mod resume;
 pub mod server;
 pub mod sse;
 pub mod telemetry;

@@ -28,7 +28,7 @@ use chrono::Utc;
 use futures::{FutureExt, StreamExt, future::OptionFuture};
 use serde::Serialize;
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -40,6 +40,7 @@ use crate::{
     config::{Config, Role},
     metrics::Metrics,
     providers::{Completion, ErrorType, ModelRequest, Provider, ProviderError, ProviderEvent},
+    resume::{Registry, RunLog},
     sse,
 };
 
@@ -111,6 +112,9 @@ struct Inner {
     flash: ModelSlot,
     pro: ModelSlot,
     shutdown_grace: Duration,
+    /// One permit per run in progress: `MAX_CONCURRENT_STREAMS`.
+    streams: Arc<Semaphore>,
+    registry: Arc<Registry>,
     sink: Arc<dyn AuditSink>,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -119,9 +123,9 @@ struct Inner {
 
 impl Orchestrator {
     pub fn new(
+        config: &Config,
         flash: ModelSlot,
         pro: ModelSlot,
-        shutdown_grace: Duration,
         sink: Arc<dyn AuditSink>,
         metrics: Metrics,
         shutdown: CancellationToken,
@@ -131,7 +135,9 @@ impl Orchestrator {
             inner: Arc::new(Inner {
                 flash,
                 pro,
-                shutdown_grace,
+                shutdown_grace: config.shutdown_grace,
+                streams: Arc::new(Semaphore::new(config.max_concurrent_streams)),
+                registry: Arc::new(Registry::new(config.resume_retention)),
                 sink,
                 metrics,
                 shutdown,
@@ -157,10 +163,25 @@ impl Orchestrator {
         }
     }
 
-    /// Starts a run and returns at once; the run goes on in its own task.
-    pub fn start(&self, request: RunRequest) -> RunHandle {
+    /// The tracker that shutdown waits on, for tasks serving runs.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.inner.tracker
+    }
+
+    /// Runs that can be resumed from memory.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
+    }
+
+    /// Starts a run and returns at once; the run goes on in its own task. Refused when
+    /// `MAX_CONCURRENT_STREAMS` runs are already in progress.
+    pub fn start(&self, request: RunRequest) -> Result<RunHandle, AtCapacity> {
         let inner = &self.inner;
+        let permit = Arc::clone(&inner.streams)
+            .try_acquire_owned()
+            .map_err(|_| AtCapacity)?;
         let run_id = Uuid::now_v7();
+        let log = inner.registry.open(run_id);
         let run_id_text = run_id.hyphenated().to_string();
         // +2: the `start` frame queued below and the slot reserved for `done`, so a full
         // CHANNEL_CAPACITY stays available to the run in between.
@@ -176,7 +197,9 @@ impl Orchestrator {
         };
         // The channel is new and empty, so both of these succeed; a failure would mean the
         // receiver is gone, which cannot be before we return it.
-        let _ = tx.try_send(sse::encode("start", &run_id_text, 0, &start));
+        let start = sse::encode("start", &run_id_text, 0, &start);
+        log.push(start.clone());
+        let _ = tx.try_send(start);
         let done_permit = tx.clone().try_reserve_owned().ok();
         inner.metrics.sse_event("start");
         inner.metrics.streams_active.inc();
@@ -187,6 +210,7 @@ impl Orchestrator {
             seq: AtomicU32::new(1),
             deltas: request.deltas,
             metrics: inner.metrics.clone(),
+            log,
         });
         let guard = RunGuard {
             emitter: Arc::clone(&emitter),
@@ -203,6 +227,8 @@ impl Orchestrator {
             sink: Arc::clone(&inner.sink),
             metrics: inner.metrics.clone(),
             record_tx: Some(record_tx),
+            registry: Arc::clone(&inner.registry),
+            _permit: permit,
         };
         let span = info_span!(
             "run",
@@ -213,11 +239,11 @@ impl Orchestrator {
         inner
             .tracker
             .spawn(async move { this.run(guard, emitter, request).await }.instrument(span));
-        RunHandle {
+        Ok(RunHandle {
             run_id,
             events: rx,
             record: record_rx,
-        }
+        })
     }
 
     async fn run(self, mut guard: RunGuard, emitter: Arc<Emitter>, request: RunRequest) {
@@ -325,6 +351,11 @@ struct Progress {
     ttft: Option<Duration>,
 }
 
+/// `MAX_CONCURRENT_STREAMS` runs are in progress.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the service is at its limit of concurrent streams")]
+pub struct AtCapacity;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CancelReason {
     ClientGone,
@@ -338,6 +369,8 @@ struct Emitter {
     seq: AtomicU32,
     deltas: bool,
     metrics: Metrics,
+    /// Every event, for resumes; index == seq.
+    log: Arc<RunLog>,
 }
 
 /// The receiver is gone: the client disconnected.
@@ -350,7 +383,9 @@ impl Emitter {
     async fn emit(&self, event: &'static str, data: &impl Serialize) -> Result<(), ClientGone> {
         let permit = self.tx.reserve().await.map_err(|_| ClientGone)?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        permit.send(sse::encode(event, &self.run_id, seq, data));
+        let frame = sse::encode(event, &self.run_id, seq, data);
+        self.log.push(frame.clone());
+        permit.send(frame);
         self.metrics.sse_event(event);
         Ok(())
     }
@@ -698,6 +733,9 @@ struct RunGuard {
     sink: Arc<dyn AuditSink>,
     metrics: Metrics,
     record_tx: Option<oneshot::Sender<RunRecord>>,
+    registry: Arc<Registry>,
+    /// Released when the run is reported, freeing its place under `MAX_CONCURRENT_STREAMS`.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl RunGuard {
@@ -719,7 +757,7 @@ impl RunGuard {
                 // Best effort: the channel may be full; `done` still goes out below.
                 if let Ok(permit) = self.emitter.tx.try_reserve() {
                     let seq = self.emitter.seq.fetch_add(1, Ordering::Relaxed);
-                    permit.send(sse::encode(
+                    let frame = sse::encode(
                         "error",
                         &self.emitter.run_id,
                         seq,
@@ -730,7 +768,9 @@ impl RunGuard {
                             retryable: false,
                             message: &error.message,
                         },
-                    ));
+                    );
+                    self.emitter.log.push(frame.clone());
+                    permit.send(frame);
                 }
                 ModelResult {
                     outcome: Outcome::Error,
@@ -766,22 +806,25 @@ impl Drop for RunGuard {
         };
         let total = self.started.elapsed();
         let run_id = &self.emitter.run_id;
-        if let Some(permit) = self.done_permit.take() {
-            let seq = self.emitter.seq.fetch_add(1, Ordering::Relaxed);
-            permit.send(sse::encode(
-                "done",
+        let seq = self.emitter.seq.fetch_add(1, Ordering::Relaxed);
+        let done = sse::encode(
+            "done",
+            run_id,
+            seq,
+            &DoneEvent {
                 run_id,
-                seq,
-                &DoneEvent {
-                    run_id,
-                    status,
-                    flash: flash.outcome,
-                    pro: pro.outcome,
-                    total_ms: millis(total),
-                },
-            ));
-            self.metrics.sse_event("done");
+                status,
+                flash: flash.outcome,
+                pro: pro.outcome,
+                total_ms: millis(total),
+            },
+        );
+        self.emitter.log.push(done.clone());
+        self.registry.close(self.run_id, &self.emitter.log);
+        if let Some(permit) = self.done_permit.take() {
+            permit.send(done);
         }
+        self.metrics.sse_event("done");
         if self.cancelled == Some(CancelReason::ClientGone) && cut_short {
             self.metrics.client_disconnects_total.inc();
         }

@@ -19,12 +19,13 @@ use tower::ServiceExt;
 use tracing::{info, warn};
 
 use crate::{
-    api::{self, AppState},
+    api::{self, AppState, Guard},
     audit::AuditSink,
     config::{Config, Role},
     metrics::Metrics,
     orchestrator::{ModelSlot, Orchestrator},
     providers::{self, Provider},
+    resume::Registry,
 };
 
 /// Past the grace period, connections that still do not close (a client that stopped
@@ -98,18 +99,21 @@ impl Server {
             limits: Orchestrator::limits_from(&config, role),
         };
         let orchestrator = Orchestrator::new(
+            &config,
             slot(Role::Flash, parts.flash),
             slot(Role::Pro, parts.pro),
-            config.shutdown_grace,
             parts.sink,
             parts.metrics.clone(),
             shutdown.clone(),
             tracker.clone(),
         );
+        let guard = Arc::new(Guard::new(&config));
+        spawn_housekeeping(&tracker, &shutdown, &guard, orchestrator.registry());
         let state = AppState {
             config: Arc::clone(&config),
             orchestrator,
             metrics: parts.metrics,
+            guard,
         };
         let app = api::router(state.clone());
         let task = tokio::spawn(accept_loop(
@@ -146,6 +150,27 @@ impl Server {
         served?;
         Ok(())
     }
+}
+
+/// Periodic clean-up of per-client and per-run memory, stopped by the shutdown token.
+fn spawn_housekeeping(
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    guard: &Arc<Guard>,
+    registry: &Arc<Registry>,
+) {
+    let (guard, registry, token) = (Arc::clone(guard), Arc::clone(registry), shutdown.clone());
+    tracker.spawn(async move {
+        let mut sweep = tokio::time::interval(Registry::SWEEP_EVERY);
+        let mut forget = tokio::time::interval(Guard::CLEANUP_EVERY);
+        loop {
+            tokio::select! {
+                _ = sweep.tick() => registry.sweep(),
+                _ = forget.tick() => guard.forget_idle_clients(),
+                () = token.cancelled() => break,
+            }
+        }
+    });
 }
 
 /// Accepts connections until the token is cancelled, then lets open ones finish (each open

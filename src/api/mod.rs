@@ -4,6 +4,7 @@
 //! event stream. Once a run has started every path ends with `done` (see `orchestrator`).
 
 mod error;
+mod guard;
 mod request;
 
 use std::sync::Arc;
@@ -12,19 +13,22 @@ use axum::{
     Json, Router,
     body::Body,
     extract::{RawQuery, Request, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
+    middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use serde::Serialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
-pub use self::error::ApiError;
 use self::request::{QueryParams, client_request_id, parse_get, parse_post};
+pub use self::{error::ApiError, guard::Guard};
 use crate::{
     audit::{ModelTrace, Outcome, RunRecord, RunStatus},
     config::Config,
     metrics::Metrics,
-    orchestrator::{Orchestrator, RunRequest},
+    orchestrator::{AtCapacity, CHANNEL_CAPACITY, Orchestrator, RunHandle, RunRequest},
+    resume::{follow, parse_last_event_id},
     sse::{self, EventBody},
 };
 
@@ -34,6 +38,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub orchestrator: Orchestrator,
     pub metrics: Metrics,
+    pub guard: Arc<Guard>,
 }
 
 pub const X_RUN_ID: &str = "x-run-id";
@@ -41,14 +46,58 @@ pub const X_REQUEST_ID: &str = "x-request-id";
 
 /// The whole HTTP app, from its state. Binding a socket is the caller's business.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let queries = Router::new()
         .route("/query/stream", post(stream_post).get(stream_get))
         .route("/query", post(query_post))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::protect,
+        ));
+    let router = Router::new()
+        .merge(queries)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.clone(), guard::count));
+    let router = match cors(&state.config) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
+}
+
+/// CORS for browser clients on other origins; none configured means same-origin only.
+fn cors(config: &Config) -> Option<CorsLayer> {
+    if config.cors_allowed_origins.is_empty() {
+        return None;
+    }
+    let origins = if config.cors_allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            config
+                .cors_allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                HeaderName::from_static(X_REQUEST_ID),
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([
+                HeaderName::from_static(X_RUN_ID),
+                HeaderName::from_static(X_REQUEST_ID),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -74,14 +123,16 @@ async fn method_not_allowed() -> ApiError {
 }
 
 async fn stream_post(State(state): State<AppState>, request: Request) -> Response {
-    let route = "/query/stream";
     let result = async {
         let (parts, body) = request.into_parts();
+        if let Some(last) = parts.headers.get(LAST_EVENT_ID) {
+            return resume(&state, last);
+        }
         let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
         start_stream(&state, &parts.headers, params)
     }
     .await;
-    finish(&state.metrics, route, result)
+    finish(result)
 }
 
 async fn stream_get(
@@ -89,43 +140,70 @@ async fn stream_get(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let route = "/query/stream";
-    let result = parse_get(query.as_deref(), state.config.max_query_bytes)
-        .and_then(|params| start_stream(&state, &headers, params));
-    finish(&state.metrics, route, result)
+    let result = match headers.get(LAST_EVENT_ID) {
+        Some(last) => resume(&state, last),
+        None => parse_get(query.as_deref(), state.config.max_query_bytes)
+            .and_then(|params| start_stream(&state, &headers, params)),
+    };
+    finish(result)
 }
 
-fn finish(metrics: &Metrics, route: &str, result: Result<Response, ApiError>) -> Response {
-    let response = result.unwrap_or_else(IntoResponse::into_response);
-    metrics
-        .requests_total
-        .with_label_values(&[route, response.status().as_str()])
-        .inc();
-    response
+fn finish(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
 }
+
+const LAST_EVENT_ID: &str = "last-event-id";
 
 fn start_stream(
     state: &AppState,
     headers: &HeaderMap,
     params: QueryParams,
 ) -> Result<Response, ApiError> {
-    if headers.contains_key("last-event-id") {
-        // Resuming is not built yet; answering with a new run would break the contract's
-        // "a reconnect never starts a new run", so say plainly that the id is unknown.
-        return Err(ApiError::NotFound(
-            "this service cannot resume that event stream".into(),
-        ));
-    }
     let client_request_id = client_request_id(headers)?;
-    let handle = state.orchestrator.start(RunRequest {
-        query: params.query.into(),
-        system: params.system.map(Into::into),
-        deltas: params.deltas,
-        client_request_id: client_request_id.clone(),
-    });
+    let handle = start_run(state, params, client_request_id.clone())?;
+    Ok(event_stream(
+        state,
+        handle.events,
+        handle.run_id,
+        client_request_id.as_deref(),
+    ))
+}
+
+fn start_run(
+    state: &AppState,
+    params: QueryParams,
+    client_request_id: Option<String>,
+) -> Result<RunHandle, ApiError> {
+    state
+        .orchestrator
+        .start(RunRequest {
+            query: params.query.into(),
+            system: params.system.map(Into::into),
+            deltas: params.deltas,
+            client_request_id,
+        })
+        .map_err(|AtCapacity| {
+            state
+                .metrics
+                .streams_rejected_total
+                .with_label_values(&["capacity"])
+                .inc();
+            ApiError::Overloaded {
+                retry_after: std::time::Duration::from_secs(1),
+            }
+        })
+}
+
+/// The `text/event-stream` response over a run's (or a resumed run's) frames.
+fn event_stream(
+    state: &AppState,
+    events: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    run_id: uuid::Uuid,
+    client_request_id: Option<&str>,
+) -> Response {
     let body = EventBody::new(
         Some(sse::retry_field(RECONNECT_AFTER)),
-        handle.events,
+        events,
         state.config.sse_keepalive,
     );
     let mut response = Response::new(Body::from_stream(body));
@@ -137,8 +215,34 @@ fn start_stream(
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // nginx and similar proxies buffer responses unless told not to.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    insert_ids(h, handle.run_id, client_request_id.as_deref());
-    Ok(response)
+    insert_ids(h, run_id, client_request_id);
+    response
+}
+
+/// A reconnect: the events after `seq` of the same run, never a new run. 204 when the run
+/// has ended and nothing is left, which tells an `EventSource` to stop reconnecting.
+fn resume(state: &AppState, last_event_id: &HeaderValue) -> Result<Response, ApiError> {
+    let (run_id, seq) = last_event_id
+        .to_str()
+        .ok()
+        .and_then(parse_last_event_id)
+        .ok_or_else(|| {
+            ApiError::BadRequest("Last-Event-ID must be {run_id}:{seq} as sent by duet".into())
+        })?;
+    let Some(log) = state.orchestrator.registry().get(&run_id) else {
+        return Err(ApiError::NotFound(
+            "no run with that id can be resumed here".into(),
+        ));
+    };
+    let from = seq as usize + 1;
+    let (rest, ended) = log.frames_from(from);
+    if ended && rest.is_empty() {
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        insert_ids(response.headers_mut(), run_id, None);
+        return Ok(response);
+    }
+    let events = follow(log, from, CHANNEL_CAPACITY, state.orchestrator.tracker());
+    Ok(event_stream(state, events, run_id, None))
 }
 
 /// How long a browser waits before reconnecting a dropped stream (the `retry:` field).
@@ -154,17 +258,15 @@ fn insert_ids(h: &mut HeaderMap, run_id: uuid::Uuid, client_request_id: Option<&
 }
 
 async fn query_post(State(state): State<AppState>, request: Request) -> Response {
-    let route = "/query";
     let result = async {
         let (parts, body) = request.into_parts();
         let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
         let client_request_id = client_request_id(&parts.headers)?;
-        let mut handle = state.orchestrator.start(RunRequest {
-            query: params.query.into(),
-            system: params.system.map(Into::into),
+        let params = QueryParams {
             deltas: false,
-            client_request_id: client_request_id.clone(),
-        });
+            ..params
+        };
+        let mut handle = start_run(&state, params, client_request_id.clone())?;
         // Keep draining so the run never waits on a full channel; the record arrives after
         // the last event. If this request is dropped (client gone), so is the receiver, and
         // the run cancels itself.
@@ -187,7 +289,7 @@ async fn query_post(State(state): State<AppState>, request: Request) -> Response
         Ok(response)
     }
     .await;
-    finish(&state.metrics, route, result)
+    finish(result)
 }
 
 /// The answer of `POST /query`: the run as one document.

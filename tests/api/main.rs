@@ -12,5 +12,7 @@
 
 mod helpers;
 mod process;
+mod protection;
+mod resume;
 mod stream;
 mod validation;

@@ -1,0 +1,204 @@
+//! Resumable streams: every run's encoded events, kept while it runs and for a while after,
+//! so a client that reconnects with `Last-Event-ID: {run_id}:{seq}` gets the events after
+//! `seq` instead of a new run (contract §4).
+//!
+//! The log stores the very `Bytes` that went to the first client (a reference count, not a
+//! copy). Followers learn of new events through a `watch` channel of the log's length, so a
+//! resumed client of a run still in progress follows it live to `done`. Ended runs are kept
+//! for `RESUME_RETENTION_S` and at most [`MAX_ENDED_RUNS`] of them; older ones are resumed
+//! from the audit store instead.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{sync::watch, time::Instant};
+use uuid::Uuid;
+
+/// Ended runs kept in memory at most, whatever the retention time says.
+pub const MAX_ENDED_RUNS: usize = 10_000;
+
+/// One run's events so far.
+pub struct RunLog {
+    frames: Mutex<Vec<Bytes>>,
+    /// (number of frames, ended)
+    progress: watch::Sender<(usize, bool)>,
+}
+
+impl RunLog {
+    fn new() -> Self {
+        RunLog {
+            frames: Mutex::new(Vec::with_capacity(8)),
+            progress: watch::Sender::new((0, false)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Bytes>> {
+        // A push cannot leave the vector half-written, so a poisoned lock is still sound.
+        self.frames.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends the frame with sequence number `len`; called in seq order by the run.
+    pub fn push(&self, frame: Bytes) {
+        let len = {
+            let mut frames = self.lock();
+            frames.push(frame);
+            frames.len()
+        };
+        self.progress.send_modify(|p| p.0 = len);
+    }
+
+    pub fn finish(&self) {
+        self.progress.send_modify(|p| p.1 = true);
+    }
+
+    /// Frames from index `from`, and whether the run has ended.
+    pub fn frames_from(&self, from: usize) -> (Vec<Bytes>, bool) {
+        let ended = self.progress.borrow().1;
+        let frames = self.lock();
+        (
+            frames
+                .get(from..)
+                .map(<[Bytes]>::to_vec)
+                .unwrap_or_default(),
+            ended,
+        )
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<(usize, bool)> {
+        self.progress.subscribe()
+    }
+}
+
+/// All runs that can be resumed from memory.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    retention: Duration,
+}
+
+#[derive(Default)]
+struct Inner {
+    runs: HashMap<Uuid, Arc<RunLog>>,
+    /// Ended runs, oldest first, for eviction.
+    ended: VecDeque<(Instant, Uuid)>,
+}
+
+impl Registry {
+    pub fn new(retention: Duration) -> Self {
+        Registry {
+            inner: Mutex::new(Inner::default()),
+            retention,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn open(&self, run_id: Uuid) -> Arc<RunLog> {
+        let log = Arc::new(RunLog::new());
+        self.lock().runs.insert(run_id, Arc::clone(&log));
+        log
+    }
+
+    /// Marks a run ended; it stays resumable from memory for the retention time.
+    pub fn close(&self, run_id: Uuid, log: &RunLog) {
+        log.finish();
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.ended.push_back((now, run_id));
+        // Evict as we go, so memory is bounded without relying on the sweeper alone.
+        Self::evict(&mut inner, now, self.retention);
+    }
+
+    pub fn get(&self, run_id: &Uuid) -> Option<Arc<RunLog>> {
+        self.lock().runs.get(run_id).cloned()
+    }
+
+    /// Drops ended runs past their retention; call periodically.
+    pub fn sweep(&self) {
+        let mut inner = self.lock();
+        Self::evict(&mut inner, Instant::now(), self.retention);
+    }
+
+    fn evict(inner: &mut Inner, now: Instant, retention: Duration) {
+        while let Some(&(ended_at, id)) = inner.ended.front() {
+            if now.duration_since(ended_at) < retention && inner.ended.len() <= MAX_ENDED_RUNS {
+                break;
+            }
+            inner.ended.pop_front();
+            inner.runs.remove(&id);
+        }
+    }
+
+    pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+}
+
+/// `Last-Event-ID` as `{run_id}:{seq}`.
+pub fn parse_last_event_id(value: &str) -> Option<(Uuid, u32)> {
+    let (id, seq) = value.trim().rsplit_once(':')?;
+    Some((Uuid::parse_str(id).ok()?, seq.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ids() {
+        let id = Uuid::now_v7();
+        assert_eq!(parse_last_event_id(&format!("{id}:7")), Some((id, 7)));
+        assert_eq!(parse_last_event_id("nope:1"), None);
+        assert_eq!(parse_last_event_id(&format!("{id}")), None);
+        assert_eq!(parse_last_event_id(&format!("{id}:-1")), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ended_runs_expire() {
+        let reg = Registry::new(Duration::from_secs(5));
+        let id = Uuid::now_v7();
+        let log = reg.open(id);
+        log.push(Bytes::from_static(b"a"));
+        reg.close(id, &log);
+        assert!(reg.get(&id).is_some());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        reg.sweep();
+        assert!(reg.get(&id).is_none());
+    }
+}
+
+/// Streams a run's frames from index `from` into a bounded channel, following the run live
+/// until it ends or the reader goes away.
+pub fn follow(
+    log: Arc<RunLog>,
+    from: usize,
+    capacity: usize,
+    tracker: &tokio_util::task::TaskTracker,
+) -> tokio::sync::mpsc::Receiver<Bytes> {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    tracker.spawn(async move {
+        let mut progress = log.subscribe();
+        let mut cursor = from;
+        loop {
+            // `ended` is read before the frames, so when it is true the frames are complete.
+            let (frames, ended) = log.frames_from(cursor);
+            for frame in frames {
+                cursor += 1;
+                if tx.send(frame).await.is_err() {
+                    return;
+                }
+            }
+            if ended {
+                return;
+            }
+            tokio::select! {
+                changed = progress.changed() => if changed.is_err() { return },
+                () = tx.closed() => return,
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,272 @@
+//! Keys, limits and guards (issue 5): each refusal is JSON, counted, and starts no run.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::*;
+
+async fn metrics(app: &TestApp) -> String {
+    app.client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn api_keys_are_required_when_configured() {
+    let app = spawn_app(
+        normal_flash(),
+        normal_pro(),
+        &[("API_KEYS", "k-one, k-two")],
+    )
+    .await;
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Basic k-one"),
+        Some("Bearer "),
+        Some("k-one"),
+    ] {
+        let mut req = app
+            .client
+            .post(app.url("/query/stream"))
+            .json(&json!({"query": "q"}));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{auth:?}");
+        assert_eq!(resp.headers()["www-authenticate"], "Bearer realm=\"duet\"");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "unauthorized");
+    }
+    // GET for EventSource is guarded too.
+    let resp = app
+        .client
+        .get(app.url("/query/stream?q=hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(app.flash.started(), 0);
+
+    for key in ["k-one", "k-two"] {
+        let resp = app
+            .client
+            .post(app.url("/query/stream"))
+            .bearer_auth(key)
+            .json(&json!({"query": "q"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let events = read_events(resp).await;
+        assert_eq!(done(&events)["status"], "ok");
+    }
+    // Health and metrics stay open for probes and scrapers.
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let m = metrics(&app).await;
+    assert!(
+        m.contains(r#"duet_streams_rejected_total{reason="unauthorized"} 6"#),
+        "{m}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_stream_limit_answers_503_with_retry_after() {
+    let app = spawn_app(
+        normal_flash(),
+        normal_pro(),
+        &[("MAX_CONCURRENT_STREAMS", "2")],
+    )
+    .await;
+    let a = app.post_stream(json!({"query": "a"})).await;
+    let b = app.post_stream(json!({"query": "b"})).await;
+    let c = app.post_stream(json!({"query": "c"})).await;
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    assert_eq!(c.status(), 503);
+    assert_eq!(c.headers()["retry-after"], "1");
+    let body: Value = c.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "overloaded");
+    let resp = app
+        .client
+        .post(app.url("/query"))
+        .json(&json!({"query": "d"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    // When a run ends its place is free again.
+    read_events(a).await;
+    read_events(b).await;
+    let e = app.post_stream(json!({"query": "e"})).await;
+    assert_eq!(e.status(), 200);
+    read_events(e).await;
+    let m = metrics(&app).await;
+    assert!(
+        m.contains(r#"duet_streams_rejected_total{reason="capacity"} 2"#),
+        "{m}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_client_rate_limit_answers_429_with_retry_after() {
+    let app = spawn_app(
+        vec![Step::Finish],
+        vec![Step::Finish],
+        &[("RATE_LIMIT_PER_MINUTE", "60"), ("RATE_LIMIT_BURST", "3")],
+    )
+    .await;
+    for _ in 0..3 {
+        let resp = app
+            .client
+            .post(app.url("/query"))
+            .json(&json!({"query": "q"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let resp = app
+        .client
+        .post(app.url("/query"))
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=2).contains(&retry),
+        "one request per second refills: {retry}"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limited");
+    assert_eq!(app.flash.started(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limit_is_per_api_key() {
+    let app = spawn_app(
+        vec![Step::Finish],
+        vec![Step::Finish],
+        &[
+            ("API_KEYS", "a,b"),
+            ("RATE_LIMIT_PER_MINUTE", "1"),
+            ("RATE_LIMIT_BURST", "1"),
+        ],
+    )
+    .await;
+    let call = |key: &'static str| {
+        app.client
+            .post(app.url("/query"))
+            .bearer_auth(key)
+            .json(&json!({"query": "q"}))
+            .send()
+    };
+    assert_eq!(call("a").await.unwrap().status(), 200);
+    assert_eq!(call("a").await.unwrap().status(), 429);
+    assert_eq!(
+        call("b").await.unwrap().status(),
+        200,
+        "another key has its own bucket"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cors_only_for_configured_origins() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let resp = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url("/query/stream"))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+
+    let app = spawn_app(
+        normal_flash(),
+        normal_pro(),
+        &[("CORS_ALLOWED_ORIGINS", "https://app.example")],
+    )
+    .await;
+    let preflight = |origin: &'static str| {
+        app.client
+            .request(reqwest::Method::OPTIONS, app.url("/query/stream"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,authorization",
+            )
+            .send()
+    };
+    let ok = preflight("https://app.example").await.unwrap();
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    let resp = app
+        .client
+        .post(app.url("/query"))
+        .header("origin", "https://app.example")
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let exposed = resp.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(exposed.contains("x-run-id"), "{exposed}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_headers_are_cut_off() {
+    let app = spawn_app(
+        normal_flash(),
+        normal_pro(),
+        &[("HEADER_READ_TIMEOUT_S", "2")],
+    )
+    .await;
+    let mut sock = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut buf)).await;
+    // hyper answers 408 or just closes; either way the connection is over.
+    assert!(read.is_ok(), "the server closed the connection");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}

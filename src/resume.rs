@@ -143,33 +143,6 @@ pub fn parse_last_event_id(value: &str) -> Option<(Uuid, u32)> {
     Some((Uuid::parse_str(id).ok()?, seq.parse().ok()?))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_ids() {
-        let id = Uuid::now_v7();
-        assert_eq!(parse_last_event_id(&format!("{id}:7")), Some((id, 7)));
-        assert_eq!(parse_last_event_id("nope:1"), None);
-        assert_eq!(parse_last_event_id(&format!("{id}")), None);
-        assert_eq!(parse_last_event_id(&format!("{id}:-1")), None);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn ended_runs_expire() {
-        let reg = Registry::new(Duration::from_secs(5));
-        let id = Uuid::now_v7();
-        let log = reg.open(id);
-        log.push(Bytes::from_static(b"a"));
-        reg.close(id, &log);
-        assert!(reg.get(&id).is_some());
-        tokio::time::advance(Duration::from_secs(6)).await;
-        reg.sweep();
-        assert!(reg.get(&id).is_none());
-    }
-}
-
 /// Streams a run's frames from index `from` into a bounded channel, following the run live
 /// until it ends or the reader goes away.
 pub fn follow(
@@ -201,4 +174,31 @@ pub fn follow(
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ids() {
+        let id = Uuid::now_v7();
+        assert_eq!(parse_last_event_id(&format!("{id}:7")), Some((id, 7)));
+        assert_eq!(parse_last_event_id("nope:1"), None);
+        assert_eq!(parse_last_event_id(&format!("{id}")), None);
+        assert_eq!(parse_last_event_id(&format!("{id}:-1")), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ended_runs_expire() {
+        let reg = Registry::new(Duration::from_secs(5));
+        let id = Uuid::now_v7();
+        let log = reg.open(id);
+        log.push(Bytes::from_static(b"a"));
+        reg.close(id, &log);
+        assert!(reg.get(&id).is_some());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        reg.sweep();
+        assert!(reg.get(&id).is_none());
+    }
 }

@@ -11,6 +11,7 @@
 )]
 
 mod helpers;
+mod metrics;
 mod process;
 mod protection;
 mod resume;

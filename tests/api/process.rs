@@ -89,3 +89,69 @@ async fn sigterm_ends_open_streams_with_done_and_exits_zero() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn secrets_never_reach_the_logs() {
+    const KEY: &str = "planted-client-key-7f3a9c";
+    const ADMIN: &str = "planted-admin-token-51be0d";
+    let mut child = duet()
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "trace")
+        .env("API_KEYS", KEY)
+        .env("ADMIN_TOKEN", ADMIN)
+        .env("SIMULATED_FLASH_TTFT_S", "0.01")
+        .env("SIMULATED_PRO_TTFT_S", "0.02")
+        .env("SIMULATED_FLASH_TOKEN_S", "0.001")
+        .env("SIMULATED_PRO_TOKEN_S", "0.001")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut log = String::new();
+    let addr = loop {
+        let line = lines.next().expect("a listening line").unwrap();
+        log.push_str(&line);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "listening" {
+            break v["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    let rest = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in lines {
+            text.push_str(&line.unwrap());
+            text.push('\n');
+        }
+        text
+    });
+    let client = reqwest::Client::new();
+    for token in [KEY, "wrong-key"] {
+        let resp = client
+            .post(format!("http://{addr}/query/stream"))
+            .bearer_auth(token)
+            .json(&json!({"query": "q", "deltas": true}))
+            .send()
+            .await
+            .unwrap();
+        let body = resp.text().await.unwrap();
+        assert!(!body.contains(KEY) && !body.contains(ADMIN));
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    log.push_str(&rest.join().unwrap());
+    assert!(log.contains("run ended"), "the run was logged: {log}");
+    assert!(!log.contains(KEY), "client key leaked into logs");
+    assert!(!log.contains(ADMIN), "admin token leaked into logs");
+}

@@ -165,3 +165,60 @@ async fn failure_metrics_move() {
         1.0
     );
 }
+
+/// `promtool check metrics` (Debian's `prometheus` package, installed by `.ci/run`) on a
+/// scrape in which every family has samples.
+#[tokio::test(start_paused = true)]
+async fn exposition_passes_promtool() {
+    let Ok(promtool) = which("promtool") else {
+        eprintln!("NOTICE: promtool not installed; skipping the exposition check");
+        return;
+    };
+    let app = spawn_app(
+        vec![Step::Hang],
+        vec![ms(100), Step::Delta("x"), Step::Finish],
+        &[],
+    )
+    .await;
+    app.stream(json!({"query": "q", "deltas": true})).await;
+    let slow = spawn_app(
+        vec![Step::Hang],
+        vec![Step::Hang],
+        &[("PRO_TIMEOUT_S", "1")],
+    )
+    .await;
+    slow.stream(json!({"query": "q"})).await;
+    for text in [scrape(&app).await, scrape(&slow).await] {
+        let mut child = std::process::Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(name))
+                .find(|p| p.is_file())
+        })
+        .ok_or(())
+}

@@ -5,6 +5,7 @@
 
 mod error;
 mod guard;
+mod page;
 mod request;
 
 use std::sync::Arc;
@@ -55,6 +56,9 @@ pub fn router(state: AppState) -> Router {
         ));
     let router = Router::new()
         .merge(queries)
+        .route("/", get(page::index))
+        .route("/app.js", get(page::script))
+        .route("/app.css", get(page::style))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)

@@ -3,6 +3,7 @@
 //! Requests are validated before a run starts: a refused request gets a JSON error and no
 //! event stream. Once a run has started every path ends with `done` (see `orchestrator`).
 
+mod admin;
 mod error;
 mod request;
 
@@ -21,7 +22,7 @@ use serde::Serialize;
 pub use self::error::ApiError;
 use self::request::{QueryParams, client_request_id, parse_get, parse_post};
 use crate::{
-    audit::{ModelTrace, Outcome, RunRecord, RunStatus},
+    audit::{AuditSink, ModelTrace, Outcome, RunRecord, RunStatus, Store},
     config::Config,
     metrics::Metrics,
     orchestrator::{Orchestrator, RunRequest},
@@ -34,6 +35,10 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub orchestrator: Orchestrator,
     pub metrics: Metrics,
+    /// Where finished runs go; asked whether its queue is backlogged (`/readyz`).
+    pub sink: Arc<dyn AuditSink>,
+    /// The audit database, for `/runs` and `/readyz`; `None` when records stay in memory.
+    pub store: Option<Store>,
 }
 
 pub const X_RUN_ID: &str = "x-run-id";
@@ -44,7 +49,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/query/stream", post(stream_post).get(stream_get))
         .route("/query", post(query_post))
+        .route("/runs/{run_id}", get(admin::get_run))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(admin::readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -95,7 +102,11 @@ async fn stream_get(
     finish(&state.metrics, route, result)
 }
 
-fn finish(metrics: &Metrics, route: &str, result: Result<Response, ApiError>) -> Response {
+pub(super) fn finish(
+    metrics: &Metrics,
+    route: &str,
+    result: Result<Response, ApiError>,
+) -> Response {
     let response = result.unwrap_or_else(IntoResponse::into_response);
     metrics
         .requests_total

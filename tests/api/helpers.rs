@@ -217,6 +217,7 @@ pub async fn spawn_with(
         pro: pro.clone(),
         sink: Arc::new(sink.clone()),
         metrics: Metrics::new().expect("metrics"),
+        store: None,
     };
     let server = Server::start(parts).await.expect("server starts");
     TestApp {

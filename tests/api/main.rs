@@ -10,6 +10,8 @@
     reason = "test scaffolding: a failed step should fail the test, loudly"
 )]
 
+mod audit;
+mod db;
 mod helpers;
 mod process;
 mod stream;

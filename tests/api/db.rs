@@ -5,6 +5,7 @@
 
 #![allow(dead_code, reason = "each test module uses a different part")]
 
+use std::io::Write;
 use std::sync::{
     Arc, Mutex,
     atomic::{AtomicUsize, Ordering},
@@ -43,7 +44,11 @@ pub struct PgDb {
 /// `None` (after a printed notice) when `TEST_POSTGRES_URL` is unset.
 pub async fn postgres(test: &str) -> Option<PgDb> {
     let Ok(admin_url) = std::env::var("TEST_POSTGRES_URL") else {
-        eprintln!("notice: TEST_POSTGRES_URL is unset; skipping the PostgreSQL part of {test}");
+        // Straight to stderr, not eprintln!: the harness captures the macros' output of
+        // passing tests, and this notice is meant to be seen.
+        let notice =
+            format!("notice: TEST_POSTGRES_URL is unset; skipping PostgreSQL test {test}\n");
+        let _ = std::io::stderr().write_all(notice.as_bytes());
         return None;
     };
     let name = format!("duet_test_{}", Uuid::now_v7().simple());

@@ -11,6 +11,8 @@
 )]
 
 mod audit;
+mod audit_cli;
+mod audit_http;
 mod db;
 mod helpers;
 mod process;

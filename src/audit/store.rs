@@ -65,7 +65,11 @@ impl Store {
     /// Opens the database (creating a missing SQLite file) and checks that it answers.
     pub async fn connect(url: &str) -> Result<Store> {
         let store = Store::connect_lazy(url)?;
-        store.ping().await?;
+        // At start a failed probe means "cannot open", not "a query failed".
+        store.ping().await.map_err(|e| match e {
+            AuditError::Database(e) => AuditError::Connect(e),
+            other => other,
+        })?;
         Ok(store)
     }
 

@@ -4,13 +4,14 @@
 //!
 //! Where things live:
 //! - [`config`]: environment variables (contract §2), validated once at start.
-//! - [`api`]: HTTP routes, request validation, JSON errors (contract §3).
+//! - [`api`]: HTTP routes, request validation, JSON errors, `/runs` and `/readyz` (contract §3).
 //! - [`orchestrator`]: one run: both models at once, deadlines, ordering, cancellation, and
 //!   the drop guard that always sends `done` and always hands over the record.
 //! - [`providers`]: the streaming provider abstraction and its implementations.
 //! - [`resume`]: each run's events, kept for `Last-Event-ID` reconnects.
 //! - [`sse`]: event encoding and the keep-alive response body (contract §4).
-//! - [`audit`]: run records and the sinks they go to (contract §5).
+//! - [`audit`]: run records, the database store, the background writer, the dead-letter
+//!   file and replay (contract §5).
 //! - [`metrics`]: Prometheus families (contract §6).
 //! - [`server`]: binding, serving, signals and graceful shutdown.
 //! - [`telemetry`]: logging setup.

@@ -28,10 +28,16 @@ fn main() -> ExitCode {
     let result: Result<(), String> = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => duet::server::serve(config).await.map_err(|e| e.to_string()),
-            Command::Migrate => Err("`duet migrate` arrives with the database audit store".into()),
+            Command::Migrate { revert, to } => duet::audit::admin::migrate(&config, revert, to)
+                .await
+                .map(|report| println!("{report}"))
+                .map_err(|e| e.to_string()),
             Command::Audit {
                 command: AuditCommand::Replay,
-            } => Err("`duet audit replay` arrives with the database audit store".into()),
+            } => duet::audit::admin::replay(&config)
+                .await
+                .map(|report| println!("{report}"))
+                .map_err(|e| e.to_string()),
             Command::MockProvider { .. } => {
                 Err("`duet mock-provider` arrives with the real provider adapters".into())
             }

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::{self, AppState, Guard},
-    audit::AuditSink,
+    audit::{AuditError, AuditSink, AuditWriter, Store, WriterOptions},
     config::{Config, Role},
     metrics::Metrics,
     orchestrator::{ModelSlot, Orchestrator},
@@ -31,6 +31,10 @@ use crate::{
 /// Past the grace period, connections that still do not close (a client that stopped
 /// reading) are dropped after this much more.
 const HARD_STOP_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long shutdown waits for the audit queue to reach the database before dead-lettering
+/// what is left: one full retry cycle (about 7 s) plus room for a large backlog.
+const AUDIT_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Errors that stop the service from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +48,8 @@ pub enum ServeError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Provider(#[from] providers::BuildError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -55,6 +61,8 @@ pub struct Parts {
     pub pro: Arc<dyn Provider>,
     pub sink: Arc<dyn AuditSink>,
     pub metrics: Metrics,
+    /// The audit database behind `sink`, read by `/runs` and probed by `/readyz`.
+    pub store: Option<Store>,
 }
 
 impl Parts {
@@ -66,6 +74,7 @@ impl Parts {
             metrics: Metrics::new()?,
             config,
             sink,
+            store: None,
         })
     }
 }
@@ -102,7 +111,7 @@ impl Server {
             &config,
             slot(Role::Flash, parts.flash),
             slot(Role::Pro, parts.pro),
-            parts.sink,
+            Arc::clone(&parts.sink),
             parts.metrics.clone(),
             shutdown.clone(),
             tracker.clone(),
@@ -114,6 +123,8 @@ impl Server {
             orchestrator,
             metrics: parts.metrics,
             guard,
+            sink: parts.sink,
+            store: parts.store,
         };
         let app = api::router(state.clone());
         let task = tokio::spawn(accept_loop(
@@ -268,18 +279,60 @@ pub async fn signal() {
     }
 }
 
-/// `duet serve`: runs until a signal, then shuts down gracefully.
+/// `duet serve`: opens and migrates the audit database, runs until a signal, shuts down
+/// gracefully, then drains the audit queue before returning.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
-    // The database writer replaces this sink in the audit issue; until then records are
-    // kept in memory only.
-    let sink = Arc::new(crate::audit::MemorySink::new());
-    let server = Server::start(Parts::from_config(config, sink)?).await?;
-    let token = server.shutdown.clone();
-    tokio::spawn(async move {
-        signal().await;
-        token.cancel();
-    });
-    server.wait().await?;
+    let store = Store::connect(&config.database_url).await?;
+    store.migrate().await?;
+    info!(
+        backend = backend_name(&store),
+        deadletter = %config.audit_deadletter_path.display(),
+        "audit store ready"
+    );
+    let metrics = Metrics::new()?;
+    let writer = AuditWriter::start(
+        Arc::new(store.clone()),
+        WriterOptions::new(&config.audit_deadletter_path),
+        metrics.clone(),
+    )?;
+    let started = async {
+        Ok::<_, ServeError>(Parts {
+            flash: providers::build(&config.flash)?,
+            pro: providers::build(&config.pro)?,
+            sink: Arc::new(writer.clone()),
+            store: Some(store.clone()),
+            metrics,
+            config,
+        })
+    }
+    .await;
+    let server = match started {
+        Ok(parts) => Server::start(parts).await,
+        Err(e) => Err(e),
+    };
+    let served = match server {
+        Ok(server) => {
+            let token = server.shutdown.clone();
+            tokio::spawn(async move {
+                signal().await;
+                token.cancel();
+            });
+            server.wait().await
+        }
+        Err(e) => Err(e),
+    };
+    // Every run has ended (the server waited on its tracker), so every record is queued.
+    writer.shutdown(AUDIT_DRAIN_TIMEOUT).await;
+    store.close().await;
+    served?;
     info!("stopped");
     Ok(())
+}
+
+/// The backend's name for logs: the URL itself may carry a password.
+fn backend_name(store: &Store) -> &'static str {
+    match store {
+        Store::Sqlite(_) => "sqlite",
+        Store::Postgres(_) => "postgres",
+    }
 }

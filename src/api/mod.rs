@@ -3,6 +3,7 @@
 //! Requests are validated before a run starts: a refused request gets a JSON error and no
 //! event stream. Once a run has started every path ends with `done` (see `orchestrator`).
 
+mod admin;
 mod error;
 mod guard;
 mod page;
@@ -25,7 +26,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use self::request::{QueryParams, client_request_id, parse_get, parse_post};
 pub use self::{error::ApiError, guard::Guard};
 use crate::{
-    audit::{ModelTrace, Outcome, RunRecord, RunStatus},
+    audit::{AuditSink, ModelTrace, Outcome, RunRecord, RunStatus, Store},
     config::Config,
     metrics::Metrics,
     orchestrator::{AtCapacity, CHANNEL_CAPACITY, Orchestrator, RunHandle, RunRequest},
@@ -40,6 +41,10 @@ pub struct AppState {
     pub orchestrator: Orchestrator,
     pub metrics: Metrics,
     pub guard: Arc<Guard>,
+    /// Where finished runs go; asked whether its queue is backlogged (`/readyz`).
+    pub sink: Arc<dyn AuditSink>,
+    /// The audit database, for `/runs` and `/readyz`; `None` when records stay in memory.
+    pub store: Option<Store>,
 }
 
 pub const X_RUN_ID: &str = "x-run-id";
@@ -59,7 +64,9 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(page::index))
         .route("/app.js", get(page::script))
         .route("/app.css", get(page::style))
+        .route("/runs/{run_id}", get(admin::get_run))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(admin::readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

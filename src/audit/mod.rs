@@ -4,8 +4,28 @@
 //! The sink is synchronous and must never block: the orchestrator submits from a drop guard,
 //! which may run during a panic or shutdown, so a sink queues the record (or dead-letters it)
 //! and returns at once. Persisting happens elsewhere, on a background writer.
+//!
+//! - [`store`]: the database (SQLite or PostgreSQL, chosen from `DATABASE_URL`): migrations,
+//!   batched idempotent inserts, reading a record back. Per-backend SQL lives in `sqlite` and
+//!   `postgres`.
+//! - [`writer`]: the [`AuditWriter`] sink: bounded queue, batching, retries, shutdown drain.
+//! - [`deadletter`]: the JSON-lines file records go to when the database cannot take them.
+//! - [`replay`]: `duet audit replay`, putting dead-lettered records back.
+//! - [`admin`]: the `duet migrate` and `duet audit replay` commands.
 
-use std::sync::{Arc, Mutex};
+pub mod admin;
+pub mod deadletter;
+mod postgres;
+pub mod replay;
+mod sqlite;
+pub mod store;
+pub mod writer;
+
+use std::{
+    path::PathBuf,
+    str::FromStr,
+    sync::{Arc, Mutex},
+};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -34,6 +54,21 @@ impl Outcome {
     }
 }
 
+impl FromStr for Outcome {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "ok" => Outcome::Ok,
+            "timeout" => Outcome::Timeout,
+            "error" => Outcome::Error,
+            "skipped" => Outcome::Skipped,
+            "cancelled" => Outcome::Cancelled,
+            other => return Err(format!("unknown outcome {other:?}")),
+        })
+    }
+}
+
 /// How the whole run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -52,6 +87,20 @@ impl RunStatus {
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
         }
+    }
+}
+
+impl FromStr for RunStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "ok" => RunStatus::Ok,
+            "partial" => RunStatus::Partial,
+            "failed" => RunStatus::Failed,
+            "cancelled" => RunStatus::Cancelled,
+            other => return Err(format!("unknown status {other:?}")),
+        })
     }
 }
 
@@ -90,7 +139,43 @@ pub struct RunRecord {
 /// Where finished runs go. `submit` must return at once, whatever the backend is doing.
 pub trait AuditSink: Send + Sync + 'static {
     fn submit(&self, record: RunRecord);
+
+    /// True while records wait above the sink's high-water mark (`/readyz` answers 503).
+    fn backlogged(&self) -> bool {
+        false
+    }
 }
+
+pub use self::{
+    store::{RecordStore, Store},
+    writer::{AuditWriter, WriterOptions},
+};
+
+/// The audit boundary's errors: database, migrations, dead-letter file.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("DATABASE_URL must start with sqlite:// or postgres://")]
+    UnsupportedUrl,
+    #[error("cannot open the audit database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("audit database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("audit database query failed: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("the audit database did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("stored run {run_id} cannot be read back: {problem}")]
+    Corrupt { run_id: String, problem: String },
+    #[error("dead-letter file {}: {source}", path.display())]
+    DeadLetter {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the dead-letter thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+pub type Result<T, E = AuditError> = std::result::Result<T, E>;
 
 /// Keeps records in memory: for tests and for running without a database.
 #[derive(Default, Clone)]

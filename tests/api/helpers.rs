@@ -12,7 +12,7 @@ use std::{
 };
 
 use duet::{
-    audit::{MemorySink, RunRecord},
+    audit::{AuditSink, AuditWriter, MemorySink, RunRecord, Store, WriterOptions},
     config::Config,
     metrics::Metrics,
     providers::{
@@ -211,12 +211,62 @@ pub async fn spawn_with(
     overrides: &[(&str, &str)],
 ) -> TestApp {
     let sink = MemorySink::new();
+    let sink_dyn: Arc<dyn AuditSink> = Arc::new(sink.clone());
+    let metrics = Metrics::new().expect("metrics");
+    spawn_parts(flash, pro, overrides, sink, sink_dyn, None, metrics).await
+}
+
+/// A server whose runs go through a real [`AuditWriter`] into `store` (records are not
+/// kept in `TestApp::sink`). Stop the app, then shut the writer down, to drain it.
+pub async fn spawn_audited(
+    flash: Arc<Scripted>,
+    pro: Arc<Scripted>,
+    overrides: &[(&str, &str)],
+    store: Store,
+    options: WriterOptions,
+) -> (TestApp, AuditWriter) {
+    let metrics = Metrics::new().expect("metrics");
+    let writer = AuditWriter::start(Arc::new(store.clone()), options, metrics.clone())
+        .expect("writer starts");
+    let app = spawn_parts(
+        flash,
+        pro,
+        overrides,
+        MemorySink::new(),
+        Arc::new(writer.clone()),
+        Some(store),
+        metrics,
+    )
+    .await;
+    (app, writer)
+}
+
+/// A server with its own sink and no audit database.
+pub async fn spawn_sink(
+    flash: Arc<Scripted>,
+    pro: Arc<Scripted>,
+    sink: Arc<dyn AuditSink>,
+) -> TestApp {
+    let metrics = Metrics::new().expect("metrics");
+    spawn_parts(flash, pro, &[], MemorySink::new(), sink, None, metrics).await
+}
+
+async fn spawn_parts(
+    flash: Arc<Scripted>,
+    pro: Arc<Scripted>,
+    overrides: &[(&str, &str)],
+    sink: MemorySink,
+    sink_dyn: Arc<dyn AuditSink>,
+    store: Option<Store>,
+    metrics: Metrics,
+) -> TestApp {
     let parts = Parts {
         config: config(overrides),
         flash: flash.clone(),
         pro: pro.clone(),
-        sink: Arc::new(sink.clone()),
-        metrics: Metrics::new().expect("metrics"),
+        sink: sink_dyn,
+        metrics,
+        store,
     };
     let server = Server::start(parts).await.expect("server starts");
     TestApp {

@@ -10,6 +10,10 @@
     reason = "test scaffolding: a failed step should fail the test, loudly"
 )]
 
+mod audit;
+mod audit_cli;
+mod audit_http;
+mod db;
 mod helpers;
 mod metrics;
 mod process;

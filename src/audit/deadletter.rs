@@ -1,0 +1,191 @@
+//! The dead-letter file: records the database could not take, one JSON line each (the serde
+//! form of [`RunRecord`]), appended, flushed and fsynced, for `duet audit replay`.
+//!
+//! File writes are blocking I/O, so they run on a dedicated thread fed by a bounded channel;
+//! the async writer and the request path only hand records over. When that channel is full
+//! too (the disk is slower than the rate of failing records) or the thread has stopped, the
+//! caller appends the records itself: that blocks a thread for one write, which is better
+//! than losing an audit record. If even the file cannot be written, each record is logged at
+//! error level in full, so the log is the last place it survives.
+
+use std::{
+    fs::OpenOptions,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
+    thread::JoinHandle,
+};
+
+use prometheus::IntCounter;
+use tracing::{error, warn};
+
+use super::{AuditError, Result, RunRecord};
+
+/// Appends records to the file. The file is opened for each append rather than held open,
+/// so that `duet audit replay` can move it aside and later appends start a fresh one.
+pub struct Appender {
+    path: PathBuf,
+    /// Serialises appends within this process, so lines from two writers never interleave.
+    lock: Mutex<()>,
+    written: Option<IntCounter>,
+}
+
+impl Appender {
+    /// `written` counts records appended (`duet_audit_writes_total{outcome="deadletter"}`).
+    pub fn new(path: impl Into<PathBuf>, written: Option<IntCounter>) -> Appender {
+        Appender {
+            path: path.into(),
+            lock: Mutex::new(()),
+            written,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends each record as one JSON line, then flushes and syncs to disk.
+    pub fn append(&self, records: &[RunRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(records.len() * 1024);
+        for record in records {
+            serde_json::to_writer(&mut buf, record).map_err(|e| self.error(e.into()))?;
+            buf.push(b'\n');
+        }
+        self.append_bytes(&buf)?;
+        if let Some(counter) = &self.written {
+            counter.inc_by(records.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Appends whole lines as they are (replay puts back lines it could not use).
+    pub fn append_bytes(&self, bytes: &[u8]) -> Result<()> {
+        // A poisoned lock guards nothing but ordering; keep appending.
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| self.error(e))?;
+        // One write of whole lines: with O_APPEND, another process's appends (a second duet
+        // on the same path) land before or after it, not inside it.
+        file.write_all(bytes).map_err(|e| self.error(e))?;
+        file.flush().map_err(|e| self.error(e))?;
+        file.sync_data().map_err(|e| self.error(e))
+    }
+
+    /// Appends, and when even that fails, logs every record in full: the last place left.
+    pub fn append_or_log(&self, records: &[RunRecord]) {
+        if let Err(e) = self.append(records) {
+            for record in records {
+                let json = serde_json::to_string(record).unwrap_or_default();
+                error!(error = %e, run_id = %record.run_id, record = %json,
+                    "cannot write the dead-letter file; the record survives only in this log line");
+            }
+        }
+    }
+
+    fn error(&self, source: std::io::Error) -> AuditError {
+        AuditError::DeadLetter {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+enum Msg {
+    Records(Vec<RunRecord>),
+    Stop,
+}
+
+/// The dead-letter thread and its queue.
+pub struct DeadLetter {
+    tx: SyncSender<Msg>,
+    file: Arc<Appender>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl DeadLetter {
+    /// Starts the thread; `capacity` is how many hand-overs (each a batch) may wait for it.
+    pub fn start(file: Appender, capacity: usize) -> Result<DeadLetter> {
+        let (tx, rx) = sync_channel(capacity);
+        let file = Arc::new(file);
+        let thread_file = Arc::clone(&file);
+        let thread = std::thread::Builder::new()
+            .name("duet-deadletter".into())
+            .spawn(move || run(&rx, &thread_file))
+            .map_err(AuditError::Thread)?;
+        Ok(DeadLetter {
+            tx,
+            file,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// Hands records to the thread without waiting. If its queue is full or it has stopped,
+    /// appends them here and now (blocking), since dropping them is not an option.
+    pub fn send(&self, records: Vec<RunRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let records = match self.tx.try_send(Msg::Records(records)) {
+            Ok(()) => return,
+            Err(TrySendError::Full(Msg::Records(r))) => {
+                warn!(
+                    records = r.len(),
+                    "dead-letter queue full; appending on the caller's thread"
+                );
+                r
+            }
+            Err(TrySendError::Disconnected(Msg::Records(r))) => r,
+            Err(TrySendError::Full(Msg::Stop) | TrySendError::Disconnected(Msg::Stop)) => return,
+        };
+        self.file.append_or_log(&records);
+    }
+
+    /// Writes what is queued, then stops the thread and waits for it. Blocks: call it from
+    /// `spawn_blocking`. Records sent afterwards are appended by their sender.
+    pub fn stop_blocking(&self) {
+        // Fails only if the thread is gone already, which is what we want anyway.
+        let _ = self.tx.send(Msg::Stop);
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                error!("the dead-letter thread panicked");
+            }
+        }
+    }
+}
+
+fn run(rx: &Receiver<Msg>, file: &Appender) {
+    while let Ok(msg) = rx.recv() {
+        let Msg::Records(mut records) = msg else {
+            return;
+        };
+        // Whatever queued up meanwhile shares one fsync.
+        let mut stop = false;
+        while let Ok(more) = rx.try_recv() {
+            match more {
+                Msg::Records(r) => records.extend(r),
+                Msg::Stop => {
+                    stop = true;
+                    break;
+                }
+            }
+        }
+        file.append_or_log(&records);
+        if stop {
+            return;
+        }
+    }
+}

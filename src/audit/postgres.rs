@@ -1,0 +1,223 @@
+//! PostgreSQL SQL for the audit store: bulk inserts through `UNNEST` of array parameters,
+//! and reading back.
+//!
+//! `UNNEST` keeps the statement text the same whatever the batch size, so the prepared
+//! statement is reused, and it has no bound-parameter limit to chunk around (unlike a
+//! multi-row `VALUES` list).
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row, postgres::PgRow};
+use uuid::Uuid;
+
+use super::{
+    ModelTrace, Result, RunRecord,
+    store::{corrupt, from_db, to_db},
+};
+
+const INSERT_RUNS: &str = "\
+INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
+                       service_version)
+SELECT * FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
+                     $6::text[], $7::int8[], $8::text[])
+ON CONFLICT (run_id) DO NOTHING";
+
+const INSERT_TRACES: &str = "\
+INSERT INTO model_traces (run_id, model, provider, model_name, model_version, outcome,
+                          error_type, error_message, text, finish_reason, latency_ms, ttft_ms,
+                          input_tokens, output_tokens)
+SELECT * FROM UNNEST($1::text[]::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[],
+                     $12::int8[], $13::int8[], $14::int8[])
+ON CONFLICT (run_id, model) DO NOTHING";
+
+/// PostgreSQL text cannot hold NUL, which JSON (and so a query) can carry as `\u0000`.
+/// Without this one such record would fail its whole batch on every retry and replay; the
+/// stored text shows U+FFFD where the NUL was instead.
+fn text(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_owned()
+    }
+}
+
+fn opt_text(s: Option<&str>) -> Option<String> {
+    s.map(text)
+}
+
+pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result<u64> {
+    let n = records.len();
+    let mut run_ids = Vec::with_capacity(n);
+    let mut client_ids = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    let mut queries = Vec::with_capacity(n);
+    let mut systems = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut totals = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    for r in records {
+        run_ids.push(r.run_id.to_string());
+        client_ids.push(opt_text(r.client_request_id.as_deref()));
+        created.push(r.created_at);
+        queries.push(text(&r.query));
+        systems.push(opt_text(r.system.as_deref()));
+        statuses.push(r.status.as_str());
+        totals.push(to_db(r.total_ms));
+        versions.push(text(&r.service_version));
+    }
+
+    let mut t = Traces::with_capacity(2 * n);
+    for r in records {
+        t.push(r.run_id, "flash", &r.flash);
+        t.push(r.run_id, "pro", &r.pro);
+    }
+
+    let mut tx = pool.begin().await?;
+    let written = sqlx::query(INSERT_RUNS)
+        .bind(&run_ids)
+        .bind(&client_ids)
+        .bind(&created)
+        .bind(&queries)
+        .bind(&systems)
+        .bind(&statuses)
+        .bind(&totals)
+        .bind(&versions)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    sqlx::query(INSERT_TRACES)
+        .bind(&t.run_id)
+        .bind(&t.model)
+        .bind(&t.provider)
+        .bind(&t.model_name)
+        .bind(&t.model_version)
+        .bind(&t.outcome)
+        .bind(&t.error_type)
+        .bind(&t.error_message)
+        .bind(&t.text)
+        .bind(&t.finish_reason)
+        .bind(&t.latency_ms)
+        .bind(&t.ttft_ms)
+        .bind(&t.input_tokens)
+        .bind(&t.output_tokens)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// The columns of `model_traces`, one array each, for `UNNEST`.
+#[derive(Default)]
+struct Traces {
+    run_id: Vec<String>,
+    model: Vec<&'static str>,
+    provider: Vec<String>,
+    model_name: Vec<String>,
+    model_version: Vec<Option<String>>,
+    outcome: Vec<&'static str>,
+    error_type: Vec<Option<String>>,
+    error_message: Vec<Option<String>>,
+    text: Vec<String>,
+    finish_reason: Vec<Option<String>>,
+    latency_ms: Vec<i64>,
+    ttft_ms: Vec<Option<i64>>,
+    input_tokens: Vec<Option<i64>>,
+    output_tokens: Vec<Option<i64>>,
+}
+
+impl Traces {
+    fn with_capacity(n: usize) -> Self {
+        Traces {
+            run_id: Vec::with_capacity(n),
+            text: Vec::with_capacity(n),
+            ..Traces::default()
+        }
+    }
+
+    fn push(&mut self, run_id: Uuid, role: &'static str, t: &ModelTrace) {
+        self.run_id.push(run_id.to_string());
+        self.model.push(role);
+        self.provider.push(text(&t.provider));
+        self.model_name.push(text(&t.model));
+        self.model_version
+            .push(opt_text(t.model_version.as_deref()));
+        self.outcome.push(t.outcome.as_str());
+        self.error_type.push(opt_text(t.error_type.as_deref()));
+        self.error_message
+            .push(opt_text(t.error_message.as_deref()));
+        self.text.push(text(&t.text));
+        self.finish_reason
+            .push(opt_text(t.finish_reason.as_deref()));
+        self.latency_ms.push(to_db(t.latency_ms));
+        self.ttft_ms.push(t.ttft_ms.map(to_db));
+        self.input_tokens.push(t.input_tokens.map(to_db));
+        self.output_tokens.push(t.output_tokens.map(to_db));
+    }
+}
+
+pub(super) async fn fetch(pool: &PgPool, run_id: Uuid) -> Result<Option<RunRecord>> {
+    let id = run_id.to_string();
+    let Some(run) = sqlx::query(
+        "SELECT client_request_id, created_at, query, system, status, total_ms, service_version \
+         FROM dual_runs WHERE run_id = $1::text::uuid",
+    )
+    .bind(&id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let traces = sqlx::query(
+        "SELECT model, provider, model_name, model_version, outcome, error_type, error_message, \
+         text, finish_reason, latency_ms, ttft_ms, input_tokens, output_tokens \
+         FROM model_traces WHERE run_id = $1::text::uuid",
+    )
+    .bind(&id)
+    .fetch_all(pool)
+    .await?;
+    let mut flash = None;
+    let mut pro = None;
+    for row in &traces {
+        let role: String = row.try_get("model")?;
+        let trace = trace(run_id, row)?;
+        match role.as_str() {
+            "flash" => flash = Some(trace),
+            "pro" => pro = Some(trace),
+            other => return Err(corrupt(run_id, format!("unknown model role {other:?}"))),
+        }
+    }
+    let created_at: DateTime<Utc> = run.try_get("created_at")?;
+    let status: String = run.try_get("status")?;
+    Ok(Some(RunRecord {
+        run_id,
+        client_request_id: run.try_get("client_request_id")?,
+        created_at,
+        query: run.try_get("query")?,
+        system: run.try_get("system")?,
+        status: status.parse().map_err(|e: String| corrupt(run_id, e))?,
+        total_ms: from_db(run.try_get("total_ms")?),
+        service_version: run.try_get("service_version")?,
+        flash: flash.ok_or_else(|| corrupt(run_id, "no flash trace"))?,
+        pro: pro.ok_or_else(|| corrupt(run_id, "no pro trace"))?,
+    }))
+}
+
+fn trace(run_id: Uuid, row: &PgRow) -> Result<ModelTrace> {
+    let outcome: String = row.try_get("outcome")?;
+    let opt =
+        |col: &str| -> Result<Option<u64>> { Ok(row.try_get::<Option<i64>, _>(col)?.map(from_db)) };
+    Ok(ModelTrace {
+        provider: row.try_get("provider")?,
+        model: row.try_get("model_name")?,
+        model_version: row.try_get("model_version")?,
+        outcome: outcome.parse().map_err(|e: String| corrupt(run_id, e))?,
+        error_type: row.try_get("error_type")?,
+        error_message: row.try_get("error_message")?,
+        text: row.try_get("text")?,
+        finish_reason: row.try_get("finish_reason")?,
+        latency_ms: from_db(row.try_get("latency_ms")?),
+        ttft_ms: opt("ttft_ms")?,
+        input_tokens: opt("input_tokens")?,
+        output_tokens: opt("output_tokens")?,
+    })
+}

@@ -1,0 +1,139 @@
+//! `duet audit replay`: puts dead-lettered records back into the database.
+//!
+//! The file is first claimed by renaming it to `PATH.replaying` (atomic), so a running
+//! service keeps appending to a fresh `PATH` meanwhile (it opens the file per append).
+//! Every record of the claimed file is inserted idempotently; records that are now stored
+//! (written, or already there: skipped) are done. Lines that cannot be parsed or written are
+//! appended back to `PATH`, and the claimed file is removed. So replay removes only what it
+//! has written, and running it again changes nothing. A replay that dies half-way leaves
+//! `PATH.replaying`, which the next replay takes up first.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use tracing::warn;
+
+use super::{AuditError, Result, RunRecord, deadletter::Appender, store::Store};
+
+/// Records per insert transaction.
+const BATCH: usize = 500;
+/// An append that opened the file just before the rename finishes within this; waiting for
+/// it before reading keeps its lines in the claimed file rather than in no file at all.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Records inserted now.
+    pub written: u64,
+    /// Records that were already stored.
+    pub skipped: u64,
+    /// Lines kept in the dead-letter file: unparsable, or the database refused them.
+    pub kept: u64,
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "replayed: {} written, {} skipped (already stored), {} kept in the dead-letter file",
+            self.written, self.skipped, self.kept
+        )
+    }
+}
+
+fn claimed_path(path: &Path) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(".replaying");
+    PathBuf::from(name)
+}
+
+/// Replays the dead-letter file at `path` into `store`.
+pub async fn replay(store: &Store, path: &Path) -> Result<ReplayReport> {
+    let claimed = claimed_path(path);
+    let io = |source| AuditError::DeadLetter {
+        path: path.to_owned(),
+        source,
+    };
+    let mut report = ReplayReport::default();
+    // A claimed file left by an interrupted replay comes first.
+    if tokio::fs::try_exists(&claimed).await.map_err(io)? {
+        replay_claimed(store, path, &claimed, &mut report).await?;
+    }
+    match tokio::fs::rename(path, &claimed).await {
+        Ok(()) => {
+            tokio::time::sleep(SETTLE).await;
+            replay_claimed(store, path, &claimed, &mut report).await?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    Ok(report)
+}
+
+async fn replay_claimed(
+    store: &Store,
+    path: &Path,
+    claimed: &Path,
+    report: &mut ReplayReport,
+) -> Result<()> {
+    let content = tokio::fs::read(claimed)
+        .await
+        .map_err(|source| AuditError::DeadLetter {
+            path: claimed.to_owned(),
+            source,
+        })?;
+    let mut keep: Vec<u8> = Vec::new();
+    let mut records: Vec<(RunRecord, &[u8])> = Vec::new();
+    for line in content.split(|b| *b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<RunRecord>(line) {
+            Ok(record) => records.push((record, line)),
+            Err(e) => {
+                warn!(error = %e, "dead-letter line is not a run record; keeping it");
+                keep.extend_from_slice(line);
+                keep.push(b'\n');
+                report.kept += 1;
+            }
+        }
+    }
+    for chunk in records.chunks(BATCH) {
+        let batch: Vec<RunRecord> = chunk.iter().map(|(r, _)| r.clone()).collect();
+        match store.insert(&batch).await {
+            Ok(written) => {
+                report.written += written;
+                report.skipped += batch.len() as u64 - written;
+            }
+            Err(e) => {
+                warn!(error = %e, records = batch.len(), "cannot replay records; keeping them");
+                for (_, line) in chunk {
+                    keep.extend_from_slice(line);
+                    keep.push(b'\n');
+                }
+                report.kept += batch.len() as u64;
+            }
+        }
+    }
+    // Put back what was not written before letting go of the claimed file: a crash between
+    // the two repeats lines, never loses them.
+    if !keep.is_empty() {
+        let file = Appender::new(path, None);
+        tokio::task::spawn_blocking(move || file.append_bytes(&keep))
+            .await
+            .map_err(|e| AuditError::DeadLetter {
+                path: path.to_owned(),
+                source: std::io::Error::other(e),
+            })??;
+    }
+    tokio::fs::remove_file(claimed)
+        .await
+        .map_err(|source| AuditError::DeadLetter {
+            path: claimed.to_owned(),
+            source,
+        })
+}

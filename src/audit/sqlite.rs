@@ -1,0 +1,146 @@
+//! SQLite SQL for the audit store: multi-row `INSERT`s in one transaction, and reading back.
+//!
+//! Timestamps are stored as fixed-width RFC 3339 text (`2025-01-31T12:34:56.123456Z`), so
+//! text order is time order and SQLite's date functions accept them unchanged.
+
+use chrono::{DateTime, Utc};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, sqlite::SqliteRow};
+use uuid::Uuid;
+
+use super::{
+    ModelTrace, Result, RunRecord,
+    store::{corrupt, from_db, to_db},
+};
+
+/// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
+/// runs binds 8 values per run and 14 per trace (two per run): 500 runs bind 18000.
+const CHUNK: usize = 500;
+
+const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
+
+pub(super) fn format_time(t: &DateTime<Utc>) -> String {
+    t.format(TIME_FORMAT).to_string()
+}
+
+pub(super) async fn insert_batch(pool: &SqlitePool, records: &[RunRecord]) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    let mut written = 0;
+    for chunk in records.chunks(CHUNK) {
+        let mut runs = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
+             status, total_ms, service_version) ",
+        );
+        runs.push_values(chunk, |mut row, r| {
+            row.push_bind(r.run_id.to_string())
+                .push_bind(r.client_request_id.as_deref())
+                .push_bind(format_time(&r.created_at))
+                .push_bind(r.query.as_str())
+                .push_bind(r.system.as_deref())
+                .push_bind(r.status.as_str())
+                .push_bind(to_db(r.total_ms))
+                .push_bind(r.service_version.as_str());
+        });
+        // A replayed or resubmitted record is ignored, never duplicated (contract §5).
+        runs.push(" ON CONFLICT (run_id) DO NOTHING");
+        written += runs.build().execute(&mut *tx).await?.rows_affected();
+
+        let mut traces = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO model_traces (run_id, model, provider, model_name, model_version, \
+             outcome, error_type, error_message, text, finish_reason, latency_ms, ttft_ms, \
+             input_tokens, output_tokens) ",
+        );
+        let rows = chunk
+            .iter()
+            .flat_map(|r| [(r.run_id, "flash", &r.flash), (r.run_id, "pro", &r.pro)]);
+        traces.push_values(rows, |mut row, (run_id, role, t)| {
+            row.push_bind(run_id.to_string())
+                .push_bind(role)
+                .push_bind(t.provider.as_str())
+                .push_bind(t.model.as_str())
+                .push_bind(t.model_version.as_deref())
+                .push_bind(t.outcome.as_str())
+                .push_bind(t.error_type.as_deref())
+                .push_bind(t.error_message.as_deref())
+                .push_bind(t.text.as_str())
+                .push_bind(t.finish_reason.as_deref())
+                .push_bind(to_db(t.latency_ms))
+                .push_bind(t.ttft_ms.map(to_db))
+                .push_bind(t.input_tokens.map(to_db))
+                .push_bind(t.output_tokens.map(to_db));
+        });
+        traces.push(" ON CONFLICT (run_id, model) DO NOTHING");
+        traces.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+pub(super) async fn fetch(pool: &SqlitePool, run_id: Uuid) -> Result<Option<RunRecord>> {
+    let id = run_id.to_string();
+    let Some(run) = sqlx::query(
+        "SELECT client_request_id, created_at, query, system, status, total_ms, service_version \
+         FROM dual_runs WHERE run_id = ?",
+    )
+    .bind(&id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let traces = sqlx::query(
+        "SELECT model, provider, model_name, model_version, outcome, error_type, error_message, \
+         text, finish_reason, latency_ms, ttft_ms, input_tokens, output_tokens \
+         FROM model_traces WHERE run_id = ?",
+    )
+    .bind(&id)
+    .fetch_all(pool)
+    .await?;
+    let mut flash = None;
+    let mut pro = None;
+    for row in &traces {
+        let role: String = row.try_get("model")?;
+        let trace = trace(run_id, row)?;
+        match role.as_str() {
+            "flash" => flash = Some(trace),
+            "pro" => pro = Some(trace),
+            other => return Err(corrupt(run_id, format!("unknown model role {other:?}"))),
+        }
+    }
+    let created_at: String = run.try_get("created_at")?;
+    let created_at = DateTime::parse_from_rfc3339(&created_at)
+        .map_err(|e| corrupt(run_id, format!("created_at {created_at:?}: {e}")))?
+        .with_timezone(&Utc);
+    let status: String = run.try_get("status")?;
+    Ok(Some(RunRecord {
+        run_id,
+        client_request_id: run.try_get("client_request_id")?,
+        created_at,
+        query: run.try_get("query")?,
+        system: run.try_get("system")?,
+        status: status.parse().map_err(|e: String| corrupt(run_id, e))?,
+        total_ms: from_db(run.try_get("total_ms")?),
+        service_version: run.try_get("service_version")?,
+        flash: flash.ok_or_else(|| corrupt(run_id, "no flash trace"))?,
+        pro: pro.ok_or_else(|| corrupt(run_id, "no pro trace"))?,
+    }))
+}
+
+fn trace(run_id: Uuid, row: &SqliteRow) -> Result<ModelTrace> {
+    let outcome: String = row.try_get("outcome")?;
+    let opt =
+        |col: &str| -> Result<Option<u64>> { Ok(row.try_get::<Option<i64>, _>(col)?.map(from_db)) };
+    Ok(ModelTrace {
+        provider: row.try_get("provider")?,
+        model: row.try_get("model_name")?,
+        model_version: row.try_get("model_version")?,
+        outcome: outcome.parse().map_err(|e: String| corrupt(run_id, e))?,
+        error_type: row.try_get("error_type")?,
+        error_message: row.try_get("error_message")?,
+        text: row.try_get("text")?,
+        finish_reason: row.try_get("finish_reason")?,
+        latency_ms: from_db(row.try_get("latency_ms")?),
+        ttft_ms: opt("ttft_ms")?,
+        input_tokens: opt("input_tokens")?,
+        output_tokens: opt("output_tokens")?,
+    })
+}

@@ -1,0 +1,232 @@
+//! The audit database: SQLite or PostgreSQL, chosen at run time from `DATABASE_URL`.
+//!
+//! Both backends share this front: connect, migrate (and revert), insert a batch of records
+//! in one transaction, read one record back, answer a liveness probe. The SQL itself differs
+//! (types, bulk-insert idiom) and lives in the sibling `sqlite` and `postgres` modules.
+//! No `query!` macros: the build must not need a live database.
+
+use std::{str::FromStr, time::Duration};
+
+use futures::future::BoxFuture;
+use sqlx::{
+    PgPool, SqlitePool,
+    migrate::Migrator,
+    postgres::PgPoolOptions,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+use uuid::Uuid;
+
+use super::{AuditError, Result, RunRecord, postgres, sqlite};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// How long to wait for a pooled connection: past it a write counts as failed (and is
+/// retried), so an unreachable database cannot stall the writer indefinitely.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A busy SQLite file (another process writing, e.g. `duet audit replay`) is waited on this
+/// long before the write fails and is retried.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// `/readyz` must answer quickly even when the database hangs.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the batch writer puts records. [`Store`] is the real one; tests use fakes that
+/// fail on purpose to check retries and dead-lettering on tokio's paused clock.
+pub trait RecordStore: Send + Sync + 'static {
+    /// Inserts every record (run and both traces) in one transaction, ignoring records
+    /// whose `run_id` is already stored. Returns how many runs were new.
+    fn insert_batch<'a>(&'a self, records: &'a [RunRecord]) -> BoxFuture<'a, Result<u64>>;
+}
+
+/// A pool on one of the two backends. Cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Which backend a `DATABASE_URL` names.
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+fn backend(url: &str) -> Result<Backend> {
+    if url.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Backend::Postgres)
+    } else {
+        Err(AuditError::UnsupportedUrl)
+    }
+}
+
+impl Store {
+    /// Opens the database (creating a missing SQLite file) and checks that it answers.
+    pub async fn connect(url: &str) -> Result<Store> {
+        let store = Store::connect_lazy(url)?;
+        // At start a failed probe means "cannot open", not "a query failed".
+        store.ping().await.map_err(|e| match e {
+            AuditError::Database(e) => AuditError::Connect(e),
+            other => other,
+        })?;
+        Ok(store)
+    }
+
+    /// A pool that connects on first use: the service can then start, and dead-letter, while
+    /// the database is down. Fails only on a malformed URL.
+    pub fn connect_lazy(url: &str) -> Result<Store> {
+        match backend(url)? {
+            Backend::Sqlite => {
+                let options = SqliteConnectOptions::from_str(url)
+                    .map_err(AuditError::Connect)?
+                    .create_if_missing(true)
+                    // WAL lets `/runs` and operators' sqlite3 read while the writer writes;
+                    // NORMAL sync is durable across process crashes (only a power cut can
+                    // lose the last commits) and much faster than FULL.
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                    .foreign_keys(true);
+                // One writer at a time is all SQLite allows; the other connections serve reads.
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_lazy_with(options);
+                Ok(Store::Sqlite(pool))
+            }
+            Backend::Postgres => {
+                let pool = PgPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_lazy(url)
+                    .map_err(AuditError::Connect)?;
+                Ok(Store::Postgres(pool))
+            }
+        }
+    }
+
+    fn migrator(&self) -> &'static Migrator {
+        match self {
+            Store::Sqlite(_) => &SQLITE_MIGRATIONS,
+            Store::Postgres(_) => &POSTGRES_MIGRATIONS,
+        }
+    }
+
+    /// Applies every pending migration.
+    pub async fn migrate(&self) -> Result<()> {
+        match self {
+            Store::Sqlite(pool) => self.migrator().run(pool).await?,
+            Store::Postgres(pool) => self.migrator().run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Reverts applied migrations newer than `target` (0 reverts them all), running their
+    /// `.down.sql` files newest first. Returns the versions reverted.
+    pub async fn revert_to(&self, target: i64) -> Result<Vec<i64>> {
+        let before = self.applied().await?;
+        match self {
+            Store::Sqlite(pool) => self.migrator().undo(pool, target).await?,
+            Store::Postgres(pool) => self.migrator().undo(pool, target).await?,
+        }
+        let after = self.applied().await?;
+        Ok(before.into_iter().filter(|v| !after.contains(v)).collect())
+    }
+
+    /// Versions of the applied migrations, oldest first.
+    pub async fn applied(&self) -> Result<Vec<i64>> {
+        // The bookkeeping table only exists once a migration ran.
+        let sql = "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version";
+        let result = match self {
+            Store::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+            Store::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+        };
+        match result {
+            Ok(versions) => Ok(versions),
+            Err(sqlx::Error::Database(e)) if is_missing_table(e.message()) => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The newest migration version this build knows.
+    pub fn latest_known(&self) -> i64 {
+        self.migrator()
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Answers `SELECT 1` within [`PING_TIMEOUT`].
+    pub async fn ping(&self) -> Result<()> {
+        let probe = async {
+            match self {
+                Store::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+                Store::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+            }
+        };
+        match tokio::time::timeout(PING_TIMEOUT, probe).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(AuditError::Timeout(PING_TIMEOUT)),
+        }
+    }
+
+    /// See [`RecordStore::insert_batch`].
+    pub async fn insert(&self, records: &[RunRecord]) -> Result<u64> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        match self {
+            Store::Sqlite(pool) => sqlite::insert_batch(pool, records).await,
+            Store::Postgres(pool) => postgres::insert_batch(pool, records).await,
+        }
+    }
+
+    /// The whole record of one run, or `None` when it is not stored.
+    pub async fn fetch(&self, run_id: Uuid) -> Result<Option<RunRecord>> {
+        match self {
+            Store::Sqlite(pool) => sqlite::fetch(pool, run_id).await,
+            Store::Postgres(pool) => postgres::fetch(pool, run_id).await,
+        }
+    }
+
+    /// Closes the pool, waiting for connections to return (SQLite then checkpoints its WAL).
+    pub async fn close(&self) {
+        match self {
+            Store::Sqlite(pool) => pool.close().await,
+            Store::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+impl RecordStore for Store {
+    fn insert_batch<'a>(&'a self, records: &'a [RunRecord]) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(self.insert(records))
+    }
+}
+
+fn is_missing_table(message: &str) -> bool {
+    // SQLite: "no such table: _sqlx_migrations"; PostgreSQL: "relation ... does not exist".
+    message.contains("no such table") || message.contains("does not exist")
+}
+
+/// Numbers are `u64` in records and signed 64-bit in both databases; values past `i64::MAX`
+/// (585 million years of milliseconds) are clamped rather than refused.
+pub(super) fn to_db(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The schema's `CHECK (... >= 0)` keeps stored numbers non-negative.
+pub(super) fn from_db(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or_default()
+}
+
+/// Builds the error for a stored row that does not make a record.
+pub(super) fn corrupt(run_id: Uuid, problem: impl Into<String>) -> AuditError {
+    AuditError::Corrupt {
+        run_id: run_id.to_string(),
+        problem: problem.into(),
+    }
+}

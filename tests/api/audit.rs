@@ -1,0 +1,403 @@
+//! The audit store and writer (contract §5): idempotent batched inserts on real SQLite files
+//! and a real PostgreSQL database, retry timing on the paused clock, dead-lettering, the
+//! shutdown drain, and replay.
+
+use std::{sync::Arc, time::Duration};
+
+use duet::{
+    audit::{
+        AuditSink, AuditWriter, RecordStore, RunRecord, Store, WriterOptions,
+        replay::{ReplayReport, replay},
+    },
+    metrics::Metrics,
+};
+use tokio::sync::Semaphore;
+
+use crate::db::{self, FakeStore, count, dead_letters, record};
+
+fn options(dir: &tempfile::TempDir) -> WriterOptions {
+    WriterOptions::new(dir.path().join("deadletter.jsonl"))
+}
+
+fn writes(metrics: &Metrics, outcome: &str) -> u64 {
+    metrics
+        .audit_writes_total
+        .with_label_values(&[outcome])
+        .get()
+}
+
+// ---- the store, on both backends -------------------------------------------------------
+
+async fn same_record_twice_is_one_row(store: &Store) {
+    let r = record(1);
+    assert_eq!(store.insert(std::slice::from_ref(&r)).await.unwrap(), 1);
+    assert_eq!(
+        store.insert(std::slice::from_ref(&r)).await.unwrap(),
+        0,
+        "a replay is ignored"
+    );
+    // Twice in one batch, next to a new one.
+    let other = record(2);
+    assert_eq!(
+        store
+            .insert(&[r.clone(), other.clone(), other.clone()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(count(store, "dual_runs").await, 2);
+    assert_eq!(count(store, "model_traces").await, 4);
+    assert_eq!(store.fetch(r.run_id).await.unwrap().as_ref(), Some(&r));
+    assert_eq!(
+        store.fetch(other.run_id).await.unwrap().as_ref(),
+        Some(&other)
+    );
+    assert_eq!(store.fetch(uuid::Uuid::now_v7()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn same_record_twice_is_one_row_sqlite() {
+    let db = db::sqlite().await;
+    same_record_twice_is_one_row(&db.store).await;
+}
+
+#[tokio::test]
+async fn same_record_twice_is_one_row_postgres() {
+    let Some(db) = db::postgres("same_record_twice_is_one_row").await else {
+        return;
+    };
+    same_record_twice_is_one_row(&db.store).await;
+}
+
+/// Large batches cross SQLite's chunking and PostgreSQL's array binds; odd text survives.
+async fn big_batch_round_trips(store: &Store) {
+    let mut records: Vec<RunRecord> = (0..1203).map(record).collect();
+    records[7].query = "nul \u{0} inside".into();
+    records[8].system = Some("be brief".into());
+    records[9].client_request_id = None;
+    assert_eq!(store.insert(&records).await.unwrap(), 1203);
+    assert_eq!(count(store, "dual_runs").await, 1203);
+    assert_eq!(count(store, "model_traces").await, 2406);
+    for r in &records[8..12] {
+        assert_eq!(store.fetch(r.run_id).await.unwrap().as_ref(), Some(r));
+    }
+    let nul = store.fetch(records[7].run_id).await.unwrap().unwrap();
+    assert!(nul.query == "nul \u{0} inside" || nul.query == "nul \u{FFFD} inside");
+}
+
+#[tokio::test]
+async fn big_batch_round_trips_sqlite() {
+    let db = db::sqlite().await;
+    big_batch_round_trips(&db.store).await;
+}
+
+#[tokio::test]
+async fn big_batch_round_trips_postgres() {
+    let Some(db) = db::postgres("big_batch_round_trips").await else {
+        return;
+    };
+    big_batch_round_trips(&db.store).await;
+}
+
+async fn migrations_revert_and_reapply(store: &Store) {
+    assert_eq!(store.applied().await.unwrap(), [1]);
+    assert_eq!(store.revert_to(0).await.unwrap(), [1]);
+    assert!(store.applied().await.unwrap().is_empty());
+    assert!(store.insert(&[record(1)]).await.is_err(), "tables are gone");
+    store.migrate().await.unwrap();
+    assert_eq!(store.insert(&[record(1)]).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn migrations_revert_and_reapply_sqlite() {
+    let db = db::sqlite().await;
+    migrations_revert_and_reapply(&db.store).await;
+}
+
+#[tokio::test]
+async fn migrations_revert_and_reapply_postgres() {
+    let Some(db) = db::postgres("migrations_revert_and_reapply").await else {
+        return;
+    };
+    migrations_revert_and_reapply(&db.store).await;
+}
+
+// ---- the writer ------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn writer_batches_what_is_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FakeStore::failing(0);
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(store.clone(), options(&dir), metrics.clone()).unwrap();
+    // Submitted before the writer task first runs (one thread): it finds 1200 waiting.
+    for i in 0..1200 {
+        writer.submit(record(i));
+    }
+    assert_eq!(metrics.audit_queue_depth.get(), 1200);
+    writer.shutdown(Duration::from_secs(5)).await;
+    let sizes: Vec<usize> = store.attempts().iter().map(|a| a.1).collect();
+    assert_eq!(sizes, [500, 500, 200]);
+    assert_eq!(store.stored().len(), 1200);
+    assert_eq!(writes(&metrics, "ok"), 1200);
+    assert_eq!(metrics.audit_queue_depth.get(), 0);
+    assert!(dead_letters(&dir.path().join("deadletter.jsonl")).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_batch_is_retried_on_the_backoff_schedule_then_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FakeStore::failing(usize::MAX);
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(store.clone(), options(&dir), metrics.clone()).unwrap();
+    let records = vec![record(1), record(2)];
+    for r in &records {
+        writer.submit(r.clone());
+    }
+    writer.shutdown(Duration::from_secs(60)).await;
+
+    let attempts = store.attempts();
+    assert_eq!(attempts.len(), 6, "one attempt and five retries");
+    let nominal = [0.25, 0.5, 1.0, 2.0, 3.0];
+    for (pair, nominal) in attempts.windows(2).zip(nominal) {
+        let gap = (pair[1].0 - pair[0].0).as_secs_f64();
+        assert!(
+            gap >= nominal * 0.75 - 1e-3 && gap <= nominal + 1e-3,
+            "gap {gap} for nominal {nominal}"
+        );
+    }
+    assert_eq!(dead_letters(&dir.path().join("deadletter.jsonl")), records);
+    assert_eq!(writes(&metrics, "retry"), 10);
+    assert_eq!(writes(&metrics, "deadletter"), 2);
+    assert_eq!(writes(&metrics, "ok"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_passing_outage_loses_nothing_and_dead_letters_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FakeStore::failing(3);
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(store.clone(), options(&dir), metrics.clone()).unwrap();
+    let r = record(1);
+    writer.submit(r.clone());
+    writer.shutdown(Duration::from_secs(60)).await;
+    assert_eq!(store.attempts().len(), 4);
+    assert_eq!(store.stored(), [r]);
+    assert_eq!(writes(&metrics, "retry"), 3);
+    assert!(dead_letters(&dir.path().join("deadletter.jsonl")).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn unreachable_postgres_dead_letters_then_replay_puts_records_back_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: every connection is refused.
+    let down = Store::connect_lazy("postgres://postgres@127.0.0.1:1/duet").unwrap();
+    assert!(down.ping().await.is_err());
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(Arc::new(down), options(&dir), metrics.clone()).unwrap();
+    let records: Vec<RunRecord> = (0..3).map(record).collect();
+    for r in &records {
+        writer.submit(r.clone());
+    }
+    writer.shutdown(Duration::from_secs(60)).await;
+    let path = dir.path().join("deadletter.jsonl");
+    assert_eq!(dead_letters(&path), records);
+    assert_eq!(writes(&metrics, "deadletter"), 3);
+    assert_eq!(writes(&metrics, "retry"), 15);
+
+    // The database is back (here: another one); replay puts each record back exactly once.
+    // SQLite answers from a worker thread, which a paused clock would race: run for real.
+    tokio::time::resume();
+    let db = db::sqlite().await;
+    let report = replay(&db.store, &path).await.unwrap();
+    assert_eq!((report.written, report.skipped, report.kept), (3, 0, 0));
+    assert!(dead_letters(&path).is_empty());
+    let again = replay(&db.store, &path).await.unwrap();
+    assert_eq!(again, ReplayReport::default());
+    assert_eq!(count(&db.store, "dual_runs").await, 3);
+    for r in &records {
+        assert_eq!(db.store.fetch(r.run_id).await.unwrap().as_ref(), Some(r));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_queue_dead_letters_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let store = FakeStore::gated(gate.clone());
+    let metrics = Metrics::new().unwrap();
+    let mut opts = options(&dir);
+    opts.queue_capacity = 2;
+    opts.high_water = 2;
+    let writer = AuditWriter::start(store.clone(), opts, metrics.clone()).unwrap();
+    let records: Vec<RunRecord> = (0..5).map(record).collect();
+    for r in &records {
+        writer.submit(r.clone());
+    }
+    assert!(writer.backlogged());
+    // The writer takes its batch of two and waits on the gate; the queue has room again.
+    tokio::task::yield_now().await;
+    assert!(!writer.backlogged());
+    gate.add_permits(10);
+    writer.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(store.stored(), records[..2]);
+    assert_eq!(
+        dead_letters(&dir.path().join("deadletter.jsonl")),
+        records[2..]
+    );
+    assert_eq!(writes(&metrics, "deadletter"), 3);
+}
+
+#[tokio::test]
+async fn shutdown_drains_the_queue_into_sqlite() {
+    let db = db::sqlite().await;
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(
+        Arc::new(db.store.clone()),
+        options(&db.dir),
+        metrics.clone(),
+    )
+    .unwrap();
+    let records: Vec<RunRecord> = (0..2000).map(record).collect();
+    let started = std::time::Instant::now();
+    for r in &records {
+        writer.submit(r.clone());
+    }
+    writer.shutdown(Duration::from_secs(30)).await;
+    let elapsed = started.elapsed();
+    eprintln!(
+        "sqlite writer: 2000 records in {elapsed:?} ({:.0} records/s, debug build)",
+        2000.0 / elapsed.as_secs_f64()
+    );
+    assert_eq!(count(&db.store, "dual_runs").await, 2000);
+    assert_eq!(count(&db.store, "model_traces").await, 4000);
+    assert_eq!(writes(&metrics, "ok"), 2000);
+    assert!(dead_letters(&db.dir.path().join("deadletter.jsonl")).is_empty());
+    // After shutdown, nothing is lost either: a late record goes to the dead-letter file.
+    let late = record(9);
+    writer.submit(late.clone());
+    assert_eq!(
+        dead_letters(&db.dir.path().join("deadletter.jsonl")),
+        [late]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_past_its_timeout_dead_letters_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    // A database that never answers.
+    let store = FakeStore::gated(Arc::new(Semaphore::new(0)));
+    let writer = AuditWriter::start(store, options(&dir), Metrics::new().unwrap()).unwrap();
+    let records: Vec<RunRecord> = (0..700).map(record).collect();
+    for r in &records {
+        writer.submit(r.clone());
+    }
+    let started = tokio::time::Instant::now();
+    writer.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    assert_eq!(dead_letters(&dir.path().join("deadletter.jsonl")), records);
+}
+
+// ---- replay ----------------------------------------------------------------------------
+
+async fn replay_twice(store: &Store, dir: &tempfile::TempDir) {
+    let path = dir.path().join("deadletter.jsonl");
+    let stored = record(0);
+    store.insert(std::slice::from_ref(&stored)).await.unwrap();
+    let fresh = [record(1), record(2)];
+    let mut content = String::new();
+    for r in [&stored, &fresh[0], &fresh[1], &fresh[0]] {
+        content.push_str(&serde_json::to_string(r).unwrap());
+        content.push('\n');
+    }
+    content.push_str("{not a record}\n");
+    std::fs::write(&path, &content).unwrap();
+
+    let first = replay(store, &path).await.unwrap();
+    assert_eq!(
+        first,
+        ReplayReport {
+            written: 2,
+            skipped: 2,
+            kept: 1
+        }
+    );
+    assert_eq!(count(store, "dual_runs").await, 3);
+    assert_eq!(count(store, "model_traces").await, 6);
+    for r in &fresh {
+        assert_eq!(store.fetch(r.run_id).await.unwrap().as_ref(), Some(r));
+    }
+    // Only what was written (or was already there) is gone from the file.
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{not a record}\n");
+
+    let second = replay(store, &path).await.unwrap();
+    assert_eq!(
+        second,
+        ReplayReport {
+            written: 0,
+            skipped: 0,
+            kept: 1
+        }
+    );
+    assert_eq!(count(store, "dual_runs").await, 3);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{not a record}\n");
+}
+
+#[tokio::test]
+async fn replay_twice_sqlite() {
+    let db = db::sqlite().await;
+    replay_twice(&db.store, &db.dir).await;
+}
+
+#[tokio::test]
+async fn replay_twice_postgres() {
+    let Some(db) = db::postgres("replay_twice").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    replay_twice(&db.store, &dir).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn replay_keeps_records_the_database_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deadletter.jsonl");
+    let line = serde_json::to_string(&record(1)).unwrap() + "\n";
+    std::fs::write(&path, &line).unwrap();
+    let down = Store::connect_lazy("postgres://postgres@127.0.0.1:1/duet").unwrap();
+    let report = replay(&down, &path).await.unwrap();
+    assert_eq!(
+        report,
+        ReplayReport {
+            written: 0,
+            skipped: 0,
+            kept: 1
+        }
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), line);
+}
+
+/// The `RecordStore` seam is what the writer sees; the real store satisfies it too.
+#[test]
+fn store_is_a_record_store() {
+    fn assert_impl<T: RecordStore>() {}
+    assert_impl::<Store>();
+}
+
+/// Throughput of the real store, printed (`--nocapture`), for the record; run with
+/// `cargo test --release -- --ignored audit::throughput`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn throughput_sqlite() {
+    let db = db::sqlite().await;
+    let records: Vec<RunRecord> = (0..20_000).map(record).collect();
+    let started = std::time::Instant::now();
+    for chunk in records.chunks(500) {
+        db.store.insert(chunk).await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "sqlite: 20000 records in {elapsed:?} ({:.0} records/s)",
+        20_000.0 / elapsed.as_secs_f64()
+    );
+}

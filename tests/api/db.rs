@@ -1,0 +1,240 @@
+//! Real databases for the audit tests: a fresh SQLite file per test, or a fresh PostgreSQL
+//! database per test on the server `TEST_POSTGRES_URL` names (created here, dropped when the
+//! handle is dropped, even if the test panicked). Without the variable the PostgreSQL tests
+//! print a notice and pass, so `cargo test` works on a machine without PostgreSQL.
+
+#![allow(dead_code, reason = "each test module uses a different part")]
+
+use std::io::Write;
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use chrono::{DateTime, Utc};
+use duet::audit::{AuditError, ModelTrace, Outcome, RecordStore, RunRecord, RunStatus, Store};
+use futures::future::BoxFuture;
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::{sync::Semaphore, time::Instant};
+use uuid::Uuid;
+
+/// A migrated SQLite file in a temporary directory (removed on drop).
+pub struct SqliteDb {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub store: Store,
+}
+
+pub async fn sqlite() -> SqliteDb {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("audit.db").display());
+    let store = Store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    SqliteDb { dir, url, store }
+}
+
+/// A migrated, freshly created PostgreSQL database, dropped with this handle.
+pub struct PgDb {
+    pub url: String,
+    pub store: Store,
+    admin_url: String,
+    name: String,
+}
+
+/// `None` (after a printed notice) when `TEST_POSTGRES_URL` is unset.
+pub async fn postgres(test: &str) -> Option<PgDb> {
+    let Ok(admin_url) = std::env::var("TEST_POSTGRES_URL") else {
+        // Straight to stderr, not eprintln!: the harness captures the macros' output of
+        // passing tests, and this notice is meant to be seen.
+        let notice =
+            format!("notice: TEST_POSTGRES_URL is unset; skipping PostgreSQL test {test}\n");
+        let _ = std::io::stderr().write_all(notice.as_bytes());
+        return None;
+    };
+    let name = format!("duet_test_{}", Uuid::now_v7().simple());
+    let mut admin = PgConnection::connect(&admin_url)
+        .await
+        .expect("TEST_POSTGRES_URL answers");
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    let url = with_database(&admin_url, &name);
+    let store = Store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    Some(PgDb {
+        url,
+        store,
+        admin_url,
+        name,
+    })
+}
+
+/// The same server URL with another database name.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let server = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    format!("{server}/{name}{query}")
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs outside any async context we could await in: do it on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                    let _ = admin
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// `SELECT COUNT(*) FROM table`.
+pub async fn count(store: &Store, table: &str) -> i64 {
+    let sql = format!("SELECT COUNT(*) FROM {table}");
+    match store {
+        Store::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await.unwrap(),
+        Store::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await.unwrap(),
+    }
+}
+
+/// Now, at the microsecond precision both databases keep.
+pub fn now_micros() -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
+}
+
+fn trace(model: &str, text: &str) -> ModelTrace {
+    ModelTrace {
+        provider: "scripted".into(),
+        model: model.into(),
+        model_version: Some(format!("{model}-v1")),
+        outcome: Outcome::Ok,
+        error_type: None,
+        error_message: None,
+        text: text.into(),
+        finish_reason: Some("stop".into()),
+        latency_ms: 310,
+        ttft_ms: Some(300),
+        input_tokens: Some(7),
+        output_tokens: Some(2),
+    }
+}
+
+/// A plausible record with a fresh id; `i` makes its texts distinct.
+pub fn record(i: usize) -> RunRecord {
+    RunRecord {
+        run_id: Uuid::now_v7(),
+        client_request_id: Some(format!("req-{i}")),
+        created_at: now_micros(),
+        query: format!("question {i} with \"quotes\", émoji 🦀 and\nnewlines"),
+        system: None,
+        status: RunStatus::Partial,
+        total_ms: 2040,
+        service_version: "0.0.0-test".into(),
+        flash: trace("flash-m", &format!("quick {i}")),
+        pro: ModelTrace {
+            outcome: Outcome::Timeout,
+            error_type: Some("timeout".into()),
+            error_message: Some("pro did not finish within its deadline".into()),
+            text: String::new(),
+            finish_reason: None,
+            ttft_ms: None,
+            input_tokens: None,
+            output_tokens: None,
+            ..trace("pro-m", "")
+        },
+    }
+}
+
+/// A store that fails, hangs or succeeds on command, and remembers every call, for
+/// checking the writer's batching and retry timing on tokio's paused clock.
+pub struct FakeStore {
+    /// Calls that fail before the store starts succeeding (`usize::MAX`: never).
+    fail_first: usize,
+    /// Each call takes a permit first: with none available, calls wait.
+    gate: Option<Arc<Semaphore>>,
+    calls: AtomicUsize,
+    pub attempts: Mutex<Vec<(Instant, usize)>>,
+    pub stored: Mutex<Vec<RunRecord>>,
+}
+
+impl FakeStore {
+    fn new(fail_first: usize, gate: Option<Arc<Semaphore>>) -> Arc<FakeStore> {
+        Arc::new(FakeStore {
+            fail_first,
+            gate,
+            calls: AtomicUsize::new(0),
+            attempts: Mutex::default(),
+            stored: Mutex::default(),
+        })
+    }
+
+    pub fn failing(fail_first: usize) -> Arc<FakeStore> {
+        FakeStore::new(fail_first, None)
+    }
+
+    /// Succeeds, but each call waits for a permit of `gate`.
+    pub fn gated(gate: Arc<Semaphore>) -> Arc<FakeStore> {
+        FakeStore::new(0, Some(gate))
+    }
+
+    pub fn attempts(&self) -> Vec<(Instant, usize)> {
+        self.attempts.lock().unwrap().clone()
+    }
+
+    pub fn stored(&self) -> Vec<RunRecord> {
+        self.stored.lock().unwrap().clone()
+    }
+}
+
+impl RecordStore for FakeStore {
+    fn insert_batch<'a>(
+        &'a self,
+        records: &'a [RunRecord],
+    ) -> BoxFuture<'a, Result<u64, AuditError>> {
+        Box::pin(async move {
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.unwrap().forget();
+            }
+            self.attempts
+                .lock()
+                .unwrap()
+                .push((Instant::now(), records.len()));
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
+                return Err(AuditError::Timeout(std::time::Duration::from_secs(1)));
+            }
+            self.stored.lock().unwrap().extend_from_slice(records);
+            Ok(records.len() as u64)
+        })
+    }
+}
+
+/// Every record in a dead-letter file.
+pub fn dead_letters(path: &std::path::Path) -> Vec<RunRecord> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => s
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one record per line"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -12,5 +12,7 @@
 
 mod helpers;
 mod process;
+mod real_providers;
 mod stream;
+mod upstream;
 mod validation;

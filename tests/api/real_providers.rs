@@ -443,3 +443,41 @@ async fn a_planted_key_appears_in_no_event_record_or_log() {
     assert!(logs.contains("model failed"), "logs captured: {logs}");
     assert!(!logs.contains(KEY), "logs: {logs}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mock_serves_a_thousand_concurrent_streams() {
+    let mock = start_mock(MockConfig {
+        ttft: Duration::from_millis(50),
+        token_interval: Duration::from_millis(20),
+        tokens: 10,
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let calls = (0..1000).map(|_| {
+        let client = client.clone();
+        async move {
+            let body = client
+                .post(format!("http://{mock}/v1/chat/completions"))
+                .json(&json!({"model": "m", "stream": true}))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(body.ends_with("data: [DONE]\n\n"));
+        }
+    });
+    futures::future::join_all(calls).await;
+    // Each stream takes 0.23 s of pacing; all of them together should take little more.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

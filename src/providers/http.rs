@@ -424,11 +424,8 @@ impl Fault {
         };
         let error = match v.get("error") {
             Some(e @ Value::Object(_)) => e,
-            Some(Value::String(s)) => {
-                // Ollama's native shape: only a message, no reason.
-                let _ = s;
-                return Some(Fault::default());
-            }
+            // Ollama's native shape: only a message, no reason.
+            Some(Value::String(_)) => return Some(Fault::default()),
             _ if v.get("object").and_then(Value::as_str) == Some("error") => v,
             _ => return None,
         };

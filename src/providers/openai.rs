@@ -187,13 +187,6 @@ impl Decoder for OpenAiDecoder {
         Ok(text.map_or(Step::Continue, Step::Delta))
     }
 
-    fn ended(&mut self, ctx: &CallContext, stray: &str) -> ProviderError {
-        if let Some(error) = http::stray_error(ctx, stray) {
-            return error;
-        }
-        http::truncated(ctx)
-    }
-
     fn whole(
         &mut self,
         ctx: &CallContext,

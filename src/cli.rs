@@ -34,9 +34,24 @@ pub enum Command {
         command: AuditCommand,
     },
     /// Serve the provider wire formats locally, for demos, tests and benchmarks.
+    ///
+    /// Gemini, OpenAI and Anthropic formats, stream and non-stream, with faults chosen per
+    /// request by `[[mock:...]]` directives in the prompt (see docs/providers.md).
     MockProvider {
         #[arg(long, default_value_t = 9090)]
         port: u16,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Delay before the first token, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        ttft_ms: u64,
+        /// Delay between tokens, in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        token_ms: u64,
+        /// Tokens per answer.
+        #[arg(long, default_value_t = 19)]
+        tokens: usize,
     },
 }
 

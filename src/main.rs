@@ -1,15 +1,39 @@
 //! The `duet` binary: parse the command line, load config, start logging, hand over.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
 use duet::{
     cli::{AuditCommand, Cli, Command},
-    config::Config,
+    config::{Config, LogFormat},
+    providers::mock::{self, MockConfig},
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::MockProvider {
+        port,
+        host,
+        ttft_ms,
+        token_ms,
+        tokens,
+    }) = cli.command
+    {
+        // The mock needs none of the service's configuration, so a half-written .env for
+        // `serve` does not stop it.
+        let log_format = Config::from_env().map_or(LogFormat::Pretty, |c| c.log_format);
+        duet::telemetry::init(log_format);
+        let config = MockConfig {
+            ttft: Duration::from_millis(ttft_ms),
+            token_interval: Duration::from_millis(token_ms),
+            tokens,
+        };
+        return run(async move {
+            mock::run((host, port).into(), config)
+                .await
+                .map_err(|e| format!("mock provider: {e}"))
+        });
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -18,14 +42,7 @@ fn main() -> ExitCode {
         }
     };
     duet::telemetry::init(config.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("duet: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result: Result<(), String> = runtime.block_on(async {
+    run(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => duet::server::serve(config).await.map_err(|e| e.to_string()),
             Command::Migrate { revert, to } => duet::audit::admin::migrate(&config, revert, to)
@@ -38,12 +55,22 @@ fn main() -> ExitCode {
                 .await
                 .map(|report| println!("{report}"))
                 .map_err(|e| e.to_string()),
-            Command::MockProvider { .. } => {
-                Err("`duet mock-provider` arrives with the real provider adapters".into())
-            }
+            // Handled above, before the service configuration is loaded.
+            Command::MockProvider { .. } => Ok(()),
         }
-    });
-    match result {
+    })
+}
+
+/// Runs the command on a new runtime and turns its result into the exit code.
+fn run(command: impl Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("duet: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("duet: {e}");

@@ -68,9 +68,11 @@ pub struct Parts {
 impl Parts {
     /// The providers the configuration names.
     pub fn from_config(config: Config, sink: Arc<dyn AuditSink>) -> Result<Parts, ServeError> {
+        // One client for every upstream call: one connection pool, made once.
+        let client = providers::http::client().map_err(providers::BuildError::from)?;
         Ok(Parts {
-            flash: providers::build(&config.flash)?,
-            pro: providers::build(&config.pro)?,
+            flash: providers::build(&config.flash, &client)?,
+            pro: providers::build(&config.pro, &client)?,
             metrics: Metrics::new()?,
             config,
             sink,
@@ -296,9 +298,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         metrics.clone(),
     )?;
     let started = async {
+        // One client for every upstream call: one connection pool, made once.
+        let client = providers::http::client().map_err(providers::BuildError::from)?;
         Ok::<_, ServeError>(Parts {
-            flash: providers::build(&config.flash)?,
-            pro: providers::build(&config.pro)?,
+            flash: providers::build(&config.flash, &client)?,
+            pro: providers::build(&config.pro, &client)?,
             sink: Arc::new(writer.clone()),
             store: Some(store.clone()),
             metrics,

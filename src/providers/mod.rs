@@ -6,7 +6,16 @@
 //! no adapter can report a cut-off answer as a success. Failures are [`ProviderError`]s already
 //! classified into the contract's `error_type`s. Deadlines, retries and cancellation live in the
 //! orchestrator, not here: dropping the stream cancels the call.
+//!
+//! Families: [`gemini`], [`openai`] (any OpenAI-compatible server), [`anthropic`], all built
+//! on [`http`] (client, classification, body limits, redaction); [`simulated`] needs no
+//! network; [`mock`] is the local upstream behind `duet mock-provider`.
 
+pub mod anthropic;
+pub mod gemini;
+pub mod http;
+pub mod mock;
+pub mod openai;
 pub mod simulated;
 
 use std::{fmt, sync::Arc, time::Duration};
@@ -129,22 +138,160 @@ pub trait Provider: Send + Sync + 'static {
     fn stream(&self, request: &ModelRequest) -> ProviderStream;
 }
 
-/// Builds the provider a role is configured for.
-pub fn build(config: &ModelConfig) -> Result<Arc<dyn Provider>, BuildError> {
-    match config.provider {
-        ProviderKind::Simulated => Ok(Arc::new(simulated::Simulated::new(
+/// Builds the provider a role is configured for. Real providers share `client`, so all
+/// calls use one connection pool.
+pub fn build(
+    config: &ModelConfig,
+    client: &reqwest::Client,
+) -> Result<Arc<dyn Provider>, BuildError> {
+    let key = || {
+        config
+            .api_key
+            .as_ref()
+            .map(|k| k.expose())
+            .ok_or(BuildError::MissingKey {
+                role: config.role,
+                provider: config.provider.as_str(),
+            })
+    };
+    let invalid = |problem: String| BuildError::Invalid {
+        role: config.role,
+        provider: config.provider.as_str(),
+        problem,
+    };
+    let limits = http::BodyLimits::default();
+    let (base, model, client) = (
+        config.base_url.as_str(),
+        config.model.as_str(),
+        client.clone(),
+    );
+    Ok(match config.provider {
+        ProviderKind::Simulated => Arc::new(simulated::Simulated::new(
             config.model.clone(),
             config.simulated,
-        ))),
-        other => Err(BuildError::Unsupported {
-            role: config.role,
-            provider: other.as_str(),
-        }),
-    }
+        )),
+        ProviderKind::Gemini => {
+            Arc::new(gemini::Gemini::new(client, base, model, key()?, limits).map_err(invalid)?)
+        }
+        ProviderKind::OpenAi => {
+            Arc::new(openai::OpenAi::new(client, base, model, key()?, limits).map_err(invalid)?)
+        }
+        ProviderKind::Anthropic => Arc::new(
+            anthropic::Anthropic::new(client, base, model, key()?, limits).map_err(invalid)?,
+        ),
+    })
+}
+
+/// A header value holding a key, marked sensitive so that no debug output shows it.
+fn sensitive_header(value: &str) -> Result<reqwest::header::HeaderValue, String> {
+    let mut header = reqwest::header::HeaderValue::from_str(value)
+        .map_err(|_| "the API key has characters a header cannot carry".to_owned())?;
+    header.set_sensitive(true);
+    Ok(header)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("{role}: provider {provider} is not available in this build")]
-    Unsupported { role: Role, provider: &'static str },
+    #[error("{role}: provider {provider} needs an API key")]
+    MissingKey { role: Role, provider: &'static str },
+    #[error("{role}: provider {provider}: {problem}")]
+    Invalid {
+        role: Role,
+        provider: &'static str,
+        problem: String,
+    },
+    #[error("cannot create the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// Fixtures and helpers for the adapters' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::PathBuf;
+
+    use bytes::Bytes;
+    use futures::StreamExt;
+
+    use super::{
+        Completion, ProviderError, ProviderEvent,
+        http::{self, BodyLimits, CallContext, Decoder},
+    };
+
+    /// `../shared/wire`, beside the repository (as in CI, where `shared/` is cloned next to it).
+    pub fn wire_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/wire")
+    }
+
+    pub fn wire(name: &str) -> Vec<u8> {
+        let path = wire_dir().join(name);
+        std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "wire fixture {} is missing ({e}): the fixtures live in shared/wire, \
+                 which must be checked out beside this repository",
+                path.display()
+            )
+        })
+    }
+
+    pub fn ctx(family: &'static str) -> CallContext {
+        CallContext {
+            family,
+            secret: "test-secret-key-123".into(),
+            limits: BodyLimits::default(),
+        }
+    }
+
+    /// The same bytes cut in several ways: whole, one byte per read (which splits every line,
+    /// CRLF pair and multi-byte character), and in odd-sized pieces.
+    pub fn splits(body: &[u8]) -> Vec<Vec<Bytes>> {
+        let pieces = |n: usize| body.chunks(n).map(Bytes::copy_from_slice).collect();
+        vec![
+            vec![Bytes::copy_from_slice(body)],
+            pieces(1),
+            pieces(2),
+            pieces(7),
+            pieces(61),
+        ]
+    }
+
+    /// Decodes `body` under every split; each result is the text and completion, or the
+    /// error. All splits must agree, which is checked here.
+    pub fn decode_fixture<D: Decoder>(
+        family: &'static str,
+        body: &[u8],
+        make: impl Fn() -> D,
+    ) -> Vec<Result<(String, Completion), ProviderError>> {
+        let results: Vec<_> = splits(body)
+            .into_iter()
+            .map(|chunks| {
+                let items = chunks.into_iter().map(Ok::<_, reqwest::Error>);
+                let stream =
+                    http::decode(ctx(family), futures::stream::iter(items).boxed(), make());
+                let events: Vec<_> = futures::executor::block_on(stream.collect());
+                let mut text = String::new();
+                for (i, event) in events.iter().enumerate() {
+                    let last = i + 1 == events.len();
+                    match event {
+                        Ok(ProviderEvent::Delta(t)) => text.push_str(t),
+                        Ok(ProviderEvent::Finished(c)) if last => return Ok((text, c.clone())),
+                        Err(e) if last => return Err(e.clone()),
+                        other => panic!("{other:?} before the end"),
+                    }
+                }
+                panic!("stream ended with neither a finish nor an error")
+            })
+            .collect();
+        let shown: Vec<String> = results
+            .iter()
+            .map(|r| match r {
+                Ok((t, c)) => format!("{t:?} {c:?}"),
+                Err(e) => format!("{:?} {} {}", e.error_type, e.retryable, e.message),
+            })
+            .collect();
+        assert!(
+            shown.windows(2).all(|w| w[0] == w[1]),
+            "splits disagree: {shown:#?}"
+        );
+        results
+    }
 }

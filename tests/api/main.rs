@@ -18,6 +18,8 @@ mod helpers;
 mod metrics;
 mod process;
 mod protection;
+mod real_providers;
 mod resume;
 mod stream;
+mod upstream;
 mod validation;

@@ -1,0 +1,300 @@
+//! Anthropic Messages: `POST {base}/v1/messages` with `stream: true`, `x-api-key` and
+//! `anthropic-version: 2023-06-01`.
+//!
+//! Every event is named, and its data's `type` repeats the name: `message_start` (model and
+//! input usage), content blocks with `text_delta`s, `message_delta` (stop reason, cumulative
+//! usage), `message_stop` (the end). `ping` and unknown events are ignored, as the API asks.
+//! `error` may come mid-stream, after which the connection closes with no `message_stop`.
+
+use std::sync::Arc;
+
+use eventsource_stream::Event;
+use reqwest::header::HeaderValue;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    Completion, ModelRequest, Provider, ProviderError, ProviderStream, Usage,
+    http::{self, CallContext, Decoder, Fault, Step},
+};
+
+/// Anthropic requires `max_tokens`; this is room for a long answer from every current model.
+pub const MAX_TOKENS: u32 = 4096;
+pub const API_VERSION: &str = "2023-06-01";
+
+pub struct Anthropic {
+    model: String,
+    url: reqwest::Url,
+    key: HeaderValue,
+    client: reqwest::Client,
+    ctx: CallContext,
+}
+
+impl Anthropic {
+    pub fn new(
+        client: reqwest::Client,
+        base_url: &str,
+        model: &str,
+        key: &str,
+        limits: http::BodyLimits,
+    ) -> Result<Self, String> {
+        let url = reqwest::Url::parse(&format!("{base_url}/v1/messages"))
+            .map_err(|e| format!("base URL does not make a valid URL: {e}"))?;
+        Ok(Anthropic {
+            key: super::sensitive_header(key)?,
+            ctx: CallContext {
+                family: "anthropic",
+                secret: Arc::from(key),
+                limits,
+            },
+            model: model.to_owned(),
+            url,
+            client,
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<&'a str>,
+    messages: [Message<'a>; 1],
+    stream: bool,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+impl Provider for Anthropic {
+    fn provider_name(&self) -> &str {
+        "anthropic"
+    }
+
+    fn model_name(&self) -> &str {
+        &self.model
+    }
+
+    fn stream(&self, request: &ModelRequest) -> ProviderStream {
+        let body = Body {
+            model: &self.model,
+            max_tokens: MAX_TOKENS,
+            system: request.system.as_deref(),
+            messages: [Message {
+                role: "user",
+                content: &request.query,
+            }],
+            stream: true,
+        };
+        let builder = self
+            .client
+            .post(self.url.clone())
+            .header("x-api-key", self.key.clone())
+            .header("anthropic-version", API_VERSION)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .json(&body);
+        http::call(self.ctx.clone(), builder, AnthropicDecoder::default())
+    }
+}
+
+#[derive(Default)]
+pub struct AnthropicDecoder {
+    usage: Usage,
+    stop_reason: Option<String>,
+    model_version: Option<String>,
+}
+
+impl AnthropicDecoder {
+    /// Usage is cumulative: later counts replace earlier ones, missing ones keep theirs.
+    fn add_usage(&mut self, usage: Option<&Value>) {
+        let Some(u) = usage else { return };
+        if let Some(n) = u.get("input_tokens").and_then(Value::as_u64) {
+            self.usage.input_tokens = Some(n);
+        }
+        if let Some(n) = u.get("output_tokens").and_then(Value::as_u64) {
+            self.usage.output_tokens = Some(n);
+        }
+    }
+}
+
+impl Decoder for AnthropicDecoder {
+    fn event(&mut self, ctx: &CallContext, event: &Event) -> Result<Step, ProviderError> {
+        let v = http::json(ctx, &event.data)?;
+        let kind = v
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or(&event.event);
+        match kind {
+            "message_start" => {
+                let message = v.get("message");
+                self.model_version = message
+                    .and_then(|m| m.get("model"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                self.add_usage(message.and_then(|m| m.get("usage")));
+                Ok(Step::Continue)
+            }
+            "content_block_delta" => {
+                let delta = v.get("delta");
+                let is_text =
+                    delta.and_then(|d| d.get("type")).and_then(Value::as_str) == Some("text_delta");
+                let text = delta
+                    .and_then(|d| d.get("text"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                // Thinking, signatures and tool-input deltas are not answer text.
+                Ok(if is_text && !text.is_empty() {
+                    Step::Delta(text.to_owned())
+                } else {
+                    Step::Continue
+                })
+            }
+            "message_delta" => {
+                if let Some(reason) = v.pointer("/delta/stop_reason").and_then(Value::as_str) {
+                    self.stop_reason = Some(reason.to_owned());
+                }
+                self.add_usage(v.get("usage"));
+                Ok(Step::Continue)
+            }
+            "message_stop" => {
+                if self.stop_reason.is_none() {
+                    return Ok(Step::Ended);
+                }
+                Ok(Step::Finish {
+                    delta: None,
+                    completion: Completion {
+                        finish_reason: self.stop_reason.clone(),
+                        usage: self.usage,
+                        model_version: self.model_version.clone(),
+                    },
+                })
+            }
+            "error" => {
+                let fault = Fault::from_value(&v).unwrap_or_default();
+                Err(http::classify_midstream(ctx, &fault, &event.data))
+            }
+            // ping, content_block_start/stop and event types added after this was written.
+            _ => Ok(Step::Continue),
+        }
+    }
+
+    fn whole(
+        &mut self,
+        ctx: &CallContext,
+        body: &Value,
+    ) -> Result<(String, Completion), ProviderError> {
+        if body.get("type").and_then(Value::as_str) == Some("error") {
+            let fault = Fault::from_value(body).unwrap_or_default();
+            return Err(http::classify_midstream(ctx, &fault, &body.to_string()));
+        }
+        let Some(reason) = body.get("stop_reason").and_then(Value::as_str) else {
+            return Err(http::malformed(
+                ctx,
+                "a message without a stop reason",
+                &body.to_string(),
+            ));
+        };
+        let text: String = body
+            .get("content")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|b| b.get("text").and_then(Value::as_str))
+            .collect();
+        self.add_usage(body.get("usage"));
+        Ok((
+            text,
+            Completion {
+                finish_reason: Some(reason.to_owned()),
+                usage: self.usage,
+                model_version: body.get("model").and_then(Value::as_str).map(str::to_owned),
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::{
+        ErrorType,
+        testing::{ctx, decode_fixture, wire},
+    };
+
+    const HAIKU: &str = "Gray waves fold to foam\u{2014}\nsalt wind combs the restless tide,\nthe moon keeps its count.";
+
+    #[test]
+    fn stream_ok_at_every_split() {
+        for out in decode_fixture(
+            "anthropic",
+            &wire("anthropic_stream_ok.sse"),
+            AnthropicDecoder::default,
+        ) {
+            let (text, c) = out.unwrap();
+            assert_eq!(text, HAIKU);
+            assert_eq!(c.finish_reason.as_deref(), Some("end_turn"));
+            assert_eq!(
+                c.model_version.as_deref(),
+                Some("claude-sonnet-4-5-20250929")
+            );
+            assert_eq!(
+                c.usage,
+                Usage {
+                    input_tokens: Some(21),
+                    output_tokens: Some(22)
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn midstream_error_is_retryable_overload() {
+        for out in decode_fixture(
+            "anthropic",
+            &wire("anthropic_stream_midstream_error.sse"),
+            AnthropicDecoder::default,
+        ) {
+            let e = out.unwrap_err();
+            assert_eq!(
+                (e.error_type, e.retryable),
+                (ErrorType::ProviderError, true)
+            );
+            assert_eq!(
+                e.message,
+                "anthropic reported an error mid-answer (overloaded_error)"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_events_are_ignored_and_eof_before_stop_is_truncated() {
+        let body = String::from_utf8(wire("anthropic_stream_ok.sse")).unwrap();
+        let extra = body.replacen(
+            "event: ping\n",
+            "event: brand_new_thing\ndata: {\"type\":\"brand_new_thing\",\"x\":1}\n\nevent: ping\n",
+            1,
+        );
+        for out in decode_fixture("anthropic", extra.as_bytes(), AnthropicDecoder::default) {
+            assert_eq!(out.unwrap().0, HAIKU);
+        }
+        let cut = body.split("event: message_stop").next().unwrap();
+        for out in decode_fixture("anthropic", cut.as_bytes(), AnthropicDecoder::default) {
+            assert_eq!(out.unwrap_err().error_type, ErrorType::InvalidResponse);
+        }
+    }
+
+    #[test]
+    fn whole_body() {
+        let body: Value = serde_json::from_slice(&wire("anthropic_message_ok.json")).unwrap();
+        let (text, c) = AnthropicDecoder::default()
+            .whole(&ctx("anthropic"), &body)
+            .unwrap();
+        assert_eq!(text, HAIKU);
+        assert_eq!(c.usage.output_tokens, Some(22));
+    }
+}

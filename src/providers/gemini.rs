@@ -1,0 +1,334 @@
+//! Google Gemini: `POST {base}/models/{model}:streamGenerateContent?alt=sse` with
+//! `x-goog-api-key`.
+//!
+//! The stream is `data: <GenerateContentResponse>` events (CRLF on the real API) with no
+//! terminator: the chunk carrying `candidates[0].finishReason` is the last, so the call
+//! finishes there. `usageMetadata` is cumulative on every chunk, so the last one seen counts.
+//! Thought parts (`"thought": true`) are not answer text. A blocked prompt is a 200 with
+//! `promptFeedback.blockReason` and no candidates. Errors come as `data: {"error": ...}` or,
+//! on Vertex, as raw JSON after the events, which only the stray-line capture of
+//! [`http::Bounded`] sees.
+
+use std::sync::Arc;
+
+use eventsource_stream::Event;
+use reqwest::header::HeaderValue;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    Completion, ErrorType, ModelRequest, Provider, ProviderError, ProviderStream, Usage,
+    http::{self, CallContext, Decoder, Fault, Step},
+};
+
+pub struct Gemini {
+    model: String,
+    url: reqwest::Url,
+    key: HeaderValue,
+    client: reqwest::Client,
+    ctx: CallContext,
+}
+
+impl Gemini {
+    pub fn new(
+        client: reqwest::Client,
+        base_url: &str,
+        model: &str,
+        key: &str,
+        limits: http::BodyLimits,
+    ) -> Result<Self, String> {
+        let model = model.trim_start_matches("models/").to_owned();
+        let url = reqwest::Url::parse(&format!(
+            "{base_url}/models/{model}:streamGenerateContent?alt=sse"
+        ))
+        .map_err(|e| format!("base URL does not make a valid URL: {e}"))?;
+        Ok(Gemini {
+            key: super::sensitive_header(key)?,
+            ctx: CallContext {
+                family: "gemini",
+                secret: Arc::from(key),
+                limits,
+            },
+            model,
+            url,
+            client,
+        })
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_instruction: Option<Content<'a>>,
+    contents: [Content<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct Content<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'a str>,
+    parts: [Part<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct Part<'a> {
+    text: &'a str,
+}
+
+impl Provider for Gemini {
+    fn provider_name(&self) -> &str {
+        "gemini"
+    }
+
+    fn model_name(&self) -> &str {
+        &self.model
+    }
+
+    fn stream(&self, request: &ModelRequest) -> ProviderStream {
+        let body = Body {
+            system_instruction: request.system.as_deref().map(|text| Content {
+                role: None,
+                parts: [Part { text }],
+            }),
+            contents: [Content {
+                role: Some("user"),
+                parts: [Part {
+                    text: &request.query,
+                }],
+            }],
+        };
+        let builder = self
+            .client
+            .post(self.url.clone())
+            .header("x-goog-api-key", self.key.clone())
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .json(&body);
+        http::call(self.ctx.clone(), builder, GeminiDecoder::default())
+    }
+}
+
+#[derive(Default)]
+pub struct GeminiDecoder {
+    usage: Usage,
+    model_version: Option<String>,
+}
+
+impl GeminiDecoder {
+    /// Reads one `GenerateContentResponse`: its text, and its finish reason if it has one.
+    fn chunk(
+        &mut self,
+        ctx: &CallContext,
+        v: &Value,
+        raw: &str,
+    ) -> Result<(String, Option<String>), ProviderError> {
+        if let Some(fault) = v.get("error").and_then(|_| Fault::from_value(v)) {
+            return Err(http::classify_midstream(ctx, &fault, raw));
+        }
+        if let Some(meta) = v.get("usageMetadata") {
+            let get = |k: &str| meta.get(k).and_then(Value::as_u64);
+            // Thinking tokens are billed as output, as OpenAI's and Anthropic's counts include
+            // reasoning tokens.
+            let output = match (get("candidatesTokenCount"), get("thoughtsTokenCount")) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+            };
+            self.usage = Usage {
+                input_tokens: get("promptTokenCount").or(self.usage.input_tokens),
+                output_tokens: output.or(self.usage.output_tokens),
+            };
+        }
+        if let Some(version) = v.get("modelVersion").and_then(Value::as_str) {
+            if self.model_version.as_deref() != Some(version) {
+                self.model_version = Some(version.to_owned());
+            }
+        }
+        let candidate = v.get("candidates").and_then(|c| c.get(0));
+        let Some(candidate) = candidate else {
+            if let Some(reason) = v
+                .pointer("/promptFeedback/blockReason")
+                .and_then(Value::as_str)
+            {
+                let code = reason
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+                return Err(ProviderError::new(
+                    ErrorType::ProviderError,
+                    false,
+                    format!(
+                        "gemini blocked the prompt ({})",
+                        if code { reason } else { "blocked" }
+                    ),
+                )
+                .with_detail(format!("gemini blocked the prompt: {}", ctx.redact(raw))));
+            }
+            if v.is_object() {
+                return Ok((String::new(), None));
+            }
+            return Err(http::malformed(ctx, "a chunk that is not an object", raw));
+        };
+        let mut text = String::new();
+        if let Some(parts) = candidate
+            .pointer("/content/parts")
+            .and_then(Value::as_array)
+        {
+            for part in parts {
+                if part.get("thought").and_then(Value::as_bool) == Some(true) {
+                    continue;
+                }
+                if let Some(t) = part.get("text").and_then(Value::as_str) {
+                    text.push_str(t);
+                }
+            }
+        }
+        let finish = candidate
+            .get("finishReason")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Ok((text, finish))
+    }
+
+    fn completion(&self, finish_reason: String) -> Completion {
+        Completion {
+            finish_reason: Some(finish_reason),
+            usage: self.usage,
+            model_version: self.model_version.clone(),
+        }
+    }
+}
+
+impl Decoder for GeminiDecoder {
+    fn event(&mut self, ctx: &CallContext, event: &Event) -> Result<Step, ProviderError> {
+        let v = http::json(ctx, &event.data)?;
+        let (text, finish) = self.chunk(ctx, &v, &event.data)?;
+        Ok(match finish {
+            Some(reason) => Step::Finish {
+                delta: (!text.is_empty()).then_some(text),
+                completion: self.completion(reason),
+            },
+            None if text.is_empty() => Step::Continue,
+            None => Step::Delta(text),
+        })
+    }
+
+    fn whole(
+        &mut self,
+        ctx: &CallContext,
+        body: &Value,
+    ) -> Result<(String, Completion), ProviderError> {
+        // `:generateContent` gives one object; `:streamGenerateContent` without `alt=sse` one
+        // array of them.
+        let chunks = match body {
+            Value::Array(items) => items.as_slice(),
+            other => std::slice::from_ref(other),
+        };
+        let mut text = String::new();
+        let mut finish = None;
+        for chunk in chunks {
+            let (t, f) = self.chunk(ctx, chunk, &chunk.to_string())?;
+            text.push_str(&t);
+            finish = f.or(finish);
+        }
+        match finish {
+            Some(reason) => Ok((text, self.completion(reason))),
+            None => Err(http::truncated(ctx)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::testing::{decode_fixture, wire};
+
+    fn decoder() -> GeminiDecoder {
+        GeminiDecoder::default()
+    }
+
+    #[test]
+    fn stream_ok_crlf_and_lf_at_every_split() {
+        for file in ["gemini_stream_ok.sse", "gemini_stream_ok_lf.sse"] {
+            for out in decode_fixture("gemini", &wire(file), decoder) {
+                let (text, completion) = out.unwrap();
+                assert_eq!(
+                    text,
+                    "Gray waves fold to foam\u{2014}\nsalt wind combs the restless tide,\nthe moon keeps its count."
+                );
+                assert_eq!(completion.finish_reason.as_deref(), Some("STOP"));
+                assert_eq!(
+                    completion.model_version.as_deref(),
+                    Some("gemini-2.5-flash")
+                );
+                assert_eq!(completion.usage.input_tokens, Some(14));
+                assert_eq!(completion.usage.output_tokens, Some(19 + 371));
+            }
+        }
+    }
+
+    #[test]
+    fn midstream_errors_data_and_raw() {
+        for out in decode_fixture(
+            "gemini",
+            &wire("gemini_stream_midstream_error_data.sse"),
+            decoder,
+        ) {
+            let e = out.unwrap_err();
+            assert_eq!(
+                (e.error_type, e.retryable),
+                (ErrorType::ProviderError, true)
+            );
+            assert!(e.message.contains("UNAVAILABLE"), "{}", e.message);
+        }
+        for out in decode_fixture(
+            "gemini",
+            &wire("gemini_stream_midstream_error_raw.sse"),
+            decoder,
+        ) {
+            let e = out.unwrap_err();
+            assert_eq!(
+                (e.error_type, e.retryable),
+                (ErrorType::ProviderError, false)
+            );
+            assert!(e.message.contains("CANCELLED"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn thoughts_and_empty_parts_are_not_text_and_blocked_prompts_fail() {
+        let body = "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"hmm\",\"thought\": true},{\"text\": \"\",\"thoughtSignature\": \"abc\"}],\"role\": \"model\"},\"index\": 0}]}\r\n\r\n\
+                    data: {\"candidates\": [{\"content\": {\"role\": \"model\"},\"index\": 0}]}\r\n\r\n\
+                    data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"ok\"}],\"role\": \"model\"},\"finishReason\": \"STOP\",\"index\": 0}],\"modelVersion\": \"m\"}\r\n\r\n";
+        for out in decode_fixture("gemini", body.as_bytes(), decoder) {
+            assert_eq!(out.unwrap().0, "ok");
+        }
+        let blocked = "data: {\"promptFeedback\": {\"blockReason\": \"SAFETY\"},\"usageMetadata\": {\"promptTokenCount\": 9},\"modelVersion\": \"m\"}\r\n\r\n";
+        for out in decode_fixture("gemini", blocked.as_bytes(), decoder) {
+            let e = out.unwrap_err();
+            assert_eq!(
+                (e.error_type, e.retryable),
+                (ErrorType::ProviderError, false)
+            );
+            assert_eq!(e.message, "gemini blocked the prompt (SAFETY)");
+        }
+    }
+
+    #[test]
+    fn stream_without_finish_is_truncated() {
+        let body = wire("gemini_stream_ok.sse");
+        let cut = &body[..body.len() / 2];
+        for out in decode_fixture("gemini", cut, decoder) {
+            assert_eq!(out.unwrap_err().error_type, ErrorType::InvalidResponse);
+        }
+    }
+
+    #[test]
+    fn whole_body() {
+        let ctx = crate::providers::testing::ctx("gemini");
+        let body: Value = serde_json::from_slice(&wire("gemini_generate_ok.json")).unwrap();
+        let (text, c) = decoder().whole(&ctx, &body).unwrap();
+        assert!(text.starts_with("Gray waves fold to foam\u{2014}\n"));
+        assert_eq!(c.usage.output_tokens, Some(19 + 371));
+        let array = Value::Array(vec![body.clone()]);
+        assert_eq!(decoder().whole(&ctx, &array).unwrap().0, text);
+    }
+}

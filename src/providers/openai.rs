@@ -1,0 +1,354 @@
+//! OpenAI Chat Completions and every server that speaks it (vLLM, Ollama, llama.cpp,
+//! OpenRouter, ...): `POST {base}/chat/completions` with `stream: true`,
+//! `stream_options.include_usage` and `Authorization: Bearer`.
+//!
+//! The stream is `data: <chat.completion.chunk>` events ending with `data: [DONE]`. The
+//! finish reason comes on one chunk and the usage on a later one with no choices, so the call
+//! finishes as soon as it has both, without waiting for `[DONE]` (some proxies never send it).
+//! `[DONE]` with no finish reason is a truncated answer. Mid-stream errors are
+//! `data: {"error": ...}`, or an `error: {...}` line from older llama.cpp builds.
+
+use std::sync::Arc;
+
+use eventsource_stream::Event;
+use reqwest::header::HeaderValue;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    Completion, ModelRequest, Provider, ProviderError, ProviderStream, Usage,
+    http::{self, CallContext, Decoder, Fault, Step},
+};
+
+pub struct OpenAi {
+    model: String,
+    url: reqwest::Url,
+    auth: HeaderValue,
+    client: reqwest::Client,
+    ctx: CallContext,
+}
+
+impl OpenAi {
+    pub fn new(
+        client: reqwest::Client,
+        base_url: &str,
+        model: &str,
+        key: &str,
+        limits: http::BodyLimits,
+    ) -> Result<Self, String> {
+        let url = reqwest::Url::parse(&format!("{base_url}/chat/completions"))
+            .map_err(|e| format!("base URL does not make a valid URL: {e}"))?;
+        Ok(OpenAi {
+            auth: super::sensitive_header(&format!("Bearer {key}"))?,
+            ctx: CallContext {
+                family: "openai",
+                secret: Arc::from(key),
+                limits,
+            },
+            model: model.to_owned(),
+            url,
+            client,
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    messages: Vec<Message<'a>>,
+    stream: bool,
+    stream_options: StreamOptions,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+impl Provider for OpenAi {
+    fn provider_name(&self) -> &str {
+        "openai"
+    }
+
+    fn model_name(&self) -> &str {
+        &self.model
+    }
+
+    fn stream(&self, request: &ModelRequest) -> ProviderStream {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = request.system.as_deref() {
+            messages.push(Message {
+                role: "system",
+                content: system,
+            });
+        }
+        messages.push(Message {
+            role: "user",
+            content: &request.query,
+        });
+        let body = Body {
+            model: &self.model,
+            messages,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+        };
+        let builder = self
+            .client
+            .post(self.url.clone())
+            .header(reqwest::header::AUTHORIZATION, self.auth.clone())
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .json(&body);
+        http::call(self.ctx.clone(), builder, OpenAiDecoder::default())
+    }
+}
+
+#[derive(Default)]
+pub struct OpenAiDecoder {
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+    model_version: Option<String>,
+}
+
+fn usage_of(v: &Value) -> Option<Usage> {
+    let u = v.get("usage").filter(|u| u.is_object())?;
+    Some(Usage {
+        input_tokens: u.get("prompt_tokens").and_then(Value::as_u64),
+        output_tokens: u.get("completion_tokens").and_then(Value::as_u64),
+    })
+}
+
+impl OpenAiDecoder {
+    fn completion(&self) -> Completion {
+        Completion {
+            finish_reason: self.finish_reason.clone(),
+            usage: self.usage.unwrap_or_default(),
+            model_version: self.model_version.clone(),
+        }
+    }
+}
+
+impl Decoder for OpenAiDecoder {
+    fn event(&mut self, ctx: &CallContext, event: &Event) -> Result<Step, ProviderError> {
+        if event.data.trim() == "[DONE]" {
+            if self.finish_reason.is_some() {
+                // Finished without a usage chunk (a server that ignores include_usage).
+                return Ok(Step::Finish {
+                    delta: None,
+                    completion: self.completion(),
+                });
+            }
+            return Ok(Step::Ended);
+        }
+        let v = http::json(ctx, &event.data)?;
+        if let Some(fault) = v.get("error").and_then(|_| Fault::from_value(&v)) {
+            return Err(http::classify_midstream(ctx, &fault, &event.data));
+        }
+        if !v.is_object() {
+            return Err(http::malformed(
+                ctx,
+                "a chunk that is not an object",
+                &event.data,
+            ));
+        }
+        if let Some(model) = v.get("model").and_then(Value::as_str) {
+            if self.model_version.as_deref() != Some(model) {
+                self.model_version = Some(model.to_owned());
+            }
+        }
+        if let Some(usage) = usage_of(&v) {
+            self.usage = Some(usage);
+        }
+        let choice = v.get("choices").and_then(|c| c.get(0));
+        let text = choice
+            .and_then(|c| c.pointer("/delta/content"))
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
+        if let Some(reason) = choice
+            .and_then(|c| c.get("finish_reason"))
+            .and_then(Value::as_str)
+        {
+            self.finish_reason = Some(reason.to_owned());
+        }
+        if self.finish_reason.is_some() && self.usage.is_some() {
+            return Ok(Step::Finish {
+                delta: text,
+                completion: self.completion(),
+            });
+        }
+        Ok(text.map_or(Step::Continue, Step::Delta))
+    }
+
+    fn whole(
+        &mut self,
+        ctx: &CallContext,
+        body: &Value,
+    ) -> Result<(String, Completion), ProviderError> {
+        if let Some(fault) = body.get("error").and_then(|_| Fault::from_value(body)) {
+            return Err(http::classify_midstream(ctx, &fault, &body.to_string()));
+        }
+        let choice = body.pointer("/choices/0");
+        let finish = choice
+            .and_then(|c| c.get("finish_reason"))
+            .and_then(Value::as_str);
+        let (Some(choice), Some(finish)) = (choice, finish) else {
+            return Err(http::malformed(
+                ctx,
+                "a body without a finished choice",
+                &body.to_string(),
+            ));
+        };
+        let text = choice
+            .pointer("/message/content")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        Ok((
+            text.to_owned(),
+            Completion {
+                finish_reason: Some(finish.to_owned()),
+                usage: usage_of(body).unwrap_or_default(),
+                model_version: body.get("model").and_then(Value::as_str).map(str::to_owned),
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::{
+        ErrorType,
+        testing::{ctx, decode_fixture, wire},
+    };
+
+    const HAIKU: &str = "Gray waves fold to foam\u{2014}\nsalt wind combs the restless tide,\nthe moon keeps its count.";
+
+    #[test]
+    fn every_ok_variant_at_every_split() {
+        let cases = [
+            (
+                "openai_stream_ok.sse",
+                HAIKU,
+                "gpt-4.1-mini-2025-04-14",
+                (27, 20),
+            ),
+            (
+                "openai_stream_ok_2024.sse",
+                "Gray waves fold.",
+                "gpt-4.1-mini-2025-04-14",
+                (27, 4),
+            ),
+            (
+                "vllm_stream_ok.sse",
+                "Gray waves fold to foam.",
+                "Qwen/Qwen2.5-7B-Instruct",
+                (31, 6),
+            ),
+            (
+                "ollama_stream_ok.sse",
+                "Gray waves fold to foam.",
+                "llama3.2",
+                (33, 7),
+            ),
+            (
+                "llamacpp_stream_ok.sse",
+                "Gray waves fold to foam.",
+                "Qwen2.5-7B-Instruct-Q4_K_M",
+                (30, 7),
+            ),
+        ];
+        for (file, text, version, (input, output)) in cases {
+            for out in decode_fixture("openai", &wire(file), OpenAiDecoder::default) {
+                let (got, c) = out.unwrap_or_else(|e| panic!("{file}: {e:?}"));
+                assert_eq!(got, text, "{file}");
+                assert_eq!(c.finish_reason.as_deref(), Some("stop"), "{file}");
+                assert_eq!(c.model_version.as_deref(), Some(version), "{file}");
+                assert_eq!(c.usage.input_tokens, Some(input), "{file}");
+                assert_eq!(c.usage.output_tokens, Some(output), "{file}");
+            }
+        }
+    }
+
+    #[test]
+    fn finishes_without_done() {
+        let body = String::from_utf8(wire("openai_stream_ok.sse")).unwrap();
+        let cut = body.trim_end().trim_end_matches("data: [DONE]");
+        for out in decode_fixture("openai", cut.as_bytes(), OpenAiDecoder::default) {
+            assert_eq!(out.unwrap().0, HAIKU);
+        }
+    }
+
+    #[test]
+    fn midstream_errors_are_classified() {
+        let cases = [
+            (
+                "openai_stream_midstream_error.sse",
+                ErrorType::ProviderError,
+                true,
+                "server_error",
+            ),
+            (
+                "vllm_stream_midstream_error.sse",
+                ErrorType::ProviderError,
+                true,
+                "InternalServerError",
+            ),
+            (
+                "llamacpp_stream_midstream_error.sse",
+                ErrorType::ProviderError,
+                true,
+                "server_error",
+            ),
+            (
+                "llamacpp_stream_midstream_error_legacy.sse",
+                ErrorType::ProviderError,
+                false,
+                "invalid_request_error",
+            ),
+        ];
+        for (file, kind, retryable, reason) in cases {
+            for out in decode_fixture("openai", &wire(file), OpenAiDecoder::default) {
+                let e = out.unwrap_err();
+                assert_eq!((e.error_type, e.retryable), (kind, retryable), "{file}");
+                assert!(e.message.contains(reason), "{file}: {}", e.message);
+                assert!(!e.message.contains("help.openai.com"), "{}", e.message);
+            }
+        }
+    }
+
+    #[test]
+    fn done_without_finish_and_malformed_chunks_fail() {
+        let body = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Gray\"}}]}\n\ndata: [DONE]\n\n";
+        for out in decode_fixture("openai", body.as_bytes(), OpenAiDecoder::default) {
+            assert_eq!(out.unwrap_err().error_type, ErrorType::InvalidResponse);
+        }
+        let body = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Gray\"}}]}\n\ndata: {\"choices\": [\n\n";
+        for out in decode_fixture("openai", body.as_bytes(), OpenAiDecoder::default) {
+            let e = out.unwrap_err();
+            assert_eq!(
+                (e.error_type, e.retryable),
+                (ErrorType::InvalidResponse, false)
+            );
+            assert_eq!(e.message, "openai sent a malformed answer");
+        }
+    }
+
+    #[test]
+    fn whole_body() {
+        let body: Value = serde_json::from_slice(&wire("openai_chat_ok.json")).unwrap();
+        let (text, c) = OpenAiDecoder::default()
+            .whole(&ctx("openai"), &body)
+            .unwrap();
+        assert_eq!(text, HAIKU);
+        assert_eq!(c.usage.output_tokens, Some(20));
+        assert_eq!(c.model_version.as_deref(), Some("gpt-4.1-mini-2025-04-14"));
+    }
+}

@@ -1,0 +1,483 @@
+//! End to end with the real adapters: `/query/stream` against `duet mock-provider` (served
+//! in-process) and against the fixture server, for every family as Flash and as Pro; retries,
+//! deadlines and redaction through the orchestrator. Real sockets, so real time: the margins
+//! are generous and every wait is short.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use duet::{
+    audit::{MemorySink, Outcome},
+    config::Config,
+    providers::mock::{self, MockConfig},
+    server::{Parts, Server},
+};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::{helpers::*, upstream::*};
+
+/// A mock provider on a free loopback port; returns its address.
+async fn start_mock(config: MockConfig) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(mock::serve(listener, config, std::future::pending()));
+    addr
+}
+
+fn fast() -> MockConfig {
+    MockConfig {
+        ttft: Duration::from_millis(20),
+        token_interval: Duration::from_millis(2),
+        tokens: 12,
+    }
+}
+
+/// The base URL of a family on an upstream at `addr`.
+fn base(family: &str, addr: std::net::SocketAddr) -> String {
+    match family {
+        "gemini" => format!("http://{addr}/v1beta"),
+        "openai" => format!("http://{addr}/v1"),
+        _ => format!("http://{addr}"),
+    }
+}
+
+struct RealApp {
+    server: Option<Server>,
+    addr: std::net::SocketAddr,
+    sink: MemorySink,
+    client: reqwest::Client,
+}
+
+impl RealApp {
+    /// duet with both roles on real adapters, built the way `duet serve` builds them.
+    async fn start(vars: &[(&str, String)]) -> RealApp {
+        let mut map: HashMap<&str, &str> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        map.entry("BIND_ADDR").or_insert("127.0.0.1:0");
+        map.entry("LOG_FORMAT").or_insert("pretty");
+        let config = Config::from_source(&map).unwrap();
+        let sink = MemorySink::new();
+        let parts = Parts::from_config(config, Arc::new(sink.clone())).unwrap();
+        let server = Server::start(parts).await.unwrap();
+        RealApp {
+            addr: server.addr,
+            server: Some(server),
+            sink,
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    async fn stream(&self, body: Value) -> Vec<Ev> {
+        let resp = self
+            .client
+            .post(format!("http://{}/query/stream", self.addr))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let events = read_events(resp).await;
+        check_invariants(&events);
+        events
+    }
+
+    async fn records(&self) -> Vec<duet::audit::RunRecord> {
+        for _ in 0..500 {
+            let r = self.sink.records();
+            if !r.is_empty() {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no record");
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await.unwrap();
+        }
+    }
+}
+
+fn role_vars(
+    role: &str,
+    family: &str,
+    base: String,
+    extra: &[(&'static str, &str)],
+) -> Vec<(&'static str, String)> {
+    let up = if role == "flash" { "FLASH" } else { "PRO" };
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let mut v = vec![
+        (leak(format!("{up}_PROVIDER")), family.to_owned()),
+        (leak(format!("{up}_BASE_URL")), base),
+        (leak(format!("{up}_API_KEY")), KEY.to_owned()),
+    ];
+    v.extend(extra.iter().map(|(k, val)| (*k, (*val).to_owned())));
+    v
+}
+
+#[tokio::test]
+async fn every_family_as_flash_and_as_pro_through_query_stream() {
+    let mock = start_mock(fast()).await;
+    for family in ["gemini", "openai", "anthropic"] {
+        for (role, other) in [("flash", "pro"), ("pro", "flash")] {
+            let mut vars = role_vars(role, family, base(family, mock), &[]);
+            // The other role is the simulated one, slowed so that Pro is the last to end.
+            let sim = if other == "pro" {
+                [
+                    ("SIMULATED_PRO_TTFT_S", "0.3"),
+                    ("SIMULATED_PRO_TOKEN_S", "0.001"),
+                ]
+            } else {
+                [
+                    ("SIMULATED_FLASH_TTFT_S", "0.01"),
+                    ("SIMULATED_FLASH_TOKEN_S", "0.001"),
+                ]
+            };
+            vars.extend(sim.map(|(k, v)| (k, v.to_owned())));
+            let app = RealApp::start(&vars).await;
+            let events = app
+                .stream(json!({"query": "write a haiku", "system": "be brief", "deltas": true}))
+                .await;
+            let answer = events
+                .iter()
+                .find(|e| e.event == role)
+                .unwrap_or_else(|| panic!("{family} {role}: {:?}", names(&events)));
+            let d = &answer.data;
+            assert_eq!(d["provider"], family, "{family} {role}");
+            assert_eq!(d["text"], mock::answer_text(12), "{family} {role}");
+            assert_eq!(
+                d["model_version"], d["model_name"],
+                "the mock echoes the model"
+            );
+            assert_eq!(d["usage"]["output_tokens"], 12);
+            assert!(d["usage"]["input_tokens"].as_u64().unwrap() > 0);
+            assert!(d["ttft_ms"].as_u64().unwrap() >= 15, "{d}");
+            let deltas: String = events
+                .iter()
+                .filter(|e| e.event == "delta" && e.data["model"] == role)
+                .map(|e| e.data["text"].as_str().unwrap())
+                .collect();
+            assert_eq!(deltas, mock::answer_text(12));
+            assert_eq!(done(&events)["status"], "ok", "{family} {role}");
+            let record = &app.records().await[0];
+            let trace = if role == "flash" {
+                &record.flash
+            } else {
+                &record.pro
+            };
+            assert_eq!(trace.outcome, Outcome::Ok);
+            assert_eq!(trace.output_tokens, Some(12));
+            assert!(trace.finish_reason.is_some());
+            app.stop().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn retryable_failure_before_first_token_is_retried() {
+    // 503, then the real stream: the client sees one clean answer.
+    let server = FixtureServer::start(vec![
+        status(503, wire("gemini_error_503.json")),
+        sse(wire("gemini_stream_ok.sse")),
+    ])
+    .await;
+    let mut vars = role_vars("pro", "gemini", base("gemini", server.addr), &[]);
+    vars.push(("SIMULATED_FLASH_TTFT_S", "0.01".into()));
+    let app = RealApp::start(&vars).await;
+    let events = app.stream(json!({"query": "q"})).await;
+    // The replayed answer is instant, so Pro may end before Flash (which is then skipped).
+    assert_eq!(done(&events)["pro"], "ok");
+    assert!(!names(&events).contains(&"error"));
+    assert_eq!(server.requests().len(), 2);
+    app.stop().await;
+
+    // A Retry-After that fits the deadline is honoured.
+    let server = FixtureServer::start(vec![
+        with_header(
+            status(429, wire("openai_error_429.json")),
+            "retry-after",
+            "0.3",
+        ),
+        sse(wire("openai_stream_ok.sse")),
+    ])
+    .await;
+    let mut vars = role_vars("pro", "openai", base("openai", server.addr), &[]);
+    vars.push(("SIMULATED_FLASH_TTFT_S", "0.01".into()));
+    let app = RealApp::start(&vars).await;
+    let started = Instant::now();
+    let events = app.stream(json!({"query": "q"})).await;
+    assert_eq!(done(&events)["pro"], "ok");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(server.requests().len(), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn no_retry_after_first_token_nor_past_the_deadline() {
+    // A retryable mid-stream error after text was relayed: not retried.
+    let server =
+        FixtureServer::start(vec![sse(wire("anthropic_stream_midstream_error.sse"))]).await;
+    let mut vars = role_vars("pro", "anthropic", base("anthropic", server.addr), &[]);
+    vars.push(("SIMULATED_FLASH_TTFT_S", "0.01".into()));
+    let app = RealApp::start(&vars).await;
+    let events = app.stream(json!({"query": "q", "deltas": true})).await;
+    let err = events.iter().find(|e| e.event == "error").unwrap();
+    assert_eq!(err.data["model"], "pro");
+    assert_eq!(err.data["error_type"], "provider_error");
+    assert_eq!(err.data["retryable"], true);
+    assert_eq!(server.requests().len(), 1);
+    assert_eq!(done(&events)["status"], "partial");
+    let record = &app.records().await[0];
+    assert_eq!(
+        record.pro.text, "Gray waves fold to foam",
+        "partial text is kept"
+    );
+    app.stop().await;
+
+    // Gemini asks for 41 s; Flash has 1 s: one attempt, the real error, well within the deadline.
+    let server = FixtureServer::start(vec![status(429, wire("gemini_error_429.json"))]).await;
+    let vars = role_vars(
+        "flash",
+        "gemini",
+        base("gemini", server.addr),
+        &[("FLASH_TIMEOUT_S", "1"), ("SIMULATED_PRO_TTFT_S", "0.01")],
+    );
+    let app = RealApp::start(&vars).await;
+    let events = app.stream(json!({"query": "q"})).await;
+    let record = &app.records().await[0];
+    assert!(record.flash.latency_ms < 900, "{}", record.flash.latency_ms);
+    let err = events.iter().find(|e| e.event == "error").unwrap();
+    assert_eq!(err.data["error_type"], "rate_limited");
+    assert_eq!(server.requests().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn silent_stalled_and_endless_upstreams_end_at_their_deadlines() {
+    let mock = start_mock(fast()).await;
+    let cases = [
+        // Never a byte: the total deadline.
+        (
+            "[[mock:hang]]",
+            vec![("FLASH_TIMEOUT_S", "0.5")],
+            "total",
+            0.5,
+        ),
+        // Slow first token: the first-token deadline.
+        (
+            "[[mock:ttft_ms=3000]]",
+            vec![("FLASH_TTFT_TIMEOUT_S", "0.3")],
+            "first_token",
+            0.3,
+        ),
+        // Two tokens, then silence: the stall deadline.
+        (
+            "[[mock:stall_after=2]]",
+            vec![("STALL_TIMEOUT_S", "0.3")],
+            "stall",
+            0.3,
+        ),
+        // Tokens for ever: the total deadline.
+        (
+            "[[mock:endless,token_ms=1]]",
+            vec![("FLASH_TIMEOUT_S", "0.6")],
+            "total",
+            0.6,
+        ),
+    ];
+    // The cases run at once: each has its own server, and the deadlines are what is measured.
+    let runs = cases
+        .into_iter()
+        .map(|(directive, extra, kind, deadline)| async move {
+            let mut extra = extra;
+            extra.push(("SIMULATED_PRO_TTFT_S", "1.5"));
+            extra.push(("SIMULATED_PRO_TOKEN_S", "0.001"));
+            let vars = role_vars("flash", "openai", base("openai", mock), &extra);
+            let app = RealApp::start(&vars).await;
+            let started = Instant::now();
+            let resp_events = app.stream(json!({"query": format!("q {directive}")})).await;
+            let err = resp_events
+                .iter()
+                .find(|e| e.event == "error")
+                .unwrap_or_else(|| panic!("{directive}: {:?}", names(&resp_events)));
+            assert_eq!(err.data["error_type"], "timeout", "{directive}");
+            let record = &app.records().await[0];
+            assert_eq!(record.flash.outcome, Outcome::Timeout, "{directive}");
+            let msg = record.flash.error_message.as_deref().unwrap();
+            assert!(
+                msg.ends_with(&format!("[deadline: {kind}]")),
+                "{directive}: {msg}"
+            );
+            // The flash error event came at its deadline, not later: it precedes Pro's answer,
+            // which takes 1.5 s.
+            assert!(
+                names(&resp_events).iter().position(|n| *n == "error")
+                    < names(&resp_events).iter().position(|n| *n == "pro"),
+                "{directive}"
+            );
+            assert!(record.flash.latency_ms as f64 >= deadline * 1000.0 - 1.0);
+            assert!(
+                (record.flash.latency_ms as f64) < deadline * 1000.0 + 400.0,
+                "{directive}: {} ms",
+                record.flash.latency_ms
+            );
+            assert!(started.elapsed() < Duration::from_secs(5));
+            app.stop().await;
+        });
+    futures::future::join_all(runs).await;
+}
+
+#[tokio::test]
+async fn mock_faults_are_classified_end_to_end() {
+    let mock = start_mock(fast()).await;
+    let cases = [
+        ("gemini", "[[mock:status=400]]", "provider_error", false),
+        ("openai", "[[mock:malformed]]", "invalid_response", false),
+        ("anthropic", "[[mock:truncate]]", "invalid_response", false),
+        ("gemini", "[[mock:midstream-error]]", "provider_error", true),
+        ("anthropic", "[[mock:status=529]]", "provider_error", true),
+        (
+            "openai",
+            "[[mock:status=429,retry_after=30]]",
+            "rate_limited",
+            true,
+        ),
+    ];
+    for (family, directive, error_type, retryable) in cases {
+        let vars = role_vars(
+            "pro",
+            family,
+            base(family, mock),
+            &[("PRO_TIMEOUT_S", "2"), ("SIMULATED_FLASH_TTFT_S", "0.01")],
+        );
+        let app = RealApp::start(&vars).await;
+        let events = app.stream(json!({"query": format!("q {directive}")})).await;
+        let err = events
+            .iter()
+            .find(|e| e.event == "error")
+            .unwrap_or_else(|| panic!("{family} {directive}: {:?}", names(&events)));
+        assert_eq!(err.data["error_type"], error_type, "{family} {directive}");
+        assert_eq!(err.data["retryable"], retryable, "{family} {directive}");
+        assert_eq!(done(&events)["status"], "partial");
+        app.stop().await;
+    }
+    // no-done: finished at once all the same.
+    let vars = role_vars(
+        "pro",
+        "openai",
+        base("openai", mock),
+        &[("SIMULATED_FLASH_TTFT_S", "0.01")],
+    );
+    let app = RealApp::start(&vars).await;
+    let events = app.stream(json!({"query": "[[mock:no-done]]"})).await;
+    assert_eq!(done(&events)["status"], "ok");
+    app.stop().await;
+}
+
+/// A log writer the test can read back.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_planted_key_appears_in_no_event_record_or_log() {
+    // The upstream echoes the key in its error body, as OpenAI does for a bad key.
+    let echo = format!(
+        "{{\"error\":{{\"message\":\"Incorrect API key provided: {KEY}. You can find your API key at https://platform.openai.com/account/api-keys.\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"invalid_api_key\"}}}}"
+    );
+    let mid = format!(
+        "data: {{\"error\":{{\"message\":\"key {KEY} revoked\",\"type\":\"server_error\"}}}}\n\n"
+    );
+    let flash_up = FixtureServer::start(vec![status(401, echo.into_bytes())]).await;
+    let pro_up = FixtureServer::start(vec![sse(mid.into_bytes())]).await;
+    let logs = Capture::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("debug")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut vars = role_vars("flash", "openai", base("openai", flash_up.addr), &[]);
+    vars.extend(role_vars("pro", "openai", base("openai", pro_up.addr), &[]));
+    let app = RealApp::start(&vars).await;
+    let resp = app
+        .client
+        .post(format!("http://{}/query/stream", app.addr))
+        .json(&json!({"query": "q", "deltas": true}))
+        .send()
+        .await
+        .unwrap();
+    let raw = resp.text().await.unwrap();
+    let records = app.records().await;
+    app.stop().await;
+
+    assert!(raw.contains("invalid_api_key"), "{raw}");
+    assert!(!raw.contains(KEY), "events: {raw}");
+    assert!(
+        !raw.contains("127.0.0.1"),
+        "no internal address in events: {raw}"
+    );
+    let record = serde_json::to_string(&records[0]).unwrap();
+    assert!(!record.contains(KEY), "record: {record}");
+    assert!(
+        record.contains("[redacted]"),
+        "the detail is kept, redacted: {record}"
+    );
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("model failed"), "logs captured: {logs}");
+    assert!(!logs.contains(KEY), "logs: {logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mock_serves_a_thousand_concurrent_streams() {
+    let mock = start_mock(MockConfig {
+        ttft: Duration::from_millis(50),
+        token_interval: Duration::from_millis(20),
+        tokens: 10,
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let calls = (0..1000).map(|_| {
+        let client = client.clone();
+        async move {
+            let body = client
+                .post(format!("http://{mock}/v1/chat/completions"))
+                .json(&json!({"model": "m", "stream": true}))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(body.ends_with("data: [DONE]\n\n"));
+        }
+    });
+    futures::future::join_all(calls).await;
+    // Each stream takes 0.23 s of pacing; all of them together should take little more.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -847,6 +847,7 @@ impl Drop for RunGuard {
             service_version: crate::SERVICE_VERSION.to_owned(),
             flash: trace(&self.flash_ref, flash),
             pro: trace(&self.pro_ref, pro),
+            events: self.emitter.log.without_deltas(),
         };
         if let Some(tx) = self.record_tx.take() {
             let _ = tx.send(record.clone());

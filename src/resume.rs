@@ -68,6 +68,18 @@ impl RunLog {
         )
     }
 
+    /// Every event but the deltas, as one SSE text: what the audit record keeps so that a
+    /// reconnect can be answered after the run has left memory.
+    pub fn without_deltas(&self) -> String {
+        let frames = self.lock();
+        let mut text = String::with_capacity(frames.iter().map(Bytes::len).sum());
+        for frame in frames.iter().filter(|f| !f.starts_with(b"event: delta\n")) {
+            // Frames are built from `str` by `sse::encode`, so they are valid UTF-8.
+            text.push_str(&String::from_utf8_lossy(frame));
+        }
+        text
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<(usize, bool)> {
         self.progress.subscribe()
     }
@@ -137,6 +149,22 @@ impl Registry {
     pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 }
 
+/// The frames of a stored run's events (see [`RunLog::without_deltas`]) whose seq is after
+/// `after`, in order.
+pub fn stored_frames_after(events: &str, after: u32) -> Vec<Bytes> {
+    events
+        .split_inclusive("\n\n")
+        .filter(|frame| {
+            frame
+                .lines()
+                .find_map(|l| l.strip_prefix("id: "))
+                .and_then(parse_last_event_id)
+                .is_some_and(|(_, seq)| seq > after)
+        })
+        .map(|frame| Bytes::copy_from_slice(frame.as_bytes()))
+        .collect()
+}
+
 /// `Last-Event-ID` as `{run_id}:{seq}`.
 pub fn parse_last_event_id(value: &str) -> Option<(Uuid, u32)> {
     let (id, seq) = value.trim().rsplit_once(':')?;
@@ -187,6 +215,28 @@ mod tests {
         assert_eq!(parse_last_event_id("nope:1"), None);
         assert_eq!(parse_last_event_id(&format!("{id}")), None);
         assert_eq!(parse_last_event_id(&format!("{id}:-1")), None);
+    }
+
+    #[test]
+    fn stored_frames_are_cut_after_seq() {
+        let events = "event: start\nid: 0192d5c4-0000-7000-8000-000000000000:0\ndata: {}\n\n\
+                      event: flash\nid: 0192d5c4-0000-7000-8000-000000000000:4\ndata: {}\n\n\
+                      event: done\nid: 0192d5c4-0000-7000-8000-000000000000:9\ndata: {}\n\n";
+        let after = |seq| {
+            stored_frames_after(events, seq)
+                .iter()
+                .map(|f| {
+                    String::from_utf8_lossy(f)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_owned()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(after(0), ["event: flash", "event: done"]);
+        assert_eq!(after(4), ["event: done"]);
+        assert!(after(9).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -30,7 +30,7 @@ use crate::{
     config::Config,
     metrics::Metrics,
     orchestrator::{AtCapacity, CHANNEL_CAPACITY, Orchestrator, RunHandle, RunRequest},
-    resume::{follow, parse_last_event_id},
+    resume::{follow, parse_last_event_id, stored_frames_after},
     sse::{self, EventBody},
 };
 
@@ -137,7 +137,7 @@ async fn stream_post(State(state): State<AppState>, request: Request) -> Respons
     let result = async {
         let (parts, body) = request.into_parts();
         if let Some(last) = parts.headers.get(LAST_EVENT_ID) {
-            return resume(&state, last);
+            return resume(&state, last).await;
         }
         let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
         start_stream(&state, &parts.headers, params)
@@ -152,7 +152,7 @@ async fn stream_get(
     RawQuery(query): RawQuery,
 ) -> Response {
     let result = match headers.get(LAST_EVENT_ID) {
-        Some(last) => resume(&state, last),
+        Some(last) => resume(&state, last).await,
         None => parse_get(query.as_deref(), state.config.max_query_bytes)
             .and_then(|params| start_stream(&state, &headers, params)),
     };
@@ -232,7 +232,7 @@ fn event_stream(
 
 /// A reconnect: the events after `seq` of the same run, never a new run. 204 when the run
 /// has ended and nothing is left, which tells an `EventSource` to stop reconnecting.
-fn resume(state: &AppState, last_event_id: &HeaderValue) -> Result<Response, ApiError> {
+async fn resume(state: &AppState, last_event_id: &HeaderValue) -> Result<Response, ApiError> {
     let (run_id, seq) = last_event_id
         .to_str()
         .ok()
@@ -241,9 +241,7 @@ fn resume(state: &AppState, last_event_id: &HeaderValue) -> Result<Response, Api
             ApiError::BadRequest("Last-Event-ID must be {run_id}:{seq} as sent by duet".into())
         })?;
     let Some(log) = state.orchestrator.registry().get(&run_id) else {
-        return Err(ApiError::NotFound(
-            "no run with that id can be resumed here".into(),
-        ));
+        return resume_from_store(state, run_id, seq).await;
     };
     let from = seq as usize + 1;
     let (rest, ended) = log.frames_from(from);
@@ -254,6 +252,38 @@ fn resume(state: &AppState, last_event_id: &HeaderValue) -> Result<Response, Api
     }
     let events = follow(log, from, CHANNEL_CAPACITY, state.orchestrator.tracker());
     Ok(event_stream(state, events, run_id, None))
+}
+
+/// A run that has left this process's memory (or ran on another replica): replay its stored
+/// events after `seq`. The deltas are not stored; the answer events carry the whole texts.
+async fn resume_from_store(
+    state: &AppState,
+    run_id: uuid::Uuid,
+    seq: u32,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::NotFound("no run with that id can be resumed here".into());
+    let store = state.store.as_ref().ok_or_else(not_found)?;
+    let record = store
+        .fetch(run_id)
+        .await
+        .map_err(|e| ApiError::Internal(format!("reading run {run_id} to resume it: {e}")))?
+        .ok_or_else(not_found)?;
+    if record.events.is_empty() {
+        return Err(not_found());
+    }
+    let frames = stored_frames_after(&record.events, seq);
+    if frames.is_empty() {
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        insert_ids(response.headers_mut(), run_id, None);
+        return Ok(response);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(frames.len());
+    for frame in frames {
+        // The channel was made to hold them all.
+        let _ = tx.try_send(frame);
+    }
+    drop(tx);
+    Ok(event_stream(state, rx, run_id, None))
 }
 
 /// How long a browser waits before reconnecting a dropped stream (the `retry:` field).

@@ -134,6 +134,11 @@ pub struct RunRecord {
     pub service_version: String,
     pub flash: ModelTrace,
     pub pro: ModelTrace,
+    /// The events the client was sent, as SSE text without the deltas (`start`, the answers,
+    /// errors, `done`, each with its original `id`): what a reconnect replays once the run
+    /// has left memory. Empty in records written before this was kept.
+    #[serde(default)]
+    pub events: String,
 }
 
 /// Where finished runs go. `submit` must return at once, whatever the backend is doing.

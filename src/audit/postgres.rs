@@ -16,9 +16,9 @@ use super::{
 
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
-                       service_version)
+                       service_version, events)
 SELECT * FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
-                     $6::text[], $7::int8[], $8::text[])
+                     $6::text[], $7::int8[], $8::text[], $9::text[])
 ON CONFLICT (run_id) DO NOTHING";
 
 const INSERT_TRACES: &str = "\
@@ -55,6 +55,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
     let mut statuses = Vec::with_capacity(n);
     let mut totals = Vec::with_capacity(n);
     let mut versions = Vec::with_capacity(n);
+    let mut events = Vec::with_capacity(n);
     for r in records {
         run_ids.push(r.run_id.to_string());
         client_ids.push(opt_text(r.client_request_id.as_deref()));
@@ -64,6 +65,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
         statuses.push(r.status.as_str());
         totals.push(to_db(r.total_ms));
         versions.push(text(&r.service_version));
+        events.push(text(&r.events));
     }
 
     let mut t = Traces::with_capacity(2 * n);
@@ -82,6 +84,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
         .bind(&statuses)
         .bind(&totals)
         .bind(&versions)
+        .bind(&events)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -158,8 +161,8 @@ impl Traces {
 pub(super) async fn fetch(pool: &PgPool, run_id: Uuid) -> Result<Option<RunRecord>> {
     let id = run_id.to_string();
     let Some(run) = sqlx::query(
-        "SELECT client_request_id, created_at, query, system, status, total_ms, service_version \
-         FROM dual_runs WHERE run_id = $1::text::uuid",
+        "SELECT client_request_id, created_at, query, system, status, total_ms, service_version, \
+         events FROM dual_runs WHERE run_id = $1::text::uuid",
     )
     .bind(&id)
     .fetch_optional(pool)
@@ -199,6 +202,9 @@ pub(super) async fn fetch(pool: &PgPool, run_id: Uuid) -> Result<Option<RunRecor
         service_version: run.try_get("service_version")?,
         flash: flash.ok_or_else(|| corrupt(run_id, "no flash trace"))?,
         pro: pro.ok_or_else(|| corrupt(run_id, "no pro trace"))?,
+        events: run
+            .try_get::<Option<String>, _>("events")?
+            .unwrap_or_default(),
     }))
 }
 

@@ -100,6 +100,8 @@ async fn big_batch_round_trips_postgres() {
 }
 
 async fn migrations_revert_and_reapply(store: &Store) {
+    assert_eq!(store.applied().await.unwrap(), [1, 2]);
+    assert_eq!(store.revert_to(1).await.unwrap(), [2]);
     assert_eq!(store.applied().await.unwrap(), [1]);
     assert_eq!(store.revert_to(0).await.unwrap(), [1]);
     assert!(store.applied().await.unwrap().is_empty());

@@ -149,6 +149,7 @@ pub fn record(i: usize) -> RunRecord {
         status: RunStatus::Partial,
         total_ms: 2040,
         service_version: "0.0.0-test".into(),
+        events: String::new(),
         flash: trace("flash-m", &format!("quick {i}")),
         pro: ModelTrace {
             outcome: Outcome::Timeout,

@@ -87,3 +87,110 @@ async fn ended_runs_leave_memory_after_retention() {
     tokio::time::sleep(Duration::from_secs(45)).await;
     assert_eq!(resume(&app, &format!("{run_id}:0")).await.status(), 404);
 }
+
+/// A `duet serve` process on a free port, with fast simulated models; killed on drop.
+struct Replica {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    fn start(database_url: &str, retention_s: &str) -> Replica {
+        use std::io::{BufRead, BufReader};
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_duet"))
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LOG_FORMAT", "json")
+            .env("BIND_ADDR", "127.0.0.1:0")
+            .env("DATABASE_URL", database_url)
+            .env("RESUME_RETENTION_S", retention_s)
+            .env("SIMULATED_FLASH_TTFT_S", "0.05")
+            .env("SIMULATED_FLASH_TOKEN_S", "0.001")
+            .env("SIMULATED_PRO_TTFT_S", "0.1")
+            .env("SIMULATED_PRO_TOKEN_S", "0.001")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("a listening line").unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v["message"] == "listening" {
+                break v["addr"].as_str().unwrap().to_owned();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Replica {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn another_replica_resumes_from_the_shared_database() {
+    let Some(db) = crate::db::postgres("another_replica_resumes_from_the_shared_database").await
+    else {
+        return;
+    };
+    let a = Replica::start(&db.url, "300");
+    let b = Replica::start(&db.url, "300");
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("http://{}/query/stream", a.addr))
+        .json(&json!({"query": "resume me elsewhere", "deltas": true}))
+        .send()
+        .await
+        .unwrap();
+    let events = read_events(resp).await;
+    let run_id = check_invariants(&events);
+    let run_uuid: uuid::Uuid = run_id.parse().unwrap();
+    // Wait for the record to reach the database (the writer is asynchronous).
+    for _ in 0..200 {
+        if db.store.fetch(run_uuid).await.unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    let resume_on_b = |id: String| {
+        client
+            .get(format!("http://{}/query/stream", b.addr))
+            .header("last-event-id", id)
+            .send()
+    };
+    let resp = resume_on_b(format!("{run_id}:1")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let rest = read_events(resp).await;
+    // Everything after seq 1 except the deltas, with the ids and data replica A sent.
+    let expected: Vec<&Ev> = events[2..].iter().filter(|e| e.event != "delta").collect();
+    assert_eq!(
+        names(&rest),
+        expected
+            .iter()
+            .map(|e| e.event.as_str())
+            .collect::<Vec<_>>()
+    );
+    for (got, want) in rest.iter().zip(&expected) {
+        assert_eq!(got.id, want.id);
+        assert_eq!(got.data, want.data);
+    }
+    assert_eq!(rest.last().unwrap().event, "done");
+
+    let last = events.last().unwrap().id.clone();
+    assert_eq!(resume_on_b(last).await.unwrap().status(), 204);
+    let unknown = format!("{}:0", uuid::Uuid::now_v7());
+    assert_eq!(resume_on_b(unknown).await.unwrap().status(), 404);
+}

@@ -26,45 +26,21 @@ impl Simulated {
     }
 }
 
-const WORDS: &[&str] = &[
-    "the",
-    "answer",
-    "depends",
-    "on",
-    "context",
-    "and",
-    "a",
-    "careful",
-    "reading",
-    "of",
-    "your",
-    "question",
-    "suggests",
-    "that",
-    "several",
-    "factors",
-    "matter",
-    "most",
-    "notably",
-    "scale",
-    "cost",
-    "latency",
-    "accuracy",
-    "in",
-    "practice",
-    "teams",
-    "measure",
-    "first",
-    "then",
-    "decide",
-    "because",
-    "evidence",
-    "beats",
-    "intuition",
-    "when",
-    "stakes",
-    "are",
-    "high",
+/// Sentences the simulated models answer with. They read as an answer without pretending to
+/// know anything: the point is the streaming, not the content.
+const SENTENCES: &[&str] = &[
+    "The short answer depends on what matters most in your situation.",
+    "Start from the evidence you already have, then look for what would change your mind.",
+    "Most of the difference comes from a few factors, not from many small ones.",
+    "Measure first, because intuition is least reliable exactly where the stakes are high.",
+    "A simple approach that you can check usually beats a clever one that you cannot.",
+    "It helps to separate what is known from what is assumed.",
+    "Cost, speed and accuracy pull in different directions, so decide which one leads.",
+    "Small experiments answer this faster than long debates.",
+    "The common explanation is right in broad strokes but misses an important detail.",
+    "Context changes the answer more than any general rule does.",
+    "Write down the trade-off you are making, so you can revisit it later.",
+    "When in doubt, prefer the option that is easiest to undo.",
 ];
 
 /// The deterministic answer of a role to a request, split into tokens (each but the first
@@ -85,29 +61,31 @@ pub fn answer_tokens(role: Role, request: &ModelRequest) -> Vec<String> {
     };
     let topic: String = request.query.chars().take(60).collect();
     let topic = topic.split_whitespace().collect::<Vec<_>>().join(" ");
-    let (opening, words) = match role {
-        Role::Flash => (format!("Quick take on \u{201c}{topic}\u{201d}:"), 16),
-        Role::Pro => (format!("Considered answer on \u{201c}{topic}\u{201d}:"), 48),
+    let (opening, sentences) = match role {
+        Role::Flash => (format!("Quick take on \u{201c}{topic}\u{201d}:"), 2),
+        Role::Pro => (format!("Considered answer on \u{201c}{topic}\u{201d}:"), 5),
     };
-    let mut tokens: Vec<String> = Vec::with_capacity(words + 8);
-    for (i, w) in opening.split(' ').enumerate() {
-        tokens.push(if i == 0 {
-            w.to_owned()
-        } else {
-            format!(" {w}")
-        });
+    let mut text = opening;
+    let mut used = Vec::with_capacity(sentences);
+    while used.len() < sentences {
+        // Bounded by SENTENCES.len(), so the index is always in range.
+        let i = (next() % SENTENCES.len() as u64) as usize;
+        if !used.contains(&i) {
+            used.push(i);
+            text.push(' ');
+            text.push_str(SENTENCES[i]);
+        }
     }
-    for i in 0..words {
-        // Bounded by WORDS.len(), so the index is always in range.
-        let w = WORDS[(next() % WORDS.len() as u64) as usize];
-        let end = if i + 1 == words || next() % 9 == 0 {
-            "."
-        } else {
-            ""
-        };
-        tokens.push(format!(" {w}{end}"));
-    }
-    tokens
+    text.split(' ')
+        .enumerate()
+        .map(|(i, w)| {
+            if i == 0 {
+                w.to_owned()
+            } else {
+                format!(" {w}")
+            }
+        })
+        .collect()
 }
 
 impl Provider for Simulated {

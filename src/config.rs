@@ -177,6 +177,8 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// How long an ended run's events stay in memory for `Last-Event-ID` resumes.
     pub resume_retention: Duration,
+    /// A client that takes no event for this long is treated as gone.
+    pub client_write_timeout: Duration,
 }
 
 /// A configuration value that cannot be used; its `Display` is the one line printed at start.
@@ -461,7 +463,15 @@ impl Config {
             pro: model_config(src, Role::Pro)?,
             stall_timeout: seconds_or(src, "STALL_TIMEOUT_S", 15.0)?,
             max_query_bytes: positive(src, "MAX_QUERY_BYTES", 32_768)?,
-            max_concurrent_streams: positive(src, "MAX_CONCURRENT_STREAMS", 10_000)?,
+            max_concurrent_streams: match positive(src, "MAX_CONCURRENT_STREAMS", 10_000)? {
+                n if n > 1_000_000 => {
+                    return Err(ConfigError::new(
+                        "MAX_CONCURRENT_STREAMS",
+                        format!("{n} is more than 1000000"),
+                    ));
+                }
+                n => n,
+            },
             sse_keepalive: seconds_or(src, "SSE_KEEPALIVE_S", 15.0)?,
             shutdown_grace: seconds_or(src, "SHUTDOWN_GRACE_S", 30.0)?,
             audit_deadletter_path: var(src, "AUDIT_DEADLETTER_PATH")
@@ -485,6 +495,7 @@ impl Config {
             cors_allowed_origins: cors_origins(src)?,
             header_read_timeout: seconds_or(src, "HEADER_READ_TIMEOUT_S", 10.0)?,
             resume_retention: seconds_or(src, "RESUME_RETENTION_S", 300.0)?,
+            client_write_timeout: seconds_or(src, "CLIENT_WRITE_TIMEOUT_S", 30.0)?,
         })
     }
 
@@ -561,6 +572,8 @@ mod tests {
             ("RATE_LIMIT_PER_MINUTE", "-3"),
             ("CORS_ALLOWED_ORIGINS", "example.com"),
             ("HEADER_READ_TIMEOUT_S", "0"),
+            ("MAX_CONCURRENT_STREAMS", "99999999999"),
+            ("CLIENT_WRITE_TIMEOUT_S", "x"),
         ];
         for (name, value) in cases {
             let err = load(&[(name, value)]).unwrap_err();

@@ -25,6 +25,19 @@ pub struct Metrics {
     pub audit_writes_total: IntCounterVec,
     pub audit_write_seconds: Histogram,
     pub streams_rejected_total: IntCounterVec,
+    /// `duet_sse_events_total` per event name, resolved once: a delta is counted without a
+    /// label hash or the vector's lock.
+    events: EventCounters,
+}
+
+#[derive(Clone)]
+struct EventCounters {
+    start: IntCounter,
+    delta: IntCounter,
+    flash: IntCounter,
+    pro: IntCounter,
+    error: IntCounter,
+    done: IntCounter,
 }
 
 /// Model latencies run from tens of milliseconds (Flash first tokens) to a minute (Pro).
@@ -47,7 +60,24 @@ impl Metrics {
                 m
             }};
         }
+        let sse_events_total = reg!(IntCounterVec::new(
+            Opts::new(
+                "duet_sse_events_total",
+                "Server-sent events emitted, by event name."
+            ),
+            &["event"]
+        )?);
+        let by_name = |name| sse_events_total.with_label_values(&[name]);
+        let events = EventCounters {
+            start: by_name("start"),
+            delta: by_name("delta"),
+            flash: by_name("flash"),
+            pro: by_name("pro"),
+            error: by_name("error"),
+            done: by_name("done"),
+        };
         let metrics = Metrics {
+            events,
             requests_total: reg!(IntCounterVec::new(
                 Opts::new(
                     "duet_requests_total",
@@ -93,13 +123,7 @@ impl Metrics {
                 Opts::new("duet_tokens_total", "Tokens reported by providers."),
                 &["model", "direction"]
             )?),
-            sse_events_total: reg!(IntCounterVec::new(
-                Opts::new(
-                    "duet_sse_events_total",
-                    "Server-sent events emitted, by event name."
-                ),
-                &["event"]
-            )?),
+            sse_events_total,
             client_disconnects_total: reg!(IntCounter::new(
                 "duet_client_disconnects_total",
                 "Runs cancelled because the client went away."
@@ -142,10 +166,18 @@ impl Metrics {
         Ok(metrics)
     }
 
-    /// Counts one emitted event. Resolving the label is a hash lookup; events are few per run
-    /// (deltas aside), so a cache of handles is not worth its code yet.
+    /// Counts one emitted event.
     pub fn sse_event(&self, event: &str) {
-        self.sse_events_total.with_label_values(&[event]).inc();
+        let e = &self.events;
+        match event {
+            "delta" => e.delta.inc(),
+            "start" => e.start.inc(),
+            "flash" => e.flash.inc(),
+            "pro" => e.pro.inc(),
+            "error" => e.error.inc(),
+            "done" => e.done.inc(),
+            other => self.sse_events_total.with_label_values(&[other]).inc(),
+        }
     }
 
     /// The text exposition of every family.

@@ -115,6 +115,7 @@ struct Inner {
     /// One permit per run in progress: `MAX_CONCURRENT_STREAMS`.
     streams: Arc<Semaphore>,
     registry: Arc<Registry>,
+    client_write_timeout: Duration,
     sink: Arc<dyn AuditSink>,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -138,6 +139,7 @@ impl Orchestrator {
                 shutdown_grace: config.shutdown_grace,
                 streams: Arc::new(Semaphore::new(config.max_concurrent_streams)),
                 registry: Arc::new(Registry::new(config.resume_retention)),
+                client_write_timeout: config.client_write_timeout,
                 sink,
                 metrics,
                 shutdown,
@@ -198,7 +200,7 @@ impl Orchestrator {
         // The channel is new and empty, so both of these succeed; a failure would mean the
         // receiver is gone, which cannot be before we return it.
         let start = sse::encode("start", &run_id_text, 0, &start);
-        log.push(start.clone());
+        log.push(0, start.clone());
         let _ = tx.try_send(start);
         let done_permit = tx.clone().try_reserve_owned().ok();
         inner.metrics.sse_event("start");
@@ -211,6 +213,7 @@ impl Orchestrator {
             deltas: request.deltas,
             metrics: inner.metrics.clone(),
             log,
+            write_timeout: inner.client_write_timeout,
         });
         let guard = RunGuard {
             emitter: Arc::clone(&emitter),
@@ -290,6 +293,12 @@ impl Orchestrator {
                     biased;
                     Some(result) = &mut flash, if guard.flash.is_none() => {
                         flash.set(None.into());
+                        if result.outcome == Outcome::Cancelled {
+                            // The driver found the client gone: nobody to tell.
+                            guard.flash = Some(result);
+                            guard.cancelled = Some(CancelReason::ClientGone);
+                            break;
+                        }
                         let sent = emitter.emit_result(Role::Flash, &guard.flash_ref, &result).await;
                         guard.flash = Some(result);
                         if sent.is_err() {
@@ -299,6 +308,11 @@ impl Orchestrator {
                     }
                     Some(result) = &mut pro, if guard.pro.is_none() => {
                         pro.set(None.into());
+                        if result.outcome == Outcome::Cancelled {
+                            guard.pro = Some(result);
+                            guard.cancelled = Some(CancelReason::ClientGone);
+                            break;
+                        }
                         if result.outcome == Outcome::Ok && guard.flash.is_none() {
                             // The preview has no use once the final answer is there: drop the
                             // Flash call now (closing its upstream request) and never send it.
@@ -319,15 +333,13 @@ impl Orchestrator {
                     }
                     () = &mut shutdown => {
                         guard.cancelled = Some(CancelReason::Shutdown);
-                        let _ = emitter
-                            .emit("error", &ErrorEvent {
-                                run_id: &emitter.run_id,
-                                model: None,
-                                error_type: ErrorType::Cancelled,
-                                retryable: true,
-                                message: "the service is shutting down",
-                            })
-                            .await;
+                        emitter.emit_now("error", &ErrorEvent {
+                            run_id: &emitter.run_id,
+                            model: None,
+                            error_type: ErrorType::Cancelled,
+                            retryable: true,
+                            message: "the service is shutting down",
+                        });
                         break;
                     }
                 }
@@ -369,8 +381,9 @@ struct Emitter {
     seq: AtomicU32,
     deltas: bool,
     metrics: Metrics,
-    /// Every event, for resumes; index == seq.
+    /// Every event but the deltas, for resumes.
     log: Arc<RunLog>,
+    write_timeout: Duration,
 }
 
 /// The receiver is gone: the client disconnected.
@@ -380,14 +393,35 @@ struct ClientGone;
 impl Emitter {
     /// Waits for room, then numbers and sends the event. The number is taken only once the
     /// slot is held, so concurrent emitters of one run can never leave a gap or swap order.
+    ///
+    /// A client that takes no event for `write_timeout` counts as gone: otherwise one reader
+    /// that stopped reading (with its connection open) would hold the run, its upstream calls
+    /// and a shutdown forever.
     async fn emit(&self, event: &'static str, data: &impl Serialize) -> Result<(), ClientGone> {
-        let permit = self.tx.reserve().await.map_err(|_| ClientGone)?;
+        let permit = match tokio::time::timeout(self.write_timeout, self.tx.reserve()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) | Err(_) => return Err(ClientGone),
+        };
+        self.send(permit, event, data);
+        Ok(())
+    }
+
+    /// Sends at once if there is room, else drops the event: for notices on the way out
+    /// (shutdown, a panicking run) that must not wait on a client.
+    fn emit_now(&self, event: &'static str, data: &impl Serialize) {
+        if let Ok(permit) = self.tx.try_reserve() {
+            self.send(permit, event, data);
+        }
+    }
+
+    fn send(&self, permit: mpsc::Permit<'_, Bytes>, event: &'static str, data: &impl Serialize) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let frame = sse::encode(event, &self.run_id, seq, data);
-        self.log.push(frame.clone());
+        if event != "delta" {
+            self.log.push(seq, frame.clone());
+        }
         permit.send(frame);
         self.metrics.sse_event(event);
-        Ok(())
     }
 
     async fn emit_result(
@@ -755,23 +789,16 @@ impl RunGuard {
                     ProviderError::new(ErrorType::Internal, false, "the run failed inside duet")
                         .with_detail("run task ended without a result (panic)");
                 // Best effort: the channel may be full; `done` still goes out below.
-                if let Ok(permit) = self.emitter.tx.try_reserve() {
-                    let seq = self.emitter.seq.fetch_add(1, Ordering::Relaxed);
-                    let frame = sse::encode(
-                        "error",
-                        &self.emitter.run_id,
-                        seq,
-                        &ErrorEvent {
-                            run_id: &self.emitter.run_id,
-                            model: Some(role),
-                            error_type: error.error_type,
-                            retryable: false,
-                            message: &error.message,
-                        },
-                    );
-                    self.emitter.log.push(frame.clone());
-                    permit.send(frame);
-                }
+                self.emitter.emit_now(
+                    "error",
+                    &ErrorEvent {
+                        run_id: &self.emitter.run_id,
+                        model: Some(role),
+                        error_type: error.error_type,
+                        retryable: false,
+                        message: &error.message,
+                    },
+                );
                 ModelResult {
                     outcome: Outcome::Error,
                     error: Some(error),
@@ -819,7 +846,7 @@ impl Drop for RunGuard {
                 total_ms: millis(total),
             },
         );
-        self.emitter.log.push(done.clone());
+        self.emitter.log.push(seq, done.clone());
         self.registry.close(self.run_id, &self.emitter.log);
         if let Some(permit) = self.done_permit.take() {
             permit.send(done);
@@ -847,9 +874,11 @@ impl Drop for RunGuard {
             service_version: crate::SERVICE_VERSION.to_owned(),
             flash: trace(&self.flash_ref, flash),
             pro: trace(&self.pro_ref, pro),
-            events: self.emitter.log.without_deltas(),
+            events: self.emitter.log.to_text(),
         };
-        if let Some(tx) = self.record_tx.take() {
+        // Only `POST /query` waits for the record; streams dropped their receiver at once,
+        // and copying both answers for nobody is waste.
+        if let Some(tx) = self.record_tx.take().filter(|tx| !tx.is_closed()) {
             let _ = tx.send(record.clone());
         }
         self.sink.submit(record);

@@ -21,9 +21,14 @@ use uuid::Uuid;
 /// Ended runs kept in memory at most, whatever the retention time says.
 pub const MAX_ENDED_RUNS: usize = 10_000;
 
-/// One run's events so far.
+/// One run's events so far, without the deltas: `start`, the answers, errors, `done`.
+///
+/// Deltas are left out on purpose. A delta frame costs ~150 bytes for a few characters of
+/// text, so keeping them would make a run's memory grow several times faster than its answer;
+/// the answer events carry the whole texts, so a resumed client still gets every answer.
 pub struct RunLog {
-    frames: Mutex<Vec<Bytes>>,
+    /// (seq, frame), in seq order.
+    frames: Mutex<Vec<(u32, Bytes)>>,
     /// (number of frames, ended)
     progress: watch::Sender<(usize, bool)>,
 }
@@ -31,23 +36,24 @@ pub struct RunLog {
 impl RunLog {
     fn new() -> Self {
         RunLog {
-            frames: Mutex::new(Vec::with_capacity(8)),
+            frames: Mutex::new(Vec::with_capacity(6)),
             progress: watch::Sender::new((0, false)),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<Bytes>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<(u32, Bytes)>> {
         // A push cannot leave the vector half-written, so a poisoned lock is still sound.
         self.frames.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends the frame with sequence number `len`; called in seq order by the run.
-    pub fn push(&self, frame: Bytes) {
+    /// Appends a frame; called in seq order by the run.
+    pub fn push(&self, seq: u32, frame: Bytes) {
         let len = {
             let mut frames = self.lock();
-            frames.push(frame);
+            frames.push((seq, frame));
             frames.len()
         };
+        // Wakes followers only; with none, this is a store and no wake-up.
         self.progress.send_modify(|p| p.0 = len);
     }
 
@@ -55,25 +61,28 @@ impl RunLog {
         self.progress.send_modify(|p| p.1 = true);
     }
 
+    /// Index of the first frame whose seq is after `seq`.
+    pub fn index_after(&self, seq: u32) -> usize {
+        self.lock().partition_point(|(s, _)| *s <= seq)
+    }
+
     /// Frames from index `from`, and whether the run has ended.
     pub fn frames_from(&self, from: usize) -> (Vec<Bytes>, bool) {
         let ended = self.progress.borrow().1;
         let frames = self.lock();
-        (
-            frames
-                .get(from..)
-                .map(<[Bytes]>::to_vec)
-                .unwrap_or_default(),
-            ended,
-        )
+        let rest = frames
+            .get(from..)
+            .map(|r| r.iter().map(|(_, f)| f.clone()).collect())
+            .unwrap_or_default();
+        (rest, ended)
     }
 
-    /// Every event but the deltas, as one SSE text: what the audit record keeps so that a
-    /// reconnect can be answered after the run has left memory.
-    pub fn without_deltas(&self) -> String {
+    /// All frames as one SSE text: what the audit record keeps so that a reconnect can be
+    /// answered after the run has left memory.
+    pub fn to_text(&self) -> String {
         let frames = self.lock();
-        let mut text = String::with_capacity(frames.iter().map(Bytes::len).sum());
-        for frame in frames.iter().filter(|f| !f.starts_with(b"event: delta\n")) {
+        let mut text = String::with_capacity(frames.iter().map(|(_, f)| f.len()).sum());
+        for (_, frame) in frames.iter() {
             // Frames are built from `str` by `sse::encode`, so they are valid UTF-8.
             text.push_str(&String::from_utf8_lossy(frame));
         }
@@ -149,7 +158,7 @@ impl Registry {
     pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 }
 
-/// The frames of a stored run's events (see [`RunLog::without_deltas`]) whose seq is after
+/// The frames of a stored run's events (see [`RunLog::to_text`]) whose seq is after
 /// `after`, in order.
 pub fn stored_frames_after(events: &str, after: u32) -> Vec<Bytes> {
     events
@@ -172,11 +181,12 @@ pub fn parse_last_event_id(value: &str) -> Option<(Uuid, u32)> {
 }
 
 /// Streams a run's frames from index `from` into a bounded channel, following the run live
-/// until it ends or the reader goes away.
+/// until it ends, the reader goes away, or the reader stops reading for `write_timeout`.
 pub fn follow(
     log: Arc<RunLog>,
     from: usize,
     capacity: usize,
+    write_timeout: Duration,
     tracker: &tokio_util::task::TaskTracker,
 ) -> tokio::sync::mpsc::Receiver<Bytes> {
     let (tx, rx) = tokio::sync::mpsc::channel(capacity);
@@ -188,8 +198,10 @@ pub fn follow(
             let (frames, ended) = log.frames_from(cursor);
             for frame in frames {
                 cursor += 1;
-                if tx.send(frame).await.is_err() {
-                    return;
+                match tokio::time::timeout(write_timeout, tx.send(frame)).await {
+                    Ok(Ok(())) => {}
+                    // Gone, or not reading: either way this follower is done.
+                    Ok(Err(_)) | Err(_) => return,
                 }
             }
             if ended {
@@ -244,7 +256,7 @@ mod tests {
         let reg = Registry::new(Duration::from_secs(5));
         let id = Uuid::now_v7();
         let log = reg.open(id);
-        log.push(Bytes::from_static(b"a"));
+        log.push(0, Bytes::from_static(b"a"));
         reg.close(id, &log);
         assert!(reg.get(&id).is_some());
         tokio::time::advance(Duration::from_secs(6)).await;

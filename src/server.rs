@@ -132,6 +132,7 @@ impl Server {
         let task = tokio::spawn(accept_loop(
             listener,
             app,
+            tracker.clone(),
             shutdown.clone(),
             config.header_read_timeout,
             config.shutdown_grace + HARD_STOP_MARGIN,
@@ -159,7 +160,14 @@ impl Server {
             Err(join) => Err(std::io::Error::other(join)),
         };
         self.tracker.close();
-        self.tracker.wait().await;
+        // Every run has ended by now unless one is stuck on something we do not control;
+        // never let that keep the caller from draining the audit queue.
+        if tokio::time::timeout(HARD_STOP_MARGIN, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some run tasks did not end in time; going on with the shutdown");
+        }
         served?;
         Ok(())
     }
@@ -195,10 +203,14 @@ fn spawn_housekeeping(
 async fn accept_loop(
     listener: TcpListener,
     app: axum::Router,
+    tracker: TaskTracker,
     token: CancellationToken,
     header_read_timeout: Duration,
     hard_stop: Duration,
 ) -> std::io::Result<()> {
+    // Cancelled when the grace period is over: connections still open then (a client that
+    // stopped reading) are dropped, which also ends any run still writing to them.
+    let abort = CancellationToken::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -238,16 +250,19 @@ async fn accept_loop(
             .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
             .into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            // Connection errors (resets, timeouts) are the client's business, not ours.
-            let _ = conn.await;
+        let abort = abort.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                // Connection errors (resets, timeouts) are the client's business, not ours.
+                _ = conn => {}
+                () = abort.cancelled() => {}
+            }
         });
     }
     drop(listener);
-    if tokio::time::timeout(hard_stop, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = tokio::time::timeout(hard_stop, graceful.shutdown()).await;
+    abort.cancel();
+    if drained.is_err() {
         warn!("connections still open after the grace period; closing them");
     }
     Ok(())

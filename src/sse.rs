@@ -53,6 +53,10 @@ pub struct EventBody {
     rx: mpsc::Receiver<Bytes>,
     keepalive: Pin<Box<Sleep>>,
     interval: Duration,
+    /// When the last frame went out. Kept instead of re-arming the timer on every frame: a
+    /// timer-wheel update per delta costs more than a clock read, and the timer only needs
+    /// to be right when it fires.
+    last_sent: Instant,
 }
 
 impl EventBody {
@@ -62,6 +66,7 @@ impl EventBody {
             rx,
             keepalive: Box::pin(tokio::time::sleep(interval)),
             interval,
+            last_sent: Instant::now(),
         }
     }
 }
@@ -76,18 +81,26 @@ impl Stream for EventBody {
         }
         match this.rx.poll_recv(cx) {
             Poll::Ready(Some(frame)) => {
-                let deadline = Instant::now() + this.interval;
-                this.keepalive.as_mut().reset(deadline);
+                this.last_sent = Instant::now();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.keepalive.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    let deadline = Instant::now() + this.interval;
-                    this.keepalive.as_mut().reset(deadline);
-                    Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE))))
+            Poll::Pending => loop {
+                match this.keepalive.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => {
+                        let due = this.last_sent + this.interval;
+                        let now = Instant::now();
+                        if now >= due {
+                            this.last_sent = now;
+                            this.keepalive.as_mut().reset(now + this.interval);
+                            return Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE))));
+                        }
+                        // Frames went out since the timer was armed: wait out the rest of
+                        // the silence (polling again registers the new deadline).
+                        this.keepalive.as_mut().reset(due);
+                    }
                 }
-                Poll::Pending => Poll::Pending,
             },
         }
     }

@@ -3,7 +3,7 @@
 use axum::{
     Json,
     extract::{Path, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
 use subtle::ConstantTimeEq;
@@ -48,17 +48,8 @@ pub(super) async fn get_run(
 /// True when `Authorization: Bearer X` carries the token. The comparison takes the same time
 /// wherever the first differing byte is; only the token's length can be learnt from timing.
 fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some((scheme, presented)) = value.split_once(' ') else {
-        return false;
-    };
-    scheme.eq_ignore_ascii_case("bearer")
-        && bool::from(presented.trim().as_bytes().ct_eq(token.expose().as_bytes()))
+    super::guard::bearer(headers)
+        .is_some_and(|presented| bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())))
 }
 
 /// `GET /readyz`: 200 when the database answers and the audit queue is below its high-water
@@ -99,7 +90,7 @@ mod tests {
 
     fn headers(value: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, value.parse().unwrap());
+        h.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
         h
     }
 

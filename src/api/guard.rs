@@ -105,13 +105,21 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Authentication and rate limiting for the query routes.
 pub async fn protect(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let guard = &state.guard;
+    let ip = peer(&request).map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let peer_key = || ClientKey::Peer(ip);
     let key = match guard.authenticate(request.headers()) {
         Ok(key) => key,
-        Err(e) => return refuse(&state, "unauthorized", e),
+        Err(e) => {
+            // Failed attempts spend the address's budget, so keys cannot be guessed at speed.
+            if let Err(limited) = guard.check_rate(peer_key()) {
+                return refuse(&state, "rate_limited", limited);
+            }
+            return refuse(&state, "unauthorized", e);
+        }
     };
     let client = match key {
         Some(i) => ClientKey::ApiKey(i),
-        None => ClientKey::Peer(peer(&request).map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip())),
+        None => peer_key(),
     };
     if let Err(e) = guard.check_rate(client) {
         return refuse(&state, "rate_limited", e);

@@ -48,6 +48,7 @@ pub struct AppState {
 }
 
 pub const X_RUN_ID: &str = "x-run-id";
+
 pub const X_REQUEST_ID: &str = "x-request-id";
 
 /// The whole HTTP app, from its state. Binding a socket is the caller's business.
@@ -136,7 +137,7 @@ async fn method_not_allowed() -> ApiError {
 async fn stream_post(State(state): State<AppState>, request: Request) -> Response {
     let result = async {
         let (parts, body) = request.into_parts();
-        if let Some(last) = parts.headers.get(LAST_EVENT_ID) {
+        if let Some(last) = last_event_id(&parts.headers) {
             return resume(&state, last).await;
         }
         let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
@@ -151,7 +152,7 @@ async fn stream_get(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let result = match headers.get(LAST_EVENT_ID) {
+    let result = match last_event_id(&headers) {
         Some(last) => resume(&state, last).await,
         None => parse_get(query.as_deref(), state.config.max_query_bytes)
             .and_then(|params| start_stream(&state, &headers, params)),
@@ -163,7 +164,13 @@ fn finish(result: Result<Response, ApiError>) -> Response {
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-const LAST_EVENT_ID: &str = "last-event-id";
+/// `Last-Event-ID`, when present and not empty (browsers send none before the first id;
+/// an empty one is a fresh request, as in the SSE spec).
+fn last_event_id(headers: &HeaderMap) -> Option<&HeaderValue> {
+    headers
+        .get("last-event-id")
+        .filter(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))
+}
 
 fn start_stream(
     state: &AppState,
@@ -237,20 +244,25 @@ async fn resume(state: &AppState, last_event_id: &HeaderValue) -> Result<Respons
         .to_str()
         .ok()
         .and_then(parse_last_event_id)
-        .ok_or_else(|| {
-            ApiError::BadRequest("Last-Event-ID must be {run_id}:{seq} as sent by duet".into())
-        })?;
+        // Not an id this service issued, so not one it can find (contract §4: 404).
+        .ok_or_else(|| ApiError::NotFound("no run with that id can be resumed here".into()))?;
     let Some(log) = state.orchestrator.registry().get(&run_id) else {
         return resume_from_store(state, run_id, seq).await;
     };
-    let from = seq as usize + 1;
+    let from = log.index_after(seq);
     let (rest, ended) = log.frames_from(from);
     if ended && rest.is_empty() {
         let mut response = StatusCode::NO_CONTENT.into_response();
         insert_ids(response.headers_mut(), run_id, None);
         return Ok(response);
     }
-    let events = follow(log, from, CHANNEL_CAPACITY, state.orchestrator.tracker());
+    let events = follow(
+        log,
+        from,
+        CHANNEL_CAPACITY,
+        state.config.client_write_timeout,
+        state.orchestrator.tracker(),
+    );
     Ok(event_stream(state, events, run_id, None))
 }
 

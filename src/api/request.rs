@@ -28,6 +28,9 @@ struct PostBody {
     deltas: Option<bool>,
 }
 
+/// Longest time a client may take to send a request body.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// JSON escaping can make a body up to six times its text (`\u0000`), so the body limit is
 /// looser than the query limit; the query itself is measured after decoding.
 fn body_limit(max_query_bytes: usize) -> usize {
@@ -48,8 +51,20 @@ pub async fn parse_post(
         return Err(ApiError::UnsupportedMediaType);
     }
     let limit = body_limit(max_query_bytes);
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::PayloadTooLarge(format!("the request body is larger than {limit} bytes"))
+    // A body trickled in slowly would hold a connection and a task for as long as the
+    // client likes; past this it is refused like any other unreadable body.
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::BadRequest("the request body arrived too slowly".into()))?;
+    let bytes = read.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::PayloadTooLarge(format!("the request body is larger than {limit} bytes"))
+        } else {
+            // Aborted, malformed chunking, or too slow (the body read timeout).
+            ApiError::BadRequest("the request body could not be read".into())
+        }
     })?;
     let parsed: PostBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::BadRequest(format!(

@@ -68,16 +68,36 @@ impl Appender {
     pub fn append_bytes(&self, bytes: &[u8]) -> Result<()> {
         // A poisoned lock guards nothing but ordering; keep appending.
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| self.error(e))?;
+        let mut file = self.open_locked().map_err(|e| self.error(e))?;
         // One write of whole lines: with O_APPEND, another process's appends (a second duet
         // on the same path) land before or after it, not inside it.
         file.write_all(bytes).map_err(|e| self.error(e))?;
         file.flush().map_err(|e| self.error(e))?;
         file.sync_data().map_err(|e| self.error(e))
+    }
+
+    /// Opens the file for appending under a shared advisory lock, making sure the lock is on
+    /// the file that is at the path now. `duet audit replay` renames the file away and then
+    /// takes an exclusive lock on it before reading: an append that opened the old file
+    /// either finishes under its shared lock before replay reads, or sees the rename here
+    /// and opens the new file. No line can land in a file replay has already read.
+    fn open_locked(&self) -> std::io::Result<std::fs::File> {
+        loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            file.lock_shared()?;
+            let same = match std::fs::metadata(&self.path) {
+                Ok(at_path) => same_file(&file.metadata()?, &at_path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(e),
+            };
+            if same {
+                return Ok(file);
+            }
+            // Renamed away by a replay between our open and our lock: use the new file.
+        }
     }
 
     /// Appends, and when even that fails, logs every record in full: the last place left.
@@ -188,4 +208,15 @@ fn run(rx: &Receiver<Msg>, file: &Appender) {
             return;
         }
     }
+}
+
+#[cfg(unix)]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
+    true
 }

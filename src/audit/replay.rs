@@ -1,7 +1,8 @@
 //! `duet audit replay`: puts dead-lettered records back into the database.
 //!
 //! The file is first claimed by renaming it to `PATH.replaying` (atomic), so a running
-//! service keeps appending to a fresh `PATH` meanwhile (it opens the file per append).
+//! service keeps appending to a fresh `PATH` meanwhile (it opens the file per append), and
+//! then locked exclusively, which waits out any append still writing to the old file.
 //! Every record of the claimed file is inserted idempotently; records that are now stored
 //! (written, or already there: skipped) are done. Lines that cannot be parsed or written are
 //! appended back to `PATH`, and the claimed file is removed. So replay removes only what it
@@ -11,7 +12,6 @@
 use std::{
     ffi::OsString,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use tracing::warn;
@@ -20,9 +20,6 @@ use super::{AuditError, Result, RunRecord, deadletter::Appender, store::Store};
 
 /// Records per insert transaction.
 const BATCH: usize = 500;
-/// An append that opened the file just before the rename finishes within this; waiting for
-/// it before reading keeps its lines in the claimed file rather than in no file at all.
-const SETTLE: Duration = Duration::from_millis(200);
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -64,10 +61,7 @@ pub async fn replay(store: &Store, path: &Path) -> Result<ReplayReport> {
         replay_claimed(store, path, &claimed, &mut report).await?;
     }
     match tokio::fs::rename(path, &claimed).await {
-        Ok(()) => {
-            tokio::time::sleep(SETTLE).await;
-            replay_claimed(store, path, &claimed, &mut report).await?;
-        }
+        Ok(()) => replay_claimed(store, path, &claimed, &mut report).await?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
@@ -80,12 +74,23 @@ async fn replay_claimed(
     claimed: &Path,
     report: &mut ReplayReport,
 ) -> Result<()> {
-    let content = tokio::fs::read(claimed)
-        .await
-        .map_err(|source| AuditError::DeadLetter {
-            path: claimed.to_owned(),
-            source,
-        })?;
+    // The exclusive lock waits for any append that opened the file before the rename (they
+    // hold a shared lock while writing; see `Appender`); later appends go to the new file.
+    let owned = claimed.to_owned();
+    let content = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        let mut file = std::fs::File::open(&owned)?;
+        file.lock()?;
+        let mut content = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut content)?;
+        Ok(content)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|read| read)
+    .map_err(|source| AuditError::DeadLetter {
+        path: claimed.to_owned(),
+        source,
+    })?;
     let mut keep: Vec<u8> = Vec::new();
     let mut records: Vec<(RunRecord, &[u8])> = Vec::new();
     for line in content.split(|b| *b == b'\n') {

@@ -22,13 +22,17 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    AuditSink, Result, RunRecord,
+    AuditError, AuditSink, Result, RunRecord,
     deadletter::{Appender, DeadLetter},
     store::RecordStore,
 };
 use crate::metrics::Metrics;
 
-/// Retries of a failed batch: contract §5 (5 attempts, 0.25 s rising to 3.0 s).
+/// Longest one batch insert may take before it counts as failed.
+const INSERT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Retries of a failed batch: contract §5 (5 attempts, 0.25 s rising to 3.0 s), read as the
+/// first try plus five retries, whose waits run from 0.25 s to 3.0 s.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
     /// Retries after the first attempt. With the defaults the waits are about 0.25, 0.5,
@@ -284,7 +288,11 @@ impl Task {
         let mut retry = 0;
         loop {
             let started = std::time::Instant::now();
-            match self.store.insert_batch(batch).await {
+            // A database that takes the connection and then hangs (a lock wait, a half-open
+            // socket) must count as a failed attempt, or the writer would stall for good.
+            let attempt =
+                tokio::time::timeout(INSERT_TIMEOUT, self.store.insert_batch(batch)).await;
+            match attempt.unwrap_or(Err(AuditError::Timeout(INSERT_TIMEOUT))) {
                 Ok(new) => {
                     self.metrics
                         .audit_write_seconds

@@ -5,10 +5,7 @@
 //! a first-token delay, then one token per interval. Everything is `tokio::time::sleep`, so
 //! the paused test clock controls it and dropping the stream cancels it at once.
 
-use std::{
-    hash::{DefaultHasher, Hash, Hasher},
-    sync::Arc,
-};
+use std::sync::Arc;
 
 use futures::StreamExt;
 
@@ -24,6 +21,20 @@ impl Simulated {
     pub fn new(model: String, timing: SimulatedTiming) -> Self {
         Simulated { model, timing }
     }
+}
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in *part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // A separator, so ("ab", "c") and ("a", "bc") differ.
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// Sentences the simulated models answer with. They read as an answer without pretending to
@@ -46,13 +57,13 @@ const SENTENCES: &[&str] = &[
 /// The deterministic answer of a role to a request, split into tokens (each but the first
 /// starts with a space, as real tokenizers emit them).
 pub fn answer_tokens(role: Role, request: &ModelRequest) -> Vec<String> {
-    let mut h = DefaultHasher::new();
-    role.as_str().hash(&mut h);
-    request.query.hash(&mut h);
-    request.system.as_deref().hash(&mut h);
-    let mut seed = h.finish() | 1;
-    // xorshift64: a tiny, stable generator; `rand`'s algorithms may change between versions
-    // and this text must stay the same for the same query.
+    // FNV-1a and xorshift64: tiny and fixed. std's `DefaultHasher` and `rand`'s generators
+    // may change between releases, and this text must stay the same for the same query.
+    let mut seed = fnv1a(&[
+        role.as_str().as_bytes(),
+        request.query.as_bytes(),
+        request.system.as_deref().unwrap_or("").as_bytes(),
+    ]) | 1;
     let mut next = move || {
         seed ^= seed << 13;
         seed ^= seed >> 7;

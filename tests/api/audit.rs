@@ -403,3 +403,24 @@ async fn throughput_sqlite() {
         20_000.0 / elapsed.as_secs_f64()
     );
 }
+
+/// A service appending dead letters while `duet audit replay` runs: no line may fall between
+/// the file replay reads and the one the service writes next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_while_appending_loses_nothing() {
+    let db = db::sqlite().await;
+    let path = db.dir.path().join("dead.jsonl");
+    const N: usize = 600;
+    let appender = duet::audit::deadletter::Appender::new(&path, None);
+    let writer = std::thread::spawn(move || {
+        for i in 0..N {
+            appender.append(&[record(i)]).unwrap();
+        }
+    });
+    while !writer.is_finished() {
+        duet::audit::replay::replay(&db.store, &path).await.unwrap();
+    }
+    writer.join().unwrap();
+    duet::audit::replay::replay(&db.store, &path).await.unwrap();
+    assert_eq!(db::count(&db.store, "dual_runs").await, N as i64);
+}

@@ -17,32 +17,43 @@ async fn resume(app: &TestApp, last_event_id: &str) -> reqwest::Response {
 
 #[tokio::test(start_paused = true)]
 async fn resume_mid_run_replays_then_follows_live() {
+    // A reconnect the server sees before it has noticed the old connection drop (the usual
+    // case after a network blip): the run is still going, so the resumed stream replays what
+    // was missed and then follows the run live to its end.
     let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
-    let resp = app.post_stream(json!({"query": "q", "deltas": true})).await;
-    let mut first = Vec::new();
-    {
-        use eventsource_stream::Eventsource;
-        use futures::StreamExt;
-        let mut stream = resp.bytes_stream().eventsource();
-        // Read start and the first two events, then drop the connection.
-        while first.len() < 3 {
-            first.push(stream.next().await.unwrap().unwrap());
-        }
-    }
-    let last = first.last().unwrap().id.clone();
-    assert!(last.ends_with(":2"), "{last}");
+    let original = app.post_stream(json!({"query": "q", "deltas": true})).await;
+    let run_id = original.headers()["x-run-id"].to_str().unwrap().to_owned();
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let resp = resume(&app, &last).await;
+    let resp = resume(&app, &format!("{run_id}:0")).await;
     assert_eq!(resp.status(), 200);
-    let rest = read_events(resp).await;
-    let run_id = last.split(':').next().unwrap();
-    for (i, ev) in rest.iter().enumerate() {
-        assert_eq!(ev.id, format!("{run_id}:{}", i + 3));
+    let resumed = tokio::spawn(read_events(resp));
+    let all = read_events(original).await;
+    let rest = resumed.await.unwrap();
+
+    // Everything after `start` but the deltas, produced after the resume was asked for.
+    let expected: Vec<&Ev> = all[1..].iter().filter(|e| e.event != "delta").collect();
+    assert_eq!(names(&rest), ["flash", "pro", "done"]);
+    for (got, want) in rest.iter().zip(&expected) {
+        assert_eq!(got.id, want.id);
+        assert_eq!(got.data, want.data);
     }
-    assert_eq!(rest.last().unwrap().event, "done");
     assert_eq!(app.flash.started(), 1, "no new run");
     assert_eq!(app.pro.started(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn resume_of_a_dropped_run_ends_with_its_cancelled_done() {
+    // Once the server has seen the client leave, the run is cancelled at once (contract §4);
+    // a later reconnect gets the rest of that run, which ends with `done: cancelled`.
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let resp = app.post_stream(json!({"query": "q"})).await;
+    let run_id = resp.headers()["x-run-id"].to_str().unwrap().to_owned();
+    drop(resp);
+    app.records(1).await;
+    let rest = read_events(resume(&app, &format!("{run_id}:0")).await).await;
+    assert_eq!(names(&rest), ["done"]);
+    assert_eq!(rest[0].data["status"], "cancelled");
 }
 
 #[tokio::test(start_paused = true)]
@@ -66,8 +77,9 @@ async fn resume_after_the_run_and_204_when_nothing_is_left() {
 #[tokio::test(start_paused = true)]
 async fn resume_with_a_bad_or_unknown_id() {
     let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    // Not an id duet issued, so not one it can find.
     let resp = resume(&app, "garbage").await;
-    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.status(), 404);
     let resp = resume(&app, "0192d5c4-0000-7000-8000-000000000000:0").await;
     assert_eq!(resp.status(), 404);
     assert_eq!(app.flash.started(), 0);

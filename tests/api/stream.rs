@@ -583,3 +583,50 @@ async fn simulated_provider_streams_by_default() {
     );
     server.stop().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_stops_reading_cannot_hold_the_run_or_shutdown() {
+    const BIG: &str = include_str!("big_delta.txt");
+    let mut flash = vec![];
+    for _ in 0..2000 {
+        flash.push(Step::Delta(BIG));
+    }
+    flash.push(Step::Finish);
+    let mut app = spawn_app(flash, vec![Step::Hang], &[("SHUTDOWN_GRACE_S", "1")]).await;
+    // Keep the connection open and never read from it.
+    let resp = app.post_stream(json!({"query": "q", "deltas": true})).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::timeout(Duration::from_secs(120), app.stop())
+        .await
+        .expect("shutdown finishes despite the stalled reader");
+    let r = &app.records(1).await[0];
+    assert_eq!(r.status, RunStatus::Cancelled);
+    assert_eq!((app.flash.dropped(), app.pro.dropped()), (1, 1));
+    drop(resp);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_stops_reading_is_let_go_after_the_write_timeout() {
+    const BIG: &str = include_str!("big_delta.txt");
+    let mut flash = vec![];
+    for _ in 0..2000 {
+        flash.push(Step::Delta(BIG));
+    }
+    flash.push(Step::Finish);
+    let app = spawn_app(
+        flash,
+        vec![Step::Hang],
+        &[("CLIENT_WRITE_TIMEOUT_S", "5"), ("FLASH_TIMEOUT_S", "60")],
+    )
+    .await;
+    let resp = app.post_stream(json!({"query": "q", "deltas": true})).await;
+    let r = &app.records(1).await[0];
+    assert_eq!(r.status, RunStatus::Cancelled);
+    assert!(r.total_ms >= 5000 && r.total_ms < 6000, "{}", r.total_ms);
+    assert_eq!(
+        (app.flash.dropped(), app.pro.dropped()),
+        (1, 1),
+        "upstream calls freed"
+    );
+    drop(resp);
+}

@@ -179,10 +179,10 @@ impl DeadLetter {
         // Fails only if the thread is gone already, which is what we want anyway.
         let _ = self.tx.send(Msg::Stop);
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                error!("the dead-letter thread panicked");
-            }
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            error!("the dead-letter thread panicked");
         }
     }
 }

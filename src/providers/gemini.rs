@@ -138,10 +138,10 @@ impl GeminiDecoder {
                 output_tokens: output.or(self.usage.output_tokens),
             };
         }
-        if let Some(version) = v.get("modelVersion").and_then(Value::as_str) {
-            if self.model_version.as_deref() != Some(version) {
-                self.model_version = Some(version.to_owned());
-            }
+        if let Some(version) = v.get("modelVersion").and_then(Value::as_str)
+            && self.model_version.as_deref() != Some(version)
+        {
+            self.model_version = Some(version.to_owned());
         }
         let candidate = v.get("candidates").and_then(|c| c.get(0));
         let Some(candidate) = candidate else {

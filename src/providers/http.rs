@@ -501,10 +501,10 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        if let Some(wait) = seconds(ms / 1000.0) {
-            return Some(wait);
-        }
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
+        && let Some(wait) = seconds(ms / 1000.0)
+    {
+        return Some(wait);
     }
     let value = get("retry-after")?;
     if let Ok(secs) = value.parse::<f64>() {
@@ -751,11 +751,11 @@ impl<S> Bounded<S> {
             if matches!(name, b"data" | b"event" | b"id" | b"retry") {
                 continue;
             }
-            if let Ok(mut stray) = self.stray.lock() {
-                if stray.len() + line.len() < MAX_STRAY_BYTES {
-                    stray.push_str(&String::from_utf8_lossy(line));
-                    stray.push('\n');
-                }
+            if let Ok(mut stray) = self.stray.lock()
+                && stray.len() + line.len() < MAX_STRAY_BYTES
+            {
+                stray.push_str(&String::from_utf8_lossy(line));
+                stray.push('\n');
             }
         }
         Ok(())

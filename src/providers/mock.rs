@@ -303,10 +303,10 @@ async fn before_answer(plan: &Plan) -> Option<Response> {
         .d
         .retry_after
         .or((status == StatusCode::TOO_MANY_REQUESTS).then_some(1.0));
-    if let Some(secs) = retry_after {
-        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-            response.headers_mut().insert(header::RETRY_AFTER, v);
-        }
+    if let Some(secs) = retry_after
+        && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
     }
     if plan.family == Family::Anthropic && matches!(status.as_u16(), 429 | 500..=599) {
         response

@@ -158,10 +158,10 @@ impl Decoder for OpenAiDecoder {
                 &event.data,
             ));
         }
-        if let Some(model) = v.get("model").and_then(Value::as_str) {
-            if self.model_version.as_deref() != Some(model) {
-                self.model_version = Some(model.to_owned());
-            }
+        if let Some(model) = v.get("model").and_then(Value::as_str)
+            && self.model_version.as_deref() != Some(model)
+        {
+            self.model_version = Some(model.to_owned());
         }
         if let Some(usage) = usage_of(&v) {
             self.usage = Some(usage);

@@ -312,19 +312,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         WriterOptions::new(&config.audit_deadletter_path),
         metrics.clone(),
     )?;
-    let started = async {
-        // One client for every upstream call: one connection pool, made once.
-        let client = providers::http::client().map_err(providers::BuildError::from)?;
-        Ok::<_, ServeError>(Parts {
-            flash: providers::build(&config.flash, &client)?,
-            pro: providers::build(&config.pro, &client)?,
-            sink: Arc::new(writer.clone()),
-            store: Some(store.clone()),
-            metrics,
-            config,
-        })
-    }
-    .await;
+    // The writer counts into this registry, so the server must expose the same one.
+    let started = Parts::from_config(config, Arc::new(writer.clone())).map(|parts| Parts {
+        store: Some(store.clone()),
+        metrics,
+        ..parts
+    });
     let server = match started {
         Ok(parts) => Server::start(parts).await,
         Err(e) => Err(e),

@@ -184,7 +184,7 @@ async fn method_not_allowed() -> ApiError {
 async fn stream_post(State(state): State<AppState>, request: Request) -> Response {
     let result = async {
         let (parts, body) = request.into_parts();
-        if let Some(last) = parts.headers.get(LAST_EVENT_ID) {
+        if let Some(last) = last_event_id(&parts.headers) {
             return resume(&state, last);
         }
         let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
@@ -218,7 +218,7 @@ async fn stream_get(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let result = match headers.get(LAST_EVENT_ID) {
+    let result = match last_event_id(&headers) {
         Some(last) => resume(&state, last),
         None => parse_get(query.as_deref(), state.config.max_query_bytes)
             .and_then(|params| start_stream(&state, &headers, params)),
@@ -231,6 +231,15 @@ fn finish(result: Result<Response, ApiError>) -> Response {
 }
 
 const LAST_EVENT_ID: &str = "last-event-id";
+
+/// The `Last-Event-ID` of a reconnect. An empty one is no id at all, as if it were not sent:
+/// an `EventSource` only sends the header when it has an id, and many HTTP stacks drop empty
+/// headers anyway, so a client cannot rely on an empty value meaning anything else.
+fn last_event_id(headers: &HeaderMap) -> Option<&HeaderValue> {
+    headers
+        .get(LAST_EVENT_ID)
+        .filter(|v| !v.as_bytes().trim_ascii().is_empty())
+}
 
 fn start_stream(
     state: &AppState,
@@ -349,7 +358,9 @@ fn insert_ids(h: &mut HeaderMap, run_id: uuid::Uuid, client_request_id: Option<&
             body = QueryResponse, headers(
                 ("X-Run-Id" = uuid::Uuid, description = "The run's id (a UUIDv7)"),
                 ("X-Request-Id" = String, description = "The caller's X-Request-Id, when it sent one"),
-            )),
+            ), links(("GetRun" = (operation_id = "get_run",
+                parameters(("run_id" = "$response.body#/run_id")),
+                description = "The run's audit record (shortly after the answer; needs ADMIN_TOKEN)")))),
         (status = 400, response = openapi::BadRequest),
         (status = 401, response = openapi::Unauthorized),
         (status = 413, response = openapi::TooLarge),

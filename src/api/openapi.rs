@@ -62,7 +62,7 @@ use super::{AppState, error::Body as ErrorBody};
         Overloaded,
         Internal,
     )),
-    modifiers(&Security, &EventTypes),
+    modifiers(&Security),
     tags(
         (name = "query", description = "Run a query on both models"),
         (name = "admin", description = "The audit trail (needs ADMIN_TOKEN)"),
@@ -108,8 +108,7 @@ impl Modify for Security {
     }
 }
 
-/// The event names of the stream and the schema of each one's `data`, so that tools can find
-/// them: OpenAPI 3.1 has no way to say what a `text/event-stream` carries.
+/// The event names of the stream and the schema of each one's `data`.
 const EVENT_TYPES: [(&str, &str); 6] = [
     ("start", "StartEvent"),
     ("delta", "DeltaEvent"),
@@ -119,34 +118,36 @@ const EVENT_TYPES: [(&str, &str); 6] = [
     ("done", "DoneEvent"),
 ];
 
-struct EventTypes;
-
-impl Modify for EventTypes {
-    fn modify(&self, doc: &mut openapi::OpenApi) {
-        let mut events = openapi::extensions::Extensions::default();
-        let map: serde_json::Map<String, Value> = EVENT_TYPES
-            .iter()
-            .map(|(event, schema)| {
-                (
-                    (*event).to_owned(),
-                    json!({"$ref": format!("#/components/schemas/{schema}")}),
-                )
+/// The schema of one event of the stream, as OpenAPI 3.2 and tools such as schemathesis read
+/// a `text/event-stream` schema in 3.1 too: an object with `event`, `id` and `data`, where
+/// `data` is a string of JSON (`contentMediaType`) whose schema is `contentSchema`. utoipa's
+/// schema types cannot spell `contentSchema`, hence JSON.
+fn server_sent_event() -> Value {
+    let variants: Vec<Value> = EVENT_TYPES
+        .iter()
+        .map(|(event, schema)| {
+            json!({
+                "type": "object",
+                "title": event,
+                "required": ["event", "id", "data"],
+                "properties": {
+                    "event": {"const": event},
+                    "id": {"$ref": "#/components/schemas/EventId"},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": format!("#/components/schemas/{schema}")},
+                    },
+                    "retry": {"type": "integer", "minimum": 0},
+                },
             })
-            .collect();
-        events.insert("x-sse-events".to_owned(), Value::Object(map));
-        let stream = doc
-            .components
-            .as_mut()
-            .and_then(|c| c.responses.get_mut("EventStream"));
-        if let Some(openapi::RefOr::T(stream)) = stream {
-            if let Some(content) = stream.content.get_mut(EVENT_STREAM) {
-                content
-                    .extensions
-                    .get_or_insert_with(Default::default)
-                    .merge(events);
-            }
-        }
-    }
+        })
+        .collect();
+    json!({
+        "description": "One event of the stream. Keep-alive comments and the opening \
+            `retry:` field carry no event.",
+        "oneOf": variants,
+    })
 }
 
 const EVENT_STREAM: &str = "text/event-stream";
@@ -158,6 +159,28 @@ pub(super) fn document(max_query_bytes: usize) -> Value {
         // Serializing plain data cannot fail; should it ever, say so rather than panic.
         Err(e) => return json!({"error": format!("cannot build the API description: {e}")}),
     };
+    if let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    {
+        schemas.insert("ServerSentEvent".to_owned(), server_sent_event());
+        schemas.insert(
+            "EventId".to_owned(),
+            json!({
+                "type": "string",
+                "description": "`{run_id}:{seq}`; seq counts from 0 with no gaps. Send the \
+                    last one received as `Last-Event-ID` to resume.",
+                "pattern": "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}:[0-9]+$",
+            }),
+        );
+    }
+    if let Some(stream) = doc.pointer_mut(&format!(
+        "/components/responses/EventStream/content/{}",
+        EVENT_STREAM.replace('/', "~1")
+    )) {
+        stream["schema"] = json!({"$ref": "#/components/schemas/ServerSentEvent"});
+    }
+    fix_links(&mut doc);
     let limit = json!(max_query_bytes);
     for field in ["query", "system"] {
         if let Some(p) = doc.pointer_mut(&format!(
@@ -177,6 +200,30 @@ pub(super) fn document(max_query_bytes: usize) -> Value {
         }
     }
     doc
+}
+
+/// utoipa 5.5 writes a link's `operationId` as `operation_id`, which OpenAPI does not know
+/// (and tools then find no target); rename it.
+fn fix_links(doc: &mut Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let responses = paths
+        .values_mut()
+        .filter_map(Value::as_object_mut)
+        .flat_map(|item| item.values_mut())
+        .filter_map(|op| op.get_mut("responses").and_then(Value::as_object_mut))
+        .flat_map(|responses| responses.values_mut());
+    for response in responses {
+        let Some(links) = response.get_mut("links").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        for link in links.values_mut().filter_map(Value::as_object_mut) {
+            if let Some(id) = link.remove("operation_id") {
+                link.insert("operationId".to_owned(), id);
+            }
+        }
+    }
 }
 
 /// This document.
@@ -213,7 +260,7 @@ pub(super) struct StreamHeaders {
         rename = "Last-Event-ID",
         value_type = String,
         required = false,
-        pattern = "^[0-9a-fA-F-]{36}:[0-9]{1,10}$"
+        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}:[0-9]{1,9}$"
     )]
     _last_event_id: Option<String>,
     /// Kept as the run's `client_request_id` and echoed back: 1 to 200 printable ASCII
@@ -240,7 +287,7 @@ mod responses {
     /// `error` ([ErrorEvent](#/components/schemas/ErrorEvent)), per failed model or for the run;
     /// `done` ([DoneEvent](#/components/schemas/DoneEvent)), always last. A `: keep-alive`
     /// comment goes out after SSE_KEEPALIVE_S of silence; the stream starts with a `retry:` field.
-    /// `x-sse-events` maps each event name to the schema of its `data`.
+    /// The schema is that of one event ([ServerSentEvent](#/components/schemas/ServerSentEvent)).
     #[derive(ToResponse)]
     #[response(
         content_type = "text/event-stream",
@@ -249,7 +296,6 @@ mod responses {
             ("X-Request-Id" = String, description = "The caller's X-Request-Id, when it sent one"),
             ("Cache-Control" = String, description = "no-cache"),
         ),
-        example = json!("retry: 2000\n\nevent: start\nid: 0199...:0\ndata: {\"run_id\":\"0199...\",...}\n\n")
     )]
     pub(in crate::api) struct EventStream(String);
 

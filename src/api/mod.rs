@@ -236,9 +236,7 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// an `EventSource` only sends the header when it has an id, and many HTTP stacks drop empty
 /// headers anyway, so a client cannot rely on an empty value meaning anything else.
 fn last_event_id(headers: &HeaderMap) -> Option<&HeaderValue> {
-    headers
-        .get(LAST_EVENT_ID)
-        .filter(|v| !v.as_bytes().trim_ascii().is_empty())
+    headers.get(LAST_EVENT_ID).filter(|v| !v.is_empty())
 }
 
 fn start_stream(

@@ -255,12 +255,12 @@ pub(super) struct StreamHeaders {
     /// Resume a run instead of starting one: `{run_id}:{seq}`, the `id` of the last event
     /// received. The answer holds the events after `seq` (204 when the run has ended and
     /// nothing is left; 404 when this service does not know the run). Any body or query
-    /// string is then ignored.
+    /// string is then ignored. An empty value is the same as no header.
     #[param(
         rename = "Last-Event-ID",
         value_type = String,
         required = false,
-        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}:[0-9]{1,9}$"
+        pattern = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}:[0-9]{1,9})?$"
     )]
     _last_event_id: Option<String>,
     /// Kept as the run's `client_request_id` and echoed back: 1 to 200 printable ASCII

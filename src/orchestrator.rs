@@ -919,8 +919,8 @@ impl ModelTrace {
 }
 
 /// Provider and model names, for events.
-#[derive(Serialize)]
-struct ModelRef<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ModelRef<'a> {
     provider: &'a str,
     model: &'a str,
 }
@@ -946,27 +946,30 @@ struct OwnedModelRef {
     model: String,
 }
 
-#[derive(Serialize)]
-struct StartModels<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct StartModels<'a> {
     flash: ModelRef<'a>,
     pro: ModelRef<'a>,
 }
 
-#[derive(Serialize)]
-struct StartEvent<'a> {
+/// The `data` of `start`: always the first event of a run.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct StartEvent<'a> {
     run_id: &'a str,
     models: StartModels<'a>,
 }
 
-#[derive(Serialize)]
-struct DeltaEvent<'a> {
+/// The `data` of `delta`: a piece of one model's text, sent only when deltas were asked for.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct DeltaEvent<'a> {
     run_id: &'a str,
     model: Role,
     text: &'a str,
 }
 
-#[derive(Serialize)]
-struct AnswerEvent<'a> {
+/// The `data` of `flash` and `pro`: one model's whole answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct AnswerEvent<'a> {
     run_id: &'a str,
     model: Role,
     provider: &'a str,
@@ -979,8 +982,9 @@ struct AnswerEvent<'a> {
     usage: crate::providers::Usage,
 }
 
-#[derive(Serialize)]
-struct ErrorEvent<'a> {
+/// The `data` of `error`: one model failed (`model` set) or the run did (`model` null).
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorEvent<'a> {
     run_id: &'a str,
     model: Option<Role>,
     error_type: ErrorType,
@@ -988,8 +992,9 @@ struct ErrorEvent<'a> {
     message: &'a str,
 }
 
-#[derive(Serialize)]
-struct DoneEvent<'a> {
+/// The `data` of `done`: always the last event of a stream that started.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct DoneEvent<'a> {
     run_id: &'a str,
     status: RunStatus,
     flash: Outcome,

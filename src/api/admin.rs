@@ -15,6 +15,23 @@ use crate::config::Secret;
 
 /// `GET /runs/{run_id}`: the whole audit record. Without `ADMIN_TOKEN` the route does not
 /// exist as far as clients can tell (the same 404 as any unknown path).
+#[utoipa::path(
+    get, path = "/runs/{run_id}", tag = "admin", operation_id = "get_run",
+    summary = "One run's audit record",
+    description = "The record as stored. A run that has just ended may still be on its way \
+        to the database (404 for a moment). Without ADMIN_TOKEN configured this answers 404 \
+        like any unknown path.",
+    params(("run_id" = uuid::Uuid, Path, description = "The run's id, as in `X-Run-Id` or \
+        any event's `run_id`")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The audit record", body = crate::audit::RunRecord),
+        (status = 400, response = super::openapi::BadRequest),
+        (status = 401, response = super::openapi::Unauthorized),
+        (status = 404, response = super::openapi::NotFound),
+        (status = 500, response = super::openapi::Internal),
+    ),
+)]
 pub(super) async fn get_run(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -52,8 +69,29 @@ fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
         .is_some_and(|presented| bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())))
 }
 
+/// The body of `GET /readyz`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"status": "ready", "database": "ok", "audit_queue": "ok"}))]
+pub(super) struct Readiness {
+    #[schema(value_type = String, pattern = "^(ready|not_ready)$")]
+    status: &'static str,
+    #[schema(value_type = String, pattern = "^(ok|unavailable)$")]
+    database: &'static str,
+    #[schema(value_type = String, pattern = "^(ok|backlogged)$")]
+    audit_queue: &'static str,
+}
+
 /// `GET /readyz`: 200 when the database answers and the audit queue is below its high-water
 /// mark, else 503. The body says which check failed.
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    summary = "Readiness: can the service take and audit runs?",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Not ready; the body says which check failed",
+            body = Readiness),
+    ),
+)]
 pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     let database = match &state.store {
         None => "ok",
@@ -76,11 +114,11 @@ pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = serde_json::json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "database": database,
-        "audit_queue": queue,
-    });
+    let body = Readiness {
+        status: if ready { "ready" } else { "not_ready" },
+        database,
+        audit_queue: queue,
+    };
     (status, Json(body)).into_response()
 }
 

@@ -34,15 +34,42 @@ pub enum ApiError {
     Internal(String),
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// Every refused request's body: `{"error": {"type", "message"}}`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorBody)]
+pub(super) struct Body<'a> {
     error: Inner<'a>,
 }
 
-#[derive(Serialize)]
-struct Inner<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorDetail)]
+pub(super) struct Inner<'a> {
+    /// What went wrong, stable for clients to switch on.
+    #[schema(schema_with = kinds_schema)]
     r#type: &'a str,
+    /// For people; never carries internal error text.
     message: String,
+}
+
+/// Every `error.type` that [`ApiError::kind`] can answer, for the API description.
+pub const KINDS: [&str; 9] = [
+    "invalid_request",
+    "payload_too_large",
+    "unsupported_media_type",
+    "not_found",
+    "method_not_allowed",
+    "unauthorized",
+    "overloaded",
+    "rate_limited",
+    "internal",
+];
+
+fn kinds_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(KINDS))
+        .description(Some("What went wrong, stable for clients to switch on."))
+        .build()
 }
 
 impl ApiError {
@@ -106,5 +133,34 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API description lists every `error.type`: a new variant must be added to `KINDS`.
+    #[test]
+    fn every_kind_is_described() {
+        let all = [
+            ApiError::BadRequest(String::new()),
+            ApiError::PayloadTooLarge(String::new()),
+            ApiError::UnsupportedMediaType,
+            ApiError::NotFound(String::new()),
+            ApiError::MethodNotAllowed,
+            ApiError::Unauthorized,
+            ApiError::Overloaded {
+                retry_after: Duration::ZERO,
+            },
+            ApiError::RateLimited {
+                retry_after: Duration::ZERO,
+            },
+            ApiError::Internal(String::new()),
+        ];
+        for e in &all {
+            assert!(KINDS.contains(&e.kind()), "{} is not in KINDS", e.kind());
+        }
+        assert_eq!(all.len(), KINDS.len());
     }
 }

@@ -6,6 +6,7 @@
 mod admin;
 mod error;
 mod guard;
+mod openapi;
 mod page;
 mod request;
 
@@ -69,6 +70,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), guard::count));
@@ -112,10 +114,34 @@ fn cors(config: &Config) -> Option<CorsLayer> {
     )
 }
 
-async fn healthz() -> impl IntoResponse {
-    Json(serde_json::json!({"status": "ok", "version": crate::SERVICE_VERSION}))
+/// `GET /healthz`: the process runs.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"status": "ok", "version": "0.1.0"}))]
+struct Health {
+    /// Always `ok`.
+    status: &'static str,
+    /// The service's version.
+    version: &'static str,
 }
 
+/// Liveness: 200 while the process runs.
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process runs", body = Health)),
+)]
+async fn healthz() -> impl IntoResponse {
+    Json(Health {
+        status: "ok",
+        version: crate::SERVICE_VERSION,
+    })
+}
+
+/// Prometheus metrics.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition (format 0.0.4)",
+        content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)),
+)]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(
@@ -134,6 +160,28 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// Run a query and stream both answers as Server-Sent Events.
+///
+/// Starts a run (unless `Last-Event-ID` resumes one) and answers with its events. A request
+/// refused before its run starts gets a JSON error and no event stream; once the stream has
+/// started, every failure is an `error` event and `done` always ends it.
+#[utoipa::path(
+    post, path = "/query/stream", tag = "query", operation_id = "stream_post",
+    request_body(content = request::PostBody, content_type = "application/json"),
+    params(openapi::StreamHeaders),
+    security((), ("api_key" = [])),
+    responses(
+        (status = 200, response = openapi::EventStream),
+        (status = 204, response = openapi::NothingLeft),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 413, response = openapi::TooLarge),
+        (status = 415, response = openapi::UnsupportedMediaType),
+        (status = 429, response = openapi::RateLimited),
+        (status = 503, response = openapi::Overloaded),
+    ),
+)]
 async fn stream_post(State(state): State<AppState>, request: Request) -> Response {
     let result = async {
         let (parts, body) = request.into_parts();
@@ -147,6 +195,25 @@ async fn stream_post(State(state): State<AppState>, request: Request) -> Respons
     finish(result)
 }
 
+/// The same as `POST /query/stream`, for `EventSource` in browsers.
+///
+/// `EventSource` cannot send headers, so this form suits services without API_KEYS; with
+/// keys, browsers use `POST` with `fetch` (keys never go in URLs).
+#[utoipa::path(
+    get, path = "/query/stream", tag = "query", operation_id = "stream_get",
+    params(request::GetQuery, openapi::StreamHeaders),
+    security((), ("api_key" = [])),
+    responses(
+        (status = 200, response = openapi::EventStream),
+        (status = 204, response = openapi::NothingLeft),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 413, response = openapi::TooLarge),
+        (status = 429, response = openapi::RateLimited),
+        (status = 503, response = openapi::Overloaded),
+    ),
+)]
 async fn stream_get(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -164,12 +231,11 @@ fn finish(result: Result<Response, ApiError>) -> Response {
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// `Last-Event-ID`, when present and not empty (browsers send none before the first id;
-/// an empty one is a fresh request, as in the SSE spec).
+/// The `Last-Event-ID` of a reconnect. An empty one is no id at all, as if it were not sent:
+/// an `EventSource` only sends the header when it has an id, and many HTTP stacks drop empty
+/// headers anyway, so a client cannot rely on an empty value meaning anything else.
 fn last_event_id(headers: &HeaderMap) -> Option<&HeaderValue> {
-    headers
-        .get("last-event-id")
-        .filter(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))
+    headers.get("last-event-id").filter(|v| !v.is_empty())
 }
 
 fn start_stream(
@@ -310,6 +376,38 @@ fn insert_ids(h: &mut HeaderMap, run_id: uuid::Uuid, client_request_id: Option<&
     }
 }
 
+/// Run a query and answer with both models' results as one JSON document.
+///
+/// The run is the same as on `/query/stream` (and audited the same way); the answer comes
+/// when both models have ended. `deltas` is ignored.
+#[utoipa::path(
+    post, path = "/query", tag = "query", operation_id = "query",
+    request_body(content = request::PostBody, content_type = "application/json"),
+    params(openapi::QueryHeaders),
+    security((), ("api_key" = [])),
+    responses(
+        (status = 200, description = "Pro answered (`status` `ok`) or only Flash did (`partial`)",
+            body = QueryResponse, headers(
+                ("X-Run-Id" = uuid::Uuid, description = "The run's id (a UUIDv7)"),
+                ("X-Request-Id" = String, description = "The caller's X-Request-Id, when it sent one"),
+            ), links(("GetRun" = (operation_id = "get_run",
+                parameters(("run_id" = "$response.body#/run_id")),
+                description = "The run's audit record (shortly after the answer; needs ADMIN_TOKEN)")))),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 413, response = openapi::TooLarge),
+        (status = 415, response = openapi::UnsupportedMediaType),
+        (status = 429, response = openapi::RateLimited),
+        (status = 502, description = "Neither model answered (`status` `failed`); the run is audited",
+            body = QueryResponse),
+        (status = 503, description = "The service is at capacity (an `overloaded` error with \
+            `Retry-After`, no run started), or it shut down during the run (the run, with `status` \
+            `cancelled`)", body = openapi::Unavailable, headers(
+                ("Retry-After" = u64, description = "Seconds to wait, when overloaded"),
+            )),
+        (status = 500, response = openapi::Internal),
+    ),
+)]
 async fn query_post(State(state): State<AppState>, request: Request) -> Response {
     let result = async {
         let (parts, body) = request.into_parts();
@@ -346,7 +444,7 @@ async fn query_post(State(state): State<AppState>, request: Request) -> Response
 }
 
 /// The answer of `POST /query`: the run as one document.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct QueryResponse<'a> {
     run_id: uuid::Uuid,
     status: RunStatus,
@@ -355,7 +453,8 @@ struct QueryResponse<'a> {
     pro: ModelAnswer<'a>,
 }
 
-#[derive(Serialize)]
+/// One model's part of a `POST /query` answer.
+#[derive(Serialize, utoipa::ToSchema)]
 struct ModelAnswer<'a> {
     outcome: Outcome,
     provider: &'a str,

@@ -37,6 +37,10 @@ fn asset(body: String, content_type: &'static str) -> Response {
     response
 }
 
+/// The browser page.
+#[utoipa::path(get, path = "/", tag = "page", responses((status = 200,
+    description = "The page that runs a query and shows both answers as they stream",
+    content_type = "text/html; charset=utf-8", body = String)))]
 pub async fn index(State(state): State<AppState>) -> Response {
     // The page needs to know whether to ask for a key; it is told nothing else.
     let auth = if state.config.api_keys.is_empty() {
@@ -50,10 +54,18 @@ pub async fn index(State(state): State<AppState>) -> Response {
     )
 }
 
+/// The page's script.
+#[utoipa::path(get, path = "/app.js", tag = "page", responses((status = 200,
+    description = "The page's script", content_type = "text/javascript; charset=utf-8",
+    body = String)))]
 pub async fn script() -> Response {
     asset(SCRIPT.to_owned(), "text/javascript; charset=utf-8")
 }
 
+/// The page's stylesheet.
+#[utoipa::path(get, path = "/app.css", tag = "page", responses((status = 200,
+    description = "The page's stylesheet", content_type = "text/css; charset=utf-8",
+    body = String)))]
 pub async fn style() -> Response {
     asset(STYLE.to_owned(), "text/css; charset=utf-8")
 }

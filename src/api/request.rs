@@ -19,11 +19,18 @@ pub struct QueryParams {
     pub deltas: bool,
 }
 
-#[derive(Deserialize)]
-struct PostBody {
+/// The JSON body of `POST /query/stream` and `POST /query`. Other fields are ignored.
+/// `maxLength` is the service's `MAX_QUERY_BYTES`, counted in UTF-8 bytes.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = QueryRequest, example = json!({"query": "Why is the sky blue?", "deltas": true}))]
+pub(super) struct PostBody {
+    /// The question: at least one non-whitespace character.
+    #[schema(min_length = 1, pattern = r"\S")]
     query: String,
+    /// An optional system prompt for both models; blank means none.
     #[serde(default)]
     system: Option<String>,
+    /// Also send `delta` events as text arrives (`/query/stream` only; `/query` ignores it).
     #[serde(default)]
     deltas: Option<bool>,
 }
@@ -89,11 +96,32 @@ fn json_problem(e: &serde_json::Error) -> String {
     }
 }
 
-#[derive(Deserialize)]
-struct GetQuery {
+/// The query string of `GET /query/stream`. `maxLength` is the service's `MAX_QUERY_BYTES`,
+/// counted in UTF-8 bytes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct GetQuery {
+    /// The question: at least one non-whitespace character. Not needed (and ignored) when the
+    /// request resumes a run with `Last-Event-ID`.
+    #[param(value_type = String, required = true, min_length = 1, pattern = r"\S")]
     q: Option<String>,
+    /// An optional system prompt for both models; blank means none.
+    #[param(value_type = String, required = false)]
     system: Option<String>,
+    /// Also send `delta` events as text arrives.
+    #[param(schema_with = deltas_schema)]
     deltas: Option<String>,
+}
+
+/// The spellings `parse_get` accepts for `deltas`.
+const DELTAS_VALUES: [&str; 9] = ["", "0", "1", "false", "true", "no", "yes", "off", "on"];
+
+fn deltas_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(DELTAS_VALUES))
+        .default(Some(serde_json::json!("0")))
+        .build()
 }
 
 pub fn parse_get(raw: Option<&str>, max_query_bytes: usize) -> Result<QueryParams, ApiError> {
@@ -166,4 +194,18 @@ pub fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError
             )
         })?;
     Ok(Some(text.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API description lists these spellings of `deltas`; each must be accepted.
+    #[test]
+    fn every_described_deltas_value_is_accepted() {
+        for v in DELTAS_VALUES {
+            let parsed = parse_get(Some(&format!("q=hi&deltas={v}")), 100);
+            assert!(parsed.is_ok(), "deltas={v:?}");
+        }
+    }
 }

@@ -16,6 +16,7 @@ mod audit_http;
 mod db;
 mod helpers;
 mod metrics;
+mod openapi;
 mod process;
 mod protection;
 mod real_providers;

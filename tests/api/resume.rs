@@ -206,3 +206,20 @@ async fn another_replica_resumes_from_the_shared_database() {
     let unknown = format!("{}:0", uuid::Uuid::now_v7());
     assert_eq!(resume_on_b(unknown).await.unwrap().status(), 404);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_last_event_id_is_no_id() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let resp = app
+        .client
+        .post(app.url("/query/stream"))
+        .header("last-event-id", "")
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let events = read_events(resp).await;
+    check_invariants(&events);
+    assert_eq!(app.flash.started(), 1, "a new run, as without the header");
+}

@@ -37,8 +37,7 @@ fn main() -> ExitCode {
     }
     if let Some(Command::Bench { command }) = cli.command {
         // Like the mock, a benchmark needs none of the service's configuration.
-        let log_format = Config::from_env().map_or(LogFormat::Pretty, |c| c.log_format);
-        duet::telemetry::init(log_format);
+        duet::telemetry::init_stderr();
         return run(run_bench(command));
     }
     let config = match Config::from_env() {

@@ -53,6 +53,82 @@ pub enum Command {
         #[arg(long, default_value_t = 19)]
         tokens: usize,
     },
+    /// Benchmarks: a load generator for SSE streams, and the audit writer's throughput
+    /// (docs/benchmarks.md).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Open C concurrent SSE streams against a URL and report latency percentiles.
+    Streams(StreamArgs),
+    /// Write synthetic run records through the audit writer and report records/s.
+    Audit(AuditBenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StreamArgs {
+    /// `http://HOST:PORT/query/stream` for duet, `http://HOST:PORT/v1/chat/completions`
+    /// for an OpenAI-compatible upstream such as `duet mock-provider`.
+    #[arg(long)]
+    pub url: String,
+    #[arg(long, value_enum, default_value = "duet")]
+    pub target: crate::bench::streams::Target,
+    /// Streams open at once (one worker, and one connection, each).
+    #[arg(long, short = 'c', default_value_t = 1)]
+    pub concurrency: usize,
+    /// Streams to run in all, warm-up included (default 1000 unless --duration is given).
+    #[arg(long, short = 'n')]
+    pub requests: Option<u64>,
+    /// Stop starting streams after this many seconds (open ones finish).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    #[arg(long, default_value = "Write a haiku about the sea.")]
+    pub query: String,
+    /// Ask duet for `delta` events (needed for time to first token per model).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub deltas: bool,
+    /// Deadline of one stream, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout: f64,
+    /// Streams per worker left out of the latency figures (connection set-up).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    /// Spread the workers' starts over this many seconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub ramp: f64,
+    /// Kinds of stream and their weights, e.g. `normal:70,hang:5,error:5,midstream:5,stall:5,disconnect:5,slow:5`.
+    #[arg(long, default_value = "normal:1")]
+    pub mix: crate::bench::streams::Mix,
+    /// Wait before reading each event, for the `slow` kind, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub slow_read_ms: u64,
+    /// Write `RUN_ID OUTCOME` per started duet stream to this file.
+    #[arg(long)]
+    pub run_ids: Option<std::path::PathBuf>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AuditBenchArgs {
+    /// `sqlite://PATH` or `postgres://...` (tables are created; records are added).
+    #[arg(long)]
+    pub database_url: String,
+    #[arg(long, short = 'n', default_value_t = 20_000)]
+    pub records: u64,
+    /// Bytes of answer text per model in each record.
+    #[arg(long, default_value_t = 400)]
+    pub text_bytes: usize,
+    /// Dead-letter file for records the database refuses.
+    #[arg(long, default_value = "bench-deadletter.jsonl")]
+    pub deadletter: std::path::PathBuf,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -179,6 +179,10 @@ pub struct Config {
     pub resume_retention: Duration,
     /// A client that takes no event for this long is treated as gone.
     pub client_write_timeout: Duration,
+    /// `UPSTREAM_HTTP2`: speak HTTP/2 to `http://` upstreams without asking first (h2c prior
+    /// knowledge), so that all calls to one upstream share one connection instead of one
+    /// connection each. `https://` upstreams negotiate HTTP/2 by ALPN either way.
+    pub upstream_http2: bool,
 }
 
 /// A configuration value that cannot be used; its `Display` is the one line printed at start.
@@ -274,6 +278,19 @@ fn seconds(src: &dyn Source, name: &'static str) -> Result<Option<Duration>, Con
 
 fn seconds_or(src: &dyn Source, name: &'static str, default: f64) -> Result<Duration, ConfigError> {
     Ok(seconds(src, name)?.unwrap_or(Duration::from_secs_f64(default)))
+}
+
+/// A yes/no variable: `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`.
+fn flag(src: &dyn Source, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match var(src, name).map(|v| v.to_ascii_lowercase()).as_deref() {
+        None => Ok(default),
+        Some("1" | "true" | "yes" | "on") => Ok(true),
+        Some("0" | "false" | "no" | "off") => Ok(false),
+        Some(other) => Err(ConfigError::new(
+            name,
+            format!("{other:?} is not 1 or 0 (true/false, yes/no, on/off)"),
+        )),
+    }
 }
 
 fn positive(src: &dyn Source, name: &'static str, default: usize) -> Result<usize, ConfigError> {
@@ -496,6 +513,7 @@ impl Config {
             header_read_timeout: seconds_or(src, "HEADER_READ_TIMEOUT_S", 10.0)?,
             resume_retention: seconds_or(src, "RESUME_RETENTION_S", 300.0)?,
             client_write_timeout: seconds_or(src, "CLIENT_WRITE_TIMEOUT_S", 30.0)?,
+            upstream_http2: flag(src, "UPSTREAM_HTTP2", false)?,
         })
     }
 
@@ -556,6 +574,14 @@ mod tests {
     }
 
     #[test]
+    fn upstream_http2_is_a_flag() {
+        assert!(!load(&[]).unwrap().upstream_http2);
+        assert!(load(&[("UPSTREAM_HTTP2", "1")]).unwrap().upstream_http2);
+        assert!(load(&[("UPSTREAM_HTTP2", "TRUE")]).unwrap().upstream_http2);
+        assert!(!load(&[("UPSTREAM_HTTP2", "off")]).unwrap().upstream_http2);
+    }
+
+    #[test]
     fn bad_values_name_their_variable() {
         let cases = [
             ("FLASH_TIMEOUT_S", "soon"),
@@ -574,6 +600,7 @@ mod tests {
             ("HEADER_READ_TIMEOUT_S", "0"),
             ("MAX_CONCURRENT_STREAMS", "99999999999"),
             ("CLIENT_WRITE_TIMEOUT_S", "x"),
+            ("UPSTREAM_HTTP2", "maybe"),
         ];
         for (name, value) in cases {
             let err = load(&[(name, value)]).unwrap_err();

@@ -16,9 +16,11 @@
 //! - [`server`]: binding, serving, signals and graceful shutdown.
 //! - [`telemetry`]: logging setup.
 //! - [`cli`]: the command line.
+//! - [`bench`]: `duet bench`: the load generator and the audit-writer benchmark.
 
 pub mod api;
 pub mod audit;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod metrics;

@@ -69,7 +69,8 @@ impl Parts {
     /// The providers the configuration names.
     pub fn from_config(config: Config, sink: Arc<dyn AuditSink>) -> Result<Parts, ServeError> {
         // One client for every upstream call: one connection pool, made once.
-        let client = providers::http::client().map_err(providers::BuildError::from)?;
+        let client =
+            providers::http::client(config.upstream_http2).map_err(providers::BuildError::from)?;
         Ok(Parts {
             flash: providers::build(&config.flash, &client)?,
             pro: providers::build(&config.pro, &client)?,

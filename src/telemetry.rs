@@ -22,3 +22,13 @@ pub fn init(format: LogFormat) {
         LogFormat::Pretty => registry.with(fmt::layer().with_target(false)).try_init(),
     };
 }
+
+/// Logging for tools whose standard output is their report (`duet bench`): warnings and
+/// errors only by default, on standard error, so `--json` output stays parseable.
+pub fn init_stderr() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt::layer().with_target(false).with_writer(std::io::stderr))
+        .try_init();
+}

@@ -39,8 +39,26 @@ const MAX_DETAIL_BODY_CHARS: usize = 2048;
 /// The one HTTP client all adapters share: pooled connections (HTTP/2 when the upstream
 /// offers it over TLS), a connect timeout so an unreachable upstream fails fast and can be
 /// retried, and no overall timeout (the orchestrator's deadlines bound every call).
-pub fn client() -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
+///
+/// With `http2_prior_knowledge` (`UPSTREAM_HTTP2=1`) plain `http://` upstreams are spoken to
+/// in HTTP/2 from the first byte, so every call to one upstream is a stream on one shared
+/// connection: a file descriptor per upstream instead of one per call in flight, which is
+/// what lets one process hold more than about 6,000 runs under a 20,000-descriptor limit.
+/// It is off by default because an HTTP/1.1-only upstream (most local servers) then fails.
+/// Calls beyond the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS` wait for a free stream.
+pub fn client(http2_prior_knowledge: bool) -> reqwest::Result<reqwest::Client> {
+    let builder = reqwest::Client::builder();
+    let builder = if http2_prior_knowledge {
+        builder
+            .http2_prior_knowledge()
+            // Pings find a dead upstream connection that would otherwise hold every call
+            // multiplexed on it until their deadlines.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_while_idle(true)
+    } else {
+        builder
+    };
+    builder
         .connect_timeout(Duration::from_secs(5))
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)

@@ -113,15 +113,66 @@ pub fn router(config: MockConfig) -> Router {
         .with_state(Arc::new(config))
 }
 
+/// HTTP/2 streams one connection may carry at once. Benchmarks multiplex thousands of
+/// upstream calls on one h2c connection (`UPSTREAM_HTTP2=1`); hyper's default of 200 would
+/// make the rest wait for a free stream and measure the queue, not the relay.
+const MAX_H2_STREAMS: u32 = 100_000;
+
+/// Open connections get this long to finish after `shutdown` before they are dropped (a
+/// `hang` answer would otherwise hold the process for `HOLD_MAX`).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves the mock on `listener` until `shutdown` resolves (HTTP/1.1 and h2c).
+///
+/// A small accept loop over hyper-util rather than `axum::serve`, which exposes neither the
+/// HTTP/2 stream limit nor `TCP_NODELAY`: small SSE frames must leave at once, as a real
+/// provider's do, or Nagle's algorithm would add its delay to every benchmark.
 pub async fn serve(
     listener: TcpListener,
     config: MockConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(config))
-        .with_graceful_shutdown(shutdown)
-        .await
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo},
+        server::{conn::auto, graceful::GracefulShutdown},
+        service::TowerToHyperService,
+    };
+    use tower::ServiceExt;
+
+    let app = router(config);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(MAX_H2_STREAMS);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors: back off instead of spinning on accept.
+                    tracing::warn!(error = %e, "mock provider: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = app
+            .clone()
+            .map_request(|req: axum::http::Request<hyper::body::Incoming>| req.map(Body::new));
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that resets its connection is the client's business.
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+    Ok(())
 }
 
 /// Binds `addr` and serves until SIGINT/SIGTERM: `duet mock-provider`.

@@ -8,11 +8,11 @@
 //! `[DONE]` with no finish reason is a truncated answer. Mid-stream errors are
 //! `data: {"error": ...}`, or an `error: {...}` line from older llama.cpp builds.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use eventsource_stream::Event;
 use reqwest::header::HeaderValue;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
@@ -125,7 +125,92 @@ fn usage_of(v: &Value) -> Option<Usage> {
     })
 }
 
+/// The usual `chat.completion.chunk`, for the typed fast path of [`OpenAiDecoder::event`].
+/// Unknown fields are skipped; a known field of an unexpected type fails the typed parse
+/// and sends the chunk down the general path.
+#[derive(Deserialize)]
+struct FastChunk<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<FastChoice<'a>>>,
+    #[serde(default)]
+    usage: Option<FastUsage>,
+    /// Any `error` key at all, whatever its value: the general path decides what it means.
+    #[serde(default)]
+    error: Present,
+}
+
+#[derive(Deserialize)]
+struct FastChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<FastDelta<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct FastDelta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct FastUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+/// Whether a key was there at all (even as `null`).
+#[derive(Default)]
+struct Present(bool);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d)?;
+        Ok(Present(true))
+    }
+}
+
 impl OpenAiDecoder {
+    /// One usual chunk: the same rules as the general path, on typed fields.
+    fn step(&mut self, chunk: FastChunk<'_>) -> Step {
+        if let Some(model) = chunk.model
+            && self.model_version.as_deref() != Some(&*model)
+        {
+            self.model_version = Some(model.into_owned());
+        }
+        if let Some(u) = chunk.usage {
+            self.usage = Some(Usage {
+                input_tokens: u.prompt_tokens,
+                output_tokens: u.completion_tokens,
+            });
+        }
+        let choice = chunk.choices.and_then(|c| c.into_iter().next());
+        let (text, reason) = match choice {
+            Some(c) => (
+                c.delta
+                    .and_then(|d| d.content)
+                    .filter(|t| !t.is_empty())
+                    .map(Cow::into_owned),
+                c.finish_reason,
+            ),
+            None => (None, None),
+        };
+        if let Some(reason) = reason {
+            self.finish_reason = Some(reason.into_owned());
+        }
+        if self.finish_reason.is_some() && self.usage.is_some() {
+            return Step::Finish {
+                delta: text,
+                completion: self.completion(),
+            };
+        }
+        text.map_or(Step::Continue, Step::Delta)
+    }
+
     fn completion(&self) -> Completion {
         Completion {
             finish_reason: self.finish_reason.clone(),
@@ -146,6 +231,19 @@ impl Decoder for OpenAiDecoder {
                 });
             }
             return Ok(Step::Ended);
+        }
+        // The hot path: nearly every chunk has the usual shape and goes through typed,
+        // borrowing deserialization (no `Value` tree, no allocation per field). Anything
+        // else (an error object, a field of another type, broken JSON) takes the general
+        // path below, so its handling and messages stay exactly as they were.
+        // Only objects: serde would also read a struct from a JSON array.
+        let object = event.data.trim_start().starts_with('{');
+        if let Some(chunk) = serde_json::from_str::<FastChunk>(&event.data)
+            .ok()
+            .filter(|_| object)
+            && !chunk.error.0
+        {
+            return Ok(self.step(chunk));
         }
         let v = http::json(ctx, &event.data)?;
         if let Some(fault) = v.get("error").and_then(|_| Fault::from_value(&v)) {
@@ -339,6 +437,36 @@ mod tests {
             );
             assert_eq!(e.message, "openai sent a malformed answer");
         }
+    }
+
+    #[test]
+    fn fast_and_general_paths_agree_on_odd_chunks() {
+        let ctx = ctx("openai");
+        let event = |data: &str| Event {
+            data: data.to_owned(),
+            ..Event::default()
+        };
+        // An array is not a chunk, even if serde could read a struct from it.
+        let e = OpenAiDecoder::default()
+            .event(&ctx, &event("[null, [], null]"))
+            .unwrap_err();
+        assert_eq!(e.error_type, ErrorType::InvalidResponse);
+        // A field of an unexpected type takes the general path, which ignores it.
+        let step = OpenAiDecoder::default()
+            .event(
+                &ctx,
+                &event(r#"{"model":7,"choices":[{"delta":{"content":"Hi"}}]}"#),
+            )
+            .unwrap();
+        assert!(matches!(step, Step::Delta(t) if t == "Hi"));
+        // Escaped text is unescaped on the fast path too.
+        let step = OpenAiDecoder::default()
+            .event(
+                &ctx,
+                &event(r#"{"choices":[{"delta":{"content":"a\nb"}}]}"#),
+            )
+            .unwrap();
+        assert!(matches!(step, Step::Delta(t) if t == "a\nb"));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 mod audit;
 mod audit_cli;
 mod audit_http;
+mod bench;
 mod db;
 mod helpers;
 mod metrics;

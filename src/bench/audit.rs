@@ -1,0 +1,141 @@
+//! `duet bench audit`: records per second the audit writer sustains on one database.
+//!
+//! The records go through the service's own path: [`AuditWriter::submit`] into the bounded
+//! queue, the one writer task, batched transactions. The generator keeps the queue below its
+//! high-water mark (it waits a millisecond when the queue is that full) rather than letting
+//! it overflow: an overflowing queue dead-letters, which would measure the file, not the
+//! database. The result is therefore the writer's sustained rate with the queue kept busy.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use chrono::Utc;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::BenchError;
+use crate::{
+    audit::{
+        AuditSink, AuditWriter, ModelTrace, Outcome, RunRecord, RunStatus, Store, WriterOptions,
+    },
+    metrics::Metrics,
+};
+
+/// What to write where.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub database_url: String,
+    pub records: u64,
+    /// Bytes of answer text per model (a short answer is a few hundred bytes).
+    pub text_bytes: usize,
+    pub deadletter: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub backend: &'static str,
+    pub records: u64,
+    pub elapsed_s: f64,
+    pub records_per_s: f64,
+    /// Highest queue depth seen by the generator.
+    pub peak_queue_depth: usize,
+    /// Records the writer gave up on (must be 0).
+    pub deadlettered: u64,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "audit {}: {} records in {:.2}s = {:.0} records/s (peak queue {}, dead-lettered {})",
+            self.backend,
+            self.records,
+            self.elapsed_s,
+            self.records_per_s,
+            self.peak_queue_depth,
+            self.deadlettered
+        )
+    }
+}
+
+fn trace(role: &str, text: &str) -> ModelTrace {
+    ModelTrace {
+        provider: "openai".into(),
+        model: format!("bench-{role}"),
+        model_version: Some("bench-2025-01-01".into()),
+        outcome: Outcome::Ok,
+        error_type: None,
+        error_message: None,
+        text: text.to_owned(),
+        finish_reason: Some("stop".into()),
+        latency_ms: 400,
+        ttft_ms: Some(200),
+        input_tokens: Some(12),
+        output_tokens: Some(19),
+    }
+}
+
+fn record(text: &str) -> RunRecord {
+    RunRecord {
+        run_id: Uuid::now_v7(),
+        client_request_id: None,
+        created_at: Utc::now(),
+        query: "Write a haiku about the sea.".into(),
+        system: None,
+        status: RunStatus::Ok,
+        total_ms: 400,
+        service_version: crate::SERVICE_VERSION.into(),
+        flash: trace("flash", text),
+        pro: trace("pro", text),
+        // What a real run stores for resumes: its non-delta events, which repeat both texts.
+        events: format!(
+            "event: start\nid: r:0\ndata: {{}}\n\nevent: flash\nid: r:1\ndata: {{\"text\":\"{text}\"}}\n\n\
+             event: pro\nid: r:2\ndata: {{\"text\":\"{text}\"}}\n\nevent: done\nid: r:3\ndata: {{}}\n\n"
+        ),
+    }
+}
+
+pub async fn run(options: Options) -> Result<Report, BenchError> {
+    let store = Store::connect(&options.database_url).await?;
+    store.migrate().await?;
+    let metrics = Metrics::new()?;
+    let writer_options = WriterOptions::new(&options.deadletter);
+    let high_water = writer_options.high_water;
+    let writer = AuditWriter::start(Arc::new(store.clone()), writer_options, metrics.clone())?;
+    let text: String = "Gray waves fold to foam "
+        .chars()
+        .cycle()
+        .take(options.text_bytes)
+        .collect();
+    let started = std::time::Instant::now();
+    let mut peak = 0;
+    let mut submitted = 0;
+    // Bounded by the record count; each wait is a millisecond while the writer catches up.
+    while submitted < options.records {
+        let depth = writer.queue_depth();
+        peak = peak.max(depth);
+        if depth >= high_water {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        writer.submit(record(&text));
+        submitted += 1;
+    }
+    writer.shutdown(Duration::from_secs(120)).await;
+    let elapsed = started.elapsed();
+    store.close().await;
+    let deadlettered = metrics
+        .audit_writes_total
+        .with_label_values(&["deadletter"])
+        .get();
+    Ok(Report {
+        backend: match store {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        },
+        records: options.records,
+        elapsed_s: elapsed.as_secs_f64(),
+        records_per_s: options.records as f64 / elapsed.as_secs_f64().max(1e-9),
+        peak_queue_depth: peak,
+        deadlettered,
+    })
+}

@@ -1,0 +1,667 @@
+//! `duet bench streams`: the load generator. C workers each open one SSE stream at a time
+//! against a URL, until a request count or a duration is used up, and time every stream.
+//!
+//! Two targets, so that one workload can be compared with and without the relay:
+//! - `duet`: `POST /query/stream` (`{"query","deltas"}`); the first token is the first
+//!   `delta` of either model (or the first answer event without deltas), the end is `done`.
+//! - `openai`: an OpenAI-compatible `POST …/chat/completions` with `"stream": true`, such as
+//!   `duet mock-provider`; the first token is the first chunk with content, the end is
+//!   `data: [DONE]`.
+//!
+//! Client-side cost is kept low so the generator is not the bottleneck: one reqwest client
+//! (one pool, HTTP/1.1, one kept-alive connection per worker), request bodies encoded once
+//! per kind and shared as `Bytes`, events parsed by `eventsource-stream` with only the few
+//! fields needed deserialized (borrowed, no `Value`). Every loop is bounded: by the request
+//! count or the duration for starting streams, and by `--timeout` for each stream.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{BenchError, stats::Summary};
+
+/// What the load generator talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// duet's `POST /query/stream`.
+    Duet,
+    /// An OpenAI-compatible streaming chat endpoint (e.g. `duet mock-provider`).
+    Openai,
+}
+
+/// What one stream does: a plain run, an upstream fault asked of the mock with a
+/// `[[mock:…]]` directive, or a client behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Normal,
+    /// The upstream never answers: the models' deadlines end the run.
+    Hang,
+    /// The upstream answers 500 (retried, then an error event).
+    Error,
+    /// The upstream's stream breaks after two tokens with an error object.
+    Midstream,
+    /// The upstream sends two tokens and then nothing: the stall deadline ends it.
+    Stall,
+    /// The client goes away after its first token.
+    Disconnect,
+    /// The client reads slowly (`--slow-read-ms` before each event).
+    Slow,
+}
+
+impl Kind {
+    const ALL: [Kind; 7] = [
+        Kind::Normal,
+        Kind::Hang,
+        Kind::Error,
+        Kind::Midstream,
+        Kind::Stall,
+        Kind::Disconnect,
+        Kind::Slow,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Normal => "normal",
+            Kind::Hang => "hang",
+            Kind::Error => "error",
+            Kind::Midstream => "midstream",
+            Kind::Stall => "stall",
+            Kind::Disconnect => "disconnect",
+            Kind::Slow => "slow",
+        }
+    }
+
+    /// The mock directive this kind adds to the query.
+    fn directive(self) -> &'static str {
+        match self {
+            Kind::Hang => " [[mock:hang]]",
+            Kind::Error => " [[mock:status=500]]",
+            Kind::Midstream => " [[mock:midstream-error]]",
+            Kind::Stall => " [[mock:stall_after=2]]",
+            Kind::Normal | Kind::Disconnect | Kind::Slow => "",
+        }
+    }
+}
+
+/// Weights of the kinds, e.g. `normal:70,hang:5,error:10`: stream `i` gets the kind whose
+/// cumulative weight covers `i mod total`, so the mix is exact over every `total` streams
+/// and the same on every run (no randomness to explain away between runs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mix(Vec<(Kind, u32)>);
+
+impl Default for Mix {
+    fn default() -> Self {
+        Mix(vec![(Kind::Normal, 1)])
+    }
+}
+
+impl std::str::FromStr for Mix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Mix, String> {
+        let mut mix = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (name, weight) = item.split_once(':').unwrap_or((item, "1"));
+            let kind = Kind::ALL
+                .into_iter()
+                .find(|k| k.name() == name.trim())
+                .ok_or_else(|| {
+                    format!("unknown kind {name:?} (normal, hang, error, midstream, stall, disconnect, slow)")
+                })?;
+            let weight: u32 = weight
+                .trim()
+                .parse()
+                .map_err(|_| format!("weight of {name} must be a whole number"))?;
+            if weight > 0 {
+                mix.push((kind, weight));
+            }
+        }
+        if mix.is_empty() {
+            return Err("the mix names no kind with a weight above 0".into());
+        }
+        Ok(Mix(mix))
+    }
+}
+
+impl Mix {
+    fn pick(&self, i: u64) -> Kind {
+        let total: u64 = self.0.iter().map(|(_, w)| u64::from(*w)).sum();
+        let mut at = i % total.max(1);
+        for (kind, weight) in &self.0 {
+            if at < u64::from(*weight) {
+                return *kind;
+            }
+            at -= u64::from(*weight);
+        }
+        Kind::Normal
+    }
+}
+
+/// Everything a load run needs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub url: String,
+    pub target: Target,
+    pub concurrency: usize,
+    /// Streams to run in all (warm-up included); `None` with a duration: as many as fit.
+    pub requests: Option<u64>,
+    /// Stop starting streams after this long.
+    pub duration: Option<Duration>,
+    pub query: String,
+    pub deltas: bool,
+    /// Deadline of one stream, from sending the request to its end.
+    pub timeout: Duration,
+    /// The first streams of each worker, left out of the latency figures (connection set-up).
+    pub warmup: u64,
+    /// Workers start spread over this long instead of all at once.
+    pub ramp: Duration,
+    pub mix: Mix,
+    pub slow_read: Duration,
+    /// Where to write `run_id outcome` per started duet stream.
+    pub run_ids: Option<PathBuf>,
+}
+
+/// One stream's timings, from just before the request is sent.
+#[derive(Debug, Default)]
+struct Sample {
+    warmup: bool,
+    kind: Option<Kind>,
+    ttfb: Option<Duration>,
+    first_event: Option<Duration>,
+    first_token: Option<Duration>,
+    first_flash: Option<Duration>,
+    first_pro: Option<Duration>,
+    end: Option<Duration>,
+    status: Option<String>,
+    error: Option<String>,
+    disconnected: bool,
+    run_id: Option<String>,
+}
+
+/// The result of a load run.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub target: Target,
+    pub url: String,
+    pub concurrency: usize,
+    /// Streams attempted, warm-up included.
+    pub streams: u64,
+    /// Streams whose latencies were left out as warm-up.
+    pub warmup: u64,
+    pub elapsed_s: f64,
+    /// Streams that reached their end (`done` / `[DONE]`), per second of the whole run.
+    pub streams_per_s: f64,
+    pub ended: u64,
+    /// Streams the client left on purpose (`disconnect` kind).
+    pub disconnected: u64,
+    pub errors_total: u64,
+    pub errors: BTreeMap<String, u64>,
+    /// `done` statuses (duet) and how many streams of each kind ran.
+    pub statuses: BTreeMap<String, u64>,
+    pub kinds: BTreeMap<Kind, u64>,
+    /// Most streams open at once (response headers received, end not yet reached).
+    pub peak_open: i64,
+    pub ttfb: Summary,
+    pub first_event: Summary,
+    pub first_token: Summary,
+    pub first_flash: Summary,
+    pub first_pro: Summary,
+    pub end: Summary,
+}
+
+struct Shared {
+    options: Options,
+    client: reqwest::Client,
+    /// Request body per kind, encoded once.
+    bodies: BTreeMap<Kind, Bytes>,
+    started: AtomicU64,
+    open: AtomicI64,
+    peak_open: AtomicI64,
+    stop_at: Option<Instant>,
+}
+
+impl Shared {
+    /// The index of the next stream to start, or `None` when the run is used up.
+    fn next(&self) -> Option<u64> {
+        if self.stop_at.is_some_and(|at| Instant::now() >= at) {
+            return None;
+        }
+        let i = self.started.fetch_add(1, Ordering::Relaxed);
+        match self.options.requests {
+            Some(n) if i >= n => None,
+            _ => Some(i),
+        }
+    }
+}
+
+fn body(options: &Options, kind: Kind) -> Bytes {
+    let query = format!("{}{}", options.query, kind.directive());
+    let value = match options.target {
+        Target::Duet => serde_json::json!({"query": query, "deltas": options.deltas}),
+        Target::Openai => serde_json::json!({
+            "model": "bench",
+            "stream": true,
+            "messages": [{"role": "user", "content": query}],
+        }),
+    };
+    Bytes::from(value.to_string())
+}
+
+/// Runs the load and reports it.
+pub async fn run(options: Options) -> Result<Report, BenchError> {
+    if options.requests.is_none() && options.duration.is_none() {
+        return Err(BenchError::Usage(
+            "give --requests or --duration, so that the run ends".into(),
+        ));
+    }
+    let concurrency = options.concurrency.max(1);
+    let client = reqwest::Client::builder()
+        // Loopback targets only: a proxy from the environment must not carry the load.
+        .no_proxy()
+        .http1_only()
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        // One idle connection per worker, so every worker reuses its own.
+        .pool_max_idle_per_host(concurrency)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()?;
+    let bodies = Kind::ALL.iter().map(|&k| (k, body(&options, k))).collect();
+    let started_at = Instant::now();
+    let shared = Arc::new(Shared {
+        stop_at: options.duration.map(|d| started_at + d),
+        options,
+        client,
+        bodies,
+        started: AtomicU64::new(0),
+        open: AtomicI64::new(0),
+        peak_open: AtomicI64::new(0),
+    });
+    let mut workers = tokio::task::JoinSet::new();
+    for id in 0..concurrency {
+        workers.spawn(worker(id, concurrency, Arc::clone(&shared)));
+    }
+    let mut samples = Vec::new();
+    while let Some(done) = workers.join_next().await {
+        match done {
+            Ok(mut s) => samples.append(&mut s),
+            Err(e) => return Err(BenchError::Usage(format!("a worker failed: {e}"))),
+        }
+    }
+    let elapsed = started_at.elapsed();
+    if let Some(path) = &shared.options.run_ids {
+        write_run_ids(path, &samples)?;
+    }
+    Ok(report(&shared, samples, elapsed))
+}
+
+async fn worker(id: usize, concurrency: usize, shared: Arc<Shared>) -> Vec<Sample> {
+    let ramp = shared.options.ramp;
+    if !ramp.is_zero() {
+        tokio::time::sleep(ramp.mul_f64(id as f64 / concurrency as f64)).await;
+    }
+    let mut samples = Vec::new();
+    let mut warmup = shared.options.warmup;
+    while let Some(i) = shared.next() {
+        let kind = shared.options.mix.pick(i);
+        let mut sample = one_stream(&shared, kind).await;
+        if warmup > 0 {
+            warmup -= 1;
+            sample.warmup = true;
+        }
+        samples.push(sample);
+    }
+    samples
+}
+
+#[derive(Deserialize)]
+struct ModelField<'a> {
+    #[serde(borrow)]
+    model: &'a str,
+}
+
+#[derive(Deserialize)]
+struct DoneData<'a> {
+    #[serde(borrow)]
+    status: &'a str,
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    delta: Option<ChoiceDelta>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceDelta {
+    content: Option<String>,
+}
+
+/// Counts a stream as open from its response headers to its end, keeping the peak.
+struct OpenGuard<'a>(&'a Shared);
+
+impl<'a> OpenGuard<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        let now = shared.open.fetch_add(1, Ordering::Relaxed) + 1;
+        shared.peak_open.fetch_max(now, Ordering::Relaxed);
+        OpenGuard(shared)
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn one_stream(shared: &Shared, kind: Kind) -> Sample {
+    let options = &shared.options;
+    let mut s = Sample {
+        kind: Some(kind),
+        ..Sample::default()
+    };
+    let body = shared.bodies.get(&kind).cloned().unwrap_or_default();
+    let t0 = Instant::now();
+    let deadline = t0 + options.timeout;
+    let request = shared
+        .client
+        .post(&options.url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::ACCEPT, "text/event-stream")
+        .body(body)
+        .send();
+    let response = match tokio::time::timeout_at(deadline, request).await {
+        Err(_) => {
+            s.error = Some("timeout before headers".into());
+            return s;
+        }
+        Ok(Err(e)) => {
+            s.error = Some(if e.is_connect() {
+                "connect".into()
+            } else {
+                "request".into()
+            });
+            return s;
+        }
+        Ok(Ok(r)) => r,
+    };
+    s.ttfb = Some(t0.elapsed());
+    s.run_id = response
+        .headers()
+        .get("x-run-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if !response.status().is_success() {
+        s.error = Some(format!("status {}", response.status().as_u16()));
+        return s;
+    }
+    let _open = OpenGuard::new(shared);
+    let mut events = response.bytes_stream().eventsource();
+    loop {
+        if kind == Kind::Slow {
+            tokio::time::sleep(options.slow_read).await;
+        }
+        let next = match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                s.error = Some("timeout mid-stream".into());
+                break;
+            }
+        };
+        let event = match next {
+            None => {
+                s.error = Some("stream ended without its end event".into());
+                break;
+            }
+            Some(Err(_)) => {
+                s.error = Some("broken stream".into());
+                break;
+            }
+            Some(Ok(event)) => event,
+        };
+        let at = t0.elapsed();
+        s.first_event.get_or_insert(at);
+        match options.target {
+            Target::Duet => match event.event.as_str() {
+                "delta" => {
+                    s.first_token.get_or_insert(at);
+                    match serde_json::from_str::<ModelField>(&event.data).map(|m| m.model) {
+                        Ok("flash") => {
+                            s.first_flash.get_or_insert(at);
+                        }
+                        Ok("pro") => {
+                            s.first_pro.get_or_insert(at);
+                        }
+                        _ => {}
+                    }
+                }
+                "flash" | "pro" => {
+                    s.first_token.get_or_insert(at);
+                }
+                "done" => {
+                    s.end = Some(at);
+                    s.status = serde_json::from_str::<DoneData>(&event.data)
+                        .map(|d| d.status.to_owned())
+                        .ok();
+                    break;
+                }
+                _ => {}
+            },
+            Target::Openai => {
+                if event.data == "[DONE]" {
+                    s.end = Some(at);
+                    break;
+                }
+                let content = serde_json::from_str::<Chunk>(&event.data)
+                    .ok()
+                    .and_then(|c| c.choices.into_iter().next())
+                    .and_then(|c| c.delta)
+                    .and_then(|d| d.content)
+                    .is_some_and(|t| !t.is_empty());
+                if content {
+                    s.first_token.get_or_insert(at);
+                }
+            }
+        }
+        if kind == Kind::Disconnect && s.first_token.is_some() {
+            // Dropping the body closes the connection: the server sees the client leave.
+            s.disconnected = true;
+            break;
+        }
+    }
+    s
+}
+
+fn write_run_ids(path: &PathBuf, samples: &[Sample]) -> Result<(), BenchError> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for s in samples {
+        if let Some(id) = &s.run_id {
+            let outcome = if s.end.is_some() {
+                "done"
+            } else if s.disconnected {
+                "disconnected"
+            } else {
+                "error"
+            };
+            writeln!(out, "{id} {outcome}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn report(shared: &Shared, samples: Vec<Sample>, elapsed: Duration) -> Report {
+    let mut errors = BTreeMap::new();
+    let mut statuses = BTreeMap::new();
+    let mut kinds = BTreeMap::new();
+    let (mut ended, mut disconnected, mut warmup) = (0, 0, 0);
+    let mut measures: [Vec<Duration>; 6] = Default::default();
+    for s in &samples {
+        if let Some(kind) = s.kind {
+            *kinds.entry(kind).or_insert(0) += 1;
+        }
+        if let Some(e) = &s.error {
+            *errors.entry(e.clone()).or_insert(0) += 1;
+        }
+        if let Some(st) = &s.status {
+            *statuses.entry(st.clone()).or_insert(0) += 1;
+        }
+        ended += u64::from(s.end.is_some());
+        disconnected += u64::from(s.disconnected);
+        if s.warmup {
+            warmup += 1;
+            continue;
+        }
+        let fields = [
+            s.ttfb,
+            s.first_event,
+            s.first_token,
+            s.first_flash,
+            s.first_pro,
+            s.end,
+        ];
+        for (m, v) in measures.iter_mut().zip(fields) {
+            m.extend(v);
+        }
+    }
+    let [ttfb, first_event, first_token, first_flash, first_pro, end] = measures.map(Summary::of);
+    let options = &shared.options;
+    Report {
+        target: options.target,
+        url: options.url.clone(),
+        concurrency: options.concurrency,
+        streams: samples.len() as u64,
+        warmup,
+        elapsed_s: elapsed.as_secs_f64(),
+        streams_per_s: ended as f64 / elapsed.as_secs_f64().max(1e-9),
+        ended,
+        disconnected,
+        errors_total: errors.values().sum(),
+        errors,
+        statuses,
+        kinds,
+        peak_open: shared.peak_open.load(Ordering::Relaxed),
+        ttfb,
+        first_event,
+        first_token,
+        first_flash,
+        first_pro,
+        end,
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:?} {}  C={}  streams={} (warm-up {})  elapsed={:.2}s  ended={}  {:.1} streams/s  peak open={}",
+            self.target,
+            self.url,
+            self.concurrency,
+            self.streams,
+            self.warmup,
+            self.elapsed_s,
+            self.ended,
+            self.streams_per_s,
+            self.peak_open
+        )?;
+        writeln!(
+            f,
+            "{:<13} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "ms", "count", "p50", "p90", "p99", "max", "mean"
+        )?;
+        for (name, s) in [
+            ("ttfb", &self.ttfb),
+            ("first event", &self.first_event),
+            ("first token", &self.first_token),
+            ("first flash", &self.first_flash),
+            ("first pro", &self.first_pro),
+            ("end", &self.end),
+        ] {
+            if s.count > 0 {
+                writeln!(
+                    f,
+                    "{name:<13} {:>7} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+                    s.count, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms, s.mean_ms
+                )?;
+            }
+        }
+        write!(f, "errors={}", self.errors_total)?;
+        for (e, n) in &self.errors {
+            write!(f, "  {e}: {n}")?;
+        }
+        if self.disconnected > 0 {
+            write!(f, "  (left on purpose: {})", self.disconnected)?;
+        }
+        if !self.statuses.is_empty() {
+            write!(f, "\nstatuses:")?;
+            for (st, n) in &self.statuses {
+                write!(f, " {st}={n}")?;
+            }
+        }
+        if self.kinds.len() > 1 {
+            write!(f, "\nkinds:")?;
+            for (k, n) in &self.kinds {
+                write!(f, " {}={n}", k.name())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_is_exact_over_its_total() {
+        let mix: Mix = "normal:3,hang:1,disconnect:0".parse().unwrap();
+        let picks: Vec<Kind> = (0..8).map(|i| mix.pick(i)).collect();
+        assert_eq!(picks.iter().filter(|k| **k == Kind::Hang).count(), 2);
+        assert_eq!(picks.iter().filter(|k| **k == Kind::Normal).count(), 6);
+        assert!("bogus:1".parse::<Mix>().is_err());
+        assert!("normal:0".parse::<Mix>().is_err());
+    }
+
+    #[test]
+    fn bodies_carry_the_directive() {
+        let options = Options {
+            url: String::new(),
+            target: Target::Openai,
+            concurrency: 1,
+            requests: Some(1),
+            duration: None,
+            query: "hi".into(),
+            deltas: true,
+            timeout: Duration::from_secs(1),
+            warmup: 0,
+            ramp: Duration::ZERO,
+            mix: Mix::default(),
+            slow_read: Duration::ZERO,
+            run_ids: None,
+        };
+        let b = body(&options, Kind::Error);
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["messages"][0]["content"], "hi [[mock:status=500]]");
+    }
+}

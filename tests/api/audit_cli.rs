@@ -2,7 +2,6 @@
 //! `duet migrate` (and `--revert`), `duet audit replay` run twice.
 
 use std::{
-    io::{BufRead, BufReader},
     path::Path,
     process::{Command, Stdio},
 };
@@ -12,12 +11,7 @@ use serde_json::json;
 use crate::db::{self, count};
 
 fn duet(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
-    cmd.current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("LOG_FORMAT", "json");
-    cmd
+    crate::helpers::duet_command(dir)
 }
 
 fn stdout_of(cmd: &mut Command) -> String {
@@ -43,15 +37,7 @@ async fn zero_config_serve_writes_runs_to_duet_db_and_drains_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("a listening line").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["message"] == "listening" {
-            break v["addr"].as_str().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (addr, _log) = crate::helpers::listening(&mut child);
     let client = reqwest::Client::new();
     for i in 0..3 {
         let resp = client
@@ -62,19 +48,7 @@ async fn zero_config_serve_writes_runs_to_duet_db_and_drains_on_sigterm() {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(crate::helpers::terminate(child).await, Some(0));
     let url = format!("sqlite://{}", dir.path().join("duet.db").display());
     let store = duet::audit::Store::connect(&url).await.unwrap();
     assert_eq!(count(&store, "dual_runs").await, 3);

@@ -369,3 +369,54 @@ pub fn check_invariants(events: &[Ev]) -> String {
 pub fn done(events: &[Ev]) -> &Value {
     &events.last().expect("events").data
 }
+
+/// The `duet` binary in `dir`, with a clean environment and JSON logs.
+pub fn duet_command(dir: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_duet"));
+    cmd.current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LOG_FORMAT", "json");
+    cmd
+}
+
+/// For a child started with `BIND_ADDR=127.0.0.1:0` and piped stdout: the address from its
+/// "listening" log line (the one place port 0's choice is told), and a thread that keeps
+/// reading stdout and returns the whole log once the child exits.
+pub fn listening(child: &mut std::process::Child) -> (String, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    let mut log = String::new();
+    let addr = loop {
+        let line = lines.next().expect("a listening line").unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "listening" {
+            break v["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    let rest = std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    (addr, rest)
+}
+
+/// Sends SIGTERM and returns the exit code.
+pub async fn terminate(mut child: std::process::Child) -> Option<i32> {
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap()
+        .code()
+}

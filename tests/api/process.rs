@@ -1,23 +1,15 @@
-//! The real binary: start-up errors, port 0, and SIGTERM ending open streams with `done`.
+//! The real binary: start-up errors, port 0, SIGTERM ending open streams with `done`, and
+//! secrets kept out of the logs.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Stdio, time::Duration};
 
 use serde_json::json;
 
 use crate::helpers::*;
 
-fn duet() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
-    let dir = tempfile::tempdir().unwrap().keep();
-    cmd.current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("LOG_FORMAT", "json");
-    cmd
+/// The binary in a fresh directory of its own (kept: the process may outlive the test body).
+fn duet() -> std::process::Command {
+    duet_command(&tempfile::tempdir().unwrap().keep())
 }
 
 #[test]
@@ -49,16 +41,7 @@ async fn sigterm_ends_open_streams_with_done_and_exits_zero() {
         .spawn()
         .unwrap();
     // Port 0: the chosen address is in the "listening" log line, which is what this checks.
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("a listening line").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["message"] == "listening" {
-            break v["addr"].as_str().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (addr, _log) = listening(&mut child);
     let client = reqwest::Client::new();
     let resp = client
         .post(format!("http://{addr}/query/stream"))
@@ -68,14 +51,7 @@ async fn sigterm_ends_open_streams_with_done_and_exits_zero() {
         .unwrap();
     let reader = tokio::spawn(read_events(resp));
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let exit = terminate(child).await;
     let events = tokio::time::timeout(Duration::from_secs(20), reader)
         .await
         .unwrap()
@@ -83,11 +59,7 @@ async fn sigterm_ends_open_streams_with_done_and_exits_zero() {
     check_invariants(&events);
     assert_eq!(names(&events), ["start", "flash", "error", "done"]);
     assert_eq!(done(&events)["status"], "cancelled");
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(exit, Some(0));
 }
 
 #[tokio::test]
@@ -107,24 +79,7 @@ async fn secrets_never_reach_the_logs() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut log = String::new();
-    let addr = loop {
-        let line = lines.next().expect("a listening line").unwrap();
-        log.push_str(&line);
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["message"] == "listening" {
-            break v["addr"].as_str().unwrap().to_owned();
-        }
-    };
-    let rest = std::thread::spawn(move || {
-        let mut text = String::new();
-        for line in lines {
-            text.push_str(&line.unwrap());
-            text.push('\n');
-        }
-        text
-    });
+    let (addr, log) = listening(&mut child);
     let client = reqwest::Client::new();
     for token in [KEY, "wrong-key"] {
         let resp = client
@@ -137,20 +92,8 @@ async fn secrets_never_reach_the_logs() {
         let body = resp.text().await.unwrap();
         assert!(!body.contains(KEY) && !body.contains(ADMIN));
     }
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-    log.push_str(&rest.join().unwrap());
+    assert_eq!(terminate(child).await, Some(0));
+    let log = log.join().unwrap();
     assert!(log.contains("run ended"), "the run was logged: {log}");
     assert!(!log.contains(KEY), "client key leaked into logs");
     assert!(!log.contains(ADMIN), "admin token leaked into logs");

@@ -109,13 +109,8 @@ struct Replica {
 
 impl Replica {
     fn start(database_url: &str, retention_s: &str) -> Replica {
-        use std::io::{BufRead, BufReader};
         let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_duet"))
-            .current_dir(dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("LOG_FORMAT", "json")
+        let mut child = duet_command(dir.path())
             .env("BIND_ADDR", "127.0.0.1:0")
             .env("DATABASE_URL", database_url)
             .env("RESUME_RETENTION_S", retention_s)
@@ -127,15 +122,7 @@ impl Replica {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines.next().expect("a listening line").unwrap();
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if v["message"] == "listening" {
-                break v["addr"].as_str().unwrap().to_owned();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
+        let (addr, _log) = listening(&mut child);
         Replica {
             child,
             addr,

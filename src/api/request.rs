@@ -25,7 +25,7 @@ pub struct QueryParams {
 #[schema(as = QueryRequest, example = json!({"query": "Why is the sky blue?", "deltas": true}))]
 pub(super) struct PostBody {
     /// The question: at least one non-whitespace character.
-    #[schema(min_length = 1, pattern = r"\S")]
+    #[schema(min_length = 1, pattern = r"[^\s\u0085]")]
     query: String,
     /// An optional system prompt for both models; blank means none.
     #[serde(default)]
@@ -103,7 +103,7 @@ fn json_problem(e: &serde_json::Error) -> String {
 pub(super) struct GetQuery {
     /// The question: at least one non-whitespace character. Not needed (and ignored) when the
     /// request resumes a run with `Last-Event-ID`.
-    #[param(value_type = String, required = true, min_length = 1, pattern = r"\S")]
+    #[param(value_type = String, required = true, min_length = 1, pattern = r"[^\s\u0085]")]
     q: Option<String>,
     /// An optional system prompt for both models; blank means none.
     #[param(value_type = String, required = false)]
@@ -156,7 +156,7 @@ fn validate(
     deltas: bool,
     max_query_bytes: usize,
 ) -> Result<QueryParams, ApiError> {
-    if query.trim().is_empty() {
+    if is_blank(&query) {
         return Err(ApiError::BadRequest("\"query\" must not be blank".into()));
     }
     if query.len() > max_query_bytes {
@@ -170,12 +170,19 @@ fn validate(
             "\"system\" is longer than the limit of {max_query_bytes} bytes"
         )));
     }
-    let system = system.filter(|s| !s.trim().is_empty());
+    let system = system.filter(|s| !is_blank(s));
     Ok(QueryParams {
         query,
         system,
         deltas,
     })
+}
+
+/// Nothing but white space. Unicode's White_Space (what `str::trim` removes) plus U+FEFF, so
+/// that the rule is exactly the OpenAPI pattern `[^\s\u0085]` read as an ECMAScript regex
+/// (whose `\s` has U+FEFF but not U+0085): a query is valid here iff it is valid there.
+fn is_blank(s: &str) -> bool {
+    s.chars().all(|c| c.is_whitespace() || c == '\u{FEFF}')
 }
 
 /// The caller's `X-Request-Id`, kept as the run's `client_request_id`. It ends up in logs,

@@ -192,3 +192,12 @@ async fn healthz_answers() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["status"], "ok");
 }
+
+#[tokio::test]
+async fn unicode_blank_queries_are_400() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    for q in ["\u{85}", "\u{a0}\u{2028}", "\u{feff}", "\u{3000} \t"] {
+        let resp = app.post_stream(json!({"query": q})).await;
+        expect_error(resp, 400, "invalid_request").await;
+    }
+}

@@ -982,6 +982,28 @@ pub(crate) struct AnswerEvent<'a> {
     usage: crate::providers::Usage,
 }
 
+impl<'a> AnswerEvent<'a> {
+    /// The answer event as it was sent, from the model's trace in the audit record: the
+    /// trace holds every field of it (see `trace`).
+    pub(crate) fn from_trace(run_id: &'a str, model: Role, t: &'a ModelTrace) -> Self {
+        AnswerEvent {
+            run_id,
+            model,
+            provider: &t.provider,
+            model_name: &t.model,
+            model_version: t.model_version.as_deref(),
+            text: &t.text,
+            finish_reason: t.finish_reason.as_deref(),
+            latency_ms: t.latency_ms,
+            ttft_ms: t.ttft_ms,
+            usage: crate::providers::Usage {
+                input_tokens: t.input_tokens,
+                output_tokens: t.output_tokens,
+            },
+        }
+    }
+}
+
 /// The `data` of `error`: one model failed (`model` set) or the run did (`model` null).
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ErrorEvent<'a> {

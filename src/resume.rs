@@ -18,6 +18,8 @@ use bytes::Bytes;
 use tokio::{sync::watch, time::Instant};
 use uuid::Uuid;
 
+use crate::{audit::RunRecord, config::Role, orchestrator::AnswerEvent, sse};
+
 /// Ended runs kept in memory at most, whatever the retention time says.
 pub const MAX_ENDED_RUNS: usize = 10_000;
 
@@ -78,13 +80,23 @@ impl RunLog {
     }
 
     /// All frames as one SSE text: what the audit record keeps so that a reconnect can be
-    /// answered after the run has left memory.
+    /// answered after the run has left memory. The answer events (`flash`, `pro`) are kept
+    /// as their `event:` and `id:` lines only: their data is the model's trace, which the
+    /// record holds already, and storing the texts twice would halve the writer's throughput.
+    /// [`stored_frames_after`] puts the data back.
     pub fn to_text(&self) -> String {
         let frames = self.lock();
-        let mut text = String::with_capacity(frames.iter().map(|(_, f)| f.len()).sum());
+        let mut text = String::with_capacity(frames.iter().map(|(_, f)| f.len().min(256)).sum());
         for (_, frame) in frames.iter() {
             // Frames are built from `str` by `sse::encode`, so they are valid UTF-8.
-            text.push_str(&String::from_utf8_lossy(frame));
+            let frame = String::from_utf8_lossy(frame);
+            if frame.starts_with("event: flash\n") || frame.starts_with("event: pro\n") {
+                let head = frame.split_inclusive('\n').take(2);
+                head.for_each(|line| text.push_str(line));
+                text.push('\n');
+            } else {
+                text.push_str(&frame);
+            }
         }
         text
     }
@@ -158,19 +170,35 @@ impl Registry {
     pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 }
 
-/// The frames of a stored run's events (see [`RunLog::to_text`]) whose seq is after
-/// `after`, in order.
-pub fn stored_frames_after(events: &str, after: u32) -> Vec<Bytes> {
-    events
+/// The frames of a stored run's events whose seq is after `after`, in order, with the answer
+/// events rebuilt from the record's traces (see [`RunLog::to_text`]).
+pub fn stored_frames_after(record: &RunRecord, after: u32) -> Vec<Bytes> {
+    let run_id = record.run_id.hyphenated().to_string();
+    record
+        .events
         .split_inclusive("\n\n")
-        .filter(|frame| {
-            frame
+        .filter_map(|frame| {
+            let seq = frame
                 .lines()
                 .find_map(|l| l.strip_prefix("id: "))
                 .and_then(parse_last_event_id)
-                .is_some_and(|(_, seq)| seq > after)
+                .map(|(_, seq)| seq)
+                .filter(|seq| *seq > after)?;
+            let answer = match frame.lines().next() {
+                Some("event: flash") => Some((Role::Flash, &record.flash)),
+                Some("event: pro") => Some((Role::Pro, &record.pro)),
+                _ => None,
+            };
+            Some(match answer {
+                Some((role, trace)) if !frame.contains("\ndata: ") => sse::encode(
+                    role.as_str(),
+                    &run_id,
+                    seq,
+                    &AnswerEvent::from_trace(&run_id, role, trace),
+                ),
+                _ => Bytes::copy_from_slice(frame.as_bytes()),
+            })
         })
-        .map(|frame| Bytes::copy_from_slice(frame.as_bytes()))
         .collect()
 }
 
@@ -229,25 +257,55 @@ mod tests {
         assert_eq!(parse_last_event_id(&format!("{id}:-1")), None);
     }
 
+    fn trace(text: &str) -> crate::audit::ModelTrace {
+        crate::audit::ModelTrace {
+            provider: "simulated".into(),
+            model: "m".into(),
+            model_version: None,
+            outcome: crate::audit::Outcome::Ok,
+            error_type: None,
+            error_message: None,
+            text: text.into(),
+            finish_reason: Some("stop".into()),
+            latency_ms: 5,
+            ttft_ms: Some(1),
+            input_tokens: Some(1),
+            output_tokens: Some(2),
+        }
+    }
+
     #[test]
-    fn stored_frames_are_cut_after_seq() {
-        let events = "event: start\nid: 0192d5c4-0000-7000-8000-000000000000:0\ndata: {}\n\n\
-                      event: flash\nid: 0192d5c4-0000-7000-8000-000000000000:4\ndata: {}\n\n\
-                      event: done\nid: 0192d5c4-0000-7000-8000-000000000000:9\ndata: {}\n\n";
+    fn stored_frames_are_cut_after_seq_and_answers_rebuilt() {
+        let id = "0192d5c4-0000-7000-8000-000000000000";
+        let record = RunRecord {
+            run_id: Uuid::parse_str(id).unwrap(),
+            client_request_id: None,
+            created_at: chrono::Utc::now(),
+            query: "q".into(),
+            system: None,
+            status: crate::audit::RunStatus::Ok,
+            total_ms: 9,
+            service_version: "t".into(),
+            flash: trace("the flash text"),
+            pro: trace("the pro text"),
+            events: format!(
+                "event: start\nid: {id}:0\ndata: {{}}\n\n\
+                 event: flash\nid: {id}:4\n\n\
+                 event: done\nid: {id}:9\ndata: {{}}\n\n"
+            ),
+        };
         let after = |seq| {
-            stored_frames_after(events, seq)
+            stored_frames_after(&record, seq)
                 .iter()
-                .map(|f| {
-                    String::from_utf8_lossy(f)
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .to_owned()
-                })
+                .map(|f| String::from_utf8_lossy(f).into_owned())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(after(0), ["event: flash", "event: done"]);
-        assert_eq!(after(4), ["event: done"]);
+        let from_start = after(0);
+        assert_eq!(from_start.len(), 2);
+        assert!(from_start[0].starts_with(&format!("event: flash\nid: {id}:4\ndata: {{")));
+        assert!(from_start[0].contains("\"text\":\"the flash text\""));
+        assert!(from_start[1].starts_with("event: done\n"));
+        assert_eq!(after(4).len(), 1);
         assert!(after(9).is_empty());
     }
 

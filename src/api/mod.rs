@@ -349,7 +349,7 @@ async fn resume_from_store(
     if record.events.is_empty() {
         return Err(not_found());
     }
-    let frames = stored_frames_after(&record.events, seq);
+    let frames = stored_frames_after(&record, seq);
     if frames.is_empty() {
         let mut response = StatusCode::NO_CONTENT.into_response();
         insert_ids(response.headers_mut(), run_id, None);

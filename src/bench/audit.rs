@@ -86,11 +86,12 @@ fn record(text: &str) -> RunRecord {
         service_version: crate::SERVICE_VERSION.into(),
         flash: trace("flash", text),
         pro: trace("pro", text),
-        // What a real run stores for resumes: its non-delta events, which repeat both texts.
-        events: format!(
-            "event: start\nid: r:0\ndata: {{}}\n\nevent: flash\nid: r:1\ndata: {{\"text\":\"{text}\"}}\n\n\
-             event: pro\nid: r:2\ndata: {{\"text\":\"{text}\"}}\n\nevent: done\nid: r:3\ndata: {{}}\n\n"
-        ),
+        // What a real run stores for resumes: its non-delta events, the answers as
+        // `event:` and `id:` lines only (their data is the traces above).
+        events: "event: start\nid: r:0\ndata: {\"run_id\":\"r\",\"models\":{}}\n\n\
+                 event: flash\nid: r:1\n\nevent: pro\nid: r:2\n\n\
+                 event: done\nid: r:3\ndata: {\"run_id\":\"r\",\"status\":\"ok\"}\n\n"
+            .into(),
     }
 }
 

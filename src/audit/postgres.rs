@@ -6,12 +6,12 @@
 //! multi-row `VALUES` list).
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row, postgres::PgRow};
+use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::{
     ModelTrace, Result, RunRecord,
-    store::{corrupt, from_db, to_db},
+    store::{assemble, to_db},
 };
 
 const INSERT_RUNS: &str = "\
@@ -178,52 +178,6 @@ pub(super) async fn fetch(pool: &PgPool, run_id: Uuid) -> Result<Option<RunRecor
     .bind(&id)
     .fetch_all(pool)
     .await?;
-    let mut flash = None;
-    let mut pro = None;
-    for row in &traces {
-        let role: String = row.try_get("model")?;
-        let trace = trace(run_id, row)?;
-        match role.as_str() {
-            "flash" => flash = Some(trace),
-            "pro" => pro = Some(trace),
-            other => return Err(corrupt(run_id, format!("unknown model role {other:?}"))),
-        }
-    }
     let created_at: DateTime<Utc> = run.try_get("created_at")?;
-    let status: String = run.try_get("status")?;
-    Ok(Some(RunRecord {
-        run_id,
-        client_request_id: run.try_get("client_request_id")?,
-        created_at,
-        query: run.try_get("query")?,
-        system: run.try_get("system")?,
-        status: status.parse().map_err(|e: String| corrupt(run_id, e))?,
-        total_ms: from_db(run.try_get("total_ms")?),
-        service_version: run.try_get("service_version")?,
-        flash: flash.ok_or_else(|| corrupt(run_id, "no flash trace"))?,
-        pro: pro.ok_or_else(|| corrupt(run_id, "no pro trace"))?,
-        events: run
-            .try_get::<Option<String>, _>("events")?
-            .unwrap_or_default(),
-    }))
-}
-
-fn trace(run_id: Uuid, row: &PgRow) -> Result<ModelTrace> {
-    let outcome: String = row.try_get("outcome")?;
-    let opt =
-        |col: &str| -> Result<Option<u64>> { Ok(row.try_get::<Option<i64>, _>(col)?.map(from_db)) };
-    Ok(ModelTrace {
-        provider: row.try_get("provider")?,
-        model: row.try_get("model_name")?,
-        model_version: row.try_get("model_version")?,
-        outcome: outcome.parse().map_err(|e: String| corrupt(run_id, e))?,
-        error_type: row.try_get("error_type")?,
-        error_message: row.try_get("error_message")?,
-        text: row.try_get("text")?,
-        finish_reason: row.try_get("finish_reason")?,
-        latency_ms: from_db(row.try_get("latency_ms")?),
-        ttft_ms: opt("ttft_ms")?,
-        input_tokens: opt("input_tokens")?,
-        output_tokens: opt("output_tokens")?,
-    })
+    assemble(run_id, &run, created_at, &traces).map(Some)
 }

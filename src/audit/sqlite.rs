@@ -4,12 +4,12 @@
 //! text order is time order and SQLite's date functions accept them unchanged.
 
 use chrono::{DateTime, Utc};
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, sqlite::SqliteRow};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
 use super::{
-    ModelTrace, Result, RunRecord,
-    store::{corrupt, from_db, to_db},
+    Result, RunRecord,
+    store::{assemble, corrupt, to_db},
 };
 
 /// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
@@ -96,55 +96,9 @@ pub(super) async fn fetch(pool: &SqlitePool, run_id: Uuid) -> Result<Option<RunR
     .bind(&id)
     .fetch_all(pool)
     .await?;
-    let mut flash = None;
-    let mut pro = None;
-    for row in &traces {
-        let role: String = row.try_get("model")?;
-        let trace = trace(run_id, row)?;
-        match role.as_str() {
-            "flash" => flash = Some(trace),
-            "pro" => pro = Some(trace),
-            other => return Err(corrupt(run_id, format!("unknown model role {other:?}"))),
-        }
-    }
     let created_at: String = run.try_get("created_at")?;
     let created_at = DateTime::parse_from_rfc3339(&created_at)
         .map_err(|e| corrupt(run_id, format!("created_at {created_at:?}: {e}")))?
         .with_timezone(&Utc);
-    let status: String = run.try_get("status")?;
-    Ok(Some(RunRecord {
-        run_id,
-        client_request_id: run.try_get("client_request_id")?,
-        created_at,
-        query: run.try_get("query")?,
-        system: run.try_get("system")?,
-        status: status.parse().map_err(|e: String| corrupt(run_id, e))?,
-        total_ms: from_db(run.try_get("total_ms")?),
-        service_version: run.try_get("service_version")?,
-        flash: flash.ok_or_else(|| corrupt(run_id, "no flash trace"))?,
-        pro: pro.ok_or_else(|| corrupt(run_id, "no pro trace"))?,
-        events: run
-            .try_get::<Option<String>, _>("events")?
-            .unwrap_or_default(),
-    }))
-}
-
-fn trace(run_id: Uuid, row: &SqliteRow) -> Result<ModelTrace> {
-    let outcome: String = row.try_get("outcome")?;
-    let opt =
-        |col: &str| -> Result<Option<u64>> { Ok(row.try_get::<Option<i64>, _>(col)?.map(from_db)) };
-    Ok(ModelTrace {
-        provider: row.try_get("provider")?,
-        model: row.try_get("model_name")?,
-        model_version: row.try_get("model_version")?,
-        outcome: outcome.parse().map_err(|e: String| corrupt(run_id, e))?,
-        error_type: row.try_get("error_type")?,
-        error_message: row.try_get("error_message")?,
-        text: row.try_get("text")?,
-        finish_reason: row.try_get("finish_reason")?,
-        latency_ms: from_db(row.try_get("latency_ms")?),
-        ttft_ms: opt("ttft_ms")?,
-        input_tokens: opt("input_tokens")?,
-        output_tokens: opt("output_tokens")?,
-    })
+    assemble(run_id, &run, created_at, &traces).map(Some)
 }

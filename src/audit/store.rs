@@ -16,7 +16,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use super::{AuditError, Result, RunRecord, postgres, sqlite};
+use super::{AuditError, ModelTrace, Result, RunRecord, postgres, sqlite};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -229,4 +229,74 @@ pub(super) fn corrupt(run_id: Uuid, problem: impl Into<String>) -> AuditError {
         run_id: run_id.to_string(),
         problem: problem.into(),
     }
+}
+
+/// Builds a record from its `dual_runs` row and its `model_traces` rows: the same columns on
+/// both backends, so one piece of code reads them. Only `created_at` differs in type (text on
+/// SQLite, `timestamptz` on PostgreSQL), so the caller decodes it.
+pub(super) fn assemble<R>(
+    run_id: Uuid,
+    run: &R,
+    created_at: chrono::DateTime<chrono::Utc>,
+    traces: &[R],
+) -> Result<RunRecord>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut flash = None;
+    let mut pro = None;
+    for row in traces {
+        let role: String = row.try_get("model")?;
+        let trace = trace(run_id, row)?;
+        match role.as_str() {
+            "flash" => flash = Some(trace),
+            "pro" => pro = Some(trace),
+            other => return Err(corrupt(run_id, format!("unknown model role {other:?}"))),
+        }
+    }
+    let status: String = run.try_get("status")?;
+    Ok(RunRecord {
+        run_id,
+        client_request_id: run.try_get("client_request_id")?,
+        created_at,
+        query: run.try_get("query")?,
+        system: run.try_get("system")?,
+        status: status.parse().map_err(|e: String| corrupt(run_id, e))?,
+        total_ms: from_db(run.try_get("total_ms")?),
+        service_version: run.try_get("service_version")?,
+        flash: flash.ok_or_else(|| corrupt(run_id, "no flash trace"))?,
+        pro: pro.ok_or_else(|| corrupt(run_id, "no pro trace"))?,
+        events: run
+            .try_get::<Option<String>, _>("events")?
+            .unwrap_or_default(),
+    })
+}
+
+fn trace<R>(run_id: Uuid, row: &R) -> Result<ModelTrace>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let outcome: String = row.try_get("outcome")?;
+    let opt =
+        |col: &str| -> Result<Option<u64>> { Ok(row.try_get::<Option<i64>, _>(col)?.map(from_db)) };
+    Ok(ModelTrace {
+        provider: row.try_get("provider")?,
+        model: row.try_get("model_name")?,
+        model_version: row.try_get("model_version")?,
+        outcome: outcome.parse().map_err(|e: String| corrupt(run_id, e))?,
+        error_type: row.try_get("error_type")?,
+        error_message: row.try_get("error_message")?,
+        text: row.try_get("text")?,
+        finish_reason: row.try_get("finish_reason")?,
+        latency_ms: from_db(row.try_get("latency_ms")?),
+        ttft_ms: opt("ttft_ms")?,
+        input_tokens: opt("input_tokens")?,
+        output_tokens: opt("output_tokens")?,
+    })
 }

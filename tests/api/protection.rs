@@ -270,3 +270,29 @@ async fn slow_headers_are_cut_off() {
         "{text}"
     );
 }
+
+/// Request heads are held to 8 KiB (the read buffer of every open connection is that size,
+/// which is what keeps an open stream's memory small): a bigger head gets 431 and the
+/// connection is closed; one under it is served.
+#[tokio::test]
+async fn request_heads_over_8_kib_get_431() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    for (size, status) in [(7 * 1024, "200"), (9 * 1024, "431")] {
+        let mut sock = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let head = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Padding: {}\r\n\r\n",
+            "a".repeat(size)
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut buf))
+            .await
+            .expect("the server answers and closes")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status}")),
+            "{size}-byte header: {text}"
+        );
+    }
+}

@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         // The mock needs none of the service's configuration, so a half-written .env for
         // `serve` does not stop it.
         let log_format = Config::from_env().map_or(LogFormat::Pretty, |c| c.log_format);
-        duet::telemetry::init(log_format);
+        let _log = duet::telemetry::init(log_format);
         let config = MockConfig {
             ttft: Duration::from_millis(ttft_ms),
             token_interval: Duration::from_millis(token_ms),
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    duet::telemetry::init(config.log_format);
+    let _log = duet::telemetry::init(config.log_format);
     run(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => duet::server::serve(config).await.map_err(|e| e.to_string()),

@@ -215,7 +215,10 @@ impl Orchestrator {
             log,
             write_timeout: inner.client_write_timeout,
         });
-        let guard = RunGuard {
+        // Boxed: an async fn keeps its arguments twice in its state (as captured and as
+        // local), and the guard is the largest of them; a pointer keeps every open run's
+        // task about 1.8 KB smaller.
+        let guard = Box::new(RunGuard {
             emitter: Arc::clone(&emitter),
             done_permit,
             run_id,
@@ -232,16 +235,17 @@ impl Orchestrator {
             record_tx: Some(record_tx),
             registry: Arc::clone(&inner.registry),
             _permit: permit,
-        };
+        });
         let span = info_span!(
             "run",
             run_id = %run_id,
             client_request_id = request.client_request_id.as_deref().unwrap_or(""),
         );
-        let this = self.clone();
+        // The run's own future, not an `async` block around it: a wrapper would hold a second
+        // copy of its state.
         inner
             .tracker
-            .spawn(async move { this.run(guard, emitter, request).await }.instrument(span));
+            .spawn(self.clone().run(guard, emitter, request).instrument(span));
         Ok(RunHandle {
             run_id,
             events: rx,
@@ -249,7 +253,7 @@ impl Orchestrator {
         })
     }
 
-    async fn run(self, mut guard: RunGuard, emitter: Arc<Emitter>, request: RunRequest) {
+    async fn run(self, mut guard: Box<RunGuard>, emitter: Arc<Emitter>, request: RunRequest) {
         let inner = &*self.inner;
         let model_request = |role| ModelRequest {
             role,
@@ -661,58 +665,74 @@ async fn attempts(
     loop {
         let error = match std::panic::catch_unwind(AssertUnwindSafe(|| provider.stream(request))) {
             Err(_) => panicked(),
-            Ok(mut stream) => loop {
-                // Before the first token only the first-token deadline (if any) applies inside
-                // the total one; after it, the stall deadline bounds every silence.
-                let wait_until = match (*ttft, first_token_deadline) {
-                    (Some(_), _) => Some(Instant::now() + limits.stall),
-                    (None, Some(at)) => Some(at),
-                    (None, None) => None,
-                };
-                let next = AssertUnwindSafe(stream.next()).catch_unwind();
-                let polled = match wait_until {
-                    Some(at) => match tokio::time::timeout_at(at, next).await {
-                        Ok(polled) => polled,
-                        Err(_) if ttft.is_some() => {
+            Ok(mut stream) => {
+                // One timer per attempt, armed at the first-token deadline (if any) and, after
+                // the first token, at the stall deadline. It is not re-armed per token: a token
+                // only records its time, and when the timer fires it checks the real deadline
+                // and sleeps on if tokens came since. A timer-wheel update per token per model
+                // would cost more than the clock read. Without a first-token deadline it is
+                // not polled (so not in the wheel at all) before the first token.
+                let mut timer = std::pin::pin!(tokio::time::sleep_until(
+                    first_token_deadline.unwrap_or(deadline)
+                ));
+                let mut last_token = Instant::now();
+                loop {
+                    let armed = ttft.is_some() || first_token_deadline.is_some();
+                    let polled = tokio::select! {
+                        biased;
+                        polled = AssertUnwindSafe(stream.next()).catch_unwind() => polled,
+                        () = &mut timer, if armed => {
+                            if ttft.is_none() {
+                                return Err(Failure::Timeout(TimeoutKind::FirstToken));
+                            }
+                            let due = last_token + limits.stall;
+                            if Instant::now() < due {
+                                timer.as_mut().reset(due);
+                                continue;
+                            }
                             return Err(Failure::Timeout(TimeoutKind::Stall));
                         }
-                        Err(_) => return Err(Failure::Timeout(TimeoutKind::FirstToken)),
-                    },
-                    None => next.await,
-                };
-                match polled {
-                    Err(_panic) => break panicked(),
-                    Ok(None) => {
-                        break ProviderError::new(
-                            ErrorType::InvalidResponse,
-                            false,
-                            format!("{role} answer ended before the model finished"),
-                        );
-                    }
-                    Ok(Some(Err(error))) => break error,
-                    Ok(Some(Ok(ProviderEvent::Finished(completion)))) => return Ok(completion),
-                    Ok(Some(Ok(ProviderEvent::Delta(delta)))) => {
-                        if delta.is_empty() {
-                            continue;
+                    };
+                    match polled {
+                        Err(_panic) => break panicked(),
+                        Ok(None) => {
+                            break ProviderError::new(
+                                ErrorType::InvalidResponse,
+                                false,
+                                format!("{role} answer ended before the model finished"),
+                            );
                         }
-                        if ttft.is_none() {
-                            *ttft = Some(started.elapsed());
-                        }
-                        text.push_str(&delta);
-                        if emitter.deltas {
-                            let event = DeltaEvent {
-                                run_id: &emitter.run_id,
-                                model: role,
-                                text: &delta,
-                            };
-                            emitter
-                                .emit("delta", &event)
-                                .await
-                                .map_err(|_| Failure::ClientGone)?;
+                        Ok(Some(Err(error))) => break error,
+                        Ok(Some(Ok(ProviderEvent::Finished(completion)))) => return Ok(completion),
+                        Ok(Some(Ok(ProviderEvent::Delta(delta)))) => {
+                            let first = ttft.is_none() && !delta.is_empty();
+                            if !delta.is_empty() {
+                                if first {
+                                    *ttft = Some(started.elapsed());
+                                }
+                                text.push_str(&delta);
+                                if emitter.deltas {
+                                    let event = DeltaEvent {
+                                        run_id: &emitter.run_id,
+                                        model: role,
+                                        text: &delta,
+                                    };
+                                    emitter
+                                        .emit("delta", &event)
+                                        .await
+                                        .map_err(|_| Failure::ClientGone)?;
+                                }
+                            }
+                            // Silence counts from here, so time spent waiting on a slow client is
+                            // not held against the model.
+                            last_token = Instant::now();
+                            if first {
+                                timer.as_mut().reset(last_token + limits.stall);
+                            }
                         }
                     }
                 }
-            },
+            }
         };
         if ttft.is_some() || !error.retryable || retries >= MAX_RETRIES {
             return Err(Failure::Provider(error));

@@ -52,6 +52,10 @@ pub enum Command {
         /// Tokens per answer.
         #[arg(long, default_value_t = 19)]
         tokens: usize,
+        /// HTTP/2 streams one connection may carry at once (what the mock announces as
+        /// SETTINGS_MAX_CONCURRENT_STREAMS; 100 is common among real providers).
+        #[arg(long, default_value_t = 100)]
+        h2_max_streams: u32,
     },
     /// Benchmarks: a load generator for SSE streams, and the audit writer's throughput
     /// (docs/benchmarks.md).

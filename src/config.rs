@@ -180,9 +180,13 @@ pub struct Config {
     /// A client that takes no event for this long is treated as gone.
     pub client_write_timeout: Duration,
     /// `UPSTREAM_HTTP2`: speak HTTP/2 to `http://` upstreams without asking first (h2c prior
-    /// knowledge), so that all calls to one upstream share one connection instead of one
-    /// connection each. `https://` upstreams negotiate HTTP/2 by ALPN either way.
+    /// knowledge), so that calls to one upstream share connections instead of one connection
+    /// each. `https://` upstreams negotiate HTTP/2 by ALPN either way.
     pub upstream_http2: bool,
+    /// `UPSTREAM_STREAMS_PER_CONNECTION`: calls one HTTP/2 connection to an upstream carries
+    /// at once; the next call opens another connection. Servers refuse or queue streams
+    /// past their `SETTINGS_MAX_CONCURRENT_STREAMS`, commonly 100.
+    pub upstream_streams_per_connection: usize,
 }
 
 /// A configuration value that cannot be used; its `Display` is the one line printed at start.
@@ -433,6 +437,17 @@ fn cors_origins(src: &dyn Source) -> Result<Vec<String>, ConfigError> {
 }
 
 impl Config {
+    /// How the providers reach their upstreams: enough connections for every stream this
+    /// service may hold, at `upstream_streams_per_connection` calls each.
+    pub fn upstream_pool(&self) -> crate::providers::pool::PoolConfig {
+        let per = self.upstream_streams_per_connection;
+        crate::providers::pool::PoolConfig {
+            http2_prior_knowledge: self.upstream_http2,
+            streams_per_connection: per,
+            max_connections: self.max_concurrent_streams.div_ceil(per),
+        }
+    }
+
     /// Reads the process environment (after `.env`).
     pub fn from_env() -> Result<Config, ConfigError> {
         load_dotenv()?;
@@ -514,6 +529,7 @@ impl Config {
             resume_retention: seconds_or(src, "RESUME_RETENTION_S", 300.0)?,
             client_write_timeout: seconds_or(src, "CLIENT_WRITE_TIMEOUT_S", 30.0)?,
             upstream_http2: flag(src, "UPSTREAM_HTTP2", false)?,
+            upstream_streams_per_connection: positive(src, "UPSTREAM_STREAMS_PER_CONNECTION", 100)?,
         })
     }
 
@@ -556,6 +572,7 @@ mod tests {
         assert_eq!(c.stall_timeout, Duration::from_secs(15));
         assert_eq!(c.max_query_bytes, 32_768);
         assert_eq!(c.max_concurrent_streams, 10_000);
+        assert_eq!(c.upstream_streams_per_connection, 100);
         assert_eq!(c.sse_keepalive, Duration::from_secs(15));
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert_eq!(
@@ -601,6 +618,7 @@ mod tests {
             ("MAX_CONCURRENT_STREAMS", "99999999999"),
             ("CLIENT_WRITE_TIMEOUT_S", "x"),
             ("UPSTREAM_HTTP2", "maybe"),
+            ("UPSTREAM_STREAMS_PER_CONNECTION", "0"),
         ];
         for (name, value) in cases {
             let err = load(&[(name, value)]).unwrap_err();

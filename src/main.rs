@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         ttft_ms,
         token_ms,
         tokens,
+        h2_max_streams,
     }) = cli.command
     {
         // The mock needs none of the service's configuration, so a half-written .env for
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
             ttft: Duration::from_millis(ttft_ms),
             token_interval: Duration::from_millis(token_ms),
             tokens,
+            h2_max_streams,
         };
         return run(async move {
             mock::run((host, port).into(), config)

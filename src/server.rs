@@ -68,12 +68,10 @@ pub struct Parts {
 impl Parts {
     /// The providers the configuration names.
     pub fn from_config(config: Config, sink: Arc<dyn AuditSink>) -> Result<Parts, ServeError> {
-        // One client for every upstream call: one connection pool, made once.
-        let client =
-            providers::http::client(config.upstream_http2).map_err(providers::BuildError::from)?;
+        let pool = config.upstream_pool();
         Ok(Parts {
-            flash: providers::build(&config.flash, &client)?,
-            pro: providers::build(&config.pro, &client)?,
+            flash: providers::build(&config.flash, pool)?,
+            pro: providers::build(&config.pro, pool)?,
             metrics: Metrics::new()?,
             config,
             sink,

@@ -16,6 +16,7 @@ use serde_json::Value;
 use super::{
     Completion, ModelRequest, Provider, ProviderError, ProviderStream, Usage,
     http::{self, CallContext, Decoder, Fault, Step},
+    pool::Upstream,
 };
 
 /// Anthropic requires `max_tokens`; this is room for a long answer from every current model.
@@ -26,13 +27,13 @@ pub struct Anthropic {
     model: String,
     url: reqwest::Url,
     key: HeaderValue,
-    client: reqwest::Client,
+    upstream: Upstream,
     ctx: CallContext,
 }
 
 impl Anthropic {
     pub fn new(
-        client: reqwest::Client,
+        upstream: Upstream,
         base_url: &str,
         model: &str,
         key: &str,
@@ -49,7 +50,7 @@ impl Anthropic {
             },
             model: model.to_owned(),
             url,
-            client,
+            upstream,
         })
     }
 }
@@ -90,14 +91,20 @@ impl Provider for Anthropic {
             }],
             stream: true,
         };
-        let builder = self
-            .client
+        let lease = self.upstream.lease();
+        let builder = lease
+            .client()
             .post(self.url.clone())
             .header("x-api-key", self.key.clone())
             .header("anthropic-version", API_VERSION)
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .json(&body);
-        http::call(self.ctx.clone(), builder, AnthropicDecoder::default())
+        http::call(
+            self.ctx.clone(),
+            builder,
+            AnthropicDecoder::default(),
+            lease,
+        )
     }
 }
 

@@ -19,19 +19,20 @@ use serde_json::Value;
 use super::{
     Completion, ErrorType, ModelRequest, Provider, ProviderError, ProviderStream, Usage,
     http::{self, CallContext, Decoder, Fault, Step},
+    pool::Upstream,
 };
 
 pub struct Gemini {
     model: String,
     url: reqwest::Url,
     key: HeaderValue,
-    client: reqwest::Client,
+    upstream: Upstream,
     ctx: CallContext,
 }
 
 impl Gemini {
     pub fn new(
-        client: reqwest::Client,
+        upstream: Upstream,
         base_url: &str,
         model: &str,
         key: &str,
@@ -51,7 +52,7 @@ impl Gemini {
             },
             model,
             url,
-            client,
+            upstream,
         })
     }
 }
@@ -98,13 +99,14 @@ impl Provider for Gemini {
                 }],
             }],
         };
-        let builder = self
-            .client
+        let lease = self.upstream.lease();
+        let builder = lease
+            .client()
             .post(self.url.clone())
             .header("x-goog-api-key", self.key.clone())
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .json(&body);
-        http::call(self.ctx.clone(), builder, GeminiDecoder::default())
+        http::call(self.ctx.clone(), builder, GeminiDecoder::default(), lease)
     }
 }
 

@@ -21,7 +21,7 @@ use futures::{Stream, StreamExt, stream::BoxStream};
 use http::{HeaderMap, StatusCode, header};
 use serde_json::Value;
 
-use super::{Completion, ErrorType, ProviderError, ProviderEvent, ProviderStream};
+use super::{Completion, ErrorType, ProviderError, ProviderEvent, ProviderStream, pool::Lease};
 
 /// Longest single line (one SSE field) accepted from an upstream. Gemini thought signatures
 /// and inline images exceed the 64 KiB caps of common line readers, so the cap is large; it
@@ -35,38 +35,6 @@ const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
 const MAX_STRAY_BYTES: usize = 64 << 10;
 /// How much of an upstream body goes into `detail` (log and audit record).
 const MAX_DETAIL_BODY_CHARS: usize = 2048;
-
-/// The one HTTP client all adapters share: pooled connections (HTTP/2 when the upstream
-/// offers it over TLS), a connect timeout so an unreachable upstream fails fast and can be
-/// retried, and no overall timeout (the orchestrator's deadlines bound every call).
-///
-/// With `http2_prior_knowledge` (`UPSTREAM_HTTP2=1`) plain `http://` upstreams are spoken to
-/// in HTTP/2 from the first byte, so every call to one upstream is a stream on one shared
-/// connection: a file descriptor per upstream instead of one per call in flight, which is
-/// what lets one process hold more than about 6,000 runs under a 20,000-descriptor limit.
-/// It is off by default because an HTTP/1.1-only upstream (most local servers) then fails.
-/// Calls beyond the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS` wait for a free stream.
-pub fn client(http2_prior_knowledge: bool) -> reqwest::Result<reqwest::Client> {
-    let builder = reqwest::Client::builder();
-    let builder = if http2_prior_knowledge {
-        builder
-            .http2_prior_knowledge()
-            // Pings find a dead upstream connection that would otherwise hold every call
-            // multiplexed on it until their deadlines.
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_while_idle(true)
-    } else {
-        builder
-    };
-    builder
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .tcp_keepalive(Duration::from_secs(30))
-        .tcp_nodelay(true)
-        .user_agent(concat!("duet/", env!("CARGO_PKG_VERSION")))
-        .build()
-}
 
 /// Size limits of an upstream body; tests shrink them.
 #[derive(Debug, Clone, Copy)]
@@ -170,6 +138,7 @@ pub fn call<D: Decoder>(
     ctx: CallContext,
     request: reqwest::RequestBuilder,
     decoder: D,
+    lease: Lease,
 ) -> ProviderStream {
     let state = Call {
         ctx,
@@ -177,6 +146,7 @@ pub fn call<D: Decoder>(
         phase: Phase::Start(Some(request)),
         stray: Arc::default(),
         queued: None,
+        _lease: Some(lease),
     };
     futures::stream::unfold(state, |mut call| async move {
         let item = call.next_item().await?;
@@ -196,6 +166,7 @@ pub fn decode<D: Decoder>(ctx: CallContext, body: Body, decoder: D) -> ProviderS
         phase: Phase::Streaming(EventStream::new(bounded)),
         stray,
         queued: None,
+        _lease: None,
     };
     futures::stream::unfold(state, |mut call| async move {
         let item = call.next_item().await?;
@@ -220,6 +191,8 @@ struct Call<D> {
     stray: Arc<Mutex<String>>,
     /// A completion that arrived with a delta: sent right after it.
     queued: Option<Completion>,
+    /// The call's place on an upstream connection, held until the call is dropped.
+    _lease: Option<Lease>,
 }
 
 impl<D: Decoder> Call<D> {

@@ -49,6 +49,10 @@ pub struct MockConfig {
     pub token_interval: Duration,
     /// Tokens per answer.
     pub tokens: usize,
+    /// HTTP/2 streams one connection may carry at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    /// 100 by default, as many real front ends announce: a client that puts more calls on
+    /// one connection sees them wait, as it would against a real provider.
+    pub h2_max_streams: u32,
 }
 
 impl Default for MockConfig {
@@ -57,6 +61,7 @@ impl Default for MockConfig {
             ttft: Duration::from_millis(200),
             token_interval: Duration::from_millis(20),
             tokens: 19,
+            h2_max_streams: 100,
         }
     }
 }
@@ -113,11 +118,6 @@ pub fn router(config: MockConfig) -> Router {
         .with_state(Arc::new(config))
 }
 
-/// HTTP/2 streams one connection may carry at once. Benchmarks multiplex thousands of
-/// upstream calls on one h2c connection (`UPSTREAM_HTTP2=1`); hyper's default of 200 would
-/// make the rest wait for a free stream and measure the queue, not the relay.
-const MAX_H2_STREAMS: u32 = 100_000;
-
 /// Open connections get this long to finish after `shutdown` before they are dropped (a
 /// `hang` answer would otherwise hold the process for `HOLD_MAX`).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -141,7 +141,9 @@ pub async fn serve(
 
     let app = router(config);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http2().max_concurrent_streams(MAX_H2_STREAMS);
+    builder
+        .http2()
+        .max_concurrent_streams(config.h2_max_streams);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

@@ -16,6 +16,7 @@ pub mod gemini;
 pub mod http;
 pub mod mock;
 pub mod openai;
+pub mod pool;
 pub mod simulated;
 
 use std::{fmt, sync::Arc, time::Duration};
@@ -138,11 +139,11 @@ pub trait Provider: Send + Sync + 'static {
     fn stream(&self, request: &ModelRequest) -> ProviderStream;
 }
 
-/// Builds the provider a role is configured for. Real providers share `client`, so all
-/// calls use one connection pool.
+/// Builds the provider a role is configured for, with its own upstream connections
+/// ([`pool::Upstream`]).
 pub fn build(
     config: &ModelConfig,
-    client: &reqwest::Client,
+    pool: pool::PoolConfig,
 ) -> Result<Arc<dyn Provider>, BuildError> {
     let key = || {
         config
@@ -160,24 +161,31 @@ pub fn build(
         problem,
     };
     let limits = http::BodyLimits::default();
-    let (base, model, client) = (
-        config.base_url.as_str(),
-        config.model.as_str(),
-        client.clone(),
-    );
+    let (base, model) = (config.base_url.as_str(), config.model.as_str());
+    // A plain-HTTP upstream without prior knowledge speaks HTTP/1.1: one connection per call
+    // in flight, opened by the client itself, so one client is all it needs.
+    let pool = if config.base_url.starts_with("http://") && !pool.http2_prior_knowledge {
+        pool::PoolConfig {
+            streams_per_connection: usize::MAX,
+            ..pool
+        }
+    } else {
+        pool
+    };
+    let upstream = || pool::Upstream::new(pool).map_err(BuildError::from);
     Ok(match config.provider {
         ProviderKind::Simulated => Arc::new(simulated::Simulated::new(
             config.model.clone(),
             config.simulated,
         )),
-        ProviderKind::Gemini => {
-            Arc::new(gemini::Gemini::new(client, base, model, key()?, limits).map_err(invalid)?)
-        }
-        ProviderKind::OpenAi => {
-            Arc::new(openai::OpenAi::new(client, base, model, key()?, limits).map_err(invalid)?)
-        }
+        ProviderKind::Gemini => Arc::new(
+            gemini::Gemini::new(upstream()?, base, model, key()?, limits).map_err(invalid)?,
+        ),
+        ProviderKind::OpenAi => Arc::new(
+            openai::OpenAi::new(upstream()?, base, model, key()?, limits).map_err(invalid)?,
+        ),
         ProviderKind::Anthropic => Arc::new(
-            anthropic::Anthropic::new(client, base, model, key()?, limits).map_err(invalid)?,
+            anthropic::Anthropic::new(upstream()?, base, model, key()?, limits).map_err(invalid)?,
         ),
     })
 }

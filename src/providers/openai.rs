@@ -18,19 +18,20 @@ use serde_json::Value;
 use super::{
     Completion, ModelRequest, Provider, ProviderError, ProviderStream, Usage,
     http::{self, CallContext, Decoder, Fault, Step},
+    pool::Upstream,
 };
 
 pub struct OpenAi {
     model: String,
     url: reqwest::Url,
     auth: HeaderValue,
-    client: reqwest::Client,
+    upstream: Upstream,
     ctx: CallContext,
 }
 
 impl OpenAi {
     pub fn new(
-        client: reqwest::Client,
+        upstream: Upstream,
         base_url: &str,
         model: &str,
         key: &str,
@@ -47,7 +48,7 @@ impl OpenAi {
             },
             model: model.to_owned(),
             url,
-            client,
+            upstream,
         })
     }
 }
@@ -100,13 +101,14 @@ impl Provider for OpenAi {
                 include_usage: true,
             },
         };
-        let builder = self
-            .client
+        let lease = self.upstream.lease();
+        let builder = lease
+            .client()
             .post(self.url.clone())
             .header(reqwest::header::AUTHORIZATION, self.auth.clone())
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .json(&body);
-        http::call(self.ctx.clone(), builder, OpenAiDecoder::default())
+        http::call(self.ctx.clone(), builder, OpenAiDecoder::default(), lease)
     }
 }
 

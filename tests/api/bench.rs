@@ -25,6 +25,7 @@ async fn start_mock() -> std::net::SocketAddr {
         ttft: Duration::from_millis(10),
         token_interval: Duration::from_millis(1),
         tokens: 8,
+        ..MockConfig::default()
     };
     tokio::spawn(mock::serve(listener, config, std::future::pending()));
     addr

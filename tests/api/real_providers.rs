@@ -34,6 +34,7 @@ fn fast() -> MockConfig {
         ttft: Duration::from_millis(20),
         token_interval: Duration::from_millis(2),
         tokens: 12,
+        ..MockConfig::default()
     }
 }
 
@@ -450,6 +451,8 @@ async fn the_mock_serves_a_thousand_concurrent_streams() {
         ttft: Duration::from_millis(50),
         token_interval: Duration::from_millis(20),
         tokens: 10,
+        // All on one connection here: this is about the mock, not duet's connection pool.
+        h2_max_streams: 2000,
     })
     .await;
     let client = reqwest::Client::builder()
@@ -479,5 +482,62 @@ async fn the_mock_serves_a_thousand_concurrent_streams() {
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
+    );
+}
+
+/// Upstreams announce a limit of concurrent HTTP/2 streams per connection (often 100), and
+/// hyper queues calls past it on the one connection. duet spreads its calls over as many
+/// connections as they need, so a call never waits for another call to finish: here the
+/// mock allows 2 streams per connection, 3 runs make 6 calls, and every one gets its first
+/// token at once. The control run, with spreading effectively off, shows the queue.
+#[tokio::test]
+async fn calls_past_an_upstreams_stream_limit_open_more_connections() {
+    let mock = start_mock(MockConfig {
+        ttft: Duration::from_millis(100),
+        token_interval: Duration::from_millis(50),
+        tokens: 20,
+        h2_max_streams: 2,
+    })
+    .await;
+    // Each answer takes 1.1 s; a call queued behind one gets its first token after it.
+    let ttfts = |per_connection: &'static str| async move {
+        let mut vars = role_vars("flash", "openai", base("openai", mock), &[]);
+        vars.extend(role_vars("pro", "openai", base("openai", mock), &[]));
+        vars.push(("UPSTREAM_HTTP2", "1".to_owned()));
+        vars.push(("UPSTREAM_STREAMS_PER_CONNECTION", per_connection.to_owned()));
+        let app = RealApp::start(&vars).await;
+        let body = json!({"query": "q"});
+        let (a, b, c) = tokio::join!(
+            app.stream(body.clone()),
+            app.stream(body.clone()),
+            app.stream(body)
+        );
+        for events in [a, b, c] {
+            assert_eq!(done(&events)["status"], "ok", "{:?}", names(&events));
+        }
+        let mut records = Vec::new();
+        for _ in 0..500 {
+            records = app.sink.records();
+            if records.len() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(records.len(), 3);
+        app.stop().await;
+        // Pro always runs to its end; Flash may be skipped when Pro ends first.
+        let pro: Vec<u64> = records.iter().map(|r| r.pro.ttft_ms.unwrap()).collect();
+        let flash: Vec<u64> = records.iter().filter_map(|r| r.flash.ttft_ms).collect();
+        (pro, flash)
+    };
+    let (pro, flash) = ttfts("2").await;
+    assert!(
+        pro.iter().chain(&flash).all(|&t| t < 700),
+        "every call started at once: pro {pro:?}, flash {flash:?}"
+    );
+    let (pro, _) = ttfts("1000").await;
+    assert!(
+        pro.iter().any(|&t| t > 1000),
+        "one connection queues calls past the limit: pro {pro:?}"
     );
 }

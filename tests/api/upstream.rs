@@ -16,6 +16,7 @@ use duet::{
         gemini::Gemini,
         http::{BodyLimits, redact},
         openai::OpenAi,
+        pool::Upstream,
     },
 };
 use futures::StreamExt;
@@ -218,8 +219,8 @@ async fn answer(mut socket: TcpStream, reply: Reply, seen: Arc<Mutex<Vec<Capture
     }
 }
 
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
+pub fn client() -> Upstream {
+    Upstream::single(reqwest::Client::builder().no_proxy().build().unwrap())
 }
 
 pub fn request(query: &str, system: Option<&str>) -> ModelRequest {

@@ -7,12 +7,14 @@
 #
 # Knobs (environment): OUT, PHASES, LEVELS (concurrency levels, default "1 100 1000"),
 # SECS (seconds per overhead run, default 15), MOCK_PACE (mock pacing flags),
+# UPSTREAMS (how duet reaches the mock in the overhead runs: "http1 http2", default both),
 # CAPACITY_H1 / CAPACITY_H2 (streams held open, default 6000 / 15000), AUDIT_RECORDS,
 # PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres), SKIP_BUILD=1.
 source "$(dirname "$0")/lib.sh"
 OUT="${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}"
 PHASES="${PHASES:-overhead capacity audit}"
 LEVELS="${LEVELS:-1 100 1000}"
+UPSTREAMS="${UPSTREAMS:-http1 http2}"
 SECS="${SECS:-15}"
 MOCK_PACE="${MOCK_PACE:---ttft-ms 200 --token-ms 20 --tokens 19}"
 CAPACITY_H1="${CAPACITY_H1:-6000}"
@@ -28,37 +30,48 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 say "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/^Mem/ {print $2}') GiB; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 say "== duet $("$BIN" --version), results in $OUT"
 
-# overhead: the same workload direct to the mock and through duet, at each concurrency.
+# overhead: the same workload direct to the mock and through duet, at each concurrency, with
+# duet reaching the mock over HTTP/1.1 (a connection per call) and over HTTP/2 (h2c, calls
+# multiplexed; how real providers are reached over TLS).
 phase_overhead() {
+  local up
+  for up in $UPSTREAMS; do
+    overhead_runs "$up"
+  done
+}
+
+overhead_runs() {
+  local up="$1" tag
   start_mock $MOCK_PACE
-  start_duet
+  if [ "$up" = http2 ]; then start_duet UPSTREAM_HTTP2=1; else start_duet; fi
   local c warm
   for c in $LEVELS; do
+    tag="$up-c$c"
     warm=$([ "$c" -ge 100 ] && echo 1 || echo 3)
-    say "-- C=$c direct (mock $MOCK_PACE)"
+    say "-- C=$c direct (mock $MOCK_PACE) [duet upstream: $up]"
     bench_streams --target openai --url "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" \
       -c "$c" --duration "$SECS" --warmup "$warm" --ramp "$([ "$c" -ge 1000 ] && echo 2 || echo 0)" \
-      --json >"$OUT/direct-c$c.json"
-    jq -r '"   ended=\(.ended) errors=\(.errors_total) \(.streams_per_s|floor)/s first_token p50=\(.first_token.p50_ms) p99=\(.first_token.p99_ms) end p50=\(.end.p50_ms) p99=\(.end.p99_ms)"' "$OUT/direct-c$c.json" | tee -a "$SUMMARY"
+      --json >"$OUT/direct-$tag.json"
+    jq -r '"   ended=\(.ended) errors=\(.errors_total) \(.streams_per_s|floor)/s first_token p50=\(.first_token.p50_ms) p99=\(.first_token.p99_ms) end p50=\(.end.p50_ms) p99=\(.end.p99_ms)"' "$OUT/direct-$tag.json" | tee -a "$SUMMARY"
 
-    say "-- C=$c through duet"
-    local t0 t1 depth_file="$OUT/queue-depth-c$c.txt"
+    say "-- C=$c through duet [$up]"
+    local t0 t1 depth_file="$OUT/queue-depth-$tag.txt"
     : >"$depth_file"
     ( for _ in $(seq 1 $((SECS * 4 + 80))); do metric duet_audit_queue_depth >>"$depth_file" || true; sleep 0.25; done ) &
     local poller=$!
     t0=$(cpu_ticks "$DUET_PID")
     bench_streams --target duet --url "http://127.0.0.1:$DUET_PORT/query/stream" \
       -c "$c" --duration "$SECS" --warmup "$warm" --ramp "$([ "$c" -ge 1000 ] && echo 2 || echo 0)" \
-      --json >"$OUT/duet-c$c.json"
+      --json >"$OUT/duet-$tag.json"
     t1=$(cpu_ticks "$DUET_PID")
     kill "$poller" 2>/dev/null || true
     wait "$poller" 2>/dev/null || true
-    jq -r '"   ended=\(.ended) errors=\(.errors_total) \(.streams_per_s|floor)/s first_flash p50=\(.first_flash.p50_ms) p99=\(.first_flash.p99_ms) end p50=\(.end.p50_ms) p99=\(.end.p99_ms)"' "$OUT/duet-c$c.json" | tee -a "$SUMMARY"
+    jq -r '"   ended=\(.ended) errors=\(.errors_total) \(.streams_per_s|floor)/s first_flash p50=\(.first_flash.p50_ms) p99=\(.first_flash.p99_ms) end p50=\(.end.p50_ms) p99=\(.end.p99_ms)"' "$OUT/duet-$tag.json" | tee -a "$SUMMARY"
     local streams cpu
-    streams=$(jq '.streams' "$OUT/duet-c$c.json")
+    streams=$(jq '.streams' "$OUT/duet-$tag.json")
     cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
     say "   duet CPU: ${cpu}s for $streams streams = $(awk -v c="$cpu" -v n="$streams" 'BEGIN {printf "%.2f", c * 1000 / n}') CPU-s per 1000 streams; audit queue depth max $(sort -n "$depth_file" | tail -1) over $(wc -l <"$depth_file") samples"
-    say "   added: first token p50 $(jq -n --slurpfile d "$OUT/direct-c$c.json" --slurpfile r "$OUT/duet-c$c.json" '($r[0].first_flash.p50_ms - $d[0].first_token.p50_ms)*1000|round/1000') ms, p99 $(jq -n --slurpfile d "$OUT/direct-c$c.json" --slurpfile r "$OUT/duet-c$c.json" '($r[0].first_flash.p99_ms - $d[0].first_token.p99_ms)*1000|round/1000') ms; end p50 $(jq -n --slurpfile d "$OUT/direct-c$c.json" --slurpfile r "$OUT/duet-c$c.json" '($r[0].end.p50_ms - $d[0].end.p50_ms)*1000|round/1000') ms, p99 $(jq -n --slurpfile d "$OUT/direct-c$c.json" --slurpfile r "$OUT/duet-c$c.json" '($r[0].end.p99_ms - $d[0].end.p99_ms)*1000|round/1000') ms"
+    say "   added: first token p50 $(jq -n --slurpfile d "$OUT/direct-$tag.json" --slurpfile r "$OUT/duet-$tag.json" '($r[0].first_flash.p50_ms - $d[0].first_token.p50_ms)*1000|round/1000') ms, p99 $(jq -n --slurpfile d "$OUT/direct-$tag.json" --slurpfile r "$OUT/duet-$tag.json" '($r[0].first_flash.p99_ms - $d[0].first_token.p99_ms)*1000|round/1000') ms; end p50 $(jq -n --slurpfile d "$OUT/direct-$tag.json" --slurpfile r "$OUT/duet-$tag.json" '($r[0].end.p50_ms - $d[0].end.p50_ms)*1000|round/1000') ms, p99 $(jq -n --slurpfile d "$OUT/direct-$tag.json" --slurpfile r "$OUT/duet-$tag.json" '($r[0].end.p99_ms - $d[0].end.p99_ms)*1000|round/1000') ms"
     wait_metric duet_streams_active 0 30
   done
   cleanup

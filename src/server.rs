@@ -134,6 +134,7 @@ impl Server {
             tracker.clone(),
             shutdown.clone(),
             config.header_read_timeout,
+            config.client_write_timeout,
             config.shutdown_grace + HARD_STOP_MARGIN,
         ));
         info!(%addr, "listening");
@@ -208,6 +209,7 @@ async fn accept_loop(
     tracker: TaskTracker,
     token: CancellationToken,
     header_read_timeout: Duration,
+    write_timeout: Duration,
     hard_stop: Duration,
 ) -> std::io::Result<()> {
     // Cancelled when the grace period is over: connections still open then (a client that
@@ -253,8 +255,18 @@ async fn accept_loop(
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req
             });
+        // A client whose socket takes no byte for `write_timeout` is cut off. Its run gives up
+        // on it after the same time (the event channel stays full), but without this the
+        // connection would stay: hyper waits for the socket to drain, with no timeout of its
+        // own, holding a descriptor and the buffered events until the peer goes away. The
+        // client can reconnect with Last-Event-ID for what it missed.
+        let mut io = tokio_io_timeout::TimeoutStream::new(stream);
+        io.set_write_timeout(Some(write_timeout));
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .serve_connection_with_upgrades(
+                TokioIo::new(Box::pin(io)),
+                TowerToHyperService::new(service),
+            )
             .into_owned();
         let conn = graceful.watch(conn);
         let abort = abort.clone();

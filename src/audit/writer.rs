@@ -6,9 +6,11 @@
 //!   than the request rate for long enough to fill it) sends the record to the dead-letter
 //!   file instead: a stream is never slowed and a record never dropped.
 //! - One task writes. It takes everything queued, up to `max_batch`, in one `recv_many`, and
-//!   writes it in one transaction; records that arrive meanwhile form the next batch. So
-//!   there is no linger timer: an idle service writes each record at once, and a busy one
-//!   gets large batches exactly when it needs the throughput.
+//!   writes it in one transaction; records that arrive meanwhile form the next batch. It
+//!   starts at most one transaction per [`MIN_BATCH_INTERVAL`] (unless a full batch waits):
+//!   an idle service writes each record at once, and a busy one writes a few records per
+//!   transaction instead of one, since each transaction has a fixed cost (measured at 1,450
+//!   runs/s: SQLite took 12 % of duet's CPU with a transaction per record or two).
 //! - A failed batch is retried with jittered exponential backoff; after the last retry it
 //!   goes to the dead-letter file, and the writer moves on.
 //! - Shutdown closes the queue, writes what is left, and is bounded: past the timeout the
@@ -27,6 +29,10 @@ use super::{
     store::RecordStore,
 };
 use crate::metrics::Metrics;
+
+/// Transactions start at least this far apart while fewer than a full batch wait: records
+/// gather for at most this long (a few milliseconds more in memory, fewer commits).
+pub const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Longest one batch insert may take before it counts as failed.
 const INSERT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -230,7 +236,18 @@ impl Task {
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut draining = false;
+        let mut next_write = tokio::time::Instant::now();
         loop {
+            if !draining
+                && self.rx.len() < self.max_batch
+                && next_write > tokio::time::Instant::now()
+            {
+                tokio::select! {
+                    biased;
+                    () = self.drain.cancelled() => {}
+                    () = tokio::time::sleep_until(next_write) => {}
+                }
+            }
             let received = tokio::select! {
                 biased;
                 () = self.drain.cancelled(), if !draining => {
@@ -246,6 +263,7 @@ impl Task {
                 break;
             }
             self.set_depth();
+            next_write = tokio::time::Instant::now() + MIN_BATCH_INTERVAL;
             let written = tokio::select! {
                 biased;
                 () = self.abort.cancelled() => None,

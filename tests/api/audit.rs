@@ -146,6 +146,43 @@ async fn writer_batches_what_is_queued() {
     assert!(dead_letters(&dir.path().join("deadletter.jsonl")).is_empty());
 }
 
+/// A record after a quiet spell is written at once; records that keep arriving are written
+/// at most one transaction per MIN_BATCH_INTERVAL, gathered into batches.
+#[tokio::test(start_paused = true)]
+async fn writer_paces_transactions_under_steady_load() {
+    use duet::audit::writer::MIN_BATCH_INTERVAL;
+    let dir = tempfile::tempdir().unwrap();
+    let store = FakeStore::failing(0);
+    let writer = AuditWriter::start(store.clone(), options(&dir), Metrics::new().unwrap()).unwrap();
+    let t0 = tokio::time::Instant::now();
+    // One record every millisecond for 50 ms.
+    for i in 0..50 {
+        writer.submit(record(i));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Then, after a quiet second, one more: written with no wait.
+    let quiet = tokio::time::Instant::now();
+    writer.submit(record(50));
+    tokio::time::sleep(Duration::from_micros(100)).await;
+    writer.shutdown(Duration::from_secs(5)).await;
+    let attempts = store.attempts();
+    assert_eq!(
+        attempts.first().map(|a| a.0),
+        Some(t0),
+        "the first record at once"
+    );
+    for pair in attempts.windows(2) {
+        assert!(pair[1].0 - pair[0].0 >= MIN_BATCH_INTERVAL, "{attempts:?}");
+    }
+    let sizes: Vec<usize> = attempts.iter().map(|a| a.1).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 51);
+    // 50 records over 50 ms in about 50 ms / 5 ms transactions, not 50.
+    assert!(sizes.len() <= 13, "{sizes:?}");
+    assert_eq!(attempts.last().map(|a| (a.0, a.1)), Some((quiet, 1)));
+    assert_eq!(store.stored().len(), 51);
+}
+
 #[tokio::test(start_paused = true)]
 async fn failed_batch_is_retried_on_the_backoff_schedule_then_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();

@@ -202,11 +202,12 @@ async fn readyz_is_503_while_the_queue_is_above_its_high_water_mark() {
     assert_eq!(status, 503);
     assert_eq!(body["audit_queue"], "backlogged");
     gate.add_permits(100);
+    // The writer starts its next transaction at most MIN_BATCH_INTERVAL after the last one.
     for _ in 0..100 {
         if !writer.backlogged() {
             break;
         }
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let (status, _, _) = get(&app, "/readyz", None).await;
     assert_eq!(status, 200);

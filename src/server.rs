@@ -8,9 +8,10 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::extract::ConnectInfo;
+use hyper::server::conn::{http1, http2};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -194,15 +195,15 @@ fn spawn_housekeeping(
     });
 }
 
-/// The largest request head accepted on HTTP/1.1, in bytes (see the builder below).
-pub const MAX_REQUEST_HEAD: usize = 8192;
+/// The first bytes of an HTTP/2 connection with prior knowledge (h2c), RFC 9113 §3.4.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Accepts connections until the token is cancelled, then lets open ones finish (each open
 /// response ends when its run sends `done`), dropping stragglers after `hard_stop`.
 ///
-/// A hand-written loop over hyper-util rather than `axum::serve`, for what `axum::serve` does
-/// not expose: a header read timeout (slowloris), HTTP/2 settings, and surviving `EMFILE`
-/// without spinning.
+/// A hand-written loop over hyper rather than `axum::serve`, for what `axum::serve` does
+/// not expose: a header read timeout (slowloris), HTTP/2 settings, a write timeout on the
+/// socket, and surviving `EMFILE` without spinning.
 async fn accept_loop(
     listener: TcpListener,
     app: axum::Router,
@@ -215,19 +216,13 @@ async fn accept_loop(
     // Cancelled when the grace period is over: connections still open then (a client that
     // stopped reading) are dropped, which also ends any run still writing to them.
     let abort = CancellationToken::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
-        // The read buffer of an HTTP/1.1 connection, and so the largest request head (hyper
-        // answers 431 past it). hyper's smallest: at any larger limit the buffer grows to
-        // 16 KiB on the read that looks for the next request, and every open stream keeps
-        // that 8 KiB extra for its whole life (measured: 33.8 vs 29.1 KiB per open stream).
-        .max_buf_size(MAX_REQUEST_HEAD)
         .keep_alive(true);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(1024)
         // Pings find dead HTTP/2 peers whose streams would otherwise idle until a deadline.
@@ -255,26 +250,39 @@ async fn accept_loop(
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req
             });
-        // A client whose socket takes no byte for `write_timeout` is cut off. Its run gives up
-        // on it after the same time (the event channel stays full), but without this the
-        // connection would stay: hyper waits for the socket to drain, with no timeout of its
-        // own, holding a descriptor and the buffered events until the peer goes away. The
-        // client can reconnect with Last-Event-ID for what it missed.
-        let mut io = tokio_io_timeout::TimeoutStream::new(stream);
-        io.set_write_timeout(Some(write_timeout));
-        let conn = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(Box::pin(io)),
-                TowerToHyperService::new(service),
-            )
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let service = TowerToHyperService::new(service);
+        let (http1, http2) = (http1.clone(), http2.clone());
+        let watcher = graceful.watcher();
         let abort = abort.clone();
         tracker.spawn(async move {
-            tokio::select! {
-                // Connection errors (resets, timeouts) are the client's business, not ours.
-                _ = conn => {}
-                () = abort.cancelled() => {}
+            // A client that sends nothing at all is cut off like one that sends its headers
+            // too slowly.
+            let h2c = match tokio::time::timeout(header_read_timeout, opens_with_h2(&stream)).await
+            {
+                Ok(Ok(h2c)) => h2c,
+                Ok(Err(_)) | Err(_) => return,
+            };
+            // A client whose socket takes no byte for `write_timeout` is cut off. Its run
+            // gives up on it after the same time (the event channel stays full), but without
+            // this the connection would stay: hyper waits for the socket to drain, with no
+            // timeout of its own, holding a descriptor and the buffered events until the peer
+            // goes away. The client can reconnect with Last-Event-ID for what it missed.
+            let mut io = tokio_io_timeout::TimeoutStream::new(stream);
+            io.set_write_timeout(Some(write_timeout));
+            let io = TokioIo::new(Box::pin(io));
+            // Connection errors (resets, timeouts) are the client's business, not ours.
+            if h2c {
+                let conn = watcher.watch(http2.serve_connection(io, service));
+                tokio::select! {
+                    _ = conn => {}
+                    () = abort.cancelled() => {}
+                }
+            } else {
+                let conn = watcher.watch(http1.serve_connection(io, service));
+                tokio::select! {
+                    _ = conn => {}
+                    () = abort.cancelled() => {}
+                }
             }
         });
     }
@@ -285,6 +293,29 @@ async fn accept_loop(
         warn!("connections still open after the grace period; closing them");
     }
     Ok(())
+}
+
+/// Whether a new connection opens with the HTTP/2 preface. It looks with `MSG_PEEK`, so the
+/// bytes stay in the socket for hyper. (hyper-util's automatic version detection reads them
+/// and hands them back as a prefix instead; hyper's HTTP/1.1 read buffer then doubles from 8
+/// to 16 KiB on its second read and keeps that size for the connection's life, 8 KiB more
+/// for every open stream.) An HTTP/1.1 request differs from the preface in its first byte,
+/// so one peek decides; only a client sending the preface in pieces makes it look again.
+async fn opens_with_h2(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+            // Closed, or not the preface: HTTP/1.1, which answers or closes as fits.
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // Part of the preface so far. `peek` returns at once while any byte is waiting, so
+        // give the rest a moment to arrive rather than spin.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

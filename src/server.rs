@@ -227,6 +227,8 @@ async fn accept_loop(
         .max_concurrent_streams(1024)
         // Pings find dead HTTP/2 peers whose streams would otherwise idle until a deadline.
         .keep_alive_interval(Some(Duration::from_secs(30)));
+    // Shared, not cloned into each connection's task: a task lives as long as its stream.
+    let (http1, http2) = (Arc::new(http1), Arc::new(http2));
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -251,7 +253,7 @@ async fn accept_loop(
                 req
             });
         let service = TowerToHyperService::new(service);
-        let (http1, http2) = (http1.clone(), http2.clone());
+        let (http1, http2) = (Arc::clone(&http1), Arc::clone(&http2));
         let watcher = graceful.watcher();
         let abort = abort.clone();
         tracker.spawn(async move {
@@ -299,8 +301,9 @@ async fn accept_loop(
 /// bytes stay in the socket for hyper. (hyper-util's automatic version detection reads them
 /// and hands them back as a prefix instead; hyper's HTTP/1.1 read buffer then doubles from 8
 /// to 16 KiB on its second read and keeps that size for the connection's life, 8 KiB more
-/// for every open stream.) An HTTP/1.1 request differs from the preface in its first byte,
-/// so one peek decides; only a client sending the preface in pieces makes it look again.
+/// for every open stream.) An HTTP/1.1 request differs from the preface within its first two
+/// bytes, so one peek decides; only a client sending its first bytes in pieces makes it look
+/// again.
 async fn opens_with_h2(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
     let mut buf = [0u8; H2_PREFACE.len()];
     loop {

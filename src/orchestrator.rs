@@ -742,8 +742,9 @@ async fn attempts(
         let backoff = error
             .retry_after
             .unwrap_or_else(|| jittered_backoff(retries));
-        if Instant::now() + backoff >= deadline {
-            // Waiting would run past the deadline: report the real failure, not a timeout.
+        let resume_at = Instant::now() + backoff;
+        if resume_at >= deadline || first_token_deadline.is_some_and(|at| resume_at >= at) {
+            // Waiting would run past a deadline: report the real failure, not a timeout.
             return Err(Failure::Provider(error));
         }
         retries += 1;

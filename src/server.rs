@@ -256,13 +256,18 @@ async fn accept_loop(
         let (http1, http2) = (Arc::clone(&http1), Arc::clone(&http2));
         let watcher = graceful.watcher();
         let abort = abort.clone();
+        let stopping = token.clone();
         tracker.spawn(async move {
             // A client that sends nothing at all is cut off like one that sends its headers
-            // too slowly.
-            let h2c = match tokio::time::timeout(header_read_timeout, opens_with_h2(&stream)).await
-            {
-                Ok(Ok(h2c)) => h2c,
-                Ok(Err(_)) | Err(_) => return,
+            // too slowly, and does not hold up a shutdown (bytes already waiting still count).
+            let sniff = tokio::time::timeout(header_read_timeout, opens_with_h2(&stream));
+            let h2c = tokio::select! {
+                biased;
+                sniffed = sniff => match sniffed {
+                    Ok(Ok(h2c)) => h2c,
+                    Ok(Err(_)) | Err(_) => return,
+                },
+                () = stopping.cancelled() => return,
             };
             // A client whose socket takes no byte for `write_timeout` is cut off. Its run
             // gives up on it after the same time (the event channel stays full), but without
@@ -301,11 +306,12 @@ async fn accept_loop(
 /// bytes stay in the socket for hyper. (hyper-util's automatic version detection reads them
 /// and hands them back as a prefix instead; hyper's HTTP/1.1 read buffer then doubles from 8
 /// to 16 KiB on its second read and keeps that size for the connection's life, 8 KiB more
-/// for every open stream.) An HTTP/1.1 request differs from the preface within its first two
+/// for every open stream.) An HTTP/1.1 request differs from the preface within its first few
 /// bytes, so one peek decides; only a client sending its first bytes in pieces makes it look
 /// again.
 async fn opens_with_h2(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
     let mut buf = [0u8; H2_PREFACE.len()];
+    let mut wait = Duration::from_millis(5);
     loop {
         let n = stream.peek(&mut buf).await?;
         if n == 0 || buf[..n] != H2_PREFACE[..n] {
@@ -316,8 +322,10 @@ async fn opens_with_h2(stream: &tokio::net::TcpStream) -> std::io::Result<bool> 
             return Ok(true);
         }
         // Part of the preface so far. `peek` returns at once while any byte is waiting, so
-        // give the rest a moment to arrive rather than spin.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // give the rest a moment to arrive rather than spin, backing off so that a client
+        // that sends one byte and stops costs a few dozen wakeups, not thousands.
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(250));
     }
 }
 

@@ -108,25 +108,37 @@ impl Upstream {
         if let Some(lease) = inner.try_existing(per) {
             return lease;
         }
-        // All full: add a client, unless another call just did or the cap is reached.
+        // All full: add a client, unless another call just did or the cap is reached. The
+        // client (its TLS setup) is built before taking the write lock, which every call's
+        // `lease` would otherwise wait on meanwhile.
+        let room = inner
+            .slots
+            .read()
+            .map_or(true, |s| s.len() < inner.config.max_connections);
+        let built = if room {
+            match build_client(inner.config.http2_prior_knowledge) {
+                Ok(client) => Some(client),
+                Err(e) => {
+                    warn!(error = %e, "cannot build another upstream client");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut slots = inner.slots.write().unwrap_or_else(|e| e.into_inner());
         if let Some(lease) = first_with_room(&slots, per) {
             return lease;
         }
-        if slots.len() < inner.config.max_connections {
-            match build_client(inner.config.http2_prior_knowledge) {
-                Ok(client) => {
-                    let slot = Arc::new(Slot::new(client));
-                    slots.push(Arc::clone(&slot));
-                    info!(
-                        connections = slots.len(),
-                        streams_per_connection = per,
-                        "upstream connection pool grows"
-                    );
-                    return Lease::take(slot);
-                }
-                Err(e) => warn!(error = %e, "cannot build another upstream client"),
-            }
+        if let Some(client) = built.filter(|_| slots.len() < inner.config.max_connections) {
+            let slot = Arc::new(Slot::new(client));
+            slots.push(Arc::clone(&slot));
+            info!(
+                connections = slots.len(),
+                streams_per_connection = per,
+                "upstream connection pool grows"
+            );
+            return Lease::take(slot);
         }
         // At the cap (or out of resources): the least busy connection; hyper queues the
         // call there until a stream frees up.

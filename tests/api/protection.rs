@@ -324,3 +324,24 @@ async fn http2_clients_with_prior_knowledge_are_served() {
         .unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_11);
 }
+
+/// A connection that never sends a byte (a health checker, a browser's spare socket) is
+/// still being looked at for its protocol; a shutdown does not wait for it.
+#[tokio::test(start_paused = true)]
+async fn a_silent_connection_does_not_hold_up_shutdown() {
+    let mut app = spawn_app(
+        normal_flash(),
+        normal_pro(),
+        &[("HEADER_READ_TIMEOUT_S", "30")],
+    )
+    .await;
+    let _silent = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    app.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}

@@ -277,19 +277,17 @@ async fn accept_loop(
             let mut io = tokio_io_timeout::TimeoutStream::new(stream);
             io.set_write_timeout(Some(write_timeout));
             let io = TokioIo::new(Box::pin(io));
-            // Connection errors (resets, timeouts) are the client's business, not ours.
-            if h2c {
-                let conn = watcher.watch(http2.serve_connection(io, service));
-                tokio::select! {
-                    _ = conn => {}
-                    () = abort.cancelled() => {}
+            let conn = async move {
+                if h2c {
+                    watcher.watch(http2.serve_connection(io, service)).await
+                } else {
+                    watcher.watch(http1.serve_connection(io, service)).await
                 }
-            } else {
-                let conn = watcher.watch(http1.serve_connection(io, service));
-                tokio::select! {
-                    _ = conn => {}
-                    () = abort.cancelled() => {}
-                }
+            };
+            tokio::select! {
+                // Connection errors (resets, timeouts) are the client's business, not ours.
+                _ = conn => {}
+                () = abort.cancelled() => {}
             }
         });
     }

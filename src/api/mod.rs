@@ -491,10 +491,7 @@ impl<'a> From<&'a ModelTrace> for ModelAnswer<'a> {
             finish_reason: t.finish_reason.as_deref(),
             latency_ms: t.latency_ms,
             ttft_ms: t.ttft_ms,
-            usage: crate::providers::Usage {
-                input_tokens: t.input_tokens,
-                output_tokens: t.output_tokens,
-            },
+            usage: t.usage(),
             error_type: t.error_type.as_deref(),
         }
     }

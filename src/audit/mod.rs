@@ -121,6 +121,16 @@ pub struct ModelTrace {
     pub output_tokens: Option<u64>,
 }
 
+impl ModelTrace {
+    /// The token counts the provider reported, as the answer events carry them.
+    pub fn usage(&self) -> crate::providers::Usage {
+        crate::providers::Usage {
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+        }
+    }
+}
+
 /// One run: a row of `dual_runs` and its two traces.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunRecord {

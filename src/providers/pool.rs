@@ -75,7 +75,21 @@ impl Upstream {
     /// Builds the first client now, so that a broken TLS setup fails at start.
     pub fn new(config: PoolConfig) -> reqwest::Result<Self> {
         let first = build_client(config.http2_prior_knowledge)?;
-        Ok(Upstream {
+        Ok(Upstream::with_first(config, first))
+    }
+
+    /// Every call on one given client (tests and tools that build their own).
+    pub fn single(client: reqwest::Client) -> Self {
+        let config = PoolConfig {
+            http2_prior_knowledge: false,
+            streams_per_connection: usize::MAX,
+            max_connections: 1,
+        };
+        Upstream::with_first(config, client)
+    }
+
+    fn with_first(config: PoolConfig, first: reqwest::Client) -> Self {
+        Upstream {
             inner: Arc::new(Inner {
                 config: PoolConfig {
                     streams_per_connection: config.streams_per_connection.max(1),
@@ -83,20 +97,6 @@ impl Upstream {
                     ..config
                 },
                 slots: RwLock::new(vec![Arc::new(Slot::new(first))]),
-            }),
-        })
-    }
-
-    /// Every call on one given client (tests and tools that build their own).
-    pub fn single(client: reqwest::Client) -> Self {
-        Upstream {
-            inner: Arc::new(Inner {
-                config: PoolConfig {
-                    http2_prior_knowledge: false,
-                    streams_per_connection: usize::MAX,
-                    max_connections: 1,
-                },
-                slots: RwLock::new(vec![Arc::new(Slot::new(client))]),
             }),
         }
     }

@@ -86,15 +86,16 @@ impl RealApp {
         events
     }
 
-    async fn records(&self) -> Vec<duet::audit::RunRecord> {
+    /// The records once at least `n` are stored (they are written after `done`).
+    async fn records(&self, n: usize) -> Vec<duet::audit::RunRecord> {
         for _ in 0..500 {
             let r = self.sink.records();
-            if !r.is_empty() {
+            if r.len() >= n {
                 return r;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("no record");
+        panic!("fewer than {n} records");
     }
 
     async fn stop(mut self) {
@@ -165,7 +166,7 @@ async fn every_family_as_flash_and_as_pro_through_query_stream() {
                 .collect();
             assert_eq!(deltas, mock::answer_text(12));
             assert_eq!(done(&events)["status"], "ok", "{family} {role}");
-            let record = &app.records().await[0];
+            let record = &app.records(1).await[0];
             let trace = if role == "flash" {
                 &record.flash
             } else {
@@ -233,7 +234,7 @@ async fn no_retry_after_first_token_nor_past_the_deadline() {
     assert_eq!(err.data["retryable"], true);
     assert_eq!(server.requests().len(), 1);
     assert_eq!(done(&events)["status"], "partial");
-    let record = &app.records().await[0];
+    let record = &app.records(1).await[0];
     assert_eq!(
         record.pro.text, "Gray waves fold to foam",
         "partial text is kept"
@@ -250,7 +251,7 @@ async fn no_retry_after_first_token_nor_past_the_deadline() {
     );
     let app = RealApp::start(&vars).await;
     let events = app.stream(json!({"query": "q"})).await;
-    let record = &app.records().await[0];
+    let record = &app.records(1).await[0];
     assert!(record.flash.latency_ms < 900, "{}", record.flash.latency_ms);
     let err = events.iter().find(|e| e.event == "error").unwrap();
     assert_eq!(err.data["error_type"], "rate_limited");
@@ -307,7 +308,7 @@ async fn silent_stalled_and_endless_upstreams_end_at_their_deadlines() {
                 .find(|e| e.event == "error")
                 .unwrap_or_else(|| panic!("{directive}: {:?}", names(&resp_events)));
             assert_eq!(err.data["error_type"], "timeout", "{directive}");
-            let record = &app.records().await[0];
+            let record = &app.records(1).await[0];
             assert_eq!(record.flash.outcome, Outcome::Timeout, "{directive}");
             let msg = record.flash.error_message.as_deref().unwrap();
             assert!(
@@ -425,7 +426,7 @@ async fn a_planted_key_appears_in_no_event_record_or_log() {
         .await
         .unwrap();
     let raw = resp.text().await.unwrap();
-    let records = app.records().await;
+    let records = app.records(1).await;
     app.stop().await;
 
     assert!(raw.contains("invalid_api_key"), "{raw}");
@@ -515,14 +516,7 @@ async fn calls_past_an_upstreams_stream_limit_open_more_connections() {
         for events in [a, b, c] {
             assert_eq!(done(&events)["status"], "ok", "{:?}", names(&events));
         }
-        let mut records = Vec::new();
-        for _ in 0..500 {
-            records = app.sink.records();
-            if records.len() == 3 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let records = app.records(3).await;
         assert_eq!(records.len(), 3);
         app.stop().await;
         // Pro always runs to its end; Flash may be skipped when Pro ends first.

@@ -393,7 +393,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// What an upstream error object says, in the shapes of all three families and the
-/// OpenAI-compatible servers (see `shared/wire/README.md`).
+/// OpenAI-compatible servers (see `tests/fixtures/wire/README.md`).
 #[derive(Debug, Default, PartialEq)]
 pub struct Fault {
     /// A machine-readable reason (`API_KEY_INVALID`, `context_length_exceeded`,

@@ -7,7 +7,7 @@
 //! - OpenAI: `POST /v1/chat/completions`, streamed when the body says `"stream": true`;
 //! - Anthropic: `POST /v1/messages`, streamed when the body says `"stream": true`.
 //!
-//! The bytes copy the fixtures in `shared/wire` (Gemini CRLF and `": "` spacing, OpenAI's
+//! The bytes copy the fixtures in `tests/fixtures/wire` (Gemini CRLF and `": "` spacing, OpenAI's
 //! role chunk, finish chunk, usage chunk and `[DONE]`, Anthropic's named events with a ping).
 //! Keys are accepted and ignored. Pacing comes from [`MockConfig`], and a request can pick a
 //! fault with a directive anywhere in its text, e.g. `[[mock:status=429]]`; several can be

@@ -225,17 +225,16 @@ pub(crate) mod testing {
         http::{self, BodyLimits, CallContext, Decoder},
     };
 
-    /// `../shared/wire`, beside the repository (as in CI, where `shared/` is cloned next to it).
+    /// `tests/fixtures/wire`: byte-exact provider bodies, kept in the repository.
     pub fn wire_dir() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/wire")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wire")
     }
 
     pub fn wire(name: &str) -> Vec<u8> {
         let path = wire_dir().join(name);
         std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
-                "wire fixture {} is missing ({e}): the fixtures live in shared/wire, \
-                 which must be checked out beside this repository",
+                "wire fixture {} is missing ({e}): the fixtures live in tests/fixtures/wire",
                 path.display()
             )
         })

@@ -1,5 +1,5 @@
 //! The real adapters against a raw HTTP server on loopback that replays the byte-exact
-//! fixtures of `../shared/wire`, cut where parsers break: inside a line, between CR and LF,
+//! fixtures of `tests/fixtures/wire`, cut where parsers break: inside a line, between CR and LF,
 //! inside a multi-byte character.
 
 use std::{
@@ -27,14 +27,14 @@ use tokio::{
 
 pub const KEY: &str = "sk-test-PLANTED-key-0123456789abcdef";
 
-/// `../shared/wire`, beside the repository (as in CI, where `shared/` is cloned next to it).
+/// `tests/fixtures/wire`: byte-exact provider bodies, kept in the repository.
 pub fn wire(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/wire")
+        .join("tests/fixtures/wire")
         .join(name);
     std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
-            "wire fixture {} is missing ({e}): shared/wire must be checked out beside this repository",
+            "wire fixture {} is missing ({e}): the fixtures live in tests/fixtures/wire",
             path.display()
         )
     })

@@ -842,18 +842,8 @@ impl Drop for RunGuard {
             Some(r) => r,
             None => self.unfinished(Role::Pro),
         };
-        // Cancelled only if the run was cut short; a client leaving after both models ended
-        // changes nothing.
         let cut_short = flash.outcome == Outcome::Cancelled || pro.outcome == Outcome::Cancelled;
-        let status = if cut_short && self.cancelled.is_some() {
-            RunStatus::Cancelled
-        } else if pro.outcome == Outcome::Ok {
-            RunStatus::Ok
-        } else if flash.outcome == Outcome::Ok {
-            RunStatus::Partial
-        } else {
-            RunStatus::Failed
-        };
+        let status = run_status(flash.outcome, pro.outcome, self.cancelled.is_some());
         let total = self.started.elapsed();
         let run_id = &self.emitter.run_id;
         let seq = self.emitter.seq.fetch_add(1, Ordering::Relaxed);
@@ -1042,4 +1032,43 @@ pub(crate) struct DoneEvent<'a> {
     flash: Outcome,
     pro: Outcome,
     total_ms: u64,
+}
+
+/// The status rule of contract §4: `ok` when Pro is ok, `partial` when only Flash is,
+/// `failed` when neither is, `cancelled` when the client left or the service shut down
+/// first. "First" matters: a run is cancelled only when that cut a model short; a client
+/// leaving after both models ended (its last event unsent) changes nothing.
+fn run_status(flash: Outcome, pro: Outcome, cancelled: bool) -> RunStatus {
+    let cut_short = flash == Outcome::Cancelled || pro == Outcome::Cancelled;
+    if cut_short && cancelled {
+        RunStatus::Cancelled
+    } else if pro == Outcome::Ok {
+        RunStatus::Ok
+    } else if flash == Outcome::Ok {
+        RunStatus::Partial
+    } else {
+        RunStatus::Failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_leaving_after_both_answers_does_not_cancel_the_run() {
+        use Outcome::{Cancelled, Error, Ok, Skipped, Timeout};
+        // Both answers exist: the client leaving changes nothing.
+        assert_eq!(run_status(Ok, Ok, true), RunStatus::Ok);
+        assert_eq!(run_status(Skipped, Ok, true), RunStatus::Ok);
+        assert_eq!(run_status(Ok, Timeout, true), RunStatus::Partial);
+        assert_eq!(run_status(Error, Error, true), RunStatus::Failed);
+        // A model cut short by the client or shutdown.
+        assert_eq!(run_status(Ok, Cancelled, true), RunStatus::Cancelled);
+        assert_eq!(run_status(Cancelled, Cancelled, true), RunStatus::Cancelled);
+        // Without a cancellation the outcomes alone decide.
+        assert_eq!(run_status(Ok, Ok, false), RunStatus::Ok);
+        assert_eq!(run_status(Ok, Error, false), RunStatus::Partial);
+        assert_eq!(run_status(Timeout, Error, false), RunStatus::Failed);
+    }
 }

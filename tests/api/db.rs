@@ -1,11 +1,11 @@
 //! Real databases for the audit tests: a fresh SQLite file per test, or a fresh PostgreSQL
 //! database per test on the server `TEST_POSTGRES_URL` names (created here, dropped when the
 //! handle is dropped, even if the test panicked). Without the variable the PostgreSQL tests
-//! print a notice and pass, so `cargo test` works on a machine without PostgreSQL.
+//! print a notice and pass, so `cargo test` works on a machine without PostgreSQL; in CI
+//! (`CI` set) they fail instead, since `.ci/run` points them at the local server.
 
 #![allow(dead_code, reason = "each test module uses a different part")]
 
-use std::io::Write;
 use std::sync::{
     Arc, Mutex,
     atomic::{AtomicUsize, Ordering},
@@ -44,11 +44,9 @@ pub struct PgDb {
 /// `None` (after a printed notice) when `TEST_POSTGRES_URL` is unset.
 pub async fn postgres(test: &str) -> Option<PgDb> {
     let Ok(admin_url) = std::env::var("TEST_POSTGRES_URL") else {
-        // Straight to stderr, not eprintln!: the harness captures the macros' output of
-        // passing tests, and this notice is meant to be seen.
-        let notice =
-            format!("notice: TEST_POSTGRES_URL is unset; skipping PostgreSQL test {test}\n");
-        let _ = std::io::stderr().write_all(notice.as_bytes());
+        crate::helpers::skip(&format!(
+            "TEST_POSTGRES_URL is unset, so PostgreSQL test {test} cannot run"
+        ));
         return None;
     };
     let name = format!("duet_test_{}", Uuid::now_v7().simple());

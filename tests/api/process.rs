@@ -81,7 +81,7 @@ async fn secrets_never_reach_the_logs() {
         .unwrap();
     let (addr, log) = listening(&mut child);
     let client = reqwest::Client::new();
-    for token in [KEY, "wrong-key"] {
+    for (token, expected) in [(KEY, 200), ("wrong-key", 401)] {
         let resp = client
             .post(format!("http://{addr}/query/stream"))
             .bearer_auth(token)
@@ -89,6 +89,7 @@ async fn secrets_never_reach_the_logs() {
             .send()
             .await
             .unwrap();
+        assert_eq!(resp.status(), expected, "key {token:?}");
         let body = resp.text().await.unwrap();
         assert!(!body.contains(KEY) && !body.contains(ADMIN));
     }

@@ -315,6 +315,23 @@ async fn first_token_and_stall_deadlines() {
     assert!(metrics.contains(r#"duet_model_timeouts_total{kind="stall",model="pro"} 1"#));
 }
 
+/// The stall deadline runs from the last token, not the first: a Pro that sends a token every
+/// second for 20 s never falls silent for 3 s, so it finishes `ok`.
+#[tokio::test(start_paused = true)]
+async fn stall_deadline_restarts_with_every_token() {
+    let mut pro = vec![];
+    for _ in 0..20 {
+        pro.extend([ms(1000), Step::Delta("tick ")]);
+    }
+    pro.push(Step::Finish);
+    let app = spawn_app(normal_flash(), pro, &[("STALL_TIMEOUT_S", "3")]).await;
+    let events = app.stream(json!({"query": "q"})).await;
+    check_invariants(&events);
+    assert_eq!(names(&events), ["start", "flash", "pro", "done"]);
+    assert_eq!(done(&events)["status"], "ok");
+    assert_eq!(events[2].data["text"], "tick ".repeat(20));
+}
+
 #[tokio::test(start_paused = true)]
 async fn deltas_are_relayed_when_asked() {
     let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
@@ -457,6 +474,33 @@ async fn keepalive_comments_fill_silence() {
     // Silence runs from Flash (0.31 s) to Pro (3.5 s): keep-alives at 1.31, 2.31 and 3.31 s.
     assert_eq!(text.matches(": keep-alive\n\n").count(), 3, "{text}");
     assert!(text.starts_with("retry: 2000\n\nevent: start\n"));
+}
+
+/// Keep-alives fill silence only: events every 0.5 s with `SSE_KEEPALIVE_S=1` leave no
+/// second without an event, so no keep-alive goes out (a keep-alive on a plain timer would
+/// send one each second).
+#[tokio::test(start_paused = true)]
+async fn no_keepalive_while_events_flow() {
+    let mut pro = vec![];
+    for _ in 0..6 {
+        pro.extend([ms(500), Step::Delta("tick ")]);
+    }
+    pro.extend([ms(500), Step::Finish]);
+    let app = spawn_app(
+        vec![ms(250), Step::Delta("quick"), Step::Finish],
+        pro,
+        &[("SSE_KEEPALIVE_S", "1")],
+    )
+    .await;
+    let text = app
+        .post_stream(json!({"query": "q", "deltas": true}))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("event: done\n"), "{text}");
+    assert_eq!(text.matches("event: delta\n").count(), 7, "{text}");
+    assert_eq!(text.matches(": keep-alive").count(), 0, "{text}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -268,10 +268,11 @@ impl AuthThrottle {
         }
     }
 
+    /// The most memory the table can hold, as hashbrown and `VecDeque` size their storage:
+    /// map buckets (a power of two at most 7/8 full, one control byte each) plus the order
+    /// queue, for `max_tracked` entries.
     #[cfg(test)]
-    /// The most memory the table can hold: map buckets (at hashbrown's 7/8 load, with a
-    /// control byte each) plus the order queue, for `max_tracked` entries.
-    pub fn max_bytes(&self) -> usize {
+    fn max_bytes(&self) -> usize {
         let bucket = std::mem::size_of::<(IpAddr, Failures)>() + 1;
         let queued = std::mem::size_of::<(IpAddr, Instant)>();
         let buckets = (self.max_tracked * 8 / 7 + 1).next_power_of_two();
@@ -329,6 +330,7 @@ impl AuthThrottle {
         }
     }
 
+    /// Addresses tracked now.
     #[cfg(test)]
     fn tracked(&self) -> usize {
         self.lock().entries.len()

@@ -232,7 +232,9 @@ const MAX_TRACKED: usize = 10_000;
 
 /// Counts wrong keys and tokens per client address in a fixed window that opens with the
 /// address's first failure. An address that reaches `limit` failures is refused (429) until
-/// its window closes, whatever it sends, so it gets at most `limit` guesses per window.
+/// its window closes, whatever it sends, so it gets at most `limit` guesses per window. A
+/// right secret does not reset the count: a client holding one key could otherwise keep
+/// guessing another (or the admin token) between its good requests.
 ///
 /// Bounded: at most `max_tracked` addresses; a new one past that evicts the address whose
 /// window opened first (which is also the next to expire). IPv6 addresses count per /64,

@@ -167,10 +167,17 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub log_format: LogFormat,
     /// Sustained requests per minute per client (API key, or peer address without keys);
-    /// `None` turns the limit off.
+    /// `None` (the default, `RATE_LIMIT_PER_MINUTE=0`) turns the limit off.
     pub rate_limit_per_minute: Option<u32>,
     /// Requests a client may make at once before the sustained rate applies.
     pub rate_limit_burst: u32,
+    /// Wrong API keys or admin tokens one client address may present per
+    /// `auth_failure_window` before it is refused for the rest of that window; `None`
+    /// (`AUTH_FAILURE_LIMIT=0`) turns the throttle off.
+    pub auth_failure_limit: Option<u32>,
+    /// How long failed attempts are counted from an address's first one, and so how long an
+    /// address that reached the limit is refused.
+    pub auth_failure_window: Duration,
     /// Origins allowed to call the API from a browser; empty means same-origin only.
     pub cors_allowed_origins: Vec<String>,
     /// Longest time a client may take to send its request headers.
@@ -515,7 +522,9 @@ impl Config {
             rate_limit_per_minute: match parse_or(
                 src,
                 "RATE_LIMIT_PER_MINUTE",
-                600u32,
+                // Off by default: keyed on the TCP peer, one backend client or everyone behind
+                // a reverse proxy would share one bucket and be refused under ordinary load.
+                0u32,
                 "a whole number (0 turns the limit off)",
             )? {
                 0 => None,
@@ -524,6 +533,16 @@ impl Config {
             rate_limit_burst: positive(src, "RATE_LIMIT_BURST", 100)?
                 .try_into()
                 .map_err(|_| ConfigError::new("RATE_LIMIT_BURST", "is too large"))?,
+            auth_failure_limit: match parse_or(
+                src,
+                "AUTH_FAILURE_LIMIT",
+                10u32,
+                "a whole number (0 turns the throttle off)",
+            )? {
+                0 => None,
+                n => Some(n),
+            },
+            auth_failure_window: seconds_or(src, "AUTH_FAILURE_WINDOW_S", 60.0)?,
             cors_allowed_origins: cors_origins(src)?,
             header_read_timeout: seconds_or(src, "HEADER_READ_TIMEOUT_S", 10.0)?,
             resume_retention: seconds_or(src, "RESUME_RETENTION_S", 300.0)?,
@@ -581,6 +600,10 @@ mod tests {
         );
         assert!(c.api_keys.is_empty());
         assert!(c.admin_token.is_none());
+        // Contract §8: rate limits are off unless asked for.
+        assert_eq!(c.rate_limit_per_minute, None);
+        assert_eq!(c.auth_failure_limit, Some(10));
+        assert_eq!(c.auth_failure_window, Duration::from_secs(60));
     }
 
     #[test]
@@ -613,6 +636,8 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("FLASH_BASE_URL", "ftp://x"),
             ("RATE_LIMIT_PER_MINUTE", "-3"),
+            ("AUTH_FAILURE_LIMIT", "ten"),
+            ("AUTH_FAILURE_WINDOW_S", "0"),
             ("CORS_ALLOWED_ORIGINS", "example.com"),
             ("HEADER_READ_TIMEOUT_S", "0"),
             ("MAX_CONCURRENT_STREAMS", "99999999999"),

@@ -25,6 +25,11 @@ pub struct Metrics {
     pub audit_writes_total: IntCounterVec,
     pub audit_write_seconds: Histogram,
     pub streams_rejected_total: IntCounterVec,
+    /// `duet_auth_failures_total{endpoint}`: wrong keys or tokens presented (`query`, `admin`).
+    pub auth_failures_total: IntCounterVec,
+    /// `duet_auth_throttled_total{endpoint}`: requests refused because their address
+    /// presented too many wrong keys or tokens lately.
+    pub auth_throttled_total: IntCounterVec,
     /// `duet_sse_events_total` per event name, resolved once: a delta is counted without a
     /// label hash or the vector's lock.
     events: EventCounters,
@@ -157,8 +162,28 @@ impl Metrics {
                 ),
                 &["reason"]
             )?),
+            auth_failures_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_auth_failures_total",
+                    "Wrong API keys or admin tokens presented, by endpoint (query, admin)."
+                ),
+                &["endpoint"]
+            )?),
+            auth_throttled_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_auth_throttled_total",
+                    "Requests refused because their address presented too many wrong keys or \
+                     tokens lately, by endpoint (query, admin)."
+                ),
+                &["endpoint"]
+            )?),
             registry,
         };
+        // Both endpoints show from the start (at 0), so alerts on a rate see the first failure.
+        for endpoint in ["query", "admin"] {
+            metrics.auth_failures_total.with_label_values(&[endpoint]);
+            metrics.auth_throttled_total.with_label_values(&[endpoint]);
+        }
         #[cfg(target_os = "linux")]
         metrics.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),

@@ -3,14 +3,17 @@
 use axum::{
     Json,
     extract::{Path, State},
-    http::{HeaderMap, StatusCode},
+    http::{Extensions, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
 use subtle::ConstantTimeEq;
 use tracing::warn;
 use uuid::Uuid;
 
-use super::{ApiError, AppState, finish};
+use super::{
+    ApiError, AppState, finish,
+    guard::{self, Realm},
+};
 use crate::config::Secret;
 
 /// `GET /runs/{run_id}`: the whole audit record. Without `ADMIN_TOKEN` the route does not
@@ -29,11 +32,13 @@ use crate::config::Secret;
         (status = 400, response = super::openapi::BadRequest),
         (status = 401, response = super::openapi::Unauthorized),
         (status = 404, response = super::openapi::NotFound),
+        (status = 429, response = super::openapi::RateLimited),
         (status = 500, response = super::openapi::Internal),
     ),
 )]
 pub(super) async fn get_run(
     State(state): State<AppState>,
+    extensions: Extensions,
     headers: HeaderMap,
     Path(run_id): Path<String>,
 ) -> Response {
@@ -43,9 +48,7 @@ pub(super) async fn get_run(
         };
         // Authenticate before looking at the id, so that nothing about ids leaks to callers
         // without the token.
-        if !bearer_matches(&headers, token) {
-            return Err(ApiError::Unauthorized);
-        }
+        admin_auth(&state, &extensions, &headers, token)?;
         let run_id = Uuid::parse_str(&run_id)
             .map_err(|_| ApiError::BadRequest("run_id must be a UUID".into()))?;
         let Some(store) = &state.store else {
@@ -62,10 +65,30 @@ pub(super) async fn get_run(
     finish(result)
 }
 
+/// Lets the request through when it carries the admin token. An address that presented too
+/// many wrong tokens (or API keys) lately is refused before the token is compared.
+fn admin_auth(
+    state: &AppState,
+    extensions: &Extensions,
+    headers: &HeaderMap,
+    token: &Secret,
+) -> Result<(), ApiError> {
+    let ip = guard::client_ip(extensions);
+    state.guard.admit(ip, Realm::Admin, &state.metrics)?;
+    if bearer_matches(headers, token) {
+        return Ok(());
+    }
+    // Only a token that was presented is a guess (see `guard::protect`).
+    if guard::bearer(headers).is_some() {
+        state.guard.failed(ip, Realm::Admin, &state.metrics);
+    }
+    Err(ApiError::Unauthorized)
+}
+
 /// True when `Authorization: Bearer X` carries the token. The comparison takes the same time
 /// wherever the first differing byte is; only the token's length can be learnt from timing.
 fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
-    super::guard::bearer(headers)
+    guard::bearer(headers)
         .is_some_and(|presented| bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())))
 }
 

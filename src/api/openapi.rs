@@ -335,7 +335,8 @@ mod responses {
     #[response(example = json!({"error": {"type": "unsupported_media_type", "message": "send the body as application/json"}}))]
     pub(in crate::api) struct UnsupportedMediaType(ErrorBody<'static>);
 
-    /// Too many requests from this client (RATE_LIMIT_PER_MINUTE); retry after the given seconds.
+    /// Too many requests from this client (RATE_LIMIT_PER_MINUTE), or too many wrong keys or
+    /// tokens from its address (AUTH_FAILURE_LIMIT); retry after the given seconds.
     #[derive(ToResponse)]
     #[response(
         headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),

@@ -5,11 +5,34 @@
 
 use axum::{
     body::Body,
-    http::{HeaderMap, header},
+    extract::Request,
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
 };
 use serde::Deserialize;
 
 use super::{ApiError, X_REQUEST_ID};
+
+/// The methods `/query/stream` takes: HEAD is not one of them, since a request there starts a
+/// run and a HEAD answer could show none of it.
+const QUERY_STREAM_ALLOW: &str = "GET, POST";
+
+/// Middleware for `/query/stream`: refuses HEAD (405, the usual JSON error) before anything
+/// else looks at the request, and gives every 405 of the route its true `Allow` header.
+pub async fn no_head(request: Request, next: Next) -> Response {
+    let mut response = if request.method() == Method::HEAD {
+        ApiError::MethodNotAllowed.into_response()
+    } else {
+        next.run(request).await
+    };
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(QUERY_STREAM_ALLOW));
+    }
+    response
+}
 
 /// A validated query.
 #[derive(Debug)]
@@ -19,9 +42,11 @@ pub struct QueryParams {
     pub deltas: bool,
 }
 
-/// The JSON body of `POST /query/stream` and `POST /query`. Other fields are ignored.
+/// The JSON body of `POST /query/stream` and `POST /query`: an object; any other field is
+/// refused (400 naming it), so a misspelt or unsupported field is never silently ignored.
 /// `maxLength` is the service's `MAX_QUERY_BYTES`, counted in UTF-8 bytes.
 #[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[schema(as = QueryRequest, example = json!({"query": "Why is the sky blue?", "deltas": true}))]
 pub(super) struct PostBody {
     /// The question: at least one non-whitespace character.
@@ -73,18 +98,45 @@ pub async fn parse_post(
             ApiError::BadRequest("the request body could not be read".into())
         }
     })?;
-    let parsed: PostBody = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "the body must be a JSON object with a string \"query\": {}",
-            json_problem(&e)
-        ))
-    })?;
+    let parsed = parse_body(&bytes)?;
     validate(
         parsed.query,
         parsed.system,
         parsed.deltas.unwrap_or(false),
         max_query_bytes,
     )
+}
+
+/// The body as a [`PostBody`], or a 400 whose message names the field at fault.
+fn parse_body(bytes: &[u8]) -> Result<PostBody, ApiError> {
+    let refuse = |problem: String| {
+        ApiError::BadRequest(format!(
+            "the body must be a JSON object with a string \"query\": {problem}"
+        ))
+    };
+    // serde reads a struct from an array too, field by field in order (`["hi", "sys"]` would
+    // be a query and a system prompt); the contract takes objects only.
+    let first = bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first.is_some_and(|&b| b != b'{') {
+        return Err(refuse("it is not an object".into()));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed: PostBody = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let problem = json_problem(e.inner());
+        // The path is `.` for the body itself (syntax errors); an unknown field's own message
+        // names it; otherwise the path names the field whose value is wrong.
+        refuse(if path == "." || problem.starts_with("unknown field") {
+            problem
+        } else {
+            format!("\"{path}\": {problem}")
+        })
+    })?;
+    // Trailing characters after the object (`{...} x`), as `serde_json::from_slice` checks.
+    de.end().map_err(|e| refuse(json_problem(&e)))?;
+    Ok(parsed)
 }
 
 /// serde_json's message without the line/column noise for one-line bodies.
@@ -131,6 +183,7 @@ pub fn parse_get(raw: Option<&str>, max_query_bytes: usize) -> Result<QueryParam
             "the query string is too long".into(),
         ));
     }
+    check_utf8(raw)?;
     let parsed: GetQuery = serde_urlencoded::from_str(raw)
         .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
     let Some(query) = parsed.q else {
@@ -148,6 +201,38 @@ pub fn parse_get(raw: Option<&str>, max_query_bytes: usize) -> Result<QueryParam
         }
     };
     validate(query, parsed.system, deltas, max_query_bytes)
+}
+
+/// Every name and value of the query string must be UTF-8 once percent-decoded. The
+/// decoding behind `serde_urlencoded` is lossy: `%FF%FE` would become U+FFFD, and the run (and
+/// its audit record) would answer a query the client never sent.
+fn check_utf8(raw: &str) -> Result<(), ApiError> {
+    let decodes = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .is_ok()
+    };
+    for pair in raw.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !decodes(name) {
+            return Err(ApiError::BadRequest(
+                "a parameter name in the query string is not UTF-8 once percent-decoded".into(),
+            ));
+        }
+        if !decodes(value) {
+            let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+            // Names are echoed only when short: the message is for people, not a mirror.
+            let named = if name.chars().count() <= 32 {
+                format!("\"{name}\"")
+            } else {
+                "a parameter".to_owned()
+            };
+            return Err(ApiError::BadRequest(format!(
+                "{named} is not UTF-8 once percent-decoded"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn validate(

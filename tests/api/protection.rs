@@ -345,3 +345,200 @@ async fn a_silent_connection_does_not_hold_up_shutdown() {
         started.elapsed()
     );
 }
+
+/// A client bound to another loopback address, so that tests can tell client addresses apart
+/// (Linux routes all of 127.0.0.0/8 to the loopback interface).
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(Some(ip.parse().unwrap()))
+        .build()
+        .unwrap()
+}
+
+fn retry_after(resp: &reqwest::Response) -> u64 {
+    resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Issue 11, item 10 (and the surviving mutation "failed API-key attempts not throttled"):
+/// wrong keys are throttled per address by their own rule, whatever the rate limit says
+/// (here one far above anything the test sends), and a throttled address is refused even
+/// with the right key, so guessing cannot go on past the limit.
+#[tokio::test(start_paused = true)]
+async fn wrong_api_keys_are_throttled_per_address_whatever_the_rate_limit() {
+    let app = spawn_app(
+        vec![Step::Finish],
+        vec![Step::Finish],
+        &[
+            ("API_KEYS", "right-key"),
+            ("AUTH_FAILURE_LIMIT", "3"),
+            ("AUTH_FAILURE_WINDOW_S", "60"),
+            ("RATE_LIMIT_PER_MINUTE", "60000"),
+            ("RATE_LIMIT_BURST", "1000"),
+        ],
+    )
+    .await;
+    let call = |client: &reqwest::Client, auth: Option<&str>| {
+        let mut req = client.post(app.url("/query")).json(&json!({"query": "q"}));
+        if let Some(key) = auth {
+            req = req.bearer_auth(key);
+        }
+        req.send()
+    };
+    let here = client_from("127.0.0.1");
+    // Requests without a key guess nothing and are not held against the address.
+    for _ in 0..10 {
+        assert_eq!(call(&here, None).await.unwrap().status(), 401);
+    }
+    for guess in ["guess-1", "guess-2", "guess-3"] {
+        assert_eq!(call(&here, Some(guess)).await.unwrap().status(), 401);
+    }
+    let resp = call(&here, Some("guess-4")).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(
+        (59..=60).contains(&retry_after(&resp)),
+        "{:?}",
+        resp.headers()
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limited");
+    // Refused with the right key too, over GET as well, while the window lasts.
+    assert_eq!(call(&here, Some("right-key")).await.unwrap().status(), 429);
+    let resp = here
+        .get(app.url("/query/stream?q=hi"))
+        .bearer_auth("right-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(app.flash.started(), 0);
+    // Another address is not affected.
+    let there = client_from("127.0.0.2");
+    assert_eq!(call(&there, Some("right-key")).await.unwrap().status(), 200);
+    assert_eq!(call(&there, Some("guess-5")).await.unwrap().status(), 401);
+
+    let m = metrics(&app).await;
+    assert!(
+        m.contains(r#"duet_auth_failures_total{endpoint="query"} 4"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"duet_auth_throttled_total{endpoint="query"} 3"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"duet_streams_rejected_total{reason="auth_throttled"} 3"#),
+        "{m}"
+    );
+    // When the window has passed, the address is served again.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(call(&here, Some("right-key")).await.unwrap().status(), 200);
+}
+
+/// Issue 11, item 10: 2,000 wrong admin tokens in 0.3 s were all answered 401. By default an
+/// address gets 10 wrong guesses a minute across the admin token and the API keys.
+#[tokio::test(start_paused = true)]
+async fn wrong_admin_tokens_are_throttled_per_address() {
+    let app = spawn_app(
+        vec![Step::Finish],
+        vec![Step::Finish],
+        &[("ADMIN_TOKEN", "admin-secret"), ("API_KEYS", "right-key")],
+    )
+    .await;
+    let run = app.url("/runs/0192d5c4-0000-7000-8000-000000000000");
+    let get = |client: &reqwest::Client, token: &str| client.get(&run).bearer_auth(token).send();
+    let here = client_from("127.0.0.1");
+    for i in 0..10 {
+        let resp = get(&here, &format!("guess-{i}")).await.unwrap();
+        assert_eq!(resp.status(), 401, "guess {i}");
+    }
+    let mut refused = 0;
+    for i in 10..200 {
+        let resp = get(&here, &format!("guess-{i}")).await.unwrap();
+        assert_eq!(resp.status(), 429, "guess {i}");
+        refused += 1;
+    }
+    let resp = get(&here, "admin-secret").await.unwrap();
+    assert_eq!(resp.status(), 429, "refused even with the right token");
+    assert!((59..=60).contains(&retry_after(&resp)));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limited");
+    // One budget per address: the API keys are refused to it as well.
+    let resp = here
+        .post(app.url("/query"))
+        .bearer_auth("right-key")
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    // The right token from another address gets past authentication (no such run: 404).
+    let there = client_from("127.0.0.3");
+    assert_eq!(get(&there, "admin-secret").await.unwrap().status(), 404);
+    let m = metrics(&app).await;
+    assert!(
+        m.contains(r#"duet_auth_failures_total{endpoint="admin"} 10"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            r#"duet_auth_throttled_total{{endpoint="admin"}} {}"#,
+            refused + 1
+        )),
+        "{m}"
+    );
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(get(&here, "admin-secret").await.unwrap().status(), 404);
+}
+
+/// Issue 11, item 12: the default limit (600/min, burst 100, per TCP peer) refused two thirds
+/// of 300 requests from one backend client. Rate limits are off unless configured.
+#[tokio::test]
+async fn rate_limits_are_off_by_default() {
+    let app = spawn_app(vec![Step::Finish], vec![Step::Finish], &[]).await;
+    // Bad bodies are cheap and still pass the guard (which runs before the body is read).
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..300 {
+        let resp = app
+            .client
+            .post(app.url("/query"))
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        *statuses.entry(resp.status().as_u16()).or_insert(0) += 1;
+    }
+    assert_eq!(statuses, [(400, 300)].into(), "{statuses:?}");
+}
+
+/// Contract §8: when on, with API keys set, the bucket belongs to the key, not the address:
+/// one key from several addresses shares one budget.
+#[tokio::test(start_paused = true)]
+async fn with_keys_the_rate_limit_follows_the_key_across_addresses() {
+    let app = spawn_app(
+        vec![Step::Finish],
+        vec![Step::Finish],
+        &[
+            ("API_KEYS", "a,b"),
+            ("RATE_LIMIT_PER_MINUTE", "1"),
+            ("RATE_LIMIT_BURST", "2"),
+        ],
+    )
+    .await;
+    let call = |ip: &str, key: &str| {
+        client_from(ip)
+            .post(app.url("/query"))
+            .bearer_auth(key)
+            .json(&json!({"query": "q"}))
+            .send()
+    };
+    assert_eq!(call("127.0.0.1", "a").await.unwrap().status(), 200);
+    assert_eq!(call("127.0.0.2", "a").await.unwrap().status(), 200);
+    assert_eq!(call("127.0.0.3", "a").await.unwrap().status(), 429);
+    assert_eq!(call("127.0.0.3", "b").await.unwrap().status(), 200);
+}

@@ -25,6 +25,12 @@ pub struct Metrics {
     pub audit_writes_total: IntCounterVec,
     pub audit_write_seconds: Histogram,
     pub streams_rejected_total: IntCounterVec,
+    /// Client connections open now (both protocols).
+    pub connections_open: IntGauge,
+    /// Connections closed at accept by a cap, by cap (`per_client`, `total`).
+    pub connections_refused_total: IntCounterVec,
+    /// Connections closed for want of use, by reason (`first_request`, `idle`).
+    pub connections_closed_total: IntCounterVec,
     /// `duet_sse_events_total` per event name, resolved once: a delta is counted without a
     /// label hash or the vector's lock.
     events: EventCounters,
@@ -154,6 +160,24 @@ impl Metrics {
                 Opts::new(
                     "duet_streams_rejected_total",
                     "Requests refused before a run started, by reason."
+                ),
+                &["reason"]
+            )?),
+            connections_open: reg!(IntGauge::new(
+                "duet_connections_open",
+                "Client connections open now."
+            )?),
+            connections_refused_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_connections_refused_total",
+                    "Client connections closed at accept by a cap (per_client, total)."
+                ),
+                &["reason"]
+            )?),
+            connections_closed_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_connections_closed_total",
+                    "Client connections closed for want of use (first_request, idle)."
                 ),
                 &["reason"]
             )?),

@@ -249,6 +249,10 @@ async fn accept_loop(
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
+        // Queue, never copy, the body's frames: a queued frame keeps its run's buffer budget
+        // (orchestrator::STREAM_BUFFER_BYTES) until it is written, where a copy in hyper's
+        // flat buffer would free it at once and let up to 400 KiB pile up per stalled stream.
+        .writev(true)
         .keep_alive(true);
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2

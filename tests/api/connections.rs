@@ -328,3 +328,43 @@ async fn metrics_text(app: &TestApp) -> String {
         .await
         .unwrap()
 }
+
+/// A stalled stream holds a bounded number of bytes, not a number of events: with 8 KiB
+/// deltas and the client's window shut, the run stops producing after about
+/// `STREAM_BUFFER_BYTES` (32 KiB) of events, where sixteen queued events were 128 KiB.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_stream_buffers_a_bounded_number_of_bytes() {
+    let chunk: &'static str = "y".repeat(8 * 1024).leak();
+    let mut pro = vec![ms(100)];
+    for _ in 0..200 {
+        pro.push(Step::Delta(chunk));
+    }
+    pro.push(Step::Finish);
+    let app = spawn_app(
+        vec![ms(50), Step::Hang],
+        pro,
+        &[
+            ("CLIENT_WRITE_TIMEOUT_S", "30"),
+            ("PRO_TIMEOUT_S", "60"),
+            ("FLASH_TIMEOUT_S", "60"),
+        ],
+    )
+    .await;
+    let mut conn = h2_connect(app.addr, 4096).await;
+    let resp = conn
+        .request(
+            "POST",
+            "/query/stream",
+            Some(json!({"query": "q", "deltas": true})),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let _body = resp.into_body();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let produced = app.pro.yielded.load(std::sync::atomic::Ordering::SeqCst);
+    // 32 KiB is four of these events; one more is in the window, one waits for room.
+    assert!(
+        (3..=7).contains(&produced),
+        "a stalled run produced {produced} events of 8 KiB"
+    );
+}

@@ -65,6 +65,7 @@ start_duet() {
     FLASH_BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" PRO_BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" \
     FLASH_API_KEY=mock PRO_API_KEY=mock \
     RATE_LIMIT_PER_MINUTE=0 MAX_CONCURRENT_STREAMS=20000 \
+    MAX_CONNECTIONS_PER_CLIENT=0 MAX_CONNECTIONS=0 \
     LOG_FORMAT=json RUST_LOG="${DUET_LOG:-info}" \
     "$@" "$BIN" serve >>"$OUT/duet.log" 2>&1 &
   DUET_PID=$!

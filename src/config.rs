@@ -194,6 +194,19 @@ pub struct Config {
     /// at once; the next call opens another connection. Servers refuse or queue streams
     /// past their `SETTINGS_MAX_CONCURRENT_STREAMS`, commonly 100.
     pub upstream_streams_per_connection: usize,
+    /// `FIRST_REQUEST_TIMEOUT_S`: a new connection (either protocol) must have sent its first
+    /// whole request within this, or it is closed.
+    pub first_request_timeout: Duration,
+    /// `HTTP2_IDLE_TIMEOUT_S`: an HTTP/2 connection with no open stream for this long gets
+    /// GOAWAY and is closed. (HTTP/1.1 has `HEADER_READ_TIMEOUT_S` between requests.)
+    pub http2_idle_timeout: Duration,
+    /// `MAX_CONNECTIONS_PER_CLIENT`: open connections one TCP peer address may hold; new ones
+    /// past it are closed at accept. `None` (`0`) turns the cap off.
+    pub max_connections_per_client: Option<usize>,
+    /// `MAX_CONNECTIONS`: open connections in all; new ones past it are closed at accept, so
+    /// idle clients cannot use up the descriptors runs need upstream. `None` (`0`) turns the
+    /// cap off. Default: half the process's open-file limit where it can be read.
+    pub max_connections: Option<usize>,
 }
 
 /// A configuration value that cannot be used; its `Display` is the one line printed at start.
@@ -310,6 +323,32 @@ fn positive(src: &dyn Source, name: &'static str, default: usize) -> Result<usiz
         return Err(ConfigError::new(name, "must be at least 1"));
     }
     Ok(n)
+}
+
+/// A cap where `0` means no cap.
+fn cap(src: &dyn Source, name: &'static str, default: usize) -> Result<Option<usize>, ConfigError> {
+    let n: usize = parse_or(src, name, default, "a whole number (0 turns the cap off)")?;
+    Ok((n > 0).then_some(n))
+}
+
+/// Half the soft open-file limit: the other half stays for upstream connections, the database
+/// and files, so a flood of idle clients is refused before `accept` fails for every client.
+/// Where the limit cannot be read (not Linux), 4096.
+fn default_max_connections() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| open_files_limit(&text))
+        .map_or(4096, |n| (n / 2).max(1))
+}
+
+/// The soft limit from the "Max open files" line of `/proc/self/limits`.
+fn open_files_limit(limits: &str) -> Option<usize> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn model_config(src: &dyn Source, role: Role) -> Result<ModelConfig, ConfigError> {
@@ -549,6 +588,10 @@ impl Config {
             client_write_timeout: seconds_or(src, "CLIENT_WRITE_TIMEOUT_S", 30.0)?,
             upstream_http2: flag(src, "UPSTREAM_HTTP2", false)?,
             upstream_streams_per_connection: positive(src, "UPSTREAM_STREAMS_PER_CONNECTION", 100)?,
+            first_request_timeout: seconds_or(src, "FIRST_REQUEST_TIMEOUT_S", 10.0)?,
+            http2_idle_timeout: seconds_or(src, "HTTP2_IDLE_TIMEOUT_S", 60.0)?,
+            max_connections_per_client: cap(src, "MAX_CONNECTIONS_PER_CLIENT", 1024)?,
+            max_connections: cap(src, "MAX_CONNECTIONS", default_max_connections())?,
         })
     }
 
@@ -644,6 +687,10 @@ mod tests {
             ("CLIENT_WRITE_TIMEOUT_S", "x"),
             ("UPSTREAM_HTTP2", "maybe"),
             ("UPSTREAM_STREAMS_PER_CONNECTION", "0"),
+            ("FIRST_REQUEST_TIMEOUT_S", "0"),
+            ("HTTP2_IDLE_TIMEOUT_S", "-1"),
+            ("MAX_CONNECTIONS_PER_CLIENT", "-1"),
+            ("MAX_CONNECTIONS", "many"),
         ];
         for (name, value) in cases {
             let err = load(&[(name, value)]).unwrap_err();
@@ -651,6 +698,37 @@ mod tests {
             assert!(err.to_string().contains(name), "{err}");
             assert!(!err.to_string().contains('\n'), "one line: {err}");
         }
+    }
+
+    #[test]
+    fn connection_caps_default_on_and_zero_turns_them_off() {
+        let c = Config::defaults();
+        assert_eq!(c.max_connections_per_client, Some(1024));
+        assert!(c.max_connections.is_some_and(|n| n >= 1));
+        assert_eq!(c.first_request_timeout, Duration::from_secs(10));
+        assert_eq!(c.http2_idle_timeout, Duration::from_secs(60));
+        let off = load(&[
+            ("MAX_CONNECTIONS_PER_CLIENT", "0"),
+            ("MAX_CONNECTIONS", "0"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (off.max_connections_per_client, off.max_connections),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn open_files_limit_is_read_from_proc_limits() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max cpu time              unlimited            unlimited            seconds   \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(open_files_limit(text), Some(1024));
+        assert_eq!(
+            open_files_limit("Max open files unlimited unlimited files"),
+            None
+        );
+        assert_eq!(open_files_limit(""), None);
     }
 
     #[test]

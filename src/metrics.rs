@@ -30,6 +30,12 @@ pub struct Metrics {
     /// `duet_auth_throttled_total{endpoint}`: requests refused because their address
     /// presented too many wrong keys or tokens lately.
     pub auth_throttled_total: IntCounterVec,
+    /// Client connections open now (both protocols).
+    pub connections_open: IntGauge,
+    /// Connections closed at accept by a cap, by cap (`per_client`, `total`).
+    pub connections_refused_total: IntCounterVec,
+    /// Connections closed for want of use, by reason (`first_request`, `idle`).
+    pub connections_closed_total: IntCounterVec,
     /// `duet_sse_events_total` per event name, resolved once: a delta is counted without a
     /// label hash or the vector's lock.
     events: EventCounters,
@@ -176,6 +182,24 @@ impl Metrics {
                      tokens lately, by endpoint (query, admin)."
                 ),
                 &["endpoint"]
+            )?),
+            connections_open: reg!(IntGauge::new(
+                "duet_connections_open",
+                "Client connections open now."
+            )?),
+            connections_refused_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_connections_refused_total",
+                    "Client connections closed at accept by a cap (per_client, total)."
+                ),
+                &["reason"]
+            )?),
+            connections_closed_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_connections_closed_total",
+                    "Client connections closed for want of use (first_request, idle)."
+                ),
+                &["reason"]
             )?),
             registry,
         };

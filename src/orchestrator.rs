@@ -28,7 +28,7 @@ use chrono::Utc;
 use futures::{FutureExt, StreamExt, future::OptionFuture};
 use serde::Serialize;
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
+    sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -47,6 +47,14 @@ use crate::{
 /// Events a run may queue ahead of a slow client. Past this the run waits (backpressure to
 /// the upstream read), so memory per run stays bounded; `done` has its own reserved slot.
 pub const CHANNEL_CAPACITY: usize = 16;
+
+/// Bytes of events a run may have on their way to a slow client: queued in the channel, in
+/// the response body, or in hyper's write buffers (HTTP/1.1's queue, HTTP/2's send buffer),
+/// until they are written to the socket. Past it the run waits, as for a full channel. The
+/// frame count alone let a stalled HTTP/2 stream buffer up to 400 KiB in hyper, and a run
+/// without deltas queue two whole answers. A frame larger than this (a long answer event)
+/// still goes, alone, once everything before it has been written. `done` is outside it.
+pub const STREAM_BUFFER_BYTES: usize = 32 * 1024;
 
 /// Retries before the first token, at most; each also has to fit in the model's deadline.
 const MAX_RETRIES: u32 = 3;
@@ -214,6 +222,7 @@ impl Orchestrator {
             metrics: inner.metrics.clone(),
             log,
             write_timeout: inner.client_write_timeout,
+            budget: Arc::new(Semaphore::new(STREAM_BUFFER_BYTES)),
         });
         // Boxed: an async fn keeps its arguments twice in its state (as captured and as
         // local), and the guard is the largest of them; a pointer keeps every open run's
@@ -388,6 +397,8 @@ struct Emitter {
     /// Every event but the deltas, for resumes.
     log: Arc<RunLog>,
     write_timeout: Duration,
+    /// [`STREAM_BUFFER_BYTES`] permits, one per byte of an event not yet written to the socket.
+    budget: Arc<Semaphore>,
 }
 
 /// The receiver is gone: the client disconnected.
@@ -402,29 +413,55 @@ impl Emitter {
     /// that stopped reading (with its connection open) would hold the run, its upstream calls
     /// and a shutdown forever.
     async fn emit(&self, event: &'static str, data: &impl Serialize) -> Result<(), ClientGone> {
-        let permit = match tokio::time::timeout(self.write_timeout, self.tx.reserve()).await {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_)) | Err(_) => return Err(ClientGone),
+        // The data is encoded before waiting, to know how much of the budget the event needs;
+        // its number is taken only once it may be sent (see `send`).
+        let json = sse::encode_data(data);
+        let len = sse::frame_len(event, &self.run_id, json.len());
+        let room = async {
+            let permit = self.tx.reserve().await.map_err(|_| ClientGone)?;
+            let bytes = budget_for(&self.budget, len)
+                .await
+                .map_err(|_| ClientGone)?;
+            Ok::<_, ClientGone>((permit, bytes))
         };
-        self.send(permit, event, data);
+        let (permit, bytes) = match tokio::time::timeout(self.write_timeout, room).await {
+            Ok(Ok(room)) => room,
+            Ok(Err(ClientGone)) | Err(_) => return Err(ClientGone),
+        };
+        self.send(permit, bytes, event, &json);
         Ok(())
     }
 
     /// Sends at once if there is room, else drops the event: for notices on the way out
     /// (shutdown, a panicking run) that must not wait on a client.
     fn emit_now(&self, event: &'static str, data: &impl Serialize) {
+        let json = sse::encode_data(data);
+        let len = sse::frame_len(event, &self.run_id, json.len()).min(STREAM_BUFFER_BYTES);
+        let Ok(bytes) =
+            Arc::clone(&self.budget).try_acquire_many_owned(u32::try_from(len).unwrap_or(u32::MAX))
+        else {
+            return;
+        };
         if let Ok(permit) = self.tx.try_reserve() {
-            self.send(permit, event, data);
+            self.send(permit, bytes, event, &json);
         }
     }
 
-    fn send(&self, permit: mpsc::Permit<'_, Bytes>, event: &'static str, data: &impl Serialize) {
+    /// Numbers and sends an event. Taking the number and sending happen with no `.await`
+    /// between, while the channel slot is held, so numbers go out in order and without gaps.
+    fn send(
+        &self,
+        permit: mpsc::Permit<'_, Bytes>,
+        bytes: OwnedSemaphorePermit,
+        event: &'static str,
+        json: &[u8],
+    ) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let frame = sse::encode(event, &self.run_id, seq, data);
+        let frame = sse::frame(event, &self.run_id, seq, json);
         if event != "delta" {
             self.log.push(seq, frame.clone());
         }
-        permit.send(frame);
+        permit.send(budgeted(frame, bytes));
         self.metrics.sse_event(event);
     }
 
@@ -469,6 +506,40 @@ impl Emitter {
             // Skipped results are never emitted; nothing else lacks an error.
             None => Ok(()),
         }
+    }
+}
+
+/// The budget's permits for a frame of `len` bytes: all of it for a frame larger than the
+/// whole budget, so that such a frame waits until it is alone rather than for ever.
+async fn budget_for(
+    budget: &Arc<Semaphore>,
+    len: usize,
+) -> Result<OwnedSemaphorePermit, AcquireError> {
+    let n = len.clamp(1, STREAM_BUFFER_BYTES);
+    // STREAM_BUFFER_BYTES fits in u32 by far.
+    Arc::clone(budget)
+        .acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
+        .await
+}
+
+/// The frame as sent: the same bytes (not a copy), holding `bytes` of the run's budget until
+/// the last handle on it is dropped, which is when hyper has written it to the socket (or the
+/// stream is gone). The resume log keeps its own handle on the frame, outside the budget.
+fn budgeted(frame: Bytes, bytes: OwnedSemaphorePermit) -> Bytes {
+    Bytes::from_owner(BudgetedFrame {
+        frame,
+        _bytes: bytes,
+    })
+}
+
+struct BudgetedFrame {
+    frame: Bytes,
+    _bytes: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for BudgetedFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
     }
 }
 

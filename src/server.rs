@@ -5,13 +5,14 @@
 //! ending with `done`), the run tasks are awaited on the tracker, and only then does the
 //! caller drain the audit queue and exit.
 
+mod connections;
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::extract::ConnectInfo;
 use hyper::server::conn::{http1, http2};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -19,6 +20,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 use tracing::{info, warn};
 
+use self::connections::{Activity, Caps, Unused, Watch};
 use crate::{
     api::{self, AppState, Guard},
     audit::{AuditError, AuditSink, AuditWriter, Store, WriterOptions},
@@ -129,14 +131,19 @@ impl Server {
             store: parts.store,
         };
         let app = api::router(state.clone());
+        let caps = Caps::new(
+            config.max_connections_per_client,
+            config.max_connections,
+            state.metrics.clone(),
+        );
         let task = tokio::spawn(accept_loop(
             listener,
             app,
             tracker.clone(),
             shutdown.clone(),
-            config.header_read_timeout,
-            config.client_write_timeout,
-            config.shutdown_grace + HARD_STOP_MARGIN,
+            caps,
+            state.metrics.clone(),
+            ConnectionSettings::of(&config),
         ));
         info!(%addr, "listening");
         Ok(Server {
@@ -198,20 +205,42 @@ fn spawn_housekeeping(
 /// The first bytes of an HTTP/2 connection with prior knowledge (h2c), RFC 9113 §3.4.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// How the accept loop treats connections, from the configuration.
+struct ConnectionSettings {
+    header_read_timeout: Duration,
+    write_timeout: Duration,
+    first_request_timeout: Duration,
+    http2_idle_timeout: Duration,
+    hard_stop: Duration,
+}
+
+impl ConnectionSettings {
+    fn of(config: &Config) -> Self {
+        ConnectionSettings {
+            header_read_timeout: config.header_read_timeout,
+            write_timeout: config.client_write_timeout,
+            first_request_timeout: config.first_request_timeout,
+            http2_idle_timeout: config.http2_idle_timeout,
+            hard_stop: config.shutdown_grace + HARD_STOP_MARGIN,
+        }
+    }
+}
+
 /// Accepts connections until the token is cancelled, then lets open ones finish (each open
 /// response ends when its run sends `done`), dropping stragglers after `hard_stop`.
 ///
 /// A hand-written loop over hyper rather than `axum::serve`, for what `axum::serve` does
 /// not expose: a header read timeout (slowloris), HTTP/2 settings, a write timeout on the
-/// socket, and surviving `EMFILE` without spinning.
+/// socket, surviving `EMFILE` without spinning, and the connection caps and idle deadlines
+/// of `connections`.
 async fn accept_loop(
     listener: TcpListener,
     app: axum::Router,
     tracker: TaskTracker,
     token: CancellationToken,
-    header_read_timeout: Duration,
-    write_timeout: Duration,
-    hard_stop: Duration,
+    caps: Arc<Caps>,
+    metrics: Metrics,
+    settings: ConnectionSettings,
 ) -> std::io::Result<()> {
     // Cancelled when the grace period is over: connections still open then (a client that
     // stopped reading) are dropped, which also ends any run still writing to them.
@@ -219,7 +248,11 @@ async fn accept_loop(
     let mut http1 = http1::Builder::new();
     http1
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
+        .header_read_timeout(settings.header_read_timeout)
+        // Queue, never copy, the body's frames: a queued frame keeps its run's buffer budget
+        // (orchestrator::STREAM_BUFFER_BYTES) until it is written, where a copy in hyper's
+        // flat buffer would free it at once and let up to 400 KiB pile up per stalled stream.
+        .writev(true)
         .keep_alive(true);
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2
@@ -229,7 +262,9 @@ async fn accept_loop(
         .keep_alive_interval(Some(Duration::from_secs(30)));
     // Shared, not cloned into each connection's task: a task lives as long as its stream.
     let (http1, http2) = (Arc::new(http1), Arc::new(http2));
-    let graceful = GracefulShutdown::new();
+    // The connection tasks alone (they also run on `tracker`), so that shutdown can wait for
+    // the connections to drain without waiting for the audit or housekeeping tasks.
+    let connections = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -243,8 +278,15 @@ async fn accept_loop(
             },
             () = token.cancelled() => break,
         };
+        // Over a cap: closed at once (dropping the socket), before it costs a task or a byte
+        // of buffer. Counted and logged (rate-limited) by `admit`.
+        let Ok(admitted) = caps.admit(peer.ip()) else {
+            continue;
+        };
+        let first_request_by = tokio::time::Instant::now() + settings.first_request_timeout;
         // Small SSE frames must go out at once, not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
         let service = app
             .clone()
             .map_request(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -252,22 +294,38 @@ async fn accept_loop(
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req
             });
-        let service = TowerToHyperService::new(service);
+        let service = TowerToHyperService::new(connections::track(service, activity.clone()));
         let (http1, http2) = (Arc::clone(&http1), Arc::clone(&http2));
-        let watcher = graceful.watcher();
-        let abort = abort.clone();
-        let stopping = token.clone();
-        tracker.spawn(async move {
-            // A client that sends nothing at all is cut off like one that sends its headers
-            // too slowly, and does not hold up a shutdown (bytes already waiting still count).
-            let sniff = tokio::time::timeout(header_read_timeout, opens_with_h2(&stream));
+        let watch = Watch {
+            activity,
+            first_request_by,
+            idle: None,
+            stopping: token.clone(),
+            abort: abort.clone(),
+            metrics: metrics.clone(),
+        };
+        let (write_timeout, http2_idle_timeout) =
+            (settings.write_timeout, settings.http2_idle_timeout);
+        tracker.spawn(connections.track_future(async move {
+            let _admitted = admitted;
+            // A client that sends nothing at all is cut off at its first-request deadline,
+            // and does not hold up a shutdown (bytes already waiting still count).
+            let sniff = tokio::time::timeout_at(first_request_by, opens_with_h2(&stream));
             let h2c = tokio::select! {
                 biased;
                 sniffed = sniff => match sniffed {
                     Ok(Ok(h2c)) => h2c,
-                    Ok(Err(_)) | Err(_) => return,
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        watch
+                            .metrics
+                            .connections_closed_total
+                            .with_label_values(&[Unused::FirstRequest.as_str()])
+                            .inc();
+                        return;
+                    }
                 },
-                () = stopping.cancelled() => return,
+                () = watch.stopping.cancelled() => return,
             };
             // A client whose socket takes no byte for `write_timeout` is cut off. Its run
             // gives up on it after the same time (the event channel stays full), but without
@@ -277,22 +335,20 @@ async fn accept_loop(
             let mut io = tokio_io_timeout::TimeoutStream::new(stream);
             io.set_write_timeout(Some(write_timeout));
             let io = TokioIo::new(Box::pin(io));
-            let conn = async move {
-                if h2c {
-                    watcher.watch(http2.serve_connection(io, service)).await
-                } else {
-                    watcher.watch(http1.serve_connection(io, service)).await
-                }
-            };
-            tokio::select! {
-                // Connection errors (resets, timeouts) are the client's business, not ours.
-                _ = conn => {}
-                () = abort.cancelled() => {}
+            if h2c {
+                let watch = Watch {
+                    idle: Some(http2_idle_timeout),
+                    ..watch
+                };
+                connections::drive(http2.serve_connection(io, service), watch).await;
+            } else {
+                connections::drive(http1.serve_connection(io, service), watch).await;
             }
-        });
+        }));
     }
     drop(listener);
-    let drained = tokio::time::timeout(hard_stop, graceful.shutdown()).await;
+    connections.close();
+    let drained = tokio::time::timeout(settings.hard_stop, connections.wait()).await;
     abort.cancel();
     if drained.is_err() {
         warn!("connections still open after the grace period; closing them");

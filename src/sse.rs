@@ -38,6 +38,32 @@ pub fn encode(event: &str, run_id: &str, seq: u32, data: &impl Serialize) -> Byt
     buf.into_inner().freeze()
 }
 
+/// The `data` of an event, encoded ahead of its frame: a run needs an event's size before it
+/// may take the event's number (see `orchestrator::Emitter::emit`).
+pub fn encode_data(data: &impl Serialize) -> Vec<u8> {
+    // As in `encode`: a failure would be a bug; keep the stream valid anyway.
+    serde_json::to_vec(data).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// The frame [`encode`] would make, from data already encoded by [`encode_data`].
+pub fn frame(event: &str, run_id: &str, seq: u32, json: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(frame_len(event, run_id, json.len()));
+    buf.put_slice(b"event: ");
+    buf.put_slice(event.as_bytes());
+    buf.put_slice(b"\nid: ");
+    buf.put_slice(run_id.as_bytes());
+    buf.put_slice(format!(":{seq}\ndata: ").as_bytes());
+    buf.put_slice(json);
+    buf.put_slice(b"\n\n");
+    buf.freeze()
+}
+
+/// The size of a [`frame`] at most (its `seq` at its longest).
+pub fn frame_len(event: &str, run_id: &str, json_len: usize) -> usize {
+    const FIXED: usize = "event: \nid: :4294967295\ndata: \n\n".len();
+    FIXED + event.len() + run_id.len() + json_len
+}
+
 /// The `retry:` field that tells a browser how long to wait before reconnecting.
 pub fn retry_field(after: Duration) -> Bytes {
     let mut buf = BytesMut::with_capacity(16);
@@ -120,5 +146,20 @@ mod tests {
             "event: flash\nid: r1:3\ndata: {\"text\":\"a\\n\\nevent: done\\ndata: {}\\r\\n\"}\n\n"
         );
         assert_eq!(text.matches('\n').count(), 4);
+    }
+
+    #[test]
+    fn a_frame_from_encoded_data_is_the_same_bytes() {
+        let data = serde_json::json!({"run_id": "r1", "text": "h\u{e9}\"llo\n"});
+        for seq in [0, 7, u32::MAX] {
+            let json = encode_data(&data);
+            let framed = frame("delta", "r1", seq, &json);
+            assert_eq!(framed, encode("delta", "r1", seq, &data));
+            assert!(framed.len() <= frame_len("delta", "r1", json.len()));
+        }
+        assert_eq!(
+            frame_len("delta", "r1", 3),
+            frame("delta", "r1", u32::MAX, b"{ }").len()
+        );
     }
 }

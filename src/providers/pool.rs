@@ -198,6 +198,9 @@ impl Lease {
     }
 }
 
+/// The HTTP/2 receive window of one upstream call.
+const UPSTREAM_STREAM_WINDOW: u32 = 32 * 1024;
+
 /// One HTTP client: pooled connections (HTTP/2 when the upstream offers it over TLS), a
 /// connect timeout so an unreachable upstream fails fast and can be retried, and no overall
 /// timeout (the orchestrator's deadlines bound every call).
@@ -220,6 +223,12 @@ pub fn build_client(http2_prior_knowledge: bool) -> reqwest::Result<reqwest::Cli
         builder
     };
     builder
+        // What an HTTP/2 upstream may send for one call before duet reads it. hyper's default
+        // (2 MiB a stream) let a run whose client stopped reading hold up to 2 MiB of each
+        // model's answer in the connection's read buffers; at 32 KiB the upstream waits
+        // instead. A reading run is not slowed: the window comes back as it reads, and 32 KiB
+        // a round trip is far above any model's token rate.
+        .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
         .connect_timeout(Duration::from_secs(5))
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)

@@ -14,6 +14,7 @@ mod audit;
 mod audit_cli;
 mod audit_http;
 mod bench;
+mod connections;
 mod db;
 mod helpers;
 mod metrics;

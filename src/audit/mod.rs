@@ -188,6 +188,42 @@ pub enum AuditError {
     },
     #[error("cannot start the dead-letter thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error(
+        "the SQLite file {} is no longer the file the service opened (deleted or replaced); \
+         restart duet to open the file at the path, then run `duet audit replay`",
+        path.display()
+    )]
+    FileReplaced { path: PathBuf },
+}
+
+impl AuditError {
+    /// Why a write failed, as the short fixed word `/readyz` reports and logs carry.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuditError::FileReplaced { .. } => "database_file_replaced",
+            AuditError::Timeout(_) => "database_timeout",
+            AuditError::Connect(_) => "database_unavailable",
+            AuditError::Database(sqlx::Error::Database(e)) => {
+                let code = e.code().unwrap_or_default();
+                let message = e.message();
+                // SQLite's extended codes: 13 SQLITE_FULL; PostgreSQL: 53100 disk_full.
+                if code == "13" || code == "53100" || message.contains("disk is full") {
+                    "disk_full"
+                } else if code == "42P01" || message.contains("no such table") {
+                    "schema_missing"
+                } else if message.contains("disk I/O error") || message.contains("readonly") {
+                    "database_io_error"
+                } else {
+                    "database_error"
+                }
+            }
+            AuditError::Database(
+                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
+            ) => "database_unavailable",
+            AuditError::Database(_) => "database_error",
+            _ => "audit_error",
+        }
+    }
 }
 
 pub type Result<T, E = AuditError> = std::result::Result<T, E>;

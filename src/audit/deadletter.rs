@@ -22,6 +22,15 @@ use std::{
 use prometheus::IntCounter;
 use tracing::{error, warn};
 
+/// The audit journal that goes with a dead-letter file: `PATH.journal`. Records are written
+/// there (appended, fsynced) when their first database write fails, before any retry, so a
+/// crash during an outage loses none; `duet audit replay` and the next start replay it.
+pub fn journal_path(deadletter: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(deadletter.as_os_str());
+    name.push(".journal");
+    PathBuf::from(name)
+}
+
 use super::{AuditError, Result, RunRecord};
 
 /// Appends records to the file. The file is opened for each append rather than held open,
@@ -31,6 +40,9 @@ pub struct Appender {
     /// Serialises appends within this process, so lines from two writers never interleave.
     lock: Mutex<()>,
     written: Option<IntCounter>,
+    /// Set once an append has failed: the journal is then kept at shutdown, since some
+    /// record may be in no other file.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Appender {
@@ -40,11 +52,17 @@ impl Appender {
             path: path.into(),
             lock: Mutex::new(()),
             written,
+            failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// True when some append of this process failed.
+    pub fn ever_failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Appends each record as one JSON line, then flushes and syncs to disk.
@@ -57,7 +75,11 @@ impl Appender {
             serde_json::to_writer(&mut buf, record).map_err(|e| self.error(e.into()))?;
             buf.push(b'\n');
         }
-        self.append_bytes(&buf)?;
+        if let Err(e) = self.append_bytes(&buf) {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(e);
+        }
         if let Some(counter) = &self.written {
             counter.inc_by(records.len() as u64);
         }
@@ -150,6 +172,24 @@ impl DeadLetter {
 
     pub fn path(&self) -> &Path {
         self.file.path()
+    }
+
+    /// True when some append to this file failed.
+    pub fn ever_failed(&self) -> bool {
+        self.file.ever_failed()
+    }
+
+    /// Appends records now and waits until they are on disk (on a blocking thread; the
+    /// lock in [`Appender`] orders this with the thread's own appends).
+    pub async fn append_now(&self, records: Vec<RunRecord>) -> Result<()> {
+        let file = Arc::clone(&self.file);
+        let path = file.path().to_owned();
+        tokio::task::spawn_blocking(move || file.append(&records))
+            .await
+            .map_err(|e| AuditError::DeadLetter {
+                path,
+                source: std::io::Error::other(e),
+            })?
     }
 
     /// Hands records to the thread without waiting. If its queue is full or it has stopped,

@@ -151,6 +151,34 @@ pub struct RunRecord {
     pub events: String,
 }
 
+impl RunRecord {
+    /// About how many bytes the record holds in memory: its texts plus a fixed allowance for
+    /// the rest. What the audit queue's byte bound counts.
+    pub fn approx_bytes(&self) -> usize {
+        fn opt(s: &Option<String>) -> usize {
+            s.as_ref().map_or(0, String::len)
+        }
+        fn trace(t: &ModelTrace) -> usize {
+            t.provider.len()
+                + t.model.len()
+                + opt(&t.model_version)
+                + opt(&t.error_type)
+                + opt(&t.error_message)
+                + t.text.len()
+                + opt(&t.finish_reason)
+                + 128
+        }
+        self.query.len()
+            + opt(&self.system)
+            + opt(&self.client_request_id)
+            + self.service_version.len()
+            + self.events.len()
+            + trace(&self.flash)
+            + trace(&self.pro)
+            + 128
+    }
+}
+
 /// Where finished runs go. `submit` must return at once, whatever the backend is doing.
 pub trait AuditSink: Send + Sync + 'static {
     fn submit(&self, record: RunRecord);
@@ -158,6 +186,12 @@ pub trait AuditSink: Send + Sync + 'static {
     /// True while records wait above the sink's high-water mark (`/readyz` answers 503).
     fn backlogged(&self) -> bool {
         false
+    }
+
+    /// Why audit writes are failing now (a short fixed word such as `disk_full`), or `None`
+    /// while they succeed (`/readyz` answers 503 while this is `Some`).
+    fn write_failure(&self) -> Option<&'static str> {
+        None
     }
 }
 

@@ -30,6 +30,7 @@
 //!   have committed; replay then skips it, since inserts are idempotent.
 
 use std::{
+    collections::VecDeque,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -208,6 +209,8 @@ struct Inner {
     metrics: Metrics,
     high_water: usize,
     queued_bytes: Arc<AtomicUsize>,
+    /// Records the task has taken out of the channel to journal them (see `Task::hold`).
+    held: Arc<AtomicUsize>,
     max_bytes: usize,
     high_water_bytes: usize,
     /// Close the queue and write what is left.
@@ -242,6 +245,7 @@ impl AuditWriter {
         let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
         let health = Arc::new(Health::default());
         let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(AtomicUsize::new(0));
         let inner = Arc::new(Inner {
             tx,
             deadletter: Arc::clone(&deadletter),
@@ -250,6 +254,7 @@ impl AuditWriter {
             metrics: metrics.clone(),
             high_water: options.high_water,
             queued_bytes: Arc::clone(&queued_bytes),
+            held: Arc::clone(&held),
             max_bytes: options.queue_max_bytes,
             high_water_bytes: options.high_water_bytes,
             drain: CancellationToken::new(),
@@ -264,6 +269,9 @@ impl AuditWriter {
             journal,
             health,
             queued_bytes,
+            held,
+            backlog: VecDeque::new(),
+            hold_capacity: options.queue_capacity.max(1),
             metrics,
             max_batch: options.max_batch.max(1),
             retry: options.retry,
@@ -277,6 +285,7 @@ impl AuditWriter {
     /// Records waiting for the writer (not counting the batch being written).
     pub fn queue_depth(&self) -> usize {
         self.inner.tx.max_capacity() - self.inner.tx.capacity()
+            + self.inner.held.load(Ordering::Relaxed)
     }
 
     /// Bytes of the records waiting for the writer.
@@ -400,6 +409,12 @@ struct Task {
     journal: Arc<DeadLetter>,
     health: Arc<Health>,
     queued_bytes: Arc<AtomicUsize>,
+    /// Records taken out of the channel during an outage, journaled, waiting their turn:
+    /// the channel alone is memory that a crash loses. At most `hold_capacity` of them, so
+    /// an outage holds at most twice the queue's count (the byte bound covers both).
+    backlog: VecDeque<Queued>,
+    hold_capacity: usize,
+    held: Arc<AtomicUsize>,
     metrics: Metrics,
     max_batch: usize,
     retry: RetryPolicy,
@@ -416,7 +431,7 @@ impl Task {
         let mut next_write = tokio::time::Instant::now();
         loop {
             if !draining
-                && self.rx.len() < self.max_batch
+                && self.rx.len() + self.backlog.len() < self.max_batch
                 && next_write > tokio::time::Instant::now()
             {
                 tokio::select! {
@@ -425,7 +440,8 @@ impl Task {
                     () = tokio::time::sleep_until(next_write) => {}
                 }
             }
-            let received = tokio::select! {
+            let received = if self.backlog.is_empty() {
+                tokio::select! {
                 biased;
                 () = self.drain.cancelled(), if !draining => {
                     // Closing refuses new records (their senders dead-letter them) but keeps
@@ -435,6 +451,12 @@ impl Task {
                     continue;
                 }
                 n = self.rx.recv_many(&mut incoming, self.max_batch) => n,
+                }
+            } else {
+                let n = self.backlog.len().min(self.max_batch);
+                incoming.extend(self.backlog.drain(..n));
+                self.held.store(self.backlog.len(), Ordering::Relaxed);
+                n
             };
             if received == 0 {
                 break;
@@ -442,9 +464,10 @@ impl Task {
             self.take(&mut incoming, &mut batch, &mut journaled);
             self.set_depth();
             next_write = tokio::time::Instant::now() + MIN_BATCH_INTERVAL;
+            let abort = self.abort.clone();
             let written = tokio::select! {
                 biased;
-                () = self.abort.cancelled() => None,
+                () = abort.cancelled() => None,
                 result = self.write_with_retry(&batch, &mut journaled) => Some(result),
             };
             match written {
@@ -460,6 +483,10 @@ impl Task {
                 }
                 None => {
                     self.rx.close();
+                    for q in self.backlog.drain(..) {
+                        self.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
+                        batch.push(q.record);
+                    }
                     while let Ok(q) = self.rx.try_recv() {
                         self.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
                         batch.push(q.record);
@@ -495,12 +522,41 @@ impl Task {
     }
 
     fn set_depth(&self) {
-        let depth = i64::try_from(self.rx.len()).unwrap_or(i64::MAX);
+        let depth = i64::try_from(self.rx.len() + self.backlog.len()).unwrap_or(i64::MAX);
         self.metrics.audit_queue_depth.set(depth);
         let bytes = self.queued_bytes.load(Ordering::Acquire);
         self.metrics
             .audit_queue_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Takes the records waiting in the channel into the backlog and journals them: they
+    /// arrived before the failure was known, so `submit` did not journal them, and the
+    /// batch in retry may keep them waiting for seconds.
+    async fn hold(&mut self) {
+        let room = self.hold_capacity.saturating_sub(self.backlog.len());
+        let mut taken = Vec::new();
+        while taken.len() < room {
+            match self.rx.try_recv() {
+                Ok(q) => taken.push(q),
+                Err(_) => break,
+            }
+        }
+        let missing: Vec<RunRecord> = taken
+            .iter()
+            .filter(|q| !q.journaled)
+            .map(|q| q.record.clone())
+            .collect();
+        if !missing.is_empty() {
+            match self.journal.append_now(missing).await {
+                Ok(()) => taken.iter_mut().for_each(|q| q.journaled = true),
+                Err(e) => error!(error = %e, records = taken.len(),
+                    "cannot write the audit journal; these records live in memory until written"),
+            }
+        }
+        self.backlog.extend(taken);
+        self.held.store(self.backlog.len(), Ordering::Relaxed);
+        self.set_depth();
     }
 
     /// Writes the records of a failed attempt that are not in the journal yet to it, and
@@ -527,7 +583,11 @@ impl Task {
 
     /// Writes one batch, retrying on the policy's schedule. Counts records, not batches, in
     /// `duet_audit_writes_total` (a retried batch of 100 is 100 retries).
-    async fn write_with_retry(&self, batch: &[RunRecord], journaled: &mut [bool]) -> Result<u64> {
+    async fn write_with_retry(
+        &mut self,
+        batch: &[RunRecord],
+        journaled: &mut [bool],
+    ) -> Result<u64> {
         let n = batch.len() as u64;
         let mut retry = 0;
         loop {
@@ -561,6 +621,7 @@ impl Task {
                     if retry == 0 {
                         self.journal(batch, journaled).await;
                     }
+                    self.hold().await;
                     let wait = self.retry.jittered(retry);
                     warn!(error = %e, reason = e.reason(), records = n, retry = retry + 1,
                         wait_ms = wait.as_millis() as u64, "audit batch failed; retrying");
@@ -577,6 +638,7 @@ impl Task {
                     if retry == 0 {
                         self.journal(batch, journaled).await;
                     }
+                    self.hold().await;
                     return Err(e);
                 }
             }

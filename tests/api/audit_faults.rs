@@ -14,8 +14,10 @@ use std::{
     time::Duration,
 };
 
+use std::sync::Arc;
+
 use duet::{
-    audit::{Store, WriterOptions, replay::replay},
+    audit::{AuditSink, RunRecord, Store, WriterOptions, replay::replay},
     metrics::Metrics,
 };
 use futures::future::join_all;
@@ -183,4 +185,331 @@ async fn an_immutable_sqlite_file_loses_no_record() {
             "{run}"
         );
     }
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` when mounting is not permitted here.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Fills the file system holding `dir` until a write fails; returns the filler's path.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let block = vec![0u8; 4096];
+    while file.write_all(&block).is_ok() {}
+    let _ = file.sync_all();
+    path
+}
+
+#[tokio::test]
+async fn a_full_disk_loses_no_record() {
+    let Some(fs) = Tmpfs::mount("2m") else {
+        return skip(
+            "a_full_disk_loses_no_record",
+            "mount -t tmpfs is not permitted",
+        );
+    };
+    let url = format!("sqlite://{}", fs.path().join("audit.db").display());
+    let store = Store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    // The dead-letter file is elsewhere: this test is about the database's disk.
+    let dl_dir = tempfile::tempdir().unwrap();
+    let options = fast_options(dl_dir.path());
+    let dl_path = options.deadletter_path.clone();
+    let (mut app, writer) = spawn_audited(
+        Scripted::new("flash-m", quick_flash()),
+        Scripted::new("pro-m", vec![ms(5), Step::EchoQuery, Step::Finish]),
+        &[],
+        store.clone(),
+        options,
+    )
+    .await;
+    let metrics = app.server.as_ref().unwrap().state.metrics.clone();
+    // Large queries, so that each transaction needs new pages in the WAL.
+    let big = |i: usize| json!({"query": format!("{i} {}", "x".repeat(30_000))});
+    let mut runs = Vec::new();
+    for i in 0..4 {
+        runs.push(check_invariants(&app.stream(big(i)).await));
+    }
+    settle(&metrics, 4).await;
+    let filler = fill(fs.path());
+    for i in 4..14 {
+        runs.push(check_invariants(&app.stream(big(i)).await));
+    }
+    settle(&metrics, 14).await;
+    let (status, body) = readyz(&app).await;
+    eprintln!("full disk: readyz {status} {body}");
+    std::fs::remove_file(&filler).unwrap();
+    for i in 14..18 {
+        runs.push(check_invariants(&app.stream(big(i)).await));
+    }
+    app.stop().await;
+    writer.shutdown(Duration::from_secs(10)).await;
+
+    let in_db = count(&store, "dual_runs").await as u64;
+    let dead = dead_letters(&dl_path);
+    eprintln!(
+        "full disk: runs {} in_db {in_db} dead {} ok {} deadletter {}",
+        runs.len(),
+        dead.len(),
+        writes(&metrics, "ok"),
+        writes(&metrics, "deadletter")
+    );
+    assert!(!dead.is_empty(), "the full disk made some write fail");
+    assert_eq!(
+        writes(&metrics, "ok"),
+        in_db,
+        "ok counts only what is in the database"
+    );
+    assert_eq!(in_db as usize + dead.len(), runs.len());
+    store.close().await;
+    let fresh = Store::connect(&url).await.unwrap();
+    replay(&fresh, &dl_path).await.unwrap();
+    assert_eq!(count(&fresh, "dual_runs").await as usize, runs.len());
+    let again = replay(&fresh, &dl_path).await.unwrap();
+    assert_eq!((again.written, again.kept), (0, 0));
+    fresh.close().await;
+}
+
+async fn readyz(app: &TestApp) -> (u16, serde_json::Value) {
+    let resp = app.client.get(app.url("/readyz")).send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+fn gauge(app: &TestApp, name: &str) -> String {
+    let text = app.server.as_ref().unwrap().state.metrics.render();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .map(|l| l[name.len() + 1..].to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_deleted_sqlite_file_is_not_ready_and_its_writes_are_not_ok() {
+    let db = db::sqlite().await;
+    let options = fast_options(db.dir.path());
+    let dl_path = options.deadletter_path.clone();
+    let (mut app, writer) = spawn_audited(
+        Scripted::new("flash-m", quick_flash()),
+        Scripted::new("pro-m", quick_pro()),
+        &[],
+        db.store.clone(),
+        options,
+    )
+    .await;
+    let metrics = app.server.as_ref().unwrap().state.metrics.clone();
+    run_queries(&app, 0, 3).await;
+    settle(&metrics, 3).await;
+    assert_eq!(readyz(&app).await.0, 200);
+    assert_eq!(gauge(&app, "duet_ready"), "1");
+
+    std::fs::remove_file(db.dir.path().join("audit.db")).unwrap();
+    let after = run_queries(&app, 3, 4).await;
+    settle(&metrics, 7).await;
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["reason"], "database_file_replaced", "{body}");
+    assert_eq!(gauge(&app, "duet_ready"), "0");
+    // Old code: ok = 7, nothing dead-lettered, the four records in a deleted inode.
+    assert_eq!(
+        writes(&metrics, "ok"),
+        3,
+        "writes into the deleted file are not ok"
+    );
+    app.stop().await;
+    writer.shutdown(Duration::from_secs(10)).await;
+    let dead: Vec<String> = dead_letters(&dl_path)
+        .iter()
+        .map(|r| r.run_id.to_string())
+        .collect();
+    assert_eq!(dead.len(), 4);
+    for run in &after {
+        assert!(dead.contains(run), "{run} is dead-lettered");
+    }
+    // A restart opens (creates) the file at the path; replay puts the four back.
+    db.store.close().await;
+    let fresh = Store::connect(&db.url).await.unwrap();
+    fresh.migrate().await.unwrap();
+    assert_eq!(replay(&fresh, &dl_path).await.unwrap().written, 4);
+    assert_eq!(count(&fresh, "dual_runs").await, 4);
+    fresh.close().await;
+}
+
+#[tokio::test]
+async fn a_postgres_table_renamed_away_is_not_ready_until_it_is_back() {
+    let Some(pg) =
+        db::postgres("a_postgres_table_renamed_away_is_not_ready_until_it_is_back").await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = fast_options(dir.path());
+    // Enough retries to outlast the rename: nothing should reach the dead-letter file.
+    options.retry.retries = 50;
+    let dl_path = options.deadletter_path.clone();
+    let (mut app, writer) = spawn_audited(
+        Scripted::new("flash-m", quick_flash()),
+        Scripted::new("pro-m", quick_pro()),
+        &[],
+        pg.store.clone(),
+        options,
+    )
+    .await;
+    let metrics = app.server.as_ref().unwrap().state.metrics.clone();
+    let mut runs = run_queries(&app, 0, 2).await;
+    settle(&metrics, 2).await;
+    assert_eq!(readyz(&app).await.0, 200);
+    let Store::Postgres(pool) = &pg.store else {
+        unreachable!()
+    };
+    sqlx::query("ALTER TABLE model_traces RENAME TO model_traces_away")
+        .execute(pool)
+        .await
+        .unwrap();
+    // Old code: 200 here, the ping does not look at tables.
+    let (status, body) = readyz(&app).await;
+    assert_eq!(
+        (status, &body["reason"]),
+        (503, &json!("schema_missing")),
+        "{body}"
+    );
+    runs.extend(run_queries(&app, 2, 3).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["audit_writes"], "failing", "{body}");
+    assert_eq!(gauge(&app, "duet_ready"), "0");
+    sqlx::query("ALTER TABLE model_traces_away RENAME TO model_traces")
+        .execute(pool)
+        .await
+        .unwrap();
+    // The writer's next retry succeeds, and readiness follows by itself.
+    let mut ready = false;
+    for _ in 0..100 {
+        if readyz(&app).await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "ready again once writes succeed");
+    assert_eq!(gauge(&app, "duet_ready"), "1");
+    app.stop().await;
+    writer.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(count(&pg.store, "dual_runs").await as usize, runs.len());
+    assert_eq!(
+        count(&pg.store, "model_traces").await as usize,
+        2 * runs.len()
+    );
+    assert!(dead_letters(&dl_path).is_empty());
+    assert!(
+        !journal(&dl_path).exists(),
+        "a clean shutdown removes the journal"
+    );
+}
+
+fn journal(dl_path: &Path) -> PathBuf {
+    duet::audit::deadletter::journal_path(dl_path)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_whose_write_failed_is_journaled_before_the_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = db::FakeStore::failing(usize::MAX);
+    let metrics = Metrics::new().unwrap();
+    let options = WriterOptions::new(dir.path().join("deadletter.jsonl"));
+    let dl_path = options.deadletter_path.clone();
+    let writer = duet::audit::AuditWriter::start(store.clone(), options, metrics.clone()).unwrap();
+    let first: Vec<RunRecord> = (0..3).map(db::record).collect();
+    for r in &first {
+        writer.submit(r.clone());
+    }
+    // The first attempt fails at once; the records must be on disk before the first retry.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::resume();
+    assert_eq!(dead_letters(&journal(&dl_path)), first);
+    assert_eq!(metrics.audit_journaled_total.get(), 3);
+    assert_eq!(
+        duet::audit::AuditSink::write_failure(&writer),
+        Some("database_timeout")
+    );
+    // While writes fail, a new record is journaled as it arrives, not after its own attempt.
+    let late = db::record(9);
+    writer.submit(late.clone());
+    for _ in 0..100 {
+        if dead_letters(&journal(&dl_path)).len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(dead_letters(&journal(&dl_path))[3], late);
+    tokio::time::pause();
+    writer.shutdown(Duration::from_secs(60)).await;
+    assert_eq!(dead_letters(&dl_path).len(), 4);
+    assert!(!journal(&dl_path).exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_audit_queue_is_bounded_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let store = db::FakeStore::gated(gate.clone());
+    let metrics = Metrics::new().unwrap();
+    let options =
+        WriterOptions::new(dir.path().join("deadletter.jsonl")).with_queue_max_bytes(8 << 20);
+    let dl_path = options.deadletter_path.clone();
+    let writer = duet::audit::AuditWriter::start(store.clone(), options, metrics.clone()).unwrap();
+    let big = |i| {
+        let mut r = db::record(i);
+        r.pro.text = "y".repeat(1 << 20);
+        r
+    };
+    // The first becomes the writer's (stuck) batch; then 1 MiB records until 8 MiB.
+    writer.submit(big(0));
+    tokio::task::yield_now().await;
+    let records: Vec<RunRecord> = (1..21).map(big).collect();
+    for r in &records {
+        writer.submit(r.clone());
+    }
+    // Old code: 20 records of 1 MiB all queue (8,192 is the only bound).
+    assert_eq!(writer.queue_depth(), 7, "seven 1 MiB records fit in 8 MiB");
+    assert!(writer.queue_bytes() <= 8 << 20);
+    assert!(duet::audit::AuditSink::backlogged(&writer), "above 6 MiB");
+    assert_eq!(
+        metrics.audit_queue_bytes.get() as usize,
+        writer.queue_bytes()
+    );
+    gate.add_permits(100);
+    writer.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(store.stored().len(), 8);
+    assert_eq!(dead_letters(&dl_path), records[7..]);
+    assert_eq!(writes(&metrics, "deadletter"), 13);
 }

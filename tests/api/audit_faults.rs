@@ -513,3 +513,154 @@ async fn the_audit_queue_is_bounded_by_bytes() {
     assert_eq!(dead_letters(&dl_path), records[7..]);
     assert_eq!(writes(&metrics, "deadletter"), 13);
 }
+
+/// A TCP proxy to `target` that the test can stop: listener and open connections closed at
+/// once, as a database host that went away (the shared PostgreSQL server is never stopped).
+struct Proxy {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            // Aborting this task drops the set, which aborts every connection it holds.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Proxy { addr, task }
+    }
+
+    fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+/// `postgres://user@host:port/db` with `host:port` replaced.
+fn via(url: &str, addr: std::net::SocketAddr) -> (String, String) {
+    let at = url.find('@').unwrap() + 1;
+    let slash = at + url[at..].find('/').unwrap();
+    let target = url[at..slash].to_owned();
+    (format!("{}{addr}{}", &url[..at], &url[slash..]), target)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l[name.len() + 1..].parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Issue 11's scenario: PostgreSQL unreachable, 50 runs answered, `kill -9`, restart
+/// against a working database: all 50 rows. Takes about ten seconds: the first write
+/// attempt only fails when the pool's 5 s acquire timeout ends. Multi-threaded: reading the
+/// child's log blocks a thread, and the proxy must keep serving meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_postgres_outage_loses_no_answered_run() {
+    let Some(pg) = db::postgres("kill_9_during_a_postgres_outage_loses_no_answered_run").await
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (target_url, target) = {
+        let (_, target) = via(&pg.url, "127.0.0.1:1".parse().unwrap());
+        (pg.url.clone(), target)
+    };
+    let proxy = Proxy::start(target).await;
+    let (proxied, _) = via(&pg.url, proxy.addr);
+    let spawn = |url: &str| {
+        let mut child = duet_command(dir)
+            .env("BIND_ADDR", "127.0.0.1:0")
+            .env("DATABASE_URL", url)
+            .env("SIMULATED_FLASH_TTFT_S", "0.01")
+            .env("SIMULATED_FLASH_TOKEN_S", "0.001")
+            .env("SIMULATED_PRO_TTFT_S", "0.02")
+            .env("SIMULATED_PRO_TOKEN_S", "0.001")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (addr, log) = listening(&mut child);
+        (child, addr, log)
+    };
+    let (mut child, addr, _log) = spawn(&proxied);
+    proxy.stop();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut runs = Vec::new();
+    for chunk in 0..5 {
+        let answers = join_all((0..10).map(|i| {
+            client
+                .post(format!("http://{addr}/query"))
+                .json(&json!({"query": format!("q{chunk}-{i}")}))
+                .send()
+        }))
+        .await;
+        for a in answers {
+            let a = a.unwrap();
+            assert_eq!(a.status(), 200);
+            runs.push(a.headers()["x-run-id"].to_str().unwrap().to_owned());
+        }
+    }
+    // Every answered run is journaled once its write has failed (or, once writes are known
+    // to fail, as it arrives).
+    let mut journaled = 0.0;
+    for _ in 0..300 {
+        let text = client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        journaled = metric(&text, "duet_audit_journaled_total");
+        if journaled >= 50.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        journaled, 50.0,
+        "old code: no journal, 0 rows after the restart"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        count(&pg.store, "dual_runs").await,
+        0,
+        "nothing reached the database"
+    );
+
+    // Restart against the working database: the start replays the journal.
+    let (child, _, _log) = spawn(&target_url);
+    assert_eq!(terminate(child).await, Some(0));
+    assert_eq!(count(&pg.store, "dual_runs").await, 50);
+    for run in &runs {
+        let id = run.parse().unwrap();
+        assert!(pg.store.fetch(id).await.unwrap().is_some(), "{run}");
+    }
+    // A replay afterwards changes nothing.
+    let out = duet_command(dir)
+        .args(["audit", "replay"])
+        .env("DATABASE_URL", &target_url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("0 written"), "{said}");
+    assert_eq!(count(&pg.store, "dual_runs").await, 50);
+}

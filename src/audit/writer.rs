@@ -534,29 +534,37 @@ impl Task {
     /// arrived before the failure was known, so `submit` did not journal them, and the
     /// batch in retry may keep them waiting for seconds.
     async fn hold(&mut self) {
-        let room = self.hold_capacity.saturating_sub(self.backlog.len());
-        let mut taken = Vec::new();
-        while taken.len() < room {
+        // Into the backlog first, then journal: if the drain's abort drops this future
+        // during the journal write, the records are in the backlog, which it dead-letters.
+        let start = self.backlog.len();
+        while self.backlog.len() < self.hold_capacity {
             match self.rx.try_recv() {
-                Ok(q) => taken.push(q),
+                Ok(q) => self.backlog.push_back(q),
                 Err(_) => break,
             }
         }
-        let missing: Vec<RunRecord> = taken
+        self.held.store(self.backlog.len(), Ordering::Relaxed);
+        self.set_depth();
+        let missing: Vec<RunRecord> = self
+            .backlog
             .iter()
+            .skip(start)
             .filter(|q| !q.journaled)
             .map(|q| q.record.clone())
             .collect();
-        if !missing.is_empty() {
-            match self.journal.append_now(missing).await {
-                Ok(()) => taken.iter_mut().for_each(|q| q.journaled = true),
-                Err(e) => error!(error = %e, records = taken.len(),
-                    "cannot write the audit journal; these records live in memory until written"),
-            }
+        if missing.is_empty() {
+            return;
         }
-        self.backlog.extend(taken);
-        self.held.store(self.backlog.len(), Ordering::Relaxed);
-        self.set_depth();
+        let n = missing.len();
+        match self.journal.append_now(missing).await {
+            Ok(()) => self
+                .backlog
+                .iter_mut()
+                .skip(start)
+                .for_each(|q| q.journaled = true),
+            Err(e) => error!(error = %e, records = n,
+                "cannot write the audit journal; these records live in memory until written"),
+        }
     }
 
     /// Writes the records of a failed attempt that are not in the journal yet to it, and

@@ -154,8 +154,17 @@ async fn an_immutable_sqlite_file_loses_no_record() {
         let _frozen = Immutable::set(&[db_file.clone(), wal.clone()]);
         runs.extend(run_queries(&app, 6, 12).await);
         settle(&metrics_probe, 18).await;
+        let (status, body) = readyz(&app).await;
+        assert_eq!(status, 503, "old code: 200 while every write fails");
+        assert_eq!(body["reason"], "database_io_error", "{body}");
     }
     runs.extend(run_queries(&app, 18, 6).await);
+    settle(&metrics_probe, 24).await;
+    assert_eq!(
+        readyz(&app).await.0,
+        200,
+        "a successful write makes it ready again"
+    );
     app.stop().await;
     writer.shutdown(Duration::from_secs(10)).await;
 
@@ -179,6 +188,12 @@ async fn an_immutable_sqlite_file_loses_no_record() {
     let report = replay(&fresh, &dl_path).await.unwrap();
     eprintln!("{report}");
     assert_eq!(count(&fresh, "dual_runs").await as usize, runs.len());
+    let again = replay(&fresh, &dl_path).await.unwrap();
+    assert_eq!(
+        (again.written, again.kept),
+        (0, 0),
+        "a second replay changes nothing"
+    );
     for run in &runs {
         assert!(
             fresh.fetch(run.parse().unwrap()).await.unwrap().is_some(),

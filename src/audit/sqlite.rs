@@ -5,13 +5,17 @@
 //!
 //! Transactions are plain `BEGIN IMMEDIATE` / `COMMIT` statements on one pooled connection,
 //! not sqlx's `Transaction`, and a connection whose write failed is closed, never reused.
-//! The reason is a trap found under a hostile test: when SQLite's COMMIT fails (I/O error
-//! on an immutable file, a full disk) SQLite rolls the transaction back itself, sqlx's
-//! bookkeeping still counts it open, its clean-up ROLLBACK then fails, and the connection
-//! goes back to the pool believing it is one transaction deep. Its next "transaction"
-//! becomes a SAVEPOINT; after one more failure, `ROLLBACK TO` leaves SQLite inside a
-//! transaction that no later RELEASE ever commits: writes reported as committed that no
-//! other connection sees, lost at close, and `database is locked` for everyone else.
+//! The reason is a trap found under a hostile test (sqlx 0.8.6): when COMMIT fails (an I/O
+//! error on an immutable file, a full disk), sqlx does not lower its transaction depth, so
+//! the connection goes back to the pool counted as inside a transaction; its next
+//! `begin`/`commit` become `SAVEPOINT`/`RELEASE`, and after a second failed commit SQLite is
+//! really left inside a transaction that no later RELEASE commits. Observed with a pool of
+//! one connection: two commits failing with `(778) disk I/O error`, then three "successful"
+//! commits that no other connection ever saw, a raw `BEGIN` on the pooled connection
+//! refused with "cannot start a transaction within a transaction", and `database is
+//! locked` for every other writer. SQLite documents that a failed COMMIT may or may not
+//! leave the transaction open ("Response To Errors Within A Transaction"), so the only
+//! safe response is to roll back and discard the connection.
 
 use chrono::{DateTime, Utc};
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool, pool::PoolConnection};

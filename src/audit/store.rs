@@ -156,6 +156,10 @@ impl Store {
             AuditError::Database(e) => AuditError::Connect(e),
             other => other,
         })?;
+        // The ping opened the file: remember which one it is.
+        if let Store::Sqlite(s) = &store {
+            s.check_file()?;
+        }
         Ok(store)
     }
 

@@ -21,8 +21,8 @@
 //!   arrives. So a `kill -9` during an outage loses no record whose client had its answer
 //!   (only records not yet tried while the database was healthy: milliseconds' worth). A
 //!   journaled record may also reach the database later; replay skips it then. The journal
-//!   is removed at a clean shutdown (everything in it is then in the database or the
-//!   dead-letter file) and replayed at the next start otherwise.
+//!   is removed once nothing in it is outstanding (every record written, or fsynced in the
+//!   dead-letter file), and at a clean shutdown; after a crash the next start replays it.
 //! - Write results feed readiness: `/readyz` is 503 while a batch is in retry and for
 //!   [`FAILURE_HOLD`] after the last failure, unless a write succeeds first.
 //! - Shutdown closes the queue, writes what is left, and is bounded: past the timeout the
@@ -156,6 +156,17 @@ struct Queued {
     journaled: bool,
 }
 
+/// What the journal holds that is not yet anywhere else. When nothing is (every journaled
+/// record has been written, or dead-lettered and fsynced), the file is removed, so a service
+/// that rides out many short outages does not grow it for ever.
+#[derive(Default)]
+struct JournalBook {
+    /// Journaled records not yet written or durably dead-lettered.
+    outstanding: u64,
+    /// Something was appended since the file was last removed.
+    dirty: bool,
+}
+
 /// Recent write results, for `/readyz`.
 #[derive(Default)]
 struct Health {
@@ -205,6 +216,9 @@ struct Inner {
     tx: mpsc::Sender<Queued>,
     deadletter: Arc<DeadLetter>,
     journal: Arc<DeadLetter>,
+    /// Held while a record is counted and handed to the journal thread, and while the file
+    /// is removed: so a removal never takes a line whose record is still outstanding.
+    book: Arc<Mutex<JournalBook>>,
     health: Arc<Health>,
     metrics: Metrics,
     high_water: usize,
@@ -246,10 +260,12 @@ impl AuditWriter {
         let health = Arc::new(Health::default());
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let held = Arc::new(AtomicUsize::new(0));
+        let book = Arc::new(Mutex::new(JournalBook::default()));
         let inner = Arc::new(Inner {
             tx,
             deadletter: Arc::clone(&deadletter),
             journal: Arc::clone(&journal),
+            book: Arc::clone(&book),
             health: Arc::clone(&health),
             metrics: metrics.clone(),
             high_water: options.high_water,
@@ -267,6 +283,7 @@ impl AuditWriter {
             store,
             deadletter,
             journal,
+            book,
             health,
             queued_bytes,
             held,
@@ -344,6 +361,9 @@ impl AuditSink for AuditWriter {
         // in retry is memory only, and a crash then would lose it.
         let journaled = inner.health.failure().is_some();
         if journaled {
+            let mut book = lock(&inner.book);
+            book.outstanding += 1;
+            book.dirty = true;
             inner.journal.send(vec![record.clone()]);
         }
         let bytes = record.approx_bytes();
@@ -401,12 +421,18 @@ impl AuditSink for AuditWriter {
     }
 }
 
+/// A plain counter behind a lock: a panic elsewhere cannot leave it half-written.
+fn lock(book: &Mutex<JournalBook>) -> std::sync::MutexGuard<'_, JournalBook> {
+    book.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The writer task's state.
 struct Task {
     rx: mpsc::Receiver<Queued>,
     store: Arc<dyn RecordStore>,
     deadletter: Arc<DeadLetter>,
     journal: Arc<DeadLetter>,
+    book: Arc<Mutex<JournalBook>>,
     health: Arc<Health>,
     queued_bytes: Arc<AtomicUsize>,
     /// Records taken out of the channel during an outage, journaled, waiting their turn:
@@ -472,14 +498,29 @@ impl Task {
             };
             match written {
                 Some(Ok(_)) => {
+                    let resolved = journaled.iter().filter(|j| **j).count();
                     batch.clear();
                     journaled.clear();
+                    self.resolve(resolved).await;
                 }
                 Some(Err(e)) => {
                     error!(error = %e, reason = e.reason(), records = batch.len(),
                         "audit batch failed on every attempt; dead-lettering it");
-                    self.deadletter.send(std::mem::take(&mut batch));
+                    let resolved = journaled.iter().filter(|j| **j).count();
                     journaled.clear();
+                    if resolved == 0 {
+                        self.deadletter.send(std::mem::take(&mut batch));
+                    } else {
+                        // Journaled records leave the journal's count only once they are
+                        // fsynced in the dead-letter file: wait for that append.
+                        let records = std::mem::take(&mut batch);
+                        match self.deadletter.append_now(records.clone()).await {
+                            Ok(()) => self.resolve(resolved).await,
+                            // The thread retries the append and logs what still fails; the
+                            // journal keeps these records meanwhile.
+                            Err(_) => self.deadletter.send(records),
+                        }
+                    }
                 }
                 None => {
                     self.rx.close();
@@ -530,6 +571,48 @@ impl Task {
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
+    /// `n` journaled records are now in the database or durably dead-lettered. When nothing
+    /// journaled is outstanding any more, the journal file goes.
+    async fn resolve(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let book = Arc::clone(&self.book);
+        let path = self.journal.path().to_owned();
+        let removed = tokio::task::spawn_blocking(move || {
+            let mut book = lock(&book);
+            book.outstanding = book.outstanding.saturating_sub(n as u64);
+            if book.outstanding > 0 || !book.dirty {
+                return Ok(false);
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    book.dirty = false;
+                    Ok(true)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    book.dirty = false;
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        match removed {
+            Ok(Ok(true)) => debug!("every journaled audit record is stored; journal removed"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot remove the audit journal"),
+            Err(e) => warn!(error = %e, "the journal clean-up task failed"),
+        }
+    }
+
+    /// Counts records the task itself journaled.
+    fn journaled(&self, n: usize) {
+        let mut book = lock(&self.book);
+        book.outstanding += n as u64;
+        book.dirty = true;
+    }
+
     /// Takes the records waiting in the channel into the backlog and journals them: they
     /// arrived before the failure was known, so `submit` did not journal them, and the
     /// batch in retry may keep them waiting for seconds.
@@ -557,11 +640,13 @@ impl Task {
         }
         let n = missing.len();
         match self.journal.append_now(missing).await {
-            Ok(()) => self
-                .backlog
-                .iter_mut()
-                .skip(start)
-                .for_each(|q| q.journaled = true),
+            Ok(()) => {
+                self.journaled(n);
+                self.backlog
+                    .iter_mut()
+                    .skip(start)
+                    .for_each(|q| q.journaled = true);
+            }
             Err(e) => error!(error = %e, records = n,
                 "cannot write the audit journal; these records live in memory until written"),
         }
@@ -580,8 +665,12 @@ impl Task {
         if missing.is_empty() {
             return;
         }
+        let n = missing.len();
         match self.journal.append_now(missing).await {
-            Ok(()) => journaled.iter_mut().for_each(|j| *j = true),
+            Ok(()) => {
+                self.journaled(n);
+                journaled.iter_mut().for_each(|j| *j = true);
+            }
             Err(e) => {
                 error!(error = %e, records = batch.len(),
                     "cannot write the audit journal; these records live in memory until written")

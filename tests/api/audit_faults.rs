@@ -679,3 +679,39 @@ async fn kill_9_during_a_postgres_outage_loses_no_answered_run() {
     assert!(said.contains("0 written"), "{said}");
     assert_eq!(count(&pg.store, "dual_runs").await, 50);
 }
+
+/// The journal does not grow for ever: once every record in it is stored (or durably
+/// dead-lettered), the writer removes it, without waiting for shutdown.
+#[tokio::test]
+async fn the_journal_is_removed_once_its_records_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = db::FakeStore::failing(1);
+    let metrics = Metrics::new().unwrap();
+    let options = fast_options(dir.path());
+    let dl_path = options.deadletter_path.clone();
+    let writer = duet::audit::AuditWriter::start(store.clone(), options, metrics.clone()).unwrap();
+    let records: Vec<RunRecord> = (0..3).map(db::record).collect();
+    for r in &records {
+        writer.submit(r.clone());
+    }
+    for _ in 0..200 {
+        if store.stored().len() == 3 && !journal(&dl_path).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.stored(), records);
+    assert_eq!(
+        metrics.audit_journaled_total.get(),
+        3,
+        "journaled after the failure"
+    );
+    assert!(!journal(&dl_path).exists(), "removed while the writer runs");
+    assert_eq!(
+        writer.write_failure(),
+        None,
+        "a successful write clears the failure"
+    );
+    writer.shutdown(Duration::from_secs(5)).await;
+    assert!(dead_letters(&dl_path).is_empty());
+}

@@ -7,6 +7,9 @@
 //! caller appends the records itself: that blocks a thread for one write, which is better
 //! than losing an audit record. If even the file cannot be written, each record is logged at
 //! error level in full, so the log is the last place it survives.
+//!
+//! The writer's journal (`PATH.journal`) is a second file of the same kind, written the
+//! same way, for records whose first database write failed.
 
 use std::{
     fs::OpenOptions,
@@ -14,6 +17,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
     thread::JoinHandle,
@@ -21,6 +25,8 @@ use std::{
 
 use prometheus::IntCounter;
 use tracing::{error, warn};
+
+use super::{AuditError, Result, RunRecord};
 
 /// The audit journal that goes with a dead-letter file: `PATH.journal`. Records are written
 /// there (appended, fsynced) when their first database write fails, before any retry, so a
@@ -31,8 +37,6 @@ pub fn journal_path(deadletter: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-use super::{AuditError, Result, RunRecord};
-
 /// Appends records to the file. The file is opened for each append rather than held open,
 /// so that `duet audit replay` can move it aside and later appends start a fresh one.
 pub struct Appender {
@@ -40,9 +44,9 @@ pub struct Appender {
     /// Serialises appends within this process, so lines from two writers never interleave.
     lock: Mutex<()>,
     written: Option<IntCounter>,
-    /// Set once an append has failed: the journal is then kept at shutdown, since some
-    /// record may be in no other file.
-    failed: std::sync::atomic::AtomicBool,
+    /// Set once an append has failed. For the dead-letter file this keeps the journal at
+    /// shutdown: some record may then be in no other file.
+    failed: AtomicBool,
 }
 
 impl Appender {
@@ -52,7 +56,7 @@ impl Appender {
             path: path.into(),
             lock: Mutex::new(()),
             written,
-            failed: std::sync::atomic::AtomicBool::new(false),
+            failed: AtomicBool::new(false),
         }
     }
 
@@ -62,7 +66,7 @@ impl Appender {
 
     /// True when some append of this process failed.
     pub fn ever_failed(&self) -> bool {
-        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+        self.failed.load(Ordering::Relaxed)
     }
 
     /// Appends each record as one JSON line, then flushes and syncs to disk.
@@ -76,8 +80,7 @@ impl Appender {
             buf.push(b'\n');
         }
         if let Err(e) = self.append_bytes(&buf) {
-            self.failed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.failed.store(true, Ordering::Relaxed);
             return Err(e);
         }
         if let Some(counter) = &self.written {

@@ -9,7 +9,8 @@
 //!   batched idempotent inserts, reading a record back. Per-backend SQL lives in `sqlite` and
 //!   `postgres`.
 //! - [`writer`]: the [`AuditWriter`] sink: bounded queue, batching, retries, shutdown drain.
-//! - [`deadletter`]: the JSON-lines file records go to when the database cannot take them.
+//! - [`deadletter`]: the JSON-lines file records go to when the database cannot take them,
+//!   and the same kind of file for the journal (records in retry, kept on disk).
 //! - [`replay`]: `duet audit replay`, putting dead-lettered records back.
 //! - [`admin`]: the `duet migrate` and `duet audit replay` commands.
 

@@ -267,12 +267,13 @@ impl Store {
     /// record), and on SQLite the file at the path is still the one open. Within
     /// [`PING_TIMEOUT`]. Says nothing about free disk space: only a write can tell that.
     pub async fn probe(&self) -> Result<()> {
-        self.probe_sql("SELECT 1 FROM dual_runs, model_traces WHERE 1 = 0")
-            .await?;
-        match self {
-            Store::Sqlite(s) => s.check_file(),
-            Store::Postgres(_) => Ok(()),
+        // The file first: a new pooled connection to a deleted file's path creates an empty
+        // one, whose missing tables would otherwise hide the real cause.
+        if let Store::Sqlite(s) = self {
+            s.check_file()?;
         }
+        self.probe_sql("SELECT 1 FROM dual_runs, model_traces WHERE 1 = 0")
+            .await
     }
 
     async fn probe_sql(&self, sql: &'static str) -> Result<()> {

@@ -17,7 +17,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
     thread::JoinHandle,
@@ -145,14 +145,20 @@ impl Appender {
 }
 
 enum Msg {
-    Records(Vec<RunRecord>),
+    /// Records and their [`RunRecord::approx_bytes`], released once appended.
+    Records(Vec<RunRecord>, usize),
     Stop,
 }
+
+/// Bytes of records that may wait for the thread, besides the count of hand-overs: records
+/// can be megabytes each. Past it senders append themselves, as when the queue is full.
+const MAX_PENDING_BYTES: usize = 16 << 20;
 
 /// The dead-letter thread and its queue.
 pub struct DeadLetter {
     tx: SyncSender<Msg>,
     file: Arc<Appender>,
+    pending_bytes: Arc<AtomicUsize>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -162,13 +168,16 @@ impl DeadLetter {
         let (tx, rx) = sync_channel(capacity);
         let file = Arc::new(file);
         let thread_file = Arc::clone(&file);
+        let pending_bytes = Arc::new(AtomicUsize::new(0));
+        let thread_pending = Arc::clone(&pending_bytes);
         let thread = std::thread::Builder::new()
             .name("duet-deadletter".into())
-            .spawn(move || run(&rx, &thread_file))
+            .spawn(move || run(&rx, &thread_file, &thread_pending))
             .map_err(AuditError::Thread)?;
         Ok(DeadLetter {
             tx,
             file,
+            pending_bytes,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -201,18 +210,36 @@ impl DeadLetter {
         if records.is_empty() {
             return;
         }
-        let records = match self.tx.try_send(Msg::Records(records)) {
+        let bytes: usize = records.iter().map(RunRecord::approx_bytes).sum();
+        // An empty queue takes any batch, however large: the writer must not block on it.
+        let reserved = self
+            .pending_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
+                (pending == 0 || pending.saturating_add(bytes) <= MAX_PENDING_BYTES)
+                    .then(|| pending.saturating_add(bytes))
+            })
+            .is_ok();
+        if !reserved {
+            warn!(
+                records = records.len(),
+                "dead-letter queue full (bytes); appending on the caller's thread"
+            );
+            self.file.append_or_log(&records);
+            return;
+        }
+        let records = match self.tx.try_send(Msg::Records(records, bytes)) {
             Ok(()) => return,
-            Err(TrySendError::Full(Msg::Records(r))) => {
+            Err(TrySendError::Full(Msg::Records(r, _))) => {
                 warn!(
                     records = r.len(),
                     "dead-letter queue full; appending on the caller's thread"
                 );
                 r
             }
-            Err(TrySendError::Disconnected(Msg::Records(r))) => r,
+            Err(TrySendError::Disconnected(Msg::Records(r, _))) => r,
             Err(TrySendError::Full(Msg::Stop) | TrySendError::Disconnected(Msg::Stop)) => return,
         };
+        self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.file.append_or_log(&records);
     }
 
@@ -230,16 +257,19 @@ impl DeadLetter {
     }
 }
 
-fn run(rx: &Receiver<Msg>, file: &Appender) {
+fn run(rx: &Receiver<Msg>, file: &Appender, pending_bytes: &AtomicUsize) {
     while let Ok(msg) = rx.recv() {
-        let Msg::Records(mut records) = msg else {
+        let Msg::Records(mut records, mut bytes) = msg else {
             return;
         };
         // Whatever queued up meanwhile shares one fsync.
         let mut stop = false;
         while let Ok(more) = rx.try_recv() {
             match more {
-                Msg::Records(r) => records.extend(r),
+                Msg::Records(r, b) => {
+                    records.extend(r);
+                    bytes += b;
+                }
                 Msg::Stop => {
                     stop = true;
                     break;
@@ -247,6 +277,7 @@ fn run(rx: &Receiver<Msg>, file: &Appender) {
             }
         }
         file.append_or_log(&records);
+        pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
         if stop {
             return;
         }

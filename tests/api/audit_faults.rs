@@ -281,7 +281,11 @@ async fn a_full_disk_loses_no_record() {
     }
     settle(&metrics, 14).await;
     let (status, body) = readyz(&app).await;
-    eprintln!("full disk: readyz {status} {body}");
+    assert_eq!(
+        status, 503,
+        "old code: 200 while writes fail for lack of space"
+    );
+    assert_eq!(body["reason"], "disk_full", "{body}");
     std::fs::remove_file(&filler).unwrap();
     for i in 14..18 {
         runs.push(check_invariants(&app.stream(big(i)).await));

@@ -564,7 +564,8 @@ impl Proxy {
     }
 }
 
-/// `postgres://user@host:port/db` with `host:port` replaced.
+/// `postgres://user@host:port/db` with `host:port` replaced by `addr`, and the old
+/// `host:port`.
 fn via(url: &str, addr: std::net::SocketAddr) -> (String, String) {
     let at = url.find('@').unwrap() + 1;
     let slash = at + url[at..].find('/').unwrap();
@@ -591,12 +592,13 @@ async fn kill_9_during_a_postgres_outage_loses_no_answered_run() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (target_url, target) = {
-        let (_, target) = via(&pg.url, "127.0.0.1:1".parse().unwrap());
-        (pg.url.clone(), target)
+    let target_url = pg.url.clone();
+    let (proxy, proxied) = {
+        let (_, server) = via(&pg.url, "127.0.0.1:1".parse().unwrap());
+        let proxy = Proxy::start(server).await;
+        let (proxied, _) = via(&pg.url, proxy.addr);
+        (proxy, proxied)
     };
-    let proxy = Proxy::start(target).await;
-    let (proxied, _) = via(&pg.url, proxy.addr);
     let spawn = |url: &str| {
         let mut child = duet_command(dir)
             .env("BIND_ADDR", "127.0.0.1:0")

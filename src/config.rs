@@ -163,6 +163,9 @@ pub struct Config {
     pub sse_keepalive: Duration,
     pub shutdown_grace: Duration,
     pub audit_deadletter_path: PathBuf,
+    /// Bytes of run records the audit queue may hold (`AUDIT_QUEUE_MAX_BYTES`); a record that
+    /// does not fit is dead-lettered, as when the queue is full by count.
+    pub audit_queue_max_bytes: usize,
     pub api_keys: Vec<Secret>,
     pub admin_token: Option<Secret>,
     pub log_format: LogFormat,
@@ -555,6 +558,7 @@ impl Config {
             audit_deadletter_path: var(src, "AUDIT_DEADLETTER_PATH")
                 .unwrap_or_else(|| "duet-deadletter.jsonl".into())
                 .into(),
+            audit_queue_max_bytes: positive(src, "AUDIT_QUEUE_MAX_BYTES", 64 << 20)?,
             api_keys: secrets_list(src, "API_KEYS")?,
             admin_token: var(src, "ADMIN_TOKEN").map(Secret::new),
             log_format,

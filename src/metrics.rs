@@ -24,6 +24,13 @@ pub struct Metrics {
     pub audit_queue_depth: IntGauge,
     pub audit_writes_total: IntCounterVec,
     pub audit_write_seconds: Histogram,
+    /// Bytes of the records in the audit queue (the queue is bounded by count and bytes).
+    pub audit_queue_bytes: IntGauge,
+    /// Records appended to the audit journal: written down before a retry, so that a crash
+    /// during a database outage loses none of them.
+    pub audit_journaled_total: IntCounter,
+    /// 1 while `/readyz` would answer 200, 0 while it would answer 503.
+    pub ready: IntGauge,
     pub streams_rejected_total: IntCounterVec,
     /// `duet_auth_failures_total{endpoint}`: wrong keys or tokens presented (`query`, `admin`).
     pub auth_failures_total: IntCounterVec,
@@ -160,6 +167,18 @@ impl Metrics {
                     "Time to write one batch of audit records."
                 )
                 .buckets(AUDIT_BUCKETS.to_vec())
+            )?),
+            audit_queue_bytes: reg!(IntGauge::new(
+                "duet_audit_queue_bytes",
+                "Approximate bytes of the run records waiting for the audit writer."
+            )?),
+            audit_journaled_total: reg!(IntCounter::new(
+                "duet_audit_journaled_total",
+                "Audit records written to the local journal because a database write failed."
+            )?),
+            ready: reg!(IntGauge::new(
+                "duet_ready",
+                "1 while GET /readyz answers 200 (ready), 0 while it answers 503."
             )?),
             streams_rejected_total: reg!(IntCounterVec::new(
                 Opts::new(

@@ -18,12 +18,12 @@ use hyper_util::{
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use self::connections::{Activity, Caps, Unused, Watch};
 use crate::{
     api::{self, AppState, Guard},
-    audit::{AuditError, AuditSink, AuditWriter, Store, WriterOptions},
+    audit::{self, AuditError, AuditSink, AuditWriter, Store, WriterOptions},
     config::{Config, Role},
     metrics::Metrics,
     orchestrator::{ModelSlot, Orchestrator},
@@ -421,10 +421,24 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         deadletter = %config.audit_deadletter_path.display(),
         "audit store ready"
     );
+    // Records a crash left in the journal (see `audit::writer`): put back before new ones
+    // arrive; what the database refuses moves to the dead-letter file.
+    let journal = audit::deadletter::journal_path(&config.audit_deadletter_path);
+    match audit::replay::replay_into(&store, &journal, &config.audit_deadletter_path).await {
+        Ok(r) if r == audit::replay::ReplayReport::default() => {}
+        Ok(r) => warn!(
+            written = r.written,
+            skipped = r.skipped,
+            dead_lettered = r.kept,
+            "replayed the audit journal a previous run left behind"
+        ),
+        Err(e) => error!(error = %e, "cannot replay the audit journal; run `duet audit replay`"),
+    }
     let metrics = Metrics::new()?;
     let writer = AuditWriter::start(
         Arc::new(store.clone()),
-        WriterOptions::new(&config.audit_deadletter_path),
+        WriterOptions::new(&config.audit_deadletter_path)
+            .with_queue_max_bytes(config.audit_queue_max_bytes),
         metrics.clone(),
     )?;
     // The writer counts into this registry, so the server must expose the same one.

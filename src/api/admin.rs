@@ -94,7 +94,8 @@ fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
 
 /// The body of `GET /readyz`.
 #[derive(serde::Serialize, utoipa::ToSchema)]
-#[schema(example = json!({"status": "ready", "database": "ok", "audit_queue": "ok"}))]
+#[schema(example = json!({"status": "ready", "database": "ok", "audit_queue": "ok",
+    "audit_writes": "ok"}))]
 pub(super) struct Readiness {
     #[schema(value_type = String, pattern = "^(ready|not_ready)$")]
     status: &'static str,
@@ -102,36 +103,59 @@ pub(super) struct Readiness {
     database: &'static str,
     #[schema(value_type = String, pattern = "^(ok|backlogged)$")]
     audit_queue: &'static str,
+    /// `failing` while audit writes fail (a batch in retry, or a failure in the last 10 s
+    /// with no success since).
+    #[schema(value_type = String, pattern = "^(ok|failing)$")]
+    audit_writes: &'static str,
+    /// Why the service is not ready, when it is not: `database_unavailable`,
+    /// `database_timeout`, `schema_missing`, `database_file_replaced`, `disk_full`,
+    /// `database_io_error`, `database_error`, `audit_queue_backlogged`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    reason: Option<&'static str>,
 }
 
-/// `GET /readyz`: 200 when the database answers and the audit queue is below its high-water
-/// mark, else 503. The body says which check failed.
+/// `GET /readyz`: 200 when the database answers with the audit tables in place (on SQLite:
+/// the file at the path is still the one open), recent audit writes succeeded, and the
+/// audit queue is below its high-water marks; else 503, with the reason in the body.
+/// `duet_ready` is set to match each time.
 #[utoipa::path(
     get, path = "/readyz", tag = "operations",
     summary = "Readiness: can the service take and audit runs?",
     responses(
         (status = 200, description = "Ready", body = Readiness),
-        (status = 503, description = "Not ready; the body says which check failed",
+        (status = 503, description = "Not ready; the body says which check failed and why",
             body = Readiness),
     ),
 )]
 pub(super) async fn readyz(State(state): State<AppState>) -> Response {
+    let mut reason = None;
     let database = match &state.store {
         None => "ok",
-        Some(store) => match store.ping().await {
+        Some(store) => match store.probe().await {
             Ok(()) => "ok",
             Err(e) => {
-                warn!(error = %e, "readiness: the audit database does not answer");
+                warn!(error = %e, reason = e.reason(), "readiness: the audit database is not usable");
+                reason = Some(e.reason());
                 "unavailable"
             }
         },
     };
+    let writes = match state.sink.write_failure() {
+        Some(why) => {
+            reason.get_or_insert(why);
+            "failing"
+        }
+        None => "ok",
+    };
     let queue = if state.sink.backlogged() {
+        reason.get_or_insert("audit_queue_backlogged");
         "backlogged"
     } else {
         "ok"
     };
-    let ready = database == "ok" && queue == "ok";
+    let ready = reason.is_none();
+    state.metrics.ready.set(i64::from(ready));
     let status = if ready {
         StatusCode::OK
     } else {
@@ -141,6 +165,8 @@ pub(super) async fn readyz(State(state): State<AppState>) -> Response {
         status: if ready { "ready" } else { "not_ready" },
         database,
         audit_queue: queue,
+        audit_writes: writes,
+        reason,
     };
     (status, Json(body)).into_response()
 }

@@ -37,12 +37,23 @@ pub async fn migrate(config: &Config, revert: bool, to: Option<i64>) -> Result<S
     Ok(report)
 }
 
-/// `duet audit replay`: puts the dead-letter file's records back, idempotently.
+/// `duet audit replay`: puts the journal's and the dead-letter file's records back,
+/// idempotently (the journal's are mostly stored already: they are skipped).
 pub async fn replay(config: &Config) -> Result<ReplayReport> {
     let store = Store::connect(&config.database_url).await?;
     // Replay may run before the service ever started on this database.
     store.migrate().await?;
-    let report = super::replay::replay(&store, &config.audit_deadletter_path).await;
+    let journal = super::deadletter::journal_path(&config.audit_deadletter_path);
+    let report = async {
+        let j = super::replay::replay(&store, &journal).await?;
+        let d = super::replay::replay(&store, &config.audit_deadletter_path).await?;
+        Ok(ReplayReport {
+            written: j.written + d.written,
+            skipped: j.skipped + d.skipped,
+            kept: j.kept + d.kept,
+        })
+    }
+    .await;
     store.close().await;
     report
 }

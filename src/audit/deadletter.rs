@@ -7,6 +7,9 @@
 //! caller appends the records itself: that blocks a thread for one write, which is better
 //! than losing an audit record. If even the file cannot be written, each record is logged at
 //! error level in full, so the log is the last place it survives.
+//!
+//! The writer's journal (`PATH.journal`) is a second file of the same kind, written the
+//! same way, for records whose first database write failed.
 
 use std::{
     fs::OpenOptions,
@@ -14,6 +17,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
     thread::JoinHandle,
@@ -24,6 +28,15 @@ use tracing::{error, warn};
 
 use super::{AuditError, Result, RunRecord};
 
+/// The audit journal that goes with a dead-letter file: `PATH.journal`. Records are written
+/// there (appended, fsynced) when their first database write fails, before any retry, so a
+/// crash during an outage loses none; `duet audit replay` and the next start replay it.
+pub fn journal_path(deadletter: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(deadletter.as_os_str());
+    name.push(".journal");
+    PathBuf::from(name)
+}
+
 /// Appends records to the file. The file is opened for each append rather than held open,
 /// so that `duet audit replay` can move it aside and later appends start a fresh one.
 pub struct Appender {
@@ -31,6 +44,9 @@ pub struct Appender {
     /// Serialises appends within this process, so lines from two writers never interleave.
     lock: Mutex<()>,
     written: Option<IntCounter>,
+    /// Set once an append has failed. For the dead-letter file this keeps the journal at
+    /// shutdown: some record may then be in no other file.
+    failed: AtomicBool,
 }
 
 impl Appender {
@@ -40,11 +56,17 @@ impl Appender {
             path: path.into(),
             lock: Mutex::new(()),
             written,
+            failed: AtomicBool::new(false),
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// True when some append of this process failed.
+    pub fn ever_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
     }
 
     /// Appends each record as one JSON line, then flushes and syncs to disk.
@@ -57,7 +79,10 @@ impl Appender {
             serde_json::to_writer(&mut buf, record).map_err(|e| self.error(e.into()))?;
             buf.push(b'\n');
         }
-        self.append_bytes(&buf)?;
+        if let Err(e) = self.append_bytes(&buf) {
+            self.failed.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
         if let Some(counter) = &self.written {
             counter.inc_by(records.len() as u64);
         }
@@ -120,14 +145,20 @@ impl Appender {
 }
 
 enum Msg {
-    Records(Vec<RunRecord>),
+    /// Records and their [`RunRecord::approx_bytes`], released once appended.
+    Records(Vec<RunRecord>, usize),
     Stop,
 }
+
+/// Bytes of records that may wait for the thread, besides the count of hand-overs: records
+/// can be megabytes each. Past it senders append themselves, as when the queue is full.
+const MAX_PENDING_BYTES: usize = 16 << 20;
 
 /// The dead-letter thread and its queue.
 pub struct DeadLetter {
     tx: SyncSender<Msg>,
     file: Arc<Appender>,
+    pending_bytes: Arc<AtomicUsize>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -137,13 +168,16 @@ impl DeadLetter {
         let (tx, rx) = sync_channel(capacity);
         let file = Arc::new(file);
         let thread_file = Arc::clone(&file);
+        let pending_bytes = Arc::new(AtomicUsize::new(0));
+        let thread_pending = Arc::clone(&pending_bytes);
         let thread = std::thread::Builder::new()
             .name("duet-deadletter".into())
-            .spawn(move || run(&rx, &thread_file))
+            .spawn(move || run(&rx, &thread_file, &thread_pending))
             .map_err(AuditError::Thread)?;
         Ok(DeadLetter {
             tx,
             file,
+            pending_bytes,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -152,24 +186,60 @@ impl DeadLetter {
         self.file.path()
     }
 
+    /// True when some append to this file failed.
+    pub fn ever_failed(&self) -> bool {
+        self.file.ever_failed()
+    }
+
+    /// Appends records now and waits until they are on disk (on a blocking thread; the
+    /// lock in [`Appender`] orders this with the thread's own appends).
+    pub async fn append_now(&self, records: Vec<RunRecord>) -> Result<()> {
+        let file = Arc::clone(&self.file);
+        let path = file.path().to_owned();
+        tokio::task::spawn_blocking(move || file.append(&records))
+            .await
+            .map_err(|e| AuditError::DeadLetter {
+                path,
+                source: std::io::Error::other(e),
+            })?
+    }
+
     /// Hands records to the thread without waiting. If its queue is full or it has stopped,
     /// appends them here and now (blocking), since dropping them is not an option.
     pub fn send(&self, records: Vec<RunRecord>) {
         if records.is_empty() {
             return;
         }
-        let records = match self.tx.try_send(Msg::Records(records)) {
+        let bytes: usize = records.iter().map(RunRecord::approx_bytes).sum();
+        // An empty queue takes any batch, however large: the writer must not block on it.
+        let reserved = self
+            .pending_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
+                (pending == 0 || pending.saturating_add(bytes) <= MAX_PENDING_BYTES)
+                    .then(|| pending.saturating_add(bytes))
+            })
+            .is_ok();
+        if !reserved {
+            warn!(
+                records = records.len(),
+                "dead-letter queue full (bytes); appending on the caller's thread"
+            );
+            self.file.append_or_log(&records);
+            return;
+        }
+        let records = match self.tx.try_send(Msg::Records(records, bytes)) {
             Ok(()) => return,
-            Err(TrySendError::Full(Msg::Records(r))) => {
+            Err(TrySendError::Full(Msg::Records(r, _))) => {
                 warn!(
                     records = r.len(),
                     "dead-letter queue full; appending on the caller's thread"
                 );
                 r
             }
-            Err(TrySendError::Disconnected(Msg::Records(r))) => r,
+            Err(TrySendError::Disconnected(Msg::Records(r, _))) => r,
             Err(TrySendError::Full(Msg::Stop) | TrySendError::Disconnected(Msg::Stop)) => return,
         };
+        self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.file.append_or_log(&records);
     }
 
@@ -187,16 +257,19 @@ impl DeadLetter {
     }
 }
 
-fn run(rx: &Receiver<Msg>, file: &Appender) {
+fn run(rx: &Receiver<Msg>, file: &Appender, pending_bytes: &AtomicUsize) {
     while let Ok(msg) = rx.recv() {
-        let Msg::Records(mut records) = msg else {
+        let Msg::Records(mut records, mut bytes) = msg else {
             return;
         };
         // Whatever queued up meanwhile shares one fsync.
         let mut stop = false;
         while let Ok(more) = rx.try_recv() {
             match more {
-                Msg::Records(r) => records.extend(r),
+                Msg::Records(r, b) => {
+                    records.extend(r);
+                    bytes += b;
+                }
                 Msg::Stop => {
                     stop = true;
                     break;
@@ -204,6 +277,7 @@ fn run(rx: &Receiver<Msg>, file: &Appender) {
             }
         }
         file.append_or_log(&records);
+        pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
         if stop {
             return;
         }

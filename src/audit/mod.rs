@@ -9,7 +9,8 @@
 //!   batched idempotent inserts, reading a record back. Per-backend SQL lives in `sqlite` and
 //!   `postgres`.
 //! - [`writer`]: the [`AuditWriter`] sink: bounded queue, batching, retries, shutdown drain.
-//! - [`deadletter`]: the JSON-lines file records go to when the database cannot take them.
+//! - [`deadletter`]: the JSON-lines file records go to when the database cannot take them,
+//!   and the same kind of file for the journal (records in retry, kept on disk).
 //! - [`replay`]: `duet audit replay`, putting dead-lettered records back.
 //! - [`admin`]: the `duet migrate` and `duet audit replay` commands.
 
@@ -151,6 +152,34 @@ pub struct RunRecord {
     pub events: String,
 }
 
+impl RunRecord {
+    /// About how many bytes the record holds in memory: its texts plus a fixed allowance for
+    /// the rest. What the audit queue's byte bound counts.
+    pub fn approx_bytes(&self) -> usize {
+        fn opt(s: &Option<String>) -> usize {
+            s.as_ref().map_or(0, String::len)
+        }
+        fn trace(t: &ModelTrace) -> usize {
+            t.provider.len()
+                + t.model.len()
+                + opt(&t.model_version)
+                + opt(&t.error_type)
+                + opt(&t.error_message)
+                + t.text.len()
+                + opt(&t.finish_reason)
+                + 128
+        }
+        self.query.len()
+            + opt(&self.system)
+            + opt(&self.client_request_id)
+            + self.service_version.len()
+            + self.events.len()
+            + trace(&self.flash)
+            + trace(&self.pro)
+            + 128
+    }
+}
+
 /// Where finished runs go. `submit` must return at once, whatever the backend is doing.
 pub trait AuditSink: Send + Sync + 'static {
     fn submit(&self, record: RunRecord);
@@ -158,6 +187,12 @@ pub trait AuditSink: Send + Sync + 'static {
     /// True while records wait above the sink's high-water mark (`/readyz` answers 503).
     fn backlogged(&self) -> bool {
         false
+    }
+
+    /// Why audit writes are failing now (a short fixed word such as `disk_full`), or `None`
+    /// while they succeed (`/readyz` answers 503 while this is `Some`).
+    fn write_failure(&self) -> Option<&'static str> {
+        None
     }
 }
 
@@ -188,6 +223,42 @@ pub enum AuditError {
     },
     #[error("cannot start the dead-letter thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error(
+        "the SQLite file {} is no longer the file the service opened (deleted or replaced); \
+         restart duet to open the file at the path, then run `duet audit replay`",
+        path.display()
+    )]
+    FileReplaced { path: PathBuf },
+}
+
+impl AuditError {
+    /// Why a write failed, as the short fixed word `/readyz` reports and logs carry.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuditError::FileReplaced { .. } => "database_file_replaced",
+            AuditError::Timeout(_) => "database_timeout",
+            AuditError::Connect(_) => "database_unavailable",
+            AuditError::Database(sqlx::Error::Database(e)) => {
+                let code = e.code().unwrap_or_default();
+                let message = e.message();
+                // SQLite's extended codes: 13 SQLITE_FULL; PostgreSQL: 53100 disk_full.
+                if code == "13" || code == "53100" || message.contains("disk is full") {
+                    "disk_full"
+                } else if code == "42P01" || message.contains("no such table") {
+                    "schema_missing"
+                } else if message.contains("disk I/O error") || message.contains("readonly") {
+                    "database_io_error"
+                } else {
+                    "database_error"
+                }
+            }
+            AuditError::Database(
+                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
+            ) => "database_unavailable",
+            AuditError::Database(_) => "database_error",
+            _ => "audit_error",
+        }
+    }
 }
 
 pub type Result<T, E = AuditError> = std::result::Result<T, E>;

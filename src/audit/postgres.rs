@@ -10,7 +10,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::{
-    ModelTrace, Result, RunRecord,
+    AuditError, ModelTrace, Result, RunRecord,
     store::{assemble, to_db},
 };
 
@@ -74,39 +74,49 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
         t.push(r.run_id, "pro", &r.pro);
     }
 
-    let mut tx = pool.begin().await?;
-    let written = sqlx::query(INSERT_RUNS)
-        .bind(&run_ids)
-        .bind(&client_ids)
-        .bind(&created)
-        .bind(&queries)
-        .bind(&systems)
-        .bind(&statuses)
-        .bind(&totals)
-        .bind(&versions)
-        .bind(&events)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    sqlx::query(INSERT_TRACES)
-        .bind(&t.run_id)
-        .bind(&t.model)
-        .bind(&t.provider)
-        .bind(&t.model_name)
-        .bind(&t.model_version)
-        .bind(&t.outcome)
-        .bind(&t.error_type)
-        .bind(&t.error_message)
-        .bind(&t.text)
-        .bind(&t.finish_reason)
-        .bind(&t.latency_ms)
-        .bind(&t.ttft_ms)
-        .bind(&t.input_tokens)
-        .bind(&t.output_tokens)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(written)
+    let mut conn = pool.acquire().await?;
+    let result = async {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let written = sqlx::query(INSERT_RUNS)
+            .bind(&run_ids)
+            .bind(&client_ids)
+            .bind(&created)
+            .bind(&queries)
+            .bind(&systems)
+            .bind(&statuses)
+            .bind(&totals)
+            .bind(&versions)
+            .bind(&events)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query(INSERT_TRACES)
+            .bind(&t.run_id)
+            .bind(&t.model)
+            .bind(&t.provider)
+            .bind(&t.model_name)
+            .bind(&t.model_version)
+            .bind(&t.outcome)
+            .bind(&t.error_type)
+            .bind(&t.error_message)
+            .bind(&t.text)
+            .bind(&t.finish_reason)
+            .bind(&t.latency_ms)
+            .bind(&t.ttft_ms)
+            .bind(&t.input_tokens)
+            .bind(&t.output_tokens)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok::<_, AuditError>(written)
+    }
+    .await;
+    if result.is_err() {
+        // A connection whose transaction failed is not trusted again (see `sqlite`): a new
+        // one costs a connect, a wrong transaction state costs records.
+        conn.close_on_drop();
+    }
+    result
 }
 
 /// The columns of `model_traces`, one array each, for `UNNEST`.

@@ -8,6 +8,10 @@
 //! appended back to `PATH`, and the claimed file is removed. So replay removes only what it
 //! has written, and running it again changes nothing. A replay that dies half-way leaves
 //! `PATH.replaying`, which the next replay takes up first.
+//!
+//! The audit journal (`PATH.journal`, see `writer`) is replayed the same way: by
+//! `duet audit replay` before the dead-letter file, and by `duet serve` at start, where what
+//! the database refuses moves to the dead-letter file.
 
 use std::{
     ffi::OsString,
@@ -50,6 +54,12 @@ fn claimed_path(path: &Path) -> PathBuf {
 
 /// Replays the dead-letter file at `path` into `store`.
 pub async fn replay(store: &Store, path: &Path) -> Result<ReplayReport> {
+    replay_into(store, path, path).await
+}
+
+/// Replays the file at `path` into `store`; lines that cannot be written are appended to
+/// `keep` (the same file, or for the journal at start-up, the dead-letter file).
+pub async fn replay_into(store: &Store, path: &Path, keep: &Path) -> Result<ReplayReport> {
     let claimed = claimed_path(path);
     let io = |source| AuditError::DeadLetter {
         path: path.to_owned(),
@@ -58,10 +68,10 @@ pub async fn replay(store: &Store, path: &Path) -> Result<ReplayReport> {
     let mut report = ReplayReport::default();
     // A claimed file left by an interrupted replay comes first.
     if tokio::fs::try_exists(&claimed).await.map_err(io)? {
-        replay_claimed(store, path, &claimed, &mut report).await?;
+        replay_claimed(store, keep, &claimed, &mut report).await?;
     }
     match tokio::fs::rename(path, &claimed).await {
-        Ok(()) => replay_claimed(store, path, &claimed, &mut report).await?,
+        Ok(()) => replay_claimed(store, keep, &claimed, &mut report).await?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
@@ -70,10 +80,11 @@ pub async fn replay(store: &Store, path: &Path) -> Result<ReplayReport> {
 
 async fn replay_claimed(
     store: &Store,
-    path: &Path,
+    keep_path: &Path,
     claimed: &Path,
     report: &mut ReplayReport,
 ) -> Result<()> {
+    let path = keep_path;
     // The exclusive lock waits for any append that opened the file before the rename (they
     // hold a shared lock while writing; see `Appender`); later appends go to the new file.
     let owned = claimed.to_owned();

@@ -2,14 +2,28 @@
 //!
 //! Timestamps are stored as fixed-width RFC 3339 text (`2025-01-31T12:34:56.123456Z`), so
 //! text order is time order and SQLite's date functions accept them unchanged.
+//!
+//! Transactions are plain `BEGIN IMMEDIATE` / `COMMIT` statements on one pooled connection,
+//! not sqlx's `Transaction`, and a connection whose write failed is closed, never reused.
+//! The reason is a trap found under a hostile test (sqlx 0.8.6): when COMMIT fails (an I/O
+//! error on an immutable file, a full disk), sqlx does not lower its transaction depth, so
+//! the connection goes back to the pool counted as inside a transaction; its next
+//! `begin`/`commit` become `SAVEPOINT`/`RELEASE`, and after a second failed commit SQLite is
+//! really left inside a transaction that no later RELEASE commits. Observed with a pool of
+//! one connection: two commits failing with `(778) disk I/O error`, then three "successful"
+//! commits that no other connection ever saw, a raw `BEGIN` on the pooled connection
+//! refused with "cannot start a transaction within a transaction", and `database is
+//! locked` for every other writer. SQLite documents that a failed COMMIT may or may not
+//! leave the transaction open ("Response To Errors Within A Transaction"), so the only
+//! safe response is to roll back and discard the connection.
 
 use chrono::{DateTime, Utc};
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool, pool::PoolConnection};
 use uuid::Uuid;
 
 use super::{
     Result, RunRecord,
-    store::{assemble, corrupt, to_db},
+    store::{SqliteStore, assemble, corrupt, to_db},
 };
 
 /// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
@@ -22,8 +36,64 @@ pub(super) fn format_time(t: &DateTime<Utc>) -> String {
     t.format(TIME_FORMAT).to_string()
 }
 
-pub(super) async fn insert_batch(pool: &SqlitePool, records: &[RunRecord]) -> Result<u64> {
-    let mut tx = pool.begin().await?;
+/// A pooled connection that is closed, not returned to the pool, unless the write on it
+/// ended cleanly: an error, or the future being dropped half-way (the writer's timeout),
+/// may have left it inside a transaction.
+struct WriteConn {
+    conn: PoolConnection<Sqlite>,
+    clean: bool,
+}
+
+impl Drop for WriteConn {
+    fn drop(&mut self) {
+        if !self.clean {
+            // Closing a SQLite connection rolls back whatever transaction it holds.
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+pub(super) async fn insert_batch(store: &SqliteStore, records: &[RunRecord]) -> Result<u64> {
+    // A write into a file that is no longer at the path would be lost: do not start one.
+    store.check_file()?;
+    let mut conn = WriteConn {
+        conn: store.pool().acquire().await?,
+        clean: false,
+    };
+    // IMMEDIATE takes the write lock now, so a busy database fails here (and is retried)
+    // rather than at COMMIT. A BEGIN that fails because a transaction is already open
+    // would also catch a poisoned connection, should one ever reach the pool.
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn.conn)
+        .await?;
+    let result = insert_rows(&mut conn.conn, records).await;
+    let result = match result {
+        Ok(written) => sqlx::query("COMMIT")
+            .execute(&mut *conn.conn)
+            .await
+            .map(|_| written)
+            .map_err(Into::into),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(written) => {
+            conn.clean = true;
+            drop(conn);
+            // Committed, but into the file at the path? If it was deleted or replaced
+            // meanwhile, the rows are in an inode nobody will read: count them as failed so
+            // that they are retried and dead-lettered, not reported `ok`.
+            store.check_file()?;
+            Ok(written)
+        }
+        Err(e) => {
+            // Best effort: closing (on drop) rolls back as well; this just does it now.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn.conn).await;
+            Err(e)
+        }
+    }
+}
+
+async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result<u64> {
     let mut written = 0;
     for chunk in records.chunks(CHUNK) {
         let mut runs = QueryBuilder::<Sqlite>::new(
@@ -72,7 +142,6 @@ pub(super) async fn insert_batch(pool: &SqlitePool, records: &[RunRecord]) -> Re
         traces.push(" ON CONFLICT (run_id, model) DO NOTHING");
         traces.build().execute(&mut *tx).await?;
     }
-    tx.commit().await?;
     Ok(written)
 }
 

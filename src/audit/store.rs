@@ -5,7 +5,12 @@
 //! (types, bulk-insert idiom) and lives in the sibling `sqlite` and `postgres` modules.
 //! No `query!` macros: the build must not need a live database.
 
-use std::{str::FromStr, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
 use sqlx::{
@@ -41,8 +46,89 @@ pub trait RecordStore: Send + Sync + 'static {
 /// A pool on one of the two backends. Cheap to clone.
 #[derive(Clone, Debug)]
 pub enum Store {
-    Sqlite(SqlitePool),
+    Sqlite(SqliteStore),
     Postgres(PgPool),
+}
+
+/// A SQLite pool and the identity of the file it has open.
+///
+/// A file deleted or replaced under the running service stays open in every pooled
+/// connection: writes to it succeed, into an inode nobody can read any more. So each write
+/// checks that the file at the path is still the one the pool opened (device and inode),
+/// and fails when it is not, which sends the records to retry and dead-letter instead.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    file: Arc<SqliteFile>,
+}
+
+#[derive(Debug)]
+struct SqliteFile {
+    /// `None` for an in-memory database, which has no file to lose.
+    path: Option<PathBuf>,
+    /// (device, inode) of the file when the pool first wrote to or probed it.
+    opened: OnceLock<(u64, u64)>,
+}
+
+impl std::ops::Deref for SqliteStore {
+    type Target = SqlitePool;
+
+    fn deref(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+impl SqliteStore {
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Fails when the file at the path is no longer the file the pool opened (deleted,
+    /// or replaced by another). The first call, made once a connection has opened the file,
+    /// records which file that is.
+    pub(super) fn check_file(&self) -> Result<()> {
+        let Some(path) = &self.file.path else {
+            return Ok(());
+        };
+        let replaced = || AuditError::FileReplaced { path: path.clone() };
+        let now = match std::fs::metadata(path) {
+            Ok(meta) => file_id(&meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(replaced()),
+            Err(e) => {
+                return Err(AuditError::DeadLetter {
+                    path: path.clone(),
+                    source: e,
+                });
+            }
+        };
+        if *self.file.opened.get_or_init(|| now) == now {
+            Ok(())
+        } else {
+            Err(replaced())
+        }
+    }
+}
+
+#[cfg(unix)]
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+#[cfg(not(unix))]
+fn file_id(_: &std::fs::Metadata) -> (u64, u64) {
+    (0, 0)
+}
+
+/// The file a `sqlite:` URL names, or `None` for an in-memory database.
+fn sqlite_path(options: &SqliteConnectOptions) -> Option<PathBuf> {
+    let path = options.get_filename();
+    let text = path.to_string_lossy();
+    if text.is_empty() || text == ":memory:" || text.starts_with("file:") {
+        None
+    } else {
+        Some(Path::new(&*text).to_owned())
+    }
 }
 
 /// Which backend a `DATABASE_URL` names.
@@ -70,6 +156,10 @@ impl Store {
             AuditError::Database(e) => AuditError::Connect(e),
             other => other,
         })?;
+        // The ping opened the file: remember which one it is.
+        if let Store::Sqlite(s) = &store {
+            s.check_file()?;
+        }
         Ok(store)
     }
 
@@ -81,19 +171,28 @@ impl Store {
                 let options = SqliteConnectOptions::from_str(url)
                     .map_err(AuditError::Connect)?
                     .create_if_missing(true)
-                    // WAL lets `/runs` and operators' sqlite3 read while the writer writes;
-                    // NORMAL sync is durable across process crashes (only a power cut can
-                    // lose the last commits) and much faster than FULL.
+                    // WAL lets `/runs` and operators' sqlite3 read while the writer writes.
+                    // FULL sync: a commit is on disk before COMMIT returns, so a record counted
+                    // `ok` survives a power cut too, as a dead-letter line (fsynced) does.
+                    // NORMAL would only survive a process crash. The cost is one fsync per
+                    // transaction, and the writer batches, so a busy service pays it per batch.
                     .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
+                    .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(SQLITE_BUSY_TIMEOUT)
                     .foreign_keys(true);
                 // One writer at a time is all SQLite allows; the other connections serve reads.
+                let path = sqlite_path(&options);
                 let pool = SqlitePoolOptions::new()
                     .max_connections(4)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
                     .connect_lazy_with(options);
-                Ok(Store::Sqlite(pool))
+                Ok(Store::Sqlite(SqliteStore {
+                    pool,
+                    file: Arc::new(SqliteFile {
+                        path,
+                        opened: OnceLock::new(),
+                    }),
+                }))
             }
             Backend::Postgres => {
                 let pool = PgPoolOptions::new()
@@ -116,7 +215,7 @@ impl Store {
     /// Applies every pending migration.
     pub async fn migrate(&self) -> Result<()> {
         match self {
-            Store::Sqlite(pool) => self.migrator().run(pool).await?,
+            Store::Sqlite(s) => self.migrator().run(s.pool()).await?,
             Store::Postgres(pool) => self.migrator().run(pool).await?,
         }
         Ok(())
@@ -127,7 +226,7 @@ impl Store {
     pub async fn revert_to(&self, target: i64) -> Result<Vec<i64>> {
         let before = self.applied().await?;
         match self {
-            Store::Sqlite(pool) => self.migrator().undo(pool, target).await?,
+            Store::Sqlite(s) => self.migrator().undo(s.pool(), target).await?,
             Store::Postgres(pool) => self.migrator().undo(pool, target).await?,
         }
         let after = self.applied().await?;
@@ -139,7 +238,7 @@ impl Store {
         // The bookkeeping table only exists once a migration ran.
         let sql = "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version";
         let result = match self {
-            Store::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+            Store::Sqlite(s) => sqlx::query_scalar(sql).fetch_all(s.pool()).await,
             Store::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
         };
         match result {
@@ -160,10 +259,28 @@ impl Store {
 
     /// Answers `SELECT 1` within [`PING_TIMEOUT`].
     pub async fn ping(&self) -> Result<()> {
+        self.probe_sql("SELECT 1").await
+    }
+
+    /// What `/readyz` asks of the database: it answers, the audit tables are there (a
+    /// database dropped and recreated without `duet migrate` answers pings but takes no
+    /// record), and on SQLite the file at the path is still the one open. Within
+    /// [`PING_TIMEOUT`]. Says nothing about free disk space: only a write can tell that.
+    pub async fn probe(&self) -> Result<()> {
+        // The file first: a new pooled connection to a deleted file's path creates an empty
+        // one, whose missing tables would otherwise hide the real cause.
+        if let Store::Sqlite(s) = self {
+            s.check_file()?;
+        }
+        self.probe_sql("SELECT 1 FROM dual_runs, model_traces WHERE 1 = 0")
+            .await
+    }
+
+    async fn probe_sql(&self, sql: &'static str) -> Result<()> {
         let probe = async {
             match self {
-                Store::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
-                Store::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+                Store::Sqlite(s) => sqlx::query(sql).execute(s.pool()).await.map(drop),
+                Store::Postgres(pool) => sqlx::query(sql).execute(pool).await.map(drop),
             }
         };
         match tokio::time::timeout(PING_TIMEOUT, probe).await {
@@ -179,7 +296,7 @@ impl Store {
             return Ok(0);
         }
         match self {
-            Store::Sqlite(pool) => sqlite::insert_batch(pool, records).await,
+            Store::Sqlite(s) => sqlite::insert_batch(s, records).await,
             Store::Postgres(pool) => postgres::insert_batch(pool, records).await,
         }
     }
@@ -187,7 +304,7 @@ impl Store {
     /// The whole record of one run, or `None` when it is not stored.
     pub async fn fetch(&self, run_id: Uuid) -> Result<Option<RunRecord>> {
         match self {
-            Store::Sqlite(pool) => sqlite::fetch(pool, run_id).await,
+            Store::Sqlite(s) => sqlite::fetch(s.pool(), run_id).await,
             Store::Postgres(pool) => postgres::fetch(pool, run_id).await,
         }
     }
@@ -195,7 +312,7 @@ impl Store {
     /// Closes the pool, waiting for connections to return (SQLite then checkpoints its WAL).
     pub async fn close(&self) {
         match self {
-            Store::Sqlite(pool) => pool.close().await,
+            Store::Sqlite(s) => s.pool().close().await,
             Store::Postgres(pool) => pool.close().await,
         }
     }

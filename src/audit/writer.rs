@@ -12,21 +12,43 @@
 //!   transaction instead of one, since each transaction has a fixed cost (measured at 1,450
 //!   runs/s: SQLite took 12 % of duet's CPU with a transaction per record or two, 7 % with
 //!   this pacing). It is short because records waiting here are what a `kill -9` loses.
+//! - The queue is bounded by bytes as well as by count (`AUDIT_QUEUE_MAX_BYTES`): a record
+//!   that does not fit is dead-lettered like one that finds the queue full.
 //! - A failed batch is retried with jittered exponential backoff; after the last retry it
 //!   goes to the dead-letter file, and the writer moves on.
+//! - Before the first retry, the batch is appended to the journal (`PATH.journal` beside the
+//!   dead-letter file) and fsynced; while writes fail, each new record is journaled as it
+//!   arrives. So a `kill -9` during an outage loses no record whose client had its answer
+//!   (only records not yet tried while the database was healthy: milliseconds' worth). A
+//!   journaled record may also reach the database later; replay skips it then. The journal
+//!   is removed once nothing in it is outstanding (every record written, or fsynced in the
+//!   dead-letter file), and at a clean shutdown; after a crash the next start replays it.
+//! - Write results feed readiness: `/readyz` is 503 while a batch is in retry and for
+//!   [`FAILURE_HOLD`] after the last failure, unless a write succeeds first.
 //! - Shutdown closes the queue, writes what is left, and is bounded: past the timeout the
 //!   batch in flight and the rest of the queue are dead-lettered. A write cut off mid-way may
 //!   have committed; replay then skips it, since inserts are idempotent.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::{
+    sync::mpsc::{self, error::TrySendError},
+    time::Instant,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use super::{
     AuditError, AuditSink, Result, RunRecord,
-    deadletter::{Appender, DeadLetter},
+    deadletter::{Appender, DeadLetter, journal_path},
     store::RecordStore,
 };
 use crate::metrics::Metrics;
@@ -73,6 +95,12 @@ impl RetryPolicy {
     }
 }
 
+/// How long `/readyz` keeps reporting a failed write after the last failed attempt when no
+/// write has been tried since. Past it readiness is "half open": a probe of the database
+/// decides, and the next write confirms or fails again. Without it a service taken out of
+/// rotation for failing writes would never see another write, and never become ready.
+pub const FAILURE_HOLD: Duration = Duration::from_secs(10);
+
 /// Sizes and paths of the writer.
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
@@ -82,6 +110,11 @@ pub struct WriterOptions {
     /// `/readyz` answers 503 at or above this many queued records, so a load balancer can
     /// steer traffic away before the queue overflows into the dead-letter file.
     pub high_water: usize,
+    /// Bytes of records ([`RunRecord::approx_bytes`]) that may wait for the writer: the
+    /// count alone would let 8,192 runs with megabyte answers take gigabytes.
+    pub queue_max_bytes: usize,
+    /// `/readyz` answers 503 at or above this many queued bytes.
+    pub high_water_bytes: usize,
     /// Most records per transaction.
     pub max_batch: usize,
     pub retry: RetryPolicy,
@@ -90,17 +123,86 @@ pub struct WriterOptions {
     pub deadletter_capacity: usize,
 }
 
+/// `AUDIT_QUEUE_MAX_BYTES`'s default.
+pub const DEFAULT_QUEUE_MAX_BYTES: usize = 64 << 20;
+
 impl WriterOptions {
     pub fn new(deadletter_path: impl Into<PathBuf>) -> WriterOptions {
         let queue_capacity = 8192;
         WriterOptions {
             queue_capacity,
             high_water: queue_capacity * 3 / 4,
+            queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
+            high_water_bytes: DEFAULT_QUEUE_MAX_BYTES / 4 * 3,
             max_batch: 500,
             retry: RetryPolicy::default(),
             deadletter_path: deadletter_path.into(),
             deadletter_capacity: 1024,
         }
+    }
+
+    /// Sets the byte bound, with the high-water mark at three quarters of it.
+    pub fn with_queue_max_bytes(mut self, bytes: usize) -> WriterOptions {
+        self.queue_max_bytes = bytes;
+        self.high_water_bytes = bytes / 4 * 3;
+        self
+    }
+}
+
+/// A record in the queue, with its size and whether it is in the journal already.
+struct Queued {
+    record: RunRecord,
+    bytes: usize,
+    journaled: bool,
+}
+
+/// What the journal holds that is not yet anywhere else. When nothing is (every journaled
+/// record has been written, or dead-lettered and fsynced), the file is removed, so a service
+/// that rides out many short outages does not grow it for ever.
+#[derive(Default)]
+struct JournalBook {
+    /// Journaled records not yet written or durably dead-lettered.
+    outstanding: u64,
+    /// Something was appended since the file was last removed.
+    dirty: bool,
+}
+
+/// Recent write results, for `/readyz`.
+#[derive(Default)]
+struct Health {
+    state: Mutex<HealthState>,
+}
+
+#[derive(Default)]
+struct HealthState {
+    /// The reason and time of the last failed attempt, cleared by a successful write.
+    failed: Option<(&'static str, Instant)>,
+    /// A batch that has failed is still being retried.
+    retrying: bool,
+}
+
+impl Health {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        // The state is two plain fields; a panic elsewhere cannot leave them half-written.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failed(&self, reason: &'static str, retrying: bool) {
+        let mut s = self.lock();
+        s.failed = Some((reason, Instant::now()));
+        s.retrying = retrying;
+    }
+
+    fn succeeded(&self) {
+        let mut s = self.lock();
+        s.failed = None;
+        s.retrying = false;
+    }
+
+    fn failure(&self) -> Option<&'static str> {
+        let s = self.lock();
+        let (reason, at) = s.failed?;
+        (s.retrying || at.elapsed() < FAILURE_HOLD).then_some(reason)
     }
 }
 
@@ -111,10 +213,20 @@ pub struct AuditWriter {
 }
 
 struct Inner {
-    tx: mpsc::Sender<RunRecord>,
+    tx: mpsc::Sender<Queued>,
     deadletter: Arc<DeadLetter>,
+    journal: Arc<DeadLetter>,
+    /// Held while a record is counted and handed to the journal thread, and while the file
+    /// is removed: so a removal never takes a line whose record is still outstanding.
+    book: Arc<Mutex<JournalBook>>,
+    health: Arc<Health>,
     metrics: Metrics,
     high_water: usize,
+    queued_bytes: Arc<AtomicUsize>,
+    /// Records the task has taken out of the channel to journal them (see `Task::hold`).
+    held: Arc<AtomicUsize>,
+    max_bytes: usize,
+    high_water_bytes: usize,
     /// Close the queue and write what is left.
     drain: CancellationToken,
     /// Stop writing; dead-letter what is left (the drain took too long).
@@ -123,7 +235,8 @@ struct Inner {
 }
 
 impl AuditWriter {
-    /// Starts the dead-letter thread and the writer task (on the current tokio runtime).
+    /// Starts the dead-letter and journal threads and the writer task (on the current tokio
+    /// runtime).
     pub fn start(
         store: Arc<dyn RecordStore>,
         options: WriterOptions,
@@ -132,24 +245,50 @@ impl AuditWriter {
         let deadletter_counter = metrics
             .audit_writes_total
             .with_label_values(&["deadletter"]);
+        let journal = Arc::new(DeadLetter::start(
+            Appender::new(
+                journal_path(&options.deadletter_path),
+                Some(metrics.audit_journaled_total.clone()),
+            ),
+            options.deadletter_capacity.max(1),
+        )?);
         let deadletter = Arc::new(DeadLetter::start(
             Appender::new(options.deadletter_path, Some(deadletter_counter)),
             options.deadletter_capacity.max(1),
         )?);
         let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
+        let health = Arc::new(Health::default());
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(AtomicUsize::new(0));
+        let book = Arc::new(Mutex::new(JournalBook::default()));
         let inner = Arc::new(Inner {
             tx,
             deadletter: Arc::clone(&deadletter),
+            journal: Arc::clone(&journal),
+            book: Arc::clone(&book),
+            health: Arc::clone(&health),
             metrics: metrics.clone(),
             high_water: options.high_water,
+            queued_bytes: Arc::clone(&queued_bytes),
+            held: Arc::clone(&held),
+            max_bytes: options.queue_max_bytes,
+            high_water_bytes: options.high_water_bytes,
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
         });
+        metrics.ready.set(1);
         let task = Task {
             rx,
             store,
             deadletter,
+            journal,
+            book,
+            health,
+            queued_bytes,
+            held,
+            backlog: VecDeque::new(),
+            hold_capacity: options.queue_capacity.max(1),
             metrics,
             max_batch: options.max_batch.max(1),
             retry: options.retry,
@@ -163,11 +302,21 @@ impl AuditWriter {
     /// Records waiting for the writer (not counting the batch being written).
     pub fn queue_depth(&self) -> usize {
         self.inner.tx.max_capacity() - self.inner.tx.capacity()
+            + self.inner.held.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the records waiting for the writer.
+    pub fn queue_bytes(&self) -> usize {
+        self.inner.queued_bytes.load(Ordering::Relaxed)
     }
 
     /// Writes everything queued and stops the writer, waiting at most `timeout` for the
     /// database; what is still unwritten then goes to the dead-letter file. Call it after
     /// every run has ended (records submitted later are dead-lettered directly).
+    ///
+    /// Once every record is either in the database or in the dead-letter file, the journal
+    /// has nothing left that is not somewhere else, and is removed; it is kept when some
+    /// dead-letter append failed.
     pub async fn shutdown(&self, timeout: Duration) {
         let inner = &self.inner;
         inner.drain.cancel();
@@ -184,10 +333,21 @@ impl AuditWriter {
             inner.tracker.wait().await;
         }
         let deadletter = Arc::clone(&inner.deadletter);
-        if tokio::task::spawn_blocking(move || deadletter.stop_blocking())
-            .await
-            .is_err()
-        {
+        let journal = Arc::clone(&inner.journal);
+        let stopped = tokio::task::spawn_blocking(move || {
+            journal.stop_blocking();
+            deadletter.stop_blocking();
+            if deadletter.ever_failed() {
+                warn!(journal = %journal.path().display(),
+                    "a dead-letter append failed; keeping the audit journal for replay");
+            } else if let Err(e) = std::fs::remove_file(journal.path())
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(error = %e, "cannot remove the audit journal");
+            }
+        })
+        .await;
+        if stopped.is_err() {
             error!("the dead-letter thread could not be stopped cleanly");
         }
         info!("audit writer stopped");
@@ -197,35 +357,90 @@ impl AuditWriter {
 impl AuditSink for AuditWriter {
     fn submit(&self, record: RunRecord) {
         let inner = &self.inner;
-        match inner.tx.try_send(record) {
+        // While writes fail, a record goes to the journal at once: the queue behind a batch
+        // in retry is memory only, and a crash then would lose it.
+        let journaled = inner.health.failure().is_some();
+        if journaled {
+            let mut book = lock(&inner.book);
+            book.outstanding += 1;
+            book.dirty = true;
+            inner.journal.send(vec![record.clone()]);
+        }
+        let bytes = record.approx_bytes();
+        let reserved = inner
+            .queued_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                queued
+                    .checked_add(bytes)
+                    .filter(|total| *total <= inner.max_bytes)
+            })
+            .is_ok();
+        if !reserved {
+            warn!(run_id = %record.run_id, bytes,
+                "audit queue full (bytes); dead-lettering the record");
+            inner.deadletter.send(vec![record]);
+            return;
+        }
+        let queued = Queued {
+            record,
+            bytes,
+            journaled,
+        };
+        match inner.tx.try_send(queued) {
             Ok(()) => {
                 let depth = self.queue_depth();
                 inner
                     .metrics
                     .audit_queue_depth
                     .set(i64::try_from(depth).unwrap_or(i64::MAX));
+                inner
+                    .metrics
+                    .audit_queue_bytes
+                    .set(i64::try_from(self.queue_bytes()).unwrap_or(i64::MAX));
             }
-            Err(TrySendError::Full(record)) => {
-                warn!(run_id = %record.run_id, "audit queue full; dead-lettering the record");
-                inner.deadletter.send(vec![record]);
+            Err(TrySendError::Full(q)) => {
+                inner.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
+                warn!(run_id = %q.record.run_id, "audit queue full; dead-lettering the record");
+                inner.deadletter.send(vec![q.record]);
             }
-            Err(TrySendError::Closed(record)) => {
-                warn!(run_id = %record.run_id, "audit writer stopped; dead-lettering the record");
-                inner.deadletter.send(vec![record]);
+            Err(TrySendError::Closed(q)) => {
+                inner.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
+                warn!(run_id = %q.record.run_id, "audit writer stopped; dead-lettering the record");
+                inner.deadletter.send(vec![q.record]);
             }
         }
     }
 
     fn backlogged(&self) -> bool {
         self.queue_depth() >= self.inner.high_water
+            || self.queue_bytes() >= self.inner.high_water_bytes
     }
+
+    fn write_failure(&self) -> Option<&'static str> {
+        self.inner.health.failure()
+    }
+}
+
+/// A plain counter behind a lock: a panic elsewhere cannot leave it half-written.
+fn lock(book: &Mutex<JournalBook>) -> std::sync::MutexGuard<'_, JournalBook> {
+    book.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The writer task's state.
 struct Task {
-    rx: mpsc::Receiver<RunRecord>,
+    rx: mpsc::Receiver<Queued>,
     store: Arc<dyn RecordStore>,
     deadletter: Arc<DeadLetter>,
+    journal: Arc<DeadLetter>,
+    book: Arc<Mutex<JournalBook>>,
+    health: Arc<Health>,
+    queued_bytes: Arc<AtomicUsize>,
+    /// Records taken out of the channel during an outage, journaled, waiting their turn:
+    /// the channel alone is memory that a crash loses. At most `hold_capacity` of them, so
+    /// an outage holds at most twice the queue's count (the byte bound covers both).
+    backlog: VecDeque<Queued>,
+    hold_capacity: usize,
+    held: Arc<AtomicUsize>,
     metrics: Metrics,
     max_batch: usize,
     retry: RetryPolicy,
@@ -235,12 +450,14 @@ struct Task {
 
 impl Task {
     async fn run(mut self) {
+        let mut incoming = Vec::with_capacity(self.max_batch);
         let mut batch = Vec::with_capacity(self.max_batch);
+        let mut journaled = Vec::with_capacity(self.max_batch);
         let mut draining = false;
         let mut next_write = tokio::time::Instant::now();
         loop {
             if !draining
-                && self.rx.len() < self.max_batch
+                && self.rx.len() + self.backlog.len() < self.max_batch
                 && next_write > tokio::time::Instant::now()
             {
                 tokio::select! {
@@ -249,7 +466,8 @@ impl Task {
                     () = tokio::time::sleep_until(next_write) => {}
                 }
             }
-            let received = tokio::select! {
+            let received = if self.backlog.is_empty() {
+                tokio::select! {
                 biased;
                 () = self.drain.cancelled(), if !draining => {
                     // Closing refuses new records (their senders dead-letter them) but keeps
@@ -258,29 +476,61 @@ impl Task {
                     self.rx.close();
                     continue;
                 }
-                n = self.rx.recv_many(&mut batch, self.max_batch) => n,
+                n = self.rx.recv_many(&mut incoming, self.max_batch) => n,
+                }
+            } else {
+                let n = self.backlog.len().min(self.max_batch);
+                incoming.extend(self.backlog.drain(..n));
+                self.held.store(self.backlog.len(), Ordering::Relaxed);
+                n
             };
             if received == 0 {
                 break;
             }
+            self.take(&mut incoming, &mut batch, &mut journaled);
             self.set_depth();
             next_write = tokio::time::Instant::now() + MIN_BATCH_INTERVAL;
+            let abort = self.abort.clone();
             let written = tokio::select! {
                 biased;
-                () = self.abort.cancelled() => None,
-                result = self.write_with_retry(&batch) => Some(result),
+                () = abort.cancelled() => None,
+                result = self.write_with_retry(&batch, &mut journaled) => Some(result),
             };
             match written {
-                Some(Ok(_)) => batch.clear(),
+                Some(Ok(_)) => {
+                    let resolved = journaled.iter().filter(|j| **j).count();
+                    batch.clear();
+                    journaled.clear();
+                    self.resolve(resolved).await;
+                }
                 Some(Err(e)) => {
-                    error!(error = %e, records = batch.len(),
+                    error!(error = %e, reason = e.reason(), records = batch.len(),
                         "audit batch failed on every attempt; dead-lettering it");
-                    self.deadletter.send(std::mem::take(&mut batch));
+                    let resolved = journaled.iter().filter(|j| **j).count();
+                    journaled.clear();
+                    if resolved == 0 {
+                        self.deadletter.send(std::mem::take(&mut batch));
+                    } else {
+                        // Journaled records leave the journal's count only once they are
+                        // fsynced in the dead-letter file: wait for that append.
+                        let records = std::mem::take(&mut batch);
+                        match self.deadletter.append_now(records.clone()).await {
+                            Ok(()) => self.resolve(resolved).await,
+                            // The thread retries the append and logs what still fails; the
+                            // journal keeps these records meanwhile.
+                            Err(_) => self.deadletter.send(records),
+                        }
+                    }
                 }
                 None => {
                     self.rx.close();
-                    while let Ok(record) = self.rx.try_recv() {
-                        batch.push(record);
+                    for q in self.backlog.drain(..) {
+                        self.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
+                        batch.push(q.record);
+                    }
+                    while let Ok(q) = self.rx.try_recv() {
+                        self.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
+                        batch.push(q.record);
                     }
                     warn!(
                         records = batch.len(),
@@ -292,17 +542,149 @@ impl Task {
             }
         }
         self.metrics.audit_queue_depth.set(0);
+        self.metrics.audit_queue_bytes.set(0);
         debug!("audit writer task ended");
     }
 
+    /// Moves received records into the batch, releasing their bytes from the queue's bound.
+    fn take(
+        &self,
+        incoming: &mut Vec<Queued>,
+        batch: &mut Vec<RunRecord>,
+        journaled: &mut Vec<bool>,
+    ) {
+        let mut bytes = 0;
+        for q in incoming.drain(..) {
+            bytes += q.bytes;
+            journaled.push(q.journaled);
+            batch.push(q.record);
+        }
+        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
     fn set_depth(&self) {
-        let depth = i64::try_from(self.rx.len()).unwrap_or(i64::MAX);
+        let depth = i64::try_from(self.rx.len() + self.backlog.len()).unwrap_or(i64::MAX);
         self.metrics.audit_queue_depth.set(depth);
+        let bytes = self.queued_bytes.load(Ordering::Acquire);
+        self.metrics
+            .audit_queue_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// `n` journaled records are now in the database or durably dead-lettered. When nothing
+    /// journaled is outstanding any more, the journal file goes.
+    async fn resolve(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let book = Arc::clone(&self.book);
+        let path = self.journal.path().to_owned();
+        let removed = tokio::task::spawn_blocking(move || {
+            let mut book = lock(&book);
+            book.outstanding = book.outstanding.saturating_sub(n as u64);
+            if book.outstanding > 0 || !book.dirty {
+                return Ok(false);
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    book.dirty = false;
+                    Ok(true)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    book.dirty = false;
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        match removed {
+            Ok(Ok(true)) => debug!("every journaled audit record is stored; journal removed"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot remove the audit journal"),
+            Err(e) => warn!(error = %e, "the journal clean-up task failed"),
+        }
+    }
+
+    /// Counts records the task itself journaled.
+    fn journaled(&self, n: usize) {
+        let mut book = lock(&self.book);
+        book.outstanding += n as u64;
+        book.dirty = true;
+    }
+
+    /// Takes the records waiting in the channel into the backlog and journals them: they
+    /// arrived before the failure was known, so `submit` did not journal them, and the
+    /// batch in retry may keep them waiting for seconds.
+    async fn hold(&mut self) {
+        // Into the backlog first, then journal: if the drain's abort drops this future
+        // during the journal write, the records are in the backlog, which it dead-letters.
+        let start = self.backlog.len();
+        while self.backlog.len() < self.hold_capacity {
+            match self.rx.try_recv() {
+                Ok(q) => self.backlog.push_back(q),
+                Err(_) => break,
+            }
+        }
+        self.held.store(self.backlog.len(), Ordering::Relaxed);
+        self.set_depth();
+        let missing: Vec<RunRecord> = self
+            .backlog
+            .iter()
+            .skip(start)
+            .filter(|q| !q.journaled)
+            .map(|q| q.record.clone())
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let n = missing.len();
+        match self.journal.append_now(missing).await {
+            Ok(()) => {
+                self.journaled(n);
+                self.backlog
+                    .iter_mut()
+                    .skip(start)
+                    .for_each(|q| q.journaled = true);
+            }
+            Err(e) => error!(error = %e, records = n,
+                "cannot write the audit journal; these records live in memory until written"),
+        }
+    }
+
+    /// Writes the records of a failed attempt that are not in the journal yet to it, and
+    /// waits for the fsync: from then on a crash loses none of them. A journal that cannot
+    /// be written (the disk is full too) is logged; the retries go on regardless.
+    async fn journal(&self, batch: &[RunRecord], journaled: &mut [bool]) {
+        let missing: Vec<RunRecord> = batch
+            .iter()
+            .zip(journaled.iter())
+            .filter(|(_, j)| !**j)
+            .map(|(r, _)| r.clone())
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let n = missing.len();
+        match self.journal.append_now(missing).await {
+            Ok(()) => {
+                self.journaled(n);
+                journaled.iter_mut().for_each(|j| *j = true);
+            }
+            Err(e) => {
+                error!(error = %e, records = batch.len(),
+                    "cannot write the audit journal; these records live in memory until written")
+            }
+        }
     }
 
     /// Writes one batch, retrying on the policy's schedule. Counts records, not batches, in
     /// `duet_audit_writes_total` (a retried batch of 100 is 100 retries).
-    async fn write_with_retry(&self, batch: &[RunRecord]) -> Result<u64> {
+    async fn write_with_retry(
+        &mut self,
+        batch: &[RunRecord],
+        journaled: &mut [bool],
+    ) -> Result<u64> {
         let n = batch.len() as u64;
         let mut retry = 0;
         loop {
@@ -320,6 +702,8 @@ impl Task {
                         .audit_writes_total
                         .with_label_values(&["ok"])
                         .inc_by(n);
+                    self.health.succeeded();
+                    self.metrics.ready.set(1);
                     if new < n {
                         debug!(
                             already_stored = n - new,
@@ -329,8 +713,14 @@ impl Task {
                     return Ok(new);
                 }
                 Err(e) if retry < self.retry.retries => {
+                    self.health.failed(e.reason(), true);
+                    self.metrics.ready.set(0);
+                    if retry == 0 {
+                        self.journal(batch, journaled).await;
+                    }
+                    self.hold().await;
                     let wait = self.retry.jittered(retry);
-                    warn!(error = %e, records = n, retry = retry + 1,
+                    warn!(error = %e, reason = e.reason(), records = n, retry = retry + 1,
                         wait_ms = wait.as_millis() as u64, "audit batch failed; retrying");
                     self.metrics
                         .audit_writes_total
@@ -339,7 +729,15 @@ impl Task {
                     tokio::time::sleep(wait).await;
                     retry += 1;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.health.failed(e.reason(), false);
+                    self.metrics.ready.set(0);
+                    if retry == 0 {
+                        self.journal(batch, journaled).await;
+                    }
+                    self.hold().await;
+                    return Err(e);
+                }
             }
         }
     }

@@ -150,7 +150,7 @@ async fn readyz_is_200_when_the_database_answers() {
     assert_eq!(status, 200);
     assert_eq!(
         body,
-        json!({"status": "ready", "database": "ok", "audit_queue": "ok"})
+        json!({"status": "ready", "database": "ok", "audit_queue": "ok", "audit_writes": "ok"})
     );
     app.stop().await;
     writer.shutdown(Duration::from_secs(5)).await;
@@ -172,7 +172,8 @@ async fn readyz_is_503_when_the_database_does_not_answer() {
     assert_eq!(status, 503);
     assert_eq!(
         body,
-        json!({"status": "not_ready", "database": "unavailable", "audit_queue": "ok"})
+        json!({"status": "not_ready", "database": "unavailable", "audit_queue": "ok",
+            "audit_writes": "ok", "reason": "database_timeout"})
     );
     app.stop().await;
     writer.shutdown(Duration::from_secs(5)).await;

@@ -12,6 +12,7 @@
 
 mod audit;
 mod audit_cli;
+mod audit_faults;
 mod audit_http;
 mod bench;
 mod connections;

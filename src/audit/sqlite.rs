@@ -13,7 +13,7 @@ use super::{
 };
 
 /// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
-/// runs binds 9 values per run and 14 per trace (two per run): 500 runs bind 18500.
+/// runs binds 10 values per run and 14 per trace (two per run): 500 runs bind 19000.
 const CHUNK: usize = 500;
 
 const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
@@ -28,7 +28,7 @@ pub(super) async fn insert_batch(pool: &SqlitePool, records: &[RunRecord]) -> Re
     for chunk in records.chunks(CHUNK) {
         let mut runs = QueryBuilder::<Sqlite>::new(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
-             status, total_ms, service_version, events) ",
+             status, total_ms, service_version, events, owner_fingerprint) ",
         );
         runs.push_values(chunk, |mut row, r| {
             row.push_bind(r.run_id.to_string())
@@ -39,7 +39,8 @@ pub(super) async fn insert_batch(pool: &SqlitePool, records: &[RunRecord]) -> Re
                 .push_bind(r.status.as_str())
                 .push_bind(to_db(r.total_ms))
                 .push_bind(r.service_version.as_str())
-                .push_bind(r.events.as_str());
+                .push_bind(r.events.as_str())
+                .push_bind(r.owner_fingerprint.as_deref());
         });
         // A replayed or resubmitted record is ignored, never duplicated (contract §5).
         runs.push(" ON CONFLICT (run_id) DO NOTHING");
@@ -80,7 +81,7 @@ pub(super) async fn fetch(pool: &SqlitePool, run_id: Uuid) -> Result<Option<RunR
     let id = run_id.to_string();
     let Some(run) = sqlx::query(
         "SELECT client_request_id, created_at, query, system, status, total_ms, service_version, \
-         events FROM dual_runs WHERE run_id = ?",
+         events, owner_fingerprint FROM dual_runs WHERE run_id = ?",
     )
     .bind(&id)
     .fetch_optional(pool)

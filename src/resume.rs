@@ -37,9 +37,10 @@ use crate::{
 /// Ended runs kept in memory at most, whatever the retention time says.
 pub const MAX_ENDED_RUNS: usize = 10_000;
 
-/// What an ended run costs in memory besides its frames (map entry, log, vector), counted
+/// What an ended run costs in memory besides its frames (map entry, log, its vector of 6,
+/// the frames' headers, the watch channel: an upper estimate), counted
 /// against `RESUME_STORE_MAX_BYTES` so that many small runs are bounded too.
-const RUN_OVERHEAD_BYTES: usize = 256;
+const RUN_OVERHEAD_BYTES: usize = 1024;
 
 /// Who may resume a run: SHA-256 over (the run id's 16 bytes ‖ the API key that started it).
 ///

@@ -582,6 +582,7 @@ mod tests {
         assert_eq!(c.stall_timeout, Duration::from_secs(15));
         assert_eq!(c.max_query_bytes, 32_768);
         assert_eq!(c.max_concurrent_streams, 10_000);
+        assert_eq!(c.resume_store_max_bytes, 32 * 1024 * 1024);
         assert_eq!(c.upstream_streams_per_connection, 100);
         assert_eq!(c.sse_keepalive, Duration::from_secs(15));
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));

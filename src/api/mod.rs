@@ -50,12 +50,12 @@ pub struct AppState {
 
 pub const X_RUN_ID: &str = "x-run-id";
 
+pub const X_REQUEST_ID: &str = "x-request-id";
+
 /// Which configured API key a request authenticated with (its index in `API_KEYS`): put in
 /// the request's extensions by the guard; absent without API_KEYS.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AuthenticatedKey(pub usize);
-
-pub const X_REQUEST_ID: &str = "x-request-id";
 
 /// The whole HTTP app, from its state. Binding a socket is the caller's business.
 pub fn router(state: AppState) -> Router {

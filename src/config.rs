@@ -187,6 +187,9 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// How long an ended run's events stay in memory for `Last-Event-ID` resumes.
     pub resume_retention: Duration,
+    /// `RESUME_STORE_MAX_BYTES`: the most bytes of ended runs' events kept in memory for
+    /// resumes; past it the oldest ended runs leave (and are resumed from the database).
+    pub resume_store_max_bytes: usize,
     /// A client that takes no event for this long is treated as gone.
     pub client_write_timeout: Duration,
     /// `UPSTREAM_HTTP2`: speak HTTP/2 to `http://` upstreams without asking first (h2c prior
@@ -589,6 +592,13 @@ impl Config {
             cors_allowed_origins: cors_origins(src)?,
             header_read_timeout: seconds_or(src, "HEADER_READ_TIMEOUT_S", 10.0)?,
             resume_retention: seconds_or(src, "RESUME_RETENTION_S", 300.0)?,
+            // 0 is allowed: no ended run is kept in memory, every resume reads the database.
+            resume_store_max_bytes: parse_or(
+                src,
+                "RESUME_STORE_MAX_BYTES",
+                32 * 1024 * 1024,
+                "a whole number of bytes",
+            )?,
             client_write_timeout: seconds_or(src, "CLIENT_WRITE_TIMEOUT_S", 30.0)?,
             upstream_http2: flag(src, "UPSTREAM_HTTP2", false)?,
             upstream_streams_per_connection: positive(src, "UPSTREAM_STREAMS_PER_CONNECTION", 100)?,
@@ -638,6 +648,7 @@ mod tests {
         assert_eq!(c.stall_timeout, Duration::from_secs(15));
         assert_eq!(c.max_query_bytes, 32_768);
         assert_eq!(c.max_concurrent_streams, 10_000);
+        assert_eq!(c.resume_store_max_bytes, 32 * 1024 * 1024);
         assert_eq!(c.upstream_streams_per_connection, 100);
         assert_eq!(c.sse_keepalive, Duration::from_secs(15));
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));

@@ -37,10 +37,10 @@ use uuid::Uuid;
 
 use crate::{
     audit::{AuditSink, ModelTrace, Outcome, RunRecord, RunStatus},
-    config::{Config, Role},
+    config::{Config, Role, Secret},
     metrics::Metrics,
     providers::{Completion, ErrorType, ModelRequest, Provider, ProviderError, ProviderEvent},
-    resume::{Registry, RunLog},
+    resume::{Owner, Registry, RunLog},
     sse,
 };
 
@@ -146,7 +146,10 @@ impl Orchestrator {
                 pro,
                 shutdown_grace: config.shutdown_grace,
                 streams: Arc::new(Semaphore::new(config.max_concurrent_streams)),
-                registry: Arc::new(Registry::new(config.resume_retention)),
+                registry: Arc::new(Registry::new(
+                    config.resume_retention,
+                    config.resume_store_max_bytes,
+                )),
                 client_write_timeout: config.client_write_timeout,
                 sink,
                 metrics,
@@ -183,15 +186,35 @@ impl Orchestrator {
         &self.inner.registry
     }
 
+    /// A place under `MAX_CONCURRENT_STREAMS` for a stream that is not a new run (a resumed
+    /// one), counted in `duet_streams_active` until the returned value is dropped.
+    pub fn stream_slot(&self) -> Result<StreamSlot, AtCapacity> {
+        let permit = Arc::clone(&self.inner.streams)
+            .try_acquire_owned()
+            .map_err(|_| AtCapacity)?;
+        self.inner.metrics.streams_active.inc();
+        Ok(StreamSlot {
+            _permit: permit,
+            metrics: self.inner.metrics.clone(),
+        })
+    }
+
     /// Starts a run and returns at once; the run goes on in its own task. Refused when
-    /// `MAX_CONCURRENT_STREAMS` runs are already in progress.
-    pub fn start(&self, request: RunRequest) -> Result<RunHandle, AtCapacity> {
+    /// `MAX_CONCURRENT_STREAMS` streams are already open. `owner_key` is the API key the
+    /// request authenticated with (none without API_KEYS): only it may resume the run.
+    pub fn start(
+        &self,
+        request: RunRequest,
+        owner_key: Option<&Secret>,
+    ) -> Result<RunHandle, AtCapacity> {
         let inner = &self.inner;
         let permit = Arc::clone(&inner.streams)
             .try_acquire_owned()
             .map_err(|_| AtCapacity)?;
         let run_id = Uuid::now_v7();
-        let log = inner.registry.open(run_id);
+        let log = inner
+            .registry
+            .open(run_id, owner_key.map(|key| Owner::of(run_id, key)));
         let run_id_text = run_id.hyphenated().to_string();
         // +2: the `start` frame queued below and the slot reserved for `done`, so a full
         // CHANNEL_CAPACITY stays available to the run in between.
@@ -376,7 +399,19 @@ struct Progress {
     ttft: Option<Duration>,
 }
 
-/// `MAX_CONCURRENT_STREAMS` runs are in progress.
+/// A resumed stream's place under `MAX_CONCURRENT_STREAMS`; see [`Orchestrator::stream_slot`].
+pub struct StreamSlot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Metrics,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.metrics.streams_active.dec();
+    }
+}
+
+/// `MAX_CONCURRENT_STREAMS` streams are open.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the service is at its limit of concurrent streams")]
 pub struct AtCapacity;
@@ -458,7 +493,10 @@ impl Emitter {
     ) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let frame = sse::frame(event, &self.run_id, seq, json);
-        if event != "delta" {
+        if event == "delta" {
+            // Not kept, but a client that saw it may resume from it.
+            self.log.mark_issued(seq);
+        } else {
             self.log.push(seq, frame.clone());
         }
         permit.send(budgeted(frame, bytes));
@@ -959,6 +997,7 @@ impl Drop for RunGuard {
             flash: trace(&self.flash_ref, flash),
             pro: trace(&self.pro_ref, pro),
             events: self.emitter.log.to_text(),
+            owner_fingerprint: self.emitter.log.owner().map(Owner::to_hex),
         };
         // Only `POST /query` waits for the record; streams dropped their receiver at once,
         // and copying both answers for nobody is waste.

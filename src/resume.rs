@@ -5,23 +5,103 @@
 //! The log stores the very `Bytes` that went to the first client (a reference count, not a
 //! copy). Followers learn of new events through a `watch` channel of the log's length, so a
 //! resumed client of a run still in progress follows it live to `done`. Ended runs are kept
-//! for `RESUME_RETENTION_S` and at most [`MAX_ENDED_RUNS`] of them; older ones are resumed
+//! for `RESUME_RETENTION_S`, at most [`MAX_ENDED_RUNS`] of them and at most
+//! `RESUME_STORE_MAX_BYTES` of their events, oldest leaving first; older ones are resumed
 //! from the audit store instead.
+//!
+//! A run started with an API key belongs to that key: only the same key may resume it. The
+//! run keeps an [`Owner`] fingerprint of the key, never the key.
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU32, AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::{sync::watch, time::Instant};
 use uuid::Uuid;
 
-use crate::{audit::RunRecord, config::Role, orchestrator::AnswerEvent, sse};
+use crate::{
+    audit::RunRecord,
+    config::{Role, Secret},
+    orchestrator::AnswerEvent,
+    sse,
+};
 
 /// Ended runs kept in memory at most, whatever the retention time says.
 pub const MAX_ENDED_RUNS: usize = 10_000;
+
+/// What an ended run costs in memory besides its frames (map entry, log, its vector of 6,
+/// the frames' headers, the watch channel: an upper estimate), counted
+/// against `RESUME_STORE_MAX_BYTES` so that many small runs are bounded too.
+const RUN_OVERHEAD_BYTES: usize = 1024;
+
+/// Who may resume a run: SHA-256 over (the run id's 16 bytes ‖ the API key that started it).
+///
+/// Salted by the run id, so equal keys give unrelated values across runs and no table of
+/// precomputed hashes helps; the key itself is never kept. Stored (as hex) in the audit
+/// record, so that a resume from the database checks it too.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Owner([u8; 32]);
+
+impl Owner {
+    pub fn of(run_id: Uuid, key: &Secret) -> Owner {
+        let mut hash = Sha256::new();
+        hash.update(run_id.as_bytes());
+        hash.update(key.expose().as_bytes());
+        Owner(hash.finalize().into())
+    }
+
+    /// 64 lower-case hex digits, as stored in `dual_runs.owner_fingerprint`.
+    pub fn to_hex(self) -> String {
+        use std::fmt::Write;
+        self.0.iter().fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+
+    pub fn from_hex(hex: &str) -> Option<Owner> {
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Owner(bytes))
+    }
+
+    /// Whether `caller` (the API key the request authenticated with, if keys are on) may
+    /// resume the run `run_id` owned by `owner`. Compared in constant time, so the timing of
+    /// a refusal says nothing about how close the key was.
+    pub fn allows(owner: Option<Owner>, run_id: Uuid, caller: Option<&Secret>) -> bool {
+        match (owner, caller) {
+            // Started without API_KEYS: anyone may resume it, as anyone could have run it.
+            (None, _) => true,
+            // Started with a key, asked without one (keys since turned off): not theirs.
+            (Some(_), None) => false,
+            (Some(owner), Some(key)) => bool::from(Owner::of(run_id, key).0.ct_eq(&owner.0)),
+        }
+    }
+
+    /// [`Owner::allows`] for a stored record, whose fingerprint is hex text. A value that is
+    /// not a fingerprint matches no key.
+    pub fn allows_stored(stored: Option<&str>, run_id: Uuid, caller: Option<&Secret>) -> bool {
+        match stored {
+            None => Owner::allows(None, run_id, caller),
+            Some(hex) => {
+                Owner::from_hex(hex).is_some_and(|o| Owner::allows(Some(o), run_id, caller))
+            }
+        }
+    }
+}
 
 /// One run's events so far, without the deltas: `start`, the answers, errors, `done`.
 ///
@@ -33,14 +113,48 @@ pub struct RunLog {
     frames: Mutex<Vec<(u32, Bytes)>>,
     /// (number of frames, ended)
     progress: watch::Sender<(usize, bool)>,
+    /// The highest seq sent to the run's client so far, deltas included: a `Last-Event-ID`
+    /// past it names no event (see [`RunLog::issued`]).
+    issued: AtomicU32,
+    /// Bytes of the frames held, for `RESUME_STORE_MAX_BYTES`.
+    bytes: AtomicUsize,
+    owner: Option<Owner>,
 }
 
 impl RunLog {
-    fn new() -> Self {
+    fn new(owner: Option<Owner>) -> Self {
         RunLog {
             frames: Mutex::new(Vec::with_capacity(6)),
             progress: watch::Sender::new((0, false)),
+            issued: AtomicU32::new(0),
+            bytes: AtomicUsize::new(0),
+            owner,
         }
+    }
+
+    /// Whether `caller` may resume this run (see [`Owner::allows`]).
+    pub fn allows(&self, run_id: Uuid, caller: Option<&Secret>) -> bool {
+        Owner::allows(self.owner, run_id, caller)
+    }
+
+    pub fn owner(&self) -> Option<Owner> {
+        self.owner
+    }
+
+    /// Notes that an event that is not kept (a delta) went out with this seq.
+    pub fn mark_issued(&self, seq: u32) {
+        self.issued.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// The highest seq issued so far. Marked before the event is handed to the client's
+    /// channel, so any seq a client has seen is at most this.
+    pub fn issued(&self) -> u32 {
+        self.issued.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the frames held.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<(u32, Bytes)>> {
@@ -50,6 +164,8 @@ impl RunLog {
 
     /// Appends a frame; called in seq order by the run.
     pub fn push(&self, seq: u32, frame: Bytes) {
+        self.mark_issued(seq);
+        self.bytes.fetch_add(frame.len(), Ordering::Relaxed);
         let len = {
             let mut frames = self.lock();
             frames.push((seq, frame));
@@ -63,19 +179,13 @@ impl RunLog {
         self.progress.send_modify(|p| p.1 = true);
     }
 
-    /// Index of the first frame whose seq is after `seq`.
-    pub fn index_after(&self, seq: u32) -> usize {
-        self.lock().partition_point(|(s, _)| *s <= seq)
-    }
-
-    /// Frames from index `from`, and whether the run has ended.
-    pub fn frames_from(&self, from: usize) -> (Vec<Bytes>, bool) {
+    /// The frames whose seq is after `seq`, and whether the run has ended. Chosen by seq,
+    /// not by position, so nothing at or before `seq` is ever sent again.
+    pub fn frames_after(&self, seq: u32) -> (Vec<(u32, Bytes)>, bool) {
         let ended = self.progress.borrow().1;
         let frames = self.lock();
-        let rest = frames
-            .get(from..)
-            .map(|r| r.iter().map(|(_, f)| f.clone()).collect())
-            .unwrap_or_default();
+        let from = frames.partition_point(|(s, _)| *s <= seq);
+        let rest = frames.get(from..).map(<[_]>::to_vec).unwrap_or_default();
         (rest, ended)
     }
 
@@ -110,20 +220,25 @@ impl RunLog {
 pub struct Registry {
     inner: Mutex<Inner>,
     retention: Duration,
+    /// `RESUME_STORE_MAX_BYTES`: ended runs' bytes kept at most.
+    max_bytes: usize,
 }
 
 #[derive(Default)]
 struct Inner {
     runs: HashMap<Uuid, Arc<RunLog>>,
-    /// Ended runs, oldest first, for eviction.
-    ended: VecDeque<(Instant, Uuid)>,
+    /// Ended runs, oldest first, for eviction: when each ended, and what it costs.
+    ended: VecDeque<(Instant, Uuid, usize)>,
+    /// The sum of the costs in `ended`.
+    ended_bytes: usize,
 }
 
 impl Registry {
-    pub fn new(retention: Duration) -> Self {
+    pub fn new(retention: Duration, max_bytes: usize) -> Self {
         Registry {
             inner: Mutex::new(Inner::default()),
             retention,
+            max_bytes,
         }
     }
 
@@ -131,8 +246,8 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn open(&self, run_id: Uuid) -> Arc<RunLog> {
-        let log = Arc::new(RunLog::new());
+    pub fn open(&self, run_id: Uuid, owner: Option<Owner>) -> Arc<RunLog> {
+        let log = Arc::new(RunLog::new(owner));
         self.lock().runs.insert(run_id, Arc::clone(&log));
         log
     }
@@ -141,10 +256,13 @@ impl Registry {
     pub fn close(&self, run_id: Uuid, log: &RunLog) {
         log.finish();
         let now = Instant::now();
+        // The log is complete (`done` was its last push), so its size is final.
+        let cost = log.bytes().saturating_add(RUN_OVERHEAD_BYTES);
         let mut inner = self.lock();
-        inner.ended.push_back((now, run_id));
+        inner.ended.push_back((now, run_id, cost));
+        inner.ended_bytes = inner.ended_bytes.saturating_add(cost);
         // Evict as we go, so memory is bounded without relying on the sweeper alone.
-        Self::evict(&mut inner, now, self.retention);
+        self.evict(&mut inner, now);
     }
 
     pub fn get(&self, run_id: &Uuid) -> Option<Arc<RunLog>> {
@@ -154,17 +272,29 @@ impl Registry {
     /// Drops ended runs past their retention; call periodically.
     pub fn sweep(&self) {
         let mut inner = self.lock();
-        Self::evict(&mut inner, Instant::now(), self.retention);
+        self.evict(&mut inner, Instant::now());
     }
 
-    fn evict(inner: &mut Inner, now: Instant, retention: Duration) {
-        while let Some(&(ended_at, id)) = inner.ended.front() {
-            if now.duration_since(ended_at) < retention && inner.ended.len() <= MAX_ENDED_RUNS {
+    /// Drops the oldest ended runs while any bound is exceeded: age, count, bytes. A run
+    /// dropped here is still resumable from the audit store.
+    fn evict(&self, inner: &mut Inner, now: Instant) {
+        while let Some(&(ended_at, id, cost)) = inner.ended.front() {
+            if now.duration_since(ended_at) < self.retention
+                && inner.ended.len() <= MAX_ENDED_RUNS
+                && inner.ended_bytes <= self.max_bytes
+            {
                 break;
             }
             inner.ended.pop_front();
+            inner.ended_bytes -= cost;
             inner.runs.remove(&id);
         }
+    }
+
+    /// Ended runs in memory, and their bytes (as counted against `RESUME_STORE_MAX_BYTES`).
+    pub fn ended(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.ended.len(), inner.ended_bytes)
     }
 
     pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -202,30 +332,45 @@ pub fn stored_frames_after(record: &RunRecord, after: u32) -> Vec<Bytes> {
         .collect()
 }
 
+/// The highest seq among a stored run's events (its `done`): the last one its client was
+/// sent, since `done` is always last. `None` when no events are stored.
+pub fn stored_last_seq(record: &RunRecord) -> Option<u32> {
+    record
+        .events
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .filter_map(parse_last_event_id)
+        .map(|(_, seq)| seq)
+        .max()
+}
+
 /// `Last-Event-ID` as `{run_id}:{seq}`.
 pub fn parse_last_event_id(value: &str) -> Option<(Uuid, u32)> {
     let (id, seq) = value.trim().rsplit_once(':')?;
     Some((Uuid::parse_str(id).ok()?, seq.parse().ok()?))
 }
 
-/// Streams a run's frames from index `from` into a bounded channel, following the run live
+/// Streams a run's frames after seq `after` into a bounded channel, following the run live
 /// until it ends, the reader goes away, or the reader stops reading for `write_timeout`.
-pub fn follow(
+/// `hold` (the reader's place under `MAX_CONCURRENT_STREAMS`) is kept until then.
+pub fn follow<H: Send + 'static>(
     log: Arc<RunLog>,
-    from: usize,
+    after: u32,
     capacity: usize,
     write_timeout: Duration,
     tracker: &tokio_util::task::TaskTracker,
+    hold: H,
 ) -> tokio::sync::mpsc::Receiver<Bytes> {
     let (tx, rx) = tokio::sync::mpsc::channel(capacity);
     tracker.spawn(async move {
+        let _hold = hold;
         let mut progress = log.subscribe();
-        let mut cursor = from;
+        let mut after = after;
         loop {
             // `ended` is read before the frames, so when it is true the frames are complete.
-            let (frames, ended) = log.frames_from(cursor);
-            for frame in frames {
-                cursor += 1;
+            let (frames, ended) = log.frames_after(after);
+            for (seq, frame) in frames {
+                after = seq;
                 match tokio::time::timeout(write_timeout, tx.send(frame)).await {
                     Ok(Ok(())) => {}
                     // Gone, or not reading: either way this follower is done.
@@ -238,6 +383,31 @@ pub fn follow(
             tokio::select! {
                 changed = progress.changed() => if changed.is_err() { return },
                 () = tx.closed() => return,
+            }
+        }
+    });
+    rx
+}
+
+/// Streams frames already known (a stored run's) into a channel, holding `hold` until the
+/// reader has taken all but the last, goes away, or stops reading for `write_timeout`.
+///
+/// One frame at a time, like a run's own stream: the reader's place under
+/// `MAX_CONCURRENT_STREAMS` is given back when the replay is over for it, not when the frames
+/// were queued (at once), nor when the connection closes (maybe much later).
+pub fn send_all<H: Send + 'static>(
+    frames: Vec<Bytes>,
+    write_timeout: Duration,
+    tracker: &tokio_util::task::TaskTracker,
+    hold: H,
+) -> tokio::sync::mpsc::Receiver<Bytes> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tracker.spawn(async move {
+        let _hold = hold;
+        for frame in frames {
+            match tokio::time::timeout(write_timeout, tx.send(frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return,
             }
         }
     });
@@ -293,6 +463,7 @@ mod tests {
                  event: flash\nid: {id}:4\n\n\
                  event: done\nid: {id}:9\ndata: {{}}\n\n"
             ),
+            owner_fingerprint: None,
         };
         let after = |seq| {
             stored_frames_after(&record, seq)
@@ -311,14 +482,93 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn ended_runs_expire() {
-        let reg = Registry::new(Duration::from_secs(5));
+        let reg = Registry::new(Duration::from_secs(5), usize::MAX);
         let id = Uuid::now_v7();
-        let log = reg.open(id);
+        let log = reg.open(id, None);
         log.push(0, Bytes::from_static(b"a"));
         reg.close(id, &log);
         assert!(reg.get(&id).is_some());
         tokio::time::advance(Duration::from_secs(6)).await;
         reg.sweep();
         assert!(reg.get(&id).is_none());
+    }
+
+    #[test]
+    fn ended_runs_are_bounded_in_bytes_oldest_first() {
+        // Room for two runs of 1000-byte frames (with their overhead), not three.
+        let cost = 1000 + RUN_OVERHEAD_BYTES;
+        let reg = Registry::new(Duration::from_secs(3600), 2 * cost);
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+        let live = Uuid::now_v7();
+        let live_log = reg.open(live, None);
+        live_log.push(0, Bytes::from(vec![b'x'; 5000]));
+        for id in &ids {
+            let log = reg.open(*id, None);
+            log.push(0, Bytes::from(vec![b'x'; 400]));
+            log.push(1, Bytes::from(vec![b'x'; 600]));
+            reg.close(*id, &log);
+        }
+        assert!(reg.get(&ids[0]).is_none(), "the oldest ended run left");
+        assert!(reg.get(&ids[1]).is_some());
+        assert!(reg.get(&ids[2]).is_some());
+        assert!(reg.get(&live).is_some(), "a live run is never evicted");
+        assert_eq!(reg.ended(), (2, 2 * cost));
+
+        // A run bigger than the whole bound is not kept at all once it ends.
+        let big = Uuid::now_v7();
+        let log = reg.open(big, None);
+        log.push(0, Bytes::from(vec![b'x'; 3 * cost]));
+        reg.close(big, &log);
+        assert!(reg.get(&big).is_none());
+        assert_eq!(reg.ended(), (0, 0));
+    }
+
+    #[test]
+    fn a_run_belongs_to_the_key_that_started_it() {
+        let run = Uuid::now_v7();
+        let k1 = Secret::new("k1");
+        let k2 = Secret::new("k2");
+        let owner = Owner::of(run, &k1);
+        assert!(Owner::allows(Some(owner), run, Some(&k1)));
+        assert!(!Owner::allows(Some(owner), run, Some(&k2)));
+        assert!(!Owner::allows(Some(owner), run, None));
+        // Salted by the run: the same key gives another fingerprint on another run.
+        let other = Uuid::now_v7();
+        assert!(Owner::of(other, &k1) != owner);
+        assert!(!Owner::allows(Some(owner), other, Some(&k1)));
+        // Without API_KEYS, runs have no owner.
+        assert!(Owner::allows(None, run, None));
+        assert!(Owner::allows(None, run, Some(&k2)));
+
+        let hex = owner.to_hex();
+        assert_eq!(hex.len(), 64);
+        assert!(!hex.contains("k1"));
+        assert!(Owner::from_hex(&hex) == Some(owner));
+        assert!(Owner::allows_stored(Some(&hex), run, Some(&k1)));
+        assert!(!Owner::allows_stored(Some(&hex), run, Some(&k2)));
+        assert!(!Owner::allows_stored(Some("not hex"), run, Some(&k1)));
+        assert!(!Owner::allows_stored(Some(&"é".repeat(32)), run, Some(&k1)));
+        assert!(Owner::allows_stored(None, run, Some(&k1)));
+    }
+
+    #[test]
+    fn frames_after_never_include_seq_or_earlier() {
+        let log = RunLog::new(None);
+        log.push(0, Bytes::from_static(b"start"));
+        log.mark_issued(1);
+        log.mark_issued(2);
+        log.push(3, Bytes::from_static(b"flash"));
+        assert_eq!(log.issued(), 3);
+        let seqs = |after| {
+            log.frames_after(after)
+                .0
+                .iter()
+                .map(|(s, _)| *s)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(0), [3]);
+        assert_eq!(seqs(2), [3]);
+        assert!(seqs(3).is_empty());
+        assert!(seqs(99_999).is_empty());
     }
 }

@@ -206,6 +206,11 @@ pub async fn protect(State(state): State<AppState>, request: Request, next: Next
     if let Err(e) = guard.check_rate(client) {
         return refuse(&state, "rate_limited", e);
     }
+    // Which key it was, for the handlers: a run belongs to the key that started it.
+    let mut request = request;
+    if let Some(i) = key {
+        request.extensions_mut().insert(super::AuthenticatedKey(i));
+    }
     next.run(request).await
 }
 

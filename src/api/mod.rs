@@ -13,7 +13,7 @@ mod request;
 use std::sync::Arc;
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Body,
     extract::{RawQuery, Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
@@ -28,10 +28,10 @@ use self::request::{QueryParams, client_request_id, parse_get, parse_post};
 pub use self::{error::ApiError, guard::Guard};
 use crate::{
     audit::{AuditSink, ModelTrace, Outcome, RunRecord, RunStatus, Store},
-    config::Config,
+    config::{Config, Secret},
     metrics::Metrics,
     orchestrator::{AtCapacity, CHANNEL_CAPACITY, Orchestrator, RunHandle, RunRequest},
-    resume::{follow, parse_last_event_id, stored_frames_after},
+    resume::{Owner, follow, parse_last_event_id, send_all, stored_frames_after, stored_last_seq},
     sse::{self, EventBody},
 };
 
@@ -51,6 +51,11 @@ pub struct AppState {
 pub const X_RUN_ID: &str = "x-run-id";
 
 pub const X_REQUEST_ID: &str = "x-request-id";
+
+/// Which configured API key a request authenticated with (its index in `API_KEYS`): put in
+/// the request's extensions by the guard; absent without API_KEYS.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AuthenticatedKey(pub usize);
 
 /// The whole HTTP app, from its state. Binding a socket is the caller's business.
 pub fn router(state: AppState) -> Router {
@@ -203,11 +208,12 @@ async fn method_not_allowed() -> ApiError {
 async fn stream_post(State(state): State<AppState>, request: Request) -> Response {
     let result = async {
         let (parts, body) = request.into_parts();
+        let caller = caller_key(&state, parts.extensions.get().copied())?;
         if let Some(last) = last_event_id(&parts.headers) {
-            return resume(&state, last).await;
+            return resume(&state, last, caller).await;
         }
         let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
-        start_stream(&state, &parts.headers, params)
+        start_stream(&state, &parts.headers, params, caller)
     }
     .await;
     finish(result)
@@ -234,14 +240,19 @@ async fn stream_post(State(state): State<AppState>, request: Request) -> Respons
 )]
 async fn stream_get(
     State(state): State<AppState>,
+    key: Option<Extension<AuthenticatedKey>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let result = match last_event_id(&headers) {
-        Some(last) => resume(&state, last).await,
-        None => parse_get(query.as_deref(), state.config.max_query_bytes)
-            .and_then(|params| start_stream(&state, &headers, params)),
-    };
+    let result = async {
+        let caller = caller_key(&state, key.map(|Extension(key)| key))?;
+        match last_event_id(&headers) {
+            Some(last) => resume(&state, last, caller).await,
+            None => parse_get(query.as_deref(), state.config.max_query_bytes)
+                .and_then(|params| start_stream(&state, &headers, params, caller)),
+        }
+    }
+    .await;
     finish(result)
 }
 
@@ -256,13 +267,29 @@ fn last_event_id(headers: &HeaderMap) -> Option<&HeaderValue> {
     headers.get("last-event-id").filter(|v| !v.is_empty())
 }
 
+/// The API key the request authenticated with; `None` without API_KEYS. With keys configured
+/// a request that reached a handler has one (the guard refuses the rest); if the guard were
+/// ever missing from a route, the request is refused rather than run without an owner.
+fn caller_key(
+    state: &AppState,
+    key: Option<AuthenticatedKey>,
+) -> Result<Option<&Secret>, ApiError> {
+    if state.config.api_keys.is_empty() {
+        return Ok(None);
+    }
+    key.and_then(|key| state.config.api_keys.get(key.0))
+        .map(Some)
+        .ok_or(ApiError::Unauthorized)
+}
+
 fn start_stream(
     state: &AppState,
     headers: &HeaderMap,
     params: QueryParams,
+    caller: Option<&Secret>,
 ) -> Result<Response, ApiError> {
     let client_request_id = client_request_id(headers)?;
-    let handle = start_run(state, params, client_request_id.clone())?;
+    let handle = start_run(state, params, client_request_id.clone(), caller)?;
     Ok(event_stream(
         state,
         handle.events,
@@ -275,25 +302,32 @@ fn start_run(
     state: &AppState,
     params: QueryParams,
     client_request_id: Option<String>,
+    caller: Option<&Secret>,
 ) -> Result<RunHandle, ApiError> {
     state
         .orchestrator
-        .start(RunRequest {
-            query: params.query.into(),
-            system: params.system.map(Into::into),
-            deltas: params.deltas,
-            client_request_id,
-        })
-        .map_err(|AtCapacity| {
-            state
-                .metrics
-                .streams_rejected_total
-                .with_label_values(&["capacity"])
-                .inc();
-            ApiError::Overloaded {
-                retry_after: std::time::Duration::from_secs(1),
-            }
-        })
+        .start(
+            RunRequest {
+                query: params.query.into(),
+                system: params.system.map(Into::into),
+                deltas: params.deltas,
+                client_request_id,
+            },
+            caller,
+        )
+        .map_err(|AtCapacity| at_capacity(state))
+}
+
+/// `MAX_CONCURRENT_STREAMS` streams are open: 503 with `Retry-After`, counted.
+fn at_capacity(state: &AppState) -> ApiError {
+    state
+        .metrics
+        .streams_rejected_total
+        .with_label_values(&["capacity"])
+        .inc();
+    ApiError::Overloaded {
+        retry_after: std::time::Duration::from_secs(1),
+    }
 }
 
 /// The `text/event-stream` response over a run's (or a resumed run's) frames.
@@ -323,31 +357,70 @@ fn event_stream(
 
 /// A reconnect: the events after `seq` of the same run, never a new run. 204 when the run
 /// has ended and nothing is left, which tells an `EventSource` to stop reconnecting.
-async fn resume(state: &AppState, last_event_id: &HeaderValue) -> Result<Response, ApiError> {
+///
+/// - Only the API key that started a run may resume it; for any other caller the run does
+///   not exist: the very answer an unknown id gets (404), so ids cannot be probed.
+/// - A resumed stream is a stream: it takes a place under `MAX_CONCURRENT_STREAMS` (503 with
+///   `Retry-After` when there is none) and counts in `duet_streams_active` until it ends.
+/// - A `seq` past the last event the run has sent names no event, so it is answered like an
+///   id this service cannot find (404), whether the run is live or ended; nothing at or
+///   before `seq` is ever sent again.
+async fn resume(
+    state: &AppState,
+    last_event_id: &HeaderValue,
+    caller: Option<&Secret>,
+) -> Result<Response, ApiError> {
     let (run_id, seq) = last_event_id
         .to_str()
         .ok()
         .and_then(parse_last_event_id)
         // Not an id this service issued, so not one it can find (contract §4: 404).
-        .ok_or_else(|| ApiError::NotFound("no run with that id can be resumed here".into()))?;
-    let Some(log) = state.orchestrator.registry().get(&run_id) else {
-        return resume_from_store(state, run_id, seq).await;
+        .ok_or_else(cannot_resume)?;
+    // Taken before the run is looked for: a refusal then says nothing about whether the run
+    // exists, and a request that would be refused costs no database read.
+    let slot = state
+        .orchestrator
+        .stream_slot()
+        .map_err(|AtCapacity| at_capacity(state))?;
+    // Another key's run in memory is looked for in the store like an unknown one, where the
+    // same check refuses it: the same answer, by the same path.
+    let Some(log) = state
+        .orchestrator
+        .registry()
+        .get(&run_id)
+        .filter(|log| log.allows(run_id, caller))
+    else {
+        return resume_from_store(state, run_id, seq, caller, slot).await;
     };
-    let from = log.index_after(seq);
-    let (rest, ended) = log.frames_from(from);
+    if seq > log.issued() {
+        return Err(cannot_resume());
+    }
+    let (rest, ended) = log.frames_after(seq);
     if ended && rest.is_empty() {
-        let mut response = StatusCode::NO_CONTENT.into_response();
-        insert_ids(response.headers_mut(), run_id, None);
-        return Ok(response);
+        return Ok(nothing_left(run_id));
     }
     let events = follow(
         log,
-        from,
+        seq,
         CHANNEL_CAPACITY,
         state.config.client_write_timeout,
         state.orchestrator.tracker(),
+        slot,
     );
     Ok(event_stream(state, events, run_id, None))
+}
+
+/// The one answer for every `Last-Event-ID` that cannot be resumed here: malformed, unknown,
+/// another key's run, or past the run's end.
+fn cannot_resume() -> ApiError {
+    ApiError::NotFound("no run with that id can be resumed here".into())
+}
+
+/// 204: the run has ended and the client has all of it.
+fn nothing_left(run_id: uuid::Uuid) -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    insert_ids(response.headers_mut(), run_id, None);
+    response
 }
 
 /// A run that has left this process's memory (or ran on another replica): replay its stored
@@ -356,30 +429,33 @@ async fn resume_from_store(
     state: &AppState,
     run_id: uuid::Uuid,
     seq: u32,
+    caller: Option<&Secret>,
+    slot: crate::orchestrator::StreamSlot,
 ) -> Result<Response, ApiError> {
-    let not_found = || ApiError::NotFound("no run with that id can be resumed here".into());
-    let store = state.store.as_ref().ok_or_else(not_found)?;
+    let store = state.store.as_ref().ok_or_else(cannot_resume)?;
     let record = store
         .fetch(run_id)
         .await
         .map_err(|e| ApiError::Internal(format!("reading run {run_id} to resume it: {e}")))?
-        .ok_or_else(not_found)?;
-    if record.events.is_empty() {
-        return Err(not_found());
+        .ok_or_else(cannot_resume)?;
+    if !Owner::allows_stored(record.owner_fingerprint.as_deref(), run_id, caller) {
+        return Err(cannot_resume());
+    }
+    // No events stored (a record from before they were kept), or `seq` past the last one.
+    if stored_last_seq(&record).is_none_or(|last| seq > last) {
+        return Err(cannot_resume());
     }
     let frames = stored_frames_after(&record, seq);
     if frames.is_empty() {
-        let mut response = StatusCode::NO_CONTENT.into_response();
-        insert_ids(response.headers_mut(), run_id, None);
-        return Ok(response);
+        return Ok(nothing_left(run_id));
     }
-    let (tx, rx) = tokio::sync::mpsc::channel(frames.len());
-    for frame in frames {
-        // The channel was made to hold them all.
-        let _ = tx.try_send(frame);
-    }
-    drop(tx);
-    Ok(event_stream(state, rx, run_id, None))
+    let events = send_all(
+        frames,
+        state.config.client_write_timeout,
+        state.orchestrator.tracker(),
+        slot,
+    );
+    Ok(event_stream(state, events, run_id, None))
 }
 
 /// How long a browser waits before reconnecting a dropped stream (the `retry:` field).
@@ -429,13 +505,14 @@ fn insert_ids(h: &mut HeaderMap, run_id: uuid::Uuid, client_request_id: Option<&
 async fn query_post(State(state): State<AppState>, request: Request) -> Response {
     let result = async {
         let (parts, body) = request.into_parts();
+        let caller = caller_key(&state, parts.extensions.get().copied())?;
         let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
         let client_request_id = client_request_id(&parts.headers)?;
         let params = QueryParams {
             deltas: false,
             ..params
         };
-        let mut handle = start_run(&state, params, client_request_id.clone())?;
+        let mut handle = start_run(&state, params, client_request_id.clone(), caller)?;
         // Keep draining so the run never waits on a full channel; the record arrives after
         // the last event. If this request is dropped (client gone), so is the receiver, and
         // the run cancels itself.

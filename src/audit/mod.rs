@@ -150,6 +150,11 @@ pub struct RunRecord {
     /// has left memory. Empty in records written before this was kept.
     #[serde(default)]
     pub events: String,
+    /// Who may resume the run: hex SHA-256 over (run id ‖ the API key that started it), so
+    /// the key itself is never stored; `None` when the run was started without API_KEYS
+    /// (anyone may resume it). See `resume::Owner`.
+    #[serde(default)]
+    pub owner_fingerprint: Option<String>,
 }
 
 impl RunRecord {

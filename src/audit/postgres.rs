@@ -16,9 +16,9 @@ use super::{
 
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
-                       service_version, events)
+                       service_version, events, owner_fingerprint)
 SELECT * FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
-                     $6::text[], $7::int8[], $8::text[], $9::text[])
+                     $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[])
 ON CONFLICT (run_id) DO NOTHING";
 
 const INSERT_TRACES: &str = "\
@@ -56,6 +56,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
     let mut totals = Vec::with_capacity(n);
     let mut versions = Vec::with_capacity(n);
     let mut events = Vec::with_capacity(n);
+    let mut owners = Vec::with_capacity(n);
     for r in records {
         run_ids.push(r.run_id.to_string());
         client_ids.push(opt_text(r.client_request_id.as_deref()));
@@ -66,6 +67,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
         totals.push(to_db(r.total_ms));
         versions.push(text(&r.service_version));
         events.push(text(&r.events));
+        owners.push(r.owner_fingerprint.as_deref());
     }
 
     let mut t = Traces::with_capacity(2 * n);
@@ -87,6 +89,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
             .bind(&totals)
             .bind(&versions)
             .bind(&events)
+            .bind(&owners)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -172,7 +175,7 @@ pub(super) async fn fetch(pool: &PgPool, run_id: Uuid) -> Result<Option<RunRecor
     let id = run_id.to_string();
     let Some(run) = sqlx::query(
         "SELECT client_request_id, created_at, query, system, status, total_ms, service_version, \
-         events FROM dual_runs WHERE run_id = $1::text::uuid",
+         events, owner_fingerprint FROM dual_runs WHERE run_id = $1::text::uuid",
     )
     .bind(&id)
     .fetch_optional(pool)

@@ -27,7 +27,7 @@ use super::{
 };
 
 /// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
-/// runs binds 9 values per run and 14 per trace (two per run): 500 runs bind 18500.
+/// runs binds 10 values per run and 14 per trace (two per run): 500 runs bind 19000.
 const CHUNK: usize = 500;
 
 const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
@@ -98,7 +98,7 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result
     for chunk in records.chunks(CHUNK) {
         let mut runs = QueryBuilder::<Sqlite>::new(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
-             status, total_ms, service_version, events) ",
+             status, total_ms, service_version, events, owner_fingerprint) ",
         );
         runs.push_values(chunk, |mut row, r| {
             row.push_bind(r.run_id.to_string())
@@ -109,7 +109,8 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result
                 .push_bind(r.status.as_str())
                 .push_bind(to_db(r.total_ms))
                 .push_bind(r.service_version.as_str())
-                .push_bind(r.events.as_str());
+                .push_bind(r.events.as_str())
+                .push_bind(r.owner_fingerprint.as_deref());
         });
         // A replayed or resubmitted record is ignored, never duplicated (contract §5).
         runs.push(" ON CONFLICT (run_id) DO NOTHING");
@@ -149,7 +150,7 @@ pub(super) async fn fetch(pool: &SqlitePool, run_id: Uuid) -> Result<Option<RunR
     let id = run_id.to_string();
     let Some(run) = sqlx::query(
         "SELECT client_request_id, created_at, query, system, status, total_ms, service_version, \
-         events FROM dual_runs WHERE run_id = ?",
+         events, owner_fingerprint FROM dual_runs WHERE run_id = ?",
     )
     .bind(&id)
     .fetch_optional(pool)

@@ -389,6 +389,7 @@ where
         events: run
             .try_get::<Option<String>, _>("events")?
             .unwrap_or_default(),
+        owner_fingerprint: run.try_get("owner_fingerprint")?,
     })
 }
 

@@ -92,6 +92,7 @@ fn record(text: &str) -> RunRecord {
                  event: flash\nid: r:1\n\nevent: pro\nid: r:2\n\n\
                  event: done\nid: r:3\ndata: {\"run_id\":\"r\",\"status\":\"ok\"}\n\n"
             .into(),
+        owner_fingerprint: None,
     }
 }
 

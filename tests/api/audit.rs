@@ -100,7 +100,12 @@ async fn big_batch_round_trips_postgres() {
 }
 
 async fn migrations_revert_and_reapply(store: &Store) {
-    assert_eq!(store.applied().await.unwrap(), [1, 2]);
+    assert_eq!(store.applied().await.unwrap(), [1, 2, 3]);
+    assert_eq!(store.revert_to(2).await.unwrap(), [3]);
+    assert!(
+        store.insert(&[record(1)]).await.is_err(),
+        "owner_fingerprint is gone"
+    );
     assert_eq!(store.revert_to(1).await.unwrap(), [2]);
     assert_eq!(store.applied().await.unwrap(), [1]);
     assert_eq!(store.revert_to(0).await.unwrap(), [1]);

@@ -148,6 +148,7 @@ pub fn record(i: usize) -> RunRecord {
         total_ms: 2040,
         service_version: "0.0.0-test".into(),
         events: String::new(),
+        owner_fingerprint: None,
         flash: trace("flash-m", &format!("quick {i}")),
         pro: ModelTrace {
             outcome: Outcome::Timeout,

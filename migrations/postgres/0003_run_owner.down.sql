@@ -1,0 +1,1 @@
+ALTER TABLE dual_runs DROP COLUMN owner_fingerprint;

@@ -5,14 +5,20 @@
 //! Where things live:
 //! - [`config`]: environment variables (contract §2), validated once at start.
 //! - [`api`]: HTTP routes, request validation, JSON errors, `/runs` and `/readyz` (contract §3).
-//! - [`orchestrator`]: one run: both models at once, deadlines, ordering, cancellation, and
-//!   the drop guard that always sends `done` and always hands over the record.
+//! - [`run`]: one run: both models at once, deadlines, ordering, cancellation, and
+//!   the drop guard that always sends `done` and always hands over the record. `run/mod.rs`
+//!   is its API and the loop over both models; `drive.rs` one model call with its deadlines
+//!   and retries; `emitter.rs` sending events; `report.rs` the drop guard and the record.
+//! - [`events`]: the event contract: [`events::EventKind`] (the event names) and each
+//!   event's `data` shape.
 //! - [`providers`]: the streaming provider abstraction and its implementations.
 //! - [`resume`]: each run's events, kept for `Last-Event-ID` reconnects.
-//! - [`sse`]: event encoding and the keep-alive response body (contract §4).
+//! - [`sse`]: event framing and the keep-alive response body (contract §4).
 //! - [`audit`]: run records, the database store, the background writer, the dead-letter
 //!   file and replay (contract §5).
 //! - [`metrics`]: Prometheus families (contract §6).
+//! - [`backoff`]: the jittered exponential backoff that model calls and the audit writer
+//!   retry with.
 //! - [`server`]: binding, serving, signals and graceful shutdown.
 //! - [`telemetry`]: logging setup.
 //! - [`cli`]: the command line.
@@ -20,13 +26,15 @@
 
 pub mod api;
 pub mod audit;
+pub mod backoff;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod events;
 pub mod metrics;
-pub mod orchestrator;
 pub mod providers;
 pub mod resume;
+pub mod run;
 pub mod server;
 pub mod sse;
 pub mod telemetry;

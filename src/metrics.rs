@@ -8,6 +8,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::events::EventKind;
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -85,14 +87,14 @@ impl Metrics {
             ),
             &["event"]
         )?);
-        let by_name = |name| sse_events_total.with_label_values(&[name]);
+        let by_name = |kind: EventKind| sse_events_total.with_label_values(&[kind.as_str()]);
         let events = EventCounters {
-            start: by_name("start"),
-            delta: by_name("delta"),
-            flash: by_name("flash"),
-            pro: by_name("pro"),
-            error: by_name("error"),
-            done: by_name("done"),
+            start: by_name(EventKind::Start),
+            delta: by_name(EventKind::Delta),
+            flash: by_name(EventKind::Flash),
+            pro: by_name(EventKind::Pro),
+            error: by_name(EventKind::Error),
+            done: by_name(EventKind::Done),
         };
         let metrics = Metrics {
             events,
@@ -235,16 +237,15 @@ impl Metrics {
     }
 
     /// Counts one emitted event.
-    pub fn sse_event(&self, event: &str) {
+    pub fn sse_event(&self, event: EventKind) {
         let e = &self.events;
         match event {
-            "delta" => e.delta.inc(),
-            "start" => e.start.inc(),
-            "flash" => e.flash.inc(),
-            "pro" => e.pro.inc(),
-            "error" => e.error.inc(),
-            "done" => e.done.inc(),
-            other => self.sse_events_total.with_label_values(&[other]).inc(),
+            EventKind::Delta => e.delta.inc(),
+            EventKind::Start => e.start.inc(),
+            EventKind::Flash => e.flash.inc(),
+            EventKind::Pro => e.pro.inc(),
+            EventKind::Error => e.error.inc(),
+            EventKind::Done => e.done.inc(),
         }
     }
 

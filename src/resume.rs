@@ -30,7 +30,7 @@ use uuid::Uuid;
 use crate::{
     audit::RunRecord,
     config::{Role, Secret},
-    orchestrator::AnswerEvent,
+    events::{AnswerEvent, EventKind},
     sse,
 };
 
@@ -200,7 +200,7 @@ impl RunLog {
         for (_, frame) in frames.iter() {
             // Frames are built from `str` by `sse::encode`, so they are valid UTF-8.
             let frame = String::from_utf8_lossy(frame);
-            if frame.starts_with("event: flash\n") || frame.starts_with("event: pro\n") {
+            if event_of(&frame).is_some_and(|kind| kind.answer_role().is_some()) {
                 let head = frame.split_inclusive('\n').take(2);
                 head.for_each(|line| text.push_str(line));
                 text.push('\n');
@@ -314,22 +314,31 @@ pub fn stored_frames_after(record: &RunRecord, after: u32) -> Vec<Bytes> {
                 .and_then(parse_last_event_id)
                 .map(|(_, seq)| seq)
                 .filter(|seq| *seq > after)?;
-            let answer = match frame.lines().next() {
-                Some("event: flash") => Some((Role::Flash, &record.flash)),
-                Some("event: pro") => Some((Role::Pro, &record.pro)),
-                _ => None,
-            };
+            let answer = event_of(frame).and_then(EventKind::answer_role);
             Some(match answer {
-                Some((role, trace)) if !frame.contains("\ndata: ") => sse::encode(
-                    role.as_str(),
+                Some(role) if !frame.contains("\ndata: ") => sse::encode(
+                    EventKind::answer(role),
                     &run_id,
                     seq,
-                    &AnswerEvent::from_trace(&run_id, role, trace),
+                    &AnswerEvent::from_trace(&run_id, role, trace_of(record, role)),
                 ),
                 _ => Bytes::copy_from_slice(frame.as_bytes()),
             })
         })
         .collect()
+}
+
+fn trace_of(record: &RunRecord, role: Role) -> &crate::audit::ModelTrace {
+    match role {
+        Role::Flash => &record.flash,
+        Role::Pro => &record.pro,
+    }
+}
+
+/// The kind of an SSE frame, from its first line (`event: {name}`).
+fn event_of(frame: &str) -> Option<EventKind> {
+    let line = frame.lines().next()?;
+    EventKind::from_wire(line.strip_prefix("event: ")?)
 }
 
 /// The highest seq among a stored run's events (its `done`): the last one its client was

@@ -26,9 +26,9 @@ use crate::{
     audit::{self, AuditError, AuditSink, AuditWriter, Store, WriterOptions},
     config::{Config, Role},
     metrics::Metrics,
-    orchestrator::{ModelSlot, Orchestrator},
     providers::{self, Provider},
     resume::Registry,
+    run::{ModelSlot, Orchestrator},
 };
 
 /// Past the grace period, connections that still do not close (a client that stopped
@@ -250,7 +250,7 @@ async fn accept_loop(
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         // Queue, never copy, the body's frames: a queued frame keeps its run's buffer budget
-        // (orchestrator::STREAM_BUFFER_BYTES) until it is written, where a copy in hyper's
+        // (run::STREAM_BUFFER_BYTES) until it is written, where a copy in hyper's
         // flat buffer would free it at once and let up to 400 KiB pile up per stalled stream.
         .writev(true)
         .keep_alive(true);

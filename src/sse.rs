@@ -21,16 +21,18 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
+use crate::events::EventKind;
+
 /// The comment sent after a period of silence, so proxies keep the connection open.
 pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
 
 /// Encodes one event: `event:`, `id: {run_id}:{seq}`, one `data:` line of JSON, blank line.
-pub fn encode(event: &str, run_id: &str, seq: u32, data: &impl Serialize) -> Bytes {
+pub fn encode(event: EventKind, run_id: &str, seq: u32, data: &impl Serialize) -> Bytes {
     let mut buf = BytesMut::with_capacity(128).writer();
     // Writing to a BytesMut cannot fail, and our data types serialize without error (plain
     // structs of strings and numbers); a failure would be a bug, which we still turn into a
     // valid, empty JSON object rather than a broken stream.
-    let _ = write!(buf, "event: {event}\nid: {run_id}:{seq}\ndata: ");
+    let _ = write!(buf, "event: {}\nid: {run_id}:{seq}\ndata: ", event.as_str());
     if serde_json::to_writer(&mut buf, data).is_err() {
         let _ = buf.write_all(b"{}");
     }
@@ -39,17 +41,17 @@ pub fn encode(event: &str, run_id: &str, seq: u32, data: &impl Serialize) -> Byt
 }
 
 /// The `data` of an event, encoded ahead of its frame: a run needs an event's size before it
-/// may take the event's number (see `orchestrator::Emitter::emit`).
+/// may take the event's number (see `run::emitter::Emitter::emit`).
 pub fn encode_data(data: &impl Serialize) -> Vec<u8> {
     // As in `encode`: a failure would be a bug; keep the stream valid anyway.
     serde_json::to_vec(data).unwrap_or_else(|_| b"{}".to_vec())
 }
 
 /// The frame [`encode`] would make, from data already encoded by [`encode_data`].
-pub fn frame(event: &str, run_id: &str, seq: u32, json: &[u8]) -> Bytes {
+pub fn frame(event: EventKind, run_id: &str, seq: u32, json: &[u8]) -> Bytes {
     let mut buf = BytesMut::with_capacity(frame_len(event, run_id, json.len()));
     buf.put_slice(b"event: ");
-    buf.put_slice(event.as_bytes());
+    buf.put_slice(event.as_str().as_bytes());
     buf.put_slice(b"\nid: ");
     buf.put_slice(run_id.as_bytes());
     buf.put_slice(format!(":{seq}\ndata: ").as_bytes());
@@ -59,9 +61,9 @@ pub fn frame(event: &str, run_id: &str, seq: u32, json: &[u8]) -> Bytes {
 }
 
 /// The size of a [`frame`] at most (its `seq` at its longest).
-pub fn frame_len(event: &str, run_id: &str, json_len: usize) -> usize {
+pub fn frame_len(event: EventKind, run_id: &str, json_len: usize) -> usize {
     const FIXED: usize = "event: \nid: :4294967295\ndata: \n\n".len();
-    FIXED + event.len() + run_id.len() + json_len
+    FIXED + event.as_str().len() + run_id.len() + json_len
 }
 
 /// The `retry:` field that tells a browser how long to wait before reconnecting.
@@ -139,7 +141,7 @@ mod tests {
     #[test]
     fn data_is_one_escaped_line() {
         let data = serde_json::json!({"text": "a\n\nevent: done\ndata: {}\r\n"});
-        let bytes = encode("flash", "r1", 3, &data);
+        let bytes = encode(EventKind::Flash, "r1", 3, &data);
         let text = std::str::from_utf8(&bytes).unwrap();
         assert_eq!(
             text,
@@ -153,13 +155,13 @@ mod tests {
         let data = serde_json::json!({"run_id": "r1", "text": "h\u{e9}\"llo\n"});
         for seq in [0, 7, u32::MAX] {
             let json = encode_data(&data);
-            let framed = frame("delta", "r1", seq, &json);
-            assert_eq!(framed, encode("delta", "r1", seq, &data));
-            assert!(framed.len() <= frame_len("delta", "r1", json.len()));
+            let framed = frame(EventKind::Delta, "r1", seq, &json);
+            assert_eq!(framed, encode(EventKind::Delta, "r1", seq, &data));
+            assert!(framed.len() <= frame_len(EventKind::Delta, "r1", json.len()));
         }
         assert_eq!(
-            frame_len("delta", "r1", 3),
-            frame("delta", "r1", u32::MAX, b"{ }").len()
+            frame_len(EventKind::Delta, "r1", 3),
+            frame(EventKind::Delta, "r1", u32::MAX, b"{ }").len()
         );
     }
 }

@@ -1,7 +1,7 @@
 //! HTTP interface (contract §3): routes, request parsing and validation, responses.
 //!
 //! Requests are validated before a run starts: a refused request gets a JSON error and no
-//! event stream. Once a run has started every path ends with `done` (see `orchestrator`).
+//! event stream. Once a run has started every path ends with `done` (see `run`).
 
 mod admin;
 mod error;
@@ -30,8 +30,8 @@ use crate::{
     audit::{AuditSink, ModelTrace, Outcome, RunRecord, RunStatus, Store},
     config::{Config, Secret},
     metrics::Metrics,
-    orchestrator::{AtCapacity, CHANNEL_CAPACITY, Orchestrator, RunHandle, RunRequest},
     resume::{Owner, follow, parse_last_event_id, send_all, stored_frames_after, stored_last_seq},
+    run::{AtCapacity, CHANNEL_CAPACITY, Orchestrator, RunHandle, RunRequest},
     sse::{self, EventBody},
 };
 
@@ -430,7 +430,7 @@ async fn resume_from_store(
     run_id: uuid::Uuid,
     seq: u32,
     caller: Option<&Secret>,
-    slot: crate::orchestrator::StreamSlot,
+    slot: crate::run::StreamSlot,
 ) -> Result<Response, ApiError> {
     let store = state.store.as_ref().ok_or_else(cannot_resume)?;
     let record = store

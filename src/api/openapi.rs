@@ -21,6 +21,7 @@ use utoipa::{
 };
 
 use super::{AppState, error::Body as ErrorBody};
+use crate::events::EventKind;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -45,11 +46,11 @@ use super::{AppState, error::Body as ErrorBody};
         openapi_json,
     ),
     components(schemas(
-        crate::orchestrator::StartEvent,
-        crate::orchestrator::DeltaEvent,
-        crate::orchestrator::AnswerEvent,
-        crate::orchestrator::ErrorEvent,
-        crate::orchestrator::DoneEvent,
+        crate::events::StartEvent,
+        crate::events::DeltaEvent,
+        crate::events::AnswerEvent,
+        crate::events::ErrorEvent,
+        crate::events::DoneEvent,
     ), responses(
         EventStream,
         NothingLeft,
@@ -108,24 +109,26 @@ impl Modify for Security {
     }
 }
 
-/// The event names of the stream and the schema of each one's `data`.
-const EVENT_TYPES: [(&str, &str); 6] = [
-    ("start", "StartEvent"),
-    ("delta", "DeltaEvent"),
-    ("flash", "AnswerEvent"),
-    ("pro", "AnswerEvent"),
-    ("error", "ErrorEvent"),
-    ("done", "DoneEvent"),
-];
+/// The schema of each event's `data`. A match, so that a new event kind cannot go undocumented.
+fn data_schema(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Start => "StartEvent",
+        EventKind::Delta => "DeltaEvent",
+        EventKind::Flash | EventKind::Pro => "AnswerEvent",
+        EventKind::Error => "ErrorEvent",
+        EventKind::Done => "DoneEvent",
+    }
+}
 
 /// The schema of one event of the stream, as OpenAPI 3.2 and tools such as schemathesis read
 /// a `text/event-stream` schema in 3.1 too: an object with `event`, `id` and `data`, where
 /// `data` is a string of JSON (`contentMediaType`) whose schema is `contentSchema`. utoipa's
 /// schema types cannot spell `contentSchema`, hence JSON.
 fn server_sent_event() -> Value {
-    let variants: Vec<Value> = EVENT_TYPES
-        .iter()
-        .map(|(event, schema)| {
+    let variants: Vec<Value> = EventKind::ALL
+        .into_iter()
+        .map(|kind| {
+            let (event, schema) = (kind.as_str(), data_schema(kind));
             json!({
                 "type": "object",
                 "title": event,

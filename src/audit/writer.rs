@@ -84,14 +84,18 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The wait before retry `n` (0-based), before jitter: `base · 2^n`, capped.
     pub fn nominal(&self, n: u32) -> Duration {
-        self.base.saturating_mul(1 << n.min(16)).min(self.cap)
+        self.backoff().nominal(n)
     }
 
     /// The nominal wait scaled by a uniform factor in [0.75, 1]: enough spread that many
     /// duet processes hitting one recovering database do not retry in lock-step, while the
     /// schedule still reads as the contract's 0.25 s to 3.0 s.
     pub fn jittered(&self, n: u32) -> Duration {
-        self.nominal(n).mul_f64(rand::random_range(0.75..=1.0))
+        self.backoff().jittered(n)
+    }
+
+    fn backoff(&self) -> crate::backoff::Backoff {
+        crate::backoff::Backoff::new(self.base, self.cap, 0.75)
     }
 }
 

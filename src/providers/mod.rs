@@ -190,14 +190,6 @@ pub fn build(
     })
 }
 
-/// A header value holding a key, marked sensitive so that no debug output shows it.
-fn sensitive_header(value: &str) -> Result<reqwest::header::HeaderValue, String> {
-    let mut header = reqwest::header::HeaderValue::from_str(value)
-        .map_err(|_| "the API key has characters a header cannot carry".to_owned())?;
-    header.set_sensitive(true);
-    Ok(header)
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("{role}: provider {provider} needs an API key")]

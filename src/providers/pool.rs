@@ -10,7 +10,8 @@
 //! client = one connection to the host), counts the calls in flight on each, and gives a new
 //! call to the first client with room, opening a new one when all are full.
 //!
-//! A client is built only when needed, so a quiet service holds one. Clients are never
+//! A client is built only when needed, so a quiet service holds one, and on tokio's blocking
+//! pool, so no runtime worker waits on its TLS set-up. Clients are never
 //! dropped (an idle one keeps no connection past the pool's idle timeout), so their number
 //! only grows to the peak need: `ceil(peak calls / streams_per_connection)`, capped.
 

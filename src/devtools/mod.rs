@@ -3,7 +3,7 @@
 //!
 //! - [`mock`]: `duet mock-provider`, a local upstream speaking the three wire formats, with
 //!   faults on request; also a library for the tests.
-//! - [`bench`]: `duet bench`, the load generator and the audit-writer benchmark.
+//! - [`bench`](mod@bench): `duet bench`, the load generator and the audit-writer benchmark.
 
 pub mod bench;
 pub mod mock;

@@ -17,7 +17,7 @@
 //! re-armed, one reusable buffer, JSON written from pre-escaped pieces (no `serde_json::Value`
 //! per token), and no task of its own (the body is a poll-driven stream).
 //!
-//! Files: this one serves; [`directives`] reads a request's faults; `answer` turns a request
+//! Files: this one serves; `directives` reads a request's faults; `answer` turns a request
 //! into a plan and a response; `stream` writes a streamed answer as it is polled; `whole`
 //! writes whole answers and error bodies.
 

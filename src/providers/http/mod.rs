@@ -1,13 +1,13 @@
 //! What the real adapters share, one job per file:
 //!
-//! - [`endpoint`]: one adapter's URL, headers and connection pool, and how it starts a call;
-//! - [`call`]: the call itself: send, classify a non-2xx answer, decode the body, stop at the
+//! - `endpoint`: one adapter's URL, headers and connection pool, and how it starts a call;
+//! - `call`: the call itself: send, classify a non-2xx answer, decode the body, stop at the
 //!   first completion or error ([`Decoder`] is what each wire format implements);
-//! - [`framing`]: [`Bounded`], the line and body limits in front of the SSE parser;
-//! - [`classify`]: HTTP failures, mid-stream errors and broken bodies as [`ProviderError`]s;
-//! - [`fault`]: reading an upstream's error document;
-//! - [`retry_after`]: how long an upstream asks to be left alone;
-//! - [`redact`]: keeping keys out of logs and records.
+//! - `framing`: [`Bounded`], the line and body limits in front of the SSE parser;
+//! - `classify`: HTTP failures, mid-stream errors and broken bodies as [`ProviderError`]s;
+//! - `fault`: reading an upstream's error document;
+//! - `retry_after`: how long an upstream asks to be left alone;
+//! - `redact`: keeping keys out of logs and records.
 //!
 //! Each adapter only knows its wire format: it builds a request body and implements
 //! [`Decoder`] (one upstream SSE event in, deltas or a completion out); [`Endpoint::call`]

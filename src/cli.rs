@@ -80,7 +80,7 @@ pub struct StreamArgs {
     #[arg(long)]
     pub url: String,
     #[arg(long, value_enum, default_value = "duet")]
-    pub target: crate::bench::streams::Target,
+    pub target: crate::devtools::bench::streams::Target,
     /// Streams open at once (one worker, and one connection, each).
     #[arg(long, short = 'c', default_value_t = 1)]
     pub concurrency: usize,
@@ -106,7 +106,7 @@ pub struct StreamArgs {
     pub ramp: f64,
     /// Kinds of stream and their weights, e.g. `normal:70,hang:5,error:5,midstream:5,stall:5,disconnect:5,slow:5`.
     #[arg(long, default_value = "normal:1")]
-    pub mix: crate::bench::streams::Mix,
+    pub mix: crate::devtools::bench::streams::Mix,
     /// Wait before reading each event, for the `slow` kind, in milliseconds.
     #[arg(long, default_value_t = 100)]
     pub slow_read_ms: u64,

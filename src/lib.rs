@@ -22,14 +22,14 @@
 //! - [`server`]: binding, serving, signals and graceful shutdown.
 //! - [`telemetry`]: logging setup.
 //! - [`cli`]: the command line.
-//! - [`bench`]: `duet bench`: the load generator and the audit-writer benchmark.
+//! - [`devtools`]: `duet mock-provider` and `duet bench`; the service never imports it.
 
 pub mod api;
 pub mod audit;
 pub mod backoff;
-pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod devtools;
 pub mod events;
 pub mod metrics;
 pub mod providers;

@@ -4,10 +4,12 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
 use duet::{
-    bench,
-    cli::{AuditCommand, BenchCommand, Cli, Command},
+    cli::{AuditCommand, Cli, Command},
     config::{Config, LogFormat},
-    providers::mock::{self, MockConfig},
+    devtools::{
+        bench,
+        mock::{self, MockConfig},
+    },
 };
 
 fn main() -> ExitCode {
@@ -40,7 +42,7 @@ fn main() -> ExitCode {
     if let Some(Command::Bench { command }) = cli.command {
         // Like the mock, a benchmark needs none of the service's configuration.
         duet::telemetry::init_stderr();
-        return run(run_bench(command));
+        return run(bench::run(command));
     }
     let config = match Config::from_env() {
         Ok(config) => config,
@@ -67,64 +69,6 @@ fn main() -> ExitCode {
             Command::MockProvider { .. } | Command::Bench { .. } => Ok(()),
         }
     })
-}
-
-/// `duet bench …`: runs one benchmark and prints its report (a table, or JSON).
-async fn run_bench(command: BenchCommand) -> Result<(), String> {
-    fn print(json: bool, table: &dyn std::fmt::Display, value: &impl serde::Serialize) {
-        if json {
-            match serde_json::to_string_pretty(value) {
-                Ok(text) => println!("{text}"),
-                Err(e) => eprintln!("duet: cannot encode the report: {e}"),
-            }
-        } else {
-            println!("{table}");
-        }
-    }
-    // `from_secs_f64` panics on a negative or NaN value; a typo must be an error instead.
-    fn secs(value: f64, flag: &str) -> Result<Duration, String> {
-        Duration::try_from_secs_f64(value)
-            .map_err(|_| format!("bench: {flag} {value} is not a duration in seconds"))
-    }
-    match command {
-        BenchCommand::Streams(a) => {
-            let options = bench::streams::Options {
-                requests: a.requests.or(if a.duration.is_none() {
-                    Some(1000)
-                } else {
-                    None
-                }),
-                duration: a.duration.map(|d| secs(d, "--duration")).transpose()?,
-                url: a.url,
-                target: a.target,
-                concurrency: a.concurrency,
-                query: a.query,
-                deltas: a.deltas,
-                timeout: secs(a.timeout, "--timeout")?,
-                warmup: a.warmup,
-                ramp: secs(a.ramp, "--ramp")?,
-                mix: a.mix,
-                slow_read: Duration::from_millis(a.slow_read_ms),
-                run_ids: a.run_ids,
-            };
-            let report = bench::streams::run(options)
-                .await
-                .map_err(|e| format!("bench: {e}"))?;
-            print(a.json, &report, &report);
-        }
-        BenchCommand::Audit(a) => {
-            let report = bench::audit::run(bench::audit::Options {
-                database_url: a.database_url,
-                records: a.records,
-                text_bytes: a.text_bytes,
-                deadletter: a.deadletter,
-            })
-            .await
-            .map_err(|e| format!("bench: {e}"))?;
-            print(a.json, &report, &report);
-        }
-    }
-    Ok(())
 }
 
 /// Runs the command on a new runtime and turns its result into the exit code.

@@ -6,16 +6,14 @@
 //! usage), `message_stop` (the end). `ping` and unknown events are ignored, as the API asks.
 //! `error` may come mid-stream, after which the connection closes with no `message_stop`.
 
-use std::sync::Arc;
-
 use eventsource_stream::Event;
-use reqwest::header::HeaderValue;
+use reqwest::header::HeaderName;
 use serde::Serialize;
 use serde_json::Value;
 
 use super::{
     Completion, ModelRequest, Provider, ProviderError, ProviderStream, Usage,
-    http::{self, CallContext, Decoder, Fault, Step},
+    http::{self, CallContext, Decoder, Endpoint, Fault, Step},
     pool::Upstream,
 };
 
@@ -25,10 +23,7 @@ pub const API_VERSION: &str = "2023-06-01";
 
 pub struct Anthropic {
     model: String,
-    url: reqwest::Url,
-    key: HeaderValue,
-    upstream: Upstream,
-    ctx: CallContext,
+    endpoint: Endpoint,
 }
 
 impl Anthropic {
@@ -39,18 +34,13 @@ impl Anthropic {
         key: &str,
         limits: http::BodyLimits,
     ) -> Result<Self, String> {
-        let url = reqwest::Url::parse(&format!("{base_url}/v1/messages"))
-            .map_err(|e| format!("base URL does not make a valid URL: {e}"))?;
+        let url = format!("{base_url}/v1/messages");
+        let endpoint = Endpoint::new("anthropic", upstream, &url, key, limits)?
+            .key_header(HeaderName::from_static("x-api-key"), key)?
+            .header(HeaderName::from_static("anthropic-version"), API_VERSION);
         Ok(Anthropic {
-            key: super::sensitive_header(key)?,
-            ctx: CallContext {
-                family: "anthropic",
-                secret: Arc::from(key),
-                limits,
-            },
             model: model.to_owned(),
-            url,
-            upstream,
+            endpoint,
         })
     }
 }
@@ -73,7 +63,7 @@ struct Message<'a> {
 
 impl Provider for Anthropic {
     fn provider_name(&self) -> &str {
-        "anthropic"
+        self.endpoint.family()
     }
 
     fn model_name(&self) -> &str {
@@ -91,20 +81,7 @@ impl Provider for Anthropic {
             }],
             stream: true,
         };
-        let lease = self.upstream.lease();
-        let builder = lease
-            .client()
-            .post(self.url.clone())
-            .header("x-api-key", self.key.clone())
-            .header("anthropic-version", API_VERSION)
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .json(&body);
-        http::call(
-            self.ctx.clone(),
-            builder,
-            AnthropicDecoder::default(),
-            lease,
-        )
+        self.endpoint.call(&body, AnthropicDecoder::default())
     }
 }
 

@@ -9,25 +9,20 @@
 //! on Vertex, as raw JSON after the events, which only the stray-line capture of
 //! [`http::Bounded`] sees.
 
-use std::sync::Arc;
-
 use eventsource_stream::Event;
-use reqwest::header::HeaderValue;
+use reqwest::header::HeaderName;
 use serde::Serialize;
 use serde_json::Value;
 
 use super::{
     Completion, ErrorType, ModelRequest, Provider, ProviderError, ProviderStream, Usage,
-    http::{self, CallContext, Decoder, Fault, Step},
+    http::{self, CallContext, Decoder, Endpoint, Step},
     pool::Upstream,
 };
 
 pub struct Gemini {
     model: String,
-    url: reqwest::Url,
-    key: HeaderValue,
-    upstream: Upstream,
-    ctx: CallContext,
+    endpoint: Endpoint,
 }
 
 impl Gemini {
@@ -39,21 +34,10 @@ impl Gemini {
         limits: http::BodyLimits,
     ) -> Result<Self, String> {
         let model = model.trim_start_matches("models/").to_owned();
-        let url = reqwest::Url::parse(&format!(
-            "{base_url}/models/{model}:streamGenerateContent?alt=sse"
-        ))
-        .map_err(|e| format!("base URL does not make a valid URL: {e}"))?;
-        Ok(Gemini {
-            key: super::sensitive_header(key)?,
-            ctx: CallContext {
-                family: "gemini",
-                secret: Arc::from(key),
-                limits,
-            },
-            model,
-            url,
-            upstream,
-        })
+        let url = format!("{base_url}/models/{model}:streamGenerateContent?alt=sse");
+        let endpoint = Endpoint::new("gemini", upstream, &url, key, limits)?
+            .key_header(HeaderName::from_static("x-goog-api-key"), key)?;
+        Ok(Gemini { model, endpoint })
     }
 }
 
@@ -79,7 +63,7 @@ struct Part<'a> {
 
 impl Provider for Gemini {
     fn provider_name(&self) -> &str {
-        "gemini"
+        self.endpoint.family()
     }
 
     fn model_name(&self) -> &str {
@@ -99,14 +83,7 @@ impl Provider for Gemini {
                 }],
             }],
         };
-        let lease = self.upstream.lease();
-        let builder = lease
-            .client()
-            .post(self.url.clone())
-            .header("x-goog-api-key", self.key.clone())
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .json(&body);
-        http::call(self.ctx.clone(), builder, GeminiDecoder::default(), lease)
+        self.endpoint.call(&body, GeminiDecoder::default())
     }
 }
 
@@ -124,9 +101,7 @@ impl GeminiDecoder {
         v: &Value,
         raw: &str,
     ) -> Result<(String, Option<String>), ProviderError> {
-        if let Some(fault) = v.get("error").and_then(|_| Fault::from_value(v)) {
-            return Err(http::classify_midstream(ctx, &fault, raw));
-        }
+        http::error_object(ctx, v, raw)?;
         if let Some(meta) = v.get("usageMetadata") {
             let get = |k: &str| meta.get(k).and_then(Value::as_u64);
             // Thinking tokens are billed as output, as OpenAI's and Anthropic's counts include

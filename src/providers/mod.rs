@@ -8,13 +8,13 @@
 //! orchestrator, not here: dropping the stream cancels the call.
 //!
 //! Families: [`gemini`], [`openai`] (any OpenAI-compatible server), [`anthropic`], all built
-//! on [`http`] (client, classification, body limits, redaction); [`simulated`] needs no
-//! network; [`mock`] is the local upstream behind `duet mock-provider`.
+//! on [`http`] (endpoint, call, classification, body limits, redaction) and [`pool`] (their
+//! upstream connections); [`simulated`] needs no network. The local upstream behind
+//! `duet mock-provider` is a development tool: `crate::devtools::mock`.
 
 pub mod anthropic;
 pub mod gemini;
 pub mod http;
-pub mod mock;
 pub mod openai;
 pub mod pool;
 pub mod simulated;
@@ -188,14 +188,6 @@ pub fn build(
             anthropic::Anthropic::new(upstream()?, base, model, key()?, limits).map_err(invalid)?,
         ),
     })
-}
-
-/// A header value holding a key, marked sensitive so that no debug output shows it.
-fn sensitive_header(value: &str) -> Result<reqwest::header::HeaderValue, String> {
-    let mut header = reqwest::header::HeaderValue::from_str(value)
-        .map_err(|_| "the API key has characters a header cannot carry".to_owned())?;
-    header.set_sensitive(true);
-    Ok(header)
 }
 
 #[derive(Debug, thiserror::Error)]

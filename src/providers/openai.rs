@@ -8,25 +8,22 @@
 //! `[DONE]` with no finish reason is a truncated answer. Mid-stream errors are
 //! `data: {"error": ...}`, or an `error: {...}` line from older llama.cpp builds.
 
-use std::{borrow::Cow, sync::Arc};
+use std::borrow::Cow;
 
 use eventsource_stream::Event;
-use reqwest::header::HeaderValue;
+use reqwest::header::AUTHORIZATION;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
     Completion, ModelRequest, Provider, ProviderError, ProviderStream, Usage,
-    http::{self, CallContext, Decoder, Fault, Step},
+    http::{self, CallContext, Decoder, Endpoint, Step},
     pool::Upstream,
 };
 
 pub struct OpenAi {
     model: String,
-    url: reqwest::Url,
-    auth: HeaderValue,
-    upstream: Upstream,
-    ctx: CallContext,
+    endpoint: Endpoint,
 }
 
 impl OpenAi {
@@ -37,18 +34,12 @@ impl OpenAi {
         key: &str,
         limits: http::BodyLimits,
     ) -> Result<Self, String> {
-        let url = reqwest::Url::parse(&format!("{base_url}/chat/completions"))
-            .map_err(|e| format!("base URL does not make a valid URL: {e}"))?;
+        let url = format!("{base_url}/chat/completions");
+        let endpoint = Endpoint::new("openai", upstream, &url, key, limits)?
+            .key_header(AUTHORIZATION, &format!("Bearer {key}"))?;
         Ok(OpenAi {
-            auth: super::sensitive_header(&format!("Bearer {key}"))?,
-            ctx: CallContext {
-                family: "openai",
-                secret: Arc::from(key),
-                limits,
-            },
             model: model.to_owned(),
-            url,
-            upstream,
+            endpoint,
         })
     }
 }
@@ -74,7 +65,7 @@ struct StreamOptions {
 
 impl Provider for OpenAi {
     fn provider_name(&self) -> &str {
-        "openai"
+        self.endpoint.family()
     }
 
     fn model_name(&self) -> &str {
@@ -101,14 +92,7 @@ impl Provider for OpenAi {
                 include_usage: true,
             },
         };
-        let lease = self.upstream.lease();
-        let builder = lease
-            .client()
-            .post(self.url.clone())
-            .header(reqwest::header::AUTHORIZATION, self.auth.clone())
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .json(&body);
-        http::call(self.ctx.clone(), builder, OpenAiDecoder::default(), lease)
+        self.endpoint.call(&body, OpenAiDecoder::default())
     }
 }
 
@@ -248,9 +232,7 @@ impl Decoder for OpenAiDecoder {
             return Ok(self.step(chunk));
         }
         let v = http::json(ctx, &event.data)?;
-        if let Some(fault) = v.get("error").and_then(|_| Fault::from_value(&v)) {
-            return Err(http::classify_midstream(ctx, &fault, &event.data));
-        }
+        http::error_object(ctx, &v, &event.data)?;
         if !v.is_object() {
             return Err(http::malformed(
                 ctx,
@@ -292,8 +274,8 @@ impl Decoder for OpenAiDecoder {
         ctx: &CallContext,
         body: &Value,
     ) -> Result<(String, Completion), ProviderError> {
-        if let Some(fault) = body.get("error").and_then(|_| Fault::from_value(body)) {
-            return Err(http::classify_midstream(ctx, &fault, &body.to_string()));
+        if body.get("error").is_some() {
+            http::error_object(ctx, body, &body.to_string())?;
         }
         let choice = body.pointer("/choices/0");
         let finish = choice

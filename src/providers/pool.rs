@@ -10,7 +10,8 @@
 //! client = one connection to the host), counts the calls in flight on each, and gives a new
 //! call to the first client with room, opening a new one when all are full.
 //!
-//! A client is built only when needed, so a quiet service holds one. Clients are never
+//! A client is built only when needed, so a quiet service holds one, and on tokio's blocking
+//! pool, so no runtime worker waits on its TLS set-up. Clients are never
 //! dropped (an idle one keeps no connection past the pool's idle timeout), so their number
 //! only grows to the peak need: `ceil(peak calls / streams_per_connection)`, capped.
 
@@ -102,35 +103,67 @@ impl Upstream {
     }
 
     /// A place for one call: on the first connection with room, else on a new one.
-    pub fn lease(&self) -> Lease {
+    ///
+    /// Building a client (its TLS set-up: the root store, the rustls configuration) is
+    /// blocking work of a few milliseconds, so it runs on tokio's blocking pool, never on a
+    /// runtime worker that is driving streams. It is built before taking the write lock,
+    /// which every call's `lease` would otherwise wait on meanwhile.
+    pub async fn lease(&self) -> Lease {
         let inner = &*self.inner;
-        let per = inner.config.streams_per_connection;
-        if let Some(lease) = inner.try_existing(per) {
+        if let Some(lease) = inner.try_existing() {
             return lease;
         }
-        // All full: add a client, unless another call just did or the cap is reached. The
-        // client (its TLS setup) is built before taking the write lock, which every call's
-        // `lease` would otherwise wait on meanwhile.
-        let room = inner
-            .slots
-            .read()
-            .map_or(true, |s| s.len() < inner.config.max_connections);
-        let built = if room {
-            match build_client(inner.config.http2_prior_knowledge) {
-                Ok(client) => Some(client),
-                Err(e) => {
+        // All full: add a client, unless another call just did or the cap is reached.
+        let built = if inner.has_room() {
+            let http2 = inner.config.http2_prior_knowledge;
+            match tokio::task::spawn_blocking(move || build_client(http2)).await {
+                Ok(Ok(client)) => Some(client),
+                Ok(Err(e)) => {
                     warn!(error = %e, "cannot build another upstream client");
+                    None
+                }
+                Err(e) => {
+                    warn!(error = %e, "building another upstream client failed");
                     None
                 }
             }
         } else {
             None
         };
-        let mut slots = inner.slots.write().unwrap_or_else(|e| e.into_inner());
+        inner.place(built)
+    }
+
+    /// Calls in flight on each connection, in the order they were opened.
+    pub fn in_flight(&self) -> Vec<usize> {
+        let slots = self.inner.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .map(|s| s.in_flight.load(Ordering::Acquire))
+            .collect()
+    }
+}
+
+impl Inner {
+    fn try_existing(&self) -> Option<Lease> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        first_with_room(&slots, self.config.streams_per_connection)
+    }
+
+    fn has_room(&self) -> bool {
+        self.slots
+            .read()
+            .map_or(true, |s| s.len() < self.config.max_connections)
+    }
+
+    /// Places a call once every connection was full: on one that freed up meanwhile, else on
+    /// `built` (a new client) if the cap allows, else on the least busy one.
+    fn place(&self, built: Option<reqwest::Client>) -> Lease {
+        let per = self.config.streams_per_connection;
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
         if let Some(lease) = first_with_room(&slots, per) {
             return lease;
         }
-        if let Some(client) = built.filter(|_| slots.len() < inner.config.max_connections) {
+        if let Some(client) = built.filter(|_| slots.len() < self.config.max_connections) {
             let slot = Arc::new(Slot::new(client));
             slots.push(Arc::clone(&slot));
             info!(
@@ -148,22 +181,6 @@ impl Upstream {
             .map(Arc::clone)
             .unwrap_or_else(|| unreachable!("a pool always holds its first client"));
         Lease::take(slot)
-    }
-
-    /// Calls in flight on each connection, in the order they were opened.
-    pub fn in_flight(&self) -> Vec<usize> {
-        let slots = self.inner.slots.read().unwrap_or_else(|e| e.into_inner());
-        slots
-            .iter()
-            .map(|s| s.in_flight.load(Ordering::Acquire))
-            .collect()
-    }
-}
-
-impl Inner {
-    fn try_existing(&self, per: usize) -> Option<Lease> {
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-        first_with_room(&slots, per)
     }
 }
 
@@ -251,26 +268,29 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn fills_connections_in_order_and_reuses_freed_places() {
+    #[tokio::test]
+    async fn fills_connections_in_order_and_reuses_freed_places() {
         let up = pool(2, 10);
-        let a = up.lease();
-        let b = up.lease();
+        let a = up.lease().await;
+        let b = up.lease().await;
         assert_eq!(up.in_flight(), vec![2]);
-        let c = up.lease();
+        let c = up.lease().await;
         assert_eq!(up.in_flight(), vec![2, 1]);
         drop(a);
         // The freed place on the first connection is taken before the second fills.
-        let d = up.lease();
+        let d = up.lease().await;
         assert_eq!(up.in_flight(), vec![2, 1]);
         drop((b, c, d));
         assert_eq!(up.in_flight(), vec![0, 0]);
     }
 
-    #[test]
-    fn past_the_cap_calls_share_the_least_busy_connection() {
+    #[tokio::test]
+    async fn past_the_cap_calls_share_the_least_busy_connection() {
         let up = pool(1, 2);
-        let leases: Vec<_> = (0..5).map(|_| up.lease()).collect();
+        let mut leases = Vec::new();
+        for _ in 0..5 {
+            leases.push(up.lease().await);
+        }
         let counts = up.in_flight();
         assert_eq!(counts.len(), 2);
         assert_eq!(counts.iter().sum::<usize>(), 5);
@@ -282,9 +302,18 @@ mod tests {
     #[test]
     fn concurrent_leases_never_overfill_a_connection() {
         let up = pool(3, 1000);
+        // Eight OS threads race for places; each drives its leases itself, and the clients
+        // they add are built on the runtime's blocking pool.
+        let runtime = tokio::runtime::Runtime::new().unwrap();
         let leases = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
-                .map(|_| s.spawn(|| (0..30).map(|_| up.lease()).collect::<Vec<_>>()))
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..30)
+                            .map(|_| runtime.block_on(up.lease()))
+                            .collect::<Vec<_>>()
+                    })
+                })
                 .collect();
             handles
                 .into_iter()

@@ -6,12 +6,14 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use duet::{
     audit::MemorySink,
-    bench::{
-        self,
-        streams::{Mix, Options, Target},
-    },
     config::Config,
-    providers::mock::{self, MockConfig},
+    devtools::{
+        bench::{
+            self,
+            streams::{Mix, Options, Target},
+        },
+        mock::{self, MockConfig},
+    },
     server::{Parts, Server},
 };
 use tokio::net::TcpListener;

@@ -12,7 +12,7 @@ use std::{
 use duet::{
     audit::{MemorySink, Outcome},
     config::Config,
-    providers::mock::{self, MockConfig},
+    devtools::mock::{self, MockConfig},
     server::{Parts, Server},
 };
 use serde_json::{Value, json};

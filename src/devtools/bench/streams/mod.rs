@@ -13,10 +13,11 @@
 //! per kind and shared as `Bytes`, events parsed by `eventsource-stream` with only the few
 //! fields needed deserialized (borrowed, no `Value`). Every loop is bounded: by the request
 //! count or the duration for starting streams, and by `--timeout` for each stream.
+//!
+//! This file runs the load; `report` turns the samples into the [`Report`] and its table.
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     path::PathBuf,
     sync::{
         Arc,
@@ -31,7 +32,12 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{BenchError, stats::Summary};
+mod report;
+
+pub use report::Report;
+use report::{report, write_run_ids};
+
+use super::BenchError;
 
 /// What the load generator talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -74,7 +80,7 @@ impl Kind {
         Kind::Slow,
     ];
 
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Kind::Normal => "normal",
             Kind::Hang => "hang",
@@ -178,60 +184,29 @@ pub struct Options {
 
 /// One stream's timings, from just before the request is sent.
 #[derive(Debug, Default)]
-struct Sample {
-    warmup: bool,
-    kind: Option<Kind>,
-    ttfb: Option<Duration>,
-    first_event: Option<Duration>,
-    first_token: Option<Duration>,
-    first_flash: Option<Duration>,
-    first_pro: Option<Duration>,
-    end: Option<Duration>,
-    status: Option<String>,
-    error: Option<String>,
-    disconnected: bool,
-    run_id: Option<String>,
+pub(super) struct Sample {
+    pub(super) warmup: bool,
+    pub(super) kind: Option<Kind>,
+    pub(super) ttfb: Option<Duration>,
+    pub(super) first_event: Option<Duration>,
+    pub(super) first_token: Option<Duration>,
+    pub(super) first_flash: Option<Duration>,
+    pub(super) first_pro: Option<Duration>,
+    pub(super) end: Option<Duration>,
+    pub(super) status: Option<String>,
+    pub(super) error: Option<String>,
+    pub(super) disconnected: bool,
+    pub(super) run_id: Option<String>,
 }
 
-/// The result of a load run.
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub target: Target,
-    pub url: String,
-    pub concurrency: usize,
-    /// Streams attempted, warm-up included.
-    pub streams: u64,
-    /// Streams whose latencies were left out as warm-up.
-    pub warmup: u64,
-    pub elapsed_s: f64,
-    /// Streams that reached their end (`done` / `[DONE]`), per second of the whole run.
-    pub streams_per_s: f64,
-    pub ended: u64,
-    /// Streams the client left on purpose (`disconnect` kind).
-    pub disconnected: u64,
-    pub errors_total: u64,
-    pub errors: BTreeMap<String, u64>,
-    /// `done` statuses (duet) and how many streams of each kind ran.
-    pub statuses: BTreeMap<String, u64>,
-    pub kinds: BTreeMap<Kind, u64>,
-    /// Most streams open at once (response headers received, end not yet reached).
-    pub peak_open: i64,
-    pub ttfb: Summary,
-    pub first_event: Summary,
-    pub first_token: Summary,
-    pub first_flash: Summary,
-    pub first_pro: Summary,
-    pub end: Summary,
-}
-
-struct Shared {
-    options: Options,
+pub(super) struct Shared {
+    pub(super) options: Options,
     client: reqwest::Client,
     /// Request body per kind, encoded once.
     bodies: BTreeMap<Kind, Bytes>,
     started: AtomicU64,
     open: AtomicI64,
-    peak_open: AtomicI64,
+    pub(super) peak_open: AtomicI64,
     stop_at: Option<Instant>,
 }
 
@@ -489,143 +464,6 @@ async fn one_stream(shared: &Shared, kind: Kind) -> Sample {
         }
     }
     s
-}
-
-fn write_run_ids(path: &PathBuf, samples: &[Sample]) -> Result<(), BenchError> {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for s in samples {
-        if let Some(id) = &s.run_id {
-            let outcome = if s.end.is_some() {
-                "done"
-            } else if s.disconnected {
-                "disconnected"
-            } else {
-                "error"
-            };
-            writeln!(out, "{id} {outcome}")?;
-        }
-    }
-    out.flush()?;
-    Ok(())
-}
-
-fn report(shared: &Shared, samples: Vec<Sample>, elapsed: Duration) -> Report {
-    let mut errors = BTreeMap::new();
-    let mut statuses = BTreeMap::new();
-    let mut kinds = BTreeMap::new();
-    let (mut ended, mut disconnected, mut warmup) = (0, 0, 0);
-    let mut measures: [Vec<Duration>; 6] = Default::default();
-    for s in &samples {
-        if let Some(kind) = s.kind {
-            *kinds.entry(kind).or_insert(0) += 1;
-        }
-        if let Some(e) = &s.error {
-            *errors.entry(e.clone()).or_insert(0) += 1;
-        }
-        if let Some(st) = &s.status {
-            *statuses.entry(st.clone()).or_insert(0) += 1;
-        }
-        ended += u64::from(s.end.is_some());
-        disconnected += u64::from(s.disconnected);
-        if s.warmup {
-            warmup += 1;
-            continue;
-        }
-        let fields = [
-            s.ttfb,
-            s.first_event,
-            s.first_token,
-            s.first_flash,
-            s.first_pro,
-            s.end,
-        ];
-        for (m, v) in measures.iter_mut().zip(fields) {
-            m.extend(v);
-        }
-    }
-    let [ttfb, first_event, first_token, first_flash, first_pro, end] = measures.map(Summary::of);
-    let options = &shared.options;
-    Report {
-        target: options.target,
-        url: options.url.clone(),
-        concurrency: options.concurrency,
-        streams: samples.len() as u64,
-        warmup,
-        elapsed_s: elapsed.as_secs_f64(),
-        streams_per_s: ended as f64 / elapsed.as_secs_f64().max(1e-9),
-        ended,
-        disconnected,
-        errors_total: errors.values().sum(),
-        errors,
-        statuses,
-        kinds,
-        peak_open: shared.peak_open.load(Ordering::Relaxed),
-        ttfb,
-        first_event,
-        first_token,
-        first_flash,
-        first_pro,
-        end,
-    }
-}
-
-impl std::fmt::Display for Report {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "{:?} {}  C={}  streams={} (warm-up {})  elapsed={:.2}s  ended={}  {:.1} streams/s  peak open={}",
-            self.target,
-            self.url,
-            self.concurrency,
-            self.streams,
-            self.warmup,
-            self.elapsed_s,
-            self.ended,
-            self.streams_per_s,
-            self.peak_open
-        )?;
-        writeln!(
-            f,
-            "{:<13} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "ms", "count", "p50", "p90", "p99", "max", "mean"
-        )?;
-        for (name, s) in [
-            ("ttfb", &self.ttfb),
-            ("first event", &self.first_event),
-            ("first token", &self.first_token),
-            ("first flash", &self.first_flash),
-            ("first pro", &self.first_pro),
-            ("end", &self.end),
-        ] {
-            if s.count > 0 {
-                writeln!(
-                    f,
-                    "{name:<13} {:>7} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
-                    s.count, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms, s.mean_ms
-                )?;
-            }
-        }
-        write!(f, "errors={}", self.errors_total)?;
-        for (e, n) in &self.errors {
-            write!(f, "  {e}: {n}")?;
-        }
-        if self.disconnected > 0 {
-            write!(f, "  (left on purpose: {})", self.disconnected)?;
-        }
-        if !self.statuses.is_empty() {
-            write!(f, "\nstatuses:")?;
-            for (st, n) in &self.statuses {
-                write!(f, " {st}={n}")?;
-            }
-        }
-        if self.kinds.len() > 1 {
-            write!(f, "\nkinds:")?;
-            for (k, n) in &self.kinds {
-                write!(f, " {}={n}", k.name())?;
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

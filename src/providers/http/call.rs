@@ -1,0 +1,284 @@
+//! One upstream call as a stream: take a place on a connection, send, classify a non-2xx
+//! answer, then read the body through [`Bounded`] into `eventsource-stream` and the
+//! adapter's [`Decoder`], stopping at the first completion or error.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use eventsource_stream::{Event, EventStream};
+use futures::{StreamExt, stream::BoxStream};
+use http::{HeaderMap, header};
+use serde_json::Value;
+
+use super::{
+    CallContext,
+    classify::{
+        body_error, classify_http, error_chain, malformed, stray_error, too_large, transport_error,
+        truncated,
+    },
+    framing::Bounded,
+};
+use crate::providers::{
+    Completion, ErrorType, ProviderError, ProviderEvent, ProviderStream,
+    pool::{Lease, Upstream},
+};
+
+/// Error bodies are read up to this much; the rest is not worth memory.
+const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
+
+/// One step of decoding an upstream stream.
+#[derive(Debug)]
+pub enum Step {
+    /// Nothing for the caller (pings, role chunks, unknown events).
+    Continue,
+    Delta(String),
+    /// The model finished; `delta` is text that came in the same event.
+    Finish {
+        delta: Option<String>,
+        completion: Completion,
+    },
+    /// The upstream's terminator arrived without a finish: a truncated answer.
+    Ended,
+}
+
+/// A wire format: turns upstream events into steps.
+pub trait Decoder: Send + 'static {
+    /// One SSE event of the stream.
+    fn event(&mut self, ctx: &CallContext, event: &Event) -> Result<Step, ProviderError>;
+    /// The stream ended (EOF or terminator) without a finish. `stray` holds the lines no SSE
+    /// parser sees (Gemini's raw JSON errors, llama.cpp's old `error:` field), which may say
+    /// why.
+    fn ended(&mut self, ctx: &CallContext, stray: &str) -> ProviderError {
+        if let Some(error) = stray_error(ctx, stray) {
+            return error;
+        }
+        truncated(ctx)
+    }
+    /// A whole JSON body, for upstreams that answer a streaming request without streaming.
+    fn whole(
+        &mut self,
+        ctx: &CallContext,
+        body: &Value,
+    ) -> Result<(String, Completion), ProviderError>;
+}
+
+/// Makes the request on the client of the connection a call was given.
+pub type Build = Box<dyn FnOnce(&reqwest::Client) -> reqwest::RequestBuilder + Send>;
+
+/// Starts the call when the stream is first polled, and decodes it.
+///
+/// The place on an upstream connection is taken then too, not here: taking it may have to
+/// build a new client (TLS set-up), which must not happen inside `Provider::stream`.
+pub fn call<D: Decoder>(
+    ctx: CallContext,
+    upstream: Upstream,
+    build: Build,
+    decoder: D,
+) -> ProviderStream {
+    let state = Call {
+        ctx,
+        decoder,
+        phase: Phase::Start(Some((upstream, build))),
+        stray: Arc::default(),
+        queued: None,
+        _lease: None,
+    };
+    futures::stream::unfold(state, |mut call| async move {
+        let item = call.next_item().await?;
+        Some((item, call))
+    })
+    .boxed()
+}
+
+/// Decodes an already open body: the streaming half of [`call`], for tests and tools that
+/// have the bytes some other way.
+pub fn decode<D: Decoder>(ctx: CallContext, body: Body, decoder: D) -> ProviderStream {
+    let stray = Arc::default();
+    let bounded = Bounded::new(body, ctx.limits, Arc::clone(&stray));
+    let state = Call {
+        ctx,
+        decoder,
+        phase: Phase::Streaming(EventStream::new(bounded)),
+        stray,
+        queued: None,
+        _lease: None,
+    };
+    futures::stream::unfold(state, |mut call| async move {
+        let item = call.next_item().await?;
+        Some((item, call))
+    })
+    .boxed()
+}
+
+/// An upstream body as reqwest yields it.
+pub type Body = BoxStream<'static, reqwest::Result<Bytes>>;
+
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per call, inside the call's boxed stream: boxing the parser would only add an allocation"
+)]
+enum Phase {
+    Start(Option<(Upstream, Build)>),
+    Streaming(EventStream<Bounded<Body>>),
+    Done,
+}
+
+struct Call<D> {
+    ctx: CallContext,
+    decoder: D,
+    phase: Phase,
+    stray: Arc<Mutex<String>>,
+    /// A completion that arrived with a delta: sent right after it.
+    queued: Option<Completion>,
+    /// The call's place on an upstream connection, held until the call is dropped.
+    _lease: Option<Lease>,
+}
+
+impl<D: Decoder> Call<D> {
+    fn fail(&mut self, error: ProviderError) -> Option<Result<ProviderEvent, ProviderError>> {
+        self.phase = Phase::Done;
+        Some(Err(error))
+    }
+
+    async fn next_item(&mut self) -> Option<Result<ProviderEvent, ProviderError>> {
+        loop {
+            if let Some(completion) = self.queued.take() {
+                // Finishing drops the body at once: an upstream that never sends `[DONE]` or
+                // closes the connection cannot hold the call open.
+                self.phase = Phase::Done;
+                return Some(Ok(ProviderEvent::Finished(completion)));
+            }
+            match &mut self.phase {
+                Phase::Done => return None,
+                Phase::Start(start) => {
+                    let (upstream, build) = start.take()?;
+                    let lease = upstream.lease().await;
+                    let request = build(lease.client());
+                    self._lease = Some(lease);
+                    let response = match send(&self.ctx, request).await {
+                        Ok(r) => r,
+                        Err(e) => return self.fail(e),
+                    };
+                    if is_json(response.headers()) {
+                        let body = match read_json(&self.ctx, response).await {
+                            Ok(v) => v,
+                            Err(e) => return self.fail(e),
+                        };
+                        match self.decoder.whole(&self.ctx, &body) {
+                            Ok((text, completion)) => {
+                                self.queued = Some(completion);
+                                return Some(Ok(ProviderEvent::Delta(text)));
+                            }
+                            Err(e) => return self.fail(e),
+                        }
+                    }
+                    let bytes: Body = response.bytes_stream().boxed();
+                    let bounded = Bounded::new(bytes, self.ctx.limits, Arc::clone(&self.stray));
+                    self.phase = Phase::Streaming(EventStream::new(bounded));
+                }
+                Phase::Streaming(events) => match events.next().await {
+                    None => {
+                        let stray = stray_text(&self.stray);
+                        let error = self.decoder.ended(&self.ctx, &stray);
+                        return self.fail(error);
+                    }
+                    Some(Err(e)) => {
+                        let error = body_error(&self.ctx, e);
+                        return self.fail(error);
+                    }
+                    Some(Ok(event)) => match self.decoder.event(&self.ctx, &event) {
+                        Err(e) => return self.fail(e),
+                        Ok(Step::Continue) => continue,
+                        Ok(Step::Delta(text)) => return Some(Ok(ProviderEvent::Delta(text))),
+                        Ok(Step::Finish { delta, completion }) => {
+                            self.queued = Some(completion);
+                            if let Some(text) = delta {
+                                return Some(Ok(ProviderEvent::Delta(text)));
+                            }
+                        }
+                        Ok(Step::Ended) => {
+                            let stray = stray_text(&self.stray);
+                            let error = self.decoder.ended(&self.ctx, &stray);
+                            return self.fail(error);
+                        }
+                    },
+                },
+            }
+        }
+    }
+}
+
+fn stray_text(stray: &Mutex<String>) -> String {
+    stray.lock().map(|s| s.clone()).unwrap_or_default()
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        })
+}
+
+/// Sends the request; anything but 2xx becomes a classified error.
+async fn send(
+    ctx: &CallContext,
+    request: reqwest::RequestBuilder,
+) -> Result<reqwest::Response, ProviderError> {
+    let response = request.send().await.map_err(|e| {
+        // Nothing was received, so nothing was shown: trying again is always safe.
+        ProviderError::new(
+            ErrorType::ProviderError,
+            true,
+            format!("could not reach {}", ctx.family),
+        )
+        .with_detail(format!(
+            "{} request failed: {}",
+            ctx.family,
+            ctx.redact(&error_chain(&e))
+        ))
+    })?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let headers = response.headers().clone();
+    let body = read_capped(response, MAX_ERROR_BODY_BYTES).await;
+    Err(classify_http(ctx, status, &headers, &body))
+}
+
+/// Reads at most `cap` bytes of a body; a broken body just ends early (it is only evidence).
+async fn read_capped(response: reqwest::Response, cap: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(Ok(chunk)) = chunks.next().await {
+        let room = cap.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= cap {
+            break;
+        }
+    }
+    body
+}
+
+async fn read_json(ctx: &CallContext, response: reqwest::Response) -> Result<Value, ProviderError> {
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| transport_error(ctx, &e))?;
+        if body.len() + chunk.len() > ctx.limits.body {
+            return Err(too_large(ctx, "body"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        malformed(
+            ctx,
+            &format!("an unparsable JSON body ({e})"),
+            &String::from_utf8_lossy(&body),
+        )
+    })
+}

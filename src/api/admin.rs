@@ -11,10 +11,11 @@ use tracing::warn;
 use uuid::Uuid;
 
 use super::{
-    ApiError, AppState, finish,
+    ApiError, AppState,
+    error::Context,
     guard::{self, Realm},
 };
-use crate::config::Secret;
+use crate::{audit::RunRecord, config::Secret};
 
 /// `GET /runs/{run_id}`: the whole audit record. Without `ADMIN_TOKEN` the route does not
 /// exist as far as clients can tell (the same 404 as any unknown path).
@@ -41,28 +42,24 @@ pub(super) async fn get_run(
     extensions: Extensions,
     headers: HeaderMap,
     Path(run_id): Path<String>,
-) -> Response {
-    let result = async {
-        let Some(token) = &state.config.admin_token else {
-            return Err(ApiError::NotFound("no such endpoint".into()));
-        };
-        // Authenticate before looking at the id, so that nothing about ids leaks to callers
-        // without the token.
-        admin_auth(&state, &extensions, &headers, token)?;
-        let run_id = Uuid::parse_str(&run_id)
-            .map_err(|_| ApiError::BadRequest("run_id must be a UUID".into()))?;
-        let Some(store) = &state.store else {
-            return Err(ApiError::NotFound("no run with this id".into()));
-        };
-        match store.fetch(run_id).await {
-            Ok(Some(record)) => Ok(Json(record).into_response()),
-            // A run that just ended may still be in the writer's queue: 404 for now.
-            Ok(None) => Err(ApiError::NotFound("no run with this id".into())),
-            Err(e) => Err(ApiError::Internal(format!("reading run {run_id}: {e}"))),
-        }
-    }
-    .await;
-    finish(result)
+) -> Result<Json<RunRecord>, ApiError> {
+    let Some(token) = &state.config.admin_token else {
+        return Err(ApiError::NotFound("no such endpoint".into()));
+    };
+    // Authenticate before looking at the id, so that nothing about ids leaks to callers
+    // without the token.
+    admin_auth(&state, &extensions, &headers, token)?;
+    let run_id = Uuid::parse_str(&run_id)
+        .map_err(|_| ApiError::BadRequest("run_id must be a UUID".into()))?;
+    let no_such_run = || ApiError::NotFound("no run with this id".into());
+    let store = state.store.as_ref().ok_or_else(no_such_run)?;
+    let record = store
+        .fetch(run_id)
+        .await
+        .context(|| format!("reading run {run_id}"))?
+        // A run that just ended may still be in the writer's queue: 404 for now.
+        .ok_or_else(no_such_run)?;
+    Ok(Json(record))
 }
 
 /// Lets the request through when it carries the admin token. An address that presented too

@@ -320,7 +320,7 @@ async fn readyz(app: &TestApp) -> (u16, serde_json::Value) {
 }
 
 fn gauge(app: &TestApp, name: &str) -> String {
-    let text = app.server.as_ref().unwrap().state.metrics.render();
+    let text = app.server.as_ref().unwrap().state.metrics.render().unwrap();
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .map(|l| l[name.len() + 1..].to_owned())

@@ -115,8 +115,8 @@ impl ApiError {
     }
 }
 
-/// `MAX_CONCURRENT_STREAMS` streams are open. Counting the refusal is the caller's business
-/// (`api::at_capacity`), since it needs the metrics.
+/// `MAX_CONCURRENT_STREAMS` streams are open. The caller counts the refusal
+/// (`api::count_capacity_refusal`), since that needs the metrics.
 impl From<AtCapacity> for ApiError {
     fn from(AtCapacity: AtCapacity) -> Self {
         ApiError::Overloaded {

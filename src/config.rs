@@ -181,8 +181,9 @@ pub struct Config {
     /// How long failed attempts are counted from an address's first one, and so how long an
     /// address that reached the limit is refused.
     pub auth_failure_window: Duration,
-    /// Origins allowed to call the API from a browser; empty means same-origin only.
-    pub cors_allowed_origins: Vec<String>,
+    /// Origins allowed to call the API from a browser (`*` for any), each exactly as browsers
+    /// send it in `Origin`; empty means same-origin only.
+    pub cors_allowed_origins: Vec<http::HeaderValue>,
     /// Longest time a client may take to send its request headers.
     pub header_read_timeout: Duration,
     /// How long an ended run's events stay in memory for `Last-Event-ID` resumes.
@@ -464,28 +465,67 @@ fn secrets_list(src: &dyn Source, name: &'static str) -> Result<Vec<Secret>, Con
     Ok(keys)
 }
 
-fn cors_origins(src: &dyn Source) -> Result<Vec<String>, ConfigError> {
+/// Every entry must be an origin that can match: the CORS layer compares `Origin` byte for
+/// byte, so an entry browsers never send (with a path, upper case, a default port) would
+/// leave the browser page refused with nothing in the log. Such an entry stops the service
+/// at start like any other bad setting.
+fn cors_origins(src: &dyn Source) -> Result<Vec<http::HeaderValue>, ConfigError> {
     let Some(v) = var(src, "CORS_ALLOWED_ORIGINS") else {
         return Ok(Vec::new());
     };
     v.split(',')
         .map(str::trim)
+        // A stray comma (`a,,b`, a trailing one) names no origin.
         .filter(|o| !o.is_empty())
         .map(|o| {
-            let valid = o == "*"
-                || ((o.starts_with("http://") || o.starts_with("https://"))
-                    && !o.ends_with('/')
-                    && http::HeaderValue::from_str(o).is_ok());
-            if valid {
-                Ok(o.to_owned())
-            } else {
-                Err(ConfigError::new(
+            cors_origin(o).map_err(|why| {
+                ConfigError::new(
                     "CORS_ALLOWED_ORIGINS",
-                    format!("{o:?} is not an origin like https://example.com (or *)"),
-                ))
-            }
+                    format!("{o:?} is not an origin like https://example.com (or *): {why}"),
+                )
+            })
         })
         .collect()
+}
+
+/// `*`, or `scheme://host[:port]` as a browser serializes it.
+fn cors_origin(o: &str) -> Result<http::HeaderValue, &'static str> {
+    let value = http::HeaderValue::from_str(o).map_err(|_| "it cannot be a header value")?;
+    if o == "*" {
+        return Ok(value);
+    }
+    let (authority, default_port) = if let Some(rest) = o.strip_prefix("http://") {
+        (rest, 80)
+    } else if let Some(rest) = o.strip_prefix("https://") {
+        (rest, 443)
+    } else {
+        return Err("it must start with http:// or https://");
+    };
+    if authority.contains(['/', '?', '#']) {
+        return Err("an origin has no path, not even a trailing /");
+    }
+    if authority.contains('@') {
+        return Err("an origin has no user name or password");
+    }
+    if o.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err("browsers send origins in lower case");
+    }
+    let parsed: http::uri::Authority = authority.parse().map_err(|_| "the host is not valid")?;
+    if parsed.host().is_empty() {
+        return Err("the host is missing");
+    }
+    // The text after the last `:`, unless that colon is inside an IPv6 address's brackets.
+    let port = authority
+        .rfind(':')
+        .filter(|&i| !authority[i..].contains(']'))
+        .map(|i| &authority[i + 1..]);
+    if let Some(port) = port {
+        let port: u16 = port.parse().map_err(|_| "the port is not valid")?;
+        if port == default_port {
+            return Err("browsers leave the scheme's default port out");
+        }
+    }
+    Ok(value)
 }
 
 impl Config {
@@ -711,6 +751,52 @@ mod tests {
             let err = load(&[(name, value)]).unwrap_err();
             assert_eq!(err.var, name, "{name}={value}");
             assert!(err.to_string().contains(name), "{err}");
+            assert!(!err.to_string().contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn cors_origins_must_be_origins_as_browsers_send_them() {
+        let c = load(&[(
+            "CORS_ALLOWED_ORIGINS",
+            " https://app.example, http://localhost:3000,,http://[::1]:8080 ",
+        )])
+        .unwrap();
+        assert_eq!(
+            c.cors_allowed_origins,
+            [
+                "https://app.example",
+                "http://localhost:3000",
+                "http://[::1]:8080"
+            ]
+        );
+        assert_eq!(
+            load(&[("CORS_ALLOWED_ORIGINS", "*")])
+                .unwrap()
+                .cors_allowed_origins,
+            ["*"]
+        );
+        // Each would never match an `Origin` header: refused, never dropped.
+        for bad in [
+            "example.com",
+            "https://app.example/",
+            "https://app.example/page",
+            "https://app.example?x",
+            "https://App.Example",
+            "HTTPS://app.example",
+            "https://user@app.example",
+            "https://app.example:443",
+            "http://app.example:80",
+            "https://app.example:99999",
+            "https://",
+            "https://exa mple.com",
+            "ftp://app.example",
+            "null",
+        ] {
+            let value = format!("https://fine.example,{bad}");
+            let err = load(&[("CORS_ALLOWED_ORIGINS", value.as_str())]).unwrap_err();
+            assert_eq!(err.var, "CORS_ALLOWED_ORIGINS", "{bad}");
+            assert!(err.problem.contains(&format!("{bad:?}")), "{bad}: {err}");
             assert!(!err.to_string().contains('\n'), "one line: {err}");
         }
     }

@@ -4,8 +4,8 @@
 //! so cardinality stays bounded whatever clients send.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::events::EventKind;
@@ -249,11 +249,55 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every family.
-    pub fn render(&self) -> String {
-        let mut buf = Vec::with_capacity(16 * 1024);
-        // Encoding into a Vec only fails on invalid metric data, which registration rules out.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+    /// The text exposition of every family. Registration rules out most invalid metric data,
+    /// but not all of it (a collector can still hand the encoder a family it refuses); then
+    /// the scrape must fail loudly, not look like a service with no metrics.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        TextEncoder::new().encode_to_string(&self.registry.gather())
+    }
+}
+
+/// A collector whose family the text encoder refuses (it has no name), registered into a
+/// [`Metrics`] so that tests can see a scrape fail.
+#[cfg(test)]
+pub(crate) fn break_encoding(metrics: &Metrics) {
+    use prometheus::{
+        core::{Collector, Desc},
+        proto::{Metric, MetricFamily},
+    };
+    struct Nameless(Desc);
+    impl Collector for Nameless {
+        fn desc(&self) -> Vec<&Desc> {
+            vec![&self.0]
+        }
+        fn collect(&self) -> Vec<MetricFamily> {
+            let mut family = MetricFamily::default();
+            family.mut_metric().push(Metric::default());
+            vec![family]
+        }
+    }
+    let desc = Desc::new(
+        "duet_broken".into(),
+        "broken".into(),
+        vec![],
+        Default::default(),
+    );
+    metrics
+        .registry
+        .register(Box::new(Nameless(desc.unwrap())))
+        .unwrap();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_family_the_encoder_refuses_fails_the_render() {
+        let metrics = Metrics::new().unwrap();
+        assert!(metrics.render().unwrap().contains("duet_streams_active 0"));
+        break_encoding(&metrics);
+        let err = metrics.render().unwrap_err();
+        assert!(err.to_string().contains("no name"), "{err}");
     }
 }

@@ -136,7 +136,9 @@ impl Server {
             config.max_connections,
             state.metrics.clone(),
         );
-        let task = tokio::spawn(accept_loop(
+        // On the tracker like every other task; `wait` also awaits it by its handle, first,
+        // since the connections must drain before the runs are waited for.
+        let task = tracker.spawn(accept_loop(
             listener,
             app,
             tracker.clone(),
@@ -167,6 +169,9 @@ impl Server {
             Ok(result) => result,
             Err(join) => Err(std::io::Error::other(join)),
         };
+        // Already cancelled when the accept loop ended normally; if it died instead, the runs
+        // and housekeeping must still be told to stop.
+        self.shutdown.cancel();
         self.tracker.close();
         // Every run has ended by now unless one is stuck on something we do not control;
         // never let that keep the caller from draining the audit queue.
@@ -452,14 +457,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Err(e) => Err(e),
     };
     let served = match server {
-        Ok(server) => {
-            let token = server.shutdown.clone();
-            tokio::spawn(async move {
-                signal().await;
-                token.cancel();
-            });
-            server.wait().await
-        }
+        Ok(server) => until_signal(server).await,
         Err(e) => Err(e),
     };
     // Every run has ended (the server waited on its tracker), so every record is queued.
@@ -468,6 +466,22 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     served?;
     info!("stopped");
     Ok(())
+}
+
+/// Serves until SIGINT or SIGTERM (or until something else stops the server), then drains.
+/// The signal is awaited here, beside the server, rather than on a task of its own: nothing
+/// is left waiting for a signal once the server has stopped.
+async fn until_signal(server: Server) -> Result<(), ServeError> {
+    let token = server.shutdown.clone();
+    let stopped = server.wait();
+    tokio::pin!(stopped);
+    tokio::select! {
+        served = &mut stopped => served,
+        () = signal() => {
+            token.cancel();
+            stopped.await
+        }
+    }
 }
 
 /// The backend's name for logs: the URL itself may carry a password.

@@ -1,13 +1,23 @@
-//! The request boundary's errors and their one mapping to responses.
+//! The request boundary's errors, their one mapping to responses, and the layer that logs them.
+//!
+//! Handlers return `Result<_, ApiError>` and use `?`. [`ApiError::into_response`] builds the
+//! client's answer (status, JSON body, headers) and leaves the error itself in the response's
+//! extensions; [`log_errors`], a layer around every route, logs it from there (the pattern of
+//! axum's `examples/error-handling`). So the answer and the log line are each made in one
+//! place, and an error raised in a middleware (the guard) is treated like one from a handler.
 
-use std::time::Duration;
+use std::{fmt::Display, sync::Arc, time::Duration};
 
 use axum::{
     Json,
+    extract::Request,
     http::{HeaderValue, StatusCode, header},
+    middleware::Next,
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
+
+use crate::orchestrator::AtCapacity;
 
 /// Why a request was refused. Each variant's message is written for the client: it never
 /// carries internal error text (that goes to the log).
@@ -38,6 +48,22 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// The stable `error.type` clients can switch on. Its schema in the API description is
+/// derived from these variants, so a new kind is described as soon as it exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Kind {
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    NotFound,
+    MethodNotAllowed,
+    Unauthorized,
+    Overloaded,
+    RateLimited,
+    Internal,
+}
+
 /// Every refused request's body: `{"error": {"type", "message"}}`.
 #[derive(Serialize, utoipa::ToSchema)]
 #[schema(as = ErrorBody)]
@@ -48,77 +74,77 @@ pub(super) struct Body<'a> {
 #[derive(Serialize, utoipa::ToSchema)]
 #[schema(as = ErrorDetail)]
 pub(super) struct Inner<'a> {
-    /// What went wrong, stable for clients to switch on.
-    #[schema(schema_with = kinds_schema)]
-    r#type: &'a str,
+    #[schema(schema_with = kind_schema)]
+    r#type: Kind,
     /// For people; never carries internal error text.
-    message: String,
+    message: &'a str,
 }
 
-/// Every `error.type` that [`ApiError::kind`] can answer, for the API description.
-pub const KINDS: [&str; 9] = [
-    "invalid_request",
-    "payload_too_large",
-    "unsupported_media_type",
-    "not_found",
-    "method_not_allowed",
-    "unauthorized",
-    "overloaded",
-    "rate_limited",
-    "internal",
-];
-
-fn kinds_schema() -> utoipa::openapi::Object {
-    utoipa::openapi::ObjectBuilder::new()
-        .schema_type(utoipa::openapi::schema::Type::String)
-        .enum_values(Some(KINDS))
-        .description(Some("What went wrong, stable for clients to switch on."))
-        .build()
+/// [`Kind`]'s values, inline, with the field's description.
+fn kind_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    use utoipa::{
+        PartialSchema,
+        openapi::{RefOr, Schema},
+    };
+    let mut schema = Kind::schema();
+    if let RefOr::T(Schema::Object(object)) = &mut schema {
+        object.description = Some("What went wrong, stable for clients to switch on.".into());
+    }
+    schema
 }
 
 impl ApiError {
-    pub fn status(&self) -> StatusCode {
+    /// The status and the kind of every error, together.
+    fn status_and_kind(&self) -> (StatusCode, Kind) {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, Kind::InvalidRequest),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, Kind::PayloadTooLarge),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Kind::UnsupportedMediaType,
+            ),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, Kind::NotFound),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Kind::MethodNotAllowed),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, Kind::Unauthorized),
+            ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, Kind::Overloaded),
             ApiError::RateLimited { .. } | ApiError::AuthThrottled { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
+                (StatusCode::TOO_MANY_REQUESTS, Kind::RateLimited)
             }
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, Kind::Internal),
         }
     }
+}
 
-    /// The stable `error.type` clients can switch on.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest(_) => "invalid_request",
-            ApiError::PayloadTooLarge(_) => "payload_too_large",
-            ApiError::UnsupportedMediaType => "unsupported_media_type",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::Overloaded { .. } => "overloaded",
-            ApiError::RateLimited { .. } | ApiError::AuthThrottled { .. } => "rate_limited",
-            ApiError::Internal(_) => "internal",
+/// `MAX_CONCURRENT_STREAMS` streams are open. The caller counts the refusal
+/// (`api::count_capacity_refusal`), since that needs the metrics.
+impl From<AtCapacity> for ApiError {
+    fn from(AtCapacity: AtCapacity) -> Self {
+        ApiError::Overloaded {
+            retry_after: Duration::from_secs(1),
         }
+    }
+}
+
+/// `.context(..)` for a failure the client can do nothing about: it becomes a 500 whose
+/// detail (`context: error`) goes to the log and never to the client.
+pub(super) trait Context<T> {
+    fn context(self, context: impl FnOnce() -> String) -> Result<T, ApiError>;
+}
+
+impl<T, E: Display> Context<T> for Result<T, E> {
+    fn context(self, context: impl FnOnce() -> String) -> Result<T, ApiError> {
+        self.map_err(|e| ApiError::Internal(format!("{}: {e}", context())))
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Internal(detail) = &self {
-            tracing::error!(%detail, "request failed");
-        }
-        let status = self.status();
+        let (status, kind) = self.status_and_kind();
+        let message = self.to_string();
         let body = Body {
             error: Inner {
-                r#type: self.kind(),
-                message: self.to_string(),
+                r#type: kind,
+                message: &message,
             },
         };
         let mut response = (status, Json(body)).into_response();
@@ -140,18 +166,31 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
+        // For `log_errors`; extensions never reach the wire.
+        response.extensions_mut().insert(Arc::new(self));
         response
     }
+}
+
+/// Logs the error a response was built from, if any. Only internal errors are logged: the
+/// others are the client's doing, answered and counted (`duet_requests_total`), and an
+/// attacker could flood the log with them.
+pub(super) async fn log_errors(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    if let Some(error) = response.extensions_mut().remove::<Arc<ApiError>>()
+        && let ApiError::Internal(detail) = &*error
+    {
+        tracing::error!(%detail, "request failed");
+    }
+    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The API description lists every `error.type`: a new variant must be added to `KINDS`.
-    #[test]
-    fn every_kind_is_described() {
-        let all = [
+    fn all() -> Vec<ApiError> {
+        vec![
             ApiError::BadRequest(String::new()),
             ApiError::PayloadTooLarge(String::new()),
             ApiError::UnsupportedMediaType,
@@ -168,13 +207,48 @@ mod tests {
                 retry_after: Duration::ZERO,
             },
             ApiError::Internal(String::new()),
-        ];
-        for e in &all {
-            assert!(KINDS.contains(&e.kind()), "{} is not in KINDS", e.kind());
+        ]
+    }
+
+    /// The kinds the API description lists, read from the schema it is generated from.
+    fn described_kinds() -> Vec<String> {
+        use utoipa::PartialSchema;
+        let schema = serde_json::to_value(Kind::schema()).unwrap();
+        schema["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The API description lists every `error.type` an error can answer, and no other.
+    #[test]
+    fn every_kind_is_described() {
+        let described = described_kinds();
+        assert_eq!(described.len(), 9, "{described:?}");
+        let answered: Vec<String> = all()
+            .iter()
+            .map(|e| serde_json::to_value(e.status_and_kind().1).unwrap())
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect();
+        for kind in &answered {
+            assert!(described.contains(kind), "{kind} is not described");
         }
         // Two variants share `rate_limited`; every kind is still answered by some variant.
-        for kind in KINDS {
-            assert!(all.iter().any(|e| e.kind() == kind), "{kind} is never used");
+        for kind in &described {
+            assert!(answered.contains(kind), "{kind} is never used");
         }
+    }
+
+    #[test]
+    fn context_names_what_failed_for_the_log() {
+        let failed: Result<(), &str> = Err("connection reset");
+        let error = failed.context(|| "reading run 7".into()).unwrap_err();
+        assert!(
+            matches!(&error, ApiError::Internal(d) if d == "reading run 7: connection reset"),
+            "{error:?}"
+        );
+        assert_eq!(error.to_string(), "internal error");
     }
 }

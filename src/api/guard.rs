@@ -127,14 +127,9 @@ impl Guard {
         if self.keys.is_empty() {
             return Ok(None);
         }
-        let presented = bearer(headers).ok_or(ApiError::Unauthorized)?;
-        let mut found = None;
-        for (i, key) in self.keys.iter().enumerate() {
-            if bool::from(key.expose().as_bytes().ct_eq(presented.as_bytes())) {
-                found = Some(i);
-            }
-        }
-        found.map(Some).ok_or(ApiError::Unauthorized)
+        bearer_secret(headers, &self.keys)
+            .map(Some)
+            .ok_or(ApiError::Unauthorized)
     }
 
     fn check_rate(&self, client: ClientKey) -> Result<(), ApiError> {
@@ -172,6 +167,21 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim())
         .filter(|t| !t.is_empty())
+}
+
+/// Which of `secrets` the request's `Authorization: Bearer X` carries: the one comparison of
+/// presented keys and tokens. `X` is compared in constant time with every secret, with no
+/// early exit, so the timing of an answer says nothing about how close a guess was or which
+/// secret it was near; only the secrets' lengths could be learnt from it.
+pub fn bearer_secret(headers: &HeaderMap, secrets: &[Secret]) -> Option<usize> {
+    let presented = bearer(headers)?.as_bytes();
+    let mut found = None;
+    for (i, secret) in secrets.iter().enumerate() {
+        if bool::from(secret.expose().as_bytes().ct_eq(presented)) {
+            found = Some(i);
+        }
+    }
+    found
 }
 
 /// Authentication and rate limiting for the query routes.
@@ -392,6 +402,34 @@ pub async fn count(State(state): State<AppState>, request: Request, next: Next) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn bearer_token_must_match_exactly() {
+        let token = [Secret::new("s3cret")];
+        let matches = |h: &HeaderMap| bearer_secret(h, &token).is_some();
+        assert!(matches(&headers("Bearer s3cret")));
+        assert!(matches(&headers("bearer s3cret")));
+        assert!(!matches(&headers("Bearer s3cre")));
+        assert!(!matches(&headers("Bearer s3cret2")));
+        assert!(!matches(&headers("Basic s3cret")));
+        assert!(!matches(&headers("s3cret")));
+        assert!(!matches(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn bearer_names_which_secret_it_carries() {
+        let keys = [Secret::new("k-one"), Secret::new("k-two")];
+        assert_eq!(bearer_secret(&headers("Bearer k-one"), &keys), Some(0));
+        assert_eq!(bearer_secret(&headers("Bearer k-two"), &keys), Some(1));
+        assert_eq!(bearer_secret(&headers("Bearer k-three"), &keys), None);
+        assert_eq!(bearer_secret(&headers("Bearer k-one"), &[]), None);
+    }
 
     fn v4(n: u32) -> IpAddr {
         IpAddr::from(n.to_be_bytes())

@@ -9,6 +9,8 @@ mod guard;
 mod openapi;
 mod page;
 mod request;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -24,8 +26,11 @@ use axum::{
 use serde::Serialize;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use self::request::{QueryParams, client_request_id, parse_get, parse_post};
 pub use self::{error::ApiError, guard::Guard};
+use self::{
+    error::Context,
+    request::{QueryParams, client_request_id, parse_get, parse_post},
+};
 use crate::{
     audit::{AuditSink, ModelTrace, Outcome, RunRecord, RunStatus, Store},
     config::{Config, Secret},
@@ -76,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(error::log_errors))
         .layer(middleware::from_fn_with_state(state.clone(), guard::count));
     let router = match cors(&state.config) {
         Some(cors) => router.layer(cors),
@@ -109,15 +115,11 @@ fn cors(config: &Config) -> Option<CorsLayer> {
     if config.cors_allowed_origins.is_empty() {
         return None;
     }
+    // Every entry is an origin browsers send (or `*`): `Config` refuses any other at start.
     let origins = if config.cors_allowed_origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
-        AllowOrigin::list(
-            config
-                .cors_allowed_origins
-                .iter()
-                .filter_map(|o| HeaderValue::from_str(o).ok()),
-        )
+        AllowOrigin::list(config.cors_allowed_origins.iter().cloned())
     };
     Some(
         CorsLayer::new()
@@ -163,16 +165,21 @@ async fn healthz() -> impl IntoResponse {
 #[utoipa::path(
     get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text exposition (format 0.0.4)",
-        content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)),
+        content_type = "text/plain; version=0.0.4; charset=utf-8", body = String),
+        (status = 500, response = openapi::Internal)),
 )]
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
+async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let text = state
+        .metrics
+        .render()
+        .context(|| "encoding the metrics".into())?;
+    Ok((
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        state.metrics.render(),
-    )
+        text,
+    ))
 }
 
 async fn not_found() -> ApiError {
@@ -205,18 +212,17 @@ async fn method_not_allowed() -> ApiError {
         (status = 503, response = openapi::Overloaded),
     ),
 )]
-async fn stream_post(State(state): State<AppState>, request: Request) -> Response {
-    let result = async {
-        let (parts, body) = request.into_parts();
-        let caller = caller_key(&state, parts.extensions.get().copied())?;
-        if let Some(last) = last_event_id(&parts.headers) {
-            return resume(&state, last, caller).await;
-        }
-        let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
-        start_stream(&state, &parts.headers, params, caller)
+async fn stream_post(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let caller = caller_key(&state, parts.extensions.get().copied())?;
+    if let Some(last) = last_event_id(&parts.headers) {
+        return resume(&state, last, caller).await;
     }
-    .await;
-    finish(result)
+    let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
+    start_stream(&state, &parts.headers, params, caller)
 }
 
 /// The same as `POST /query/stream`, for `EventSource` in browsers.
@@ -243,21 +249,13 @@ async fn stream_get(
     key: Option<Extension<AuthenticatedKey>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-) -> Response {
-    let result = async {
-        let caller = caller_key(&state, key.map(|Extension(key)| key))?;
-        match last_event_id(&headers) {
-            Some(last) => resume(&state, last, caller).await,
-            None => parse_get(query.as_deref(), state.config.max_query_bytes)
-                .and_then(|params| start_stream(&state, &headers, params, caller)),
-        }
+) -> Result<Response, ApiError> {
+    let caller = caller_key(&state, key.map(|Extension(key)| key))?;
+    if let Some(last) = last_event_id(&headers) {
+        return resume(&state, last, caller).await;
     }
-    .await;
-    finish(result)
-}
-
-fn finish(result: Result<Response, ApiError>) -> Response {
-    result.unwrap_or_else(IntoResponse::into_response)
+    let params = parse_get(query.as_deref(), state.config.max_query_bytes)?;
+    start_stream(&state, &headers, params, caller)
 }
 
 /// The `Last-Event-ID` of a reconnect. An empty one is no id at all, as if it were not sent:
@@ -304,7 +302,7 @@ fn start_run(
     client_request_id: Option<String>,
     caller: Option<&Secret>,
 ) -> Result<RunHandle, ApiError> {
-    state
+    let handle = state
         .orchestrator
         .start(
             RunRequest {
@@ -315,19 +313,18 @@ fn start_run(
             },
             caller,
         )
-        .map_err(|AtCapacity| at_capacity(state))
+        .inspect_err(|AtCapacity| count_capacity_refusal(state))?;
+    Ok(handle)
 }
 
-/// `MAX_CONCURRENT_STREAMS` streams are open: 503 with `Retry-After`, counted.
-fn at_capacity(state: &AppState) -> ApiError {
+/// `MAX_CONCURRENT_STREAMS` streams are open: the refusal (503 with `Retry-After`, from
+/// `AtCapacity`'s conversion) is counted.
+fn count_capacity_refusal(state: &AppState) {
     state
         .metrics
         .streams_rejected_total
         .with_label_values(&["capacity"])
         .inc();
-    ApiError::Overloaded {
-        retry_after: std::time::Duration::from_secs(1),
-    }
 }
 
 /// The `text/event-stream` response over a run's (or a resumed run's) frames.
@@ -381,7 +378,7 @@ async fn resume(
     let slot = state
         .orchestrator
         .stream_slot()
-        .map_err(|AtCapacity| at_capacity(state))?;
+        .inspect_err(|AtCapacity| count_capacity_refusal(state))?;
     // Another key's run in memory is looked for in the store like an unknown one, where the
     // same check refuses it: the same answer, by the same path.
     let Some(log) = state
@@ -436,7 +433,7 @@ async fn resume_from_store(
     let record = store
         .fetch(run_id)
         .await
-        .map_err(|e| ApiError::Internal(format!("reading run {run_id} to resume it: {e}")))?
+        .context(|| format!("reading run {run_id} to resume it"))?
         .ok_or_else(cannot_resume)?;
     if !Owner::allows_stored(record.owner_fingerprint.as_deref(), run_id, caller) {
         return Err(cannot_resume());
@@ -502,40 +499,36 @@ fn insert_ids(h: &mut HeaderMap, run_id: uuid::Uuid, client_request_id: Option<&
         (status = 500, response = openapi::Internal),
     ),
 )]
-async fn query_post(State(state): State<AppState>, request: Request) -> Response {
-    let result = async {
-        let (parts, body) = request.into_parts();
-        let caller = caller_key(&state, parts.extensions.get().copied())?;
-        let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
-        let client_request_id = client_request_id(&parts.headers)?;
-        let params = QueryParams {
-            deltas: false,
-            ..params
-        };
-        let mut handle = start_run(&state, params, client_request_id.clone(), caller)?;
-        // Keep draining so the run never waits on a full channel; the record arrives after
-        // the last event. If this request is dropped (client gone), so is the receiver, and
-        // the run cancels itself.
-        while handle.events.recv().await.is_some() {}
-        let record = handle
-            .record
-            .await
-            .map_err(|_| ApiError::Internal("the run ended without a record".into()))?;
-        let status = match record.status {
-            RunStatus::Ok | RunStatus::Partial => StatusCode::OK,
-            RunStatus::Failed => StatusCode::BAD_GATEWAY,
-            RunStatus::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        let mut response = (status, Json(QueryResponse::from(&record))).into_response();
-        insert_ids(
-            response.headers_mut(),
-            record.run_id,
-            client_request_id.as_deref(),
-        );
-        Ok(response)
-    }
-    .await;
-    finish(result)
+async fn query_post(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let caller = caller_key(&state, parts.extensions.get().copied())?;
+    let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
+    let client_request_id = client_request_id(&parts.headers)?;
+    let params = QueryParams {
+        deltas: false,
+        ..params
+    };
+    let mut handle = start_run(&state, params, client_request_id.clone(), caller)?;
+    // Keep draining so the run never waits on a full channel; the record arrives after
+    // the last event. If this request is dropped (client gone), so is the receiver, and
+    // the run cancels itself.
+    while handle.events.recv().await.is_some() {}
+    let record = handle
+        .record
+        .await
+        .context(|| "the run ended without a record".into())?;
+    let status = match record.status {
+        RunStatus::Ok | RunStatus::Partial => StatusCode::OK,
+        RunStatus::Failed => StatusCode::BAD_GATEWAY,
+        RunStatus::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut response = (status, Json(QueryResponse::from(&record))).into_response();
+    insert_ids(
+        response.headers_mut(),
+        record.run_id,
+        client_request_id.as_deref(),
+    );
+    Ok(response)
 }
 
 /// The answer of `POST /query`: the run as one document.

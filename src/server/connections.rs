@@ -407,7 +407,7 @@ mod tests {
         drop(b1);
         assert_eq!(caps.admit(mapped).err(), Some(Refused::PerClient));
         assert_eq!(metrics.connections_open.get(), 2);
-        let text = metrics.render();
+        let text = metrics.render().unwrap();
         assert!(
             text.contains(r#"duet_connections_refused_total{reason="per_client"} 2"#),
             "{text}"

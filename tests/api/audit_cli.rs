@@ -40,12 +40,8 @@ async fn zero_config_serve_writes_runs_to_duet_db_and_drains_on_sigterm() {
     let (addr, _log) = crate::helpers::listening(&mut child);
     let client = reqwest::Client::new();
     for i in 0..3 {
-        let resp = client
-            .post(format!("http://{addr}/query"))
-            .json(&json!({"query": format!("q{i}")}))
-            .send()
-            .await
-            .unwrap();
+        let resp =
+            crate::helpers::post_query_to(&client, &addr, json!({"query": format!("q{i}")})).await;
         assert_eq!(resp.status(), 200);
     }
     assert_eq!(crate::helpers::terminate(child).await, Some(0));

@@ -320,7 +320,7 @@ async fn readyz(app: &TestApp) -> (u16, serde_json::Value) {
 }
 
 fn gauge(app: &TestApp, name: &str) -> String {
-    let text = app.server.as_ref().unwrap().state.metrics.render();
+    let text = app.server.as_ref().unwrap().state.metrics.render().unwrap();
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .map(|l| l[name.len() + 1..].to_owned())
@@ -615,15 +615,12 @@ async fn kill_9_during_a_postgres_outage_loses_no_answered_run() {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut runs = Vec::new();
     for chunk in 0..5 {
-        let answers = join_all((0..10).map(|i| {
-            client
-                .post(format!("http://{addr}/query"))
-                .json(&json!({"query": format!("q{chunk}-{i}")}))
-                .send()
-        }))
+        let answers = join_all(
+            (0..10)
+                .map(|i| post_query_to(&client, &addr, json!({"query": format!("q{chunk}-{i}")}))),
+        )
         .await;
         for a in answers {
-            let a = a.unwrap();
             assert_eq!(a.status(), 200);
             runs.push(a.headers()["x-run-id"].to_str().unwrap().to_owned());
         }

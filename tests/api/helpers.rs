@@ -304,6 +304,11 @@ impl TestApp {
             .expect("request sent")
     }
 
+    /// `POST /query` with a JSON body.
+    pub async fn post_query(&self, body: Value) -> reqwest::Response {
+        post_query_to(&self.client, self.addr, body).await
+    }
+
     /// Runs a query and returns every event until the stream ends.
     pub async fn stream(&self, body: Value) -> Vec<Ev> {
         let resp = self.post_stream(body).await;
@@ -328,6 +333,21 @@ impl TestApp {
             server.stop().await.expect("clean stop");
         }
     }
+}
+
+/// `POST /query` with a JSON body, from `client` to the service at `addr` (a test's own
+/// process, say); [`TestApp::post_query`] for a test app.
+pub async fn post_query_to(
+    client: &reqwest::Client,
+    addr: impl std::fmt::Display,
+    body: Value,
+) -> reqwest::Response {
+    client
+        .post(format!("http://{addr}/query"))
+        .json(&body)
+        .send()
+        .await
+        .expect("request sent")
 }
 
 pub async fn read_events(resp: reqwest::Response) -> Vec<Ev> {

@@ -29,6 +29,26 @@ fn bad_config_stops_with_one_line_naming_the_variable() {
     );
 }
 
+/// An origin that could never match a browser's `Origin` header stops the service at start;
+/// before, it was dropped without a word and the browser page was refused.
+#[test]
+fn bad_cors_origin_stops_with_one_line_naming_it() {
+    let out = duet()
+        .env(
+            "CORS_ALLOWED_ORIGINS",
+            "https://ok.example, https://app.example/",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("CORS_ALLOWED_ORIGINS") && stderr.contains("\"https://app.example/\""),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn sigterm_ends_open_streams_with_done_and_exits_zero() {
     let mut child = duet()

@@ -102,13 +102,7 @@ async fn concurrent_stream_limit_answers_503_with_retry_after() {
     assert_eq!(c.headers()["retry-after"], "1");
     let body: Value = c.json().await.unwrap();
     assert_eq!(body["error"]["type"], "overloaded");
-    let resp = app
-        .client
-        .post(app.url("/query"))
-        .json(&json!({"query": "d"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_query(json!({"query": "d"})).await;
     assert_eq!(resp.status(), 503);
     // When a run ends its place is free again.
     read_events(a).await;
@@ -132,22 +126,10 @@ async fn per_client_rate_limit_answers_429_with_retry_after() {
     )
     .await;
     for _ in 0..3 {
-        let resp = app
-            .client
-            .post(app.url("/query"))
-            .json(&json!({"query": "q"}))
-            .send()
-            .await
-            .unwrap();
+        let resp = app.post_query(json!({"query": "q"})).await;
         assert_eq!(resp.status(), 200);
     }
-    let resp = app
-        .client
-        .post(app.url("/query"))
-        .json(&json!({"query": "q"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_query(json!({"query": "q"})).await;
     assert_eq!(resp.status(), 429);
     let retry: u64 = resp.headers()["retry-after"]
         .to_str()

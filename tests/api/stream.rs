@@ -527,13 +527,7 @@ async fn slow_reader_does_not_make_the_service_buffer() {
 #[tokio::test(start_paused = true)]
 async fn post_query_answers_one_document() {
     let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
-    let resp = app
-        .client
-        .post(app.url("/query"))
-        .json(&json!({"query": "q"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_query(json!({"query": "q"})).await;
     assert_eq!(resp.status(), 200);
     let run_id = resp.headers()["x-run-id"].to_str().unwrap().to_owned();
     let body: serde_json::Value = resp.json().await.unwrap();
@@ -551,13 +545,7 @@ async fn post_query_answers_one_document() {
         &[("PRO_TIMEOUT_S", "1")],
     )
     .await;
-    let resp = app
-        .client
-        .post(app.url("/query"))
-        .json(&json!({"query": "q"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_query(json!({"query": "q"})).await;
     assert_eq!(resp.status(), 502);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["status"], "failed");

@@ -109,13 +109,7 @@ async fn oversized_query_is_413() {
         .await
         .unwrap();
     expect_error(resp, 413, "payload_too_large").await;
-    let resp = app
-        .client
-        .post(app.url("/query"))
-        .json(&json!({"query": ok}))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_query(json!({"query": ok})).await;
     assert_eq!(resp.status(), 200);
 }
 

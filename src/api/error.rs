@@ -17,7 +17,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use crate::orchestrator::AtCapacity;
+use crate::run::AtCapacity;
 
 /// Why a request was refused. Each variant's message is written for the client: it never
 /// carries internal error text (that goes to the log).

@@ -17,7 +17,7 @@ use super::{ApiError, error::log_errors};
 use crate::{
     audit::MemorySink,
     config::Config,
-    orchestrator::AtCapacity,
+    run::AtCapacity,
     server::{Parts, Server},
 };
 

@@ -7,7 +7,7 @@
 //!
 //! - [`store`]: the database (SQLite or PostgreSQL, chosen from `DATABASE_URL`): migrations,
 //!   batched idempotent inserts, reading a record back. Per-backend SQL lives in `sqlite` and
-//!   `postgres`.
+//!   `postgres`; what both do with rows (reading a record back) in `rows`.
 //! - [`writer`]: the [`AuditWriter`] sink: bounded queue, batching, retries, shutdown drain.
 //! - [`deadletter`]: the JSON-lines file records go to when the database cannot take them,
 //!   and the same kind of file for the journal (records in retry, kept on disk).
@@ -18,6 +18,7 @@ pub mod admin;
 pub mod deadletter;
 mod postgres;
 pub mod replay;
+mod rows;
 mod sqlite;
 pub mod store;
 pub mod writer;

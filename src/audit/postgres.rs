@@ -5,14 +5,34 @@
 //! statement is reused, and it has no bound-parameter limit to chunk around (unlike a
 //! multi-row `VALUES` list).
 
-use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row};
+use std::time::Duration;
+
+use sqlx::{
+    PgPool, Row,
+    postgres::{PgPoolOptions, PgRow},
+};
 use uuid::Uuid;
 
 use super::{
     AuditError, ModelTrace, Result, RunRecord,
-    store::{assemble, to_db},
+    rows::{Dialect, to_db},
 };
+
+/// How reading a record back differs on PostgreSQL: `$1` parameters (the id bound as text,
+/// like every id here), `created_at` as `timestamptz`.
+pub(super) const DIALECT: Dialect<PgRow> = Dialect {
+    by_run_id: "run_id = $1::text::uuid",
+    created_at: |_, row| Ok(row.try_get("created_at")?),
+};
+
+/// A pool that connects on first use.
+pub(super) fn connect_lazy(url: &str, acquire_timeout: Duration) -> Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(acquire_timeout)
+        .connect_lazy(url)
+        .map_err(AuditError::Connect)
+}
 
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
@@ -169,28 +189,4 @@ impl Traces {
         self.input_tokens.push(t.input_tokens.map(to_db));
         self.output_tokens.push(t.output_tokens.map(to_db));
     }
-}
-
-pub(super) async fn fetch(pool: &PgPool, run_id: Uuid) -> Result<Option<RunRecord>> {
-    let id = run_id.to_string();
-    let Some(run) = sqlx::query(
-        "SELECT client_request_id, created_at, query, system, status, total_ms, service_version, \
-         events, owner_fingerprint FROM dual_runs WHERE run_id = $1::text::uuid",
-    )
-    .bind(&id)
-    .fetch_optional(pool)
-    .await?
-    else {
-        return Ok(None);
-    };
-    let traces = sqlx::query(
-        "SELECT model, provider, model_name, model_version, outcome, error_type, error_message, \
-         text, finish_reason, latency_ms, ttft_ms, input_tokens, output_tokens \
-         FROM model_traces WHERE run_id = $1::text::uuid",
-    )
-    .bind(&id)
-    .fetch_all(pool)
-    .await?;
-    let created_at: DateTime<Utc> = run.try_get("created_at")?;
-    assemble(run_id, &run, created_at, &traces).map(Some)
 }

@@ -69,23 +69,8 @@ pub struct Limits {
     pub stall: Duration,
 }
 
-/// Which deadline ended a model call (the `kind` label of `duet_model_timeouts_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeoutKind {
-    Total,
-    FirstToken,
-    Stall,
-}
-
-impl TimeoutKind {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            TimeoutKind::Total => "total",
-            TimeoutKind::FirstToken => "first_token",
-            TimeoutKind::Stall => "stall",
-        }
-    }
-}
+/// Which deadline ended a model call: the record's own type (`audit::Deadline`).
+pub use crate::audit::Deadline as TimeoutKind;
 
 /// One role's provider and deadlines.
 #[derive(Clone)]
@@ -230,8 +215,9 @@ impl Orchestrator {
         };
         // The channel is new and empty, so both of these succeed; a failure would mean the
         // receiver is gone, which cannot be before we return it.
-        let start = sse::encode("start", &run_id_text, 0, &start);
-        log.push(0, start.clone());
+        let data = sse::encode_data(&start);
+        let start = sse::frame("start", &run_id_text, 0, &data);
+        log.push(0, "start", start.clone(), data.len());
         let _ = tx.try_send(start);
         let done_permit = tx.clone().try_reserve_owned().ok();
         inner.metrics.sse_event("start");
@@ -497,7 +483,7 @@ impl Emitter {
             // Not kept, but a client that saw it may resume from it.
             self.log.mark_issued(seq);
         } else {
-            self.log.push(seq, frame.clone());
+            self.log.push(seq, event, frame.clone(), json.len());
         }
         permit.send(budgeted(frame, bytes));
         self.metrics.sse_event(event);
@@ -956,19 +942,15 @@ impl Drop for RunGuard {
         let total = self.started.elapsed();
         let run_id = &self.emitter.run_id;
         let seq = self.emitter.seq.fetch_add(1, Ordering::Relaxed);
-        let done = sse::encode(
-            "done",
+        let data = sse::encode_data(&DoneEvent {
             run_id,
-            seq,
-            &DoneEvent {
-                run_id,
-                status,
-                flash: flash.outcome,
-                pro: pro.outcome,
-                total_ms: millis(total),
-            },
-        );
-        self.emitter.log.push(seq, done.clone());
+            status,
+            flash: flash.outcome,
+            pro: pro.outcome,
+            total_ms: millis(total),
+        });
+        let done = sse::frame("done", run_id, seq, &data);
+        self.emitter.log.push(seq, "done", done.clone(), data.len());
         self.registry.close(self.run_id, &self.emitter.log);
         if let Some(permit) = self.done_permit.take() {
             permit.send(done);
@@ -996,7 +978,7 @@ impl Drop for RunGuard {
             service_version: crate::SERVICE_VERSION.to_owned(),
             flash: trace(&self.flash_ref, flash),
             pro: trace(&self.pro_ref, pro),
-            events: self.emitter.log.to_text(),
+            events: self.emitter.log.to_events(),
             owner_fingerprint: self.emitter.log.owner().map(Owner::to_hex),
         };
         // Only `POST /query` waits for the record; streams dropped their receiver at once,
@@ -1019,25 +1001,13 @@ fn trace(model: &OwnedModelRef, result: ModelResult) -> ModelTrace {
             .as_ref()
             .map(|e| e.error_type.as_str().to_owned()),
         error_message: result.error.map(|e| e.detail),
+        deadline: result.timeout,
         text: result.text,
         finish_reason: result.completion.finish_reason,
         latency_ms: millis(result.latency),
         ttft_ms: result.ttft.map(millis),
         input_tokens: result.completion.usage.input_tokens,
         output_tokens: result.completion.usage.output_tokens,
-    }
-    .with_timeout_kind(result.timeout)
-}
-
-impl ModelTrace {
-    /// Keeps which deadline fired in the record, where operators look for it.
-    fn with_timeout_kind(mut self, kind: Option<TimeoutKind>) -> Self {
-        if let (Some(kind), Some(msg)) = (kind, self.error_message.as_mut()) {
-            msg.push_str(" [deadline: ");
-            msg.push_str(kind.as_str());
-            msg.push(']');
-        }
-        self
     }
 }
 

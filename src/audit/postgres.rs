@@ -14,7 +14,7 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    AuditError, ModelTrace, Result, RunRecord,
+    AuditError, Deadline, ModelTrace, Result, RunRecord, events,
     rows::{Dialect, to_db},
 };
 
@@ -43,11 +43,11 @@ ON CONFLICT (run_id) DO NOTHING";
 
 const INSERT_TRACES: &str = "\
 INSERT INTO model_traces (run_id, model, provider, model_name, model_version, outcome,
-                          error_type, error_message, text, finish_reason, latency_ms, ttft_ms,
-                          input_tokens, output_tokens)
+                          error_type, error_message, deadline, text, finish_reason, latency_ms,
+                          ttft_ms, input_tokens, output_tokens)
 SELECT * FROM UNNEST($1::text[]::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[],
-                     $12::int8[], $13::int8[], $14::int8[])
+                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+                     $12::int8[], $13::int8[], $14::int8[], $15::int8[])
 ON CONFLICT (run_id, model) DO NOTHING";
 
 /// PostgreSQL text cannot hold NUL, which JSON (and so a query) can carry as `\u0000`.
@@ -75,7 +75,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
     let mut statuses = Vec::with_capacity(n);
     let mut totals = Vec::with_capacity(n);
     let mut versions = Vec::with_capacity(n);
-    let mut events = Vec::with_capacity(n);
+    let mut stored_events = Vec::with_capacity(n);
     let mut owners = Vec::with_capacity(n);
     for r in records {
         run_ids.push(r.run_id.to_string());
@@ -86,7 +86,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
         statuses.push(r.status.as_str());
         totals.push(to_db(r.total_ms));
         versions.push(text(&r.service_version));
-        events.push(text(&r.events));
+        stored_events.push(events::to_column(&r.events));
         owners.push(r.owner_fingerprint.as_deref());
     }
 
@@ -108,7 +108,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
             .bind(&statuses)
             .bind(&totals)
             .bind(&versions)
-            .bind(&events)
+            .bind(&stored_events)
             .bind(&owners)
             .execute(&mut *tx)
             .await?
@@ -122,6 +122,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
             .bind(&t.outcome)
             .bind(&t.error_type)
             .bind(&t.error_message)
+            .bind(&t.deadline)
             .bind(&t.text)
             .bind(&t.finish_reason)
             .bind(&t.latency_ms)
@@ -153,6 +154,7 @@ struct Traces {
     outcome: Vec<&'static str>,
     error_type: Vec<Option<String>>,
     error_message: Vec<Option<String>>,
+    deadline: Vec<Option<&'static str>>,
     text: Vec<String>,
     finish_reason: Vec<Option<String>>,
     latency_ms: Vec<i64>,
@@ -181,6 +183,7 @@ impl Traces {
         self.error_type.push(opt_text(t.error_type.as_deref()));
         self.error_message
             .push(opt_text(t.error_message.as_deref()));
+        self.deadline.push(t.deadline.map(Deadline::as_str));
         self.text.push(text(&t.text));
         self.finish_reason
             .push(opt_text(t.finish_reason.as_deref()));

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 use uuid::Uuid;
 
-use super::{AuditError, ModelTrace, Result, RunRecord};
+use super::{AuditError, ModelTrace, Result, RunRecord, events};
 
 /// Numbers are `u64` in records and signed 64-bit in both databases; values past `i64::MAX`
 /// (585 million years of milliseconds) are clamped rather than refused.
@@ -70,7 +70,7 @@ where
     };
     let sql = format!(
         "SELECT model, provider, model_name, model_version, outcome, error_type, \
-         error_message, text, finish_reason, latency_ms, ttft_ms, input_tokens, \
+         error_message, deadline, text, finish_reason, latency_ms, ttft_ms, input_tokens, \
          output_tokens FROM model_traces WHERE {}",
         dialect.by_run_id
     );
@@ -110,9 +110,8 @@ where
         service_version: run.try_get("service_version")?,
         flash: flash.ok_or_else(|| corrupt(run_id, "no flash trace"))?,
         pro: pro.ok_or_else(|| corrupt(run_id, "no pro trace"))?,
-        events: run
-            .try_get::<Option<String>, _>("events")?
-            .unwrap_or_default(),
+        events: events::from_column(run.try_get::<Option<String>, _>("events")?.as_deref())
+            .map_err(|e| corrupt(run_id, format!("events: {e}")))?,
         owner_fingerprint: run.try_get("owner_fingerprint")?,
     })
 }
@@ -134,6 +133,11 @@ where
         outcome: outcome.parse().map_err(|e: String| corrupt(run_id, e))?,
         error_type: row.try_get("error_type")?,
         error_message: row.try_get("error_message")?,
+        deadline: row
+            .try_get::<Option<String>, _>("deadline")?
+            .map(|d| d.parse())
+            .transpose()
+            .map_err(|e: String| corrupt(run_id, e))?,
         text: row.try_get("text")?,
         finish_reason: row.try_get("finish_reason")?,
         latency_ms: from_db(row.try_get("latency_ms")?),

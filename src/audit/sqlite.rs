@@ -34,12 +34,12 @@ use sqlx::{
 };
 
 use super::{
-    AuditError, Result, RunRecord,
+    AuditError, Deadline, Result, RunRecord, events,
     rows::{Dialect, corrupt, to_db},
 };
 
 /// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
-/// runs binds 10 values per run and 14 per trace (two per run): 500 runs bind 19000.
+/// runs binds 10 values per run and 15 per trace (two per run): 500 runs bind 20000.
 const CHUNK: usize = 500;
 
 /// How reading a record back differs on SQLite: `?` parameters, `created_at` as text.
@@ -246,7 +246,7 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result
                 .push_bind(r.status.as_str())
                 .push_bind(to_db(r.total_ms))
                 .push_bind(r.service_version.as_str())
-                .push_bind(r.events.as_str())
+                .push_bind(events::to_column(&r.events))
                 .push_bind(r.owner_fingerprint.as_deref());
         });
         // A replayed or resubmitted record is ignored, never duplicated (contract §5).
@@ -255,8 +255,8 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result
 
         let mut traces = QueryBuilder::<Sqlite>::new(
             "INSERT INTO model_traces (run_id, model, provider, model_name, model_version, \
-             outcome, error_type, error_message, text, finish_reason, latency_ms, ttft_ms, \
-             input_tokens, output_tokens) ",
+             outcome, error_type, error_message, deadline, text, finish_reason, latency_ms, \
+             ttft_ms, input_tokens, output_tokens) ",
         );
         let rows = chunk
             .iter()
@@ -270,6 +270,7 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result
                 .push_bind(t.outcome.as_str())
                 .push_bind(t.error_type.as_deref())
                 .push_bind(t.error_message.as_deref())
+                .push_bind(t.deadline.map(Deadline::as_str))
                 .push_bind(t.text.as_str())
                 .push_bind(t.finish_reason.as_deref())
                 .push_bind(to_db(t.latency_ms))

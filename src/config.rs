@@ -32,6 +32,26 @@ impl fmt::Display for Role {
     }
 }
 
+/// Which database a `DATABASE_URL` names. The one place that reads the scheme: config
+/// refuses any other at start, and the audit store picks its backend by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseBackend {
+    Sqlite,
+    Postgres,
+}
+
+impl DatabaseBackend {
+    pub fn of(url: &str) -> Option<DatabaseBackend> {
+        if url.starts_with("sqlite:") {
+            Some(DatabaseBackend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(DatabaseBackend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
 /// Which upstream family answers for a role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
@@ -549,10 +569,7 @@ impl Config {
     /// Reads and validates every variable of contract §2 from `src`.
     pub fn from_source(src: &dyn Source) -> Result<Config, ConfigError> {
         let database_url = var(src, "DATABASE_URL").unwrap_or_else(|| "sqlite://duet.db".into());
-        if !(database_url.starts_with("sqlite:")
-            || database_url.starts_with("postgres://")
-            || database_url.starts_with("postgresql://"))
-        {
+        if DatabaseBackend::of(&database_url).is_none() {
             return Err(ConfigError::new(
                 "DATABASE_URL",
                 "must start with sqlite:// or postgres://",

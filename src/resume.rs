@@ -28,7 +28,7 @@ use tokio::{sync::watch, time::Instant};
 use uuid::Uuid;
 
 use crate::{
-    audit::RunRecord,
+    audit::{RunRecord, StoredEvent},
     config::{Role, Secret},
     events::{AnswerEvent, EventKind},
     sse,
@@ -109,8 +109,8 @@ impl Owner {
 /// text, so keeping them would make a run's memory grow several times faster than its answer;
 /// the answer events carry the whole texts, so a resumed client still gets every answer.
 pub struct RunLog {
-    /// (seq, frame), in seq order.
-    frames: Mutex<Vec<(u32, Bytes)>>,
+    /// In seq order.
+    frames: Mutex<Vec<Logged>>,
     /// (number of frames, ended)
     progress: watch::Sender<(usize, bool)>,
     /// The highest seq sent to the run's client so far, deltas included: a `Last-Event-ID`
@@ -119,6 +119,15 @@ pub struct RunLog {
     /// Bytes of the frames held, for `RESUME_STORE_MAX_BYTES`.
     bytes: AtomicUsize,
     owner: Option<Owner>,
+}
+
+/// One event of the log: its frame as sent, and what the audit record keeps of it.
+struct Logged {
+    seq: u32,
+    event: EventKind,
+    frame: Bytes,
+    /// The frame's `data` (a slice of `frame`, not a copy).
+    data: Bytes,
 }
 
 impl RunLog {
@@ -157,18 +166,25 @@ impl RunLog {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<(u32, Bytes)>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Logged>> {
         // A push cannot leave the vector half-written, so a poisoned lock is still sound.
         self.frames.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends a frame; called in seq order by the run.
-    pub fn push(&self, seq: u32, frame: Bytes) {
+    /// Appends the frame of event `event`, whose data (encoded by `sse::encode_data`) is
+    /// `data_len` bytes long; called in seq order by the run.
+    pub fn push(&self, seq: u32, event: EventKind, frame: Bytes, data_len: usize) {
         self.mark_issued(seq);
         self.bytes.fetch_add(frame.len(), Ordering::Relaxed);
+        let data = sse::data_of(&frame, data_len);
         let len = {
             let mut frames = self.lock();
-            frames.push((seq, frame));
+            frames.push(Logged {
+                seq,
+                event,
+                frame,
+                data,
+            });
             frames.len()
         };
         // Wakes followers only; with none, this is a store and no wake-up.
@@ -184,31 +200,37 @@ impl RunLog {
     pub fn frames_after(&self, seq: u32) -> (Vec<(u32, Bytes)>, bool) {
         let ended = self.progress.borrow().1;
         let frames = self.lock();
-        let from = frames.partition_point(|(s, _)| *s <= seq);
-        let rest = frames.get(from..).map(<[_]>::to_vec).unwrap_or_default();
+        let from = frames.partition_point(|l| l.seq <= seq);
+        let rest = frames
+            .get(from..)
+            .unwrap_or_default()
+            .iter()
+            .map(|l| (l.seq, l.frame.clone()))
+            .collect();
         (rest, ended)
     }
 
-    /// All frames as one SSE text: what the audit record keeps so that a reconnect can be
-    /// answered after the run has left memory. The answer events (`flash`, `pro`) are kept
-    /// as their `event:` and `id:` lines only: their data is the model's trace, which the
-    /// record holds already, and storing the texts twice would halve the writer's throughput.
-    /// [`stored_frames_after`] puts the data back.
-    pub fn to_text(&self) -> String {
+    /// The events, as the audit record keeps them so that a reconnect can be answered after
+    /// the run has left memory. The answer events (`flash`, `pro`) are kept without their
+    /// data: it is the model's trace, which the record holds already, and storing the texts
+    /// twice would halve the writer's throughput. [`stored_frames_after`] puts it back.
+    pub fn to_events(&self) -> Vec<StoredEvent> {
         let frames = self.lock();
-        let mut text = String::with_capacity(frames.iter().map(|(_, f)| f.len().min(256)).sum());
-        for (_, frame) in frames.iter() {
-            // Frames are built from `str` by `sse::encode`, so they are valid UTF-8.
-            let frame = String::from_utf8_lossy(frame);
-            if event_of(&frame).is_some_and(|kind| kind.answer_role().is_some()) {
-                let head = frame.split_inclusive('\n').take(2);
-                head.for_each(|line| text.push_str(line));
-                text.push('\n');
-            } else {
-                text.push_str(&frame);
-            }
-        }
-        text
+        frames
+            .iter()
+            .map(|l| StoredEvent {
+                seq: l.seq,
+                event: l.event.as_str().to_owned(),
+                data: match l.event.answer_role() {
+                    Some(_) => None,
+                    // Our own `sse::encode_data` output: UTF-8 JSON, so this always parses.
+                    _ => serde_json::value::RawValue::from_string(
+                        String::from_utf8_lossy(&l.data).into_owned(),
+                    )
+                    .ok(),
+                },
+            })
+            .collect()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<(usize, bool)> {
@@ -300,29 +322,32 @@ impl Registry {
     pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 }
 
-/// The frames of a stored run's events whose seq is after `after`, in order, with the answer
-/// events rebuilt from the record's traces (see [`RunLog::to_text`]).
+/// The frames of a stored run's events whose seq is after `after`, in order, framed as they
+/// were sent, with the answer events' data rebuilt from the record's traces (see
+/// [`RunLog::to_events`]).
 pub fn stored_frames_after(record: &RunRecord, after: u32) -> Vec<Bytes> {
     let run_id = record.run_id.hyphenated().to_string();
     record
         .events
-        .split_inclusive("\n\n")
-        .filter_map(|frame| {
-            let seq = frame
-                .lines()
-                .find_map(|l| l.strip_prefix("id: "))
-                .and_then(parse_last_event_id)
-                .map(|(_, seq)| seq)
-                .filter(|seq| *seq > after)?;
-            let answer = event_of(frame).and_then(EventKind::answer_role);
-            Some(match answer {
-                Some(role) if !frame.contains("\ndata: ") => sse::encode(
-                    EventKind::answer(role),
+        .iter()
+        .filter(|e| e.seq > after)
+        .filter_map(|e| {
+            // Every stored name is one this service sent; a name it does not know (a record
+            // from a newer version) cannot be framed as the contract's event, so it is left out.
+            let kind = EventKind::from_wire(&e.event)?;
+            let answer = kind
+                .answer_role()
+                .map(|role| (role, trace_of(record, role)));
+            Some(match (&e.data, answer) {
+                (Some(data), _) => sse::frame(kind, &run_id, e.seq, data.get().as_bytes()),
+                (None, Some((role, trace))) => sse::encode(
+                    kind,
                     &run_id,
-                    seq,
-                    &AnswerEvent::from_trace(&run_id, role, trace_of(record, role)),
+                    e.seq,
+                    &AnswerEvent::from_trace(&run_id, role, trace),
                 ),
-                _ => Bytes::copy_from_slice(frame.as_bytes()),
+                // Only an old record's unreadable data comes here (see `audit::events`).
+                (None, None) => sse::frame(kind, &run_id, e.seq, b"{}"),
             })
         })
         .collect()
@@ -335,22 +360,10 @@ fn trace_of(record: &RunRecord, role: Role) -> &crate::audit::ModelTrace {
     }
 }
 
-/// The kind of an SSE frame, from its first line (`event: {name}`).
-fn event_of(frame: &str) -> Option<EventKind> {
-    let line = frame.lines().next()?;
-    EventKind::from_wire(line.strip_prefix("event: ")?)
-}
-
 /// The highest seq among a stored run's events (its `done`): the last one its client was
 /// sent, since `done` is always last. `None` when no events are stored.
 pub fn stored_last_seq(record: &RunRecord) -> Option<u32> {
-    record
-        .events
-        .lines()
-        .filter_map(|l| l.strip_prefix("id: "))
-        .filter_map(parse_last_event_id)
-        .map(|(_, seq)| seq)
-        .max()
+    record.events.iter().map(|e| e.seq).max()
 }
 
 /// `Last-Event-ID` as `{run_id}:{seq}`.
@@ -444,6 +457,7 @@ mod tests {
             outcome: crate::audit::Outcome::Ok,
             error_type: None,
             error_message: None,
+            deadline: None,
             text: text.into(),
             finish_reason: Some("stop".into()),
             latency_ms: 5,
@@ -456,8 +470,19 @@ mod tests {
     #[test]
     fn stored_frames_are_cut_after_seq_and_answers_rebuilt() {
         let id = "0192d5c4-0000-7000-8000-000000000000";
+        let run_id = Uuid::parse_str(id).unwrap();
+        // What a run's log keeps: start, an answer, done (deltas in between are not kept).
+        let log = RunLog::new(None);
+        for (seq, event) in [
+            (0, EventKind::Start),
+            (4, EventKind::Flash),
+            (9, EventKind::Done),
+        ] {
+            let data = sse::encode_data(&serde_json::json!({"run_id": id, "n": seq}));
+            log.push(seq, event, sse::frame(event, id, seq, &data), data.len());
+        }
         let record = RunRecord {
-            run_id: Uuid::parse_str(id).unwrap(),
+            run_id,
             client_request_id: None,
             created_at: chrono::Utc::now(),
             query: "q".into(),
@@ -467,26 +492,45 @@ mod tests {
             service_version: "t".into(),
             flash: trace("the flash text"),
             pro: trace("the pro text"),
-            events: format!(
-                "event: start\nid: {id}:0\ndata: {{}}\n\n\
-                 event: flash\nid: {id}:4\n\n\
-                 event: done\nid: {id}:9\ndata: {{}}\n\n"
-            ),
+            events: log.to_events(),
             owner_fingerprint: None,
         };
-        let after = |seq| {
-            stored_frames_after(&record, seq)
-                .iter()
-                .map(|f| String::from_utf8_lossy(f).into_owned())
-                .collect::<Vec<_>>()
-        };
-        let from_start = after(0);
-        assert_eq!(from_start.len(), 2);
-        assert!(from_start[0].starts_with(&format!("event: flash\nid: {id}:4\ndata: {{")));
-        assert!(from_start[0].contains("\"text\":\"the flash text\""));
-        assert!(from_start[1].starts_with("event: done\n"));
-        assert_eq!(after(4).len(), 1);
-        assert!(after(9).is_empty());
+        assert!(
+            record.events[1].data.is_none(),
+            "answers are kept without their data"
+        );
+        // A record from before events were kept as such: SSE text, as a dead-letter line
+        // of an older release holds it.
+        let mut old = serde_json::to_value(&record).unwrap();
+        old["events"] = format!(
+            "event: start\nid: {id}:0\ndata: {{\"n\":0,\"run_id\":\"{id}\"}}\n\n\
+             event: flash\nid: {id}:4\n\n\
+             event: done\nid: {id}:9\ndata: {{\"n\":9,\"run_id\":\"{id}\"}}\n\n"
+        )
+        .into();
+        let old: RunRecord = serde_json::from_str(&old.to_string()).unwrap();
+        assert_eq!(old.events, record.events);
+
+        for record in [&record, &old] {
+            let after = |seq| {
+                stored_frames_after(record, seq)
+                    .iter()
+                    .map(|f| String::from_utf8_lossy(f).into_owned())
+                    .collect::<Vec<_>>()
+            };
+            let from_start = after(0);
+            assert_eq!(from_start.len(), 2);
+            assert!(from_start[0].starts_with(&format!("event: flash\nid: {id}:4\ndata: {{")));
+            assert!(from_start[0].contains("\"text\":\"the flash text\""));
+            assert_eq!(
+                from_start[1],
+                format!("event: done\nid: {id}:9\ndata: {{\"n\":9,\"run_id\":\"{id}\"}}\n\n"),
+                "sent again byte for byte"
+            );
+            assert_eq!(after(4).len(), 1);
+            assert!(after(9).is_empty());
+            assert_eq!(stored_last_seq(record), Some(9));
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -494,7 +538,7 @@ mod tests {
         let reg = Registry::new(Duration::from_secs(5), usize::MAX);
         let id = Uuid::now_v7();
         let log = reg.open(id, None);
-        log.push(0, Bytes::from_static(b"a"));
+        log.push(0, EventKind::Start, Bytes::from_static(b"a"), 0);
         reg.close(id, &log);
         assert!(reg.get(&id).is_some());
         tokio::time::advance(Duration::from_secs(6)).await;
@@ -510,11 +554,11 @@ mod tests {
         let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
         let live = Uuid::now_v7();
         let live_log = reg.open(live, None);
-        live_log.push(0, Bytes::from(vec![b'x'; 5000]));
+        live_log.push(0, EventKind::Start, Bytes::from(vec![b'x'; 5000]), 0);
         for id in &ids {
             let log = reg.open(*id, None);
-            log.push(0, Bytes::from(vec![b'x'; 400]));
-            log.push(1, Bytes::from(vec![b'x'; 600]));
+            log.push(0, EventKind::Start, Bytes::from(vec![b'x'; 400]), 0);
+            log.push(1, EventKind::Start, Bytes::from(vec![b'x'; 600]), 0);
             reg.close(*id, &log);
         }
         assert!(reg.get(&ids[0]).is_none(), "the oldest ended run left");
@@ -526,7 +570,7 @@ mod tests {
         // A run bigger than the whole bound is not kept at all once it ends.
         let big = Uuid::now_v7();
         let log = reg.open(big, None);
-        log.push(0, Bytes::from(vec![b'x'; 3 * cost]));
+        log.push(0, EventKind::Start, Bytes::from(vec![b'x'; 3 * cost]), 0);
         reg.close(big, &log);
         assert!(reg.get(&big).is_none());
         assert_eq!(reg.ended(), (0, 0));
@@ -563,10 +607,10 @@ mod tests {
     #[test]
     fn frames_after_never_include_seq_or_earlier() {
         let log = RunLog::new(None);
-        log.push(0, Bytes::from_static(b"start"));
+        log.push(0, EventKind::Start, Bytes::from_static(b"start"), 0);
         log.mark_issued(1);
         log.mark_issued(2);
-        log.push(3, Bytes::from_static(b"flash"));
+        log.push(3, EventKind::Start, Bytes::from_static(b"flash"), 0);
         assert_eq!(log.issued(), 3);
         let seqs = |after| {
             log.frames_after(after)

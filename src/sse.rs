@@ -60,6 +60,16 @@ pub fn frame(event: EventKind, run_id: &str, seq: u32, json: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// The `data` of a [`frame`] whose data is `data_len` bytes long, without copying: it is
+/// what comes before the blank line that ends the frame. Empty for anything shorter.
+pub fn data_of(frame: &Bytes, data_len: usize) -> Bytes {
+    let end = frame.len().saturating_sub(2);
+    match end.checked_sub(data_len) {
+        Some(start) => frame.slice(start..end),
+        None => Bytes::new(),
+    }
+}
+
 /// The size of a [`frame`] at most (its `seq` at its longest).
 pub fn frame_len(event: EventKind, run_id: &str, json_len: usize) -> usize {
     const FIXED: usize = "event: \nid: :4294967295\ndata: \n\n".len();
@@ -157,6 +167,7 @@ mod tests {
             let json = encode_data(&data);
             let framed = frame(EventKind::Delta, "r1", seq, &json);
             assert_eq!(framed, encode(EventKind::Delta, "r1", seq, &data));
+            assert_eq!(data_of(&framed, json.len()), json);
             assert!(framed.len() <= frame_len(EventKind::Delta, "r1", json.len()));
         }
         assert_eq!(

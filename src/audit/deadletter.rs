@@ -4,9 +4,13 @@
 //! File writes are blocking I/O, so they run on a dedicated thread fed by a bounded channel;
 //! the async writer and the request path only hand records over. When that channel is full
 //! too (the disk is slower than the rate of failing records) or the thread has stopped, the
-//! caller appends the records itself: that blocks a thread for one write, which is better
-//! than losing an audit record. If even the file cannot be written, each record is logged at
-//! error level in full, so the log is the last place it survives.
+//! caller appends the records itself: that holds the caller for one write, which is better
+//! than losing an audit record, and is the backpressure that keeps memory bounded. The caller
+//! is often a tokio worker (a run's drop guard submits its record), so on the service's
+//! multi-thread runtime that write goes through `block_in_place`: the worker's other tasks
+//! move to another thread first, and no stream waits behind the fsync. If even the file
+//! cannot be written, each record is logged at error level in full, so the log is the last
+//! place it survives.
 //!
 //! The writer's journal (`PATH.journal`) is a second file of the same kind, written the
 //! same way, for records whose first database write failed.
@@ -205,7 +209,7 @@ impl DeadLetter {
     }
 
     /// Hands records to the thread without waiting. If its queue is full or it has stopped,
-    /// appends them here and now (blocking), since dropping them is not an option.
+    /// appends them here and now (see [`append_here`]), since dropping them is not an option.
     pub fn send(&self, records: Vec<RunRecord>) {
         if records.is_empty() {
             return;
@@ -224,7 +228,7 @@ impl DeadLetter {
                 records = records.len(),
                 "dead-letter queue full (bytes); appending on the caller's thread"
             );
-            self.file.append_or_log(&records);
+            append_here(&self.file, &records);
             return;
         }
         let records = match self.tx.try_send(Msg::Records(records, bytes)) {
@@ -240,7 +244,7 @@ impl DeadLetter {
             Err(TrySendError::Full(Msg::Stop) | TrySendError::Disconnected(Msg::Stop)) => return,
         };
         self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        self.file.append_or_log(&records);
+        append_here(&self.file, &records);
     }
 
     /// Writes what is queued, then stops the thread and waits for it. Blocks: call it from
@@ -254,6 +258,23 @@ impl DeadLetter {
         {
             error!("the dead-letter thread panicked");
         }
+    }
+}
+
+/// Appends on the caller's thread, for when the dead-letter thread cannot take the records.
+///
+/// On a worker of a multi-thread runtime (the service's), inside `block_in_place`: tokio hands
+/// the worker's queued tasks to a new worker thread before the write starts, so only the
+/// caller's own task waits for the disk. Anywhere else it is a plain call: a thread outside
+/// any runtime (or the blocking pool) may block, and a current-thread runtime (tests, tools)
+/// does not allow `block_in_place`; its single thread waits, as it always has.
+fn append_here(file: &Appender, records: &[RunRecord]) {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| file.append_or_log(records));
+        }
+        _ => file.append_or_log(records),
     }
 }
 
@@ -293,4 +314,107 @@ fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
 #[cfg(not(unix))]
 fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
     true
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::{io::Read, time::Duration};
+
+    use super::*;
+    use crate::audit::{ModelTrace, Outcome, RunStatus};
+
+    fn record() -> RunRecord {
+        let trace = ModelTrace {
+            provider: "p".into(),
+            model: "m".into(),
+            model_version: None,
+            outcome: Outcome::Ok,
+            error_type: None,
+            error_message: None,
+            deadline: None,
+            text: "t".into(),
+            finish_reason: None,
+            latency_ms: 1,
+            ttft_ms: None,
+            input_tokens: None,
+            output_tokens: None,
+        };
+        RunRecord {
+            run_id: uuid::Uuid::now_v7(),
+            client_request_id: None,
+            created_at: chrono::Utc::now(),
+            query: "q".into(),
+            system: None,
+            status: RunStatus::Ok,
+            total_ms: 1,
+            service_version: "t".into(),
+            flash: trace.clone(),
+            pro: trace,
+            events: Vec::new(),
+            owner_fingerprint: None,
+        }
+    }
+
+    /// The dead-letter "file" is a FIFO nobody reads yet, so every append blocks opening it:
+    /// the thread on the first batch, the sender on the one that finds the queue full. With
+    /// one worker thread, another task still runs meanwhile, and every record arrives once
+    /// a reader opens the FIFO.
+    #[test]
+    fn a_sender_appending_itself_does_not_hold_a_runtime_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deadletter.fifo");
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        assert!(made.unwrap().success(), "mkfifo");
+        let deadletter = Arc::new(DeadLetter::start(Appender::new(&path, None), 1).unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+
+        let sender = Arc::clone(&deadletter);
+        let sent = runtime.spawn(async move {
+            for _ in 0..3 {
+                sender.send(vec![record()]);
+            }
+        });
+        // Time for the sender to reach the append it has to make itself, and block in it.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !sent.is_finished(),
+            "the third send appends, and waits for a reader"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            tokio::task::yield_now().await;
+            let _ = tx.send(());
+        });
+        let other_task_ran = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+
+        let reader = std::thread::spawn({
+            let path = path.clone();
+            // Each append opens and closes the FIFO: read until all three have been through.
+            move || {
+                let mut text = String::new();
+                while text.lines().count() < 3 {
+                    std::fs::File::open(&path)
+                        .unwrap()
+                        .read_to_string(&mut text)
+                        .unwrap();
+                }
+                text
+            }
+        });
+        // Unblocked first, so that a failure is a failed assertion rather than a hang.
+        assert!(
+            other_task_ran,
+            "another task ran while the sender waited for the disk"
+        );
+        runtime.block_on(sent).unwrap();
+        deadletter.stop_blocking();
+        // A FIFO cannot be fsynced, so the appends report failures (and log the records),
+        // but every line went through it.
+        let text = reader.join().unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+    }
 }

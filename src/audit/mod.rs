@@ -7,8 +7,9 @@
 //!
 //! - [`store`]: the database (SQLite or PostgreSQL, chosen from `DATABASE_URL`): migrations,
 //!   batched idempotent inserts, reading a record back. Per-backend SQL lives in `sqlite` and
-//!   `postgres`.
+//!   `postgres`; what both do with rows (reading a record back) in `rows`.
 //! - [`writer`]: the [`AuditWriter`] sink: bounded queue, batching, retries, shutdown drain.
+//! - `events`: the events a run's client was sent, as the record keeps them ([`StoredEvent`]).
 //! - [`deadletter`]: the JSON-lines file records go to when the database cannot take them,
 //!   and the same kind of file for the journal (records in retry, kept on disk).
 //! - [`replay`]: `duet audit replay`, putting dead-lettered records back.
@@ -16,8 +17,10 @@
 
 pub mod admin;
 pub mod deadletter;
+mod events;
 mod postgres;
 pub mod replay;
+mod rows;
 mod sqlite;
 pub mod store;
 pub mod writer;
@@ -105,6 +108,43 @@ impl FromStr for RunStatus {
     }
 }
 
+/// Which deadline ended a model call (contract §2: `*_TIMEOUT_S`, `*_TTFT_TIMEOUT_S`,
+/// `STALL_TIMEOUT_S`). The record's `deadline`, and the `kind` label of
+/// `duet_model_timeouts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Deadline {
+    /// The whole call's deadline.
+    Total,
+    /// No first token in time.
+    FirstToken,
+    /// Silence mid-answer.
+    Stall,
+}
+
+impl Deadline {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Deadline::Total => "total",
+            Deadline::FirstToken => "first_token",
+            Deadline::Stall => "stall",
+        }
+    }
+}
+
+impl FromStr for Deadline {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "total" => Deadline::Total,
+            "first_token" => Deadline::FirstToken,
+            "stall" => Deadline::Stall,
+            other => return Err(format!("unknown deadline {other:?}")),
+        })
+    }
+}
+
 /// One model's part of a run: a row of `model_traces`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelTrace {
@@ -114,6 +154,11 @@ pub struct ModelTrace {
     pub outcome: Outcome,
     pub error_type: Option<String>,
     pub error_message: Option<String>,
+    /// Which deadline ended the call when `outcome` is `timeout`, else `None`. Records written
+    /// before it had a field of its own carried it at the end of `error_message` instead
+    /// (`... [deadline: stall]`); migration 0004 moves it here for stored rows.
+    #[serde(default)]
+    pub deadline: Option<Deadline>,
     pub text: String,
     pub finish_reason: Option<String>,
     pub latency_ms: u64,
@@ -145,11 +190,11 @@ pub struct RunRecord {
     pub service_version: String,
     pub flash: ModelTrace,
     pub pro: ModelTrace,
-    /// The events the client was sent, as SSE text without the deltas (`start`, the answers,
-    /// errors, `done`, each with its original `id`): what a reconnect replays once the run
-    /// has left memory. Empty in records written before this was kept.
-    #[serde(default)]
-    pub events: String,
+    /// The events the client was sent, without the deltas (`start`, the answers, errors,
+    /// `done`), each with its `seq`: what a reconnect replays once the run has left memory.
+    /// Empty in records written before this was kept. See [`StoredEvent`].
+    #[serde(default, deserialize_with = "events::deserialize")]
+    pub events: Vec<StoredEvent>,
     /// Who may resume the run: hex SHA-256 over (run id ‖ the API key that started it), so
     /// the key itself is never stored; `None` when the run was started without API_KEYS
     /// (anyone may resume it). See `resume::Owner`.
@@ -178,7 +223,11 @@ impl RunRecord {
             + opt(&self.system)
             + opt(&self.client_request_id)
             + self.service_version.len()
-            + self.events.len()
+            + self
+                .events
+                .iter()
+                .map(StoredEvent::approx_bytes)
+                .sum::<usize>()
             + trace(&self.flash)
             + trace(&self.pro)
             + 128
@@ -202,6 +251,7 @@ pub trait AuditSink: Send + Sync + 'static {
 }
 
 pub use self::{
+    events::StoredEvent,
     store::{RecordStore, Store},
     writer::{AuditWriter, WriterOptions},
 };

@@ -5,14 +5,34 @@
 //! statement is reused, and it has no bound-parameter limit to chunk around (unlike a
 //! multi-row `VALUES` list).
 
-use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row};
+use std::time::Duration;
+
+use sqlx::{
+    PgPool, Row,
+    postgres::{PgPoolOptions, PgRow},
+};
 use uuid::Uuid;
 
 use super::{
-    AuditError, ModelTrace, Result, RunRecord,
-    store::{assemble, to_db},
+    AuditError, Deadline, ModelTrace, Result, RunRecord, events,
+    rows::{Dialect, to_db},
 };
+
+/// How reading a record back differs on PostgreSQL: `$1` parameters (the id bound as text,
+/// like every id here), `created_at` as `timestamptz`.
+pub(super) const DIALECT: Dialect<PgRow> = Dialect {
+    by_run_id: "run_id = $1::text::uuid",
+    created_at: |_, row| Ok(row.try_get("created_at")?),
+};
+
+/// A pool that connects on first use.
+pub(super) fn connect_lazy(url: &str, acquire_timeout: Duration) -> Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(acquire_timeout)
+        .connect_lazy(url)
+        .map_err(AuditError::Connect)
+}
 
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
@@ -23,11 +43,11 @@ ON CONFLICT (run_id) DO NOTHING";
 
 const INSERT_TRACES: &str = "\
 INSERT INTO model_traces (run_id, model, provider, model_name, model_version, outcome,
-                          error_type, error_message, text, finish_reason, latency_ms, ttft_ms,
-                          input_tokens, output_tokens)
+                          error_type, error_message, deadline, text, finish_reason, latency_ms,
+                          ttft_ms, input_tokens, output_tokens)
 SELECT * FROM UNNEST($1::text[]::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[],
-                     $12::int8[], $13::int8[], $14::int8[])
+                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+                     $12::int8[], $13::int8[], $14::int8[], $15::int8[])
 ON CONFLICT (run_id, model) DO NOTHING";
 
 /// PostgreSQL text cannot hold NUL, which JSON (and so a query) can carry as `\u0000`.
@@ -55,7 +75,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
     let mut statuses = Vec::with_capacity(n);
     let mut totals = Vec::with_capacity(n);
     let mut versions = Vec::with_capacity(n);
-    let mut events = Vec::with_capacity(n);
+    let mut stored_events = Vec::with_capacity(n);
     let mut owners = Vec::with_capacity(n);
     for r in records {
         run_ids.push(r.run_id.to_string());
@@ -66,7 +86,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
         statuses.push(r.status.as_str());
         totals.push(to_db(r.total_ms));
         versions.push(text(&r.service_version));
-        events.push(text(&r.events));
+        stored_events.push(events::to_column(&r.events));
         owners.push(r.owner_fingerprint.as_deref());
     }
 
@@ -88,7 +108,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
             .bind(&statuses)
             .bind(&totals)
             .bind(&versions)
-            .bind(&events)
+            .bind(&stored_events)
             .bind(&owners)
             .execute(&mut *tx)
             .await?
@@ -102,6 +122,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
             .bind(&t.outcome)
             .bind(&t.error_type)
             .bind(&t.error_message)
+            .bind(&t.deadline)
             .bind(&t.text)
             .bind(&t.finish_reason)
             .bind(&t.latency_ms)
@@ -133,6 +154,7 @@ struct Traces {
     outcome: Vec<&'static str>,
     error_type: Vec<Option<String>>,
     error_message: Vec<Option<String>>,
+    deadline: Vec<Option<&'static str>>,
     text: Vec<String>,
     finish_reason: Vec<Option<String>>,
     latency_ms: Vec<i64>,
@@ -161,6 +183,7 @@ impl Traces {
         self.error_type.push(opt_text(t.error_type.as_deref()));
         self.error_message
             .push(opt_text(t.error_message.as_deref()));
+        self.deadline.push(t.deadline.map(Deadline::as_str));
         self.text.push(text(&t.text));
         self.finish_reason
             .push(opt_text(t.finish_reason.as_deref()));
@@ -169,28 +192,4 @@ impl Traces {
         self.input_tokens.push(t.input_tokens.map(to_db));
         self.output_tokens.push(t.output_tokens.map(to_db));
     }
-}
-
-pub(super) async fn fetch(pool: &PgPool, run_id: Uuid) -> Result<Option<RunRecord>> {
-    let id = run_id.to_string();
-    let Some(run) = sqlx::query(
-        "SELECT client_request_id, created_at, query, system, status, total_ms, service_version, \
-         events, owner_fingerprint FROM dual_runs WHERE run_id = $1::text::uuid",
-    )
-    .bind(&id)
-    .fetch_optional(pool)
-    .await?
-    else {
-        return Ok(None);
-    };
-    let traces = sqlx::query(
-        "SELECT model, provider, model_name, model_version, outcome, error_type, error_message, \
-         text, finish_reason, latency_ms, ttft_ms, input_tokens, output_tokens \
-         FROM model_traces WHERE run_id = $1::text::uuid",
-    )
-    .bind(&id)
-    .fetch_all(pool)
-    .await?;
-    let created_at: DateTime<Utc> = run.try_get("created_at")?;
-    assemble(run_id, &run, created_at, &traces).map(Some)
 }

@@ -17,23 +17,160 @@
 //! leave the transaction open ("Response To Errors Within A Transaction"), so the only
 //! safe response is to roll back and discard the connection.
 
+use std::{
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
 use chrono::{DateTime, Utc};
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool, pool::PoolConnection};
-use uuid::Uuid;
+use sqlx::{
+    QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool,
+    pool::PoolConnection,
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    },
+};
 
 use super::{
-    Result, RunRecord,
-    store::{SqliteStore, assemble, corrupt, to_db},
+    AuditError, Deadline, Result, RunRecord, events,
+    rows::{Dialect, corrupt, to_db},
 };
 
 /// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
-/// runs binds 10 values per run and 14 per trace (two per run): 500 runs bind 19000.
+/// runs binds 10 values per run and 15 per trace (two per run): 500 runs bind 20000.
 const CHUNK: usize = 500;
+
+/// How reading a record back differs on SQLite: `?` parameters, `created_at` as text.
+pub(super) const DIALECT: Dialect<SqliteRow> = Dialect {
+    by_run_id: "run_id = ?",
+    created_at: |run_id, row| {
+        let text: String = row.try_get("created_at")?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| corrupt(run_id, format!("created_at {text:?}: {e}")))
+    },
+};
 
 const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
 
 pub(super) fn format_time(t: &DateTime<Utc>) -> String {
     t.format(TIME_FORMAT).to_string()
+}
+
+/// A SQLite pool and the identity of the file it has open.
+///
+/// A file deleted or replaced under the running service stays open in every pooled
+/// connection: writes to it succeed, into an inode nobody can read any more. So each write
+/// checks that the file at the path is still the one the pool opened (device and inode),
+/// and fails when it is not, which sends the records to retry and dead-letter instead.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    file: Arc<SqliteFile>,
+}
+
+#[derive(Debug)]
+struct SqliteFile {
+    /// `None` for an in-memory database, which has no file to lose.
+    path: Option<PathBuf>,
+    /// (device, inode) of the file when the pool first wrote to or probed it.
+    opened: OnceLock<(u64, u64)>,
+}
+
+impl std::ops::Deref for SqliteStore {
+    type Target = SqlitePool;
+
+    fn deref(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+impl SqliteStore {
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Fails when the file at the path is no longer the file the pool opened (deleted,
+    /// or replaced by another). The first call, made once a connection has opened the file,
+    /// records which file that is.
+    /// A pool that connects on first use, to the file the URL names (created if missing).
+    pub(super) fn connect_lazy(
+        url: &str,
+        acquire_timeout: Duration,
+        busy_timeout: Duration,
+    ) -> Result<SqliteStore> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(AuditError::Connect)?
+            .create_if_missing(true)
+            // WAL lets `/runs` and operators' sqlite3 read while the writer writes.
+            // FULL sync: a commit is on disk before COMMIT returns, so a record counted
+            // `ok` survives a power cut too, as a dead-letter line (fsynced) does.
+            // NORMAL would only survive a process crash. The cost is one fsync per
+            // transaction, and the writer batches, so a busy service pays it per batch.
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(busy_timeout)
+            .foreign_keys(true);
+        let path = sqlite_path(&options);
+        // One writer at a time is all SQLite allows; the other connections serve reads.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(acquire_timeout)
+            .connect_lazy_with(options);
+        Ok(SqliteStore {
+            pool,
+            file: Arc::new(SqliteFile {
+                path,
+                opened: OnceLock::new(),
+            }),
+        })
+    }
+
+    pub(super) fn check_file(&self) -> Result<()> {
+        let Some(path) = &self.file.path else {
+            return Ok(());
+        };
+        let replaced = || AuditError::FileReplaced { path: path.clone() };
+        let now = match std::fs::metadata(path) {
+            Ok(meta) => file_id(&meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(replaced()),
+            Err(e) => {
+                return Err(AuditError::DeadLetter {
+                    path: path.clone(),
+                    source: e,
+                });
+            }
+        };
+        if *self.file.opened.get_or_init(|| now) == now {
+            Ok(())
+        } else {
+            Err(replaced())
+        }
+    }
+}
+
+#[cfg(unix)]
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+#[cfg(not(unix))]
+fn file_id(_: &std::fs::Metadata) -> (u64, u64) {
+    (0, 0)
+}
+
+/// The file a `sqlite:` URL names, or `None` for an in-memory database.
+fn sqlite_path(options: &SqliteConnectOptions) -> Option<PathBuf> {
+    let path = options.get_filename();
+    let text = path.to_string_lossy();
+    if text.is_empty() || text == ":memory:" || text.starts_with("file:") {
+        None
+    } else {
+        Some(Path::new(&*text).to_owned())
+    }
 }
 
 /// A pooled connection that is closed, not returned to the pool, unless the write on it
@@ -109,7 +246,7 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result
                 .push_bind(r.status.as_str())
                 .push_bind(to_db(r.total_ms))
                 .push_bind(r.service_version.as_str())
-                .push_bind(r.events.as_str())
+                .push_bind(events::to_column(&r.events))
                 .push_bind(r.owner_fingerprint.as_deref());
         });
         // A replayed or resubmitted record is ignored, never duplicated (contract §5).
@@ -118,8 +255,8 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result
 
         let mut traces = QueryBuilder::<Sqlite>::new(
             "INSERT INTO model_traces (run_id, model, provider, model_name, model_version, \
-             outcome, error_type, error_message, text, finish_reason, latency_ms, ttft_ms, \
-             input_tokens, output_tokens) ",
+             outcome, error_type, error_message, deadline, text, finish_reason, latency_ms, \
+             ttft_ms, input_tokens, output_tokens) ",
         );
         let rows = chunk
             .iter()
@@ -133,6 +270,7 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result
                 .push_bind(t.outcome.as_str())
                 .push_bind(t.error_type.as_deref())
                 .push_bind(t.error_message.as_deref())
+                .push_bind(t.deadline.map(Deadline::as_str))
                 .push_bind(t.text.as_str())
                 .push_bind(t.finish_reason.as_deref())
                 .push_bind(to_db(t.latency_ms))
@@ -144,31 +282,4 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result
         traces.build().execute(&mut *tx).await?;
     }
     Ok(written)
-}
-
-pub(super) async fn fetch(pool: &SqlitePool, run_id: Uuid) -> Result<Option<RunRecord>> {
-    let id = run_id.to_string();
-    let Some(run) = sqlx::query(
-        "SELECT client_request_id, created_at, query, system, status, total_ms, service_version, \
-         events, owner_fingerprint FROM dual_runs WHERE run_id = ?",
-    )
-    .bind(&id)
-    .fetch_optional(pool)
-    .await?
-    else {
-        return Ok(None);
-    };
-    let traces = sqlx::query(
-        "SELECT model, provider, model_name, model_version, outcome, error_type, error_message, \
-         text, finish_reason, latency_ms, ttft_ms, input_tokens, output_tokens \
-         FROM model_traces WHERE run_id = ?",
-    )
-    .bind(&id)
-    .fetch_all(pool)
-    .await?;
-    let created_at: String = run.try_get("created_at")?;
-    let created_at = DateTime::parse_from_rfc3339(&created_at)
-        .map_err(|e| corrupt(run_id, format!("created_at {created_at:?}: {e}")))?
-        .with_timezone(&Utc);
-    assemble(run_id, &run, created_at, &traces).map(Some)
 }

@@ -639,20 +639,11 @@ impl Task {
             .filter(|q| !q.journaled)
             .map(|q| q.record.clone())
             .collect();
-        if missing.is_empty() {
-            return;
-        }
-        let n = missing.len();
-        match self.journal.append_now(missing).await {
-            Ok(()) => {
-                self.journaled(n);
-                self.backlog
-                    .iter_mut()
-                    .skip(start)
-                    .for_each(|q| q.journaled = true);
-            }
-            Err(e) => error!(error = %e, records = n,
-                "cannot write the audit journal; these records live in memory until written"),
+        if self.journal_now(missing).await {
+            self.backlog
+                .iter_mut()
+                .skip(start)
+                .for_each(|q| q.journaled = true);
         }
     }
 
@@ -666,18 +657,28 @@ impl Task {
             .filter(|(_, j)| !**j)
             .map(|(r, _)| r.clone())
             .collect();
+        if self.journal_now(missing).await {
+            journaled.iter_mut().for_each(|j| *j = true);
+        }
+    }
+
+    /// Appends records to the journal and waits for the fsync; counts them as outstanding.
+    /// False when there was nothing to write or the write failed (logged: those records
+    /// live in memory only until written).
+    async fn journal_now(&self, missing: Vec<RunRecord>) -> bool {
         if missing.is_empty() {
-            return;
+            return false;
         }
         let n = missing.len();
         match self.journal.append_now(missing).await {
             Ok(()) => {
                 self.journaled(n);
-                journaled.iter_mut().for_each(|j| *j = true);
+                true
             }
             Err(e) => {
-                error!(error = %e, records = batch.len(),
-                    "cannot write the audit journal; these records live in memory until written")
+                error!(error = %e, records = n,
+                    "cannot write the audit journal; these records live in memory until written");
+                false
             }
         }
     }

@@ -25,23 +25,9 @@ const MAX_RETRIES: u32 = 3;
 const RETRY_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(100), Duration::from_secs(2), 0.5);
 
-/// Which deadline ended a model call (the `kind` label of `duet_model_timeouts_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeoutKind {
-    Total,
-    FirstToken,
-    Stall,
-}
-
-impl TimeoutKind {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            TimeoutKind::Total => "total",
-            TimeoutKind::FirstToken => "first_token",
-            TimeoutKind::Stall => "stall",
-        }
-    }
-}
+/// Which deadline ended a model call (the `kind` label of `duet_model_timeouts_total`): the
+/// record's own type, so the record keeps it as a field of its own.
+pub use crate::audit::Deadline as TimeoutKind;
 
 /// What a model call has produced so far.
 #[derive(Default)]

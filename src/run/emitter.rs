@@ -105,7 +105,7 @@ impl Emitter {
             // Not kept, but a client that saw it may resume from it.
             self.log.mark_issued(seq);
         } else {
-            self.log.push(seq, frame.clone());
+            self.log.push(seq, event, frame.clone(), json.len());
         }
         permit.send(budgeted(frame, bytes));
         self.metrics.sse_event(event);

@@ -221,8 +221,9 @@ impl Orchestrator {
         };
         // The channel is new and empty, so both of these succeed; a failure would mean the
         // receiver is gone, which cannot be before we return it.
-        let start = sse::encode(EventKind::Start, &run_id_text, 0, &start);
-        log.push(0, start.clone());
+        let data = sse::encode_data(&start);
+        let start = sse::frame(EventKind::Start, &run_id_text, 0, &data);
+        log.push(0, EventKind::Start, start.clone(), data.len());
         let _ = tx.try_send(start);
         let done_permit = tx.clone().try_reserve_owned().ok();
         inner.metrics.sse_event(EventKind::Start);

@@ -13,7 +13,7 @@ use tokio::{
 use tracing::info;
 use uuid::Uuid;
 
-use super::{CancelReason, RunRequest, TimeoutKind, drive::ModelResult, emitter::Emitter, millis};
+use super::{CancelReason, RunRequest, drive::ModelResult, emitter::Emitter, millis};
 use crate::{
     audit::{AuditSink, ModelTrace, Outcome, RunRecord, RunStatus},
     config::Role,
@@ -99,19 +99,17 @@ impl Drop for RunGuard {
         let total = self.started.elapsed();
         let run_id = &self.emitter.run_id;
         let seq = self.emitter.seq.fetch_add(1, Ordering::Relaxed);
-        let done = sse::encode(
-            EventKind::Done,
+        let data = sse::encode_data(&DoneEvent {
             run_id,
-            seq,
-            &DoneEvent {
-                run_id,
-                status,
-                flash: flash.outcome,
-                pro: pro.outcome,
-                total_ms: millis(total),
-            },
-        );
-        self.emitter.log.push(seq, done.clone());
+            status,
+            flash: flash.outcome,
+            pro: pro.outcome,
+            total_ms: millis(total),
+        });
+        let done = sse::frame(EventKind::Done, run_id, seq, &data);
+        self.emitter
+            .log
+            .push(seq, EventKind::Done, done.clone(), data.len());
         self.registry.close(self.run_id, &self.emitter.log);
         if let Some(permit) = self.done_permit.take() {
             permit.send(done);
@@ -139,7 +137,7 @@ impl Drop for RunGuard {
             service_version: crate::SERVICE_VERSION.to_owned(),
             flash: trace(&self.flash_ref, flash),
             pro: trace(&self.pro_ref, pro),
-            events: self.emitter.log.to_text(),
+            events: self.emitter.log.to_events(),
             owner_fingerprint: self.emitter.log.owner().map(Owner::to_hex),
         };
         // Only `POST /query` waits for the record; streams dropped their receiver at once,
@@ -162,25 +160,13 @@ fn trace(model: &OwnedModelRef, result: ModelResult) -> ModelTrace {
             .as_ref()
             .map(|e| e.error_type.as_str().to_owned()),
         error_message: result.error.map(|e| e.detail),
+        deadline: result.timeout,
         text: result.text,
         finish_reason: result.completion.finish_reason,
         latency_ms: millis(result.latency),
         ttft_ms: result.ttft.map(millis),
         input_tokens: result.completion.usage.input_tokens,
         output_tokens: result.completion.usage.output_tokens,
-    }
-    .with_timeout_kind(result.timeout)
-}
-
-impl ModelTrace {
-    /// Keeps which deadline fired in the record, where operators look for it.
-    fn with_timeout_kind(mut self, kind: Option<TimeoutKind>) -> Self {
-        if let (Some(kind), Some(msg)) = (kind, self.error_message.as_mut()) {
-            msg.push_str(" [deadline: ");
-            msg.push_str(kind.as_str());
-            msg.push(']');
-        }
-        self
     }
 }
 

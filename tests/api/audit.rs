@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use duet::{
     audit::{
-        AuditSink, AuditWriter, RecordStore, RunRecord, Store, WriterOptions,
+        AuditSink, AuditWriter, Deadline, RecordStore, RunRecord, Store, WriterOptions,
         replay::{ReplayReport, replay},
     },
     metrics::Metrics,
@@ -100,7 +100,12 @@ async fn big_batch_round_trips_postgres() {
 }
 
 async fn migrations_revert_and_reapply(store: &Store) {
-    assert_eq!(store.applied().await.unwrap(), [1, 2, 3]);
+    assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4]);
+    assert_eq!(store.revert_to(3).await.unwrap(), [4]);
+    assert!(
+        store.insert(&[record(1)]).await.is_err(),
+        "model_traces.deadline is gone"
+    );
     assert_eq!(store.revert_to(2).await.unwrap(), [3]);
     assert!(
         store.insert(&[record(1)]).await.is_err(),
@@ -127,6 +132,92 @@ async fn migrations_revert_and_reapply_postgres() {
         return;
     };
     migrations_revert_and_reapply(&db.store).await;
+}
+
+/// A run written by a release before migration 0004 (and the events as values): its
+/// deadline was the end of `error_message`, its events SSE text. Migrating moves the
+/// deadline to its column; the events are read as they are; reverting puts the text back.
+async fn rows_written_before_0004_read_as_records(store: &Store) {
+    store.revert_to(3).await.unwrap();
+    let id = "0192d5c4-0000-7000-8000-00000000000a";
+    db::execute(
+        store,
+        &format!(
+            "INSERT INTO dual_runs (run_id, created_at, query, status, total_ms, \
+             service_version, events) VALUES ('{id}', '2025-01-31T12:34:56.123456Z', 'q', \
+             'partial', 2040, '0.1.0', 'event: start\nid: {id}:0\ndata: {{\"run_id\":\"{id}\"}}\n\n\
+             event: flash\nid: {id}:3\n\nevent: error\nid: {id}:4\ndata: {{\"model\":\"pro\"}}\n\n\
+             event: done\nid: {id}:5\ndata: {{\"status\":\"partial\"}}\n\n')"
+        ),
+    )
+    .await;
+    for (model, outcome, message) in [
+        ("flash", "ok", "NULL"),
+        (
+            "pro",
+            "timeout",
+            "'pro sent no first token within its deadline (3.0 s) [deadline: first_token]'",
+        ),
+    ] {
+        db::execute(
+            store,
+            &format!(
+                "INSERT INTO model_traces (run_id, model, provider, model_name, outcome, \
+                 error_message, text, latency_ms) \
+                 VALUES ('{id}', '{model}', 'simulated', 'm', '{outcome}', {message}, 't', 5)"
+            ),
+        )
+        .await;
+    }
+    store.migrate().await.unwrap();
+
+    let record = store.fetch(id.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(record.pro.deadline, Some(Deadline::FirstToken));
+    assert_eq!(
+        record.pro.error_message.as_deref(),
+        Some("pro sent no first token within its deadline (3.0 s)")
+    );
+    assert_eq!(
+        (record.flash.deadline, record.flash.error_message),
+        (None, None)
+    );
+    let events: Vec<_> = record
+        .events
+        .iter()
+        .map(|e| (e.seq, e.event.as_str(), e.data.as_ref().map(|d| d.get())))
+        .collect();
+    let start = format!("{{\"run_id\":\"{id}\"}}");
+    assert_eq!(
+        events,
+        [
+            (0, "start", Some(start.as_str())),
+            (3, "flash", None),
+            (4, "error", Some("{\"model\":\"pro\"}")),
+            (5, "done", Some("{\"status\":\"partial\"}")),
+        ]
+    );
+
+    store.revert_to(3).await.unwrap();
+    let sql =
+        format!("SELECT error_message FROM model_traces WHERE model = 'pro' AND run_id = '{id}'");
+    assert_eq!(
+        db::text(store, &sql).await.as_deref(),
+        Some("pro sent no first token within its deadline (3.0 s) [deadline: first_token]")
+    );
+}
+
+#[tokio::test]
+async fn rows_written_before_0004_read_as_records_sqlite() {
+    let db = db::sqlite().await;
+    rows_written_before_0004_read_as_records(&db.store).await;
+}
+
+#[tokio::test]
+async fn rows_written_before_0004_read_as_records_postgres() {
+    let Some(db) = db::postgres("rows_written_before_0004_read_as_records").await else {
+        return;
+    };
+    rows_written_before_0004_read_as_records(&db.store).await;
 }
 
 // ---- the writer ------------------------------------------------------------------------

@@ -12,7 +12,10 @@ use std::sync::{
 };
 
 use chrono::{DateTime, Utc};
-use duet::audit::{AuditError, ModelTrace, Outcome, RecordStore, RunRecord, RunStatus, Store};
+use duet::audit::{
+    AuditError, Deadline, ModelTrace, Outcome, RecordStore, RunRecord, RunStatus, Store,
+    StoredEvent,
+};
 use futures::future::BoxFuture;
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::{sync::Semaphore, time::Instant};
@@ -114,6 +117,22 @@ pub async fn count(store: &Store, table: &str) -> i64 {
     }
 }
 
+/// Runs one statement of SQL that both backends understand.
+pub async fn execute(store: &Store, sql: &str) {
+    match store {
+        Store::Sqlite(s) => drop(sqlx::query(sql).execute(s.pool()).await.unwrap()),
+        Store::Postgres(pool) => drop(sqlx::query(sql).execute(pool).await.unwrap()),
+    }
+}
+
+/// One text column of one row, e.g. `SELECT error_message FROM ... WHERE ...`.
+pub async fn text(store: &Store, sql: &str) -> Option<String> {
+    match store {
+        Store::Sqlite(s) => sqlx::query_scalar(sql).fetch_one(s.pool()).await.unwrap(),
+        Store::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+    }
+}
+
 /// Now, at the microsecond precision both databases keep.
 pub fn now_micros() -> DateTime<Utc> {
     DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
@@ -127,6 +146,7 @@ fn trace(model: &str, text: &str) -> ModelTrace {
         outcome: Outcome::Ok,
         error_type: None,
         error_message: None,
+        deadline: None,
         text: text.into(),
         finish_reason: Some("stop".into()),
         latency_ms: 310,
@@ -134,6 +154,10 @@ fn trace(model: &str, text: &str) -> ModelTrace {
         input_tokens: Some(7),
         output_tokens: Some(2),
     }
+}
+
+fn raw(json: &str) -> Box<serde_json::value::RawValue> {
+    serde_json::value::RawValue::from_string(json.to_owned()).unwrap()
 }
 
 /// A plausible record with a fresh id; `i` makes its texts distinct.
@@ -147,13 +171,27 @@ pub fn record(i: usize) -> RunRecord {
         status: RunStatus::Partial,
         total_ms: 2040,
         service_version: "0.0.0-test".into(),
-        events: String::new(),
+        events: vec![
+            StoredEvent {
+                seq: 0,
+                event: "start".into(),
+                data: Some(raw(&format!(
+                    r#"{{"run_id":"r","n":{i},"text":"\u0000 \"é\"\n🦀"}}"#
+                ))),
+            },
+            StoredEvent {
+                seq: 3,
+                event: "flash".into(),
+                data: None,
+            },
+        ],
         owner_fingerprint: None,
         flash: trace("flash-m", &format!("quick {i}")),
         pro: ModelTrace {
             outcome: Outcome::Timeout,
             error_type: Some("timeout".into()),
             error_message: Some("pro did not finish within its deadline".into()),
+            deadline: Some(Deadline::Total),
             text: String::new(),
             finish_reason: None,
             ttft_ms: None,

@@ -10,7 +10,7 @@ use std::{
 };
 
 use duet::{
-    audit::{MemorySink, Outcome},
+    audit::{Deadline, MemorySink, Outcome},
     config::Config,
     devtools::mock::{self, MockConfig},
     server::{Parts, Server},
@@ -309,11 +309,13 @@ async fn silent_stalled_and_endless_upstreams_end_at_their_deadlines() {
             assert_eq!(err.data["error_type"], "timeout", "{directive}");
             let record = &app.records(1).await[0];
             assert_eq!(record.flash.outcome, Outcome::Timeout, "{directive}");
-            let msg = record.flash.error_message.as_deref().unwrap();
-            assert!(
-                msg.ends_with(&format!("[deadline: {kind}]")),
-                "{directive}: {msg}"
+            assert_eq!(
+                record.flash.deadline.map(Deadline::as_str),
+                Some(kind),
+                "{directive}"
             );
+            let msg = record.flash.error_message.as_deref().unwrap();
+            assert!(!msg.contains("[deadline"), "{directive}: {msg}");
             // The flash error event came at its deadline, not later: it precedes Pro's answer,
             // which takes 1.5 s.
             assert!(

@@ -15,7 +15,8 @@ use uuid::Uuid;
 use super::BenchError;
 use crate::{
     audit::{
-        AuditSink, AuditWriter, ModelTrace, Outcome, RunRecord, RunStatus, Store, WriterOptions,
+        AuditSink, AuditWriter, ModelTrace, Outcome, RunRecord, RunStatus, Store, StoredEvent,
+        WriterOptions,
     },
     metrics::Metrics,
 };
@@ -65,12 +66,21 @@ fn trace(role: &str, text: &str) -> ModelTrace {
         outcome: Outcome::Ok,
         error_type: None,
         error_message: None,
+        deadline: None,
         text: text.to_owned(),
         finish_reason: Some("stop".into()),
         latency_ms: 400,
         ttft_ms: Some(200),
         input_tokens: Some(12),
         output_tokens: Some(19),
+    }
+}
+
+fn event(seq: u32, name: &str, data: Option<&str>) -> StoredEvent {
+    StoredEvent {
+        seq,
+        event: name.to_owned(),
+        data: data.and_then(|d| serde_json::value::RawValue::from_string(d.to_owned()).ok()),
     }
 }
 
@@ -86,12 +96,14 @@ fn record(text: &str) -> RunRecord {
         service_version: crate::SERVICE_VERSION.into(),
         flash: trace("flash", text),
         pro: trace("pro", text),
-        // What a real run stores for resumes: its non-delta events, the answers as
-        // `event:` and `id:` lines only (their data is the traces above).
-        events: "event: start\nid: r:0\ndata: {\"run_id\":\"r\",\"models\":{}}\n\n\
-                 event: flash\nid: r:1\n\nevent: pro\nid: r:2\n\n\
-                 event: done\nid: r:3\ndata: {\"run_id\":\"r\",\"status\":\"ok\"}\n\n"
-            .into(),
+        // What a real run stores for resumes: its non-delta events, the answers without
+        // their data (it is the traces above).
+        events: vec![
+            event(0, "start", Some(r#"{"run_id":"r","models":{}}"#)),
+            event(1, "flash", None),
+            event(2, "pro", None),
+            event(3, "done", Some(r#"{"run_id":"r","status":"ok"}"#)),
+        ],
         owner_fingerprint: None,
     }
 }

@@ -1,0 +1,148 @@
+//! Rows to records and back, the same on both backends: number conversions, the columns
+//! read, and building a [`RunRecord`] from its `dual_runs` row and `model_traces` rows.
+//!
+//! The per-backend modules (`sqlite`, `postgres`) use this; it uses neither, nor `store`,
+//! so the dependencies go one way: `store` → backend → `rows`.
+
+use chrono::{DateTime, Utc};
+use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
+use uuid::Uuid;
+
+use super::{AuditError, ModelTrace, Result, RunRecord, events};
+
+/// Numbers are `u64` in records and signed 64-bit in both databases; values past `i64::MAX`
+/// (585 million years of milliseconds) are clamped rather than refused.
+pub(super) fn to_db(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The schema's `CHECK (... >= 0)` keeps stored numbers non-negative.
+pub(super) fn from_db(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or_default()
+}
+
+/// Builds the error for a stored row that does not make a record.
+pub(super) fn corrupt(run_id: Uuid, problem: impl Into<String>) -> AuditError {
+    AuditError::Corrupt {
+        run_id: run_id.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// How a backend names the run in a `WHERE` clause and reads `created_at`: the only two
+/// things reading a record back does differently on SQLite and PostgreSQL.
+pub(super) struct Dialect<R> {
+    /// The `WHERE` condition on `run_id`, its one parameter the id as text.
+    pub by_run_id: &'static str,
+    /// `created_at` is text on SQLite and `timestamptz` on PostgreSQL.
+    pub created_at: fn(Uuid, &R) -> Result<DateTime<Utc>>,
+}
+
+/// The whole record of one run, or `None` when it is not stored.
+pub(super) async fn fetch<DB>(
+    pool: &Pool<DB>,
+    dialect: &Dialect<DB::Row>,
+    run_id: Uuid,
+) -> Result<Option<RunRecord>>
+where
+    DB: Database,
+    for<'e> &'e Pool<DB>: Executor<'e, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> String: Encode<'q, DB>,
+    String: Type<DB>,
+    for<'a> &'a str: ColumnIndex<DB::Row>,
+    for<'r> String: Decode<'r, DB>,
+    for<'r> i64: Decode<'r, DB>,
+    i64: Type<DB>,
+{
+    let id = run_id.to_string();
+    let sql = format!(
+        "SELECT client_request_id, created_at, query, system, status, total_ms, \
+         service_version, events, owner_fingerprint FROM dual_runs WHERE {}",
+        dialect.by_run_id
+    );
+    let Some(run) = sqlx::query::<DB>(&sql)
+        .bind(id.clone())
+        .fetch_optional(pool)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let sql = format!(
+        "SELECT model, provider, model_name, model_version, outcome, error_type, \
+         error_message, deadline, text, finish_reason, latency_ms, ttft_ms, input_tokens, \
+         output_tokens FROM model_traces WHERE {}",
+        dialect.by_run_id
+    );
+    let traces = sqlx::query::<DB>(&sql).bind(id).fetch_all(pool).await?;
+    let created_at = (dialect.created_at)(run_id, &run)?;
+    assemble(run_id, &run, created_at, &traces).map(Some)
+}
+
+/// Builds a record from its `dual_runs` row and its `model_traces` rows.
+fn assemble<R>(run_id: Uuid, run: &R, created_at: DateTime<Utc>, traces: &[R]) -> Result<RunRecord>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let mut flash = None;
+    let mut pro = None;
+    for row in traces {
+        let role: String = row.try_get("model")?;
+        let trace = trace(run_id, row)?;
+        match role.as_str() {
+            "flash" => flash = Some(trace),
+            "pro" => pro = Some(trace),
+            other => return Err(corrupt(run_id, format!("unknown model role {other:?}"))),
+        }
+    }
+    let status: String = run.try_get("status")?;
+    Ok(RunRecord {
+        run_id,
+        client_request_id: run.try_get("client_request_id")?,
+        created_at,
+        query: run.try_get("query")?,
+        system: run.try_get("system")?,
+        status: status.parse().map_err(|e: String| corrupt(run_id, e))?,
+        total_ms: from_db(run.try_get("total_ms")?),
+        service_version: run.try_get("service_version")?,
+        flash: flash.ok_or_else(|| corrupt(run_id, "no flash trace"))?,
+        pro: pro.ok_or_else(|| corrupt(run_id, "no pro trace"))?,
+        events: events::from_column(run.try_get::<Option<String>, _>("events")?.as_deref())
+            .map_err(|e| corrupt(run_id, format!("events: {e}")))?,
+        owner_fingerprint: run.try_get("owner_fingerprint")?,
+    })
+}
+
+fn trace<R>(run_id: Uuid, row: &R) -> Result<ModelTrace>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let outcome: String = row.try_get("outcome")?;
+    let opt =
+        |col: &str| -> Result<Option<u64>> { Ok(row.try_get::<Option<i64>, _>(col)?.map(from_db)) };
+    Ok(ModelTrace {
+        provider: row.try_get("provider")?,
+        model: row.try_get("model_name")?,
+        model_version: row.try_get("model_version")?,
+        outcome: outcome.parse().map_err(|e: String| corrupt(run_id, e))?,
+        error_type: row.try_get("error_type")?,
+        error_message: row.try_get("error_message")?,
+        deadline: row
+            .try_get::<Option<String>, _>("deadline")?
+            .map(|d| d.parse())
+            .transpose()
+            .map_err(|e: String| corrupt(run_id, e))?,
+        text: row.try_get("text")?,
+        finish_reason: row.try_get("finish_reason")?,
+        latency_ms: from_db(row.try_get("latency_ms")?),
+        ttft_ms: opt("ttft_ms")?,
+        input_tokens: opt("input_tokens")?,
+        output_tokens: opt("output_tokens")?,
+    })
+}

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     audit::{ModelTrace, Outcome, RunStatus},
-    config::Role,
+    domain::Role,
     providers::{ErrorType, Provider, Usage},
 };
 

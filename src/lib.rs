@@ -3,7 +3,9 @@
 //! as Server-Sent Events and keeps an audit record of every run.
 //!
 //! Where things live:
-//! - [`config`]: environment variables (contract §2), validated once at start.
+//! - [`config`]: environment variables (contract §2), validated once at start; a leaf.
+//! - [`domain`]: the shared vocabulary that is not configuration: [`domain::Role`] and
+//!   [`domain::Secret`].
 //! - [`api`]: HTTP routes, request validation, JSON errors, `/runs` and `/readyz` (contract §3).
 //! - [`run`]: one run: both models at once, deadlines, ordering, cancellation, and
 //!   the drop guard that always sends `done` and always hands over the record. `run/mod.rs`
@@ -30,6 +32,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod devtools;
+pub mod domain;
 pub mod events;
 pub mod metrics;
 pub mod providers;

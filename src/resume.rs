@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::{
     audit::{RunRecord, StoredEvent},
-    config::{Role, Secret},
+    domain::{Role, Secret},
     events::{AnswerEvent, EventKind},
     sse,
 };

@@ -24,7 +24,8 @@ use self::connections::{Activity, Caps, Unused, Watch};
 use crate::{
     api::{self, AppState, Guard},
     audit::{self, AuditError, AuditSink, AuditWriter, Store, WriterOptions},
-    config::{Config, Role},
+    config::Config,
+    domain::Role,
     metrics::Metrics,
     providers::{self, Provider},
     resume::Registry,
@@ -71,7 +72,7 @@ pub struct Parts {
 impl Parts {
     /// The providers the configuration names.
     pub fn from_config(config: Config, sink: Arc<dyn AuditSink>) -> Result<Parts, ServeError> {
-        let pool = config.upstream_pool();
+        let pool = providers::pool::PoolConfig::from(&config);
         Ok(Parts {
             flash: providers::build(&config.flash, pool)?,
             pro: providers::build(&config.pro, pool)?,

@@ -14,7 +14,7 @@ use super::{
     error::Context,
     guard::{self, Realm},
 };
-use crate::{audit::RunRecord, config::Secret};
+use crate::{audit::RunRecord, domain::Secret};
 
 /// `GET /runs/{run_id}`: the whole audit record. Without `ADMIN_TOKEN` the route does not
 /// exist as far as clients can tell (the same 404 as any unknown path).

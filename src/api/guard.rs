@@ -30,10 +30,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::{ApiError, AppState};
-use crate::{
-    config::{Config, Secret},
-    metrics::Metrics,
-};
+use crate::{config::Config, domain::Secret, metrics::Metrics};
 
 /// The identity a rate limit is kept for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

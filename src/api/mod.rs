@@ -33,7 +33,8 @@ use self::{
 };
 use crate::{
     audit::{AuditSink, ModelTrace, Outcome, RunRecord, RunStatus, Store},
-    config::{Config, Secret},
+    config::Config,
+    domain::Secret,
     metrics::Metrics,
     resume::{Owner, follow, parse_last_event_id, send_all, stored_frames_after, stored_last_seq},
     run::{AtCapacity, CHANNEL_CAPACITY, Orchestrator, RunHandle, RunRequest},

@@ -24,7 +24,10 @@ use std::{fmt, sync::Arc, time::Duration};
 use futures::stream::BoxStream;
 use serde::Serialize;
 
-use crate::config::{ModelConfig, ProviderKind, Role};
+use crate::{
+    config::{ModelConfig, ProviderKind},
+    domain::Role,
+};
 
 /// What one model is asked.
 #[derive(Debug, Clone)]

@@ -25,6 +25,8 @@ use std::{
 
 use tracing::{info, warn};
 
+use crate::config::Config;
+
 /// How a provider's upstream is reached.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
@@ -36,6 +38,19 @@ pub struct PoolConfig {
     pub streams_per_connection: usize,
     /// Clients (connections per host) at most; past it calls share the least busy one.
     pub max_connections: usize,
+}
+
+impl From<&Config> for PoolConfig {
+    /// Enough connections for every stream the service may hold, at
+    /// `UPSTREAM_STREAMS_PER_CONNECTION` calls each.
+    fn from(config: &Config) -> Self {
+        let per = config.upstream_streams_per_connection;
+        PoolConfig {
+            http2_prior_knowledge: config.upstream_http2,
+            streams_per_connection: per,
+            max_connections: config.max_concurrent_streams.div_ceil(per),
+        }
+    }
 }
 
 /// The clients of one provider. Cheap to clone.

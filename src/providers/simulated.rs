@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 
 use super::{Completion, ModelRequest, Provider, ProviderEvent, ProviderStream, Usage};
-use crate::config::{Role, SimulatedTiming};
+use crate::{config::SimulatedTiming, domain::Role};
 
 pub struct Simulated {
     model: String,

@@ -13,7 +13,7 @@ use super::{Limits, ModelSlot, emitter::Emitter, millis};
 use crate::{
     audit::Outcome,
     backoff::Backoff,
-    config::Role,
+    domain::Role,
     events::{DeltaEvent, EventKind},
     providers::{Completion, ErrorType, ModelRequest, Provider, ProviderError, ProviderEvent},
 };

@@ -19,7 +19,7 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc};
 use super::{STREAM_BUFFER_BYTES, drive::ModelResult, millis, report::OwnedModelRef};
 use crate::{
     audit::Outcome,
-    config::Role,
+    domain::Role,
     events::{AnswerEvent, ErrorEvent, EventKind},
     metrics::Metrics,
     resume::RunLog,

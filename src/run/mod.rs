@@ -50,7 +50,8 @@ use self::{
 };
 use crate::{
     audit::{AuditSink, Outcome, RunRecord},
-    config::{Config, Role, Secret},
+    config::Config,
+    domain::{Role, Secret},
     events::{ErrorEvent, EventKind, ModelRef, StartEvent, StartModels},
     metrics::Metrics,
     providers::{ErrorType, ModelRequest, Provider},

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::{CancelReason, RunRequest, drive::ModelResult, emitter::Emitter, millis};
 use crate::{
     audit::{AuditSink, ModelTrace, Outcome, RunRecord, RunStatus},
-    config::Role,
+    domain::Role,
     events::{DoneEvent, ErrorEvent, EventKind},
     metrics::Metrics,
     providers::{ErrorType, Provider, ProviderError},

@@ -9,7 +9,7 @@ use std::{
 };
 
 use duet::{
-    config::Role,
+    domain::Role,
     providers::{
         Completion, ErrorType, ModelRequest, Provider, ProviderError, ProviderEvent,
         anthropic::Anthropic,

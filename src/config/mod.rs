@@ -1,0 +1,374 @@
+//! Typed configuration, read once from the environment (and `.env`) and validated at start.
+//!
+//! Every variable of contract §2 lives here. A bad value is a [`ConfigError`] naming the
+//! variable, so the service never starts half-configured.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use crate::domain::{Role, Secret};
+
+use self::parse::*;
+
+mod parse;
+
+/// Which database a `DATABASE_URL` names. The one place that reads the scheme: config
+/// refuses any other at start, and the audit store picks its backend by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseBackend {
+    Sqlite,
+    Postgres,
+}
+
+impl DatabaseBackend {
+    pub fn of(url: &str) -> Option<DatabaseBackend> {
+        if url.starts_with("sqlite:") {
+            Some(DatabaseBackend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(DatabaseBackend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// Which upstream family answers for a role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    Simulated,
+    Gemini,
+    OpenAi,
+    Anthropic,
+}
+
+impl ProviderKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Simulated => "simulated",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+        }
+    }
+
+    fn default_model(self, role: Role) -> &'static str {
+        match (self, role) {
+            (ProviderKind::Simulated, Role::Flash) => "simulated-flash",
+            (ProviderKind::Simulated, Role::Pro) => "simulated-pro",
+            (ProviderKind::Gemini, Role::Flash) => "gemini-2.5-flash",
+            (ProviderKind::Gemini, Role::Pro) => "gemini-2.5-pro",
+            (ProviderKind::OpenAi, Role::Flash) => "gpt-4.1-mini",
+            (ProviderKind::OpenAi, Role::Pro) => "gpt-4.1",
+            (ProviderKind::Anthropic, Role::Flash) => "claude-haiku-4-5",
+            (ProviderKind::Anthropic, Role::Pro) => "claude-sonnet-4-5",
+        }
+    }
+
+    fn default_base_url(self) -> &'static str {
+        match self {
+            ProviderKind::Simulated => "",
+            ProviderKind::Gemini => "https://generativelanguage.googleapis.com/v1beta",
+            ProviderKind::OpenAi => "https://api.openai.com/v1",
+            ProviderKind::Anthropic => "https://api.anthropic.com",
+        }
+    }
+
+    /// The family-wide key variable a role falls back to.
+    fn fallback_key_var(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::Simulated => None,
+            ProviderKind::Gemini => Some("GEMINI_API_KEY"),
+            ProviderKind::OpenAi => Some("OPENAI_API_KEY"),
+            ProviderKind::Anthropic => Some("ANTHROPIC_API_KEY"),
+        }
+    }
+}
+
+impl FromStr for ProviderKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "simulated" => Ok(ProviderKind::Simulated),
+            "gemini" => Ok(ProviderKind::Gemini),
+            "openai" => Ok(ProviderKind::OpenAi),
+            "anthropic" => Ok(ProviderKind::Anthropic),
+            other => Err(format!(
+                "unknown provider {other:?} (expected simulated, gemini, openai or anthropic)"
+            )),
+        }
+    }
+}
+
+/// Pacing of the simulated provider for one role.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimulatedTiming {
+    /// Delay before the first token.
+    pub first_token: Duration,
+    /// Delay between later tokens.
+    pub per_token: Duration,
+}
+
+/// Everything one role needs to reach its model.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub role: Role,
+    pub provider: ProviderKind,
+    pub model: String,
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    /// Whole-call deadline.
+    pub timeout: Duration,
+    /// Optional deadline for the first token.
+    pub ttft_timeout: Option<Duration>,
+    pub simulated: SimulatedTiming,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind_addr: SocketAddr,
+    pub database_url: String,
+    pub flash: ModelConfig,
+    pub pro: ModelConfig,
+    pub stall_timeout: Duration,
+    pub max_query_bytes: usize,
+    pub max_concurrent_streams: usize,
+    pub sse_keepalive: Duration,
+    pub shutdown_grace: Duration,
+    pub audit_deadletter_path: PathBuf,
+    /// Bytes of run records the audit queue may hold (`AUDIT_QUEUE_MAX_BYTES`); a record that
+    /// does not fit is dead-lettered, as when the queue is full by count.
+    pub audit_queue_max_bytes: usize,
+    pub api_keys: Vec<Secret>,
+    pub admin_token: Option<Secret>,
+    pub log_format: LogFormat,
+    /// Sustained requests per minute per client (API key, or peer address without keys);
+    /// `None` (the default, `RATE_LIMIT_PER_MINUTE=0`) turns the limit off.
+    pub rate_limit_per_minute: Option<u32>,
+    /// Requests a client may make at once before the sustained rate applies.
+    pub rate_limit_burst: u32,
+    /// Wrong API keys or admin tokens one client address may present per
+    /// `auth_failure_window` before it is refused for the rest of that window; `None`
+    /// (`AUTH_FAILURE_LIMIT=0`) turns the throttle off.
+    pub auth_failure_limit: Option<u32>,
+    /// How long failed attempts are counted from an address's first one, and so how long an
+    /// address that reached the limit is refused.
+    pub auth_failure_window: Duration,
+    /// Origins allowed to call the API from a browser (`*` for any), each exactly as browsers
+    /// send it in `Origin`; empty means same-origin only.
+    pub cors_allowed_origins: Vec<http::HeaderValue>,
+    /// Longest time a client may take to send its request headers.
+    pub header_read_timeout: Duration,
+    /// How long an ended run's events stay in memory for `Last-Event-ID` resumes.
+    pub resume_retention: Duration,
+    /// `RESUME_STORE_MAX_BYTES`: the most bytes of ended runs' events kept in memory for
+    /// resumes; past it the oldest ended runs leave (and are resumed from the database).
+    pub resume_store_max_bytes: usize,
+    /// A client that takes no event for this long is treated as gone.
+    pub client_write_timeout: Duration,
+    /// `UPSTREAM_HTTP2`: speak HTTP/2 to `http://` upstreams without asking first (h2c prior
+    /// knowledge), so that calls to one upstream share connections instead of one connection
+    /// each. `https://` upstreams negotiate HTTP/2 by ALPN either way.
+    pub upstream_http2: bool,
+    /// `UPSTREAM_STREAMS_PER_CONNECTION`: calls one HTTP/2 connection to an upstream carries
+    /// at once; the next call opens another connection. Servers refuse or queue streams
+    /// past their `SETTINGS_MAX_CONCURRENT_STREAMS`, commonly 100.
+    pub upstream_streams_per_connection: usize,
+    /// `FIRST_REQUEST_TIMEOUT_S`: a new connection (either protocol) must have sent its first
+    /// whole request within this, or it is closed.
+    pub first_request_timeout: Duration,
+    /// `HTTP2_IDLE_TIMEOUT_S`: an HTTP/2 connection with no open stream for this long gets
+    /// GOAWAY and is closed. (HTTP/1.1 has `HEADER_READ_TIMEOUT_S` between requests.)
+    pub http2_idle_timeout: Duration,
+    /// `MAX_CONNECTIONS_PER_CLIENT`: open connections one TCP peer address may hold; new ones
+    /// past it are closed at accept. `None` (`0`) turns the cap off.
+    pub max_connections_per_client: Option<usize>,
+    /// `MAX_CONNECTIONS`: open connections in all; new ones past it are closed at accept, so
+    /// idle clients cannot use up the descriptors runs need upstream. `None` (`0`) turns the
+    /// cap off. Default: half the process's open-file limit where it can be read.
+    pub max_connections: Option<usize>,
+}
+
+/// A configuration value that cannot be used; its `Display` is the one line printed at start.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("configuration error: {var}: {problem}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, problem: impl Into<String>) -> Self {
+        ConfigError {
+            var,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Where variables come from: the process environment in production, a map in tests.
+pub trait Source {
+    fn get(&self, var: &str) -> Option<String>;
+}
+
+/// The process environment. Call [`load_dotenv`] first to include `.env`.
+pub struct Env;
+
+impl Source for Env {
+    fn get(&self, var: &str) -> Option<String> {
+        std::env::var(var).ok()
+    }
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, var: &str) -> Option<String> {
+        HashMap::get(self, var).cloned()
+    }
+}
+
+impl Source for HashMap<&str, &str> {
+    fn get(&self, var: &str) -> Option<String> {
+        HashMap::get(self, var).map(|v| (*v).to_owned())
+    }
+}
+
+/// Reads `.env` from the working directory when present; real environment variables win.
+pub fn load_dotenv() -> Result<(), ConfigError> {
+    match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(e) if e.not_found() => Ok(()),
+        Err(e) => Err(ConfigError::new(".env", e.to_string())),
+    }
+}
+
+impl Config {
+    /// Reads the process environment (after `.env`).
+    pub fn from_env() -> Result<Config, ConfigError> {
+        load_dotenv()?;
+        Config::from_source(&Env)
+    }
+
+    /// Reads and validates every variable of contract §2 from `src`.
+    pub fn from_source(src: &dyn Source) -> Result<Config, ConfigError> {
+        let database_url = var(src, "DATABASE_URL").unwrap_or_else(|| "sqlite://duet.db".into());
+        if DatabaseBackend::of(&database_url).is_none() {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "must start with sqlite:// or postgres://",
+            ));
+        }
+        let log_format = match var(src, "LOG_FORMAT").as_deref() {
+            None => {
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    LogFormat::Pretty
+                } else {
+                    LogFormat::Json
+                }
+            }
+            Some("pretty") => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!("{other:?} is not pretty or json"),
+                ));
+            }
+        };
+        Ok(Config {
+            bind_addr: parse_or(
+                src,
+                "BIND_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], 8080)),
+                "an address like 127.0.0.1:8080",
+            )?,
+            database_url,
+            flash: model_config(src, Role::Flash)?,
+            pro: model_config(src, Role::Pro)?,
+            stall_timeout: seconds_or(src, "STALL_TIMEOUT_S", 15.0)?,
+            max_query_bytes: positive(src, "MAX_QUERY_BYTES", 32_768)?,
+            max_concurrent_streams: match positive(src, "MAX_CONCURRENT_STREAMS", 10_000)? {
+                n if n > 1_000_000 => {
+                    return Err(ConfigError::new(
+                        "MAX_CONCURRENT_STREAMS",
+                        format!("{n} is more than 1000000"),
+                    ));
+                }
+                n => n,
+            },
+            sse_keepalive: seconds_or(src, "SSE_KEEPALIVE_S", 15.0)?,
+            shutdown_grace: seconds_or(src, "SHUTDOWN_GRACE_S", 30.0)?,
+            audit_deadletter_path: var(src, "AUDIT_DEADLETTER_PATH")
+                .unwrap_or_else(|| "duet-deadletter.jsonl".into())
+                .into(),
+            audit_queue_max_bytes: positive(src, "AUDIT_QUEUE_MAX_BYTES", 64 << 20)?,
+            api_keys: secrets_list(src, "API_KEYS")?,
+            admin_token: var(src, "ADMIN_TOKEN").map(Secret::new),
+            log_format,
+            rate_limit_per_minute: match parse_or(
+                src,
+                "RATE_LIMIT_PER_MINUTE",
+                // Off by default: keyed on the TCP peer, one backend client or everyone behind
+                // a reverse proxy would share one bucket and be refused under ordinary load.
+                0u32,
+                "a whole number (0 turns the limit off)",
+            )? {
+                0 => None,
+                n => Some(n),
+            },
+            rate_limit_burst: positive(src, "RATE_LIMIT_BURST", 100)?
+                .try_into()
+                .map_err(|_| ConfigError::new("RATE_LIMIT_BURST", "is too large"))?,
+            auth_failure_limit: match parse_or(
+                src,
+                "AUTH_FAILURE_LIMIT",
+                10u32,
+                "a whole number (0 turns the throttle off)",
+            )? {
+                0 => None,
+                n => Some(n),
+            },
+            auth_failure_window: seconds_or(src, "AUTH_FAILURE_WINDOW_S", 60.0)?,
+            cors_allowed_origins: cors_origins(src)?,
+            header_read_timeout: seconds_or(src, "HEADER_READ_TIMEOUT_S", 10.0)?,
+            resume_retention: seconds_or(src, "RESUME_RETENTION_S", 300.0)?,
+            // 0 is allowed: no ended run is kept in memory, every resume reads the database.
+            resume_store_max_bytes: parse_or(
+                src,
+                "RESUME_STORE_MAX_BYTES",
+                32 * 1024 * 1024,
+                "a whole number of bytes",
+            )?,
+            client_write_timeout: seconds_or(src, "CLIENT_WRITE_TIMEOUT_S", 30.0)?,
+            upstream_http2: flag(src, "UPSTREAM_HTTP2", false)?,
+            upstream_streams_per_connection: positive(src, "UPSTREAM_STREAMS_PER_CONNECTION", 100)?,
+            first_request_timeout: seconds_or(src, "FIRST_REQUEST_TIMEOUT_S", 10.0)?,
+            http2_idle_timeout: seconds_or(src, "HTTP2_IDLE_TIMEOUT_S", 60.0)?,
+            max_connections_per_client: cap(src, "MAX_CONNECTIONS_PER_CLIENT", 1024)?,
+            max_connections: cap(src, "MAX_CONNECTIONS", default_max_connections())?,
+        })
+    }
+
+    /// The defaults, as `cargo run` with an empty environment would see them.
+    pub fn defaults() -> Config {
+        // The empty source cannot fail validation: every default is valid by construction.
+        match Config::from_source(&HashMap::<&str, &str>::new()) {
+            Ok(c) => c,
+            Err(e) => unreachable!("defaults are valid: {e}"),
+        }
+    }
+
+    pub fn model(&self, role: Role) -> &ModelConfig {
+        match role {
+            Role::Flash => &self.flash,
+            Role::Pro => &self.pro,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,190 @@
+//! The configuration's defaults and its refusals, one variable at a time.
+
+use super::*;
+
+fn load(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let map: HashMap<&str, &str> = pairs.iter().copied().collect();
+    Config::from_source(&map)
+}
+
+#[test]
+fn defaults_match_the_contract() {
+    let c = Config::defaults();
+    assert_eq!(c.bind_addr.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.database_url, "sqlite://duet.db");
+    assert_eq!(c.flash.provider, ProviderKind::Simulated);
+    assert_eq!(c.pro.provider, ProviderKind::Simulated);
+    assert_eq!(c.flash.timeout, Duration::from_secs(5));
+    assert_eq!(c.pro.timeout, Duration::from_secs(45));
+    assert_eq!(c.flash.ttft_timeout, None);
+    assert_eq!(c.stall_timeout, Duration::from_secs(15));
+    assert_eq!(c.max_query_bytes, 32_768);
+    assert_eq!(c.max_concurrent_streams, 10_000);
+    assert_eq!(c.resume_store_max_bytes, 32 * 1024 * 1024);
+    assert_eq!(c.upstream_streams_per_connection, 100);
+    assert_eq!(c.sse_keepalive, Duration::from_secs(15));
+    assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(
+        c.audit_deadletter_path,
+        PathBuf::from("duet-deadletter.jsonl")
+    );
+    assert!(c.api_keys.is_empty());
+    assert!(c.admin_token.is_none());
+    // Contract §8: rate limits are off unless asked for.
+    assert_eq!(c.rate_limit_per_minute, None);
+    assert_eq!(c.auth_failure_limit, Some(10));
+    assert_eq!(c.auth_failure_window, Duration::from_secs(60));
+}
+
+#[test]
+fn fractional_seconds_are_accepted() {
+    let c = load(&[("FLASH_TIMEOUT_S", "0.25"), ("PRO_TTFT_TIMEOUT_S", "1.5")]).unwrap();
+    assert_eq!(c.flash.timeout, Duration::from_millis(250));
+    assert_eq!(c.pro.ttft_timeout, Some(Duration::from_millis(1500)));
+}
+
+#[test]
+fn upstream_http2_is_a_flag() {
+    assert!(!load(&[]).unwrap().upstream_http2);
+    assert!(load(&[("UPSTREAM_HTTP2", "1")]).unwrap().upstream_http2);
+    assert!(load(&[("UPSTREAM_HTTP2", "TRUE")]).unwrap().upstream_http2);
+    assert!(!load(&[("UPSTREAM_HTTP2", "off")]).unwrap().upstream_http2);
+}
+
+#[test]
+fn bad_values_name_their_variable() {
+    let cases = [
+        ("FLASH_TIMEOUT_S", "soon"),
+        ("PRO_TIMEOUT_S", "-1"),
+        ("PRO_TIMEOUT_S", "NaN"),
+        ("STALL_TIMEOUT_S", "0"),
+        ("MAX_QUERY_BYTES", "lots"),
+        ("MAX_CONCURRENT_STREAMS", "0"),
+        ("BIND_ADDR", "localhost"),
+        ("FLASH_PROVIDER", "skynet"),
+        ("DATABASE_URL", "mysql://x"),
+        ("LOG_FORMAT", "xml"),
+        ("FLASH_BASE_URL", "ftp://x"),
+        ("RATE_LIMIT_PER_MINUTE", "-3"),
+        ("AUTH_FAILURE_LIMIT", "ten"),
+        ("AUTH_FAILURE_WINDOW_S", "0"),
+        ("CORS_ALLOWED_ORIGINS", "example.com"),
+        ("HEADER_READ_TIMEOUT_S", "0"),
+        ("MAX_CONCURRENT_STREAMS", "99999999999"),
+        ("CLIENT_WRITE_TIMEOUT_S", "x"),
+        ("UPSTREAM_HTTP2", "maybe"),
+        ("UPSTREAM_STREAMS_PER_CONNECTION", "0"),
+        ("FIRST_REQUEST_TIMEOUT_S", "0"),
+        ("HTTP2_IDLE_TIMEOUT_S", "-1"),
+        ("MAX_CONNECTIONS_PER_CLIENT", "-1"),
+        ("MAX_CONNECTIONS", "many"),
+    ];
+    for (name, value) in cases {
+        let err = load(&[(name, value)]).unwrap_err();
+        assert_eq!(err.var, name, "{name}={value}");
+        assert!(err.to_string().contains(name), "{err}");
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+    }
+}
+
+#[test]
+fn cors_origins_must_be_origins_as_browsers_send_them() {
+    let c = load(&[(
+        "CORS_ALLOWED_ORIGINS",
+        " https://app.example, http://localhost:3000,,http://[::1]:8080 ",
+    )])
+    .unwrap();
+    assert_eq!(
+        c.cors_allowed_origins,
+        [
+            "https://app.example",
+            "http://localhost:3000",
+            "http://[::1]:8080"
+        ]
+    );
+    assert_eq!(
+        load(&[("CORS_ALLOWED_ORIGINS", "*")])
+            .unwrap()
+            .cors_allowed_origins,
+        ["*"]
+    );
+    // Each would never match an `Origin` header: refused, never dropped.
+    for bad in [
+        "example.com",
+        "https://app.example/",
+        "https://app.example/page",
+        "https://app.example?x",
+        "https://App.Example",
+        "HTTPS://app.example",
+        "https://user@app.example",
+        "https://app.example:443",
+        "http://app.example:80",
+        "https://app.example:99999",
+        "https://",
+        "https://exa mple.com",
+        "ftp://app.example",
+        "null",
+    ] {
+        let value = format!("https://fine.example,{bad}");
+        let err = load(&[("CORS_ALLOWED_ORIGINS", value.as_str())]).unwrap_err();
+        assert_eq!(err.var, "CORS_ALLOWED_ORIGINS", "{bad}");
+        assert!(err.problem.contains(&format!("{bad:?}")), "{bad}: {err}");
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+    }
+}
+
+#[test]
+fn connection_caps_default_on_and_zero_turns_them_off() {
+    let c = Config::defaults();
+    assert_eq!(c.max_connections_per_client, Some(1024));
+    assert!(c.max_connections.is_some_and(|n| n >= 1));
+    assert_eq!(c.first_request_timeout, Duration::from_secs(10));
+    assert_eq!(c.http2_idle_timeout, Duration::from_secs(60));
+    let off = load(&[
+        ("MAX_CONNECTIONS_PER_CLIENT", "0"),
+        ("MAX_CONNECTIONS", "0"),
+    ])
+    .unwrap();
+    assert_eq!(
+        (off.max_connections_per_client, off.max_connections),
+        (None, None)
+    );
+}
+
+#[test]
+fn open_files_limit_is_read_from_proc_limits() {
+    let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                Max cpu time              unlimited            unlimited            seconds   \n\
+                Max open files            1024                 524288               files     \n";
+    assert_eq!(open_files_limit(text), Some(1024));
+    assert_eq!(
+        open_files_limit("Max open files unlimited unlimited files"),
+        None
+    );
+    assert_eq!(open_files_limit(""), None);
+}
+
+#[test]
+fn real_provider_without_key_is_refused() {
+    let err = load(&[("PRO_PROVIDER", "gemini")]).unwrap_err();
+    assert_eq!(err.var, "PRO_API_KEY");
+    assert!(err.problem.contains("GEMINI_API_KEY"));
+    let ok = load(&[("PRO_PROVIDER", "gemini"), ("GEMINI_API_KEY", "k")]).unwrap();
+    assert_eq!(ok.pro.api_key.as_ref().map(Secret::expose), Some("k"));
+    assert_eq!(ok.pro.model, "gemini-2.5-pro");
+    let own = load(&[
+        ("FLASH_PROVIDER", "openai"),
+        ("OPENAI_API_KEY", "shared"),
+        ("FLASH_API_KEY", "own"),
+    ])
+    .unwrap();
+    assert_eq!(own.flash.api_key.as_ref().map(Secret::expose), Some("own"));
+}
+
+#[test]
+fn secrets_do_not_print() {
+    let c = load(&[("API_KEYS", "a1, b2"), ("ADMIN_TOKEN", "topsecret")]).unwrap();
+    assert_eq!(c.api_keys.len(), 2);
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("topsecret") && !shown.contains("a1"));
+}

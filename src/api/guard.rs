@@ -34,7 +34,7 @@ use crate::{config::Config, domain::Secret, metrics::Metrics};
 
 /// The identity a rate limit is kept for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ClientKey {
+pub(super) enum ClientKey {
     /// Index of the API key used.
     ApiKey(usize),
     Peer(IpAddr),
@@ -157,7 +157,7 @@ impl Guard {
 }
 
 /// The token of an `Authorization: Bearer TOKEN` header.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -170,7 +170,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// presented keys and tokens. `X` is compared in constant time with every secret, with no
 /// early exit, so the timing of an answer says nothing about how close a guess was or which
 /// secret it was near; only the secrets' lengths could be learnt from it.
-pub fn bearer_secret(headers: &HeaderMap, secrets: &[Secret]) -> Option<usize> {
+pub(super) fn bearer_secret(headers: &HeaderMap, secrets: &[Secret]) -> Option<usize> {
     let presented = bearer(headers)?.as_bytes();
     let mut found = None;
     for (i, secret) in secrets.iter().enumerate() {
@@ -182,7 +182,11 @@ pub fn bearer_secret(headers: &HeaderMap, secrets: &[Secret]) -> Option<usize> {
 }
 
 /// Authentication and rate limiting for the query routes.
-pub async fn protect(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub(super) async fn protect(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let guard = &state.guard;
     let ip = client_ip(request.extensions());
     let peer_key = || ClientKey::Peer(ip);
@@ -232,7 +236,7 @@ fn refuse(state: &AppState, reason: &str, error: ApiError) -> Response {
 
 /// The client's address: the TCP peer (the server puts it in every request's extensions).
 /// Behind a reverse proxy this is the proxy's address, shared by all its users.
-pub fn client_ip(extensions: &Extensions) -> IpAddr {
+pub(super) fn client_ip(extensions: &Extensions) -> IpAddr {
     extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
@@ -251,7 +255,7 @@ const MAX_TRACKED: usize = 10_000;
 /// Bounded: at most `max_tracked` addresses; a new one past that evicts the address whose
 /// window opened first (which is also the next to expire). IPv6 addresses count per /64,
 /// since one host usually holds a whole /64 and could otherwise rotate through it.
-pub struct AuthThrottle {
+pub(super) struct AuthThrottle {
     limit: u32,
     window: Duration,
     max_tracked: usize,
@@ -273,7 +277,7 @@ struct Failures {
 }
 
 impl AuthThrottle {
-    pub fn new(limit: u32, window: Duration, max_tracked: usize) -> AuthThrottle {
+    pub(super) fn new(limit: u32, window: Duration, max_tracked: usize) -> AuthThrottle {
         AuthThrottle {
             limit,
             window,
@@ -299,7 +303,7 @@ impl AuthThrottle {
     }
 
     /// How long `ip` is still refused, if it is.
-    pub fn refusal(&self, ip: IpAddr) -> Option<Duration> {
+    pub(super) fn refusal(&self, ip: IpAddr) -> Option<Duration> {
         let key = throttle_key(ip);
         let table = self.lock();
         let entry = table.entries.get(&key)?;
@@ -310,7 +314,7 @@ impl AuthThrottle {
 
     /// Counts one failure of `ip`; `Some(time left in the window)` when this one reached the
     /// limit.
-    pub fn fail(&self, ip: IpAddr) -> Option<Duration> {
+    pub(super) fn fail(&self, ip: IpAddr) -> Option<Duration> {
         let key = throttle_key(ip);
         let mut table = self.lock();
         // Read under the lock, so the order queue is in time order.
@@ -335,7 +339,7 @@ impl AuthThrottle {
     }
 
     /// Drops addresses whose window has closed, and gives back memory after a flood.
-    pub fn forget_expired(&self) {
+    pub(super) fn forget_expired(&self) {
         let mut table = self.lock();
         table.expire(Instant::now(), self.window);
         if table.entries.capacity() > 4 * table.entries.len().max(64) {
@@ -382,7 +386,7 @@ fn throttle_key(ip: IpAddr) -> IpAddr {
 
 /// Counts every answered request by route template (never the raw path: unbounded labels)
 /// and status.
-pub async fn count(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub(super) async fn count(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()

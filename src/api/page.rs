@@ -41,7 +41,7 @@ fn asset(body: String, content_type: &'static str) -> Response {
 #[utoipa::path(get, path = "/", tag = "page", responses((status = 200,
     description = "The page that runs a query and shows both answers as they stream",
     content_type = "text/html; charset=utf-8", body = String)))]
-pub async fn index(State(state): State<AppState>) -> Response {
+pub(super) async fn index(State(state): State<AppState>) -> Response {
     // The page needs to know whether to ask for a key; it is told nothing else.
     let auth = if state.config.api_keys.is_empty() {
         "false"
@@ -58,7 +58,7 @@ pub async fn index(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/app.js", tag = "page", responses((status = 200,
     description = "The page's script", content_type = "text/javascript; charset=utf-8",
     body = String)))]
-pub async fn script() -> Response {
+pub(super) async fn script() -> Response {
     asset(SCRIPT.to_owned(), "text/javascript; charset=utf-8")
 }
 
@@ -66,6 +66,6 @@ pub async fn script() -> Response {
 #[utoipa::path(get, path = "/app.css", tag = "page", responses((status = 200,
     description = "The page's stylesheet", content_type = "text/css; charset=utf-8",
     body = String)))]
-pub async fn style() -> Response {
+pub(super) async fn style() -> Response {
     asset(STYLE.to_owned(), "text/css; charset=utf-8")
 }

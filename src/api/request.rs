@@ -20,7 +20,7 @@ const QUERY_STREAM_ALLOW: &str = "GET, POST";
 
 /// Middleware for `/query/stream`: refuses HEAD (405, the usual JSON error) before anything
 /// else looks at the request, and gives every 405 of the route its true `Allow` header.
-pub async fn no_head(request: Request, next: Next) -> Response {
+pub(super) async fn no_head(request: Request, next: Next) -> Response {
     let mut response = if request.method() == Method::HEAD {
         ApiError::MethodNotAllowed.into_response()
     } else {
@@ -36,7 +36,7 @@ pub async fn no_head(request: Request, next: Next) -> Response {
 
 /// A validated query.
 #[derive(Debug)]
-pub struct QueryParams {
+pub(super) struct QueryParams {
     pub query: String,
     pub system: Option<String>,
     pub deltas: bool,
@@ -69,7 +69,7 @@ fn body_limit(max_query_bytes: usize) -> usize {
     max_query_bytes.saturating_mul(12).saturating_add(64 * 1024)
 }
 
-pub async fn parse_post(
+pub(super) async fn parse_post(
     headers: &HeaderMap,
     body: Body,
     max_query_bytes: usize,
@@ -176,7 +176,10 @@ fn deltas_schema() -> utoipa::openapi::Object {
         .build()
 }
 
-pub fn parse_get(raw: Option<&str>, max_query_bytes: usize) -> Result<QueryParams, ApiError> {
+pub(super) fn parse_get(
+    raw: Option<&str>,
+    max_query_bytes: usize,
+) -> Result<QueryParams, ApiError> {
     let raw = raw.unwrap_or("");
     if raw.len() > body_limit(max_query_bytes) {
         return Err(ApiError::PayloadTooLarge(
@@ -272,7 +275,7 @@ fn is_blank(s: &str) -> bool {
 
 /// The caller's `X-Request-Id`, kept as the run's `client_request_id`. It ends up in logs,
 /// headers and the database, so only short printable ASCII is taken.
-pub fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(super) fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(X_REQUEST_ID) else {
         return Ok(None);
     };

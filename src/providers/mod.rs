@@ -221,11 +221,11 @@ pub(crate) mod testing {
     };
 
     /// `tests/fixtures/wire`: byte-exact provider bodies, kept in the repository.
-    pub fn wire_dir() -> PathBuf {
+    pub(crate) fn wire_dir() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wire")
     }
 
-    pub fn wire(name: &str) -> Vec<u8> {
+    pub(crate) fn wire(name: &str) -> Vec<u8> {
         let path = wire_dir().join(name);
         std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
@@ -235,7 +235,7 @@ pub(crate) mod testing {
         })
     }
 
-    pub fn ctx(family: &'static str) -> CallContext {
+    pub(crate) fn ctx(family: &'static str) -> CallContext {
         CallContext {
             family,
             secret: "test-secret-key-123".into(),
@@ -245,7 +245,7 @@ pub(crate) mod testing {
 
     /// The same bytes cut in several ways: whole, one byte per read (which splits every line,
     /// CRLF pair and multi-byte character), and in odd-sized pieces.
-    pub fn splits(body: &[u8]) -> Vec<Vec<Bytes>> {
+    pub(crate) fn splits(body: &[u8]) -> Vec<Vec<Bytes>> {
         let pieces = |n: usize| body.chunks(n).map(Bytes::copy_from_slice).collect();
         vec![
             vec![Bytes::copy_from_slice(body)],
@@ -258,7 +258,7 @@ pub(crate) mod testing {
 
     /// Decodes `body` under every split; each result is the text and completion, or the
     /// error. All splits must agree, which is checked here.
-    pub fn decode_fixture<D: Decoder>(
+    pub(crate) fn decode_fixture<D: Decoder>(
         family: &'static str,
         body: &[u8],
         make: impl Fn() -> D,

@@ -39,13 +39,13 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Which cap refused a connection (the `reason` label of `duet_connections_refused_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
+pub(super) enum Refused {
     PerClient,
     Total,
 }
 
 impl Refused {
-    pub const fn as_str(self) -> &'static str {
+    pub(super) const fn as_str(self) -> &'static str {
         match self {
             Refused::PerClient => "per_client",
             Refused::Total => "total",
@@ -55,7 +55,7 @@ impl Refused {
 
 /// Why a connection was closed for want of use (`duet_connections_closed_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unused {
+pub(super) enum Unused {
     /// No whole request within `FIRST_REQUEST_TIMEOUT_S` of the connection's start.
     FirstRequest,
     /// HTTP/2: no open stream for `HTTP2_IDLE_TIMEOUT_S`.
@@ -63,7 +63,7 @@ pub enum Unused {
 }
 
 impl Unused {
-    pub const fn as_str(self) -> &'static str {
+    pub(super) const fn as_str(self) -> &'static str {
         match self {
             Unused::FirstRequest => "first_request",
             Unused::Idle => "idle",
@@ -72,7 +72,7 @@ impl Unused {
 }
 
 /// The open connections, per client address and in all.
-pub struct Caps {
+pub(super) struct Caps {
     per_client: Option<usize>,
     total: Option<usize>,
     metrics: Metrics,
@@ -91,7 +91,11 @@ struct CapState {
 }
 
 impl Caps {
-    pub fn new(per_client: Option<usize>, total: Option<usize>, metrics: Metrics) -> Arc<Caps> {
+    pub(super) fn new(
+        per_client: Option<usize>,
+        total: Option<usize>,
+        metrics: Metrics,
+    ) -> Arc<Caps> {
         // Zero, not absent, until the first refusal: alerts on `increase()` need the series.
         for reason in [Refused::PerClient, Refused::Total] {
             metrics
@@ -114,7 +118,7 @@ impl Caps {
     /// Takes a place for a new connection from `peer`, or says which cap is full (counted and,
     /// at most every [`REFUSAL_LOG_EVERY`], logged). The place is given back when the returned
     /// [`Admitted`] is dropped, i.e. when the connection's task ends.
-    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admitted, Refused> {
+    pub(super) fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admitted, Refused> {
         // An IPv4 client of a dual-stack socket shows up as ::ffff:a.b.c.d; count it as a.b.c.d.
         let peer = peer.to_canonical();
         // A poisoned lock only means another thread panicked mid-update of plain counters;
@@ -162,7 +166,7 @@ impl Caps {
 }
 
 /// One connection's place under the caps.
-pub struct Admitted {
+pub(super) struct Admitted {
     caps: Arc<Caps>,
     peer: IpAddr,
 }
@@ -191,12 +195,12 @@ struct Load {
 
 /// The requests in flight on one connection.
 #[derive(Clone)]
-pub struct Activity {
+pub(super) struct Activity {
     tx: Arc<watch::Sender<Load>>,
 }
 
 impl Activity {
-    pub fn new() -> Activity {
+    pub(super) fn new() -> Activity {
         Activity {
             tx: Arc::new(watch::Sender::new(Load::default())),
         }
@@ -231,7 +235,7 @@ impl Drop for InFlight {
 /// The app, counting each request on `activity` until its response body is dropped: over
 /// HTTP/2 that is when the stream ends or is reset, so a long event stream keeps its
 /// connection in use however quiet it is.
-pub fn track<S, R>(
+pub(super) fn track<S, R>(
     service: S,
     activity: Activity,
 ) -> impl tower::Service<
@@ -288,7 +292,7 @@ impl HttpBody for TrackedBody {
 }
 
 /// How [`drive`] treats a connection.
-pub struct Watch {
+pub(super) struct Watch {
     pub activity: Activity,
     /// The first whole request must have come by then.
     pub first_request_by: Instant,
@@ -304,7 +308,7 @@ pub struct Watch {
 
 /// Serves `conn` to its end, closing it gracefully on shutdown or when it is not used (see
 /// [`Watch`]), and dropping it if it stays open unused after that.
-pub async fn drive<C: GracefulConnection>(conn: C, watch: Watch) {
+pub(super) async fn drive<C: GracefulConnection>(conn: C, watch: Watch) {
     let Watch {
         activity,
         first_request_by,

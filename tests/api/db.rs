@@ -22,13 +22,13 @@ use tokio::{sync::Semaphore, time::Instant};
 use uuid::Uuid;
 
 /// A migrated SQLite file in a temporary directory (removed on drop).
-pub struct SqliteDb {
+pub(crate) struct SqliteDb {
     pub dir: tempfile::TempDir,
     pub url: String,
     pub store: Store,
 }
 
-pub async fn sqlite() -> SqliteDb {
+pub(crate) async fn sqlite() -> SqliteDb {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("audit.db").display());
     let store = Store::connect(&url).await.unwrap();
@@ -37,7 +37,7 @@ pub async fn sqlite() -> SqliteDb {
 }
 
 /// A migrated, freshly created PostgreSQL database, dropped with this handle.
-pub struct PgDb {
+pub(crate) struct PgDb {
     pub url: String,
     pub store: Store,
     admin_url: String,
@@ -45,7 +45,7 @@ pub struct PgDb {
 }
 
 /// `None` (after a printed notice) when `TEST_POSTGRES_URL` is unset.
-pub async fn postgres(test: &str) -> Option<PgDb> {
+pub(crate) async fn postgres(test: &str) -> Option<PgDb> {
     let Ok(admin_url) = std::env::var("TEST_POSTGRES_URL") else {
         crate::helpers::skip(&format!(
             "TEST_POSTGRES_URL is unset, so PostgreSQL test {test} cannot run"
@@ -109,7 +109,7 @@ impl Drop for PgDb {
 }
 
 /// `SELECT COUNT(*) FROM table`.
-pub async fn count(store: &Store, table: &str) -> i64 {
+pub(crate) async fn count(store: &Store, table: &str) -> i64 {
     let sql = format!("SELECT COUNT(*) FROM {table}");
     match store {
         Store::Sqlite(s) => sqlx::query_scalar(&sql).fetch_one(s.pool()).await.unwrap(),
@@ -118,7 +118,7 @@ pub async fn count(store: &Store, table: &str) -> i64 {
 }
 
 /// Runs one statement of SQL that both backends understand.
-pub async fn execute(store: &Store, sql: &str) {
+pub(crate) async fn execute(store: &Store, sql: &str) {
     match store {
         Store::Sqlite(s) => drop(sqlx::query(sql).execute(s.pool()).await.unwrap()),
         Store::Postgres(pool) => drop(sqlx::query(sql).execute(pool).await.unwrap()),
@@ -126,7 +126,7 @@ pub async fn execute(store: &Store, sql: &str) {
 }
 
 /// One text column of one row, e.g. `SELECT error_message FROM ... WHERE ...`.
-pub async fn text(store: &Store, sql: &str) -> Option<String> {
+pub(crate) async fn text(store: &Store, sql: &str) -> Option<String> {
     match store {
         Store::Sqlite(s) => sqlx::query_scalar(sql).fetch_one(s.pool()).await.unwrap(),
         Store::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
@@ -134,7 +134,7 @@ pub async fn text(store: &Store, sql: &str) -> Option<String> {
 }
 
 /// Now, at the microsecond precision both databases keep.
-pub fn now_micros() -> DateTime<Utc> {
+pub(crate) fn now_micros() -> DateTime<Utc> {
     DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
 }
 
@@ -161,7 +161,7 @@ fn raw(json: &str) -> Box<serde_json::value::RawValue> {
 }
 
 /// A plausible record with a fresh id; `i` makes its texts distinct.
-pub fn record(i: usize) -> RunRecord {
+pub(crate) fn record(i: usize) -> RunRecord {
     RunRecord {
         run_id: Uuid::now_v7(),
         client_request_id: Some(format!("req-{i}")),
@@ -204,7 +204,7 @@ pub fn record(i: usize) -> RunRecord {
 
 /// A store that fails, hangs or succeeds on command, and remembers every call, for
 /// checking the writer's batching and retry timing on tokio's paused clock.
-pub struct FakeStore {
+pub(crate) struct FakeStore {
     /// Calls that fail before the store starts succeeding (`usize::MAX`: never).
     fail_first: usize,
     /// Each call takes a permit first: with none available, calls wait.
@@ -225,20 +225,20 @@ impl FakeStore {
         })
     }
 
-    pub fn failing(fail_first: usize) -> Arc<FakeStore> {
+    pub(crate) fn failing(fail_first: usize) -> Arc<FakeStore> {
         FakeStore::new(fail_first, None)
     }
 
     /// Succeeds, but each call waits for a permit of `gate`.
-    pub fn gated(gate: Arc<Semaphore>) -> Arc<FakeStore> {
+    pub(crate) fn gated(gate: Arc<Semaphore>) -> Arc<FakeStore> {
         FakeStore::new(0, Some(gate))
     }
 
-    pub fn attempts(&self) -> Vec<(Instant, usize)> {
+    pub(crate) fn attempts(&self) -> Vec<(Instant, usize)> {
         self.attempts.lock().unwrap().clone()
     }
 
-    pub fn stored(&self) -> Vec<RunRecord> {
+    pub(crate) fn stored(&self) -> Vec<RunRecord> {
         self.stored.lock().unwrap().clone()
     }
 }
@@ -266,7 +266,7 @@ impl RecordStore for FakeStore {
 }
 
 /// Every record in a dead-letter file.
-pub fn dead_letters(path: &std::path::Path) -> Vec<RunRecord> {
+pub(crate) fn dead_letters(path: &std::path::Path) -> Vec<RunRecord> {
     match std::fs::read_to_string(path) {
         Ok(s) => s
             .lines()

@@ -27,7 +27,7 @@ use serde_json::Value;
 
 /// One step of a scripted model call.
 #[derive(Clone, Debug)]
-pub enum Step {
+pub(crate) enum Step {
     Wait(Duration),
     Delta(&'static str),
     /// Sends the query itself back as one delta (for injection tests).
@@ -41,13 +41,13 @@ pub enum Step {
     End,
 }
 
-pub fn ms(n: u64) -> Step {
+pub(crate) fn ms(n: u64) -> Step {
     Step::Wait(Duration::from_millis(n))
 }
 
 /// A provider that plays scripts, one per attempt (the last repeats), and counts calls
 /// started and streams dropped.
-pub struct Scripted {
+pub(crate) struct Scripted {
     name: &'static str,
     model: &'static str,
     scripts: Vec<Vec<Step>>,
@@ -58,11 +58,11 @@ pub struct Scripted {
 }
 
 impl Scripted {
-    pub fn new(model: &'static str, script: Vec<Step>) -> Arc<Self> {
+    pub(crate) fn new(model: &'static str, script: Vec<Step>) -> Arc<Self> {
         Self::attempts(model, vec![script])
     }
 
-    pub fn attempts(model: &'static str, scripts: Vec<Vec<Step>>) -> Arc<Self> {
+    pub(crate) fn attempts(model: &'static str, scripts: Vec<Vec<Step>>) -> Arc<Self> {
         Arc::new(Scripted {
             name: "scripted",
             model,
@@ -73,11 +73,11 @@ impl Scripted {
         })
     }
 
-    pub fn started(&self) -> usize {
+    pub(crate) fn started(&self) -> usize {
         self.started.load(Ordering::SeqCst)
     }
 
-    pub fn dropped(&self) -> usize {
+    pub(crate) fn dropped(&self) -> usize {
         self.dropped.load(Ordering::SeqCst)
     }
 }
@@ -156,7 +156,7 @@ impl Provider for Scripted {
     }
 }
 
-pub struct TestApp {
+pub(crate) struct TestApp {
     pub addr: std::net::SocketAddr,
     pub server: Option<Server>,
     pub sink: MemorySink,
@@ -166,7 +166,7 @@ pub struct TestApp {
 }
 
 /// Config for tests: defaults plus overrides, bound to port 0.
-pub fn config(overrides: &[(&str, &str)]) -> Config {
+pub(crate) fn config(overrides: &[(&str, &str)]) -> Config {
     let mut vars: HashMap<&str, &str> = overrides.iter().copied().collect();
     vars.entry("BIND_ADDR").or_insert("127.0.0.1:0");
     vars.entry("LOG_FORMAT").or_insert("pretty");
@@ -174,7 +174,7 @@ pub fn config(overrides: &[(&str, &str)]) -> Config {
 }
 
 /// The usual pair: Flash answers after 300 ms, Pro after 2 s.
-pub fn normal_flash() -> Vec<Step> {
+pub(crate) fn normal_flash() -> Vec<Step> {
     vec![
         ms(300),
         Step::Delta("Quick"),
@@ -184,7 +184,7 @@ pub fn normal_flash() -> Vec<Step> {
     ]
 }
 
-pub fn normal_pro() -> Vec<Step> {
+pub(crate) fn normal_pro() -> Vec<Step> {
     vec![
         ms(2000),
         Step::Delta("Careful"),
@@ -196,7 +196,11 @@ pub fn normal_pro() -> Vec<Step> {
     ]
 }
 
-pub async fn spawn_app(flash: Vec<Step>, pro: Vec<Step>, overrides: &[(&str, &str)]) -> TestApp {
+pub(crate) async fn spawn_app(
+    flash: Vec<Step>,
+    pro: Vec<Step>,
+    overrides: &[(&str, &str)],
+) -> TestApp {
     spawn_with(
         Scripted::new("flash-m", flash),
         Scripted::new("pro-m", pro),
@@ -205,7 +209,7 @@ pub async fn spawn_app(flash: Vec<Step>, pro: Vec<Step>, overrides: &[(&str, &st
     .await
 }
 
-pub async fn spawn_with(
+pub(crate) async fn spawn_with(
     flash: Arc<Scripted>,
     pro: Arc<Scripted>,
     overrides: &[(&str, &str)],
@@ -218,7 +222,7 @@ pub async fn spawn_with(
 
 /// A server whose runs go through a real [`AuditWriter`] into `store` (records are not
 /// kept in `TestApp::sink`). Stop the app, then shut the writer down, to drain it.
-pub async fn spawn_audited(
+pub(crate) async fn spawn_audited(
     flash: Arc<Scripted>,
     pro: Arc<Scripted>,
     overrides: &[(&str, &str)],
@@ -242,7 +246,7 @@ pub async fn spawn_audited(
 }
 
 /// A server with its own sink and no audit database.
-pub async fn spawn_sink(
+pub(crate) async fn spawn_sink(
     flash: Arc<Scripted>,
     pro: Arc<Scripted>,
     sink: Arc<dyn AuditSink>,
@@ -284,18 +288,18 @@ async fn spawn_parts(
 
 /// One parsed server-sent event.
 #[derive(Debug, Clone)]
-pub struct Ev {
+pub(crate) struct Ev {
     pub event: String,
     pub id: String,
     pub data: Value,
 }
 
 impl TestApp {
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
 
-    pub async fn post_stream(&self, body: Value) -> reqwest::Response {
+    pub(crate) async fn post_stream(&self, body: Value) -> reqwest::Response {
         self.client
             .post(self.url("/query/stream"))
             .json(&body)
@@ -305,19 +309,19 @@ impl TestApp {
     }
 
     /// `POST /query` with a JSON body.
-    pub async fn post_query(&self, body: Value) -> reqwest::Response {
+    pub(crate) async fn post_query(&self, body: Value) -> reqwest::Response {
         post_query_to(&self.client, self.addr, body).await
     }
 
     /// Runs a query and returns every event until the stream ends.
-    pub async fn stream(&self, body: Value) -> Vec<Ev> {
+    pub(crate) async fn stream(&self, body: Value) -> Vec<Ev> {
         let resp = self.post_stream(body).await;
         assert_eq!(resp.status(), 200);
         read_events(resp).await
     }
 
     /// Waits (on the test clock) until the sink holds `n` records.
-    pub async fn records(&self, n: usize) -> Vec<RunRecord> {
+    pub(crate) async fn records(&self, n: usize) -> Vec<RunRecord> {
         for _ in 0..1000 {
             let records = self.sink.records();
             if records.len() >= n {
@@ -328,7 +332,7 @@ impl TestApp {
         panic!("expected {n} records, have {}", self.sink.records().len());
     }
 
-    pub async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         if let Some(server) = self.server.take() {
             server.stop().await.expect("clean stop");
         }
@@ -337,7 +341,7 @@ impl TestApp {
 
 /// `POST /query` with a JSON body, from `client` to the service at `addr` (a test's own
 /// process, say); [`TestApp::post_query`] for a test app.
-pub async fn post_query_to(
+pub(crate) async fn post_query_to(
     client: &reqwest::Client,
     addr: impl std::fmt::Display,
     body: Value,
@@ -350,7 +354,7 @@ pub async fn post_query_to(
         .expect("request sent")
 }
 
-pub async fn read_events(resp: reqwest::Response) -> Vec<Ev> {
+pub(crate) async fn read_events(resp: reqwest::Response) -> Vec<Ev> {
     let mut events = Vec::new();
     let mut stream = resp.bytes_stream().eventsource();
     while let Some(ev) = stream.next().await {
@@ -364,13 +368,13 @@ pub async fn read_events(resp: reqwest::Response) -> Vec<Ev> {
     events
 }
 
-pub fn names(events: &[Ev]) -> Vec<&str> {
+pub(crate) fn names(events: &[Ev]) -> Vec<&str> {
     events.iter().map(|e| e.event.as_str()).collect()
 }
 
 /// Checks the invariants every stream keeps: ids `{run_id}:{seq}` from 0 without gaps, every
 /// data object carries the run id, `start` first and `done` last and once.
-pub fn check_invariants(events: &[Ev]) -> String {
+pub(crate) fn check_invariants(events: &[Ev]) -> String {
     assert!(!events.is_empty());
     let run_id = events[0].data["run_id"]
         .as_str()
@@ -386,12 +390,12 @@ pub fn check_invariants(events: &[Ev]) -> String {
     run_id
 }
 
-pub fn done(events: &[Ev]) -> &Value {
+pub(crate) fn done(events: &[Ev]) -> &Value {
     &events.last().expect("events").data
 }
 
 /// The `duet` binary in `dir`, with a clean environment and JSON logs.
-pub fn duet_command(dir: &std::path::Path) -> std::process::Command {
+pub(crate) fn duet_command(dir: &std::path::Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_duet"));
     cmd.current_dir(dir)
         .env_clear()
@@ -403,7 +407,9 @@ pub fn duet_command(dir: &std::path::Path) -> std::process::Command {
 /// For a child started with `BIND_ADDR=127.0.0.1:0` and piped stdout: the address from its
 /// "listening" log line (the one place port 0's choice is told), and a thread that keeps
 /// reading stdout and returns the whole log once the child exits.
-pub fn listening(child: &mut std::process::Child) -> (String, std::thread::JoinHandle<String>) {
+pub(crate) fn listening(
+    child: &mut std::process::Child,
+) -> (String, std::thread::JoinHandle<String>) {
     use std::io::{BufRead, BufReader};
     let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
     let mut log = String::new();
@@ -427,7 +433,7 @@ pub fn listening(child: &mut std::process::Child) -> (String, std::thread::JoinH
 }
 
 /// Sends SIGTERM and returns the exit code.
-pub async fn terminate(mut child: std::process::Child) -> Option<i32> {
+pub(crate) async fn terminate(mut child: std::process::Child) -> Option<i32> {
     let pid = child.id().to_string();
     let sent = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -444,7 +450,7 @@ pub async fn terminate(mut child: std::process::Child) -> Option<i32> {
 /// Skips a test whose tool or service is missing: a notice on a developer's machine, a
 /// failure in CI (`CI` set), where `.ci/run` installs or starts everything the suite needs,
 /// so a test that silently stopped running cannot pass there.
-pub fn skip(reason: &str) {
+pub(crate) fn skip(reason: &str) {
     if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
         panic!("CI is set, so this test may not be skipped: {reason}");
     }

@@ -9,6 +9,10 @@
     clippy::expect_used,
     reason = "test scaffolding: a failed step should fail the test, loudly"
 )]
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a test's servers and clients are plain tasks: each test's runtime ends them"
+)]
 
 mod audit;
 mod audit_cli;

@@ -25,10 +25,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-pub const KEY: &str = "sk-test-PLANTED-key-0123456789abcdef";
+pub(crate) const KEY: &str = "sk-test-PLANTED-key-0123456789abcdef";
 
 /// `tests/fixtures/wire`: byte-exact provider bodies, kept in the repository.
-pub fn wire(name: &str) -> Vec<u8> {
+pub(crate) fn wire(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/wire")
         .join(name);
@@ -42,14 +42,14 @@ pub fn wire(name: &str) -> Vec<u8> {
 
 /// What the server does after its chunks.
 #[derive(Clone, Copy, Debug)]
-pub enum Then {
+pub(crate) enum Then {
     Close,
     Hang,
 }
 
 /// One scripted answer.
 #[derive(Clone, Debug)]
-pub enum Reply {
+pub(crate) enum Reply {
     /// Accept the connection and close it without a byte.
     Drop,
     Http {
@@ -63,7 +63,7 @@ pub enum Reply {
     Endless,
 }
 
-pub fn sse(body: Vec<u8>) -> Reply {
+pub(crate) fn sse(body: Vec<u8>) -> Reply {
     Reply::Http {
         status: 200,
         headers: vec![("content-type", "text/event-stream".into())],
@@ -73,7 +73,7 @@ pub fn sse(body: Vec<u8>) -> Reply {
     }
 }
 
-pub fn sse_chunks(chunks: Vec<Vec<u8>>) -> Reply {
+pub(crate) fn sse_chunks(chunks: Vec<Vec<u8>>) -> Reply {
     Reply::Http {
         status: 200,
         headers: vec![("content-type", "text/event-stream".into())],
@@ -83,7 +83,7 @@ pub fn sse_chunks(chunks: Vec<Vec<u8>>) -> Reply {
     }
 }
 
-pub fn status(code: u16, body: Vec<u8>) -> Reply {
+pub(crate) fn status(code: u16, body: Vec<u8>) -> Reply {
     Reply::Http {
         status: code,
         headers: vec![("content-type", "application/json".into())],
@@ -93,14 +93,14 @@ pub fn status(code: u16, body: Vec<u8>) -> Reply {
     }
 }
 
-pub fn with_header(mut reply: Reply, name: &'static str, value: &str) -> Reply {
+pub(crate) fn with_header(mut reply: Reply, name: &'static str, value: &str) -> Reply {
     if let Reply::Http { headers, .. } = &mut reply {
         headers.push((name, value.to_owned()));
     }
     reply
 }
 
-pub fn then(mut reply: Reply, next: Then) -> Reply {
+pub(crate) fn then(mut reply: Reply, next: Then) -> Reply {
     if let Reply::Http { then, .. } = &mut reply {
         *then = next;
     }
@@ -108,19 +108,19 @@ pub fn then(mut reply: Reply, next: Then) -> Reply {
 }
 
 #[derive(Clone, Debug)]
-pub struct Captured {
+pub(crate) struct Captured {
     pub head: String,
     pub body: serde_json::Value,
 }
 
 /// Serves the replies in order, one per connection (the last repeats), and keeps every request.
-pub struct FixtureServer {
+pub(crate) struct FixtureServer {
     pub addr: std::net::SocketAddr,
     pub requests: Arc<Mutex<Vec<Captured>>>,
 }
 
 impl FixtureServer {
-    pub async fn start(replies: Vec<Reply>) -> FixtureServer {
+    pub(crate) async fn start(replies: Vec<Reply>) -> FixtureServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -137,11 +137,11 @@ impl FixtureServer {
         FixtureServer { addr, requests }
     }
 
-    pub fn base(&self, path: &str) -> String {
+    pub(crate) fn base(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    pub fn requests(&self) -> Vec<Captured> {
+    pub(crate) fn requests(&self) -> Vec<Captured> {
         self.requests.lock().unwrap().clone()
     }
 }
@@ -219,11 +219,11 @@ async fn answer(mut socket: TcpStream, reply: Reply, seen: Arc<Mutex<Vec<Capture
     }
 }
 
-pub fn client() -> Upstream {
+pub(crate) fn client() -> Upstream {
     Upstream::single(reqwest::Client::builder().no_proxy().build().unwrap())
 }
 
-pub fn request(query: &str, system: Option<&str>) -> ModelRequest {
+pub(crate) fn request(query: &str, system: Option<&str>) -> ModelRequest {
     ModelRequest {
         role: Role::Flash,
         query: query.into(),
@@ -231,7 +231,7 @@ pub fn request(query: &str, system: Option<&str>) -> ModelRequest {
     }
 }
 
-pub fn gemini(server: &FixtureServer, limits: BodyLimits) -> Gemini {
+pub(crate) fn gemini(server: &FixtureServer, limits: BodyLimits) -> Gemini {
     Gemini::new(
         client(),
         &server.base("/v1beta"),
@@ -242,16 +242,16 @@ pub fn gemini(server: &FixtureServer, limits: BodyLimits) -> Gemini {
     .unwrap()
 }
 
-pub fn openai(server: &FixtureServer, limits: BodyLimits) -> OpenAi {
+pub(crate) fn openai(server: &FixtureServer, limits: BodyLimits) -> OpenAi {
     OpenAi::new(client(), &server.base("/v1"), "gpt-4.1-mini", KEY, limits).unwrap()
 }
 
-pub fn anthropic(server: &FixtureServer, limits: BodyLimits) -> Anthropic {
+pub(crate) fn anthropic(server: &FixtureServer, limits: BodyLimits) -> Anthropic {
     Anthropic::new(client(), &server.base(""), "claude-sonnet-4-5", KEY, limits).unwrap()
 }
 
 /// Runs one call to its end: the text, and the completion or the error.
-pub async fn run(
+pub(crate) async fn run(
     provider: &dyn Provider,
     req: &ModelRequest,
 ) -> (String, Result<Completion, ProviderError>) {

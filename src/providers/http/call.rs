@@ -83,11 +83,7 @@ pub fn call<D: Decoder>(
         queued: None,
         _lease: None,
     };
-    futures::stream::unfold(state, |mut call| async move {
-        let item = call.next_item().await?;
-        Some((item, call))
-    })
-    .boxed()
+    state.into_stream()
 }
 
 /// Decodes an already open body: the streaming half of [`call`], for tests and tools that
@@ -103,11 +99,7 @@ pub fn decode<D: Decoder>(ctx: CallContext, body: Body, decoder: D) -> ProviderS
         queued: None,
         _lease: None,
     };
-    futures::stream::unfold(state, |mut call| async move {
-        let item = call.next_item().await?;
-        Some((item, call))
-    })
-    .boxed()
+    state.into_stream()
 }
 
 /// An upstream body as reqwest yields it.
@@ -135,6 +127,15 @@ struct Call<D> {
 }
 
 impl<D: Decoder> Call<D> {
+    /// The call as the stream of items a provider returns.
+    fn into_stream(self) -> ProviderStream {
+        futures::stream::unfold(self, |mut call| async move {
+            let item = call.next_item().await?;
+            Some((item, call))
+        })
+        .boxed()
+    }
+
     fn fail(&mut self, error: ProviderError) -> Option<Result<ProviderEvent, ProviderError>> {
         self.phase = Phase::Done;
         Some(Err(error))

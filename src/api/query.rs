@@ -23,7 +23,8 @@ use super::{
 };
 use crate::{
     audit::{ModelTrace, Outcome, RunRecord, RunStatus},
-    config::Secret,
+    config::{Role, Secret},
+    events::AnswerEvent,
     resume::{Owner, follow, parse_last_event_id, send_all, stored_frames_after, stored_last_seq},
     run::{AtCapacity, CHANNEL_CAPACITY, RunHandle, RunRequest},
     sse::{self, EventBody},
@@ -383,6 +384,14 @@ pub(super) struct QueryResponse<'a> {
     pro: ModelAnswer<'a>,
 }
 
+// The fields of the `flash` and `pro` events (`AnswerEvent`) but `run_id` and `model`, which
+// the document states once, between `outcome` and `error_type`. They are listed again rather
+// than embedded: `#[serde(flatten)]` would keep the JSON, but utoipa (5.5) publishes any
+// flattened struct as `allOf` (even with `#[schema(inline)]`) and never merges its properties,
+// which would change /openapi.json. What keeps the two alike is `ModelAnswer::new`: it takes
+// every field of the answer event by an exhaustive pattern, so a field added to `AnswerEvent`
+// does not compile until it is placed here too. (Plain `//`: a `///` line would be published
+// as the schema's description.)
 /// One model's part of a `POST /query` answer.
 #[derive(Serialize, utoipa::ToSchema)]
 struct ModelAnswer<'a> {
@@ -404,24 +413,38 @@ impl<'a> From<&'a RunRecord> for QueryResponse<'a> {
             run_id: r.run_id,
             status: r.status,
             total_ms: r.total_ms,
-            flash: ModelAnswer::from(&r.flash),
-            pro: ModelAnswer::from(&r.pro),
+            flash: ModelAnswer::new(Role::Flash, &r.flash),
+            pro: ModelAnswer::new(Role::Pro, &r.pro),
         }
     }
 }
 
-impl<'a> From<&'a ModelTrace> for ModelAnswer<'a> {
-    fn from(t: &'a ModelTrace) -> Self {
+impl<'a> ModelAnswer<'a> {
+    /// The model's answer event as a stream would carry it, with the trace's outcome and error.
+    fn new(role: Role, t: &'a ModelTrace) -> Self {
+        let AnswerEvent {
+            // The document's own `run_id` and the field it sits in say these.
+            run_id: _,
+            model: _,
+            provider,
+            model_name,
+            model_version,
+            text,
+            finish_reason,
+            latency_ms,
+            ttft_ms,
+            usage,
+        } = AnswerEvent::from_trace("", role, t);
         ModelAnswer {
             outcome: t.outcome,
-            provider: &t.provider,
-            model_name: &t.model,
-            model_version: t.model_version.as_deref(),
-            text: &t.text,
-            finish_reason: t.finish_reason.as_deref(),
-            latency_ms: t.latency_ms,
-            ttft_ms: t.ttft_ms,
-            usage: t.usage(),
+            provider,
+            model_name,
+            model_version,
+            text,
+            finish_reason,
+            latency_ms,
+            ttft_ms,
+            usage,
             error_type: t.error_type.as_deref(),
         }
     }

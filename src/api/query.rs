@@ -6,6 +6,8 @@
 //! response and its headers, resuming from memory or the store, and `POST /query`'s answer
 //! type. Parsing and validating a request is `request`'s; the router and state are `mod`'s.
 
+use std::collections::BTreeMap;
+
 use axum::{
     Extension, Json,
     body::Body,
@@ -14,6 +16,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
+use utoipa::openapi::{Ref, RefOr};
 
 use super::{
     ApiError, AppState, AuthenticatedKey, X_REQUEST_ID, X_RUN_ID,
@@ -41,15 +44,8 @@ use crate::{
     params(openapi::StreamHeaders),
     security((), ("api_key" = [])),
     responses(
-        (status = 200, response = openapi::EventStream),
-        (status = 204, response = openapi::NothingLeft),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 413, response = openapi::TooLarge),
+        StreamResponses,
         (status = 415, response = openapi::UnsupportedMediaType),
-        (status = 429, response = openapi::RateLimited),
-        (status = 503, response = openapi::Overloaded),
     ),
 )]
 pub(super) async fn stream_post(
@@ -58,11 +54,8 @@ pub(super) async fn stream_post(
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let caller = caller_key(&state, parts.extensions.get().copied())?;
-    if let Some(last) = last_event_id(&parts.headers) {
-        return resume(&state, last, caller).await;
-    }
-    let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
-    start_stream(&state, &parts.headers, params, caller)
+    let params = parse_post(&parts.headers, body, state.config.max_query_bytes);
+    stream(&state, &parts.headers, caller, params).await
 }
 
 /// The same as `POST /query/stream`, for `EventSource` in browsers.
@@ -73,16 +66,7 @@ pub(super) async fn stream_post(
     get, path = "/query/stream", tag = "query", operation_id = "stream_get",
     params(request::GetQuery, openapi::StreamHeaders),
     security((), ("api_key" = [])),
-    responses(
-        (status = 200, response = openapi::EventStream),
-        (status = 204, response = openapi::NothingLeft),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 413, response = openapi::TooLarge),
-        (status = 429, response = openapi::RateLimited),
-        (status = 503, response = openapi::Overloaded),
-    ),
+    responses(StreamResponses),
 )]
 pub(super) async fn stream_get(
     State(state): State<AppState>,
@@ -91,11 +75,58 @@ pub(super) async fn stream_get(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let caller = caller_key(&state, key.map(|Extension(key)| key))?;
-    if let Some(last) = last_event_id(&headers) {
-        return resume(&state, last, caller).await;
+    let params = async { parse_get(query.as_deref(), state.config.max_query_bytes) };
+    stream(&state, &headers, caller, params).await
+}
+
+/// What both forms of `/query/stream` answer (`POST` adds 415 for its body's media type):
+/// references to the shared responses, as `(status = .., response = ..)` writes them.
+struct StreamResponses;
+
+impl utoipa::IntoResponses for StreamResponses {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::response::Response>> {
+        use openapi::{
+            BadRequest, EventStream, NotFound, NothingLeft, Overloaded, RateLimited, TooLarge,
+            Unauthorized,
+        };
+        use utoipa::ToResponse;
+        [
+            ("200", EventStream::response().0),
+            ("204", NothingLeft::response().0),
+            ("400", BadRequest::response().0),
+            ("401", Unauthorized::response().0),
+            ("404", NotFound::response().0),
+            ("413", TooLarge::response().0),
+            ("429", RateLimited::response().0),
+            ("503", Overloaded::response().0),
+        ]
+        .into_iter()
+        .map(|(status, name)| (status.to_owned(), Ref::from_response_name(name).into()))
+        .collect()
     }
-    let params = parse_get(query.as_deref(), state.config.max_query_bytes)?;
-    start_stream(&state, &headers, params, caller)
+}
+
+/// Both forms of `/query/stream` once the caller is known: a `Last-Event-ID` resumes its run,
+/// and then the request's own query is ignored, so `params` is only awaited (parsed) when no
+/// run is resumed; otherwise a run starts and the answer streams its events.
+async fn stream(
+    state: &AppState,
+    headers: &HeaderMap,
+    caller: Option<&Secret>,
+    params: impl Future<Output = Result<QueryParams, ApiError>>,
+) -> Result<Response, ApiError> {
+    if let Some(last) = last_event_id(headers) {
+        return resume(state, last, caller).await;
+    }
+    let params = params.await?;
+    let client_request_id = client_request_id(headers)?;
+    let handle = start_run(state, params, client_request_id.clone(), caller)?;
+    Ok(event_stream(
+        state,
+        handle.events,
+        handle.run_id,
+        client_request_id.as_deref(),
+    ))
 }
 
 /// The `Last-Event-ID` of a reconnect. An empty one is no id at all, as if it were not sent:
@@ -118,22 +149,6 @@ fn caller_key(
     key.and_then(|key| state.config.api_keys.get(key.0))
         .map(Some)
         .ok_or(ApiError::Unauthorized)
-}
-
-fn start_stream(
-    state: &AppState,
-    headers: &HeaderMap,
-    params: QueryParams,
-    caller: Option<&Secret>,
-) -> Result<Response, ApiError> {
-    let client_request_id = client_request_id(headers)?;
-    let handle = start_run(state, params, client_request_id.clone(), caller)?;
-    Ok(event_stream(
-        state,
-        handle.events,
-        handle.run_id,
-        client_request_id.as_deref(),
-    ))
 }
 
 fn start_run(

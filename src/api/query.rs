@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use axum::{
     Extension, Json,
     body::Body,
-    extract::{RawQuery, Request, State},
+    extract::{RawQuery, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -50,12 +50,13 @@ use crate::{
 )]
 pub(super) async fn stream_post(
     State(state): State<AppState>,
-    request: Request,
+    key: Option<Extension<AuthenticatedKey>>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    let caller = caller_key(&state, parts.extensions.get().copied())?;
-    let params = parse_post(&parts.headers, body, state.config.max_query_bytes);
-    stream(&state, &parts.headers, caller, params).await
+    let caller = caller_key(&state, key)?;
+    let params = parse_post(&headers, body, state.config.max_query_bytes);
+    stream(&state, &headers, caller, params).await
 }
 
 /// The same as `POST /query/stream`, for `EventSource` in browsers.
@@ -74,7 +75,7 @@ pub(super) async fn stream_get(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let caller = caller_key(&state, key.map(|Extension(key)| key))?;
+    let caller = caller_key(&state, key)?;
     let params = async { parse_get(query.as_deref(), state.config.max_query_bytes) };
     stream(&state, &headers, caller, params).await
 }
@@ -141,12 +142,12 @@ fn last_event_id(headers: &HeaderMap) -> Option<&HeaderValue> {
 /// ever missing from a route, the request is refused rather than run without an owner.
 fn caller_key(
     state: &AppState,
-    key: Option<AuthenticatedKey>,
+    key: Option<Extension<AuthenticatedKey>>,
 ) -> Result<Option<&Secret>, ApiError> {
     if state.config.api_keys.is_empty() {
         return Ok(None);
     }
-    key.and_then(|key| state.config.api_keys.get(key.0))
+    key.and_then(|Extension(key)| state.config.api_keys.get(key.0))
         .map(Some)
         .ok_or(ApiError::Unauthorized)
 }
@@ -356,12 +357,13 @@ fn insert_ids(h: &mut HeaderMap, run_id: uuid::Uuid, client_request_id: Option<&
 )]
 pub(super) async fn query_post(
     State(state): State<AppState>,
-    request: Request,
+    key: Option<Extension<AuthenticatedKey>>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    let caller = caller_key(&state, parts.extensions.get().copied())?;
-    let params = parse_post(&parts.headers, body, state.config.max_query_bytes).await?;
-    let client_request_id = client_request_id(&parts.headers)?;
+    let caller = caller_key(&state, key)?;
+    let params = parse_post(&headers, body, state.config.max_query_bytes).await?;
+    let client_request_id = client_request_id(&headers)?;
     let params = QueryParams {
         deltas: false,
         ..params

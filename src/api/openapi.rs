@@ -33,9 +33,9 @@ use crate::events::EventKind;
         license(name = "MIT"),
     ),
     paths(
-        super::stream_post,
-        super::stream_get,
-        super::query_post,
+        super::query::stream_post,
+        super::query::stream_get,
+        super::query::query_post,
         super::admin::get_run,
         super::healthz,
         super::admin::readyz,
@@ -371,5 +371,5 @@ mod responses {
 )]
 pub(super) enum Unavailable<'a> {
     Refused(ErrorBody<'a>),
-    Run(Box<super::QueryResponse<'a>>),
+    Run(Box<super::query::QueryResponse<'a>>),
 }

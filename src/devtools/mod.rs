@@ -1,5 +1,5 @@
 //! Development tools, reached only from the command line: the service (`server`, `api`,
-//! `orchestrator`, `providers`, …) never imports anything from here.
+//! `run`, `providers`, …) never imports anything from here.
 //!
 //! - [`mock`]: `duet mock-provider`, a local upstream speaking the three wire formats, with
 //!   faults on request; also a library for the tests.

@@ -7,8 +7,10 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, str::FromStr, ti
 
 use crate::domain::{Role, Secret};
 
+pub use self::cidr::Cidr;
 use self::parse::*;
 
+mod cidr;
 mod parse;
 
 /// Which database a `DATABASE_URL` names. The one place that reads the scheme: config
@@ -192,6 +194,9 @@ pub struct Config {
     /// idle clients cannot use up the descriptors runs need upstream. `None` (`0`) turns the
     /// cap off. Default: half the process's open-file limit where it can be read.
     pub max_connections: Option<usize>,
+    /// `TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client (contract §8).
+    /// Empty (the default): every peer is the client, and the header is ignored.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// A configuration value that cannot be used; its `Display` is the one line printed at start.
@@ -350,6 +355,7 @@ impl Config {
             http2_idle_timeout: seconds_or(src, "HTTP2_IDLE_TIMEOUT_S", 60.0)?,
             max_connections_per_client: cap(src, "MAX_CONNECTIONS_PER_CLIENT", 1024)?,
             max_connections: cap(src, "MAX_CONNECTIONS", default_max_connections())?,
+            trusted_proxies: trusted_proxies(src)?,
         })
     }
 

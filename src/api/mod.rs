@@ -4,10 +4,12 @@
 //! event stream. Once a run has started every path ends with `done` (see `run`).
 
 mod admin;
+mod client_addr;
 mod error;
 mod guard;
 mod openapi;
 mod page;
+mod rate_limit;
 mod request;
 #[cfg(test)]
 mod tests;

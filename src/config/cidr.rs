@@ -56,11 +56,9 @@ impl FromStr for Cidr {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix: u8 = match prefix {
             None => max,
-            Some(p) => p
-                .parse()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or("not a range: the length after / must be 0 to 32 (IPv4) or 0 to 128 (IPv6)")?,
+            Some(p) => p.parse().ok().filter(|p| *p <= max).ok_or(
+                "not a range: the length after / must be 0 to 32 (IPv4) or 0 to 128 (IPv6)",
+            )?,
         };
         // Peers are compared in canonical form (a mapped IPv4 address as IPv4), so a range
         // of mapped addresses written in IPv6 is kept as the IPv4 range it means.

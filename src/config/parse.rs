@@ -295,9 +295,9 @@ pub(super) fn trusted_proxies(src: &dyn Source) -> Result<Vec<Cidr>, ConfigError
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
         .map(|entry| {
-            entry.parse().map_err(|why| {
-                ConfigError::new("TRUSTED_PROXIES", format!("{entry:?} is {why}"))
-            })
+            entry
+                .parse()
+                .map_err(|why| ConfigError::new("TRUSTED_PROXIES", format!("{entry:?} is {why}")))
         })
         .collect()
 }

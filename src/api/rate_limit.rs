@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{ApiError, client_addr};
-use crate::{audit::Store, config::Config, metrics::Metrics};
+use crate::{audit::Store, config::Config, domain::Secret, metrics::Metrics};
 
 /// The identity a rate limit is kept for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -175,22 +175,22 @@ struct Shared {
     epoch: Instant,
 }
 
+/// The shared bucket of an API key: `key:` and 128 bits of SHA-256 over a fixed prefix and
+/// the key. Enough that keys never collide; nothing to recover the key from (keys are long
+/// random strings). The runbook shows the same computation in shell, for operators.
+fn key_bucket(key: &Secret) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"duet rate limit\0")
+        .chain_update(key.expose().as_bytes())
+        .finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("key:{hex}")
+}
+
 impl Shared {
     fn new(pool: PgPool, config: &Config, quota: Quota) -> Shared {
         let emission_s = quota.replenish_interval().as_secs_f64();
-        let key_buckets = config
-            .api_keys
-            .iter()
-            .map(|key| {
-                let digest = Sha256::new()
-                    .chain_update(b"duet rate limit\0")
-                    .chain_update(key.expose().as_bytes())
-                    .finalize();
-                // 128 bits: no collision between keys, nothing to recover the key from.
-                let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-                format!("key:{hex}")
-            })
-            .collect();
+        let key_buckets = config.api_keys.iter().map(key_bucket).collect();
         Shared {
             pool,
             emission_s,
@@ -284,5 +284,19 @@ impl Shared {
             Ok(Err(e)) => debug!(error = %e, "cannot forget idle rate-limit buckets"),
             Err(_) => debug!("forgetting idle rate-limit buckets took too long"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runbook's `printf 'duet rate limit\0%s' "$KEY" | sha256sum | cut -c1-32`.
+    #[test]
+    fn a_keys_bucket_is_its_fingerprint_as_the_runbook_computes_it() {
+        assert_eq!(
+            key_bucket(&Secret::new("sk-test-alpha")),
+            "key:d60ef6044804c9bcf9c2ba1e837e5426"
+        );
     }
 }

@@ -149,8 +149,9 @@ pub struct Config {
     pub api_keys: Vec<Secret>,
     pub admin_token: Option<Secret>,
     pub log_format: LogFormat,
-    /// Sustained requests per minute per client (API key, or peer address without keys);
-    /// `None` (the default, `RATE_LIMIT_PER_MINUTE=0`) turns the limit off.
+    /// Sustained requests per minute per client (API key, or client address without keys;
+    /// on PostgreSQL one budget for all replicas); `None` (the default,
+    /// `RATE_LIMIT_PER_MINUTE=0`) turns the limit off.
     pub rate_limit_per_minute: Option<u32>,
     /// Requests a client may make at once before the sustained rate applies.
     pub rate_limit_burst: u32,
@@ -317,8 +318,9 @@ impl Config {
             rate_limit_per_minute: match parse_or(
                 src,
                 "RATE_LIMIT_PER_MINUTE",
-                // Off by default: keyed on the TCP peer, one backend client or everyone behind
-                // a reverse proxy would share one bucket and be refused under ordinary load.
+                // Off by default: one backend client doing many streams at once, or everyone
+                // behind a proxy not in TRUSTED_PROXIES, shares one bucket and would be
+                // refused under ordinary load.
                 0u32,
                 "a whole number (0 turns the limit off)",
             )? {

@@ -39,6 +39,10 @@ pub struct Metrics {
     /// `duet_auth_throttled_total{endpoint}`: requests refused because their address
     /// presented too many wrong keys or tokens lately.
     pub auth_throttled_total: IntCounterVec,
+    /// `duet_rate_limit_fallbacks_total{reason}`: requests whose rate limit this replica
+    /// decided alone because the shared budget (PostgreSQL) could not be reached (`error`,
+    /// `timeout`, or `backoff` while it recently failed).
+    pub rate_limit_fallbacks_total: IntCounterVec,
     /// Client connections open now (both protocols).
     pub connections_open: IntGauge,
     /// Connections closed at accept by a cap, by cap (`per_client`, `total`).
@@ -204,6 +208,14 @@ impl Metrics {
                 ),
                 &["endpoint"]
             )?),
+            rate_limit_fallbacks_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_rate_limit_fallbacks_total",
+                    "Requests whose rate limit this replica decided alone because the shared \
+                     budget could not be reached, by reason (error, timeout, backoff)."
+                ),
+                &["reason"]
+            )?),
             connections_open: reg!(IntGauge::new(
                 "duet_connections_open",
                 "Client connections open now."
@@ -228,6 +240,11 @@ impl Metrics {
         for endpoint in ["query", "admin"] {
             metrics.auth_failures_total.with_label_values(&[endpoint]);
             metrics.auth_throttled_total.with_label_values(&[endpoint]);
+        }
+        for reason in ["error", "timeout", "backoff"] {
+            metrics
+                .rate_limit_fallbacks_total
+                .with_label_values(&[reason]);
         }
         #[cfg(target_os = "linux")]
         metrics.registry.register(Box::new(

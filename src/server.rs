@@ -121,7 +121,7 @@ impl Server {
             shutdown.clone(),
             tracker.clone(),
         );
-        let guard = Arc::new(Guard::new(&config));
+        let guard = Arc::new(Guard::new(&config, parts.store.as_ref()));
         spawn_housekeeping(&tracker, &shutdown, &guard, orchestrator.registry());
         let state = AppState {
             config: Arc::clone(&config),
@@ -201,7 +201,7 @@ fn spawn_housekeeping(
         loop {
             tokio::select! {
                 _ = sweep.tick() => registry.sweep(),
-                _ = forget.tick() => guard.forget_idle_clients(),
+                _ = forget.tick() => guard.forget_idle_clients().await,
                 () = token.cancelled() => break,
             }
         }

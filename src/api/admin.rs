@@ -69,7 +69,7 @@ fn admin_auth(
     headers: &HeaderMap,
     token: &Secret,
 ) -> Result<(), ApiError> {
-    let ip = guard::client_ip(extensions);
+    let ip = state.guard.client(extensions, headers);
     state.guard.admit(ip, Realm::Admin, &state.metrics)?;
     if guard::bearer_secret(headers, std::slice::from_ref(token)).is_some() {
         return Ok(());

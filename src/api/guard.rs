@@ -2,50 +2,43 @@
 //! tokens, and request accounting.
 //!
 //! Keys are compared in constant time against every configured key (no early exit), so the
-//! timing of a refusal says nothing about how close a guess was. Rate limits are GCRA buckets
-//! (the `governor` crate) keyed by the API key when keys are configured, else by the peer's
-//! address; they are off unless `RATE_LIMIT_PER_MINUTE` is set. Wrong keys and admin tokens
-//! are throttled per client address whatever the rate limit says ([`AuthThrottle`]).
+//! timing of a refusal says nothing about how close a guess was. Rate limits (`rate_limit`)
+//! are keyed by the API key when keys are configured, else by the client's address; they are
+//! off unless `RATE_LIMIT_PER_MINUTE` is set. Wrong keys and admin tokens are throttled per
+//! client address whatever the rate limit says ([`AuthThrottle`]). The client's address is
+//! the TCP peer's, or behind a trusted proxy the one it forwarded (`client_addr`).
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::{IpAddr, Ipv6Addr, SocketAddr},
-    num::NonZeroU32,
+    net::IpAddr,
     sync::{Mutex, PoisonError},
     time::Duration,
 };
 
 use axum::{
-    extract::{ConnectInfo, MatchedPath, Request, State},
+    extract::{MatchedPath, Request, State},
     http::{Extensions, HeaderMap, header},
     middleware::Next,
     response::{IntoResponse, Response},
-};
-use governor::{
-    DefaultKeyedRateLimiter, Quota, RateLimiter,
-    clock::{Clock, DefaultClock},
 };
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::{ApiError, AppState};
-use crate::{config::Config, domain::Secret, metrics::Metrics};
-
-/// The identity a rate limit is kept for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(super) enum ClientKey {
-    /// Index of the API key used.
-    ApiKey(usize),
-    Peer(IpAddr),
-}
+use super::{
+    ApiError, AppState,
+    client_addr::{self, TrustedProxies, identity as throttle_key},
+    rate_limit::{ClientKey, RateLimits},
+};
+use crate::{audit::Store, config::Config, domain::Secret, metrics::Metrics};
 
 pub struct Guard {
     keys: Vec<Secret>,
-    limiter: Option<DefaultKeyedRateLimiter<ClientKey>>,
+    limits: Option<RateLimits>,
     /// One table for API keys and the admin token: an address gets one budget of guesses,
     /// not one per secret.
     throttle: Option<AuthThrottle>,
+    proxies: TrustedProxies,
 }
 
 /// Which secret a wrong guess was for; the `endpoint` label of the auth metrics.
@@ -67,21 +60,23 @@ impl Realm {
 }
 
 impl Guard {
-    pub fn new(config: &Config) -> Guard {
-        let limiter = config.rate_limit_per_minute.and_then(|per_minute| {
-            let rate = NonZeroU32::new(per_minute)?;
-            let burst = NonZeroU32::new(config.rate_limit_burst)?;
-            Some(RateLimiter::keyed(
-                Quota::per_minute(rate).allow_burst(burst),
-            ))
-        });
+    /// On PostgreSQL (`store`), rate limits are one budget shared with every replica of the
+    /// database; otherwise they are this process's.
+    pub fn new(config: &Config, store: Option<&Store>) -> Guard {
         Guard {
             keys: config.api_keys.clone(),
-            limiter,
+            limits: RateLimits::new(config, store),
             throttle: config
                 .auth_failure_limit
                 .map(|limit| AuthThrottle::new(limit, config.auth_failure_window, MAX_TRACKED)),
+            proxies: TrustedProxies::new(config.trusted_proxies.clone()),
         }
+    }
+
+    /// The client's address: the TCP peer's, or, when the peer is a trusted proxy, the one
+    /// it forwarded in `X-Forwarded-For`.
+    pub(super) fn client(&self, extensions: &Extensions, headers: &HeaderMap) -> IpAddr {
+        self.proxies.client(client_addr::peer(extensions), headers)
     }
 
     /// Refuses an address that has presented too many wrong keys or tokens lately. Called
@@ -129,27 +124,22 @@ impl Guard {
             .ok_or(ApiError::Unauthorized)
     }
 
-    fn check_rate(&self, client: ClientKey) -> Result<(), ApiError> {
-        let Some(limiter) = &self.limiter else {
-            return Ok(());
-        };
-        limiter
-            .check_key(&client)
-            .map_err(|not_until| ApiError::RateLimited {
-                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-            })
+    async fn check_rate(&self, client: ClientKey, metrics: &Metrics) -> Result<(), ApiError> {
+        match &self.limits {
+            Some(limits) => limits.check(&client, metrics).await,
+            None => Ok(()),
+        }
     }
 
     /// Forgets clients idle long enough that their bucket is full again (and addresses whose
-    /// failed attempts are out of their window), so the maps do not grow with every address
-    /// ever seen.
-    pub fn forget_idle_clients(&self) {
-        if let Some(limiter) = &self.limiter {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
-        }
+    /// failed attempts are out of their window), so the tables do not grow with every
+    /// client ever seen.
+    pub async fn forget_idle_clients(&self) {
         if let Some(throttle) = &self.throttle {
             throttle.forget_expired();
+        }
+        if let Some(limits) = &self.limits {
+            limits.forget_idle().await;
         }
     }
 
@@ -188,8 +178,8 @@ pub(super) async fn protect(
     next: Next,
 ) -> Response {
     let guard = &state.guard;
-    let ip = client_ip(request.extensions());
-    let peer_key = || ClientKey::Peer(ip);
+    let ip = guard.client(request.extensions(), request.headers());
+    let address_key = || ClientKey::address(ip);
     if !guard.keys.is_empty()
         && let Err(throttled) = guard.admit(ip, Realm::Query, &state.metrics)
     {
@@ -204,7 +194,7 @@ pub(super) async fn protect(
                 guard.failed(ip, Realm::Query, &state.metrics);
             }
             // Failed attempts also spend the address's rate-limit budget, when limits are on.
-            if let Err(limited) = guard.check_rate(peer_key()) {
+            if let Err(limited) = guard.check_rate(address_key(), &state.metrics).await {
                 return refuse(&state, "rate_limited", limited);
             }
             return refuse(&state, "unauthorized", e);
@@ -212,9 +202,9 @@ pub(super) async fn protect(
     };
     let client = match key {
         Some(i) => ClientKey::ApiKey(i),
-        None => peer_key(),
+        None => address_key(),
     };
-    if let Err(e) = guard.check_rate(client) {
+    if let Err(e) = guard.check_rate(client, &state.metrics).await {
         return refuse(&state, "rate_limited", e);
     }
     // Which key it was, for the handlers: a run belongs to the key that started it.
@@ -232,14 +222,6 @@ fn refuse(state: &AppState, reason: &str, error: ApiError) -> Response {
         .with_label_values(&[reason])
         .inc();
     error.into_response()
-}
-
-/// The client's address: the TCP peer (the server puts it in every request's extensions).
-/// Behind a reverse proxy this is the proxy's address, shared by all its users.
-pub(super) fn client_ip(extensions: &Extensions) -> IpAddr {
-    extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
 }
 
 /// Most addresses the failed-attempt table tracks at once. Entries are fixed-size, so this
@@ -369,18 +351,6 @@ impl FailureTable {
         if let Some((key, _)) = self.order.pop_front() {
             self.entries.remove(&key);
         }
-    }
-}
-
-/// The address a throttle entry is kept for: IPv4 as is (also when mapped into IPv6), IPv6
-/// by its /64.
-fn throttle_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-        },
     }
 }
 

@@ -11,11 +11,13 @@
 //! page, `error` the error answers, `openapi` the API description.
 
 mod admin;
+mod client_addr;
 mod error;
 mod guard;
 mod openapi;
 mod page;
 mod query;
+mod rate_limit;
 mod request;
 #[cfg(test)]
 mod tests;

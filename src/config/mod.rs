@@ -7,8 +7,10 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, str::FromStr, ti
 
 use crate::domain::{Role, Secret};
 
+pub use self::cidr::Cidr;
 use self::parse::*;
 
+mod cidr;
 mod parse;
 
 /// Which database a `DATABASE_URL` names. The one place that reads the scheme: config
@@ -147,8 +149,9 @@ pub struct Config {
     pub api_keys: Vec<Secret>,
     pub admin_token: Option<Secret>,
     pub log_format: LogFormat,
-    /// Sustained requests per minute per client (API key, or peer address without keys);
-    /// `None` (the default, `RATE_LIMIT_PER_MINUTE=0`) turns the limit off.
+    /// Sustained requests per minute per client (API key, or client address without keys;
+    /// on PostgreSQL one budget for all replicas); `None` (the default,
+    /// `RATE_LIMIT_PER_MINUTE=0`) turns the limit off.
     pub rate_limit_per_minute: Option<u32>,
     /// Requests a client may make at once before the sustained rate applies.
     pub rate_limit_burst: u32,
@@ -192,6 +195,9 @@ pub struct Config {
     /// idle clients cannot use up the descriptors runs need upstream. `None` (`0`) turns the
     /// cap off. Default: half the process's open-file limit where it can be read.
     pub max_connections: Option<usize>,
+    /// `TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client (contract §8).
+    /// Empty (the default): every peer is the client, and the header is ignored.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// A configuration value that cannot be used; its `Display` is the one line printed at start.
@@ -312,8 +318,9 @@ impl Config {
             rate_limit_per_minute: match parse_or(
                 src,
                 "RATE_LIMIT_PER_MINUTE",
-                // Off by default: keyed on the TCP peer, one backend client or everyone behind
-                // a reverse proxy would share one bucket and be refused under ordinary load.
+                // Off by default: one backend client doing many streams at once, or everyone
+                // behind a proxy not in TRUSTED_PROXIES, shares one bucket and would be
+                // refused under ordinary load.
                 0u32,
                 "a whole number (0 turns the limit off)",
             )? {
@@ -350,6 +357,7 @@ impl Config {
             http2_idle_timeout: seconds_or(src, "HTTP2_IDLE_TIMEOUT_S", 60.0)?,
             max_connections_per_client: cap(src, "MAX_CONNECTIONS_PER_CLIENT", 1024)?,
             max_connections: cap(src, "MAX_CONNECTIONS", default_max_connections())?,
+            trusted_proxies: trusted_proxies(src)?,
         })
     }
 

@@ -284,3 +284,20 @@ pub(super) fn cors_origin(o: &str) -> Result<http::HeaderValue, &'static str> {
     }
     Ok(value)
 }
+
+/// `TRUSTED_PROXIES`: comma-separated ranges or addresses. A bad entry stops the service at
+/// start: trusting the wrong peers would let any client choose its own address.
+pub(super) fn trusted_proxies(src: &dyn Source) -> Result<Vec<Cidr>, ConfigError> {
+    let Some(v) = var(src, "TRUSTED_PROXIES") else {
+        return Ok(Vec::new());
+    };
+    v.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry
+                .parse()
+                .map_err(|why| ConfigError::new("TRUSTED_PROXIES", format!("{entry:?} is {why}")))
+        })
+        .collect()
+}

@@ -188,3 +188,22 @@ fn secrets_do_not_print() {
     let shown = format!("{c:?}");
     assert!(!shown.contains("topsecret") && !shown.contains("a1"));
 }
+
+#[test]
+fn trusted_proxies_are_ranges_and_a_bad_one_is_named() {
+    assert!(load(&[]).unwrap().trusted_proxies.is_empty());
+    let c = load(&[("TRUSTED_PROXIES", " 10.0.0.0/8, ,192.0.2.7,2001:db8::/32 ")]).unwrap();
+    let shown: Vec<String> = c.trusted_proxies.iter().map(Cidr::to_string).collect();
+    assert_eq!(shown, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+    for bad in [
+        "10.0.0.0/33",
+        "10.0.0.0/8,proxy.internal",
+        "10.0.0.0/8;10.1.0.0/16",
+    ] {
+        let e = load(&[("TRUSTED_PROXIES", bad)]).unwrap_err();
+        assert_eq!(e.var, "TRUSTED_PROXIES", "{bad}");
+        assert!(e.to_string().lines().count() == 1, "{e}");
+    }
+    let e = load(&[("TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal")]).unwrap_err();
+    assert!(e.problem.contains("\"proxy.internal\""), "{e}");
+}

@@ -26,6 +26,7 @@ mod metrics;
 mod openapi;
 mod process;
 mod protection;
+mod proxy;
 mod real_providers;
 mod resume;
 mod stream;

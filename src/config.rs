@@ -234,6 +234,10 @@ pub struct Config {
     /// idle clients cannot use up the descriptors runs need upstream. `None` (`0`) turns the
     /// cap off. Default: half the process's open-file limit where it can be read.
     pub max_connections: Option<usize>,
+    /// `INSTANCE_LEASE_S`: on PostgreSQL, a replica whose heartbeat is older than this is
+    /// dead, and any live replica finalizes its runs in flight as `interrupted`. Each
+    /// replica refreshes its heartbeat every third of it (at most every 5 s).
+    pub instance_lease: Duration,
 }
 
 /// A configuration value that cannot be used; its `Display` is the one line printed at start.
@@ -548,6 +552,19 @@ fn cors_origin(o: &str) -> Result<http::HeaderValue, &'static str> {
     Ok(value)
 }
 
+/// `INSTANCE_LEASE_S`: at least a second, since a live replica whose heartbeat is late by
+/// more than the lease (a pause, a slow database) has its runs marked interrupted.
+fn instance_lease(src: &dyn Source) -> Result<Duration, ConfigError> {
+    let lease = seconds_or(src, "INSTANCE_LEASE_S", 30.0)?;
+    if lease < Duration::from_secs(1) {
+        return Err(ConfigError::new(
+            "INSTANCE_LEASE_S",
+            format!("{} s is less than the minimum of 1 s", lease.as_secs_f64()),
+        ));
+    }
+    Ok(lease)
+}
+
 impl Config {
     /// How the providers reach their upstreams: enough connections for every stream this
     /// service may hold, at `upstream_streams_per_connection` calls each.
@@ -663,6 +680,7 @@ impl Config {
             http2_idle_timeout: seconds_or(src, "HTTP2_IDLE_TIMEOUT_S", 60.0)?,
             max_connections_per_client: cap(src, "MAX_CONNECTIONS_PER_CLIENT", 1024)?,
             max_connections: cap(src, "MAX_CONNECTIONS", default_max_connections())?,
+            instance_lease: instance_lease(src)?,
         })
     }
 

@@ -352,6 +352,7 @@ mod tests {
             pro: trace,
             events: Vec::new(),
             owner_fingerprint: None,
+            instance_id: None,
         }
     }
 

@@ -24,6 +24,7 @@ mod process;
 mod protection;
 mod real_providers;
 mod resume;
+mod running;
 mod stream;
 mod upstream;
 mod validation;

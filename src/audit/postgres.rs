@@ -48,19 +48,18 @@ ON CONFLICT (run_id) DO NOTHING";
 /// A record's run row: inserted, or finalizing the run's `running` row (contract §8), or
 /// replacing an `interrupted` one (the real record of a run presumed dead, back from the
 /// journal or the dead-letter file, says more than the presumption). A row that already
-/// ended is left alone, so a record is stored once however often it is replayed. The
-/// instance id of the start row is kept: a replayed record may come from another process.
+/// ended is left alone, so a record is stored once however often it is replayed. Only the
+/// columns a start row does not know are set: the others (the run's id, time, request,
+/// instance) are the same run's, and leaving them out of `SET` spares their indexes.
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
                        service_version, events, owner_fingerprint, instance_id)
 SELECT * FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
                      $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[], $11::text[])
 ON CONFLICT (run_id) DO UPDATE SET
-    client_request_id = excluded.client_request_id, created_at = excluded.created_at,
-    query = excluded.query, system = excluded.system, status = excluded.status,
-    total_ms = excluded.total_ms, service_version = excluded.service_version,
-    events = excluded.events, owner_fingerprint = excluded.owner_fingerprint,
-    instance_id = COALESCE(dual_runs.instance_id, excluded.instance_id)
+    status = excluded.status, total_ms = excluded.total_ms,
+    service_version = excluded.service_version, events = excluded.events,
+    owner_fingerprint = excluded.owner_fingerprint
 WHERE dual_runs.status IN ('running', 'interrupted')";
 
 const INSERT_TRACES: &str = "\

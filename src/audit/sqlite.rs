@@ -47,14 +47,13 @@ const CHUNK: usize = 500;
 /// A record's run row: inserted, or finalizing the run's `running` row (contract §8), or
 /// replacing an `interrupted` one (the real record of a run presumed dead, back from the
 /// journal or the dead-letter file, says more than the presumption). A row that already
-/// ended is left alone, so a record is stored once however often it is replayed. The
-/// instance id of the start row is kept: a replayed record may come from another process.
+/// ended is left alone, so a record is stored once however often it is replayed. Only the
+/// columns a start row does not know are set: the others (the run's id, time, request,
+/// instance) are the same run's, and leaving them out of `SET` spares their indexes.
 const UPSERT_RUN: &str = " ON CONFLICT (run_id) DO UPDATE SET \
-    client_request_id = excluded.client_request_id, created_at = excluded.created_at, \
-    query = excluded.query, system = excluded.system, status = excluded.status, \
-    total_ms = excluded.total_ms, service_version = excluded.service_version, \
-    events = excluded.events, owner_fingerprint = excluded.owner_fingerprint, \
-    instance_id = COALESCE(dual_runs.instance_id, excluded.instance_id) \
+    status = excluded.status, total_ms = excluded.total_ms, \
+    service_version = excluded.service_version, events = excluded.events, \
+    owner_fingerprint = excluded.owner_fingerprint \
     WHERE dual_runs.status IN ('running', 'interrupted')";
 
 /// How reading a record back differs on SQLite: `?` parameters, `created_at` as text.

@@ -126,7 +126,9 @@ pub struct WriterOptions {
     pub queue_max_bytes: usize,
     /// `/readyz` answers 503 at or above this many queued bytes.
     pub high_water_bytes: usize,
-    /// Most records per transaction.
+    /// Most items (records and start rows) per transaction. 1,000: under load about half
+    /// are start rows, so a transaction still carries up to about 500 records, as before
+    /// start rows existed (each transaction has a fixed cost, an fsync on SQLite).
     pub max_batch: usize,
     pub retry: RetryPolicy,
     pub deadletter_path: PathBuf,
@@ -148,7 +150,7 @@ impl WriterOptions {
             high_water: queue_capacity * 3 / 4,
             queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
             high_water_bytes: DEFAULT_QUEUE_MAX_BYTES / 4 * 3,
-            max_batch: 500,
+            max_batch: 1000,
             retry: RetryPolicy::default(),
             deadletter_path: deadletter_path.into(),
             deadletter_capacity: 1024,

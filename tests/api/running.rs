@@ -278,6 +278,22 @@ async fn sqlite_kill_9_window_is_milliseconds() {
     assert_eq!(terminate(child).await, Some(0));
 }
 
+/// A bad `INSTANCE_LEASE_S` stops the service at start with one line naming it.
+#[test]
+fn a_bad_instance_lease_stops_the_service_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["0.2", "thirty"] {
+        let out = duet_command(dir.path())
+            .env("INSTANCE_LEASE_S", bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("INSTANCE_LEASE_S"), "{stderr}");
+    }
+}
+
 fn started(run_id: Uuid) -> StartedRun {
     StartedRun {
         run_id,

@@ -49,7 +49,11 @@ async fn start_run(client: &reqwest::Client, addr: &str, query: &str) -> (Uuid, 
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let id = resp.headers()["x-run-id"].to_str().unwrap().parse().unwrap();
+    let id = resp.headers()["x-run-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     (id, resp)
 }
 
@@ -129,7 +133,10 @@ async fn sqlite_a_killed_run_is_interrupted_at_the_next_start() {
     assert_eq!(status(&db.store, run_id).await.as_deref(), Some("running"));
     let (child, addr) = replica(dir, &db.url, "60", "30");
     // Finalized before the new process listens.
-    assert_eq!(status(&db.store, run_id).await.as_deref(), Some("interrupted"));
+    assert_eq!(
+        status(&db.store, run_id).await.as_deref(),
+        Some("interrupted")
+    );
     let row = get_run(&client, &addr, run_id).await;
     assert_eq!(row["status"], "interrupted");
     assert_eq!(row["instance_id"], instance.as_str());
@@ -167,7 +174,8 @@ async fn sqlite_a_running_row_is_finalized_once_when_the_run_ends() {
 /// heartbeat or two, never touches its own live run, which ends `ok`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_the_survivor_finalizes_only_the_dead_replicas_runs() {
-    let Some(pg) = db::postgres("postgres_the_survivor_finalizes_only_the_dead_replicas_runs").await
+    let Some(pg) =
+        db::postgres("postgres_the_survivor_finalizes_only_the_dead_replicas_runs").await
     else {
         return;
     };
@@ -189,7 +197,10 @@ async fn postgres_the_survivor_finalizes_only_the_dead_replicas_runs() {
     kill_9(a);
     // Lease 2 s, heartbeats every 0.67 s: interrupted within about 3 s.
     wait_status(&pg.store, a_run, "interrupted", Duration::from_secs(8)).await;
-    eprintln!("dead replica's run interrupted {:?} after the kill", killed.elapsed());
+    eprintln!(
+        "dead replica's run interrupted {:?} after the kill",
+        killed.elapsed()
+    );
     assert_eq!(
         status(&pg.store, b_run).await.as_deref(),
         Some("running"),
@@ -207,7 +218,10 @@ async fn postgres_the_survivor_finalizes_only_the_dead_replicas_runs() {
         .unwrap();
     assert_eq!(done(&events)["status"], "ok");
     wait_status(&pg.store, b_run, "ok", Duration::from_secs(2)).await;
-    assert_eq!(status(&pg.store, a_run).await.as_deref(), Some("interrupted"));
+    assert_eq!(
+        status(&pg.store, a_run).await.as_deref(),
+        Some("interrupted")
+    );
     assert_eq!(terminate(b).await, Some(0));
     // A graceful stop deregisters.
     assert_eq!(db::count(&pg.store, "duet_instances").await, 0);
@@ -236,7 +250,11 @@ async fn sqlite_kill_9_window_is_milliseconds() {
                     .send()
                     .await;
                 let Ok(resp) = sent else { break };
-                let id: Uuid = resp.headers()["x-run-id"].to_str().unwrap().parse().unwrap();
+                let id: Uuid = resp.headers()["x-run-id"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 runs.push((id, Instant::now()));
                 open.push(resp);
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -322,12 +340,18 @@ async fn upsert_rules(store: &Store) {
     }
     assert!(store.fetch(id).await.unwrap().is_none(), "no record yet");
     record.instance_id = Some("i-2".into());
-    assert_eq!(store.insert(std::slice::from_ref(&record)).await.unwrap(), 1);
+    assert_eq!(
+        store.insert(std::slice::from_ref(&record)).await.unwrap(),
+        1
+    );
     let stored = store.fetch(id).await.unwrap().unwrap();
     assert_eq!(stored.status, record.status);
     assert_eq!(stored.instance_id.as_deref(), Some("i-1"));
     // A second replay, and a late start row, change nothing.
-    assert_eq!(store.insert(std::slice::from_ref(&record)).await.unwrap(), 0);
+    assert_eq!(
+        store.insert(std::slice::from_ref(&record)).await.unwrap(),
+        0
+    );
     store.write(&[started(id)], &[]).await.unwrap();
     assert_eq!(store.fetch(id).await.unwrap().unwrap(), stored);
 
@@ -376,11 +400,18 @@ async fn postgres_upsert_rules() {
 async fn migration_0005_reverts_and_reapplies_keeping_ended_runs() {
     let db = db::sqlite().await;
     let record = db::record(7);
-    db.store.insert(std::slice::from_ref(&record)).await.unwrap();
+    db.store
+        .insert(std::slice::from_ref(&record))
+        .await
+        .unwrap();
     let running = Uuid::now_v7();
     db.store.write(&[started(running)], &[]).await.unwrap();
     assert_eq!(db.store.revert_to(4).await.unwrap(), vec![5]);
-    assert_eq!(db::count(&db.store, "dual_runs").await, 1, "the running row is gone");
+    assert_eq!(
+        db::count(&db.store, "dual_runs").await,
+        1,
+        "the running row is gone"
+    );
     assert_eq!(db::count(&db.store, "model_traces").await, 2);
     db.store.migrate().await.unwrap();
     let mut back = db.store.fetch(record.run_id).await.unwrap().unwrap();

@@ -494,7 +494,6 @@ mod tests {
             pro: trace("the pro text"),
             events: log.to_events(),
             owner_fingerprint: None,
-            instance_id: None,
         };
         assert!(
             record.events[1].data.is_none(),

@@ -352,7 +352,6 @@ mod tests {
             pro: trace,
             events: Vec::new(),
             owner_fingerprint: None,
-            instance_id: None,
         }
     }
 

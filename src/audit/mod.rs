@@ -203,10 +203,6 @@ pub struct RunRecord {
     /// (anyone may resume it). See `resume::Owner`.
     #[serde(default)]
     pub owner_fingerprint: Option<String>,
-    /// The process that ran it (see [`instance`]); stamped by the writer when the record is
-    /// submitted. `None` in records from before it was kept.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance_id: Option<String>,
 }
 
 impl RunRecord {
@@ -295,8 +291,21 @@ pub struct OpenRun {
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum StoredRun {
-    Ended(RunRecord),
+    Ended(EndedRun),
     Open(OpenRun),
+}
+
+/// A run's record as stored, with the process that ran it. The instance id is not part of
+/// [`RunRecord`]: the writer adds it to the row, so records in the queue, the journal and the
+/// dead-letter file stay as the run made them.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct EndedRun {
+    #[serde(flatten)]
+    pub record: RunRecord,
+    /// The process that ran it (see [`instance`]); `None` in rows written before migration
+    /// 0005, and for a record replayed from another process's journal or dead-letter file
+    /// whose start row was never written.
+    pub instance_id: Option<String>,
 }
 
 /// A run that has just started: what its `running` row holds (contract §8). Cheap to make
@@ -309,7 +318,7 @@ pub struct StartedRun {
     pub query: Arc<str>,
     pub system: Option<Arc<str>>,
     pub owner_fingerprint: Option<String>,
-    /// Stamped by the writer, like [`RunRecord::instance_id`].
+    /// Stamped by the writer: this process's instance id.
     pub instance_id: Option<String>,
 }
 

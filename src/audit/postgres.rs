@@ -54,8 +54,10 @@ ON CONFLICT (run_id) DO NOTHING";
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
                        service_version, events, owner_fingerprint, instance_id)
-SELECT * FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
-                     $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[], $11::text[])
+SELECT r, c, t, q, s, st, ms, v, e, o, $11
+FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
+            $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[])
+     AS u(r, c, t, q, s, st, ms, v, e, o)
 ON CONFLICT (run_id) DO UPDATE SET
     status = excluded.status, total_ms = excluded.total_ms,
     service_version = excluded.service_version, events = excluded.events,
@@ -123,7 +125,6 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
     let mut versions = Vec::with_capacity(n);
     let mut stored_events = Vec::with_capacity(n);
     let mut owners = Vec::with_capacity(n);
-    let mut instances = Vec::with_capacity(n);
     for r in records {
         run_ids.push(r.run_id.to_string());
         client_ids.push(opt_text(r.client_request_id.as_deref()));
@@ -135,7 +136,6 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
         versions.push(text(&r.service_version));
         stored_events.push(events::to_column(&r.events));
         owners.push(r.owner_fingerprint.as_deref());
-        instances.push(r.instance_id.as_deref());
     }
 
     let mut t = Traces::with_capacity(2 * n);
@@ -175,7 +175,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
             .bind(&versions)
             .bind(&stored_events)
             .bind(&owners)
-            .bind(&instances)
+            .bind(batch.instance_id)
             .execute(&mut *tx)
             .await?
             .rows_affected();

@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 use uuid::Uuid;
 
-use super::{AuditError, ModelTrace, OpenRun, OpenStatus, Result, RunRecord, StoredRun, events};
+use super::{
+    AuditError, EndedRun, ModelTrace, OpenRun, OpenStatus, Result, RunRecord, StoredRun, events,
+};
 
 /// Numbers are `u64` in records and signed 64-bit in both databases; values past `i64::MAX`
 /// (585 million years of milliseconds) are clamped rather than refused.
@@ -93,7 +95,11 @@ where
         dialect.by_run_id
     );
     let traces = sqlx::query::<DB>(&sql).bind(id).fetch_all(pool).await?;
-    assemble(run_id, &run, created_at, &traces).map(|r| Some(StoredRun::Ended(r)))
+    let record = assemble(run_id, &run, created_at, &traces)?;
+    Ok(Some(StoredRun::Ended(EndedRun {
+        record,
+        instance_id: run.try_get("instance_id")?,
+    })))
 }
 
 /// Builds a record from its `dual_runs` row and its `model_traces` rows.
@@ -130,7 +136,6 @@ where
         events: events::from_column(run.try_get::<Option<String>, _>("events")?.as_deref())
             .map_err(|e| corrupt(run_id, format!("events: {e}")))?,
         owner_fingerprint: run.try_get("owner_fingerprint")?,
-        instance_id: run.try_get("instance_id")?,
     })
 }
 

@@ -218,7 +218,7 @@ pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Resul
         .execute(&mut *conn.conn)
         .await?;
     let result = match insert_started(&mut conn.conn, batch).await {
-        Ok(()) => insert_rows(&mut conn.conn, &batch.records).await,
+        Ok(()) => insert_rows(&mut conn.conn, batch.instance_id, &batch.records).await,
         Err(e) => Err(e),
     };
     let result = match result {
@@ -273,7 +273,11 @@ async fn insert_started(tx: &mut SqliteConnection, batch: &Batch<'_>) -> Result<
     Ok(())
 }
 
-async fn insert_rows(tx: &mut SqliteConnection, records: &[&RunRecord]) -> Result<u64> {
+async fn insert_rows(
+    tx: &mut SqliteConnection,
+    instance_id: Option<&str>,
+    records: &[&RunRecord],
+) -> Result<u64> {
     let mut written = 0;
     for chunk in records.chunks(CHUNK) {
         let mut runs = QueryBuilder::<Sqlite>::new(
@@ -291,7 +295,7 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[&RunRecord]) -> Resul
                 .push_bind(r.service_version.as_str())
                 .push_bind(events::to_column(&r.events))
                 .push_bind(r.owner_fingerprint.as_deref())
-                .push_bind(r.instance_id.as_deref());
+                .push_bind(instance_id);
         });
         // A replayed or resubmitted record is ignored, never duplicated (contract §5).
         runs.push(UPSERT_RUN);

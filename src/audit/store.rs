@@ -38,14 +38,16 @@ pub trait RecordStore: Send + Sync + 'static {
     /// Writes `running` rows for runs that started and final records, in one transaction:
     /// a start row never replaces anything; a record inserts its run or finalizes the
     /// run's `running` (or `interrupted`) row, and leaves an already final one alone.
-    /// Returns how many records were new or finalized a row. Stores without start rows (the
-    /// tests' fakes) write the records alone, and nothing for a batch of start rows only.
+    /// `instance_id` goes into the rows the records insert. Returns how many records were new
+    /// or finalized a row. Stores without start rows (the tests' fakes) write the records
+    /// alone, and nothing for a batch of start rows only.
     fn write_batch<'a>(
         &'a self,
+        instance_id: Option<&'a str>,
         started: &'a [StartedRun],
         records: &'a [RunRecord],
     ) -> BoxFuture<'a, Result<u64>> {
-        let _ = started;
+        let _ = (instance_id, started);
         if records.is_empty() {
             return Box::pin(std::future::ready(Ok(0)));
         }
@@ -175,17 +177,23 @@ impl Store {
         }
     }
 
-    /// See [`RecordStore::insert_batch`].
+    /// See [`RecordStore::insert_batch`]. Rows it inserts have no instance id (replay: the
+    /// process that ran the run is not known).
     pub async fn insert(&self, records: &[RunRecord]) -> Result<u64> {
-        self.write(&[], records).await
+        self.write(None, &[], records).await
     }
 
     /// See [`RecordStore::write_batch`].
-    pub async fn write(&self, started: &[StartedRun], records: &[RunRecord]) -> Result<u64> {
+    pub async fn write(
+        &self,
+        instance_id: Option<&str>,
+        started: &[StartedRun],
+        records: &[RunRecord],
+    ) -> Result<u64> {
         if records.is_empty() && started.is_empty() {
             return Ok(0);
         }
-        let batch = Batch::new(started, records);
+        let batch = Batch::new(instance_id, started, records);
         match self {
             Store::Sqlite(s) => sqlite::write_batch(s, &batch).await,
             Store::Postgres(pool) => postgres::write_batch(pool, &batch).await,
@@ -208,7 +216,7 @@ impl Store {
     /// `running`, or `interrupted`; [`Store::fetch_stored`] returns those too).
     pub async fn fetch(&self, run_id: Uuid) -> Result<Option<RunRecord>> {
         Ok(match self.fetch_stored(run_id).await? {
-            Some(StoredRun::Ended(record)) => Some(record),
+            Some(StoredRun::Ended(ended)) => Some(ended.record),
             Some(StoredRun::Open(_)) | None => None,
         })
     }
@@ -237,10 +245,11 @@ impl RecordStore for Store {
 
     fn write_batch<'a>(
         &'a self,
+        instance_id: Option<&'a str>,
         started: &'a [StartedRun],
         records: &'a [RunRecord],
     ) -> BoxFuture<'a, Result<u64>> {
-        Box::pin(self.write(started, records))
+        Box::pin(self.write(instance_id, started, records))
     }
 }
 
@@ -249,19 +258,29 @@ impl RecordStore for Store {
 /// statement), and no start row for a run whose record is in the same batch (it would be
 /// replaced in the same transaction: writing it is waste).
 pub(super) struct Batch<'a> {
+    /// Goes into the rows the records insert.
+    pub instance_id: Option<&'a str>,
     pub started: Vec<&'a StartedRun>,
     pub records: Vec<&'a RunRecord>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(started: &'a [StartedRun], records: &'a [RunRecord]) -> Batch<'a> {
+    fn new(
+        instance_id: Option<&'a str>,
+        started: &'a [StartedRun],
+        records: &'a [RunRecord],
+    ) -> Batch<'a> {
         let mut seen = std::collections::HashSet::with_capacity(records.len());
         let records: Vec<&RunRecord> = records.iter().filter(|r| seen.insert(r.run_id)).collect();
         let started = started
             .iter()
             .filter(|s| !seen.contains(&s.run_id))
             .collect();
-        Batch { started, records }
+        Batch {
+            instance_id,
+            started,
+            records,
+        }
     }
 }
 

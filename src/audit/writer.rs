@@ -126,9 +126,10 @@ pub struct WriterOptions {
     pub queue_max_bytes: usize,
     /// `/readyz` answers 503 at or above this many queued bytes.
     pub high_water_bytes: usize,
-    /// Most items (records and start rows) per transaction. 1,000: under load about half
-    /// are start rows, so a transaction still carries up to about 500 records, as before
-    /// start rows existed (each transaction has a fixed cost, an fsync on SQLite).
+    /// Most records per transaction. Start rows come on top, up to as many items again: so
+    /// under load, when about half the queue is start rows, a transaction still carries as
+    /// many records as before start rows existed (each transaction has a fixed cost, an
+    /// fsync on SQLite).
     pub max_batch: usize,
     pub retry: RetryPolicy,
     pub deadletter_path: PathBuf,
@@ -150,7 +151,7 @@ impl WriterOptions {
             high_water: queue_capacity * 3 / 4,
             queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
             high_water_bytes: DEFAULT_QUEUE_MAX_BYTES / 4 * 3,
-            max_batch: 1000,
+            max_batch: 500,
             retry: RetryPolicy::default(),
             deadletter_path: deadletter_path.into(),
             deadletter_capacity: 1024,
@@ -321,7 +322,7 @@ impl AuditWriter {
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            instance_id: options.instance_id,
+            instance_id: options.instance_id.clone(),
         });
         metrics.ready.set(1);
         let task = Task {
@@ -340,6 +341,7 @@ impl AuditWriter {
             retry: options.retry,
             drain: inner.drain.clone(),
             abort: inner.abort.clone(),
+            instance_id: options.instance_id,
         };
         inner.tracker.spawn(task.run());
         Ok(AuditWriter { inner })
@@ -461,11 +463,8 @@ impl AuditSink for AuditWriter {
         }
     }
 
-    fn submit(&self, mut record: RunRecord) {
+    fn submit(&self, record: RunRecord) {
         let inner = &self.inner;
-        record
-            .instance_id
-            .get_or_insert_with(|| inner.instance_id.clone());
         // While writes fail, a record goes to the journal at once: the queue behind a batch
         // in retry is memory only, and a crash then would lose it.
         let journaled = inner.health.failure().is_some();
@@ -535,6 +534,8 @@ struct Task {
     retry: RetryPolicy,
     drain: CancellationToken,
     abort: CancellationToken,
+    /// Goes into the rows the records insert (start rows carry their own).
+    instance_id: String,
 }
 
 impl Task {
@@ -577,6 +578,7 @@ impl Task {
             if received == 0 {
                 break;
             }
+            self.top_up(&mut incoming);
             self.take(&mut incoming, &mut started, &mut batch, &mut journaled);
             self.set_depth();
             next_write = tokio::time::Instant::now() + MIN_BATCH_INTERVAL;
@@ -642,6 +644,17 @@ impl Task {
         self.metrics.audit_queue_depth.set(0);
         self.metrics.audit_queue_bytes.set(0);
         debug!("audit writer task ended");
+    }
+
+    /// Start rows do not count against the batch's bound on records: a batch that holds some
+    /// takes more of what is waiting, up to `max_batch` records and `2 · max_batch` items.
+    fn top_up(&mut self, incoming: &mut Vec<Queued>) {
+        let mut records = incoming.iter().filter(|q| q.record().is_some()).count();
+        while records < self.max_batch && incoming.len() < 2 * self.max_batch {
+            let Ok(q) = self.rx.try_recv() else { break };
+            records += usize::from(q.record().is_some());
+            incoming.push(q);
+        }
     }
 
     /// Moves received items into the batch (start rows and records apart), releasing their
@@ -799,8 +812,12 @@ impl Task {
             let began = std::time::Instant::now();
             // A database that takes the connection and then hangs (a lock wait, a half-open
             // socket) must count as a failed attempt, or the writer would stall for good.
-            let attempt =
-                tokio::time::timeout(INSERT_TIMEOUT, self.store.write_batch(started, batch)).await;
+            let attempt = tokio::time::timeout(
+                INSERT_TIMEOUT,
+                self.store
+                    .write_batch(Some(&self.instance_id), started, batch),
+            )
+            .await;
             match attempt.unwrap_or(Err(AuditError::Timeout(INSERT_TIMEOUT))) {
                 Ok(new) => {
                     self.metrics

@@ -139,8 +139,6 @@ impl Drop for RunGuard {
             pro: trace(&self.pro_ref, pro),
             events: self.emitter.log.to_events(),
             owner_fingerprint: self.emitter.log.owner().map(Owner::to_hex),
-            // Stamped by the audit writer, which knows this process's instance id.
-            instance_id: None,
         };
         // Only `POST /query` waits for the record; streams dropped their receiver at once,
         // and copying both answers for nobody is waste.

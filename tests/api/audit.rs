@@ -100,7 +100,12 @@ async fn big_batch_round_trips_postgres() {
 }
 
 async fn migrations_revert_and_reapply(store: &Store) {
-    assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4]);
+    assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4, 5]);
+    assert_eq!(store.revert_to(4).await.unwrap(), [5]);
+    assert!(
+        store.insert(&[record(1)]).await.is_err(),
+        "dual_runs.instance_id is gone"
+    );
     assert_eq!(store.revert_to(3).await.unwrap(), [4]);
     assert!(
         store.insert(&[record(1)]).await.is_err(),

@@ -186,7 +186,6 @@ pub fn record(i: usize) -> RunRecord {
             },
         ],
         owner_fingerprint: None,
-        instance_id: None,
         flash: trace("flash-m", &format!("quick {i}")),
         pro: ModelTrace {
             outcome: Outcome::Timeout,

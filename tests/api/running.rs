@@ -9,7 +9,7 @@ use std::{
 };
 
 use chrono::Utc;
-use duet::audit::{OpenStatus, StartedRun, Store, StoredRun};
+use duet::audit::{OpenStatus, RunRecord, StartedRun, Store, StoredRun};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -60,7 +60,7 @@ async fn start_run(client: &reqwest::Client, addr: &str, query: &str) -> (Uuid, 
 /// The run's status as stored (`running`, `interrupted`, `ok`, ...), or `None` without a row.
 async fn status(store: &Store, run_id: Uuid) -> Option<String> {
     Some(match store.fetch_stored(run_id).await.unwrap()? {
-        StoredRun::Ended(r) => r.status.as_str().to_owned(),
+        StoredRun::Ended(r) => r.record.status.as_str().to_owned(),
         StoredRun::Open(r) => r.status.as_str().to_owned(),
     })
 }
@@ -312,6 +312,18 @@ fn a_bad_instance_lease_stops_the_service_with_one_line() {
     }
 }
 
+/// A start row as a run would send it; `record` its record, when there is one (a start row
+/// and its record describe the same run).
+fn started_of(record: &RunRecord) -> StartedRun {
+    StartedRun {
+        client_request_id: record.client_request_id.clone(),
+        created_at: record.created_at,
+        query: record.query.as_str().into(),
+        system: record.system.as_deref().map(Into::into),
+        ..started(record.run_id)
+    }
+}
+
 fn started(run_id: Uuid) -> StartedRun {
     StartedRun {
         run_id,
@@ -328,9 +340,12 @@ fn started(run_id: Uuid) -> StartedRun {
 /// finalizes a `running` row (or an `interrupted` one: the real record says more) and is
 /// stored once however often it is replayed; the start row's instance id is kept.
 async fn upsert_rules(store: &Store) {
-    let mut record = db::record(1);
+    let record = db::record(1);
     let id = record.run_id;
-    store.write(&[started(id)], &[]).await.unwrap();
+    store
+        .write(None, &[started_of(&record)], &[])
+        .await
+        .unwrap();
     match store.fetch_stored(id).await.unwrap() {
         Some(StoredRun::Open(r)) => {
             assert_eq!(r.status, OpenStatus::Running);
@@ -339,34 +354,44 @@ async fn upsert_rules(store: &Store) {
         other => panic!("{other:?}"),
     }
     assert!(store.fetch(id).await.unwrap().is_none(), "no record yet");
-    record.instance_id = Some("i-2".into());
-    assert_eq!(
-        store.insert(std::slice::from_ref(&record)).await.unwrap(),
-        1
-    );
+    let n = store
+        .write(Some("i-2"), &[], std::slice::from_ref(&record))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
     let stored = store.fetch(id).await.unwrap().unwrap();
-    assert_eq!(stored.status, record.status);
-    assert_eq!(stored.instance_id.as_deref(), Some("i-1"));
+    assert_eq!(stored, record);
+    match store.fetch_stored(id).await.unwrap() {
+        Some(StoredRun::Ended(e)) => assert_eq!(e.instance_id.as_deref(), Some("i-1")),
+        other => panic!("{other:?}"),
+    }
     // A second replay, and a late start row, change nothing.
     assert_eq!(
         store.insert(std::slice::from_ref(&record)).await.unwrap(),
         0
     );
-    store.write(&[started(id)], &[]).await.unwrap();
+    store
+        .write(None, &[started_of(&record)], &[])
+        .await
+        .unwrap();
     assert_eq!(store.fetch(id).await.unwrap().unwrap(), stored);
 
     // Start and record in one batch, twice over: one row, the record.
     let other = db::record(2);
     let n = store
-        .write(&[started(other.run_id)], &[other.clone(), other.clone()])
+        .write(
+            Some("i-1"),
+            &[started_of(&other)],
+            &[other.clone(), other.clone()],
+        )
         .await
         .unwrap();
     assert_eq!(n, 1);
-    assert!(store.fetch(other.run_id).await.unwrap().is_some());
+    assert_eq!(store.fetch(other.run_id).await.unwrap().unwrap(), other);
 
     // An interrupted run whose record turns up (the journal, a replay) gets it.
     let late = db::record(3);
-    store.write(&[started(late.run_id)], &[]).await.unwrap();
+    store.write(None, &[started_of(&late)], &[]).await.unwrap();
     assert_eq!(store.interrupt_all_running().await.unwrap(), 1);
     assert!(matches!(
         store.fetch_stored(late.run_id).await.unwrap(),
@@ -405,7 +430,10 @@ async fn migration_0005_reverts_and_reapplies_keeping_ended_runs() {
         .await
         .unwrap();
     let running = Uuid::now_v7();
-    db.store.write(&[started(running)], &[]).await.unwrap();
+    db.store
+        .write(None, &[started(running)], &[])
+        .await
+        .unwrap();
     assert_eq!(db.store.revert_to(4).await.unwrap(), vec![5]);
     assert_eq!(
         db::count(&db.store, "dual_runs").await,
@@ -414,8 +442,6 @@ async fn migration_0005_reverts_and_reapplies_keeping_ended_runs() {
     );
     assert_eq!(db::count(&db.store, "model_traces").await, 2);
     db.store.migrate().await.unwrap();
-    let mut back = db.store.fetch(record.run_id).await.unwrap().unwrap();
-    back.instance_id = record.instance_id.clone();
-    assert_eq!(back.run_id, record.run_id);
-    assert_eq!(back.pro, record.pro);
+    let back = db.store.fetch(record.run_id).await.unwrap().unwrap();
+    assert_eq!(back, record);
 }

@@ -125,7 +125,6 @@ fn record(text: &str) -> RunRecord {
             event(3, "done", Some(r#"{"run_id":"r","status":"ok"}"#)),
         ],
         owner_fingerprint: None,
-        instance_id: None,
     }
 }
 

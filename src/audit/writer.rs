@@ -1,6 +1,9 @@
 //! The background audit writer: the [`AuditWriter`] sink, its bounded queue, and the task
 //! that writes batches to the store.
 //!
+//! Longer than the house's ~500 lines: the sink, the task, retries, the journal's bookkeeping
+//! and readiness share one state, and reading them apart would hide how they interact.
+//!
 //! Concurrency choices, where they are made:
 //! - `submit` is a `try_send` on a bounded channel. A full queue (the database is slower
 //!   than the request rate for long enough to fill it) sends the record to the dead-letter

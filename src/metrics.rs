@@ -33,6 +33,8 @@ pub struct Metrics {
     pub audit_journaled_total: IntCounter,
     /// 1 while `/readyz` would answer 200, 0 while it would answer 503.
     pub ready: IntGauge,
+    /// Runs this process finalized as `interrupted` because the process running them died.
+    pub runs_interrupted_total: IntCounter,
     pub streams_rejected_total: IntCounterVec,
     /// `duet_auth_failures_total{endpoint}`: wrong keys or tokens presented (`query`, `admin`).
     pub auth_failures_total: IntCounterVec,
@@ -181,6 +183,10 @@ impl Metrics {
             audit_journaled_total: reg!(IntCounter::new(
                 "duet_audit_journaled_total",
                 "Audit records written to the local journal because a database write failed."
+            )?),
+            runs_interrupted_total: reg!(IntCounter::new(
+                "duet_runs_interrupted_total",
+                "Runs finalized as interrupted by this process because the process running them died."
             )?),
             ready: reg!(IntGauge::new(
                 "duet_ready",

@@ -427,6 +427,16 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         deadletter = %config.audit_deadletter_path.display(),
         "audit store ready"
     );
+    let metrics = Metrics::new()?;
+    // Before the journal's replay: a record it puts back replaces the `interrupted` row.
+    let instance_id = audit::instance::new_id();
+    let instance = audit::instance::Instance::start(
+        &store,
+        instance_id.clone(),
+        config.instance_lease,
+        metrics.clone(),
+    )
+    .await?;
     // Records a crash left in the journal (see `audit::writer`): put back before new ones
     // arrive; what the database refuses moves to the dead-letter file.
     let journal = audit::deadletter::journal_path(&config.audit_deadletter_path);
@@ -440,11 +450,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         ),
         Err(e) => error!(error = %e, "cannot replay the audit journal; run `duet audit replay`"),
     }
-    let metrics = Metrics::new()?;
     let writer = AuditWriter::start(
         Arc::new(store.clone()),
         WriterOptions::new(&config.audit_deadletter_path)
-            .with_queue_max_bytes(config.audit_queue_max_bytes),
+            .with_queue_max_bytes(config.audit_queue_max_bytes)
+            .with_instance_id(instance_id),
         metrics.clone(),
     )?;
     // The writer counts into this registry, so the server must expose the same one.
@@ -463,6 +473,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     };
     // Every run has ended (the server waited on its tracker), so every record is queued.
     writer.shutdown(AUDIT_DRAIN_TIMEOUT).await;
+    instance.stop().await;
     store.close().await;
     served?;
     info!("stopped");

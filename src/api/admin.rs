@@ -14,21 +14,25 @@ use super::{
     error::Context,
     guard::{self, Realm},
 };
-use crate::{audit::RunRecord, domain::Secret};
+use crate::{audit::StoredRun, domain::Secret};
 
 /// `GET /runs/{run_id}`: the whole audit record. Without `ADMIN_TOKEN` the route does not
 /// exist as far as clients can tell (the same 404 as any unknown path).
 #[utoipa::path(
     get, path = "/runs/{run_id}", tag = "admin", operation_id = "get_run",
     summary = "One run's audit record",
-    description = "The record as stored. A run that has just ended may still be on its way \
-        to the database (404 for a moment). Without ADMIN_TOKEN configured this answers 404 \
-        like any unknown path.",
+    description = "The record as stored. A run in progress has a row with status `running` \
+        (no traces yet: `flash` and `pro` are null) from a few milliseconds after its start \
+        until its record replaces it; a run whose process died is `interrupted`, also \
+        without traces. A run started in the last few milliseconds may not be stored yet \
+        (404 for a moment). Without ADMIN_TOKEN configured this answers 404 like any \
+        unknown path.",
     params(("run_id" = uuid::Uuid, Path, description = "The run's id, as in `X-Run-Id` or \
         any event's `run_id`")),
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "The audit record", body = crate::audit::RunRecord),
+        (status = 200, description = "The audit record, or the row of a run that is running \
+            or was interrupted", body = crate::audit::StoredRun),
         (status = 400, response = super::openapi::BadRequest),
         (status = 401, response = super::openapi::Unauthorized),
         (status = 404, response = super::openapi::NotFound),
@@ -41,7 +45,7 @@ pub(super) async fn get_run(
     extensions: Extensions,
     headers: HeaderMap,
     Path(run_id): Path<String>,
-) -> Result<Json<RunRecord>, ApiError> {
+) -> Result<Json<StoredRun>, ApiError> {
     let Some(token) = &state.config.admin_token else {
         return Err(ApiError::NotFound("no such endpoint".into()));
     };
@@ -53,10 +57,10 @@ pub(super) async fn get_run(
     let no_such_run = || ApiError::NotFound("no run with this id".into());
     let store = state.store.as_ref().ok_or_else(no_such_run)?;
     let record = store
-        .fetch(run_id)
+        .fetch_stored(run_id)
         .await
         .context(|| format!("reading run {run_id}"))?
-        // A run that just ended may still be in the writer's queue: 404 for now.
+        // A run that just started may still be in the writer's queue: 404 for now.
         .ok_or_else(no_such_run)?;
     Ok(Json(record))
 }

@@ -13,11 +13,14 @@
 //! - [`deadletter`]: the JSON-lines file records go to when the database cannot take them,
 //!   and the same kind of file for the journal (records in retry, kept on disk).
 //! - [`replay`]: `duet audit replay`, putting dead-lettered records back.
+//! - [`instance`]: this process's instance id, its heartbeat, and finalizing the runs of
+//!   dead processes as `interrupted` (contract §8).
 //! - [`admin`]: the `duet migrate` and `duet audit replay` commands.
 
 pub mod admin;
 pub mod deadletter;
 mod events;
+pub mod instance;
 mod postgres;
 pub mod replay;
 mod rows;
@@ -234,9 +237,109 @@ impl RunRecord {
     }
 }
 
+/// A stored run that has no record (yet, or ever): still running, or finalized
+/// `interrupted` because the process running it died (contract §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OpenStatus {
+    Running,
+    Interrupted,
+}
+
+impl OpenStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            OpenStatus::Running => "running",
+            OpenStatus::Interrupted => "interrupted",
+        }
+    }
+
+    fn parse(s: &str) -> Option<OpenStatus> {
+        match s {
+            "running" => Some(OpenStatus::Running),
+            "interrupted" => Some(OpenStatus::Interrupted),
+            _ => None,
+        }
+    }
+}
+
+/// The `dual_runs` row of a run that is `running` or `interrupted`: what is known of it
+/// without its record. It has no traces (`flash` and `pro` are `null`) and no events; its
+/// `total_ms` is 0, since nobody saw it end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OpenRun {
+    pub run_id: Uuid,
+    pub client_request_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub query: String,
+    pub system: Option<String>,
+    pub status: OpenStatus,
+    pub total_ms: u64,
+    pub service_version: String,
+    /// The process that runs (or ran) it.
+    pub instance_id: Option<String>,
+    /// Always `null`: a run without a record has no traces.
+    #[schema(value_type = Option<ModelTrace>)]
+    pub flash: Option<ModelTrace>,
+    /// Always `null`, like `flash`.
+    #[schema(value_type = Option<ModelTrace>)]
+    pub pro: Option<ModelTrace>,
+}
+
+/// What `dual_runs` holds for one run: its whole record once it ended, or an [`OpenRun`]
+/// while it runs or after its process died. Serialized as the one or the other.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum StoredRun {
+    Ended(EndedRun),
+    Open(OpenRun),
+}
+
+/// A run's record as stored, with the process that ran it. The instance id is not part of
+/// [`RunRecord`]: the writer adds it to the row, so records in the queue, the journal and the
+/// dead-letter file stay as the run made them.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct EndedRun {
+    #[serde(flatten)]
+    pub record: RunRecord,
+    /// The process that ran it (see [`instance`]); `None` in rows written before migration
+    /// 0005, and for a record replayed from another process's journal or dead-letter file
+    /// whose start row was never written.
+    pub instance_id: Option<String>,
+}
+
+/// A run that has just started: what its `running` row holds (contract §8). Cheap to make
+/// (the texts are shared with the run), since every run makes one on its way to the client.
+#[derive(Debug, Clone)]
+pub struct StartedRun {
+    pub run_id: Uuid,
+    pub client_request_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub query: Arc<str>,
+    pub system: Option<Arc<str>>,
+    pub owner_fingerprint: Option<String>,
+    /// Stamped by the writer: this process's instance id.
+    pub instance_id: Option<String>,
+}
+
+impl StartedRun {
+    /// About how many bytes it holds: what the audit queue's byte bound counts.
+    pub fn approx_bytes(&self) -> usize {
+        self.query.len()
+            + self.system.as_ref().map_or(0, |s| s.len())
+            + self.client_request_id.as_ref().map_or(0, String::len)
+            + 192
+    }
+}
+
 /// Where finished runs go. `submit` must return at once, whatever the backend is doing.
 pub trait AuditSink: Send + Sync + 'static {
     fn submit(&self, record: RunRecord);
+
+    /// A run has started: write its `running` row soon. Must return at once, like `submit`.
+    /// Unlike a record this is best effort: dropped when the queue is full or writes are
+    /// failing, since the run's record, which it only announces, still inserts the row.
+    fn started(&self, _run: StartedRun) {}
 
     /// True while records wait above the sink's high-water mark (`/readyz` answers 503).
     fn backlogged(&self) -> bool {

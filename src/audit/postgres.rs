@@ -14,8 +14,9 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    AuditError, Deadline, ModelTrace, Result, RunRecord, events,
+    AuditError, Deadline, ModelTrace, Result, events,
     rows::{Dialect, to_db},
+    store::Batch,
 };
 
 /// How reading a record back differs on PostgreSQL: `$1` parameters (the id bound as text,
@@ -34,12 +35,34 @@ pub(super) fn connect_lazy(url: &str, acquire_timeout: Duration) -> Result<PgPoo
         .map_err(AuditError::Connect)
 }
 
+/// The `running` rows of runs that started. A row already there (the run ended and its
+/// record came first) is left alone.
+const INSERT_STARTED: &str = "\
+INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
+                       service_version, owner_fingerprint, instance_id)
+SELECT r, c, t, q, s, 'running', 0, $6, o, i
+FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
+            $7::text[], $8::text[]) AS u(r, c, t, q, s, o, i)
+ON CONFLICT (run_id) DO NOTHING";
+
+/// A record's run row: inserted, or finalizing the run's `running` row (contract §8), or
+/// replacing an `interrupted` one (the real record of a run presumed dead, back from the
+/// journal or the dead-letter file, says more than the presumption). A row that already
+/// ended is left alone, so a record is stored once however often it is replayed. Only the
+/// columns a start row does not know are set: the others (the run's id, time, request,
+/// instance) are the same run's, and leaving them out of `SET` spares their indexes.
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
-                       service_version, events, owner_fingerprint)
-SELECT * FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
-                     $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[])
-ON CONFLICT (run_id) DO NOTHING";
+                       service_version, events, owner_fingerprint, instance_id)
+SELECT r, c, t, q, s, st, ms, v, e, o, $11
+FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
+            $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[])
+     AS u(r, c, t, q, s, st, ms, v, e, o)
+ON CONFLICT (run_id) DO UPDATE SET
+    status = excluded.status, total_ms = excluded.total_ms,
+    service_version = excluded.service_version, events = excluded.events,
+    owner_fingerprint = excluded.owner_fingerprint
+WHERE dual_runs.status IN ('running', 'interrupted')";
 
 const INSERT_TRACES: &str = "\
 INSERT INTO model_traces (run_id, model, provider, model_name, model_version, outcome,
@@ -65,7 +88,32 @@ fn opt_text(s: Option<&str>) -> Option<String> {
     s.map(text)
 }
 
-pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result<u64> {
+/// The columns of the start rows, one array each, for `UNNEST`.
+#[derive(Default)]
+struct Started {
+    run_id: Vec<String>,
+    client_request_id: Vec<Option<String>>,
+    created_at: Vec<chrono::DateTime<chrono::Utc>>,
+    query: Vec<String>,
+    system: Vec<Option<String>>,
+    owner: Vec<Option<String>>,
+    instance_id: Vec<Option<String>>,
+}
+
+pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64> {
+    let records = &batch.records;
+    let mut started = Started::default();
+    for s in &batch.started {
+        started.run_id.push(s.run_id.to_string());
+        started
+            .client_request_id
+            .push(opt_text(s.client_request_id.as_deref()));
+        started.created_at.push(s.created_at);
+        started.query.push(text(&s.query));
+        started.system.push(opt_text(s.system.as_deref()));
+        started.owner.push(s.owner_fingerprint.clone());
+        started.instance_id.push(s.instance_id.clone());
+    }
     let n = records.len();
     let mut run_ids = Vec::with_capacity(n);
     let mut client_ids = Vec::with_capacity(n);
@@ -99,6 +147,23 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
     let mut conn = pool.acquire().await?;
     let result = async {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        if !started.run_id.is_empty() {
+            sqlx::query(INSERT_STARTED)
+                .bind(&started.run_id)
+                .bind(&started.client_request_id)
+                .bind(&started.created_at)
+                .bind(&started.query)
+                .bind(&started.system)
+                .bind(crate::SERVICE_VERSION)
+                .bind(&started.owner)
+                .bind(&started.instance_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if records.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
         let written = sqlx::query(INSERT_RUNS)
             .bind(&run_ids)
             .bind(&client_ids)
@@ -110,6 +175,7 @@ pub(super) async fn insert_batch(pool: &PgPool, records: &[RunRecord]) -> Result
             .bind(&versions)
             .bind(&stored_events)
             .bind(&owners)
+            .bind(batch.instance_id)
             .execute(&mut *tx)
             .await?
             .rows_affected();

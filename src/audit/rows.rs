@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 use uuid::Uuid;
 
-use super::{AuditError, ModelTrace, Result, RunRecord, events};
+use super::{
+    AuditError, EndedRun, ModelTrace, OpenRun, OpenStatus, Result, RunRecord, StoredRun, events,
+};
 
 /// Numbers are `u64` in records and signed 64-bit in both databases; values past `i64::MAX`
 /// (585 million years of milliseconds) are clamped rather than refused.
@@ -38,12 +40,12 @@ pub(super) struct Dialect<R> {
     pub created_at: fn(Uuid, &R) -> Result<DateTime<Utc>>,
 }
 
-/// The whole record of one run, or `None` when it is not stored.
+/// What is stored of one run (its record, or its `running`/`interrupted` row), or `None`.
 pub(super) async fn fetch<DB>(
     pool: &Pool<DB>,
     dialect: &Dialect<DB::Row>,
     run_id: Uuid,
-) -> Result<Option<RunRecord>>
+) -> Result<Option<StoredRun>>
 where
     DB: Database,
     for<'e> &'e Pool<DB>: Executor<'e, Database = DB>,
@@ -58,7 +60,7 @@ where
     let id = run_id.to_string();
     let sql = format!(
         "SELECT client_request_id, created_at, query, system, status, total_ms, \
-         service_version, events, owner_fingerprint FROM dual_runs WHERE {}",
+         service_version, events, owner_fingerprint, instance_id FROM dual_runs WHERE {}",
         dialect.by_run_id
     );
     let Some(run) = sqlx::query::<DB>(&sql)
@@ -68,6 +70,24 @@ where
     else {
         return Ok(None);
     };
+    let created_at = (dialect.created_at)(run_id, &run)?;
+    let status: String = run.try_get("status")?;
+    if let Some(status) = OpenStatus::parse(&status) {
+        // No record, so no traces to read.
+        return Ok(Some(StoredRun::Open(OpenRun {
+            run_id,
+            client_request_id: run.try_get("client_request_id")?,
+            created_at,
+            query: run.try_get("query")?,
+            system: run.try_get("system")?,
+            status,
+            total_ms: from_db(run.try_get("total_ms")?),
+            service_version: run.try_get("service_version")?,
+            instance_id: run.try_get("instance_id")?,
+            flash: None,
+            pro: None,
+        })));
+    }
     let sql = format!(
         "SELECT model, provider, model_name, model_version, outcome, error_type, \
          error_message, deadline, text, finish_reason, latency_ms, ttft_ms, input_tokens, \
@@ -75,8 +95,11 @@ where
         dialect.by_run_id
     );
     let traces = sqlx::query::<DB>(&sql).bind(id).fetch_all(pool).await?;
-    let created_at = (dialect.created_at)(run_id, &run)?;
-    assemble(run_id, &run, created_at, &traces).map(Some)
+    let record = assemble(run_id, &run, created_at, &traces)?;
+    Ok(Some(StoredRun::Ended(EndedRun {
+        record,
+        instance_id: run.try_get("instance_id")?,
+    })))
 }
 
 /// Builds a record from its `dual_runs` row and its `model_traces` rows.

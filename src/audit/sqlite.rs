@@ -36,11 +36,25 @@ use sqlx::{
 use super::{
     AuditError, Deadline, Result, RunRecord, events,
     rows::{Dialect, corrupt, to_db},
+    store::Batch,
 };
 
 /// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
-/// runs binds 10 values per run and 15 per trace (two per run): 500 runs bind 20000.
+/// runs binds 11 values per run and 15 per trace (two per run): 500 runs bind 20500. A chunk
+/// of start rows binds 8 values each.
 const CHUNK: usize = 500;
+
+/// A record's run row: inserted, or finalizing the run's `running` row (contract §8), or
+/// replacing an `interrupted` one (the real record of a run presumed dead, back from the
+/// journal or the dead-letter file, says more than the presumption). A row that already
+/// ended is left alone, so a record is stored once however often it is replayed. Only the
+/// columns a start row does not know are set: the others (the run's id, time, request,
+/// instance) are the same run's, and leaving them out of `SET` spares their indexes.
+const UPSERT_RUN: &str = " ON CONFLICT (run_id) DO UPDATE SET \
+    status = excluded.status, total_ms = excluded.total_ms, \
+    service_version = excluded.service_version, events = excluded.events, \
+    owner_fingerprint = excluded.owner_fingerprint \
+    WHERE dual_runs.status IN ('running', 'interrupted')";
 
 /// How reading a record back differs on SQLite: `?` parameters, `created_at` as text.
 pub(super) const DIALECT: Dialect<SqliteRow> = Dialect {
@@ -190,7 +204,7 @@ impl Drop for WriteConn {
     }
 }
 
-pub(super) async fn insert_batch(store: &SqliteStore, records: &[RunRecord]) -> Result<u64> {
+pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Result<u64> {
     // A write into a file that is no longer at the path would be lost: do not start one.
     store.check_file()?;
     let mut conn = WriteConn {
@@ -203,7 +217,10 @@ pub(super) async fn insert_batch(store: &SqliteStore, records: &[RunRecord]) -> 
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *conn.conn)
         .await?;
-    let result = insert_rows(&mut conn.conn, records).await;
+    let result = match insert_started(&mut conn.conn, batch).await {
+        Ok(()) => insert_rows(&mut conn.conn, batch.instance_id, &batch.records).await,
+        Err(e) => Err(e),
+    };
     let result = match result {
         Ok(written) => sqlx::query("COMMIT")
             .execute(&mut *conn.conn)
@@ -230,12 +247,42 @@ pub(super) async fn insert_batch(store: &SqliteStore, records: &[RunRecord]) -> 
     }
 }
 
-async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result<u64> {
+/// The `running` rows of runs that started. A row already there (the run ended and its
+/// record came first) is left alone.
+async fn insert_started(tx: &mut SqliteConnection, batch: &Batch<'_>) -> Result<()> {
+    for chunk in batch.started.chunks(CHUNK) {
+        let mut runs = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
+             status, total_ms, service_version, owner_fingerprint, instance_id) ",
+        );
+        runs.push_values(chunk, |mut row, r| {
+            row.push_bind(r.run_id.to_string())
+                .push_bind(r.client_request_id.as_deref())
+                .push_bind(format_time(&r.created_at))
+                .push_bind(&*r.query)
+                .push_bind(r.system.as_deref())
+                .push("'running'")
+                .push("0")
+                .push_bind(crate::SERVICE_VERSION)
+                .push_bind(r.owner_fingerprint.as_deref())
+                .push_bind(r.instance_id.as_deref());
+        });
+        runs.push(" ON CONFLICT (run_id) DO NOTHING");
+        runs.build().execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+async fn insert_rows(
+    tx: &mut SqliteConnection,
+    instance_id: Option<&str>,
+    records: &[&RunRecord],
+) -> Result<u64> {
     let mut written = 0;
     for chunk in records.chunks(CHUNK) {
         let mut runs = QueryBuilder::<Sqlite>::new(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
-             status, total_ms, service_version, events, owner_fingerprint) ",
+             status, total_ms, service_version, events, owner_fingerprint, instance_id) ",
         );
         runs.push_values(chunk, |mut row, r| {
             row.push_bind(r.run_id.to_string())
@@ -247,10 +294,11 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result
                 .push_bind(to_db(r.total_ms))
                 .push_bind(r.service_version.as_str())
                 .push_bind(events::to_column(&r.events))
-                .push_bind(r.owner_fingerprint.as_deref());
+                .push_bind(r.owner_fingerprint.as_deref())
+                .push_bind(instance_id);
         });
         // A replayed or resubmitted record is ignored, never duplicated (contract §5).
-        runs.push(" ON CONFLICT (run_id) DO NOTHING");
+        runs.push(UPSERT_RUN);
         written += runs.build().execute(&mut *tx).await?.rows_affected();
 
         let mut traces = QueryBuilder::<Sqlite>::new(
@@ -278,6 +326,8 @@ async fn insert_rows(tx: &mut SqliteConnection, records: &[RunRecord]) -> Result
                 .push_bind(t.input_tokens.map(to_db))
                 .push_bind(t.output_tokens.map(to_db));
         });
+        // A run whose row was already final has its traces: nothing to add. One finalized
+        // just now (from `running` or `interrupted`) has none yet.
         traces.push(" ON CONFLICT (run_id, model) DO NOTHING");
         traces.build().execute(&mut *tx).await?;
     }

@@ -13,7 +13,7 @@ use sqlx::{PgPool, migrate::Migrator};
 use uuid::Uuid;
 
 pub use super::sqlite::SqliteStore;
-use super::{AuditError, Result, RunRecord, postgres, rows, sqlite};
+use super::{AuditError, Result, RunRecord, StartedRun, StoredRun, postgres, rows, sqlite};
 use crate::config::DatabaseBackend;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -34,6 +34,25 @@ pub trait RecordStore: Send + Sync + 'static {
     /// Inserts every record (run and both traces) in one transaction, ignoring records
     /// whose `run_id` is already stored. Returns how many runs were new.
     fn insert_batch<'a>(&'a self, records: &'a [RunRecord]) -> BoxFuture<'a, Result<u64>>;
+
+    /// Writes `running` rows for runs that started and final records, in one transaction:
+    /// a start row never replaces anything; a record inserts its run or finalizes the
+    /// run's `running` (or `interrupted`) row, and leaves an already final one alone.
+    /// `instance_id` goes into the rows the records insert. Returns how many records were new
+    /// or finalized a row. Stores without start rows (the tests' fakes) write the records
+    /// alone, and nothing for a batch of start rows only.
+    fn write_batch<'a>(
+        &'a self,
+        instance_id: Option<&'a str>,
+        started: &'a [StartedRun],
+        records: &'a [RunRecord],
+    ) -> BoxFuture<'a, Result<u64>> {
+        let _ = (instance_id, started);
+        if records.is_empty() {
+            return Box::pin(std::future::ready(Ok(0)));
+        }
+        self.insert_batch(records)
+    }
 }
 
 /// A pool on one of the two backends. Cheap to clone.
@@ -158,19 +177,52 @@ impl Store {
         }
     }
 
-    /// See [`RecordStore::insert_batch`].
+    /// See [`RecordStore::insert_batch`]. Rows it inserts have no instance id (replay: the
+    /// process that ran the run is not known).
     pub async fn insert(&self, records: &[RunRecord]) -> Result<u64> {
-        if records.is_empty() {
+        self.write(None, &[], records).await
+    }
+
+    /// See [`RecordStore::write_batch`].
+    pub async fn write(
+        &self,
+        instance_id: Option<&str>,
+        started: &[StartedRun],
+        records: &[RunRecord],
+    ) -> Result<u64> {
+        if records.is_empty() && started.is_empty() {
             return Ok(0);
         }
+        let batch = Batch::new(instance_id, started, records);
         match self {
-            Store::Sqlite(s) => sqlite::insert_batch(s, records).await,
-            Store::Postgres(pool) => postgres::insert_batch(pool, records).await,
+            Store::Sqlite(s) => sqlite::write_batch(s, &batch).await,
+            Store::Postgres(pool) => postgres::write_batch(pool, &batch).await,
         }
     }
 
-    /// The whole record of one run, or `None` when it is not stored.
+    /// Finalizes as `interrupted` every run still `running` in this database: what a
+    /// SQLite file's previous process left when it died (one process owns a SQLite file, so
+    /// at start every running row is a dead one's). Returns how many.
+    pub async fn interrupt_all_running(&self) -> Result<u64> {
+        let sql = "UPDATE dual_runs SET status = 'interrupted', total_ms = 0 \
+                   WHERE status = 'running'";
+        Ok(match self {
+            Store::Sqlite(s) => sqlx::query(sql).execute(s.pool()).await?.rows_affected(),
+            Store::Postgres(pool) => sqlx::query(sql).execute(pool).await?.rows_affected(),
+        })
+    }
+
+    /// The whole record of one run, or `None` when it is not stored or has no record (still
+    /// `running`, or `interrupted`; [`Store::fetch_stored`] returns those too).
     pub async fn fetch(&self, run_id: Uuid) -> Result<Option<RunRecord>> {
+        Ok(match self.fetch_stored(run_id).await? {
+            Some(StoredRun::Ended(ended)) => Some(ended.record),
+            Some(StoredRun::Open(_)) | None => None,
+        })
+    }
+
+    /// What is stored of one run: its record, or its `running`/`interrupted` row.
+    pub async fn fetch_stored(&self, run_id: Uuid) -> Result<Option<StoredRun>> {
         match self {
             Store::Sqlite(s) => rows::fetch(s.pool(), &sqlite::DIALECT, run_id).await,
             Store::Postgres(pool) => rows::fetch(pool, &postgres::DIALECT, run_id).await,
@@ -189,6 +241,46 @@ impl Store {
 impl RecordStore for Store {
     fn insert_batch<'a>(&'a self, records: &'a [RunRecord]) -> BoxFuture<'a, Result<u64>> {
         Box::pin(self.insert(records))
+    }
+
+    fn write_batch<'a>(
+        &'a self,
+        instance_id: Option<&'a str>,
+        started: &'a [StartedRun],
+        records: &'a [RunRecord],
+    ) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(self.write(instance_id, started, records))
+    }
+}
+
+/// One transaction's rows, made ready for both backends' SQL: each run at most once among
+/// the records (PostgreSQL refuses an upsert that meets the same row twice in one
+/// statement), and no start row for a run whose record is in the same batch (it would be
+/// replaced in the same transaction: writing it is waste).
+pub(super) struct Batch<'a> {
+    /// Goes into the rows the records insert.
+    pub instance_id: Option<&'a str>,
+    pub started: Vec<&'a StartedRun>,
+    pub records: Vec<&'a RunRecord>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(
+        instance_id: Option<&'a str>,
+        started: &'a [StartedRun],
+        records: &'a [RunRecord],
+    ) -> Batch<'a> {
+        let mut seen = std::collections::HashSet::with_capacity(records.len());
+        let records: Vec<&RunRecord> = records.iter().filter(|r| seen.insert(r.run_id)).collect();
+        let started = started
+            .iter()
+            .filter(|s| !seen.contains(&s.run_id))
+            .collect();
+        Batch {
+            instance_id,
+            started,
+            records,
+        }
     }
 }
 

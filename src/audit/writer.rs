@@ -1,6 +1,9 @@
 //! The background audit writer: the [`AuditWriter`] sink, its bounded queue, and the task
 //! that writes batches to the store.
 //!
+//! Longer than the house's ~500 lines: the sink, the task, retries, the journal's bookkeeping
+//! and readiness share one state, and reading them apart would hide how they interact.
+//!
 //! Concurrency choices, where they are made:
 //! - `submit` is a `try_send` on a bounded channel. A full queue (the database is slower
 //!   than the request rate for long enough to fill it) sends the record to the dead-letter
@@ -25,6 +28,13 @@
 //!   dead-letter file), and at a clean shutdown; after a crash the next start replays it.
 //! - Write results feed readiness: `/readyz` is 503 while a batch is in retry and for
 //!   [`FAILURE_HOLD`] after the last failure, unless a write succeeds first.
+//! - A run's start goes through the same queue as a small [`StartedRun`] (contract §8: its
+//!   `running` row appears within milliseconds), and is written in the same transactions as
+//!   the records, so start rows cost no commit of their own. It is best effort: dropped (a
+//!   debug line, no dead-letter, no journal) while the queue is above its high-water mark or
+//!   writes are failing, so start rows never take the room records need; the run's record
+//!   inserts the row anyway. A batch that fails on every attempt dead-letters its records
+//!   and drops its start rows.
 //! - Shutdown closes the queue, writes what is left, and is bounded: past the timeout the
 //!   batch in flight and the rest of the queue are dead-lettered. A write cut off mid-way may
 //!   have committed; replay then skips it, since inserts are idempotent.
@@ -47,7 +57,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    AuditError, AuditSink, Result, RunRecord,
+    AuditError, AuditSink, Result, RunRecord, StartedRun,
     deadletter::{Appender, DeadLetter, journal_path},
     store::RecordStore,
 };
@@ -119,12 +129,18 @@ pub struct WriterOptions {
     pub queue_max_bytes: usize,
     /// `/readyz` answers 503 at or above this many queued bytes.
     pub high_water_bytes: usize,
-    /// Most records per transaction.
+    /// Most records per transaction. Start rows come on top, up to as many items again: so
+    /// under load, when about half the queue is start rows, a transaction still carries as
+    /// many records as before start rows existed (each transaction has a fixed cost, an
+    /// fsync on SQLite).
     pub max_batch: usize,
     pub retry: RetryPolicy,
     pub deadletter_path: PathBuf,
     /// Batches that may wait for the dead-letter thread before senders append themselves.
     pub deadletter_capacity: usize,
+    /// Stamped on every start row and record (`dual_runs.instance_id`): this process's id,
+    /// as [`super::instance::Instance`] heartbeats it. A fresh UUIDv7 by default.
+    pub instance_id: String,
 }
 
 /// `AUDIT_QUEUE_MAX_BYTES`'s default.
@@ -142,7 +158,14 @@ impl WriterOptions {
             retry: RetryPolicy::default(),
             deadletter_path: deadletter_path.into(),
             deadletter_capacity: 1024,
+            instance_id: super::instance::new_id(),
         }
+    }
+
+    /// Sets the instance id stamped on rows (see [`WriterOptions::instance_id`]).
+    pub fn with_instance_id(mut self, id: impl Into<String>) -> WriterOptions {
+        self.instance_id = id.into();
+        self
     }
 
     /// Sets the byte bound, with the high-water mark at three quarters of it.
@@ -153,11 +176,32 @@ impl WriterOptions {
     }
 }
 
-/// A record in the queue, with its size and whether it is in the journal already.
+/// What the queue carries: a run's start (its `running` row) or its record.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "records are moved on into the batch as they are; boxing them would cost an \
+              allocation per run to save a few hundred bytes per start row while it waits"
+)]
+enum Item {
+    Started(StartedRun),
+    Ended(RunRecord),
+}
+
+/// An item in the queue, with its size and whether it is in the journal already (start
+/// rows never are: they are not worth an fsync).
 struct Queued {
-    record: RunRecord,
+    item: Item,
     bytes: usize,
     journaled: bool,
+}
+
+impl Queued {
+    fn record(&self) -> Option<&RunRecord> {
+        match &self.item {
+            Item::Ended(r) => Some(r),
+            Item::Started(_) => None,
+        }
+    }
 }
 
 /// What the journal holds that is not yet anywhere else. When nothing is (every journaled
@@ -236,6 +280,7 @@ struct Inner {
     /// Stop writing; dead-letter what is left (the drain took too long).
     abort: CancellationToken,
     tracker: TaskTracker,
+    instance_id: String,
 }
 
 impl AuditWriter {
@@ -280,6 +325,7 @@ impl AuditWriter {
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            instance_id: options.instance_id.clone(),
         });
         metrics.ready.set(1);
         let task = Task {
@@ -298,6 +344,7 @@ impl AuditWriter {
             retry: options.retry,
             drain: inner.drain.clone(),
             abort: inner.abort.clone(),
+            instance_id: options.instance_id,
         };
         inner.tracker.spawn(task.run());
         Ok(AuditWriter { inner })
@@ -358,7 +405,67 @@ impl AuditWriter {
     }
 }
 
+impl AuditWriter {
+    /// This process's instance id, as stamped on rows.
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance_id
+    }
+
+    /// Reserves `bytes` under the queue's byte bound; false when they do not fit.
+    fn reserve(&self, bytes: usize) -> bool {
+        let inner = &self.inner;
+        inner
+            .queued_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                queued
+                    .checked_add(bytes)
+                    .filter(|total| *total <= inner.max_bytes)
+            })
+            .is_ok()
+    }
+
+    fn queued(&self) {
+        let inner = &self.inner;
+        inner
+            .metrics
+            .audit_queue_depth
+            .set(i64::try_from(self.queue_depth()).unwrap_or(i64::MAX));
+        inner
+            .metrics
+            .audit_queue_bytes
+            .set(i64::try_from(self.queue_bytes()).unwrap_or(i64::MAX));
+    }
+}
+
 impl AuditSink for AuditWriter {
+    fn started(&self, mut run: StartedRun) {
+        let inner = &self.inner;
+        // Start rows only use the queue below its high-water marks, so the top quarter stays
+        // free for records; and none while writes fail, since they would only wait in retry.
+        if self.backlogged() || inner.health.failure().is_some() {
+            debug!(run_id = %run.run_id, "audit queue busy or failing; no running row for this run");
+            return;
+        }
+        run.instance_id
+            .get_or_insert_with(|| inner.instance_id.clone());
+        let bytes = run.approx_bytes();
+        if !self.reserve(bytes) {
+            return;
+        }
+        let queued = Queued {
+            item: Item::Started(run),
+            bytes,
+            journaled: false,
+        };
+        match inner.tx.try_send(queued) {
+            Ok(()) => self.queued(),
+            // Full or closed: the record will insert the row; nothing is lost.
+            Err(TrySendError::Full(q) | TrySendError::Closed(q)) => {
+                inner.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
+            }
+        }
+    }
+
     fn submit(&self, record: RunRecord) {
         let inner = &self.inner;
         // While writes fail, a record goes to the journal at once: the queue behind a batch
@@ -371,47 +478,27 @@ impl AuditSink for AuditWriter {
             inner.journal.send(vec![record.clone()]);
         }
         let bytes = record.approx_bytes();
-        let reserved = inner
-            .queued_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
-                queued
-                    .checked_add(bytes)
-                    .filter(|total| *total <= inner.max_bytes)
-            })
-            .is_ok();
-        if !reserved {
+        if !self.reserve(bytes) {
             warn!(run_id = %record.run_id, bytes,
                 "audit queue full (bytes); dead-lettering the record");
             inner.deadletter.send(vec![record]);
             return;
         }
+        let run_id = record.run_id;
         let queued = Queued {
-            record,
+            item: Item::Ended(record),
             bytes,
             journaled,
         };
-        match inner.tx.try_send(queued) {
-            Ok(()) => {
-                let depth = self.queue_depth();
-                inner
-                    .metrics
-                    .audit_queue_depth
-                    .set(i64::try_from(depth).unwrap_or(i64::MAX));
-                inner
-                    .metrics
-                    .audit_queue_bytes
-                    .set(i64::try_from(self.queue_bytes()).unwrap_or(i64::MAX));
-            }
-            Err(TrySendError::Full(q)) => {
-                inner.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
-                warn!(run_id = %q.record.run_id, "audit queue full; dead-lettering the record");
-                inner.deadletter.send(vec![q.record]);
-            }
-            Err(TrySendError::Closed(q)) => {
-                inner.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
-                warn!(run_id = %q.record.run_id, "audit writer stopped; dead-lettering the record");
-                inner.deadletter.send(vec![q.record]);
-            }
+        let (q, why) = match inner.tx.try_send(queued) {
+            Ok(()) => return self.queued(),
+            Err(TrySendError::Full(q)) => (q, "audit queue full; dead-lettering the record"),
+            Err(TrySendError::Closed(q)) => (q, "audit writer stopped; dead-lettering the record"),
+        };
+        inner.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
+        warn!(%run_id, "{why}");
+        if let Item::Ended(record) = q.item {
+            inner.deadletter.send(vec![record]);
         }
     }
 
@@ -450,12 +537,15 @@ struct Task {
     retry: RetryPolicy,
     drain: CancellationToken,
     abort: CancellationToken,
+    /// Goes into the rows the records insert (start rows carry their own).
+    instance_id: String,
 }
 
 impl Task {
     async fn run(mut self) {
         let mut incoming = Vec::with_capacity(self.max_batch);
         let mut batch = Vec::with_capacity(self.max_batch);
+        let mut started = Vec::with_capacity(self.max_batch);
         let mut journaled = Vec::with_capacity(self.max_batch);
         let mut draining = false;
         let mut next_write = tokio::time::Instant::now();
@@ -491,15 +581,18 @@ impl Task {
             if received == 0 {
                 break;
             }
-            self.take(&mut incoming, &mut batch, &mut journaled);
+            self.top_up(&mut incoming);
+            self.take(&mut incoming, &mut started, &mut batch, &mut journaled);
             self.set_depth();
             next_write = tokio::time::Instant::now() + MIN_BATCH_INTERVAL;
             let abort = self.abort.clone();
             let written = tokio::select! {
                 biased;
                 () = abort.cancelled() => None,
-                result = self.write_with_retry(&batch, &mut journaled) => Some(result),
+                result = self.write_with_retry(&started, &batch, &mut journaled) => Some(result),
             };
+            // Start rows are written with the batch or not at all (see the module header).
+            started.clear();
             match written {
                 Some(Ok(_)) => {
                     let resolved = journaled.iter().filter(|j| **j).count();
@@ -512,7 +605,9 @@ impl Task {
                         "audit batch failed on every attempt; dead-lettering it");
                     let resolved = journaled.iter().filter(|j| **j).count();
                     journaled.clear();
-                    if resolved == 0 {
+                    if batch.is_empty() {
+                        // Start rows only: nothing to keep.
+                    } else if resolved == 0 {
                         self.deadletter.send(std::mem::take(&mut batch));
                     } else {
                         // Journaled records leave the journal's count only once they are
@@ -530,11 +625,15 @@ impl Task {
                     self.rx.close();
                     for q in self.backlog.drain(..) {
                         self.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
-                        batch.push(q.record);
+                        if let Item::Ended(record) = q.item {
+                            batch.push(record);
+                        }
                     }
                     while let Ok(q) = self.rx.try_recv() {
                         self.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
-                        batch.push(q.record);
+                        if let Item::Ended(record) = q.item {
+                            batch.push(record);
+                        }
                     }
                     warn!(
                         records = batch.len(),
@@ -550,18 +649,36 @@ impl Task {
         debug!("audit writer task ended");
     }
 
-    /// Moves received records into the batch, releasing their bytes from the queue's bound.
+    /// Start rows do not count against the batch's bound on records: a batch that holds some
+    /// takes more of what is waiting, up to `max_batch` records and `2 · max_batch` items.
+    fn top_up(&mut self, incoming: &mut Vec<Queued>) {
+        let mut records = incoming.iter().filter(|q| q.record().is_some()).count();
+        while records < self.max_batch && incoming.len() < 2 * self.max_batch {
+            let Ok(q) = self.rx.try_recv() else { break };
+            records += usize::from(q.record().is_some());
+            incoming.push(q);
+        }
+    }
+
+    /// Moves received items into the batch (start rows and records apart), releasing their
+    /// bytes from the queue's bound.
     fn take(
         &self,
         incoming: &mut Vec<Queued>,
+        started: &mut Vec<StartedRun>,
         batch: &mut Vec<RunRecord>,
         journaled: &mut Vec<bool>,
     ) {
         let mut bytes = 0;
         for q in incoming.drain(..) {
             bytes += q.bytes;
-            journaled.push(q.journaled);
-            batch.push(q.record);
+            match q.item {
+                Item::Started(run) => started.push(run),
+                Item::Ended(record) => {
+                    journaled.push(q.journaled);
+                    batch.push(record);
+                }
+            }
         }
         self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
     }
@@ -637,7 +754,8 @@ impl Task {
             .iter()
             .skip(start)
             .filter(|q| !q.journaled)
-            .map(|q| q.record.clone())
+            .filter_map(Queued::record)
+            .cloned()
             .collect();
         if self.journal_now(missing).await {
             self.backlog
@@ -687,22 +805,27 @@ impl Task {
     /// `duet_audit_writes_total` (a retried batch of 100 is 100 retries).
     async fn write_with_retry(
         &mut self,
+        started: &[StartedRun],
         batch: &[RunRecord],
         journaled: &mut [bool],
     ) -> Result<u64> {
         let n = batch.len() as u64;
         let mut retry = 0;
         loop {
-            let started = std::time::Instant::now();
+            let began = std::time::Instant::now();
             // A database that takes the connection and then hangs (a lock wait, a half-open
             // socket) must count as a failed attempt, or the writer would stall for good.
-            let attempt =
-                tokio::time::timeout(INSERT_TIMEOUT, self.store.insert_batch(batch)).await;
+            let attempt = tokio::time::timeout(
+                INSERT_TIMEOUT,
+                self.store
+                    .write_batch(Some(&self.instance_id), started, batch),
+            )
+            .await;
             match attempt.unwrap_or(Err(AuditError::Timeout(INSERT_TIMEOUT))) {
                 Ok(new) => {
                     self.metrics
                         .audit_write_seconds
-                        .observe(started.elapsed().as_secs_f64());
+                        .observe(began.elapsed().as_secs_f64());
                     self.metrics
                         .audit_writes_total
                         .with_label_values(&["ok"])

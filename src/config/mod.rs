@@ -195,6 +195,10 @@ pub struct Config {
     /// idle clients cannot use up the descriptors runs need upstream. `None` (`0`) turns the
     /// cap off. Default: half the process's open-file limit where it can be read.
     pub max_connections: Option<usize>,
+    /// `INSTANCE_LEASE_S`: on PostgreSQL, a replica whose heartbeat is older than this is
+    /// dead, and any live replica finalizes its runs in flight as `interrupted`. Each
+    /// replica refreshes its heartbeat every third of it (at most every 5 s).
+    pub instance_lease: Duration,
     /// `TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client (contract §8).
     /// Empty (the default): every peer is the client, and the header is ignored.
     pub trusted_proxies: Vec<Cidr>,
@@ -357,6 +361,7 @@ impl Config {
             http2_idle_timeout: seconds_or(src, "HTTP2_IDLE_TIMEOUT_S", 60.0)?,
             max_connections_per_client: cap(src, "MAX_CONNECTIONS_PER_CLIENT", 1024)?,
             max_connections: cap(src, "MAX_CONNECTIONS", default_max_connections())?,
+            instance_lease: instance_lease(src)?,
             trusted_proxies: trusted_proxies(src)?,
         })
     }

@@ -301,3 +301,16 @@ pub(super) fn trusted_proxies(src: &dyn Source) -> Result<Vec<Cidr>, ConfigError
         })
         .collect()
 }
+
+/// `INSTANCE_LEASE_S`: at least a second, since a live replica whose heartbeat is late by
+/// more than the lease (a pause, a slow database) has its runs marked interrupted.
+pub(super) fn instance_lease(src: &dyn Source) -> Result<Duration, ConfigError> {
+    let lease = seconds_or(src, "INSTANCE_LEASE_S", 30.0)?;
+    if lease < Duration::from_secs(1) {
+        return Err(ConfigError::new(
+            "INSTANCE_LEASE_S",
+            format!("{} s is less than the minimum of 1 s", lease.as_secs_f64()),
+        ));
+    }
+    Ok(lease)
+}

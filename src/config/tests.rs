@@ -207,3 +207,16 @@ fn trusted_proxies_are_ranges_and_a_bad_one_is_named() {
     let e = load(&[("TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal")]).unwrap_err();
     assert!(e.problem.contains("\"proxy.internal\""), "{e}");
 }
+
+#[test]
+fn instance_lease_defaults_to_30_s_and_refuses_bad_values() {
+    assert_eq!(Config::defaults().instance_lease, Duration::from_secs(30));
+    assert_eq!(
+        load(&[("INSTANCE_LEASE_S", "2.5")]).unwrap().instance_lease,
+        Duration::from_millis(2500)
+    );
+    for bad in ["0", "0.5", "-3", "soon", "NaN", "100000"] {
+        let err = load(&[("INSTANCE_LEASE_S", bad)]).unwrap_err();
+        assert_eq!(err.var, "INSTANCE_LEASE_S", "{bad}");
+    }
+}

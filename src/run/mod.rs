@@ -49,7 +49,7 @@ use self::{
     report::{OwnedModelRef, RunGuard},
 };
 use crate::{
-    audit::{AuditSink, Outcome, RunRecord},
+    audit::{AuditSink, Outcome, RunRecord, StartedRun},
     config::Config,
     domain::{Role, Secret},
     events::{ErrorEvent, EventKind, ModelRef, StartEvent, StartModels},
@@ -240,6 +240,18 @@ impl Orchestrator {
             write_timeout: inner.client_write_timeout,
             budget: Arc::new(Semaphore::new(STREAM_BUFFER_BYTES)),
         });
+        let created_at = Utc::now();
+        // The run's `running` row (contract §8): a message to the audit writer's queue,
+        // which returns at once; the writer writes it with its next batch.
+        inner.sink.started(StartedRun {
+            run_id,
+            client_request_id: request.client_request_id.clone(),
+            created_at,
+            query: Arc::clone(&request.query),
+            system: request.system.clone(),
+            owner_fingerprint: emitter.log.owner().map(Owner::to_hex),
+            instance_id: None,
+        });
         // Boxed: an async fn keeps its arguments twice in its state (as captured and as
         // local), and the guard is the largest of them; a pointer keeps every open run's
         // task about 1.8 KB smaller.
@@ -248,7 +260,7 @@ impl Orchestrator {
             done_permit,
             run_id,
             started: Instant::now(),
-            created_at: Utc::now(),
+            created_at,
             request: request.clone(),
             flash_ref: OwnedModelRef::of(&*inner.flash.provider),
             pro_ref: OwnedModelRef::of(&*inner.pro.provider),

@@ -103,10 +103,15 @@ async fn migrations_revert_and_reapply(store: &Store) {
     // 0006 (the rate-limit budget shared by replicas) is PostgreSQL's alone: on SQLite the
     // limits stay in memory.
     if matches!(store, Store::Postgres(_)) {
-        assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4, 6]);
-        assert_eq!(store.revert_to(4).await.unwrap(), [6]);
+        assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(store.revert_to(5).await.unwrap(), [6]);
     }
-    assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4]);
+    assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4, 5]);
+    assert_eq!(store.revert_to(4).await.unwrap(), [5]);
+    assert!(
+        store.insert(&[record(1)]).await.is_err(),
+        "dual_runs.instance_id is gone"
+    );
     assert_eq!(store.revert_to(3).await.unwrap(), [4]);
     assert!(
         store.insert(&[record(1)]).await.is_err(),

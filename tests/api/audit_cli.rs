@@ -62,18 +62,18 @@ fn migrate_applies_reverts_and_reapplies() {
                 .args(args),
         )
     };
-    assert_eq!(migrate(&[]), "applied migrations [1, 2, 3, 4]\n");
-    assert_eq!(migrate(&[]), "up to date at version 4\n");
+    assert_eq!(migrate(&[]), "applied migrations [1, 2, 3, 4, 5]\n");
+    assert_eq!(migrate(&[]), "up to date at version 5\n");
     assert_eq!(
         migrate(&["--revert"]),
-        "reverted migrations [4]; now at version 3\n"
+        "reverted migrations [5]; now at version 4\n"
     );
     assert_eq!(
         migrate(&["--revert", "--to", "0"]),
-        "reverted migrations [1, 2, 3]; now at version 0\n"
+        "reverted migrations [1, 2, 3, 4]; now at version 0\n"
     );
     assert_eq!(migrate(&["--revert"]), "nothing to revert\n");
-    assert_eq!(migrate(&[]), "applied migrations [1, 2, 3, 4]\n");
+    assert_eq!(migrate(&[]), "applied migrations [1, 2, 3, 4, 5]\n");
 }
 
 #[tokio::test]

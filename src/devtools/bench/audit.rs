@@ -5,8 +5,12 @@
 //! high-water mark (it waits a millisecond when the queue is that full) rather than letting
 //! it overflow: an overflowing queue dead-letters, which would measure the file, not the
 //! database. The result is therefore the writer's sustained rate with the queue kept busy.
+//!
+//! Each run also sends its start (the `running` row, contract §8) as the service does, a
+//! fixed number of runs ahead of its record ([`IN_FLIGHT`]): so batches mix start rows of
+//! new runs with records that finalize rows written earlier, as under real load.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::VecDeque, path::PathBuf, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use serde::Serialize;
@@ -15,11 +19,27 @@ use uuid::Uuid;
 use super::BenchError;
 use crate::{
     audit::{
-        AuditSink, AuditWriter, ModelTrace, Outcome, RunRecord, RunStatus, Store, StoredEvent,
-        WriterOptions,
+        AuditSink, AuditWriter, ModelTrace, Outcome, RunRecord, RunStatus, StartedRun, Store,
+        StoredEvent, WriterOptions,
     },
     metrics::Metrics,
 };
+
+/// Runs between a run's start and its record: as if this many runs were in flight.
+const IN_FLIGHT: usize = 1000;
+
+/// What a run sends when it starts.
+fn start_of(r: &RunRecord) -> StartedRun {
+    StartedRun {
+        run_id: r.run_id,
+        client_request_id: r.client_request_id.clone(),
+        created_at: r.created_at,
+        query: r.query.as_str().into(),
+        system: None,
+        owner_fingerprint: None,
+        instance_id: None,
+    }
+}
 
 /// What to write where.
 #[derive(Debug, Clone)]
@@ -123,6 +143,8 @@ pub async fn run(options: Options) -> Result<Report, BenchError> {
     let started = std::time::Instant::now();
     let mut peak = 0;
     let mut submitted = 0;
+    let mut created = 0;
+    let mut in_flight = VecDeque::with_capacity(IN_FLIGHT + 1);
     // Bounded by the record count; each wait is a millisecond while the writer catches up.
     while submitted < options.records {
         let depth = writer.queue_depth();
@@ -131,8 +153,19 @@ pub async fn run(options: Options) -> Result<Report, BenchError> {
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
-        writer.submit(record(&text));
-        submitted += 1;
+        if created < options.records {
+            let run = record(&text);
+            writer.started(start_of(&run));
+            in_flight.push_back(run);
+            created += 1;
+            if in_flight.len() <= IN_FLIGHT {
+                continue;
+            }
+        }
+        if let Some(run) = in_flight.pop_front() {
+            writer.submit(run);
+            submitted += 1;
+        }
     }
     writer.shutdown(Duration::from_secs(120)).await;
     let elapsed = started.elapsed();

@@ -1,0 +1,447 @@
+//! Runs visible while they run, and never lost to a crash (contract §8): the `running` row,
+//! its finalization, `kill -9` on SQLite (the next start finalizes `interrupted`) and on
+//! PostgreSQL (two replicas; the survivor finalizes only the dead one's run), the kill -9
+//! window, and the store's upsert rules.
+
+use std::{
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use chrono::Utc;
+use duet::audit::{OpenStatus, RunRecord, StartedRun, Store, StoredRun};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{db, helpers::*};
+
+/// A replica of `duet serve` on `url` whose Pro model takes `pro_ttft_s` to answer.
+fn replica(dir: &std::path::Path, url: &str, pro_ttft_s: &str, lease_s: &str) -> (Child, String) {
+    let mut child = duet_command(dir)
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("DATABASE_URL", url)
+        .env("ADMIN_TOKEN", "admin")
+        .env("INSTANCE_LEASE_S", lease_s)
+        .env("SIMULATED_FLASH_TTFT_S", "0.01")
+        .env("SIMULATED_FLASH_TOKEN_S", "0.001")
+        .env("SIMULATED_PRO_TTFT_S", pro_ttft_s)
+        .env("SIMULATED_PRO_TOKEN_S", "0.001")
+        .env("PRO_TIMEOUT_S", "120")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (addr, _log) = listening(&mut child);
+    (child, addr)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// Starts a streamed run and returns its id and the open response (dropping it would
+/// cancel the run).
+async fn start_run(client: &reqwest::Client, addr: &str, query: &str) -> (Uuid, reqwest::Response) {
+    let resp = client
+        .post(format!("http://{addr}/query/stream"))
+        .json(&json!({"query": query}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-run-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (id, resp)
+}
+
+/// The run's status as stored (`running`, `interrupted`, `ok`, ...), or `None` without a row.
+async fn status(store: &Store, run_id: Uuid) -> Option<String> {
+    Some(match store.fetch_stored(run_id).await.unwrap()? {
+        StoredRun::Ended(r) => r.record.status.as_str().to_owned(),
+        StoredRun::Open(r) => r.status.as_str().to_owned(),
+    })
+}
+
+/// Waits up to `within` for the run's stored status to be `want`; returns how long it took.
+async fn wait_status(store: &Store, run_id: Uuid, want: &str, within: Duration) -> Duration {
+    let began = Instant::now();
+    loop {
+        let now = status(store, run_id).await;
+        if now.as_deref() == Some(want) {
+            return began.elapsed();
+        }
+        assert!(
+            began.elapsed() < within,
+            "run {run_id}: still {now:?} after {within:?}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn metric_of(client: &reqwest::Client, addr: &str, name: &str) -> f64 {
+    let text = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l[name.len() + 1..].parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn get_run(client: &reqwest::Client, addr: &str, run_id: Uuid) -> serde_json::Value {
+    let resp = client
+        .get(format!("http://{addr}/runs/{run_id}"))
+        .bearer_auth("admin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+fn kill_9(mut child: Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// SQLite: a slow run's row is `running` within a second (and `GET /runs/{id}` says so);
+/// after `kill -9` and a restart it is `interrupted`, counted by the new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_killed_run_is_interrupted_at_the_next_start() {
+    let db = db::sqlite().await;
+    let dir = db.dir.path();
+    let client = client();
+    let (child, addr) = replica(dir, &db.url, "60", "30");
+    let (run_id, _open) = start_run(&client, &addr, "slow").await;
+    let took = wait_status(&db.store, run_id, "running", Duration::from_secs(1)).await;
+    eprintln!("running row after {took:?}");
+    let row = get_run(&client, &addr, run_id).await;
+    assert_eq!(row["status"], "running");
+    assert_eq!(row["total_ms"], 0);
+    assert!(row["flash"].is_null() && row["pro"].is_null(), "{row}");
+    let instance = row["instance_id"].as_str().unwrap().to_owned();
+
+    kill_9(child);
+    assert_eq!(status(&db.store, run_id).await.as_deref(), Some("running"));
+    let (child, addr) = replica(dir, &db.url, "60", "30");
+    // Finalized before the new process listens.
+    assert_eq!(
+        status(&db.store, run_id).await.as_deref(),
+        Some("interrupted")
+    );
+    let row = get_run(&client, &addr, run_id).await;
+    assert_eq!(row["status"], "interrupted");
+    assert_eq!(row["instance_id"], instance.as_str());
+    assert_eq!(
+        metric_of(&client, &addr, "duet_runs_interrupted_total").await,
+        1.0
+    );
+    assert_eq!(terminate(child).await, Some(0));
+}
+
+/// A run that ends is finalized in place: one row, `running` and then its status, with both
+/// traces and the same instance id; `POST /query` and streams alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_running_row_is_finalized_once_when_the_run_ends() {
+    let db = db::sqlite().await;
+    let client = client();
+    let (child, addr) = replica(db.dir.path(), &db.url, "0.6", "30");
+    let (run_id, open) = start_run(&client, &addr, "q").await;
+    wait_status(&db.store, run_id, "running", Duration::from_secs(1)).await;
+    let instance = get_run(&client, &addr, run_id).await["instance_id"].clone();
+    let events = read_events(open).await;
+    assert_eq!(done(&events)["status"], "ok");
+    wait_status(&db.store, run_id, "ok", Duration::from_secs(2)).await;
+    let row = get_run(&client, &addr, run_id).await;
+    assert_eq!(row["instance_id"], instance);
+    assert_eq!(row["pro"]["outcome"], "ok");
+    assert_eq!(db::count(&db.store, "dual_runs").await, 1);
+    assert_eq!(db::count(&db.store, "model_traces").await, 2);
+    assert_eq!(terminate(child).await, Some(0));
+    assert_eq!(status(&db.store, run_id).await.as_deref(), Some("ok"));
+}
+
+/// PostgreSQL, two replicas on one database with a 2 s lease, a slow run on each; one is
+/// killed. The survivor finalizes the dead one's run `interrupted` within the lease and a
+/// heartbeat or two, never touches its own live run, which ends `ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_survivor_finalizes_only_the_dead_replicas_runs() {
+    let Some(pg) =
+        db::postgres("postgres_the_survivor_finalizes_only_the_dead_replicas_runs").await
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let client = client();
+    let (a, a_addr) = replica(tmp.path(), &pg.url, "10", "2");
+    let (b, b_addr) = replica(tmp.path(), &pg.url, "10", "2");
+    let (a_run, _a_open) = start_run(&client, &a_addr, "on a").await;
+    let (b_run, b_open) = start_run(&client, &b_addr, "on b").await;
+    let b_reader = tokio::spawn(read_events(b_open));
+    wait_status(&pg.store, a_run, "running", Duration::from_secs(1)).await;
+    wait_status(&pg.store, b_run, "running", Duration::from_secs(1)).await;
+    let a_instance = get_run(&client, &b_addr, a_run).await["instance_id"].clone();
+    let b_instance = get_run(&client, &b_addr, b_run).await["instance_id"].clone();
+    assert_ne!(a_instance, b_instance);
+    assert_eq!(db::count(&pg.store, "duet_instances").await, 2);
+
+    let killed = Instant::now();
+    kill_9(a);
+    // Lease 2 s, heartbeats every 0.67 s: interrupted within about 3 s.
+    wait_status(&pg.store, a_run, "interrupted", Duration::from_secs(8)).await;
+    eprintln!(
+        "dead replica's run interrupted {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(
+        status(&pg.store, b_run).await.as_deref(),
+        Some("running"),
+        "a live run is never touched"
+    );
+    assert_eq!(db::count(&pg.store, "duet_instances").await, 1);
+    assert_eq!(
+        metric_of(&client, &b_addr, "duet_runs_interrupted_total").await,
+        1.0
+    );
+
+    let events = tokio::time::timeout(Duration::from_secs(30), b_reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done(&events)["status"], "ok");
+    wait_status(&pg.store, b_run, "ok", Duration::from_secs(2)).await;
+    assert_eq!(
+        status(&pg.store, a_run).await.as_deref(),
+        Some("interrupted")
+    );
+    assert_eq!(terminate(b).await, Some(0));
+    // A graceful stop deregisters.
+    assert_eq!(db::count(&pg.store, "duet_instances").await, 0);
+}
+
+/// The kill -9 window: runs started in the last few milliseconds before a `kill -9` may have
+/// no row (their start message was still in the writer's queue). A client starts runs every
+/// 2 ms while the process is killed; after a restart every run whose start the client saw
+/// more than 250 ms before the kill must have a row (`interrupted`). Prints the window
+/// measured: the youngest run with a row, the oldest without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_kill_9_window_is_milliseconds() {
+    let db = db::sqlite().await;
+    let dir = db.dir.path();
+    let client = client();
+    let (child, addr) = replica(dir, &db.url, "60", "30");
+    let starter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut runs = Vec::new();
+            let mut open = Vec::new();
+            for i in 0.. {
+                let sent = client
+                    .post(format!("http://{addr}/query/stream"))
+                    .json(&json!({"query": format!("q{i}")}))
+                    .send()
+                    .await;
+                let Ok(resp) = sent else { break };
+                let id: Uuid = resp.headers()["x-run-id"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                runs.push((id, Instant::now()));
+                open.push(resp);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            runs
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let killed = Instant::now();
+    kill_9(child);
+    let runs = starter.await.unwrap();
+    assert!(runs.len() > 20, "{} runs", runs.len());
+    let (child, _) = replica(dir, &db.url, "60", "30");
+    let mut youngest_with_row: Option<Duration> = None;
+    let mut oldest_without_row: Option<Duration> = None;
+    let mut without = 0;
+    for (id, seen) in &runs {
+        let age = killed.saturating_duration_since(*seen);
+        match status(&db.store, *id).await {
+            Some(s) => {
+                assert_eq!(s, "interrupted");
+                youngest_with_row = Some(youngest_with_row.map_or(age, |y| y.min(age)));
+            }
+            None => {
+                assert!(
+                    age < Duration::from_millis(250),
+                    "run {id} started {age:?} before the kill has no row"
+                );
+                without += 1;
+                oldest_without_row = Some(oldest_without_row.map_or(age, |o| o.max(age)));
+            }
+        }
+    }
+    eprintln!(
+        "kill -9 window: {} runs, {without} without a row; youngest with a row \
+         {youngest_with_row:?} old, oldest without {oldest_without_row:?}",
+        runs.len()
+    );
+    assert_eq!(terminate(child).await, Some(0));
+}
+
+/// A bad `INSTANCE_LEASE_S` stops the service at start with one line naming it.
+#[test]
+fn a_bad_instance_lease_stops_the_service_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["0.2", "thirty"] {
+        let out = duet_command(dir.path())
+            .env("INSTANCE_LEASE_S", bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("INSTANCE_LEASE_S"), "{stderr}");
+    }
+}
+
+/// A start row as a run would send it; `record` its record, when there is one (a start row
+/// and its record describe the same run).
+fn started_of(record: &RunRecord) -> StartedRun {
+    StartedRun {
+        client_request_id: record.client_request_id.clone(),
+        created_at: record.created_at,
+        query: record.query.as_str().into(),
+        system: record.system.as_deref().map(Into::into),
+        ..started(record.run_id)
+    }
+}
+
+fn started(run_id: Uuid) -> StartedRun {
+    StartedRun {
+        run_id,
+        client_request_id: None,
+        created_at: Utc::now(),
+        query: "q".into(),
+        system: None,
+        owner_fingerprint: None,
+        instance_id: Some("i-1".into()),
+    }
+}
+
+/// The store's rules, on both backends: a start row never replaces anything; a record
+/// finalizes a `running` row (or an `interrupted` one: the real record says more) and is
+/// stored once however often it is replayed; the start row's instance id is kept.
+async fn upsert_rules(store: &Store) {
+    let record = db::record(1);
+    let id = record.run_id;
+    store
+        .write(None, &[started_of(&record)], &[])
+        .await
+        .unwrap();
+    match store.fetch_stored(id).await.unwrap() {
+        Some(StoredRun::Open(r)) => {
+            assert_eq!(r.status, OpenStatus::Running);
+            assert_eq!(r.instance_id.as_deref(), Some("i-1"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(store.fetch(id).await.unwrap().is_none(), "no record yet");
+    let n = store
+        .write(Some("i-2"), &[], std::slice::from_ref(&record))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let stored = store.fetch(id).await.unwrap().unwrap();
+    assert_eq!(stored, record);
+    match store.fetch_stored(id).await.unwrap() {
+        Some(StoredRun::Ended(e)) => assert_eq!(e.instance_id.as_deref(), Some("i-1")),
+        other => panic!("{other:?}"),
+    }
+    // A second replay, and a late start row, change nothing.
+    assert_eq!(
+        store.insert(std::slice::from_ref(&record)).await.unwrap(),
+        0
+    );
+    store
+        .write(None, &[started_of(&record)], &[])
+        .await
+        .unwrap();
+    assert_eq!(store.fetch(id).await.unwrap().unwrap(), stored);
+
+    // Start and record in one batch, twice over: one row, the record.
+    let other = db::record(2);
+    let n = store
+        .write(
+            Some("i-1"),
+            &[started_of(&other)],
+            &[other.clone(), other.clone()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(store.fetch(other.run_id).await.unwrap().unwrap(), other);
+
+    // An interrupted run whose record turns up (the journal, a replay) gets it.
+    let late = db::record(3);
+    store.write(None, &[started_of(&late)], &[]).await.unwrap();
+    assert_eq!(store.interrupt_all_running().await.unwrap(), 1);
+    assert!(matches!(
+        store.fetch_stored(late.run_id).await.unwrap(),
+        Some(StoredRun::Open(r)) if r.status == OpenStatus::Interrupted
+    ));
+    assert_eq!(store.insert(std::slice::from_ref(&late)).await.unwrap(), 1);
+    assert_eq!(
+        store.fetch(late.run_id).await.unwrap().unwrap().status,
+        late.status
+    );
+    assert_eq!(db::count(store, "dual_runs").await, 3);
+    assert_eq!(db::count(store, "model_traces").await, 6);
+}
+
+#[tokio::test]
+async fn sqlite_upsert_rules() {
+    upsert_rules(&db::sqlite().await.store).await;
+}
+
+#[tokio::test]
+async fn postgres_upsert_rules() {
+    let Some(pg) = db::postgres("postgres_upsert_rules").await else {
+        return;
+    };
+    upsert_rules(&pg.store).await;
+}
+
+/// Migration 0005 reverts and applies again, keeping ended runs (SQLite rebuilds both
+/// tables to change the status CHECK).
+#[tokio::test]
+async fn migration_0005_reverts_and_reapplies_keeping_ended_runs() {
+    let db = db::sqlite().await;
+    let record = db::record(7);
+    db.store
+        .insert(std::slice::from_ref(&record))
+        .await
+        .unwrap();
+    let running = Uuid::now_v7();
+    db.store
+        .write(None, &[started(running)], &[])
+        .await
+        .unwrap();
+    assert_eq!(db.store.revert_to(4).await.unwrap(), vec![5]);
+    assert_eq!(
+        db::count(&db.store, "dual_runs").await,
+        1,
+        "the running row is gone"
+    );
+    assert_eq!(db::count(&db.store, "model_traces").await, 2);
+    db.store.migrate().await.unwrap();
+    let back = db.store.fetch(record.run_id).await.unwrap().unwrap();
+    assert_eq!(back, record);
+}

@@ -144,7 +144,7 @@ impl Store {
             .unwrap_or_default()
     }
 
-    /// Answers `SELECT 1` within [`PING_TIMEOUT`].
+    /// Answers `SELECT 1` within `PING_TIMEOUT`.
     pub async fn ping(&self) -> Result<()> {
         self.probe_sql("SELECT 1").await
     }
@@ -152,7 +152,7 @@ impl Store {
     /// What `/readyz` asks of the database: it answers, the audit tables are there (a
     /// database dropped and recreated without `duet migrate` answers pings but takes no
     /// record), and on SQLite the file at the path is still the one open. Within
-    /// [`PING_TIMEOUT`]. Says nothing about free disk space: only a write can tell that.
+    /// `PING_TIMEOUT`. Says nothing about free disk space: only a write can tell that.
     pub async fn probe(&self) -> Result<()> {
         // The file first: a new pooled connection to a deleted file's path creates an empty
         // one, whose missing tables would otherwise hide the real cause.

@@ -272,11 +272,22 @@ async fn release_migrator(backend: &str, version: i64) -> (tempfile::TempDir, Mi
     (dir, migrator)
 }
 
-/// What an older release's `duet serve` or `duet migrate` does first.
-async fn run_migrator(migrator: &Migrator, store: &Store) -> Result<(), MigrateError> {
-    match store {
-        Store::Sqlite(s) => migrator.run(s.pool()).await,
-        Store::Postgres(pool) => migrator.run(pool).await,
+/// What an older release's `duet serve` or `duet migrate` does first, on a connection of its
+/// own that is closed after, as that process's would be: sqlx keeps its PostgreSQL advisory
+/// lock on a connection whose run failed, which, left in a pool, would block every later
+/// migration.
+async fn run_migrator(migrator: &Migrator, url: &str) -> Result<(), MigrateError> {
+    use sqlx::Connection;
+    if url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        let result = migrator.run(&mut conn).await;
+        conn.close().await.unwrap();
+        result
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+        let result = migrator.run(&mut conn).await;
+        conn.close().await.unwrap();
+        result
     }
 }
 
@@ -330,16 +341,23 @@ async fn rollback_to_the_previous_release(
     backend: &str,
     url: &str,
     store: &Store,
+    reference_url: &str,
     reference: &Store,
 ) {
     let dir = tempfile::tempdir().unwrap();
     let migrate = |args: &[&str]| {
-        stdout_of(
+        let out = stdout_of(
             duet(dir.path())
                 .env("DATABASE_URL", url)
                 .arg("migrate")
                 .args(args),
-        )
+        );
+        // Logs share stdout (JSON lines here): on PostgreSQL sqlx logs the server's notice
+        // that its bookkeeping table already exists.
+        out.lines()
+            .filter(|l| !l.starts_with('{'))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
     };
     let latest = latest_version(backend);
     let previous = latest - 1;
@@ -352,7 +370,7 @@ async fn rollback_to_the_previous_release(
 
     // What the runbook used to say: start the old binary (or run its `duet migrate`). It
     // cannot: the database has a migration it does not know.
-    let refused = run_migrator(&old, store).await.unwrap_err();
+    let refused = run_migrator(&old, url).await.unwrap_err();
     assert!(
         matches!(refused, MigrateError::VersionMissing(v) if v == latest),
         "{refused}"
@@ -374,9 +392,9 @@ async fn rollback_to_the_previous_release(
     );
     // ...and the old release starts on it, finding nothing to do, on the very schema it
     // would have made itself, with the runs still there.
-    run_migrator(&old, store).await.unwrap();
+    run_migrator(&old, url).await.unwrap();
     assert_eq!(schema_version(store).await, previous);
-    run_migrator(&old, reference).await.unwrap();
+    run_migrator(&old, reference_url).await.unwrap();
     assert_eq!(schema(store).await, schema(reference).await);
     assert_eq!(count(store, "dual_runs").await, 1);
 
@@ -390,7 +408,8 @@ async fn rollback_procedure_reverts_with_the_new_binary_then_the_old_release_sta
     let db = db::sqlite().await;
     let reference_url = format!("sqlite://{}", db.dir.path().join("old.db").display());
     let reference = Store::connect(&reference_url).await.unwrap();
-    rollback_to_the_previous_release("sqlite", &db.url, &db.store, &reference).await;
+    rollback_to_the_previous_release("sqlite", &db.url, &db.store, &reference_url, &reference)
+        .await;
 }
 
 #[tokio::test]
@@ -404,7 +423,14 @@ async fn rollback_procedure_reverts_with_the_new_binary_then_the_old_release_sta
     // An empty database for the old release: the helper migrated it to the latest.
     db::execute(&reference.store, "DROP SCHEMA public CASCADE").await;
     db::execute(&reference.store, "CREATE SCHEMA public").await;
-    rollback_to_the_previous_release("postgres", &db.url, &db.store, &reference.store).await;
+    rollback_to_the_previous_release(
+        "postgres",
+        &db.url,
+        &db.store,
+        &reference.url,
+        &reference.store,
+    )
+    .await;
 }
 
 #[tokio::test]

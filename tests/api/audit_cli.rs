@@ -1,7 +1,9 @@
 //! The real binary and the audit trail: zero-config SQLite with the drain on SIGTERM,
 //! `duet migrate` (`--revert`, `--status`, the `--yes` guard, and the rollback procedure of
 //! the runbook against an older release's migrations), `duet audit replay` run twice, with
-//! `--file`, with only a journal, and with nothing to read.
+//! `--file`, with only a journal, and with nothing to read. A little over 500 lines: every test
+//! here drives the real binary, and the rollback helpers (an older release's migrator, a schema
+//! snapshot) serve only these tests.
 
 use std::{
     path::Path,

@@ -368,6 +368,16 @@ pub enum AuditError {
     Connect(#[source] sqlx::Error),
     #[error("audit database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// What sqlx calls "migration N was previously applied but is missing in the resolved
+    /// migrations" when N is newer than this build: the case of an older release started on
+    /// a database a newer one migrated, where the operator needs the way out, not sqlx's words.
+    #[error(
+        "the audit database has migration {applied}, newer than this build of duet knows \
+         (up to {known}): a newer duet migrated it. To run this build, revert with the newer \
+         binary first: `duet migrate --revert --to {known}` (RUNBOOK_DUAL_MODEL.md, \
+         \"Rolling back a release\")"
+    )]
+    SchemaNewer { applied: i64, known: i64 },
     #[error("audit database query failed: {0}")]
     Database(#[from] sqlx::Error),
     #[error("the audit database did not answer within {0:?}")]

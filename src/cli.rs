@@ -140,4 +140,11 @@ pub enum AuditCommand {
     /// Re-insert dead-lettered records (AUDIT_DEADLETTER_PATH) into DATABASE_URL,
     /// idempotently; prints how many were written and skipped.
     Replay,
+    /// Delete the ended runs (and their traces) created more than DAYS days ago, in small
+    /// batches; `running` rows are kept. Prints how many runs were deleted.
+    Purge {
+        /// Age in whole days; 0 deletes every ended run.
+        #[arg(long, value_name = "DAYS")]
+        older_than: u32,
+    },
 }

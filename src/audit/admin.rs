@@ -1,5 +1,5 @@
-//! The operator commands on the audit store: `duet migrate [--revert [--to VERSION]]` and
-//! `duet audit replay`. Each opens the database named by `DATABASE_URL`, does one thing,
+//! The operator commands on the audit store: `duet migrate [--revert [--to VERSION]]`,
+//! `duet audit replay` and `duet audit purge --older-than DAYS`. Each opens the database named by `DATABASE_URL`, does one thing,
 //! and returns a one-line report for the terminal.
 
 use super::{Result, replay::ReplayReport, store::Store};
@@ -56,4 +56,19 @@ pub async fn replay(config: &Config) -> Result<ReplayReport> {
     .await;
     store.close().await;
     report
+}
+
+/// `duet audit purge --older-than DAYS`: deletes the ended runs created more than `days`
+/// days ago (0: every ended run), in the same small batches as the background job.
+pub async fn purge(config: &Config, days: u32) -> Result<String> {
+    let store = Store::connect(&config.database_url).await?;
+    let cutoff = super::purge::cutoff(days);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let deleted = super::purge::purge_older_than(&store, cutoff, &stop, |_| {}).await;
+    store.close().await;
+    let deleted = deleted?;
+    Ok(format!(
+        "purged: {deleted} runs created before {}",
+        cutoff.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    ))
 }

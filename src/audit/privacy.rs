@@ -28,7 +28,10 @@ pub const PLACEHOLDER_PREFIX: &str = "[not stored: ";
 /// The placeholder kept instead of `text`: `[not stored: N bytes, sha256 HEX]`.
 pub fn redact(text: &str) -> String {
     let digest = Sha256::digest(text.as_bytes());
-    format!("{PLACEHOLDER_PREFIX}{} bytes, sha256 {digest:x}]", text.len())
+    format!(
+        "{PLACEHOLDER_PREFIX}{} bytes, sha256 {digest:x}]",
+        text.len()
+    )
 }
 
 fn redact_in_place(text: &mut String) {
@@ -118,7 +121,11 @@ mod tests {
             .ok(),
         };
         redact_event(&mut e);
-        let data = e.data.as_ref().map(|d| d.get().to_owned()).unwrap_or_default();
+        let data = e
+            .data
+            .as_ref()
+            .map(|d| d.get().to_owned())
+            .unwrap_or_default();
         assert!(!data.contains("SECRET"), "{data}");
         assert!(data.contains("\"error_type\":\"provider_error\""), "{data}");
         assert!(data.contains(PLACEHOLDER_PREFIX), "{data}");

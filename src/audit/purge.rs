@@ -105,8 +105,7 @@ impl Purger {
                     () = token.cancelled() => break,
                 }
                 let counter = &metrics.audit_purged_total;
-                match purge_older_than(&store, cutoff(days), &token, |n| counter.inc_by(n)).await
-                {
+                match purge_older_than(&store, cutoff(days), &token, |n| counter.inc_by(n)).await {
                     Ok(0) => {}
                     Ok(n) => info!(runs = n, days, "purged runs past the retention period"),
                     Err(e) => warn!(error = %e, "audit purge failed; trying again later"),

@@ -340,7 +340,9 @@ pub(super) fn retention_days(src: &dyn Source) -> Result<Option<u32>, ConfigErro
         Ok(n @ 1..=36_500) => Ok(Some(n)),
         _ => Err(ConfigError::new(
             "AUDIT_RETENTION_DAYS",
-            format!("{v:?} is not a whole number of days from 1 to 36500 (unset keeps runs for ever)"),
+            format!(
+                "{v:?} is not a whole number of days from 1 to 36500 (unset keeps runs for ever)"
+            ),
         )),
     }
 }

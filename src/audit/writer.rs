@@ -453,14 +453,15 @@ impl AuditWriter {
 impl AuditSink for AuditWriter {
     fn started(&self, mut run: StartedRun) {
         let inner = &self.inner;
-        if inner.store_text == StoreText::None {
-            privacy::strip_started(&mut run);
-        }
         // Start rows only use the queue below its high-water marks, so the top quarter stays
         // free for records; and none while writes fail, since they would only wait in retry.
         if self.backlogged() || inner.health.failure().is_some() {
             debug!(run_id = %run.run_id, "audit queue busy or failing; no running row for this run");
             return;
+        }
+        // After the early return: a row that will not be written is not worth hashing.
+        if inner.store_text == StoreText::None {
+            privacy::strip_started(&mut run);
         }
         run.instance_id
             .get_or_insert_with(|| inner.instance_id.clone());

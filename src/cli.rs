@@ -166,4 +166,11 @@ pub enum AuditCommand {
         #[arg(long, value_name = "PATH")]
         file: Option<std::path::PathBuf>,
     },
+    /// Delete the ended runs (and their traces) created more than DAYS days ago, in small
+    /// batches; `running` rows are kept. Prints how many runs were deleted.
+    Purge {
+        /// Age in whole days; 0 deletes every ended run.
+        #[arg(long, value_name = "DAYS")]
+        older_than: u32,
+    },
 }

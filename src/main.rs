@@ -78,6 +78,12 @@ fn main() -> ExitCode {
                 .await
                 .map(|report| println!("{report}"))
                 .map_err(|e| e.to_string()),
+            Command::Audit {
+                command: AuditCommand::Purge { older_than },
+            } => duet::audit::admin::purge(&config, older_than)
+                .await
+                .map(|report| println!("{report}"))
+                .map_err(|e| e.to_string()),
             // Handled above, before the service configuration is loaded.
             Command::MockProvider { .. } | Command::Bench { .. } => Ok(()),
         }

@@ -1,5 +1,5 @@
 //! The operator commands on the audit store: `duet migrate [--status | --revert [--to VERSION]
-//! [--yes]]` and `duet audit replay [--file PATH]`. Each opens the database named by
+//! [--yes]]`, `duet audit replay [--file PATH]` and `duet audit purge --older-than DAYS`. Each opens the database named by
 //! `DATABASE_URL`, does one thing, and returns a short report for the terminal, or an
 //! [`AdminError`] whose message is one line saying what to do.
 //!
@@ -330,6 +330,21 @@ fn file_line(path: &Path, r: ReplayReport) -> String {
         r.skipped,
         r.kept
     )
+}
+
+/// `duet audit purge --older-than DAYS`: deletes the ended runs created more than `days`
+/// days ago (0: every ended run), in the same small batches as the background job.
+pub async fn purge(config: &Config, days: u32) -> Result<String, AdminError> {
+    let store = Store::connect(&config.database_url).await?;
+    let cutoff = super::purge::cutoff(days);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let deleted = super::purge::purge_older_than(&store, cutoff, &stop, |_| {}).await;
+    store.close().await;
+    let deleted = deleted?;
+    Ok(format!(
+        "purged: {deleted} runs created before {}",
+        cutoff.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    ))
 }
 
 #[cfg(test)]

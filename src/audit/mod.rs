@@ -15,13 +15,18 @@
 //! - [`replay`]: `duet audit replay`, putting dead-lettered records back.
 //! - [`instance`]: this process's instance id, its heartbeat, and finalizing the runs of
 //!   dead processes as `interrupted` (contract §8).
-//! - [`admin`]: the `duet migrate` and `duet audit replay` commands.
+//! - [`privacy`]: `AUDIT_STORE_TEXT=none`, stripping a run's texts before it is queued.
+//! - [`purge`]: deleting ended runs older than a cut-off, in small batches: the background
+//!   job of `AUDIT_RETENTION_DAYS` and `duet audit purge` (contract §10).
+//! - [`admin`]: the `duet migrate`, `duet audit replay` and `duet audit purge` commands.
 
 pub mod admin;
 pub mod deadletter;
 mod events;
 pub mod instance;
 mod postgres;
+pub mod privacy;
+pub mod purge;
 pub mod replay;
 mod rows;
 mod sqlite;

@@ -21,14 +21,17 @@
 //! - Stopping (graceful shutdown, after the audit queue drained) deletes the row: runs left
 //!   `running` then (their records dead-lettered) are finalized by the next sweep at once.
 
-use std::time::Duration;
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
-use super::{Result, Store};
+use super::{AuditError, Result, Store};
 use crate::metrics::Metrics;
 
 /// A new instance id: a UUIDv7, so ids sort by start time.
@@ -78,6 +81,9 @@ pub struct Instance {
     /// The heartbeat task, on a tracker of its own: it must outlive the server's, until the
     /// audit queue has drained.
     tracker: TaskTracker,
+    /// On SQLite, the exclusive lock that makes this the file's one serving process; the
+    /// kernel releases it when the process ends, however it ends.
+    _file_lock: Option<std::fs::File>,
 }
 
 impl Instance {
@@ -91,8 +97,13 @@ impl Instance {
     ) -> Result<Instance> {
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let mut file_lock = None;
         match store {
-            Store::Sqlite(_) => {
+            Store::Sqlite(sqlite) => {
+                // Every `running` row is a dead process's only while no other process serves
+                // this file: a second `duet serve` started by mistake would otherwise mark
+                // the first one's live runs interrupted before failing to bind.
+                file_lock = sqlite.path().map(serve_lock).transpose()?;
                 let n = store.interrupt_all_running().await?;
                 interrupted(&metrics, n, "a previous process");
             }
@@ -115,6 +126,7 @@ impl Instance {
             store: store.clone(),
             stop,
             tracker,
+            _file_lock: file_lock,
         })
     }
 
@@ -133,6 +145,35 @@ impl Instance {
             && let Err(e) = sqlx::query(DEREGISTER).bind(&self.id).execute(pool).await
         {
             warn!(error = %e, "cannot deregister this instance; its lease will run out instead");
+        }
+    }
+}
+
+/// Takes the exclusive lock of the SQLite file at `path`: `PATH.serve-lock`, created if
+/// missing and left in place (its lock, not its presence, is what counts). A lock the kernel
+/// holds for a process, so `kill -9` frees it; a separate file, so it never meets SQLite's own
+/// locks on the database.
+fn serve_lock(path: &Path) -> Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".serve-lock");
+    let lock = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(|source| AuditError::ServeLock {
+            path: lock.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::InUse {
+            path: path.to_owned(),
+            lock,
+        }),
+        Err(std::fs::TryLockError::Error(source)) => {
+            Err(AuditError::ServeLock { path: lock, source })
         }
     }
 }

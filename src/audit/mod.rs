@@ -402,6 +402,18 @@ pub enum AuditError {
         path.display()
     )]
     FileReplaced { path: PathBuf },
+    #[error(
+        "another duet serve already uses {} (it holds {}): SQLite takes one serving process \
+         per file; stop the other one, or use PostgreSQL for several replicas",
+        path.display(),
+        lock.display()
+    )]
+    InUse { path: PathBuf, lock: PathBuf },
+    #[error("SQLite serve lock {}: {source}", path.display())]
+    ServeLock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl AuditError {

@@ -106,6 +106,11 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// The database file, or `None` for an in-memory database.
+    pub fn path(&self) -> Option<&Path> {
+        self.file.path.as_deref()
+    }
+
     /// Fails when the file at the path is no longer the file the pool opened (deleted,
     /// or replaced by another). The first call, made once a connection has opened the file,
     /// records which file that is.

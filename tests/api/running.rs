@@ -296,6 +296,41 @@ async fn sqlite_kill_9_window_is_milliseconds() {
     assert_eq!(terminate(child).await, Some(0));
 }
 
+/// A second `duet serve` on the same SQLite file stops at start, before it touches the
+/// rows: the first one's live run stays `running` and ends `ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_second_process_on_the_file_stops_without_touching_live_runs() {
+    let db = db::sqlite().await;
+    let dir = db.dir.path();
+    let client = client();
+    let (first, addr) = replica(dir, &db.url, "1.5", "30");
+    let (run_id, open) = start_run(&client, &addr, "slow").await;
+    wait_status(&db.store, run_id, "running", Duration::from_secs(1)).await;
+
+    // The same address too: without the lock it would get as far as binding, and fail there.
+    let out = duet_command(dir)
+        .env("BIND_ADDR", &addr)
+        .env("DATABASE_URL", &db.url)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("another duet serve already uses"),
+        "{stderr}"
+    );
+    assert_eq!(status(&db.store, run_id).await.as_deref(), Some("running"));
+
+    let body = open.text().await.unwrap();
+    assert!(body.contains("event: done"), "{body}");
+    wait_status(&db.store, run_id, "ok", Duration::from_secs(5)).await;
+    assert_eq!(terminate(first).await, Some(0));
+    // The lock goes with the process: the file serves again.
+    let (again, _) = replica(dir, &db.url, "0.01", "30");
+    assert_eq!(terminate(again).await, Some(0));
+}
+
 /// A bad `INSTANCE_LEASE_S` stops the service at start with one line naming it.
 #[test]
 fn a_bad_instance_lease_stops_the_service_with_one_line() {

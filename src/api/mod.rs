@@ -55,6 +55,8 @@ pub struct AppState {
     pub sink: Arc<dyn AuditSink>,
     /// The audit database, for `/runs` and `/readyz`; `None` when records stay in memory.
     pub store: Option<Store>,
+    /// Wakes resumes waiting for a run another replica runs (PostgreSQL only).
+    pub run_ends: Option<Arc<crate::audit::notify::RunEnds>>,
 }
 
 pub const X_RUN_ID: &str = "x-run-id";

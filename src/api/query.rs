@@ -25,10 +25,14 @@ use super::{
     request::{self, QueryParams, client_request_id, parse_get, parse_post},
 };
 use crate::{
-    audit::{ModelTrace, Outcome, RunRecord, RunStatus},
+    audit::{
+        ModelTrace, OpenRun, OpenStatus, Outcome, RunRecord, RunStatus, StoredRun, notify::Waiter,
+    },
     domain::{Role, Secret},
     events::AnswerEvent,
-    resume::{Owner, follow, parse_last_event_id, send_all, stored_frames_after, stored_last_seq},
+    resume::{
+        Owner, follow, parse_last_event_id, remote, send_all, stored_frames_after, stored_last_seq,
+    },
     run::{AtCapacity, CHANNEL_CAPACITY, RunHandle, RunRequest},
     sse::{self, EventBody},
 };
@@ -278,6 +282,7 @@ fn nothing_left(run_id: uuid::Uuid) -> Response {
 
 /// A run that has left this process's memory (or ran on another replica): replay its stored
 /// events after `seq`. The deltas are not stored; the answer events carry the whole texts.
+/// A run whose row is not final is [`resume_open`]'s.
 async fn resume_from_store(
     state: &AppState,
     run_id: uuid::Uuid,
@@ -286,11 +291,17 @@ async fn resume_from_store(
     slot: crate::run::StreamSlot,
 ) -> Result<Response, ApiError> {
     let store = state.store.as_ref().ok_or_else(cannot_resume)?;
-    let record = store
-        .fetch(run_id)
+    // Registered before the row is read, so an end committed after the read still wakes it.
+    let waiter = state.run_ends.as_ref().map(|ends| ends.wait_for(run_id));
+    let stored = store
+        .fetch_stored(run_id)
         .await
         .context(|| format!("reading run {run_id} to resume it"))?
         .ok_or_else(cannot_resume)?;
+    let record = match stored {
+        StoredRun::Ended(ended) => ended.record,
+        StoredRun::Open(open) => return resume_open(state, open, seq, caller, waiter, slot),
+    };
     if !Owner::allows_stored(record.owner_fingerprint.as_deref(), run_id, caller) {
         return Err(cannot_resume());
     }
@@ -309,6 +320,79 @@ async fn resume_from_store(
         slot,
     );
     Ok(event_stream(state, events, run_id, None))
+}
+
+/// A run with a row but no record (contract §8): `interrupted` (its process died) ends the
+/// stream with `error` and `done` saying so; `running` on PostgreSQL is another replica's
+/// (or this one's, its record still queued), and the stream waits for its end. On SQLite
+/// (one process: a running run is in memory) a `running` row not in memory is not
+/// resumable, as before. The owner check applies as to a record.
+fn resume_open(
+    state: &AppState,
+    open: OpenRun,
+    seq: u32,
+    caller: Option<&Secret>,
+    waiter: Option<Waiter>,
+    slot: crate::run::StreamSlot,
+) -> Result<Response, ApiError> {
+    let run_id = open.run_id;
+    if !Owner::allows_stored(open.owner_fingerprint.as_deref(), run_id, caller) {
+        return Err(cannot_resume());
+    }
+    let tracker = state.orchestrator.tracker();
+    let write_timeout = state.config.client_write_timeout;
+    let events = match (
+        open.status,
+        waiter,
+        state.run_ends.as_ref(),
+        state.store.as_ref(),
+    ) {
+        (OpenStatus::Interrupted, ..) => send_all(
+            remote::interrupted(run_id, seq),
+            write_timeout,
+            tracker,
+            slot,
+        ),
+        (OpenStatus::Running, Some(waiter), Some(ends), Some(store)) => remote::wait_then_send(
+            store.clone(),
+            waiter,
+            std::sync::Arc::clone(ends),
+            run_id,
+            seq,
+            remote::Bounds {
+                until: wait_until(state, open.created_at),
+                write_timeout,
+            },
+            tracker,
+            slot,
+        ),
+        (OpenStatus::Running, ..) => return Err(cannot_resume()),
+    };
+    Ok(event_stream(state, events, run_id, None))
+}
+
+/// Past this, the audit record of a run that ended (or the `interrupted` mark of one whose
+/// replica died) has had time to be written: the batching, a retry or two.
+const AUDIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a resume waits for another replica's run: until its longest model deadline has
+/// passed (counted from the run's start), then until a dead owner would have been found out
+/// (`INSTANCE_LEASE_S` plus a heartbeat), plus [`AUDIT_MARGIN`].
+fn wait_until(state: &AppState, created_at: chrono::DateTime<chrono::Utc>) -> tokio::time::Instant {
+    let config = &state.config;
+    let lease = config.instance_lease;
+    let bound = config
+        .flash
+        .timeout
+        .max(config.pro.timeout)
+        .saturating_add(lease)
+        .saturating_add(crate::audit::instance::heartbeat_every(lease))
+        .saturating_add(AUDIT_MARGIN);
+    // The run's age by this replica's clock; a clock ahead of ours counts as a new run.
+    let age = (chrono::Utc::now() - created_at)
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::Instant::now() + bound.saturating_sub(age)
 }
 
 /// How long a browser waits before reconnecting a dropped stream (the `retry:` field).

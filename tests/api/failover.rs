@@ -47,10 +47,11 @@ fn client() -> reqwest::Client {
 
 /// Starts a streamed run with the owner's key; returns its id, its `start` event, and a task
 /// that reads the rest of its events (keeping the run's client there, so the run goes on).
+/// The reading task returns the events and when the last one came.
 async fn start_run(
     client: &reqwest::Client,
     addr: &str,
-) -> (Uuid, Ev, tokio::task::JoinHandle<Vec<Ev>>) {
+) -> (Uuid, Ev, tokio::task::JoinHandle<(Vec<Ev>, Instant)>) {
     let resp = client
         .post(format!("http://{addr}/query/stream"))
         .bearer_auth(OWNER)
@@ -74,10 +75,11 @@ async fn start_run(
     assert_eq!(start.event, "start");
     let rest = tokio::spawn(async move {
         let mut events = Vec::new();
-        while let Some(e) = stream.next().await {
-            events.push(to_ev(e.unwrap()));
+        // An error is the connection cut (the replica killed): the events so far.
+        while let Some(Ok(e)) = stream.next().await {
+            events.push(to_ev(e));
         }
-        events
+        (events, Instant::now())
     });
     (run_id, start, rest)
 }
@@ -130,7 +132,10 @@ async fn wait_status(store: &Store, run_id: Uuid, want: &str, within: Duration) 
         if now.as_deref() == Some(want) {
             return;
         }
-        assert!(began.elapsed() < within, "run {run_id}: {now:?}, not {want}");
+        assert!(
+            began.elapsed() < within,
+            "run {run_id}: {now:?}, not {want}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -153,8 +158,10 @@ async fn a_live_run_resumed_through_the_other_replica_waits_for_its_end() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let client = client();
-    let (a, a_addr) = replica(tmp.path(), &pg.url, "3", "30");
-    let (b, b_addr) = replica(tmp.path(), &pg.url, "3", "30");
+    // Pro answers after 4 s: not near a multiple of the waiter's 3 s re-check, so an end
+    // seen within a second is the notification's doing.
+    let (a, a_addr) = replica(tmp.path(), &pg.url, "4", "30");
+    let (b, b_addr) = replica(tmp.path(), &pg.url, "4", "30");
     let (run_id, start, a_rest) = start_run(&client, &a_addr).await;
     wait_status(&pg.store, run_id, "running", Duration::from_secs(2)).await;
 
@@ -163,10 +170,16 @@ async fn a_live_run_resumed_through_the_other_replica_waits_for_its_end() {
 
     let began = Instant::now();
     let (status, body) = resume(&client, &b_addr, OWNER, &start.id).await;
-    let waited = began.elapsed();
+    let (ended, waited) = (Instant::now(), began.elapsed());
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains(": keep-alive"), "no keep-alive while waiting: {body}");
-    let a_events = a_rest.await.unwrap();
+    assert!(
+        body.contains(": keep-alive"),
+        "no keep-alive while waiting: {body}"
+    );
+    let (a_events, a_ended) = a_rest.await.unwrap();
+    let late = ended.saturating_duration_since(a_ended);
+    eprintln!("B's resume ended {late:?} after A's stream");
+    assert!(late < Duration::from_secs(1), "B saw the end {late:?} late");
     let mut all = vec![start];
     all.extend(a_events);
     check_invariants(&all);
@@ -179,8 +192,10 @@ async fn a_live_run_resumed_through_the_other_replica_waits_for_its_end() {
         "B's resume is not A's stream after seq 0"
     );
     assert_eq!(names(&b_events), ["flash", "pro", "done"]);
-    assert!(waited > Duration::from_secs(1), "B answered at once: {waited:?}");
-    eprintln!("B's resume ended {waited:?} after it began");
+    assert!(
+        waited > Duration::from_secs(1),
+        "B answered at once: {waited:?}"
+    );
 
     // After the end, B answers from the record at once; the other key still gets 404.
     let (status, _) = resume(&client, &b_addr, OWNER, &all[all.len() - 1].id).await;

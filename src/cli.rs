@@ -17,16 +17,35 @@ pub struct Cli {
 pub enum Command {
     /// Serve the HTTP API (the default).
     Serve,
-    /// Apply database migrations and exit; with --revert, roll them back instead.
+    /// Apply database migrations and exit; with --revert, roll them back instead; with
+    /// --status, only say where the database stands.
+    ///
+    /// Rolling back a release: stop it, then run *its* binary (the newer one, the only one
+    /// that knows how to undo its migrations) with `--revert --to N`, N being the newest
+    /// migration of the release you go back to; then start that release
+    /// (RUNBOOK_DUAL_MODEL.md, "Rolling back a release").
     Migrate {
         /// Revert instead of applying: by default only the newest applied migration (what
-        /// the latest release added); with --to VERSION, every migration newer than VERSION
-        /// (0 reverts all, dropping the audit tables and their data).
-        #[arg(long)]
+        /// the latest release added); with --to VERSION, every migration newer than VERSION.
+        #[arg(long, conflicts_with = "status")]
         revert: bool,
-        /// With --revert: the version to go back to.
-        #[arg(long, requires = "revert", value_name = "VERSION")]
+        /// With --revert: the version to go back to (0 reverts all).
+        #[arg(
+            long,
+            requires = "revert",
+            value_name = "VERSION",
+            value_parser = clap::value_parser!(i64).range(0..)
+        )]
         to: Option<i64>,
+        /// With --revert: go ahead even though the revert drops tables that hold rows (all
+        /// the audit data, for `--to 0`). Without it such a revert changes nothing and says
+        /// what it would drop.
+        #[arg(long, requires = "revert")]
+        yes: bool,
+        /// Print the database's schema version and the newest this build knows; change
+        /// nothing.
+        #[arg(long)]
+        status: bool,
     },
     /// Work with the audit trail.
     Audit {
@@ -137,7 +156,21 @@ pub struct AuditBenchArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Re-insert dead-lettered records (AUDIT_DEADLETTER_PATH) into DATABASE_URL,
-    /// idempotently; prints how many were written and skipped.
-    Replay,
+    /// Re-insert dead-lettered records into DATABASE_URL, idempotently: the journal
+    /// (`FILE.journal`, when there is one), then the dead-letter file FILE
+    /// (AUDIT_DEADLETTER_PATH, or --file). Prints, per file read, how many records were
+    /// written and skipped; fails, changing nothing, when neither file exists.
+    Replay {
+        /// Replay this dead-letter file (and its journal, `PATH.journal`, if present)
+        /// instead of AUDIT_DEADLETTER_PATH's: e.g. one copied from another replica.
+        #[arg(long, value_name = "PATH")]
+        file: Option<std::path::PathBuf>,
+    },
+    /// Delete the ended runs (and their traces) created more than DAYS days ago, in small
+    /// batches; `running` rows are kept. Prints how many runs were deleted.
+    Purge {
+        /// Age in whole days; 0 deletes every ended run.
+        #[arg(long, value_name = "DAYS")]
+        older_than: u32,
+    },
 }

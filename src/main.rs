@@ -4,6 +4,7 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
 use duet::{
+    audit::admin::{self, MigrateAction},
     cli::{AuditCommand, Cli, Command},
     config::{Config, LogFormat},
     devtools::{
@@ -55,13 +56,31 @@ fn main() -> ExitCode {
     run(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => duet::server::serve(config).await.map_err(|e| e.to_string()),
-            Command::Migrate { revert, to } => duet::audit::admin::migrate(&config, revert, to)
+            Command::Migrate {
+                revert,
+                to,
+                yes,
+                status,
+            } => {
+                let action = match (status, revert) {
+                    (true, _) => MigrateAction::Status,
+                    (false, true) => MigrateAction::Revert { to, yes },
+                    (false, false) => MigrateAction::Apply,
+                };
+                admin::migrate(&config, action)
+                    .await
+                    .map(|report| println!("{report}"))
+                    .map_err(|e| e.to_string())
+            }
+            Command::Audit {
+                command: AuditCommand::Replay { file },
+            } => admin::replay(&config, file.as_deref())
                 .await
                 .map(|report| println!("{report}"))
                 .map_err(|e| e.to_string()),
             Command::Audit {
-                command: AuditCommand::Replay,
-            } => duet::audit::admin::replay(&config)
+                command: AuditCommand::Purge { older_than },
+            } => duet::audit::admin::purge(&config, older_than)
                 .await
                 .map(|report| println!("{report}"))
                 .map_err(|e| e.to_string()),

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Runs this process finalized as `interrupted` because the process running them died.
     pub runs_interrupted_total: IntCounter,
+    /// Runs deleted by the `AUDIT_RETENTION_DAYS` purge (contract §10).
+    pub audit_purged_total: IntCounter,
     pub streams_rejected_total: IntCounterVec,
     /// `duet_auth_failures_total{endpoint}`: wrong keys or tokens presented (`query`, `admin`).
     pub auth_failures_total: IntCounterVec,
@@ -187,6 +189,10 @@ impl Metrics {
             runs_interrupted_total: reg!(IntCounter::new(
                 "duet_runs_interrupted_total",
                 "Runs finalized as interrupted by this process because the process running them died."
+            )?),
+            audit_purged_total: reg!(IntCounter::new(
+                "duet_audit_purged_total",
+                "Runs deleted by this process because they were older than AUDIT_RETENTION_DAYS."
             )?),
             ready: reg!(IntGauge::new(
                 "duet_ready",

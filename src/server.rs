@@ -462,9 +462,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Arc::new(store.clone()),
         WriterOptions::new(&config.audit_deadletter_path)
             .with_queue_max_bytes(config.audit_queue_max_bytes)
-            .with_instance_id(instance_id),
+            .with_instance_id(instance_id)
+            .with_store_text(config.audit_store_text),
         metrics.clone(),
     )?;
+    let purger = config
+        .audit_retention_days
+        .map(|days| audit::purge::Purger::start(store.clone(), days, metrics.clone()));
     // The writer counts into this registry, so the server must expose the same one.
     let started = Parts::from_config(config, Arc::new(writer.clone())).map(|parts| Parts {
         store: Some(store.clone()),
@@ -479,6 +483,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Ok(server) => until_signal(server).await,
         Err(e) => Err(e),
     };
+    if let Some(purger) = purger {
+        purger.stop().await;
+    }
     // Every run has ended (the server waited on its tracker), so every record is queued.
     writer.shutdown(AUDIT_DRAIN_TIMEOUT).await;
     instance.stop().await;

@@ -209,7 +209,7 @@ impl DeadLetter {
     }
 
     /// Hands records to the thread without waiting. If its queue is full or it has stopped,
-    /// appends them here and now (see [`append_here`]), since dropping them is not an option.
+    /// appends them here and now (see `append_here`), since dropping them is not an option.
     pub fn send(&self, records: Vec<RunRecord>) {
         if records.is_empty() {
             return;

@@ -15,7 +15,10 @@
 //! - [`replay`]: `duet audit replay`, putting dead-lettered records back.
 //! - [`instance`]: this process's instance id, its heartbeat, and finalizing the runs of
 //!   dead processes as `interrupted` (contract §8).
-//! - [`admin`]: the `duet migrate` and `duet audit replay` commands.
+//! - [`privacy`]: `AUDIT_STORE_TEXT=none`, stripping a run's texts before it is queued.
+//! - [`purge`]: deleting ended runs older than a cut-off, in small batches: the background
+//!   job of `AUDIT_RETENTION_DAYS` and `duet audit purge` (contract §10).
+//! - [`admin`]: the `duet migrate`, `duet audit replay` and `duet audit purge` commands.
 
 pub mod admin;
 pub mod deadletter;
@@ -23,6 +26,8 @@ mod events;
 pub mod instance;
 pub mod notify;
 mod postgres;
+pub mod privacy;
+pub mod purge;
 pub mod replay;
 mod rows;
 mod sqlite;
@@ -373,6 +378,16 @@ pub enum AuditError {
     Connect(#[source] sqlx::Error),
     #[error("audit database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// What sqlx calls "migration N was previously applied but is missing in the resolved
+    /// migrations" when N is newer than this build: the case of an older release started on
+    /// a database a newer one migrated, where the operator needs the way out, not sqlx's words.
+    #[error(
+        "the audit database has migration {applied}, newer than this build of duet knows \
+         (up to {known}): a newer duet migrated it. To run this build, revert with the newer \
+         binary first: `duet migrate --revert --to {known}` (RUNBOOK_DUAL_MODEL.md, \
+         \"Rolling back a release\")"
+    )]
+    SchemaNewer { applied: i64, known: i64 },
     #[error("audit database query failed: {0}")]
     Database(#[from] sqlx::Error),
     #[error("the audit database did not answer within {0:?}")]

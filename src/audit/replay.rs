@@ -60,22 +60,51 @@ pub async fn replay(store: &Store, path: &Path) -> Result<ReplayReport> {
 /// Replays the file at `path` into `store`; lines that cannot be written are appended to
 /// `keep` (the same file, or for the journal at start-up, the dead-letter file).
 pub async fn replay_into(store: &Store, path: &Path, keep: &Path) -> Result<ReplayReport> {
+    Ok(replay_found(store, path, keep).await?.unwrap_or_default())
+}
+
+/// Like [`replay`], but `None` when there was no file to read: neither `path` nor the
+/// `PATH.replaying` an interrupted replay left. `duet audit replay` must tell "nothing at
+/// that path" (a wrong path, most often) from "read it, nothing new".
+pub async fn replay_file(store: &Store, path: &Path) -> Result<Option<ReplayReport>> {
+    replay_found(store, path, path).await
+}
+
+/// Whether there is anything at `path` to replay (the file, or an interrupted replay's
+/// claimed copy). Answers before any database is opened.
+pub async fn has_file(path: &Path) -> Result<bool> {
+    let io = |source| AuditError::DeadLetter {
+        path: path.to_owned(),
+        source,
+    };
+    Ok(tokio::fs::try_exists(path).await.map_err(io)?
+        || tokio::fs::try_exists(claimed_path(path))
+            .await
+            .map_err(io)?)
+}
+
+async fn replay_found(store: &Store, path: &Path, keep: &Path) -> Result<Option<ReplayReport>> {
     let claimed = claimed_path(path);
     let io = |source| AuditError::DeadLetter {
         path: path.to_owned(),
         source,
     };
     let mut report = ReplayReport::default();
+    let mut found = false;
     // A claimed file left by an interrupted replay comes first.
     if tokio::fs::try_exists(&claimed).await.map_err(io)? {
+        found = true;
         replay_claimed(store, keep, &claimed, &mut report).await?;
     }
     match tokio::fs::rename(path, &claimed).await {
-        Ok(()) => replay_claimed(store, keep, &claimed, &mut report).await?,
+        Ok(()) => {
+            found = true;
+            replay_claimed(store, keep, &claimed, &mut report).await?;
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
-    Ok(report)
+    Ok(found.then_some(report))
 }
 
 async fn replay_claimed(

@@ -9,7 +9,10 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sqlx::{PgPool, migrate::Migrator};
+use sqlx::{
+    PgPool,
+    migrate::{MigrateError, Migrator},
+};
 use uuid::Uuid;
 
 pub use super::sqlite::SqliteStore;
@@ -92,7 +95,9 @@ impl Store {
         }
     }
 
-    fn migrator(&self) -> &'static Migrator {
+    /// The migrations this build embeds for the store's backend (`admin` reads their SQL to
+    /// see what a revert would drop).
+    pub(super) fn migrator(&self) -> &'static Migrator {
         match self {
             Store::Sqlite(_) => &SQLITE_MIGRATIONS,
             Store::Postgres(_) => &POSTGRES_MIGRATIONS,
@@ -101,23 +106,38 @@ impl Store {
 
     /// Applies every pending migration.
     pub async fn migrate(&self) -> Result<()> {
-        match self {
-            Store::Sqlite(s) => self.migrator().run(s.pool()).await?,
-            Store::Postgres(pool) => self.migrator().run(pool).await?,
-        }
-        Ok(())
+        let result = match self {
+            Store::Sqlite(s) => self.migrator().run(s.pool()).await,
+            Store::Postgres(pool) => self.migrator().run(pool).await,
+        };
+        result.map_err(|e| self.newer_schema(e))
     }
 
     /// Reverts applied migrations newer than `target` (0 reverts them all), running their
     /// `.down.sql` files newest first. Returns the versions reverted.
     pub async fn revert_to(&self, target: i64) -> Result<Vec<i64>> {
         let before = self.applied().await?;
-        match self {
-            Store::Sqlite(s) => self.migrator().undo(s.pool(), target).await?,
-            Store::Postgres(pool) => self.migrator().undo(pool, target).await?,
-        }
+        let result = match self {
+            Store::Sqlite(s) => self.migrator().undo(s.pool(), target).await,
+            Store::Postgres(pool) => self.migrator().undo(pool, target).await,
+        };
+        result.map_err(|e| self.newer_schema(e))?;
         let after = self.applied().await?;
         Ok(before.into_iter().filter(|v| !after.contains(v)).collect())
+    }
+
+    /// sqlx's "previously applied but missing" names a migration newer than this build as
+    /// if it were lost: say what it means instead (an older build on a newer database).
+    fn newer_schema(&self, e: MigrateError) -> AuditError {
+        match e {
+            MigrateError::VersionMissing(applied) if applied > self.latest_known() => {
+                AuditError::SchemaNewer {
+                    applied,
+                    known: self.latest_known(),
+                }
+            }
+            e => e.into(),
+        }
     }
 
     /// Versions of the applied migrations, oldest first.
@@ -144,7 +164,7 @@ impl Store {
             .unwrap_or_default()
     }
 
-    /// Answers `SELECT 1` within [`PING_TIMEOUT`].
+    /// Answers `SELECT 1` within `PING_TIMEOUT`.
     pub async fn ping(&self) -> Result<()> {
         self.probe_sql("SELECT 1").await
     }
@@ -152,7 +172,7 @@ impl Store {
     /// What `/readyz` asks of the database: it answers, the audit tables are there (a
     /// database dropped and recreated without `duet migrate` answers pings but takes no
     /// record), and on SQLite the file at the path is still the one open. Within
-    /// [`PING_TIMEOUT`]. Says nothing about free disk space: only a write can tell that.
+    /// `PING_TIMEOUT`. Says nothing about free disk space: only a write can tell that.
     pub async fn probe(&self) -> Result<()> {
         // The file first: a new pooled connection to a deleted file's path creates an empty
         // one, whose missing tables would otherwise hide the real cause.
@@ -284,7 +304,7 @@ impl<'a> Batch<'a> {
     }
 }
 
-fn is_missing_table(message: &str) -> bool {
+pub(super) fn is_missing_table(message: &str) -> bool {
     // SQLite: "no such table: _sqlx_migrations"; PostgreSQL: "relation ... does not exist".
     message.contains("no such table") || message.contains("does not exist")
 }

@@ -59,9 +59,10 @@ use tracing::{debug, error, info, warn};
 use super::{
     AuditError, AuditSink, Result, RunRecord, StartedRun,
     deadletter::{Appender, DeadLetter, journal_path},
+    privacy,
     store::RecordStore,
 };
-use crate::metrics::Metrics;
+use crate::{config::StoreText, metrics::Metrics};
 
 /// Transactions start at least this far apart while fewer than a full batch wait: records
 /// gather for at most this long (a few milliseconds more in memory, fewer commits).
@@ -141,6 +142,9 @@ pub struct WriterOptions {
     /// Stamped on every start row and record (`dual_runs.instance_id`): this process's id,
     /// as [`super::instance::Instance`] heartbeats it. A fresh UUIDv7 by default.
     pub instance_id: String,
+    /// `AUDIT_STORE_TEXT`: with `None`, texts are stripped from records and start rows as
+    /// they are submitted, before anything durable can see them (see `audit::privacy`).
+    pub store_text: StoreText,
 }
 
 /// `AUDIT_QUEUE_MAX_BYTES`'s default.
@@ -159,7 +163,14 @@ impl WriterOptions {
             deadletter_path: deadletter_path.into(),
             deadletter_capacity: 1024,
             instance_id: super::instance::new_id(),
+            store_text: StoreText::Full,
         }
+    }
+
+    /// Sets what is kept of a run's texts (see [`WriterOptions::store_text`]).
+    pub fn with_store_text(mut self, store_text: StoreText) -> WriterOptions {
+        self.store_text = store_text;
+        self
     }
 
     /// Sets the instance id stamped on rows (see [`WriterOptions::instance_id`]).
@@ -281,6 +292,7 @@ struct Inner {
     abort: CancellationToken,
     tracker: TaskTracker,
     instance_id: String,
+    store_text: StoreText,
 }
 
 impl AuditWriter {
@@ -326,6 +338,7 @@ impl AuditWriter {
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
             instance_id: options.instance_id.clone(),
+            store_text: options.store_text,
         });
         metrics.ready.set(1);
         let task = Task {
@@ -446,6 +459,10 @@ impl AuditSink for AuditWriter {
             debug!(run_id = %run.run_id, "audit queue busy or failing; no running row for this run");
             return;
         }
+        // After the early return: a row that will not be written is not worth hashing.
+        if inner.store_text == StoreText::None {
+            privacy::strip_started(&mut run);
+        }
         run.instance_id
             .get_or_insert_with(|| inner.instance_id.clone());
         let bytes = run.approx_bytes();
@@ -466,8 +483,12 @@ impl AuditSink for AuditWriter {
         }
     }
 
-    fn submit(&self, record: RunRecord) {
+    fn submit(&self, mut record: RunRecord) {
         let inner = &self.inner;
+        // Before the journal, the queue and the dead-letter file: none may see a text.
+        if inner.store_text == StoreText::None {
+            privacy::strip_record(&mut record);
+        }
         // While writes fail, a record goes to the journal at once: the queue behind a batch
         // in retry is memory only, and a crash then would lose it.
         let journaled = inner.health.failure().is_some();

@@ -202,6 +202,22 @@ pub struct Config {
     /// `TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client (contract §8).
     /// Empty (the default): every peer is the client, and the header is ignored.
     pub trusted_proxies: Vec<Cidr>,
+    /// `AUDIT_STORE_TEXT`: whether the texts of a run (query, system prompt, answers, error
+    /// messages) reach the database, the journal and the dead-letter file (contract §10).
+    pub audit_store_text: StoreText,
+    /// `AUDIT_RETENTION_DAYS`: ended runs older than this many days are purged in the
+    /// background; `None` (unset, the default) keeps them for ever.
+    pub audit_retention_days: Option<u32>,
+}
+
+/// What `AUDIT_STORE_TEXT` asks the audit trail to keep of a run's texts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreText {
+    /// Every text as it was (the default).
+    #[default]
+    Full,
+    /// No text: each is replaced by its length and SHA-256 before the record is queued.
+    None,
 }
 
 /// A configuration value that cannot be used; its `Display` is the one line printed at start.
@@ -363,6 +379,8 @@ impl Config {
             max_connections: cap(src, "MAX_CONNECTIONS", default_max_connections())?,
             instance_lease: instance_lease(src)?,
             trusted_proxies: trusted_proxies(src)?,
+            audit_store_text: store_text(src)?,
+            audit_retention_days: retention_days(src)?,
         })
     }
 

@@ -314,3 +314,35 @@ pub(super) fn instance_lease(src: &dyn Source) -> Result<Duration, ConfigError> 
     }
     Ok(lease)
 }
+
+/// `AUDIT_STORE_TEXT`: `full` (default) or `none`.
+pub(super) fn store_text(src: &dyn Source) -> Result<StoreText, ConfigError> {
+    match var(src, "AUDIT_STORE_TEXT")
+        .map(|v| v.to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("full") => Ok(StoreText::Full),
+        Some("none") => Ok(StoreText::None),
+        Some(other) => Err(ConfigError::new(
+            "AUDIT_STORE_TEXT",
+            format!("{other:?} is not full or none"),
+        )),
+    }
+}
+
+/// `AUDIT_RETENTION_DAYS`: unset keeps runs for ever; else a whole number of days from 1 to
+/// 36500 (0 would purge every ended run, which is `duet audit purge`'s job, not a setting's).
+pub(super) fn retention_days(src: &dyn Source) -> Result<Option<u32>, ConfigError> {
+    let Some(v) = var(src, "AUDIT_RETENTION_DAYS") else {
+        return Ok(None);
+    };
+    match v.parse::<u32>() {
+        Ok(n @ 1..=36_500) => Ok(Some(n)),
+        _ => Err(ConfigError::new(
+            "AUDIT_RETENTION_DAYS",
+            format!(
+                "{v:?} is not a whole number of days from 1 to 36500 (unset keeps runs for ever)"
+            ),
+        )),
+    }
+}

@@ -220,3 +220,21 @@ fn instance_lease_defaults_to_30_s_and_refuses_bad_values() {
         assert_eq!(err.var, "INSTANCE_LEASE_S", "{bad}");
     }
 }
+
+#[test]
+fn store_text_and_retention_default_and_refuse_bad_values() {
+    let c = load(&[]).unwrap();
+    assert_eq!(c.audit_store_text, StoreText::Full);
+    assert_eq!(c.audit_retention_days, None);
+    let c = load(&[("AUDIT_STORE_TEXT", "None"), ("AUDIT_RETENTION_DAYS", "30")]).unwrap();
+    assert_eq!(c.audit_store_text, StoreText::None);
+    assert_eq!(c.audit_retention_days, Some(30));
+    assert_eq!(
+        load(&[("AUDIT_STORE_TEXT", "hash")]).unwrap_err().var,
+        "AUDIT_STORE_TEXT"
+    );
+    for bad in ["0", "-1", "7d", "36501"] {
+        let e = load(&[("AUDIT_RETENTION_DAYS", bad)]).unwrap_err();
+        assert_eq!(e.var, "AUDIT_RETENTION_DAYS", "{bad}");
+    }
+}

@@ -30,6 +30,7 @@ mod protection;
 mod proxy;
 mod real_providers;
 mod resume;
+mod retention;
 mod running;
 mod stream;
 mod upstream;

@@ -7,7 +7,7 @@
 //! database. The result is therefore the writer's sustained rate with the queue kept busy.
 //!
 //! Each run also sends its start (the `running` row, contract §8) as the service does, a
-//! fixed number of runs ahead of its record ([`IN_FLIGHT`]): so batches mix start rows of
+//! fixed number of runs ahead of its record (`IN_FLIGHT`): so batches mix start rows of
 //! new runs with records that finalize rows written earlier, as under real load.
 
 use std::{collections::VecDeque, path::PathBuf, sync::Arc, time::Duration};

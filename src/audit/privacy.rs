@@ -1,0 +1,133 @@
+//! `AUDIT_STORE_TEXT=none` (contract §10): taking a run's texts out of what the audit trail
+//! keeps, before the record or start row is queued.
+//!
+//! Stripping happens at the sink's door ([`super::AuditWriter`]'s `submit` and `started`),
+//! not in the SQL: the queue feeds the database, the journal and the dead-letter file alike,
+//! so a text stripped there reaches none of them. The run itself (its live stream and the
+//! in-memory copy that answers resumes while it is fresh) keeps its texts: memory is not a
+//! durable place.
+//!
+//! Each text is replaced, in the same field, by [`redact`]'s placeholder holding its length
+//! and SHA-256, so the columns keep their types (no migration) and an operator can still tell
+//! two runs with the same query apart from two with different ones. What is stripped: the
+//! query, the system prompt, both answers, both error messages (they may quote an upstream
+//! body), and the `message` inside stored `error` events. A future field holding user or
+//! model text (e.g. the conversation `messages` of contract §7) must be added here.
+//!
+//! The hash is unsalted, as the contract asks: a short, guessable query can be found again by
+//! hashing candidates. Operators who need more than that should not rely on the hash.
+
+use serde_json::{Value, value::RawValue};
+use sha2::{Digest, Sha256};
+
+use super::{ModelTrace, RunRecord, StartedRun, StoredEvent};
+
+/// What every placeholder starts with, so readers (and tests) can tell one from a text.
+pub const PLACEHOLDER_PREFIX: &str = "[not stored: ";
+
+/// The placeholder kept instead of `text`: `[not stored: N bytes, sha256 HEX]`.
+pub fn redact(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    format!(
+        "{PLACEHOLDER_PREFIX}{} bytes, sha256 {digest:x}]",
+        text.len()
+    )
+}
+
+fn redact_in_place(text: &mut String) {
+    // Idempotent: a record replayed from a file written under `none` is already stripped.
+    if !text.starts_with(PLACEHOLDER_PREFIX) {
+        *text = redact(text);
+    }
+}
+
+fn redact_trace(trace: &mut ModelTrace) {
+    redact_in_place(&mut trace.text);
+    if let Some(message) = &mut trace.error_message {
+        redact_in_place(message);
+    }
+}
+
+/// An `error` event's `message`, stripped; other events carry no user or model text (the
+/// answer events are stored without data, see `audit::events`).
+fn redact_event(event: &mut StoredEvent) {
+    if event.event != "error" {
+        return;
+    }
+    let Some(data) = &event.data else { return };
+    let Ok(mut value) = serde_json::from_str::<Value>(data.get()) else {
+        // Not JSON (an old record's unreadable data): keep nothing rather than the text.
+        event.data = None;
+        return;
+    };
+    if let Some(Value::String(message)) = value.get_mut("message") {
+        redact_in_place(message);
+    }
+    event.data = serde_json::to_string(&value)
+        .ok()
+        .and_then(|json| RawValue::from_string(json).ok());
+}
+
+/// Takes every text out of a record (see the module's doc).
+pub fn strip_record(record: &mut RunRecord) {
+    redact_in_place(&mut record.query);
+    if let Some(system) = &mut record.system {
+        redact_in_place(system);
+    }
+    redact_trace(&mut record.flash);
+    redact_trace(&mut record.pro);
+    record.events.iter_mut().for_each(redact_event);
+}
+
+/// Takes the query and system prompt out of a start row.
+pub fn strip_started(run: &mut StartedRun) {
+    if !run.query.starts_with(PLACEHOLDER_PREFIX) {
+        run.query = redact(&run.query).into();
+    }
+    if let Some(system) = &run.system
+        && !system.starts_with(PLACEHOLDER_PREFIX)
+    {
+        run.system = Some(redact(system).into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholder_holds_length_and_sha256_and_is_idempotent() {
+        assert_eq!(
+            redact("abc"),
+            "[not stored: 3 bytes, sha256 \
+             ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad]"
+        );
+        let mut once = "secret".to_owned();
+        redact_in_place(&mut once);
+        let mut twice = once.clone();
+        redact_in_place(&mut twice);
+        assert_eq!(once, twice);
+    }
+
+    #[test]
+    fn error_event_message_is_stripped_and_the_rest_kept() {
+        let mut e = StoredEvent {
+            seq: 3,
+            event: "error".into(),
+            data: RawValue::from_string(
+                r#"{"run_id":"x","model":"pro","error_type":"provider_error","retryable":false,"message":"upstream said SECRET"}"#
+                    .into(),
+            )
+            .ok(),
+        };
+        redact_event(&mut e);
+        let data = e
+            .data
+            .as_ref()
+            .map(|d| d.get().to_owned())
+            .unwrap_or_default();
+        assert!(!data.contains("SECRET"), "{data}");
+        assert!(data.contains("\"error_type\":\"provider_error\""), "{data}");
+        assert!(data.contains(PLACEHOLDER_PREFIX), "{data}");
+    }
+}

@@ -25,9 +25,7 @@ use super::{
     request::{self, QueryParams, client_request_id, parse_get, parse_post},
 };
 use crate::{
-    audit::{
-        ModelTrace, OpenRun, OpenStatus, Outcome, RunRecord, RunStatus, StoredRun, notify::Waiter,
-    },
+    audit::{ModelTrace, OpenRun, OpenStatus, Outcome, RunRecord, RunStatus, StoredRun},
     domain::{Role, Secret},
     events::AnswerEvent,
     resume::{
@@ -291,8 +289,6 @@ async fn resume_from_store(
     slot: crate::run::StreamSlot,
 ) -> Result<Response, ApiError> {
     let store = state.store.as_ref().ok_or_else(cannot_resume)?;
-    // Registered before the row is read, so an end committed after the read still wakes it.
-    let waiter = state.run_ends.as_ref().map(|ends| ends.wait_for(run_id));
     let stored = store
         .fetch_stored(run_id)
         .await
@@ -300,7 +296,7 @@ async fn resume_from_store(
         .ok_or_else(cannot_resume)?;
     let record = match stored {
         StoredRun::Ended(ended) => ended.record,
-        StoredRun::Open(open) => return resume_open(state, open, seq, caller, waiter, slot),
+        StoredRun::Open(open) => return resume_open(state, open, seq, caller, slot),
     };
     if !Owner::allows_stored(record.owner_fingerprint.as_deref(), run_id, caller) {
         return Err(cannot_resume());
@@ -332,7 +328,6 @@ fn resume_open(
     open: OpenRun,
     seq: u32,
     caller: Option<&Secret>,
-    waiter: Option<Waiter>,
     slot: crate::run::StreamSlot,
 ) -> Result<Response, ApiError> {
     let run_id = open.run_id;
@@ -341,21 +336,18 @@ fn resume_open(
     }
     let tracker = state.orchestrator.tracker();
     let write_timeout = state.config.client_write_timeout;
-    let events = match (
-        open.status,
-        waiter,
-        state.run_ends.as_ref(),
-        state.store.as_ref(),
-    ) {
+    let events = match (open.status, state.run_ends.as_ref(), state.store.as_ref()) {
         (OpenStatus::Interrupted, ..) => send_all(
             remote::interrupted(run_id, seq),
             write_timeout,
             tracker,
             slot,
         ),
-        (OpenStatus::Running, Some(waiter), Some(ends), Some(store)) => remote::wait_then_send(
+        // Registered before the wait's first read of the row (at once), so an end committed
+        // after that read still wakes it.
+        (OpenStatus::Running, Some(ends), Some(store)) => remote::wait_then_send(
             store.clone(),
-            waiter,
+            ends.wait_for(run_id),
             std::sync::Arc::clone(ends),
             run_id,
             seq,

@@ -34,8 +34,8 @@ pub struct Bounds {
     pub write_timeout: Duration,
 }
 
-/// Waits for the end of run `run_id` (registered in `waiter` before its row was last read)
-/// and then streams its frames after `after` into the returned channel; `hold` (the reader's
+/// Waits for the end of run `run_id` (`waiter` registered for it; the row is read once more
+/// at once, then on each wake-up) and then streams its frames after `after` into the returned channel; `hold` (the reader's
 /// place under `MAX_CONCURRENT_STREAMS`) is kept until then. While it waits, the channel
 /// sends nothing and the response body sends keep-alives.
 ///
@@ -63,14 +63,20 @@ pub fn wait_then_send<H: Send + 'static>(
     let (tx, rx) = mpsc::channel(1);
     tracker.spawn(async move {
         let _hold = hold;
+        // The first read is at once: the run may have ended between the caller's read and
+        // the waiter's registration, and no notification would then come.
+        let mut first = true;
         let frames = loop {
-            tokio::select! {
-                () = waiter.changed() => {}
-                () = tokio::time::sleep(RECHECK_EVERY) => {}
-                () = tokio::time::sleep_until(bounds.until) => break gave_up(run_id, after),
-                () = tx.closed() => return,
-                () = ends.shutdown() => return,
+            if !first {
+                tokio::select! {
+                    () = waiter.changed() => {}
+                    () = tokio::time::sleep(RECHECK_EVERY) => {}
+                    () = tokio::time::sleep_until(bounds.until) => break gave_up(run_id, after),
+                    () = tx.closed() => return,
+                    () = ends.shutdown() => return,
+                }
             }
+            first = false;
             match store.fetch_stored(run_id).await {
                 Ok(Some(StoredRun::Ended(ended))) => {
                     break stored_frames_after(&ended.record, after);

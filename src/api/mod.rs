@@ -19,6 +19,7 @@ mod page;
 mod query;
 mod rate_limit;
 mod request;
+mod resume;
 #[cfg(test)]
 mod tests;
 

@@ -2,7 +2,8 @@
 //! database. A `Last-Event-ID` reconnect that lands on the replica not running the run waits
 //! for its end (keep-alives meanwhile) and gets the answer events after its seq and `done`;
 //! when the running replica is killed, the wait ends with `error` (`interrupted`) and `done`
-//! (`interrupted`); another key's reconnect is 404 like an unknown id.
+//! (`interrupted`); another key's reconnect is 404 like an unknown id. On SQLite, a reconnect
+//! to a run the previous process left is answered the same way.
 
 use std::{
     process::{Child, Stdio},
@@ -250,6 +251,31 @@ async fn a_killed_owner_ends_the_wait_with_interrupted() {
     let (status, body) = resume(&client, &b_addr, OWNER, &start.id).await;
     assert_eq!(status, 200);
     assert_eq!(names(&parse(&body)), ["error", "done"]);
+    let (status, _) = resume(&client, &b_addr, OTHER, &start.id).await;
+    assert_eq!(status, 404);
+    assert_eq!(terminate(b).await, Some(0));
+}
+
+/// SQLite (one process): a run whose process was killed is `interrupted` after the next
+/// start, and a reconnect to it there gets `error` (`interrupted`) and `done` at once, as on
+/// PostgreSQL; its owner check still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_reconnect_to_an_interrupted_run_gets_error_and_done() {
+    let db = db::sqlite().await;
+    let client = client();
+    let (mut a, a_addr) = replica(db.dir.path(), &db.url, "60", "30");
+    let (run_id, start, _a_rest) = start_run(&client, &a_addr).await;
+    wait_status(&db.store, run_id, "running", Duration::from_secs(2)).await;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let (b, b_addr) = replica(db.dir.path(), &db.url, "60", "30");
+    wait_status(&db.store, run_id, "interrupted", Duration::from_secs(1)).await;
+    let (status, body) = resume(&client, &b_addr, OWNER, &start.id).await;
+    assert_eq!(status, 200, "{body}");
+    let events = parse(&body);
+    assert_eq!(names(&events), ["error", "done"], "{body}");
+    assert_eq!(events[0].data["error_type"], "interrupted");
+    assert_eq!(events[1].data["status"], "interrupted");
     let (status, _) = resume(&client, &b_addr, OTHER, &start.id).await;
     assert_eq!(status, 404);
     assert_eq!(terminate(b).await, Some(0));

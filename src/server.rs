@@ -129,6 +129,14 @@ impl Server {
             metrics: parts.metrics,
             guard,
             sink: parts.sink,
+            run_ends: match &parts.store {
+                Some(audit::Store::Postgres(pool)) => Some(audit::notify::RunEnds::new(
+                    pool.clone(),
+                    shutdown.clone(),
+                    tracker.clone(),
+                )),
+                _ => None,
+            },
             store: parts.store,
         };
         let app = api::router(state.clone());

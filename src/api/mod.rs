@@ -19,6 +19,7 @@ mod page;
 mod query;
 mod rate_limit;
 mod request;
+mod resume;
 #[cfg(test)]
 mod tests;
 
@@ -55,6 +56,8 @@ pub struct AppState {
     pub sink: Arc<dyn AuditSink>,
     /// The audit database, for `/runs` and `/readyz`; `None` when records stay in memory.
     pub store: Option<Store>,
+    /// Wakes resumes waiting for a run another replica runs (PostgreSQL only).
+    pub run_ends: Option<Arc<crate::audit::notify::RunEnds>>,
 }
 
 pub const X_RUN_ID: &str = "x-run-id";

@@ -3,8 +3,9 @@
 //! answers with the whole run as one JSON document.
 //!
 //! What belongs here: the handlers, starting a run on the orchestrator, the event-stream
-//! response and its headers, resuming from memory or the store, and `POST /query`'s answer
-//! type. Parsing and validating a request is `request`'s; the router and state are `mod`'s.
+//! response and its headers, and `POST /query`'s answer type. Resuming (from memory, the
+//! store, or another replica's run) is `resume`'s; parsing and validating a request is
+//! `request`'s; the router and state are `mod`'s.
 
 use std::collections::BTreeMap;
 
@@ -28,8 +29,7 @@ use crate::{
     audit::{ModelTrace, Outcome, RunRecord, RunStatus},
     domain::{Role, Secret},
     events::AnswerEvent,
-    resume::{Owner, follow, parse_last_event_id, send_all, stored_frames_after, stored_last_seq},
-    run::{AtCapacity, CHANNEL_CAPACITY, RunHandle, RunRequest},
+    run::{AtCapacity, RunHandle, RunRequest},
     sse::{self, EventBody},
 };
 
@@ -117,7 +117,7 @@ async fn stream(
     params: impl Future<Output = Result<QueryParams, ApiError>>,
 ) -> Result<Response, ApiError> {
     if let Some(last) = last_event_id(headers) {
-        return resume(state, last, caller).await;
+        return super::resume::resume(state, last, caller).await;
     }
     let params = params.await?;
     let client_request_id = client_request_id(headers)?;
@@ -175,7 +175,7 @@ fn start_run(
 
 /// `MAX_CONCURRENT_STREAMS` streams are open: the refusal (503 with `Retry-After`, from
 /// `AtCapacity`'s conversion) is counted.
-fn count_capacity_refusal(state: &AppState) {
+pub(super) fn count_capacity_refusal(state: &AppState) {
     state
         .metrics
         .streams_rejected_total
@@ -184,7 +184,7 @@ fn count_capacity_refusal(state: &AppState) {
 }
 
 /// The `text/event-stream` response over a run's (or a resumed run's) frames.
-fn event_stream(
+pub(super) fn event_stream(
     state: &AppState,
     events: tokio::sync::mpsc::Receiver<bytes::Bytes>,
     run_id: uuid::Uuid,
@@ -208,113 +208,10 @@ fn event_stream(
     response
 }
 
-/// A reconnect: the events after `seq` of the same run, never a new run. 204 when the run
-/// has ended and nothing is left, which tells an `EventSource` to stop reconnecting.
-///
-/// - Only the API key that started a run may resume it; for any other caller the run does
-///   not exist: the very answer an unknown id gets (404), so ids cannot be probed.
-/// - A resumed stream is a stream: it takes a place under `MAX_CONCURRENT_STREAMS` (503 with
-///   `Retry-After` when there is none) and counts in `duet_streams_active` until it ends.
-/// - A `seq` past the last event the run has sent names no event, so it is answered like an
-///   id this service cannot find (404), whether the run is live or ended; nothing at or
-///   before `seq` is ever sent again.
-async fn resume(
-    state: &AppState,
-    last_event_id: &HeaderValue,
-    caller: Option<&Secret>,
-) -> Result<Response, ApiError> {
-    let (run_id, seq) = last_event_id
-        .to_str()
-        .ok()
-        .and_then(parse_last_event_id)
-        // Not an id this service issued, so not one it can find (contract §4: 404).
-        .ok_or_else(cannot_resume)?;
-    // Taken before the run is looked for: a refusal then says nothing about whether the run
-    // exists, and a request that would be refused costs no database read.
-    let slot = state
-        .orchestrator
-        .stream_slot()
-        .inspect_err(|AtCapacity| count_capacity_refusal(state))?;
-    // Another key's run in memory is looked for in the store like an unknown one, where the
-    // same check refuses it: the same answer, by the same path.
-    let Some(log) = state
-        .orchestrator
-        .registry()
-        .get(&run_id)
-        .filter(|log| log.allows(run_id, caller))
-    else {
-        return resume_from_store(state, run_id, seq, caller, slot).await;
-    };
-    if seq > log.issued() {
-        return Err(cannot_resume());
-    }
-    let (rest, ended) = log.frames_after(seq);
-    if ended && rest.is_empty() {
-        return Ok(nothing_left(run_id));
-    }
-    let events = follow(
-        log,
-        seq,
-        CHANNEL_CAPACITY,
-        state.config.client_write_timeout,
-        state.orchestrator.tracker(),
-        slot,
-    );
-    Ok(event_stream(state, events, run_id, None))
-}
-
-/// The one answer for every `Last-Event-ID` that cannot be resumed here: malformed, unknown,
-/// another key's run, or past the run's end.
-fn cannot_resume() -> ApiError {
-    ApiError::NotFound("no run with that id can be resumed here".into())
-}
-
-/// 204: the run has ended and the client has all of it.
-fn nothing_left(run_id: uuid::Uuid) -> Response {
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    insert_ids(response.headers_mut(), run_id, None);
-    response
-}
-
-/// A run that has left this process's memory (or ran on another replica): replay its stored
-/// events after `seq`. The deltas are not stored; the answer events carry the whole texts.
-async fn resume_from_store(
-    state: &AppState,
-    run_id: uuid::Uuid,
-    seq: u32,
-    caller: Option<&Secret>,
-    slot: crate::run::StreamSlot,
-) -> Result<Response, ApiError> {
-    let store = state.store.as_ref().ok_or_else(cannot_resume)?;
-    let record = store
-        .fetch(run_id)
-        .await
-        .context(|| format!("reading run {run_id} to resume it"))?
-        .ok_or_else(cannot_resume)?;
-    if !Owner::allows_stored(record.owner_fingerprint.as_deref(), run_id, caller) {
-        return Err(cannot_resume());
-    }
-    // No events stored (a record from before they were kept), or `seq` past the last one.
-    if stored_last_seq(&record).is_none_or(|last| seq > last) {
-        return Err(cannot_resume());
-    }
-    let frames = stored_frames_after(&record, seq);
-    if frames.is_empty() {
-        return Ok(nothing_left(run_id));
-    }
-    let events = send_all(
-        frames,
-        state.config.client_write_timeout,
-        state.orchestrator.tracker(),
-        slot,
-    );
-    Ok(event_stream(state, events, run_id, None))
-}
-
 /// How long a browser waits before reconnecting a dropped stream (the `retry:` field).
 const RECONNECT_AFTER: std::time::Duration = std::time::Duration::from_millis(2000);
 
-fn insert_ids(h: &mut HeaderMap, run_id: uuid::Uuid, client_request_id: Option<&str>) {
+pub(super) fn insert_ids(h: &mut HeaderMap, run_id: uuid::Uuid, client_request_id: Option<&str>) {
     if let Ok(v) = HeaderValue::from_str(&run_id.to_string()) {
         h.insert(X_RUN_ID, v);
     }

@@ -57,19 +57,23 @@ const HEARTBEAT: &str = "UPDATE duet_instances SET heartbeat_at = now() WHERE in
 /// Deletes the instances whose lease ran out and finalizes their runs, in one statement;
 /// also the `running` rows older than the lease of an instance that is not registered (a row
 /// whose instance was deleted while its start row waited in a queue). `$1`: the lease in
-/// seconds. Returns one row per run finalized.
+/// seconds. Returns one row per run finalized, and tells the replicas waiting for those runs
+/// (see `notify`).
 const SWEEP: &str = "\
 WITH dead AS (
     DELETE FROM duet_instances
     WHERE heartbeat_at < now() - make_interval(secs => $1)
     RETURNING instance_id
+), ended AS (
+    UPDATE dual_runs SET status = 'interrupted', total_ms = 0
+    WHERE status = 'running'
+      AND (instance_id IN (SELECT instance_id FROM dead)
+           OR (created_at < now() - make_interval(secs => $1)
+               AND (instance_id IS NULL
+                    OR instance_id NOT IN (SELECT instance_id FROM duet_instances))))
+    RETURNING run_id
 )
-UPDATE dual_runs SET status = 'interrupted', total_ms = 0
-WHERE status = 'running'
-  AND (instance_id IN (SELECT instance_id FROM dead)
-       OR (created_at < now() - make_interval(secs => $1)
-           AND (instance_id IS NULL
-                OR instance_id NOT IN (SELECT instance_id FROM duet_instances))))";
+SELECT pg_notify('duet_run_ended', run_id::text) FROM ended";
 
 const DEREGISTER: &str = "DELETE FROM duet_instances WHERE instance_id = $1";
 
@@ -231,9 +235,9 @@ impl Heartbeat {
 async fn sweep(pool: &PgPool, lease: Duration, metrics: &Metrics) -> Result<()> {
     let n = sqlx::query(SWEEP)
         .bind(lease.as_secs_f64())
-        .execute(pool)
+        .fetch_all(pool)
         .await?
-        .rows_affected();
+        .len() as u64;
     interrupted(metrics, n, "a replica whose lease ran out");
     Ok(())
 }

@@ -24,6 +24,7 @@ pub mod admin;
 pub mod deadletter;
 mod events;
 pub mod instance;
+pub mod notify;
 mod postgres;
 pub mod privacy;
 pub mod purge;
@@ -283,6 +284,10 @@ pub struct OpenRun {
     pub service_version: String,
     /// The process that runs (or ran) it.
     pub instance_id: Option<String>,
+    /// Who may resume it (see [`RunRecord::owner_fingerprint`]): checked by a resume on
+    /// another replica. Not shown by `GET /runs/{run_id}`, which never showed it for open runs.
+    #[serde(skip)]
+    pub owner_fingerprint: Option<String>,
     /// Always `null`: a run without a record has no traces.
     #[schema(value_type = Option<ModelTrace>)]
     pub flash: Option<ModelTrace>,

@@ -64,6 +64,11 @@ ON CONFLICT (run_id) DO UPDATE SET
     owner_fingerprint = excluded.owner_fingerprint
 WHERE dual_runs.status IN ('running', 'interrupted')";
 
+/// Tells the replicas waiting for these runs' ends (see `notify`) that their rows may be
+/// final. Sent on commit, so a woken replica reads the record; a run whose row was already
+/// final (a second replay) is named too, which costs a waiter one read.
+const NOTIFY_ENDED: &str = "SELECT pg_notify('duet_run_ended', r) FROM UNNEST($1::text[]) AS u(r)";
+
 const INSERT_TRACES: &str = "\
 INSERT INTO model_traces (run_id, model, provider, model_name, model_version, outcome,
                           error_type, error_message, deadline, text, finish_reason, latency_ms,
@@ -195,6 +200,10 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
             .bind(&t.ttft_ms)
             .bind(&t.input_tokens)
             .bind(&t.output_tokens)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(NOTIFY_ENDED)
+            .bind(&run_ids)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

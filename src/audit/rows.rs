@@ -84,6 +84,7 @@ where
             total_ms: from_db(run.try_get("total_ms")?),
             service_version: run.try_get("service_version")?,
             instance_id: run.try_get("instance_id")?,
+            owner_fingerprint: run.try_get("owner_fingerprint")?,
             flash: None,
             pro: None,
         })));

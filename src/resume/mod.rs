@@ -436,5 +436,7 @@ pub fn send_all<H: Send + 'static>(
     rx
 }
 
+pub mod remote;
+
 #[cfg(test)]
 mod tests;

@@ -21,6 +21,7 @@ mod audit_http;
 mod bench;
 mod connections;
 mod db;
+mod failover;
 mod helpers;
 mod metrics;
 mod openapi;

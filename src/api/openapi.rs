@@ -184,6 +184,7 @@ pub(super) fn document(max_query_bytes: usize) -> Value {
         stream["schema"] = json!({"$ref": "#/components/schemas/ServerSentEvent"});
     }
     fix_links(&mut doc);
+    add_interrupted(&mut doc);
     let limit = json!(max_query_bytes);
     for field in ["query", "system"] {
         if let Some(p) = doc.pointer_mut(&format!(
@@ -203,6 +204,37 @@ pub(super) fn document(max_query_bytes: usize) -> Value {
         }
     }
     doc
+}
+
+/// A reconnect to a run whose replica died ends with `error` (`interrupted`) and `done`
+/// (`interrupted`) (`resume::remote`): values no run of this process sends, so they are not
+/// in the types the events are built from. The events' schemas list them beside those types'
+/// values, read from the document so the lists never drift apart.
+fn add_interrupted(doc: &mut Value) {
+    for (event, field, of) in [
+        ("DoneEvent", "status", "RunStatus"),
+        ("ErrorEvent", "error_type", "ErrorType"),
+    ] {
+        let Some(mut values) = doc
+            .pointer(&format!("/components/schemas/{of}/enum"))
+            .and_then(Value::as_array)
+            .cloned()
+        else {
+            continue;
+        };
+        values.push(json!("interrupted"));
+        if let Some(p) = doc.pointer_mut(&format!("/components/schemas/{event}/properties/{field}"))
+        {
+            *p = json!({
+                "type": "string",
+                "enum": values,
+                "description": format!(
+                    "The values of {of}, and `interrupted` when a reconnect finds that the \
+                     replica running the run died before it ended."
+                ),
+            });
+        }
+    }
 }
 
 /// utoipa 5.5 writes a link's `operationId` as `operation_id`, which OpenAPI does not know

@@ -210,3 +210,34 @@ async fn the_events_of_a_stream_match_their_schemas() {
         assert!(seen.contains(name), "{name} not seen in {seen:?}");
     }
 }
+
+/// The `error` and `done` that end a reconnect to a run whose replica died are described
+/// too, `interrupted` values included.
+#[tokio::test]
+async fn the_events_of_an_interrupted_run_match_their_schemas() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let doc = document(&app).await;
+    let frames = duet::resume::remote::interrupted(uuid::Uuid::now_v7(), 3);
+    assert_eq!(frames.len(), 2);
+    for (frame, (schema, field)) in frames
+        .iter()
+        .zip([("ErrorEvent", "error_type"), ("DoneEvent", "status")])
+    {
+        let text = std::str::from_utf8(frame).unwrap();
+        let data: Value = text
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .unwrap();
+        conforms(&doc, schema, &data);
+        let allowed = doc["components"]["schemas"][schema]["properties"][field]["enum"]
+            .as_array()
+            .unwrap();
+        assert!(
+            allowed.contains(&data[field]),
+            "{} not in {allowed:?}",
+            data[field]
+        );
+        assert_eq!(data[field], "interrupted");
+    }
+}

@@ -202,8 +202,19 @@ impl Heartbeat {
                 () = self.stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.beat().await {
-                warn!(error = %e, reason = e.reason(), "instance heartbeat failed; retrying");
+            // Bounded by the beat interval: a connection that hangs (a half-open socket, a
+            // lock wait) must not hold the loop past the lease, or the other replicas would
+            // presume this live one dead and mark its runs interrupted, beat after beat.
+            let every = heartbeat_every(self.lease);
+            match tokio::time::timeout(every, self.beat()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(error = %e, reason = e.reason(), "instance heartbeat failed; retrying");
+                }
+                Err(_) => warn!(
+                    timeout_s = every.as_secs_f64(),
+                    "instance heartbeat did not finish in time; retrying"
+                ),
             }
         }
         debug!("instance heartbeat stopped");

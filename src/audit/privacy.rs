@@ -34,9 +34,28 @@ pub fn redact(text: &str) -> String {
     )
 }
 
+/// Whether `text` is exactly a placeholder [`redact`] wrote: `[not stored: N bytes, sha256
+/// HEX]` with 64 lower-case hex digits. A text that only starts like one (a user's query, or
+/// an answer a prompt steered) is stripped like any other.
+fn is_placeholder(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix(PLACEHOLDER_PREFIX) else {
+        return false;
+    };
+    let Some((len, rest)) = rest.split_once(" bytes, sha256 ") else {
+        return false;
+    };
+    let Some(hex) = rest.strip_suffix(']') else {
+        return false;
+    };
+    !len.is_empty()
+        && len.bytes().all(|b| b.is_ascii_digit())
+        && hex.len() == 64
+        && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn redact_in_place(text: &mut String) {
     // Idempotent: a record replayed from a file written under `none` is already stripped.
-    if !text.starts_with(PLACEHOLDER_PREFIX) {
+    if !is_placeholder(text) {
         *text = redact(text);
     }
 }
@@ -81,11 +100,11 @@ pub fn strip_record(record: &mut RunRecord) {
 
 /// Takes the query and system prompt out of a start row.
 pub fn strip_started(run: &mut StartedRun) {
-    if !run.query.starts_with(PLACEHOLDER_PREFIX) {
+    if !is_placeholder(&run.query) {
         run.query = redact(&run.query).into();
     }
     if let Some(system) = &run.system
-        && !system.starts_with(PLACEHOLDER_PREFIX)
+        && !is_placeholder(system)
     {
         run.system = Some(redact(system).into());
     }
@@ -107,6 +126,20 @@ mod tests {
         let mut twice = once.clone();
         redact_in_place(&mut twice);
         assert_eq!(once, twice);
+    }
+
+    #[test]
+    fn a_text_that_only_looks_like_a_placeholder_is_stripped() {
+        for looks_like in [
+            "[not stored: my card is 4111 1111 1111 1111",
+            "[not stored: 3 bytes, sha256 SECRET]",
+            "[not stored: 3 bytes, sha256 ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad] SECRET",
+        ] {
+            let mut text = looks_like.to_owned();
+            redact_in_place(&mut text);
+            assert_eq!(text, redact(looks_like));
+            assert!(is_placeholder(&text), "{text}");
+        }
     }
 
     #[test]

@@ -77,7 +77,15 @@ pub fn wait_then_send<H: Send + 'static>(
                 }
             }
             first = false;
-            match store.fetch_stored(run_id).await {
+            // The read is watched like the wait: a hung connection must not keep this
+            // follower's place, or shutdown, waiting past the bound.
+            let read = tokio::select! {
+                read = store.fetch_stored(run_id) => read,
+                () = tokio::time::sleep_until(bounds.until) => break gave_up(run_id, after),
+                () = tx.closed() => return,
+                () = ends.shutdown() => return,
+            };
+            match read {
                 Ok(Some(StoredRun::Ended(ended))) => {
                     break stored_frames_after(&ended.record, after);
                 }

@@ -34,6 +34,9 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
 /// The waiters of this process, by run id, and the listener that wakes them.
 pub struct RunEnds {
+    /// A pool of one connection of its own, for the listener: `PgListener` keeps the
+    /// connection it takes for good, and taken from the audit pool it would leave the writer,
+    /// the heartbeat, resumes and the shared rate budget one connection fewer.
     pool: PgPool,
     waiters: Mutex<HashMap<Uuid, Waiters>>,
     /// Whether the listener task runs: started by the first waiter, so a replica that never
@@ -52,9 +55,14 @@ struct Waiters {
 }
 
 impl RunEnds {
+    /// `pool` names the database; the listener connects on its own (see `RunEnds::pool`),
+    /// lazily, when the first waiter starts it.
     pub fn new(pool: PgPool, shutdown: CancellationToken, tracker: TaskTracker) -> Arc<RunEnds> {
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with((*pool.connect_options()).clone());
         Arc::new(RunEnds {
-            pool,
+            pool: own,
             waiters: Mutex::new(HashMap::new()),
             listening: AtomicBool::new(false),
             shutdown,

@@ -6,7 +6,7 @@
 //! to a run the previous process left is answered the same way.
 
 use std::{
-    process::{Child, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -21,29 +21,16 @@ const OWNER: &str = "sk-test-owner";
 const OTHER: &str = "sk-test-other";
 
 /// A replica whose Pro model takes `pro_ttft_s` to answer, with both keys and quick
-/// keep-alives.
+/// A replica whose Pro takes `pro_ttft_s`, knowing both keys, with frequent keep-alives.
 fn replica(dir: &std::path::Path, url: &str, pro_ttft_s: &str, lease_s: &str) -> (Child, String) {
-    let mut child = duet_command(dir)
-        .env("BIND_ADDR", "127.0.0.1:0")
-        .env("DATABASE_URL", url)
-        .env("API_KEYS", format!("{OWNER},{OTHER}"))
-        .env("INSTANCE_LEASE_S", lease_s)
-        .env("SSE_KEEPALIVE_S", "0.5")
-        .env("SIMULATED_FLASH_TTFT_S", "0.01")
-        .env("SIMULATED_FLASH_TOKEN_S", "0.001")
-        .env("SIMULATED_PRO_TTFT_S", pro_ttft_s)
-        .env("SIMULATED_PRO_TOKEN_S", "0.001")
-        .env("PRO_TIMEOUT_S", "120")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (addr, _log) = listening(&mut child);
-    (child, addr)
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
+    let keys = format!("{OWNER},{OTHER}");
+    crate::helpers::replica(
+        dir,
+        url,
+        pro_ttft_s,
+        lease_s,
+        &[("API_KEYS", &keys), ("SSE_KEEPALIVE_S", "0.5")],
+    )
 }
 
 /// Starts a streamed run with the owner's key; returns its id, its `start` event, and a task
@@ -158,7 +145,7 @@ async fn a_live_run_resumed_through_the_other_replica_waits_for_its_end() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let client = client();
+    let client = direct_client();
     // Pro answers after 4 s: not near a multiple of the waiter's 3 s re-check, so an end
     // seen within a second is the notification's doing.
     let (a, a_addr) = replica(tmp.path(), &pg.url, "4", "30");
@@ -217,7 +204,7 @@ async fn a_killed_owner_ends_the_wait_with_interrupted() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let client = client();
+    let client = direct_client();
     let (mut a, a_addr) = replica(tmp.path(), &pg.url, "60", "1");
     let (b, b_addr) = replica(tmp.path(), &pg.url, "60", "1");
     let (run_id, start, _a_rest) = start_run(&client, &a_addr).await;
@@ -262,7 +249,7 @@ async fn a_killed_owner_ends_the_wait_with_interrupted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_reconnect_to_an_interrupted_run_gets_error_and_done() {
     let db = db::sqlite().await;
-    let client = client();
+    let client = direct_client();
     let (mut a, a_addr) = replica(db.dir.path(), &db.url, "60", "30");
     let (run_id, start, _a_rest) = start_run(&client, &a_addr).await;
     wait_status(&db.store, run_id, "running", Duration::from_secs(2)).await;

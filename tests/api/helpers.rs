@@ -459,3 +459,36 @@ pub(crate) fn skip(reason: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("notice: skipping: {reason}\n").as_bytes());
 }
+
+/// A replica of `duet serve` on `url`, on a port of its own, whose simulated Pro model takes
+/// `pro_ttft_s` to answer (Flash and the tokens are quick), with `INSTANCE_LEASE_S` =
+/// `lease_s` and any `extra` settings: what the tests about several processes start.
+pub(crate) fn replica(
+    dir: &std::path::Path,
+    url: &str,
+    pro_ttft_s: &str,
+    lease_s: &str,
+    extra: &[(&str, &str)],
+) -> (std::process::Child, String) {
+    let mut child = duet_command(dir)
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("DATABASE_URL", url)
+        .env("INSTANCE_LEASE_S", lease_s)
+        .env("SIMULATED_FLASH_TTFT_S", "0.01")
+        .env("SIMULATED_FLASH_TOKEN_S", "0.001")
+        .env("SIMULATED_PRO_TTFT_S", pro_ttft_s)
+        .env("SIMULATED_PRO_TOKEN_S", "0.001")
+        .env("PRO_TIMEOUT_S", "120")
+        .envs(extra.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (addr, _log) = listening(&mut child);
+    (child, addr)
+}
+
+/// A client that never goes through a proxy from the environment.
+pub(crate) fn direct_client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}

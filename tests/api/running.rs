@@ -15,28 +15,9 @@ use uuid::Uuid;
 
 use crate::{db, helpers::*};
 
-/// A replica of `duet serve` on `url` whose Pro model takes `pro_ttft_s` to answer.
+/// A replica whose Pro takes `pro_ttft_s`, with the admin routes on.
 fn replica(dir: &std::path::Path, url: &str, pro_ttft_s: &str, lease_s: &str) -> (Child, String) {
-    let mut child = duet_command(dir)
-        .env("BIND_ADDR", "127.0.0.1:0")
-        .env("DATABASE_URL", url)
-        .env("ADMIN_TOKEN", "admin")
-        .env("INSTANCE_LEASE_S", lease_s)
-        .env("SIMULATED_FLASH_TTFT_S", "0.01")
-        .env("SIMULATED_FLASH_TOKEN_S", "0.001")
-        .env("SIMULATED_PRO_TTFT_S", pro_ttft_s)
-        .env("SIMULATED_PRO_TOKEN_S", "0.001")
-        .env("PRO_TIMEOUT_S", "120")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (addr, _log) = listening(&mut child);
-    (child, addr)
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
+    crate::helpers::replica(dir, url, pro_ttft_s, lease_s, &[("ADMIN_TOKEN", "admin")])
 }
 
 /// Starts a streamed run and returns its id and the open response (dropping it would
@@ -118,7 +99,7 @@ fn kill_9(mut child: Child) {
 async fn sqlite_a_killed_run_is_interrupted_at_the_next_start() {
     let db = db::sqlite().await;
     let dir = db.dir.path();
-    let client = client();
+    let client = direct_client();
     let (child, addr) = replica(dir, &db.url, "60", "30");
     let (run_id, _open) = start_run(&client, &addr, "slow").await;
     let took = wait_status(&db.store, run_id, "running", Duration::from_secs(1)).await;
@@ -152,7 +133,7 @@ async fn sqlite_a_killed_run_is_interrupted_at_the_next_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_running_row_is_finalized_once_when_the_run_ends() {
     let db = db::sqlite().await;
-    let client = client();
+    let client = direct_client();
     let (child, addr) = replica(db.dir.path(), &db.url, "0.6", "30");
     let (run_id, open) = start_run(&client, &addr, "q").await;
     wait_status(&db.store, run_id, "running", Duration::from_secs(1)).await;
@@ -180,7 +161,7 @@ async fn postgres_the_survivor_finalizes_only_the_dead_replicas_runs() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let client = client();
+    let client = direct_client();
     let (a, a_addr) = replica(tmp.path(), &pg.url, "10", "2");
     let (b, b_addr) = replica(tmp.path(), &pg.url, "10", "2");
     let (a_run, _a_open) = start_run(&client, &a_addr, "on a").await;
@@ -236,7 +217,7 @@ async fn postgres_the_survivor_finalizes_only_the_dead_replicas_runs() {
 async fn sqlite_kill_9_window_is_milliseconds() {
     let db = db::sqlite().await;
     let dir = db.dir.path();
-    let client = client();
+    let client = direct_client();
     let (child, addr) = replica(dir, &db.url, "60", "30");
     let starter = {
         let client = client.clone();
@@ -302,7 +283,7 @@ async fn sqlite_kill_9_window_is_milliseconds() {
 async fn sqlite_a_second_process_on_the_file_stops_without_touching_live_runs() {
     let db = db::sqlite().await;
     let dir = db.dir.path();
-    let client = client();
+    let client = direct_client();
     let (first, addr) = replica(dir, &db.url, "1.5", "30");
     let (run_id, open) = start_run(&client, &addr, "slow").await;
     wait_status(&db.store, run_id, "running", Duration::from_secs(1)).await;

@@ -397,37 +397,71 @@ async fn opens_with_h2(stream: &tokio::net::TcpStream) -> std::io::Result<bool> 
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            warn!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
+/// SIGINT and SIGTERM, listened for from the moment this is made. Made before the
+/// `listening` line is logged: a supervisor (or a test) that sends SIGTERM as soon as it
+/// reads that line must get a graceful stop, not the default action, which kills the
+/// process with runs and the audit queue still in it.
+pub struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    int: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Installs the handlers now. One that cannot be installed is logged and never fires.
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    warn!(error = %e, signal = name, "cannot listen for the signal");
+                    None
+                }
+            };
+            Self {
+                int: listen(SignalKind::interrupt(), "SIGINT"),
+                term: listen(SignalKind::terminate(), "SIGTERM"),
             }
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM.
+    pub async fn recv(mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: Option<&mut tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = next(self.int.as_mut()) => info!("SIGINT received; shutting down"),
+                () = next(self.term.as_mut()) => info!("SIGTERM received; shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                warn!(error = %e, "cannot listen for SIGINT");
                 std::future::pending::<()>().await;
             }
+            info!("SIGINT received; shutting down");
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => info!("SIGINT received; shutting down"),
-        () = term => info!("SIGTERM received; shutting down"),
     }
 }
 
 /// `duet serve`: opens and migrates the audit database, runs until a signal, shuts down
 /// gracefully, then drains the audit queue before returning.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let signals = Signals::install();
     let store = Store::connect(&config.database_url).await?;
     store.migrate().await?;
     info!(
@@ -480,7 +514,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Err(e) => Err(e),
     };
     let served = match server {
-        Ok(server) => until_signal(server).await,
+        Ok(server) => until_signal(server, signals).await,
         Err(e) => Err(e),
     };
     if let Some(purger) = purger {
@@ -498,13 +532,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 /// Serves until SIGINT or SIGTERM (or until something else stops the server), then drains.
 /// The signal is awaited here, beside the server, rather than on a task of its own: nothing
 /// is left waiting for a signal once the server has stopped.
-async fn until_signal(server: Server) -> Result<(), ServeError> {
+async fn until_signal(server: Server, signals: Signals) -> Result<(), ServeError> {
     let token = server.shutdown.clone();
     let stopped = server.wait();
     tokio::pin!(stopped);
     tokio::select! {
         served = &mut stopped => served,
-        () = signal() => {
+        () = signals.recv() => {
             token.cancel();
             stopped.await
         }

@@ -202,7 +202,8 @@ pub async fn serve(
 
 /// Binds `addr` and serves until SIGINT/SIGTERM: `duet mock-provider`.
 pub async fn run(addr: SocketAddr, config: MockConfig) -> std::io::Result<()> {
+    let signals = crate::server::Signals::install();
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, ?config, "mock provider listening");
-    serve(listener, config, crate::server::signal()).await
+    serve(listener, config, signals.recv()).await
 }

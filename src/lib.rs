@@ -31,6 +31,7 @@ pub mod audit;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod conversation;
 pub mod devtools;
 pub mod domain;
 pub mod events;

@@ -6,6 +6,7 @@
 //! axum's `examples/error-handling`). So the answer and the log line are each made in one
 //! place, and an error raised in a middleware (the guard) is treated like one from a handler.
 
+use crate::conversation::{ConversationError, ParamError};
 use std::{fmt::Display, sync::Arc, time::Duration};
 
 use axum::{
@@ -122,6 +123,24 @@ impl From<AtCapacity> for ApiError {
         ApiError::Overloaded {
             retry_after: Duration::from_secs(1),
         }
+    }
+}
+
+/// A conversation the contract's rules refuse (§7): 400 naming the field, 413 when its text
+/// is over `MAX_QUERY_BYTES`.
+impl From<ConversationError> for ApiError {
+    fn from(e: ConversationError) -> Self {
+        match e {
+            ConversationError::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
+            _ => ApiError::BadRequest(e.to_string()),
+        }
+    }
+}
+
+/// A generation parameter out of its range: 400 naming it.
+impl From<ParamError> for ApiError {
+    fn from(e: ParamError) -> Self {
+        ApiError::BadRequest(e.to_string())
     }
 }
 

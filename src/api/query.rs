@@ -162,8 +162,8 @@ fn start_run(
         .orchestrator
         .start(
             RunRequest {
-                query: params.query.into(),
-                system: params.system.map(Into::into),
+                conversation: std::sync::Arc::new(params.conversation),
+                params: params.params,
                 deltas: params.deltas,
                 client_request_id,
             },

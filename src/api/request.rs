@@ -13,6 +13,7 @@ use axum::{
 use serde::Deserialize;
 
 use super::{ApiError, X_REQUEST_ID};
+use crate::conversation::{Conversation, RunParams};
 
 /// The methods `/query/stream` takes: HEAD is not one of them, since a request there starts a
 /// run and a HEAD answer could show none of it.
@@ -34,11 +35,11 @@ pub(super) async fn no_head(request: Request, next: Next) -> Response {
     response
 }
 
-/// A validated query.
+/// A validated request: what both models are asked, and how the events are sent.
 #[derive(Debug)]
 pub(super) struct QueryParams {
-    pub query: String,
-    pub system: Option<String>,
+    pub conversation: Conversation,
+    pub params: RunParams,
     pub deltas: bool,
 }
 
@@ -244,33 +245,11 @@ fn validate(
     deltas: bool,
     max_query_bytes: usize,
 ) -> Result<QueryParams, ApiError> {
-    if is_blank(&query) {
-        return Err(ApiError::BadRequest("\"query\" must not be blank".into()));
-    }
-    if query.len() > max_query_bytes {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "\"query\" is {} bytes; the limit is {max_query_bytes}",
-            query.len()
-        )));
-    }
-    if system.as_ref().is_some_and(|s| s.len() > max_query_bytes) {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "\"system\" is longer than the limit of {max_query_bytes} bytes"
-        )));
-    }
-    let system = system.filter(|s| !is_blank(s));
     Ok(QueryParams {
-        query,
-        system,
+        conversation: Conversation::from_query(query, system, max_query_bytes)?,
+        params: RunParams::default(),
         deltas,
     })
-}
-
-/// Nothing but white space. Unicode's White_Space (what `str::trim` removes) plus U+FEFF, so
-/// that the rule is exactly the OpenAPI pattern `[^\s\u0085]` read as an ECMAScript regex
-/// (whose `\s` has U+FEFF but not U+0085): a query is valid here iff it is valid there.
-fn is_blank(s: &str) -> bool {
-    s.chars().all(|c| c.is_whitespace() || c == '\u{FEFF}')
 }
 
 /// The caller's `X-Request-Id`, kept as the run's `client_request_id`. It ends up in logs,

@@ -74,10 +74,10 @@ impl Provider for Anthropic {
         let body = Body {
             model: &self.model,
             max_tokens: MAX_TOKENS,
-            system: request.system.as_deref(),
+            system: request.conversation.system(),
             messages: [Message {
                 role: "user",
-                content: &request.query,
+                content: request.conversation.last_user(),
             }],
             stream: true,
         };

@@ -72,14 +72,14 @@ impl Provider for Gemini {
 
     fn stream(&self, request: &ModelRequest) -> ProviderStream {
         let body = Body {
-            system_instruction: request.system.as_deref().map(|text| Content {
+            system_instruction: request.conversation.system().map(|text| Content {
                 role: None,
                 parts: [Part { text }],
             }),
             contents: [Content {
                 role: Some("user"),
                 parts: [Part {
-                    text: &request.query,
+                    text: request.conversation.last_user(),
                 }],
             }],
         };

@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use crate::{
     config::{ModelConfig, ProviderKind},
+    conversation::{Conversation, GenParams},
     domain::Role,
 };
 
@@ -33,8 +34,10 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct ModelRequest {
     pub role: Role,
-    pub query: Arc<str>,
-    pub system: Option<Arc<str>>,
+    /// The whole conversation; shared by both models' calls.
+    pub conversation: Arc<Conversation>,
+    /// This model's parameters (its overrides over the ones for both).
+    pub params: GenParams,
 }
 
 /// Token counts as the provider reports them; `None` when it reports nothing.

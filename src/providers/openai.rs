@@ -74,7 +74,7 @@ impl Provider for OpenAi {
 
     fn stream(&self, request: &ModelRequest) -> ProviderStream {
         let mut messages = Vec::with_capacity(2);
-        if let Some(system) = request.system.as_deref() {
+        if let Some(system) = request.conversation.system() {
             messages.push(Message {
                 role: "system",
                 content: system,
@@ -82,7 +82,7 @@ impl Provider for OpenAi {
         }
         messages.push(Message {
             role: "user",
-            content: &request.query,
+            content: request.conversation.last_user(),
         });
         let body = Body {
             model: &self.model,

@@ -61,8 +61,8 @@ pub fn answer_tokens(role: Role, request: &ModelRequest) -> Vec<String> {
     // may change between releases, and this text must stay the same for the same query.
     let mut seed = fnv1a(&[
         role.as_str().as_bytes(),
-        request.query.as_bytes(),
-        request.system.as_deref().unwrap_or("").as_bytes(),
+        request.conversation.last_user().as_bytes(),
+        request.conversation.system().unwrap_or("").as_bytes(),
     ]) | 1;
     let mut next = move || {
         seed ^= seed << 13;
@@ -70,7 +70,7 @@ pub fn answer_tokens(role: Role, request: &ModelRequest) -> Vec<String> {
         seed ^= seed << 17;
         seed
     };
-    let topic: String = request.query.chars().take(60).collect();
+    let topic: String = request.conversation.last_user().chars().take(60).collect();
     let topic = topic.split_whitespace().collect::<Vec<_>>().join(" ");
     let (opening, sentences) = match role {
         Role::Flash => (format!("Quick take on \u{201c}{topic}\u{201d}:"), 2),
@@ -110,8 +110,8 @@ impl Provider for Simulated {
 
     fn stream(&self, request: &ModelRequest) -> ProviderStream {
         let tokens = answer_tokens(request.role, request);
-        let input_tokens =
-            approx_tokens(&request.query) + request.system.as_deref().map_or(0, approx_tokens);
+        let input_tokens = approx_tokens(request.conversation.last_user())
+            + request.conversation.system().map_or(0, approx_tokens);
         let completion = Completion {
             finish_reason: Some("stop".into()),
             usage: Usage {
@@ -162,8 +162,10 @@ mod tests {
     fn req(role: Role, q: &str) -> ModelRequest {
         ModelRequest {
             role,
-            query: q.into(),
-            system: None,
+            conversation: Arc::new(
+                crate::conversation::Conversation::from_query(q.into(), None, usize::MAX).unwrap(),
+            ),
+            params: Default::default(),
         }
     }
 

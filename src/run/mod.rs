@@ -51,6 +51,7 @@ use self::{
 use crate::{
     audit::{AuditSink, Outcome, RunRecord, StartedRun},
     config::Config,
+    conversation::{Conversation, RunParams},
     domain::{Role, Secret},
     events::{ErrorEvent, EventKind, ModelRef, StartEvent, StartModels},
     metrics::Metrics,
@@ -89,8 +90,8 @@ pub struct ModelSlot {
 /// What a client asks for.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
-    pub query: Arc<str>,
-    pub system: Option<Arc<str>>,
+    pub conversation: Arc<Conversation>,
+    pub params: RunParams,
     pub deltas: bool,
     pub client_request_id: Option<String>,
 }
@@ -247,8 +248,8 @@ impl Orchestrator {
             run_id,
             client_request_id: request.client_request_id.clone(),
             created_at,
-            query: Arc::clone(&request.query),
-            system: request.system.clone(),
+            query: request.conversation.last_user().into(),
+            system: request.conversation.system().map(Into::into),
             owner_fingerprint: emitter.log.owner().map(Owner::to_hex),
             instance_id: None,
         });
@@ -294,8 +295,8 @@ impl Orchestrator {
         let inner = &*self.inner;
         let model_request = |role| ModelRequest {
             role,
-            query: Arc::clone(&request.query),
-            system: request.system.clone(),
+            conversation: Arc::clone(&request.conversation),
+            params: request.params.for_role(role),
         };
         // Text and first-token time live out here, not in the driver futures, so that a
         // cancelled model's partial answer still reaches the record after its future is gone.

@@ -105,7 +105,7 @@ impl Provider for Scripted {
         let script = self.scripts[attempt.min(self.scripts.len() - 1)].clone();
         let counter = DropCounter(Arc::clone(&self.dropped));
         let yielded = Arc::clone(&self.yielded);
-        let query = request.query.to_string();
+        let query = request.conversation.last_user().to_owned();
         let model = self.model;
         let state = (script.into_iter(), counter, 0u64);
         futures::stream::unfold(state, move |(mut steps, counter, mut n)| {

@@ -226,8 +226,15 @@ pub(crate) fn client() -> Upstream {
 pub(crate) fn request(query: &str, system: Option<&str>) -> ModelRequest {
     ModelRequest {
         role: Role::Flash,
-        query: query.into(),
-        system: system.map(Into::into),
+        conversation: std::sync::Arc::new(
+            duet::conversation::Conversation::from_query(
+                query.into(),
+                system.map(Into::into),
+                usize::MAX,
+            )
+            .unwrap(),
+        ),
+        params: Default::default(),
     }
 }
 

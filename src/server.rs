@@ -96,10 +96,7 @@ pub struct Server {
 impl Server {
     /// Binds `config.bind_addr` (port 0 picks a free port) and starts serving.
     pub async fn start(parts: Parts) -> Result<Server, ServeError> {
-        let addr = parts.config.bind_addr;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Bind { addr, source })?;
+        let listener = bind(parts.config.bind_addr).await?;
         Server::start_on(listener, parts)
     }
 
@@ -458,6 +455,13 @@ impl Signals {
     }
 }
 
+/// Binds `addr` (port 0 picks a free port).
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
 /// `duet serve`: opens and migrates the audit database, runs until a signal, shuts down
 /// gracefully, then drains the audit queue before returning.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
@@ -470,8 +474,15 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         "audit store ready"
     );
     let metrics = Metrics::new()?;
+    // Bound before the instance claims its id: the default id carries the port, which is
+    // only known once bound when BIND_ADDR asks for port 0. Connections that arrive
+    // meanwhile wait in the listen queue until serving starts.
+    let listener = bind(config.bind_addr).await?;
+    let instance_id = match &config.instance_id {
+        Some(id) => id.clone(),
+        None => audit::instance::default_id(listener.local_addr()?.port()),
+    };
     // Before the journal's replay: a record it puts back replaces the `interrupted` row.
-    let instance_id = audit::instance::new_id();
     let instance = audit::instance::Instance::start(
         &store,
         instance_id.clone(),
@@ -510,7 +521,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         ..parts
     });
     let server = match started {
-        Ok(parts) => Server::start(parts).await,
+        Ok(parts) => Server::start_on(listener, parts),
         Err(e) => Err(e),
     };
     let served = match server {

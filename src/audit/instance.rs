@@ -1,23 +1,31 @@
 //! This process as one instance among the replicas sharing a database (contract §8): its id,
 //! its heartbeat, and finalizing as `interrupted` the runs of processes that died.
 //!
-//! - Every process makes a fresh UUIDv7 at start ([`new_id`]), stamped on the `running` row
-//!   and the record of each of its runs (`dual_runs.instance_id`). Fresh per process, not the
-//!   host and port: a replica restarted after a crash is a new instance, so the old one's
-//!   runs cannot pass for live.
+//! - The instance id is `INSTANCE_ID`, or by default the host name and the port the service
+//!   listens on ([`default_id`]), stamped on the `running` row and the record of each run
+//!   (`dual_runs.instance_id`). A replica restarted under the same id (the same host and
+//!   port, a StatefulSet's pod name) is a new *incarnation* of it: a fresh UUIDv7 kept in
+//!   `duet_instances`, never on runs.
 //! - SQLite: one process owns the file, so at start every row still `running` was left by a
 //!   process that died; [`Instance::start`] finalizes them all.
-//! - PostgreSQL: the instance registers in `duet_instances` before it serves and refreshes
-//!   `heartbeat_at` every third of `INSTANCE_LEASE_S` (at most every 5 s). Each refresh is
-//!   followed by a sweep, in one statement: delete the instances whose heartbeat is older than
-//!   the lease and finalize their `running` rows (plus `running` rows older than the lease
-//!   whose instance is not registered at all). Times are the database's `now()`, so
+//! - PostgreSQL: the instance claims its id in `duet_instances` before it serves and
+//!   refreshes `heartbeat_at` every third of `INSTANCE_LEASE_S` (at most every 5 s). Each
+//!   refresh is followed by a sweep, in one statement: delete the instances whose heartbeat is
+//!   older than the lease and finalize their `running` rows (plus `running` rows older than
+//!   the lease whose instance is not registered at all). Times are the database's `now()`, so
 //!   replicas' clocks do not matter. Two replicas sweeping at once finalize each row once:
 //!   the second waits on the first's row locks, then finds the rows no longer `running`. A
 //!   live replica's rows are never touched, because its heartbeat is younger than the lease;
 //!   one that was paused past its lease finds its row gone at the next heartbeat, registers
 //!   again and logs it (its runs were marked interrupted; their records, when they come,
 //!   replace that, see `sqlite`/`postgres`).
+//! - Claiming an id whose row another incarnation holds with a fresh heartbeat: either that
+//!   process just died (a restart after `kill -9`, within the lease) or a live replica was
+//!   given the same id by mistake. The start watches the row for one and a half heartbeat
+//!   intervals (at most the lease): a heartbeat that moves is a live replica, and the start
+//!   is refused ([`AuditError::InstanceInUse`]); one that stays is a dead predecessor, whose
+//!   row is taken over (compare-and-set on the heartbeat seen) and whose runs are finalized
+//!   `interrupted` at once, before this process starts any run of its own under that id.
 //! - Stopping (graceful shutdown, after the audit queue drained) deletes the row: runs left
 //!   `running` then (their records dead-lettered) are finalized by the next sweep at once.
 
@@ -34,9 +42,17 @@ use uuid::Uuid;
 use super::{AuditError, Result, Store};
 use crate::metrics::Metrics;
 
-/// A new instance id: a UUIDv7, so ids sort by start time.
-pub fn new_id() -> String {
-    Uuid::now_v7().hyphenated().to_string()
+/// The default instance id: this machine's host name and `port`, e.g. `web-3:8080`. The
+/// host name is kept to the characters `INSTANCE_ID` allows.
+pub fn default_id(port: u16) -> String {
+    let host: String = gethostname::gethostname()
+        .to_string_lossy()
+        .chars()
+        .filter(char::is_ascii_graphic)
+        .take(100)
+        .collect();
+    let host = if host.is_empty() { "localhost" } else { &host };
+    format!("{host}:{port}")
 }
 
 /// The longest wait between two heartbeats, whatever the lease.
@@ -48,11 +64,35 @@ pub fn heartbeat_every(lease: Duration) -> Duration {
     (lease / 3).min(MAX_HEARTBEAT_EVERY)
 }
 
+/// Registers `$1` for incarnation `$2` unless another incarnation holds it.
 const REGISTER: &str = "\
-INSERT INTO duet_instances (instance_id, started_at, heartbeat_at) VALUES ($1, now(), now())
-ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now()";
+INSERT INTO duet_instances (instance_id, incarnation, started_at, heartbeat_at)
+VALUES ($1, $2, now(), now())
+ON CONFLICT (instance_id) DO NOTHING";
 
-const HEARTBEAT: &str = "UPDATE duet_instances SET heartbeat_at = now() WHERE instance_id = $1";
+/// The row another incarnation holds: its incarnation, heartbeat and age in seconds.
+const HOLDER: &str = "\
+SELECT incarnation, heartbeat_at, EXTRACT(EPOCH FROM now() - heartbeat_at)::float8
+FROM duet_instances WHERE instance_id = $1";
+
+/// Takes over the row of a dead incarnation, if it is still as it was seen: `$1` id, `$2`
+/// this incarnation, `$3` the dead one, `$4` the heartbeat seen.
+const TAKE_OVER: &str = "\
+UPDATE duet_instances SET incarnation = $2, started_at = now(), heartbeat_at = now()
+WHERE instance_id = $1 AND incarnation = $3 AND heartbeat_at = $4";
+
+/// Finalizes the runs a dead incarnation of this id left `running`, and tells the replicas
+/// waiting for them.
+const INTERRUPT_OWN: &str = "\
+WITH ended AS (
+    UPDATE dual_runs SET status = 'interrupted', total_ms = 0
+    WHERE status = 'running' AND instance_id = $1
+    RETURNING run_id
+)
+SELECT pg_notify('duet_run_ended', run_id::text) FROM ended";
+
+const HEARTBEAT: &str =
+    "UPDATE duet_instances SET heartbeat_at = now() WHERE instance_id = $1 AND incarnation = $2";
 
 /// Deletes the instances whose lease ran out and finalizes their runs, in one statement;
 /// also the `running` rows older than the lease of an instance that is not registered (a row
@@ -75,11 +115,13 @@ WITH dead AS (
 )
 SELECT pg_notify('duet_run_ended', run_id::text) FROM ended";
 
-const DEREGISTER: &str = "DELETE FROM duet_instances WHERE instance_id = $1";
+const DEREGISTER: &str = "DELETE FROM duet_instances WHERE instance_id = $1 AND incarnation = $2";
 
 /// This process's registration; [`Instance::stop`] ends the heartbeat.
 pub struct Instance {
     id: String,
+    /// This process's incarnation of `id` (see the module's doc).
+    incarnation: String,
     store: Store,
     stop: CancellationToken,
     /// The heartbeat task, on a tracker of its own: it must outlive the server's, until the
@@ -101,6 +143,7 @@ impl Instance {
     ) -> Result<Instance> {
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let incarnation = Uuid::now_v7().hyphenated().to_string();
         let mut file_lock = None;
         match store {
             Store::Sqlite(sqlite) => {
@@ -112,11 +155,12 @@ impl Instance {
                 interrupted(&metrics, n, "a previous process");
             }
             Store::Postgres(pool) => {
-                sqlx::query(REGISTER).bind(&id).execute(pool).await?;
+                claim(pool, &id, &incarnation, lease, &metrics).await?;
                 sweep(pool, lease, &metrics).await?;
                 let beat = Heartbeat {
                     pool: pool.clone(),
                     id: id.clone(),
+                    incarnation: incarnation.clone(),
                     lease,
                     metrics,
                     stop: stop.clone(),
@@ -124,9 +168,15 @@ impl Instance {
                 tracker.spawn(beat.run());
             }
         }
-        info!(instance_id = %id, lease_s = lease.as_secs_f64(), "instance registered");
+        info!(
+            instance_id = %id,
+            %incarnation,
+            lease_s = lease.as_secs_f64(),
+            "instance registered"
+        );
         Ok(Instance {
             id,
+            incarnation,
             store: store.clone(),
             stop,
             tracker,
@@ -146,7 +196,11 @@ impl Instance {
         self.tracker.close();
         self.tracker.wait().await;
         if let Store::Postgres(pool) = &self.store
-            && let Err(e) = sqlx::query(DEREGISTER).bind(&self.id).execute(pool).await
+            && let Err(e) = sqlx::query(DEREGISTER)
+                .bind(&self.id)
+                .bind(&self.incarnation)
+                .execute(pool)
+                .await
         {
             warn!(error = %e, "cannot deregister this instance; its lease will run out instead");
         }
@@ -182,10 +236,107 @@ fn serve_lock(path: &Path) -> Result<std::fs::File> {
     }
 }
 
+/// Claims `id` for `incarnation` in `duet_instances` (see the module's doc): registers it,
+/// or takes over the row of a dead incarnation, or refuses when a live one holds it.
+async fn claim(
+    pool: &PgPool,
+    id: &str,
+    incarnation: &str,
+    lease: Duration,
+    metrics: &Metrics,
+) -> Result<()> {
+    // Twice at most: a holder's row that disappears between the insert and the read (its
+    // clean stop, or a sweep) is followed by a second insert.
+    for _ in 0..2 {
+        let inserted = sqlx::query(REGISTER)
+            .bind(id)
+            .bind(incarnation)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        if inserted == 1 {
+            return Ok(());
+        }
+        let Some(seen) = holder(pool, id).await? else {
+            continue;
+        };
+        if seen.age < lease {
+            // Fresh: watch it for one and a half beats. A live holder beats in that time.
+            let watch = (heartbeat_every(lease) * 3 / 2).min(lease);
+            warn!(
+                instance_id = %id,
+                heartbeat_age_s = seen.age.as_secs_f64(),
+                watch_s = watch.as_secs_f64(),
+                "another incarnation of this INSTANCE_ID has a fresh heartbeat; \
+                 waiting to see whether it is alive"
+            );
+            tokio::time::sleep(watch).await;
+            match holder(pool, id).await? {
+                None => continue,
+                Some(now) if now.incarnation != seen.incarnation || now.beat != seen.beat => {
+                    return Err(AuditError::InstanceInUse {
+                        id: id.to_owned(),
+                        waited_s: watch.as_secs_f64(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let mut tx = pool.begin().await?;
+        let taken = sqlx::query(TAKE_OVER)
+            .bind(id)
+            .bind(incarnation)
+            .bind(&seen.incarnation)
+            .bind(seen.beat)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if taken == 0 {
+            // Another process took it (or its heartbeat moved) since it was read.
+            return Err(AuditError::InstanceInUse {
+                id: id.to_owned(),
+                waited_s: 0.0,
+            });
+        }
+        let n = sqlx::query(INTERRUPT_OWN)
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?
+            .len() as u64;
+        tx.commit().await?;
+        info!(instance_id = %id, "took over the INSTANCE_ID of a process that stopped");
+        interrupted(metrics, n, "the previous process of this INSTANCE_ID");
+        return Ok(());
+    }
+    Err(AuditError::InstanceInUse {
+        id: id.to_owned(),
+        waited_s: 0.0,
+    })
+}
+
+/// The incarnation holding an id's row, as read at one instant.
+struct Holder {
+    incarnation: String,
+    beat: chrono::DateTime<chrono::Utc>,
+    age: Duration,
+}
+
+async fn holder(pool: &PgPool, id: &str) -> Result<Option<Holder>> {
+    let row: Option<(String, chrono::DateTime<chrono::Utc>, f64)> =
+        sqlx::query_as(HOLDER).bind(id).fetch_optional(pool).await?;
+    Ok(row.map(|(incarnation, beat, age)| Holder {
+        incarnation,
+        beat,
+        // A clock step can make the age negative; it is fresh then.
+        age: Duration::try_from_secs_f64(age).unwrap_or(Duration::ZERO),
+    }))
+}
+
 /// The PostgreSQL heartbeat loop.
 struct Heartbeat {
     pool: PgPool,
     id: String,
+    incarnation: String,
     lease: Duration,
     metrics: Metrics,
     stop: CancellationToken,
@@ -223,21 +374,34 @@ impl Heartbeat {
     async fn beat(&self) -> Result<()> {
         let refreshed = sqlx::query(HEARTBEAT)
             .bind(&self.id)
+            .bind(&self.incarnation)
             .execute(&self.pool)
             .await?
             .rows_affected();
         if refreshed == 0 {
-            error!(
-                instance_id = %self.id,
-                lease_s = self.lease.as_secs_f64(),
-                "this instance's heartbeat was older than INSTANCE_LEASE_S and another replica \
-                 presumed it dead: its runs in flight were marked interrupted (their records \
-                 will replace that as they arrive); registering again"
-            );
-            sqlx::query(REGISTER)
+            let registered = sqlx::query(REGISTER)
                 .bind(&self.id)
+                .bind(&self.incarnation)
                 .execute(&self.pool)
-                .await?;
+                .await?
+                .rows_affected();
+            if registered == 1 {
+                error!(
+                    instance_id = %self.id,
+                    lease_s = self.lease.as_secs_f64(),
+                    "this instance's heartbeat was older than INSTANCE_LEASE_S and another \
+                     replica presumed it dead: its runs in flight were marked interrupted \
+                     (their records will replace that as they arrive); registered again"
+                );
+            } else {
+                // Not fought over: taking the row back would let each process mark the
+                // other's runs interrupted in turn.
+                error!(
+                    instance_id = %self.id,
+                    "another process holds this INSTANCE_ID (it took it over while this \
+                     one's heartbeat was late): two replicas share one id; give each its own"
+                );
+            }
         }
         sweep(&self.pool, self.lease, &self.metrics).await
     }

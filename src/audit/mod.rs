@@ -414,6 +414,12 @@ pub enum AuditError {
         lock.display()
     )]
     InUse { path: PathBuf, lock: PathBuf },
+    #[error(
+        "INSTANCE_ID {id:?} is in use by a live replica (its heartbeat went on while this one \
+         waited {waited_s:.1} s): give each replica its own INSTANCE_ID, or leave it unset \
+         for host name and port"
+    )]
+    InstanceInUse { id: String, waited_s: f64 },
     #[error("SQLite serve lock {}: {source}", path.display())]
     ServeLock {
         path: PathBuf,

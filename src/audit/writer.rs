@@ -140,7 +140,7 @@ pub struct WriterOptions {
     /// Batches that may wait for the dead-letter thread before senders append themselves.
     pub deadletter_capacity: usize,
     /// Stamped on every start row and record (`dual_runs.instance_id`): this process's id,
-    /// as [`super::instance::Instance`] heartbeats it. A fresh UUIDv7 by default.
+    /// as [`super::instance::Instance`] heartbeats it. By default the host name and port 0.
     pub instance_id: String,
     /// `AUDIT_STORE_TEXT`: with `None`, texts are stripped from records and start rows as
     /// they are submitted, before anything durable can see them (see `audit::privacy`).
@@ -162,7 +162,7 @@ impl WriterOptions {
             retry: RetryPolicy::default(),
             deadletter_path: deadletter_path.into(),
             deadletter_capacity: 1024,
-            instance_id: super::instance::new_id(),
+            instance_id: super::instance::default_id(0),
             store_text: StoreText::Full,
         }
     }

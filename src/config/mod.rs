@@ -199,6 +199,10 @@ pub struct Config {
     /// dead, and any live replica finalizes its runs in flight as `interrupted`. Each
     /// replica refreshes its heartbeat every third of it (at most every 5 s).
     pub instance_lease: Duration,
+    /// `INSTANCE_ID`: this replica's name among those sharing a database, stamped on each of
+    /// its runs (`dual_runs.instance_id`). `None` (unset, the default): the host name and the
+    /// port the service listens on, decided once it is bound (see `audit::instance`).
+    pub instance_id: Option<String>,
     /// `TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client (contract §8).
     /// Empty (the default): every peer is the client, and the header is ignored.
     pub trusted_proxies: Vec<Cidr>,
@@ -378,6 +382,7 @@ impl Config {
             max_connections_per_client: cap(src, "MAX_CONNECTIONS_PER_CLIENT", 1024)?,
             max_connections: cap(src, "MAX_CONNECTIONS", default_max_connections())?,
             instance_lease: instance_lease(src)?,
+            instance_id: instance_id(src)?,
             trusted_proxies: trusted_proxies(src)?,
             audit_store_text: store_text(src)?,
             audit_retention_days: retention_days(src)?,

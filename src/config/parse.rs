@@ -302,6 +302,26 @@ pub(super) fn trusted_proxies(src: &dyn Source) -> Result<Vec<Cidr>, ConfigError
         .collect()
 }
 
+/// The longest `INSTANCE_ID`.
+pub(super) const MAX_INSTANCE_ID_BYTES: usize = 128;
+
+/// `INSTANCE_ID`: 1 to 128 printable ASCII characters without spaces, since it goes into
+/// logs and rows, and operators type it in queries.
+pub(super) fn instance_id(src: &dyn Source) -> Result<Option<String>, ConfigError> {
+    let Some(id) = var(src, "INSTANCE_ID") else {
+        return Ok(None);
+    };
+    if id.len() > MAX_INSTANCE_ID_BYTES || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            "INSTANCE_ID",
+            format!(
+                "must be 1 to {MAX_INSTANCE_ID_BYTES} printable ASCII characters without spaces"
+            ),
+        ));
+    }
+    Ok(Some(id))
+}
+
 /// `INSTANCE_LEASE_S`: at least a second, since a live replica whose heartbeat is late by
 /// more than the lease (a pause, a slow database) has its runs marked interrupted.
 pub(super) fn instance_lease(src: &dyn Source) -> Result<Duration, ConfigError> {

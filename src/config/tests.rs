@@ -222,6 +222,23 @@ fn instance_lease_defaults_to_30_s_and_refuses_bad_values() {
 }
 
 #[test]
+fn instance_id_is_unset_by_default_and_refuses_bad_values() {
+    assert_eq!(Config::defaults().instance_id, None);
+    assert_eq!(
+        load(&[("INSTANCE_ID", " duet-0.eu-west:8080 ")])
+            .unwrap()
+            .instance_id
+            .as_deref(),
+        Some("duet-0.eu-west:8080")
+    );
+    for bad in ["two words", "tab\there", "é", &"x".repeat(129)] {
+        let err = load(&[("INSTANCE_ID", bad)]).unwrap_err();
+        assert_eq!(err.var, "INSTANCE_ID", "{bad}");
+        assert_eq!(err.to_string().lines().count(), 1, "{err}");
+    }
+}
+
+#[test]
 fn store_text_and_retention_default_and_refuse_bad_values() {
     let c = load(&[]).unwrap();
     assert_eq!(c.audit_store_text, StoreText::Full);

@@ -208,6 +208,126 @@ async fn postgres_the_survivor_finalizes_only_the_dead_replicas_runs() {
     assert_eq!(db::count(&pg.store, "duet_instances").await, 0);
 }
 
+/// `INSTANCE_ID`: a replica restarted under the same id after `kill -9` (within the lease)
+/// watches the old incarnation's heartbeat for 1.5 beats, sees it stopped, takes the id over
+/// and finalizes the old runs at once, without waiting for the lease to run out. Without
+/// `INSTANCE_ID` the id is the host name and the bound port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_replica_restarted_under_its_id_interrupts_its_old_runs_at_once() {
+    let Some(pg) = db::postgres("postgres_a_replica_restarted_under_its_id").await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let client = direct_client();
+    let id = [("ADMIN_TOKEN", "admin"), ("INSTANCE_ID", "edge-1")];
+    // Lease 6 s (a beat every 2 s, a 3 s watch): the sweep cannot be what finalizes the run
+    // before the restarted replica is listening.
+    let (a, a_addr) = crate::helpers::replica(tmp.path(), &pg.url, "30", "6", &id);
+    let (run, _open) = start_run(&client, &a_addr, "slow").await;
+    wait_status(&pg.store, run, "running", Duration::from_secs(1)).await;
+    assert_eq!(
+        get_run(&client, &a_addr, run).await["instance_id"],
+        "edge-1"
+    );
+    let killed = Instant::now();
+    kill_9(a);
+
+    let (again, again_addr) = crate::helpers::replica(tmp.path(), &pg.url, "0.01", "6", &id);
+    let restarted = killed.elapsed();
+    assert!(
+        restarted < Duration::from_secs(6),
+        "the restart took {restarted:?}: the lease, not the takeover, may have freed the id"
+    );
+    assert_eq!(
+        status(&pg.store, run).await.as_deref(),
+        Some("interrupted"),
+        "finalized by the takeover, before the new incarnation serves"
+    );
+    assert_eq!(
+        metric_of(&client, &again_addr, "duet_runs_interrupted_total").await,
+        1.0
+    );
+    // The new incarnation's own runs carry the same id.
+    let answered = post_query_to(&client, &again_addr, json!({"query": "after"})).await;
+    let after: Uuid = answered.headers()["x-run-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_status(&pg.store, after, "ok", Duration::from_secs(5)).await;
+    assert_eq!(
+        get_run(&client, &again_addr, after).await["instance_id"],
+        "edge-1"
+    );
+    assert_eq!(terminate(again).await, Some(0));
+
+    // Unset: host name and port.
+    let (plain, plain_addr) = replica(tmp.path(), &pg.url, "0.01", "6");
+    let answered = post_query_to(&client, &plain_addr, json!({"query": "plain"})).await;
+    let plain_run: Uuid = answered.headers()["x-run-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_status(&pg.store, plain_run, "ok", Duration::from_secs(5)).await;
+    let port = plain_addr.rsplit(':').next().unwrap();
+    let instance = get_run(&client, &plain_addr, plain_run).await["instance_id"].clone();
+    let instance = instance.as_str().unwrap();
+    assert!(instance.ends_with(&format!(":{port}")), "{instance}");
+    assert!(instance.len() > port.len() + 1, "{instance}");
+    assert_eq!(terminate(plain).await, Some(0));
+}
+
+/// Two live replicas given one `INSTANCE_ID`: the second sees the first's heartbeat move and
+/// refuses to start, with one line naming the variable; the first's run is never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_live_replicas_cannot_share_an_instance_id() {
+    let Some(pg) = db::postgres("postgres_two_live_replicas_cannot_share_an_instance_id").await
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let client = direct_client();
+    let id = [("INSTANCE_ID", "twin")];
+    let (first, addr) = crate::helpers::replica(tmp.path(), &pg.url, "3", "3", &id);
+    let (run, open) = start_run(&client, &addr, "slow").await;
+    wait_status(&pg.store, run, "running", Duration::from_secs(1)).await;
+
+    let out = duet_command(tmp.path())
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("DATABASE_URL", &pg.url)
+        .env("INSTANCE_LEASE_S", "3")
+        .env("INSTANCE_ID", "twin")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("INSTANCE_ID \"twin\" is in use by a live replica"),
+        "{stderr}"
+    );
+    assert_eq!(status(&pg.store, run).await.as_deref(), Some("running"));
+    let body = open.text().await.unwrap();
+    assert!(body.contains("\"status\":\"ok\""), "{body}");
+    wait_status(&pg.store, run, "ok", Duration::from_secs(5)).await;
+    assert_eq!(terminate(first).await, Some(0));
+}
+
+/// A bad `INSTANCE_ID` stops the service at start with one line naming it.
+#[test]
+fn a_bad_instance_id_stops_the_service_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = duet_command(dir.path())
+        .env("INSTANCE_ID", "two words")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("INSTANCE_ID"), "{stderr}");
+}
+
 /// The kill -9 window: runs started in the last few milliseconds before a `kill -9` may have
 /// no row (their start message was still in the writer's queue). A client starts runs every
 /// 2 ms while the process is killed; after a restart every run whose start the client saw
@@ -288,9 +408,9 @@ async fn sqlite_a_second_process_on_the_file_stops_without_touching_live_runs() 
     let (run_id, open) = start_run(&client, &addr, "slow").await;
     wait_status(&db.store, run_id, "running", Duration::from_secs(1)).await;
 
-    // The same address too: without the lock it would get as far as binding, and fail there.
+    // A port of its own: the lock, not a taken address, must be what stops it.
     let out = duet_command(dir)
-        .env("BIND_ADDR", &addr)
+        .env("BIND_ADDR", "127.0.0.1:0")
         .env("DATABASE_URL", &db.url)
         .stdout(Stdio::null())
         .output()

@@ -1,0 +1,1 @@
+ALTER TABLE duet_instances DROP COLUMN incarnation;

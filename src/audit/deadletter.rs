@@ -130,14 +130,17 @@ impl Appender {
     }
 
     /// Appends, and when even that fails, logs every record in full: the last place left.
-    pub fn append_or_log(&self, records: &[RunRecord]) {
-        if let Err(e) = self.append(records) {
-            for record in records {
-                let json = serde_json::to_string(record).unwrap_or_default();
-                error!(error = %e, run_id = %record.run_id, record = %json,
-                    "cannot write the dead-letter file; the record survives only in this log line");
-            }
+    /// True when the records reached the file.
+    pub fn append_or_log(&self, records: &[RunRecord]) -> bool {
+        let Err(e) = self.append(records) else {
+            return true;
+        };
+        for record in records {
+            let json = serde_json::to_string(record).unwrap_or_default();
+            error!(error = %e, run_id = %record.run_id, record = %json,
+                "cannot write the dead-letter file; the record survives only in this log line");
         }
+        false
     }
 
     fn error(&self, source: std::io::Error) -> AuditError {
@@ -148,9 +151,13 @@ impl Appender {
     }
 }
 
+/// Called once records are appended and fsynced (or the append failed and was logged).
+pub type Then = Box<dyn FnOnce(bool) + Send>;
+
 enum Msg {
-    /// Records and their [`RunRecord::approx_bytes`], released once appended.
-    Records(Vec<RunRecord>, usize),
+    /// Records and their [`RunRecord::approx_bytes`], released once appended, and what to
+    /// call then.
+    Records(Vec<RunRecord>, usize, Option<Then>),
     Stop,
 }
 
@@ -211,7 +218,16 @@ impl DeadLetter {
     /// Hands records to the thread without waiting. If its queue is full or it has stopped,
     /// appends them here and now (see `append_here`), since dropping them is not an option.
     pub fn send(&self, records: Vec<RunRecord>) {
+        self.send_then(records, None);
+    }
+
+    /// As [`DeadLetter::send`], then calls `then` with whether the append reached the disk,
+    /// on whichever thread appended: for bookkeeping that must wait for durability.
+    pub fn send_then(&self, records: Vec<RunRecord>, then: Option<Then>) {
         if records.is_empty() {
+            if let Some(then) = then {
+                then(true);
+            }
             return;
         }
         let bytes: usize = records.iter().map(RunRecord::approx_bytes).sum();
@@ -228,23 +244,29 @@ impl DeadLetter {
                 records = records.len(),
                 "dead-letter queue full (bytes); appending on the caller's thread"
             );
-            append_here(&self.file, &records);
+            let ok = append_here(&self.file, &records);
+            if let Some(then) = then {
+                then(ok);
+            }
             return;
         }
-        let records = match self.tx.try_send(Msg::Records(records, bytes)) {
+        let (records, then) = match self.tx.try_send(Msg::Records(records, bytes, then)) {
             Ok(()) => return,
-            Err(TrySendError::Full(Msg::Records(r, _))) => {
+            Err(TrySendError::Full(Msg::Records(r, _, then))) => {
                 warn!(
                     records = r.len(),
                     "dead-letter queue full; appending on the caller's thread"
                 );
-                r
+                (r, then)
             }
-            Err(TrySendError::Disconnected(Msg::Records(r, _))) => r,
+            Err(TrySendError::Disconnected(Msg::Records(r, _, then))) => (r, then),
             Err(TrySendError::Full(Msg::Stop) | TrySendError::Disconnected(Msg::Stop)) => return,
         };
         self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        append_here(&self.file, &records);
+        let ok = append_here(&self.file, &records);
+        if let Some(then) = then {
+            then(ok);
+        }
     }
 
     /// Writes what is queued, then stops the thread and waits for it. Blocks: call it from
@@ -268,11 +290,11 @@ impl DeadLetter {
 /// caller's own task waits for the disk. Anywhere else it is a plain call: a thread outside
 /// any runtime (or the blocking pool) may block, and a current-thread runtime (tests, tools)
 /// does not allow `block_in_place`; its single thread waits, as it always has.
-fn append_here(file: &Appender, records: &[RunRecord]) {
+fn append_here(file: &Appender, records: &[RunRecord]) -> bool {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
         Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| file.append_or_log(records));
+            tokio::task::block_in_place(|| file.append_or_log(records))
         }
         _ => file.append_or_log(records),
     }
@@ -280,16 +302,18 @@ fn append_here(file: &Appender, records: &[RunRecord]) {
 
 fn run(rx: &Receiver<Msg>, file: &Appender, pending_bytes: &AtomicUsize) {
     while let Ok(msg) = rx.recv() {
-        let Msg::Records(mut records, mut bytes) = msg else {
+        let Msg::Records(mut records, mut bytes, then) = msg else {
             return;
         };
+        let mut thens: Vec<Then> = then.into_iter().collect();
         // Whatever queued up meanwhile shares one fsync.
         let mut stop = false;
         while let Ok(more) = rx.try_recv() {
             match more {
-                Msg::Records(r, b) => {
+                Msg::Records(r, b, then) => {
                     records.extend(r);
                     bytes += b;
+                    thens.extend(then);
                 }
                 Msg::Stop => {
                     stop = true;
@@ -297,8 +321,11 @@ fn run(rx: &Receiver<Msg>, file: &Appender, pending_bytes: &AtomicUsize) {
                 }
             }
         }
-        file.append_or_log(&records);
+        let ok = file.append_or_log(&records);
         pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        for then in thens {
+            then(ok);
+        }
         if stop {
             return;
         }

@@ -275,8 +275,8 @@ struct Inner {
     tx: mpsc::Sender<Queued>,
     deadletter: Arc<DeadLetter>,
     journal: Arc<DeadLetter>,
-    /// Held while a record is counted and handed to the journal thread, and while the file
-    /// is removed: so a removal never takes a line whose record is still outstanding.
+    /// Held while a record is counted (before it is handed to the journal thread), and while
+    /// the file is removed: so a removal never takes a line whose record is still outstanding.
     book: Arc<Mutex<JournalBook>>,
     health: Arc<Health>,
     metrics: Metrics,
@@ -372,6 +372,30 @@ impl AuditWriter {
     /// Bytes of the records waiting for the writer.
     pub fn queue_bytes(&self) -> usize {
         self.inner.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Dead-letters a record `submit` could not queue. One it journaled stops being
+    /// outstanding in the journal once the dead-letter append is on disk (not before: until
+    /// then the journal is its only durable copy), so the journal can go when nothing else
+    /// in it is outstanding.
+    fn dead_letter(&self, record: RunRecord, journaled: bool) {
+        let inner = &self.inner;
+        if !journaled {
+            inner.deadletter.send(vec![record]);
+            return;
+        }
+        let book = Arc::clone(&inner.book);
+        let path = inner.journal.path().to_owned();
+        let then: super::deadletter::Then = Box::new(move |durable| {
+            if durable {
+                match settle(&book, &path, 1) {
+                    Ok(true) => debug!("every journaled audit record is stored; journal removed"),
+                    Ok(false) => {}
+                    Err(e) => warn!(error = %e, "cannot remove the audit journal"),
+                }
+            }
+        });
+        inner.deadletter.send_then(vec![record], Some(then));
     }
 
     /// Writes everything queued and stops the writer, waiting at most `timeout` for the
@@ -493,16 +517,21 @@ impl AuditSink for AuditWriter {
         // in retry is memory only, and a crash then would lose it.
         let journaled = inner.health.failure().is_some();
         if journaled {
-            let mut book = lock(&inner.book);
-            book.outstanding += 1;
-            book.dirty = true;
+            // Counted before it is handed over, so no removal can run between the two; the
+            // lock is not held over the hand-over, which appends on this thread when the
+            // journal thread's queue is full.
+            {
+                let mut book = lock(&inner.book);
+                book.outstanding += 1;
+                book.dirty = true;
+            }
             inner.journal.send(vec![record.clone()]);
         }
         let bytes = record.approx_bytes();
         if !self.reserve(bytes) {
             warn!(run_id = %record.run_id, bytes,
                 "audit queue full (bytes); dead-lettering the record");
-            inner.deadletter.send(vec![record]);
+            self.dead_letter(record, journaled);
             return;
         }
         let run_id = record.run_id;
@@ -519,7 +548,7 @@ impl AuditSink for AuditWriter {
         inner.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
         warn!(%run_id, "{why}");
         if let Item::Ended(record) = q.item {
-            inner.deadletter.send(vec![record]);
+            self.dead_letter(record, q.journaled);
         }
     }
 
@@ -536,6 +565,28 @@ impl AuditSink for AuditWriter {
 /// A plain counter behind a lock: a panic elsewhere cannot leave it half-written.
 fn lock(book: &Mutex<JournalBook>) -> std::sync::MutexGuard<'_, JournalBook> {
     book.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `n` journaled records are now in the database or durably dead-lettered; when nothing
+/// journaled is outstanding any more, removes the journal at `path`. Blocking (a file
+/// removal under the lock): call it off the runtime's workers. True when it removed the file.
+fn settle(book: &Mutex<JournalBook>, path: &std::path::Path, n: u64) -> std::io::Result<bool> {
+    let mut book = lock(book);
+    book.outstanding = book.outstanding.saturating_sub(n);
+    if book.outstanding > 0 || !book.dirty {
+        return Ok(false);
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            book.dirty = false;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            book.dirty = false;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The writer task's state.
@@ -721,25 +772,7 @@ impl Task {
         }
         let book = Arc::clone(&self.book);
         let path = self.journal.path().to_owned();
-        let removed = tokio::task::spawn_blocking(move || {
-            let mut book = lock(&book);
-            book.outstanding = book.outstanding.saturating_sub(n as u64);
-            if book.outstanding > 0 || !book.dirty {
-                return Ok(false);
-            }
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    book.dirty = false;
-                    Ok(true)
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    book.dirty = false;
-                    Ok(false)
-                }
-                Err(e) => Err(e),
-            }
-        })
-        .await;
+        let removed = tokio::task::spawn_blocking(move || settle(&book, &path, n as u64)).await;
         match removed {
             Ok(Ok(true)) => debug!("every journaled audit record is stored; journal removed"),
             Ok(Ok(false)) => {}

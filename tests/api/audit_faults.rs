@@ -451,6 +451,49 @@ async fn a_postgres_table_renamed_away_is_not_ready_until_it_is_back() {
     );
 }
 
+/// A record journaled at submit (writes were failing) and then dead-lettered there (the
+/// queue's byte bound) stops counting as outstanding once the dead-letter line is on disk,
+/// so the journal goes as soon as the rest is stored. It stayed until a clean stop before.
+#[tokio::test]
+async fn a_journaled_record_dead_lettered_at_submit_does_not_keep_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = db::FakeStore::failing(2);
+    let metrics = Metrics::new().unwrap();
+    let options = fast_options(dir.path()).with_queue_max_bytes(64 * 1024);
+    let dl_path = options.deadletter_path.clone();
+    let writer = duet::audit::AuditWriter::start(store.clone(), options, metrics.clone()).unwrap();
+    let small = db::record(0);
+    writer.submit(small.clone());
+    for _ in 0..400 {
+        if writer.write_failure().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(writer.write_failure().is_some(), "the first write failed");
+    let mut big = db::record(1);
+    big.query = "x".repeat(100 * 1024);
+    writer.submit(big.clone());
+    for _ in 0..400 {
+        if store.stored().len() == 1 && !journal(&dl_path).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.stored(), [small]);
+    assert_eq!(dead_letters(&dl_path), [big]);
+    assert_eq!(
+        metrics.audit_journaled_total.get(),
+        2,
+        "both were journaled"
+    );
+    assert!(
+        !journal(&dl_path).exists(),
+        "old code: the dead-lettered record stayed outstanding and kept the journal"
+    );
+    writer.shutdown(Duration::from_secs(5)).await;
+}
+
 fn journal(dl_path: &Path) -> PathBuf {
     duet::audit::deadletter::journal_path(dl_path)
 }

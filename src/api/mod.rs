@@ -14,6 +14,7 @@ mod admin;
 mod client_addr;
 mod error;
 mod guard;
+mod openai;
 mod openapi;
 mod page;
 mod query;
@@ -76,8 +77,17 @@ pub fn router(state: AppState) -> Router {
     let queries = Router::new()
         .route("/query/stream", no_head(guarded(&state, post(query::stream_post).get(query::stream_get))))
         .route("/query", guarded(&state, post(query::query_post)));
+    // The OpenAI-compatible routes answer every error in OpenAI's shape (the guard's too).
+    #[rustfmt::skip]
+    let openai = Router::new()
+        .route("/v1/chat/completions", guarded(&state, post(openai::chat_completions)))
+        .route("/v1/models", guarded(&state, get(openai::list_models)))
+        .route("/v1/models/{model}", guarded(&state, get(openai::get_model)))
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(openai::errors));
     let router = Router::new()
         .merge(queries)
+        .merge(openai)
         .route("/", get(page::index))
         .route("/app.js", get(page::script))
         .route("/app.css", get(page::style))

@@ -43,6 +43,9 @@ use crate::events::EventKind;
         super::page::index,
         super::page::script,
         super::page::style,
+        super::openai::chat_completions,
+        super::openai::list_models,
+        super::openai::get_model,
         openapi_json,
     ),
     components(schemas(
@@ -62,6 +65,13 @@ use crate::events::EventKind;
         RateLimited,
         Overloaded,
         Internal,
+        super::openai::OpenAiBadRequest,
+        super::openai::OpenAiUnauthorized,
+        super::openai::OpenAiNotFound,
+        super::openai::OpenAiTooLarge,
+        super::openai::OpenAiUnsupportedMediaType,
+        super::openai::OpenAiRateLimited,
+        super::openai::OpenAiInternal,
     )),
     modifiers(&Security),
     tags(
@@ -69,6 +79,7 @@ use crate::events::EventKind;
         (name = "admin", description = "The audit trail (needs ADMIN_TOKEN)"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "page", description = "The browser page and its assets"),
+        (name = "openai", description = "OpenAI-compatible Chat Completions (docs/openai.md)"),
     ),
 )]
 pub(super) struct ApiDoc;

@@ -54,6 +54,7 @@ use crate::events::EventKind;
         crate::events::AnswerEvent,
         crate::events::ErrorEvent,
         crate::events::DoneEvent,
+        super::openai::Chunk,
     ), responses(
         EventStream,
         NothingLeft,
@@ -196,6 +197,7 @@ pub(super) fn document(max_query_bytes: usize) -> Value {
     }
     fix_links(&mut doc);
     add_interrupted(&mut doc);
+    super::openai::describe_stream(&mut doc);
     let limit = json!(max_query_bytes);
     for field in ["query", "system"] {
         if let Some(p) = doc.pointer_mut(&format!(

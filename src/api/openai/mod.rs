@@ -42,6 +42,7 @@ pub(super) use self::error::{
     OpenAiBadRequest, OpenAiInternal, OpenAiNotFound, OpenAiRateLimited, OpenAiTooLarge,
     OpenAiUnauthorized, OpenAiUnsupportedMediaType, openai_errors as errors,
 };
+pub(super) use self::response::{Chunk, describe_stream};
 
 /// Which model's answer a response carries.
 pub(super) const X_DUET_ANSWER: &str = "x-duet-answer";

@@ -76,29 +76,31 @@ pub(in crate::api) struct RequestBody {
     n: Option<u32>,
     /// Refused unless empty: duet calls no tools.
     #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
-    tools: Option<Vec<Value>>,
+    tools: Option<Vec<serde_json::Map<String, Value>>>,
     /// Refused unless `none`.
-    #[schema(value_type = Option<String>)]
+    #[schema(schema_with = none_or_null)]
     tool_choice: Option<Value>,
     /// Refused unless empty (the old form of `tools`).
     #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
-    functions: Option<Vec<Value>>,
+    functions: Option<Vec<serde_json::Map<String, Value>>>,
     /// Refused unless `none` (the old form of `tool_choice`).
-    #[schema(value_type = Option<String>)]
+    #[schema(schema_with = none_or_null)]
     function_call: Option<Value>,
     /// Only `{"type": "text"}`.
     response_format: Option<ResponseFormat>,
     /// Refused when true: duet reports no log probabilities.
+    #[schema(schema_with = false_or_null)]
     logprobs: Option<bool>,
-    /// Refused: duet reports no log probabilities.
+    /// Refused above 0: duet reports no log probabilities.
+    #[schema(maximum = 0)]
     top_logprobs: Option<u32>,
     /// Only `["text"]`.
     modalities: Option<Vec<Modality>>,
-    /// Refused: duet answers in text.
-    #[schema(value_type = Option<Object>)]
+    /// Refused unless null: duet answers in text.
+    #[schema(schema_with = null_only)]
     audio: Option<Value>,
-    /// Refused: duet does not search the web.
-    #[schema(value_type = Option<Object>)]
+    /// Refused unless null: duet does not search the web.
+    #[schema(schema_with = null_only)]
     web_search_options: Option<Value>,
     // Accepted, and changing nothing for duet.
     user: Option<String>,
@@ -113,7 +115,7 @@ pub(in crate::api) struct RequestBody {
     service_tier: Option<String>,
     parallel_tool_calls: Option<bool>,
     #[schema(value_type = Option<Object>)]
-    prediction: Option<Value>,
+    prediction: Option<serde_json::Map<String, Value>>,
     prompt_cache_key: Option<String>,
     safety_identifier: Option<String>,
     verbosity: Option<String>,
@@ -186,14 +188,16 @@ pub(in crate::api) struct ChatMessage {
     name: Option<String>,
     /// Refused: duet calls no tools.
     #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
-    tool_calls: Option<Vec<Value>>,
+    tool_calls: Option<Vec<serde_json::Map<String, Value>>>,
     /// Accepted and ignored (it belongs to `tool` messages, which are refused).
     tool_call_id: Option<String>,
-    #[schema(value_type = Option<Object>)]
+    /// Refused unless null: duet calls no tools.
+    #[schema(schema_with = null_only)]
     function_call: Option<Value>,
     /// Accepted and ignored.
     refusal: Option<String>,
-    #[schema(value_type = Option<Object>)]
+    /// Refused unless null: duet takes text only.
+    #[schema(schema_with = null_only)]
     audio: Option<Value>,
 }
 
@@ -212,8 +216,10 @@ enum ChatRole {
     Assistant,
 }
 
-/// A message's content: text, or text parts.
-#[derive(utoipa::ToSchema)]
+/// A message's content: text, or text parts. (Deserialize only so that the serde attributes,
+/// which utoipa reads, are allowed: `message` reads content by hand, naming the part at fault.)
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
 #[schema(as = MessageContent)]
 #[expect(dead_code, reason = "described, never built")]
 enum MessageContent {
@@ -222,7 +228,8 @@ enum MessageContent {
 }
 
 /// One text part of a message's content.
-#[derive(utoipa::ToSchema)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[expect(dead_code, reason = "described, never built")]
 struct TextPart {
     #[schema(value_type = TextPartType)]
@@ -230,8 +237,8 @@ struct TextPart {
     text: String,
 }
 
-#[derive(utoipa::ToSchema)]
-#[expect(dead_code, reason = "described, never built")]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 enum TextPartType {
     #[schema(rename = "text")]
     Text,
@@ -296,6 +303,31 @@ pub(in crate::api) enum Stop {
     Many(Vec<String>),
 }
 
+/// The schema of a field that is refused unless it is null (or absent).
+fn null_only() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Null)
+        .build()
+}
+
+/// `false` or null: what duet takes of `logprobs`.
+fn false_or_null() -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{SchemaType, Type};
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Boolean, Type::Null]))
+        .enum_values(Some([Value::Bool(false), Value::Null]))
+        .build()
+}
+
+/// `"none"` or null: what duet takes of `tool_choice` and `function_call`.
+fn none_or_null() -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{SchemaType, Type};
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some([Value::from("none"), Value::Null]))
+        .build()
+}
+
 /// Longest time a client may take to send a request body (as on `/query*`).
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -357,6 +389,7 @@ pub(in crate::api) fn from_json(
             code: "unknown_parameter",
         });
     }
+    objects_only(fields)?;
     let body: RequestBody = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let problem = e.inner().to_string();
@@ -374,6 +407,30 @@ pub(in crate::api) fn from_json(
         }
     })?;
     validate(body, max_query_bytes)
+}
+
+/// serde reads a struct from an array too, field by field (`"stream_options": [true]`); the
+/// fields OpenAI's schema makes objects must be objects.
+fn objects_only(fields: &serde_json::Map<String, Value>) -> Result<(), OpenAiError> {
+    let must_be_object = |param: String, v: &Value| match v {
+        Value::Object(_) => Ok(()),
+        _ => Err(OpenAiError::invalid(
+            param.clone(),
+            format!("Invalid value for '{param}': it must be an object"),
+        )),
+    };
+    for field in ["stream_options", "response_format"] {
+        match fields.get(field) {
+            None | Some(Value::Null) => {}
+            Some(v) => must_be_object(field.to_owned(), v)?,
+        }
+    }
+    if let Some(Value::Array(messages)) = fields.get("messages") {
+        for (i, m) in messages.iter().enumerate() {
+            must_be_object(format!("messages[{i}]"), m)?;
+        }
+    }
+    Ok(())
 }
 
 /// serde_json's message without the position for one-line bodies.
@@ -411,22 +468,28 @@ fn validate(body: RequestBody, max_query_bytes: usize) -> Result<ChatRequest, Op
             code: "invalid_value",
         }
     })?;
-    let (max_tokens, max_tokens_field) = match (body.max_completion_tokens, body.max_tokens) {
-        (Some(n), _) => (Some(n), "max_completion_tokens"),
-        (None, n) => (n, "max_tokens"),
+    // Both token limits are checked, each under its own name; the newer one wins.
+    let refuse = |field: &str, e: crate::conversation::ParamError| {
+        OpenAiError::invalid(field, format!("\"{field}\" must be {}", e.range))
     };
+    for (field, n) in [
+        ("max_tokens", body.max_tokens),
+        ("max_completion_tokens", body.max_completion_tokens),
+    ] {
+        let alone = GenParams {
+            max_tokens: n,
+            ..GenParams::default()
+        };
+        alone.check("").map_err(|e| refuse(field, e))?;
+    }
     let both = GenParams {
-        max_tokens,
+        max_tokens: body.max_completion_tokens.or(body.max_tokens),
         temperature: body.temperature,
         thinking: body.reasoning_effort.map(ReasoningEffort::thinking),
     };
     both.check("").map_err(|e| {
-        let field = if e.field == "max_tokens" {
-            max_tokens_field.to_owned()
-        } else {
-            e.field.clone()
-        };
-        OpenAiError::invalid(field.clone(), format!("\"{field}\" must be {}", e.range))
+        let field = e.field.clone();
+        refuse(&field, e)
     })?;
     let stream = body.stream.unwrap_or(false);
     Ok(ChatRequest {
@@ -486,7 +549,7 @@ fn refuse_what_duet_cannot_honour(body: &RequestBody) -> Result<(), OpenAiError>
             "duet reports no log probabilities",
         ));
     }
-    if body.top_logprobs.is_some() {
+    if body.top_logprobs.is_some_and(|n| n > 0) {
         return Err(OpenAiError::unsupported(
             "top_logprobs",
             "duet reports no log probabilities",
@@ -668,6 +731,19 @@ mod tests {
         );
         assert_eq!(with("logprobs", true.into()), "logprobs");
         assert_eq!(with("top_logprobs", 2.into()), "top_logprobs");
+        assert_eq!(with("audio", serde_json::json!({})), "audio");
+        assert_eq!(
+            with("stream_options", serde_json::json!([true])),
+            "stream_options"
+        );
+        assert_eq!(
+            with("messages", serde_json::json!([["user", "q"]])),
+            "messages[0]"
+        );
+        assert_eq!(
+            with("web_search_options", serde_json::json!({})),
+            "web_search_options"
+        );
         assert_eq!(with("temperature", 3.into()), "temperature");
         assert_eq!(
             with("max_completion_tokens", 0.into()),

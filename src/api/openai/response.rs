@@ -165,3 +165,44 @@ mod tests {
         assert!(CompletionUsage::of(Some(3), None).is_none());
     }
 }
+
+/// The `text/event-stream` answer's schema in the API description, as `api::openapi` does
+/// for duet's own stream (one event per schema; tools such as schemathesis check each event
+/// against it): every event's `data` is a [`Chunk`], an error object (when Pro fails
+/// mid-answer), or `[DONE]`. JSON, since utoipa's types cannot spell `contentSchema`.
+pub(in crate::api) fn describe_stream(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    if let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        schemas.insert(
+            "ChatCompletionEvent".to_owned(),
+            json!({
+                "description": "One event of a streamed chat completion: a `data:` line \
+                    holding a `chat.completion.chunk`, an error object (the answer was cut off), \
+                    or `[DONE]`, always last. Keep-alive comments carry no event.",
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "data": {"oneOf": [
+                        {"const": "[DONE]"},
+                        {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {"oneOf": [
+                                {"$ref": "#/components/schemas/ChatCompletionChunk"},
+                                {"$ref": "#/components/schemas/OpenAiErrorBody"},
+                            ]},
+                        },
+                    ]},
+                },
+            }),
+        );
+    }
+    if let Some(stream) = doc
+        .pointer_mut("/paths/~1v1~1chat~1completions/post/responses/200/content/text~1event-stream")
+    {
+        stream["schema"] = json!({"$ref": "#/components/schemas/ChatCompletionEvent"});
+    }
+}

@@ -137,35 +137,6 @@ pub(in crate::api) struct Model {
     pub owned_by: &'static str,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finish_reasons_of_every_provider_map_to_openai_ones() {
-        for (theirs, ours) in [
-            (Some("stop"), "stop"),
-            (Some("end_turn"), "stop"),
-            (Some("STOP"), "stop"),
-            (None, "stop"),
-            (Some("length"), "length"),
-            (Some("max_tokens"), "length"),
-            (Some("MAX_TOKENS"), "length"),
-            (Some("SAFETY"), "content_filter"),
-            (Some("content_filter"), "content_filter"),
-        ] {
-            assert_eq!(finish_reason(theirs), ours, "{theirs:?}");
-        }
-    }
-
-    #[test]
-    fn usage_needs_both_counts() {
-        let u = CompletionUsage::of(Some(3), Some(4)).unwrap();
-        assert_eq!(u.total_tokens, 7);
-        assert!(CompletionUsage::of(Some(3), None).is_none());
-    }
-}
-
 /// The `text/event-stream` answer's schema in the API description, as `api::openapi` does
 /// for duet's own stream (one event per schema; tools such as schemathesis check each event
 /// against it): every event's `data` is a [`Chunk`], an error object (when Pro fails
@@ -204,5 +175,34 @@ pub(in crate::api) fn describe_stream(doc: &mut serde_json::Value) {
         .pointer_mut("/paths/~1v1~1chat~1completions/post/responses/200/content/text~1event-stream")
     {
         stream["schema"] = json!({"$ref": "#/components/schemas/ChatCompletionEvent"});
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finish_reasons_of_every_provider_map_to_openai_ones() {
+        for (theirs, ours) in [
+            (Some("stop"), "stop"),
+            (Some("end_turn"), "stop"),
+            (Some("STOP"), "stop"),
+            (None, "stop"),
+            (Some("length"), "length"),
+            (Some("max_tokens"), "length"),
+            (Some("MAX_TOKENS"), "length"),
+            (Some("SAFETY"), "content_filter"),
+            (Some("content_filter"), "content_filter"),
+        ] {
+            assert_eq!(finish_reason(theirs), ours, "{theirs:?}");
+        }
+    }
+
+    #[test]
+    fn usage_needs_both_counts() {
+        let u = CompletionUsage::of(Some(3), Some(4)).unwrap();
+        assert_eq!(u.total_tokens, 7);
+        assert!(CompletionUsage::of(Some(3), None).is_none());
     }
 }

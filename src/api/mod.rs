@@ -8,7 +8,8 @@
 //! and the small operational handlers (`/healthz`, `/metrics`, the 404 and 405 fallbacks).
 //! Each other job has its module: `query` the query endpoints, `request` parsing them,
 //! `guard` authentication and rate limits, `admin` `/runs` and `/readyz`, `page` the browser
-//! page, `error` the error answers, `openapi` the API description.
+//! page, `error` the error answers, `openapi` the API description, `openai` the
+//! OpenAI-compatible `/v1` endpoints.
 
 mod admin;
 mod client_addr;
@@ -151,6 +152,7 @@ fn cors(config: &Config) -> Option<CorsLayer> {
             .expose_headers([
                 HeaderName::from_static(X_RUN_ID),
                 HeaderName::from_static(X_REQUEST_ID),
+                HeaderName::from_static(openai::X_DUET_ANSWER),
             ])
             .max_age(std::time::Duration::from_secs(600)),
     )

@@ -8,12 +8,14 @@
 //! and the small operational handlers (`/healthz`, `/metrics`, the 404 and 405 fallbacks).
 //! Each other job has its module: `query` the query endpoints, `request` parsing them,
 //! `guard` authentication and rate limits, `admin` `/runs` and `/readyz`, `page` the browser
-//! page, `error` the error answers, `openapi` the API description.
+//! page, `error` the error answers, `openapi` the API description, `openai` the
+//! OpenAI-compatible `/v1` endpoints.
 
 mod admin;
 mod client_addr;
 mod error;
 mod guard;
+mod openai;
 mod openapi;
 mod page;
 mod query;
@@ -76,8 +78,17 @@ pub fn router(state: AppState) -> Router {
     let queries = Router::new()
         .route("/query/stream", no_head(guarded(&state, post(query::stream_post).get(query::stream_get))))
         .route("/query", guarded(&state, post(query::query_post)));
+    // The OpenAI-compatible routes answer every error in OpenAI's shape (the guard's too).
+    #[rustfmt::skip]
+    let openai = Router::new()
+        .route("/v1/chat/completions", guarded(&state, post(openai::chat_completions)))
+        .route("/v1/models", guarded(&state, get(openai::list_models)))
+        .route("/v1/models/{model}", guarded(&state, get(openai::get_model)))
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(openai::errors));
     let router = Router::new()
         .merge(queries)
+        .merge(openai)
         .route("/", get(page::index))
         .route("/app.js", get(page::script))
         .route("/app.css", get(page::style))
@@ -141,6 +152,7 @@ fn cors(config: &Config) -> Option<CorsLayer> {
             .expose_headers([
                 HeaderName::from_static(X_RUN_ID),
                 HeaderName::from_static(X_REQUEST_ID),
+                HeaderName::from_static(openai::X_DUET_ANSWER),
             ])
             .max_age(std::time::Duration::from_secs(600)),
     )

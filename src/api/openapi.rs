@@ -43,6 +43,9 @@ use crate::events::EventKind;
         super::page::index,
         super::page::script,
         super::page::style,
+        super::openai::chat_completions,
+        super::openai::list_models,
+        super::openai::get_model,
         openapi_json,
     ),
     components(schemas(
@@ -51,6 +54,7 @@ use crate::events::EventKind;
         crate::events::AnswerEvent,
         crate::events::ErrorEvent,
         crate::events::DoneEvent,
+        super::openai::Chunk,
     ), responses(
         EventStream,
         NothingLeft,
@@ -62,6 +66,13 @@ use crate::events::EventKind;
         RateLimited,
         Overloaded,
         Internal,
+        super::openai::OpenAiBadRequest,
+        super::openai::OpenAiUnauthorized,
+        super::openai::OpenAiNotFound,
+        super::openai::OpenAiTooLarge,
+        super::openai::OpenAiUnsupportedMediaType,
+        super::openai::OpenAiRateLimited,
+        super::openai::OpenAiInternal,
     )),
     modifiers(&Security),
     tags(
@@ -69,6 +80,7 @@ use crate::events::EventKind;
         (name = "admin", description = "The audit trail (needs ADMIN_TOKEN)"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "page", description = "The browser page and its assets"),
+        (name = "openai", description = "OpenAI-compatible Chat Completions (docs/openai.md)"),
     ),
 )]
 pub(super) struct ApiDoc;
@@ -185,6 +197,7 @@ pub(super) fn document(max_query_bytes: usize) -> Value {
     }
     fix_links(&mut doc);
     add_interrupted(&mut doc);
+    super::openai::describe_stream(&mut doc);
     let limit = json!(max_query_bytes);
     for field in ["query", "system"] {
         if let Some(p) = doc.pointer_mut(&format!(

@@ -140,7 +140,7 @@ fn last_event_id(headers: &HeaderMap) -> Option<&HeaderValue> {
 /// The API key the request authenticated with; `None` without API_KEYS. With keys configured
 /// a request that reached a handler has one (the guard refuses the rest); if the guard were
 /// ever missing from a route, the request is refused rather than run without an owner.
-fn caller_key(
+pub(super) fn caller_key(
     state: &AppState,
     key: Option<Extension<AuthenticatedKey>>,
 ) -> Result<Option<&Secret>, ApiError> {
@@ -152,7 +152,7 @@ fn caller_key(
         .ok_or(ApiError::Unauthorized)
 }
 
-fn start_run(
+pub(super) fn start_run(
     state: &AppState,
     params: QueryParams,
     client_request_id: Option<String>,

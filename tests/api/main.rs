@@ -24,6 +24,7 @@ mod db;
 mod failover;
 mod helpers;
 mod metrics;
+mod openai_compat;
 mod openapi;
 mod process;
 mod protection;

@@ -336,6 +336,8 @@ fn started_of(record: &RunRecord) -> StartedRun {
         created_at: record.created_at,
         query: record.query.as_str().into(),
         system: record.system.as_deref().map(Into::into),
+        conversation: None,
+        params: None,
         ..started(record.run_id)
     }
 }
@@ -347,6 +349,8 @@ fn started(run_id: Uuid) -> StartedRun {
         created_at: Utc::now(),
         query: "q".into(),
         system: None,
+        conversation: None,
+        params: None,
         owner_fingerprint: None,
         instance_id: Some("i-1".into()),
     }

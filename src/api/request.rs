@@ -171,7 +171,7 @@ fn field_name(prefix: &str, name: &str) -> String {
     if name.chars().count() <= 32 && !name.chars().any(char::is_control) {
         format!("\"{prefix}{name}\"")
     } else {
-        "a field with a long or unprintable name".to_owned()
+        "(a name too long or unprintable to repeat)".to_owned()
     }
 }
 

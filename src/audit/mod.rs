@@ -365,9 +365,10 @@ impl StartedRun {
     pub fn approx_bytes(&self) -> usize {
         self.query.len()
             + self.system.as_ref().map_or(0, |s| s.len())
-            + self.conversation.as_ref().map_or(0, |c| {
-                c.content_bytes() + 32 * (c.turns().len() + 1)
-            })
+            + self
+                .conversation
+                .as_ref()
+                .map_or(0, |c| c.content_bytes() + 32 * (c.turns().len() + 1))
             + self.params.map_or(0, |_| PARAMS_BYTES)
             + self.client_request_id.as_ref().map_or(0, String::len)
             + 192

@@ -162,9 +162,11 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
         versions.push(text(&r.service_version));
         stored_events.push(events::to_column(&r.events));
         owners.push(r.owner_fingerprint.as_deref());
-        messages.push(r.messages.as_ref().map(|m| {
-            messages_column(m.iter().map(|m| (m.role, m.content.as_str())), json_text)
-        }));
+        messages.push(
+            r.messages.as_ref().map(|m| {
+                messages_column(m.iter().map(|m| (m.role, m.content.as_str())), json_text)
+            }),
+        );
         params.push(r.params.as_ref().map(params_column));
     }
 

@@ -47,11 +47,15 @@ pub(super) struct QueryParams {
     pub deltas: bool,
 }
 
-/// The JSON body of `POST /query/stream` and `POST /query`, as the API description shows it:
-/// an object with `query` or `messages` (exactly one), any other field is refused (400 naming
-/// it), so a misspelt or unsupported field is never silently ignored. `maxLength` is the
-/// service's `MAX_QUERY_BYTES`, counted in UTF-8 bytes. Read by [`parse_body`], by hand, so
-/// that every refusal is a sentence for people naming the field (contract §7).
+// The API description's view of the body; `parse_body` reads the JSON itself, by hand, so that
+// every refusal is a sentence for people naming the field. `document()` in `openapi` adds what
+// the derive cannot say: exactly one of `query` and `messages`, no `system` with `messages`,
+// no other field, and `maxLength` from `MAX_QUERY_BYTES`.
+/// The JSON body of `POST /query/stream` and `POST /query`: an object with `query` (one
+/// question) or `messages` (a conversation), exactly one of them, and optional generation
+/// parameters. Any other field is refused (400 naming it), so a misspelt or unsupported field
+/// is never silently ignored. `maxLength` is the service's `MAX_QUERY_BYTES`, counted in UTF-8
+/// bytes; it also bounds all `messages` contents together.
 #[derive(utoipa::ToSchema)]
 #[schema(as = QueryRequest, example = json!({"query": "Why is the sky blue?", "deltas": true}))]
 #[expect(
@@ -60,12 +64,12 @@ pub(super) struct QueryParams {
 )]
 pub(super) struct PostBody {
     /// The question: at least one non-whitespace character. Not with `messages`.
-    #[schema(min_length = 1, pattern = r"[^\s\u0085]")]
+    #[schema(min_length = 1, pattern = r"[^\s\u0085]", nullable = false)]
     query: Option<String>,
     /// A conversation instead of `query`: a `system` message may only come first, the last
     /// message is `user`, no content is blank; all contents together are at most
     /// `MAX_QUERY_BYTES`.
-    #[schema(min_items = 1)]
+    #[schema(min_items = 1, nullable = false)]
     messages: Option<Vec<Message>>,
     /// An optional system prompt for both models with `query`; blank means none. Not with
     /// `messages` (put a `system` message first instead).

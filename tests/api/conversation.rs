@@ -299,7 +299,7 @@ async fn messages_and_params_are_stored(store: &Store, dir: &std::path::Path) {
     let (mut app, writer) = spawn_audited(
         Scripted::new("flash-m", quick("fast")),
         Scripted::new("pro-m", quick("slow")),
-        &[],
+        &[("ADMIN_TOKEN", "admin-secret")],
         store.clone(),
         options,
     )
@@ -327,7 +327,23 @@ async fn messages_and_params_are_stored(store: &Store, dir: &std::path::Path) {
         json_column(store, "messages", &run_id).await,
         Some(two_turns())
     );
-    assert_eq!(json_column(store, "params", &run_id).await, Some(params));
+    assert_eq!(
+        json_column(store, "params", &run_id).await,
+        Some(params.clone())
+    );
+    // And as operators read the record over HTTP.
+    let shown: Value = app
+        .client
+        .get(app.url(&format!("/runs/{run_id}")))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["messages"], two_turns());
+    assert_eq!(shown["params"], params);
     wait_ended(store, &plain_id).await;
     assert_eq!(json_column(store, "messages", &plain_id).await, None);
     assert_eq!(json_column(store, "params", &plain_id).await, None);

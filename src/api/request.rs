@@ -547,6 +547,79 @@ pub(super) fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, A
 mod tests {
     use super::*;
 
+    /// A body of 20 messages (a system message, then alternating user and assistant turns)
+    /// holding `bytes` of text, with parameters.
+    fn conversation_body(bytes: usize) -> Vec<u8> {
+        let each = bytes / 20;
+        let text: String = "The quick brown fox jumps over the lazy dog. "
+            .chars()
+            .cycle()
+            .take(each)
+            .collect();
+        let messages: Vec<Value> = (0..20)
+            .map(|i| {
+                let role = match i {
+                    0 => "system",
+                    i if i % 2 == 1 => "user",
+                    _ => "assistant",
+                };
+                serde_json::json!({"role": role, "content": text})
+            })
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "messages": messages, "max_tokens": 500, "pro": {"thinking": "high"}
+        }))
+        .unwrap()
+    }
+
+    /// Parses and validates a body as `parse_post` does once it has the bytes.
+    fn parse_and_validate(bytes: &[u8], limit: usize) -> (usize, RunParams) {
+        let parsed = parse_body(bytes).unwrap();
+        let conversation = Conversation::new(parsed.messages.unwrap(), limit).unwrap();
+        parsed.params.check().unwrap();
+        (conversation.turns().len(), parsed.params)
+    }
+
+    #[test]
+    fn a_32_kib_conversation_parses() {
+        let body = conversation_body(32_000);
+        let (turns, params) = parse_and_validate(&body, 32_768);
+        assert_eq!(turns, 19, "the system message is not a turn");
+        assert_eq!(params.both.max_tokens, Some(500));
+        assert_eq!(params.pro.thinking, Some(Thinking::High));
+    }
+
+    /// Not a check but a measurement, for docs/benchmarks.md ("Conversations"): what parsing
+    /// and validating a 20-message, 32 KB body costs at a run's start. Run it with
+    /// `cargo test --release --lib -- --ignored --nocapture parse_cost`.
+    #[test]
+    #[ignore = "a measurement: run by hand in a release build"]
+    fn parse_cost() {
+        for (name, body) in [
+            ("query, 28 bytes", br#"{"query": "Why is the sky blue?"}"#.to_vec()),
+            ("20 messages, 32,000 bytes", conversation_body(32_000)),
+        ] {
+            let rounds = 20_000u32;
+            let start = std::time::Instant::now();
+            let mut turns = 0;
+            for _ in 0..rounds {
+                let parsed = parse_body(std::hint::black_box(&body)).unwrap();
+                let conversation = match (parsed.query, parsed.messages) {
+                    (Some(q), _) => Conversation::from_query(q, None, 32_768),
+                    (None, Some(m)) => Conversation::new(m, 32_768),
+                    (None, None) => unreachable!(),
+                }
+                .unwrap();
+                turns += conversation.turns().len();
+            }
+            let per = start.elapsed() / rounds;
+            println!(
+                "{name} ({} body bytes): {per:?} per parse+validate ({turns} turns)",
+                body.len()
+            );
+        }
+    }
+
     /// The API description lists these spellings of `deltas`; each must be accepted.
     #[test]
     fn every_described_deltas_value_is_accepted() {

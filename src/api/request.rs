@@ -596,7 +596,10 @@ mod tests {
     #[ignore = "a measurement: run by hand in a release build"]
     fn parse_cost() {
         for (name, body) in [
-            ("query, 28 bytes", br#"{"query": "Why is the sky blue?"}"#.to_vec()),
+            (
+                "query, 28 bytes",
+                br#"{"query": "Why is the sky blue?"}"#.to_vec(),
+            ),
             ("20 messages, 32,000 bytes", conversation_body(32_000)),
         ] {
             let rounds = 20_000u32;

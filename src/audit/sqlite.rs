@@ -18,13 +18,12 @@
 //! safe response is to roll back and discard the connection.
 
 use std::{
+    borrow::Cow,
     path::{Path, PathBuf},
     str::FromStr,
     sync::{Arc, OnceLock},
     time::Duration,
 };
-
-use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 use sqlx::{

@@ -371,7 +371,10 @@ async fn messages_and_params_are_stored(store: &Store, dir: &std::path::Path) {
         owner_fingerprint: None,
         instance_id: None,
     };
-    store.write(None, &[started.clone()], &[]).await.unwrap();
+    store
+        .write(None, std::slice::from_ref(&started), &[])
+        .await
+        .unwrap();
     let Some(StoredRun::Open(open)) = store.fetch_stored(started.run_id).await.unwrap() else {
         panic!("the start row reads back as an open run");
     };

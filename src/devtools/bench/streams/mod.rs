@@ -541,7 +541,10 @@ mod tests {
         assert_eq!(messages.len(), 20);
         assert_eq!(messages[0]["role"], "system");
         assert_eq!(messages[18]["role"], "assistant");
-        assert_eq!(messages[19], serde_json::json!({"role": "user", "content": "hi"}));
+        assert_eq!(
+            messages[19],
+            serde_json::json!({"role": "user", "content": "hi"})
+        );
         let text: usize = messages[..19]
             .iter()
             .map(|m| m["content"].as_str().unwrap().len())

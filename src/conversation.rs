@@ -148,8 +148,8 @@ impl Conversation {
         self.turns.last().map_or("", |m| m.content.as_str())
     }
 
-    /// True when the conversation is one user message (with or without a system prompt): what
-    /// `query` gives, stored without a `messages` copy.
+    /// True when the conversation is one user message (with or without a system prompt), as
+    /// `query` gives it (a `messages` request may be one too: see [`Self::sent_as_messages`]).
     pub fn is_single_question(&self) -> bool {
         self.turns.len() == 1
     }

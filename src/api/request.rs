@@ -219,7 +219,13 @@ fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
                     Value::Object(inner) => {
                         let mut params = GenParams::default();
                         for (key, value) in inner {
-                            gen_param(&mut params, &prefix, &key, value)?;
+                            if !gen_param(&mut params, &prefix, &key, value)? {
+                                return Err(bad(format!(
+                                    "unknown field {}; the fields of \"{name}\" are max_tokens, \
+                                     temperature, thinking",
+                                    field_name(&prefix, &key)
+                                )));
+                            }
                         }
                         params
                     }
@@ -236,48 +242,29 @@ fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
                     parsed.params.pro = params;
                 }
             }
-            _ => gen_param(&mut parsed.params.both, "", &name, value).map_err(|e| match e {
-                GenFieldError::Unknown => bad(format!(
-                    "unknown field {}; the fields are {POST_FIELDS}",
-                    field_name("", &name)
-                )),
-                GenFieldError::Bad(e) => e,
-            })?,
+            _ => {
+                if !gen_param(&mut parsed.params.both, "", &name, value)? {
+                    return Err(bad(format!(
+                        "unknown field {}; the fields are {POST_FIELDS}",
+                        field_name("", &name)
+                    )));
+                }
+            }
         }
     }
     Ok(parsed)
 }
 
-/// Why a generation parameter was not taken.
-enum GenFieldError {
-    /// Not one of `max_tokens`, `temperature`, `thinking`.
-    Unknown,
-    Bad(ApiError),
-}
-
-impl From<GenFieldError> for ApiError {
-    fn from(e: GenFieldError) -> Self {
-        match e {
-            GenFieldError::Bad(e) => e,
-            // Only reached inside `flash`/`pro`, whose callers name the field themselves.
-            GenFieldError::Unknown => ApiError::BadRequest("unknown field".into()),
-        }
-    }
-}
-
 /// Reads one of `max_tokens`, `temperature`, `thinking` into `params`; `prefix` is where they
 /// sit (`""`, `"flash."`, `"pro."`). `null` means unset, as OpenAI-style clients send it.
+/// `Ok(false)` when `key` is none of the three: the caller names the unknown field.
 fn gen_param(
     params: &mut GenParams,
     prefix: &str,
     key: &str,
     value: Value,
-) -> Result<(), GenFieldError> {
-    let bad = |range: &str| {
-        GenFieldError::Bad(ApiError::BadRequest(format!(
-            "\"{prefix}{key}\" must be {range}"
-        )))
-    };
+) -> Result<bool, ApiError> {
+    let bad = |range: &str| ApiError::BadRequest(format!("\"{prefix}{key}\" must be {range}"));
     match key {
         "max_tokens" => {
             params.max_tokens = optional(value, |v| {
@@ -303,16 +290,9 @@ fn gen_param(
             })
             .ok_or_else(|| bad("one of \"off\", \"low\", \"medium\", \"high\""))?;
         }
-        _ if prefix.is_empty() => return Err(GenFieldError::Unknown),
-        _ => {
-            return Err(GenFieldError::Bad(ApiError::BadRequest(format!(
-                "unknown field {}; the fields of \"{}\" are max_tokens, temperature, thinking",
-                field_name(prefix, key),
-                prefix.trim_end_matches('.'),
-            ))));
-        }
+        _ => return Ok(false),
     }
-    Ok(())
+    Ok(true)
 }
 
 /// `messages`: an array of `{"role", "content"}` objects, each field checked and named.

@@ -546,3 +546,68 @@ fn the_queue_counts_the_bytes_of_the_messages() {
     };
     assert!(started(Some(conversation)).approx_bytes() >= started(None).approx_bytes() + 10_000);
 }
+
+/// The API description says what the body takes: `query` or `messages` (exactly one, no
+/// `system` with `messages`), closed objects everywhere, and the configured size limit on
+/// every text.
+#[tokio::test]
+async fn the_api_description_has_the_conversation_rules() {
+    let app = spawn_app(
+        vec![Step::Finish],
+        vec![Step::Finish],
+        &[("MAX_QUERY_BYTES", "1000")],
+    )
+    .await;
+    let doc: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let body = &schemas["QueryRequest"];
+    assert_eq!(body["additionalProperties"], false);
+    assert_eq!(
+        body["oneOf"],
+        json!([
+            {"required": ["query"], "not": {"required": ["messages"]}},
+            {"required": ["messages"],
+             "not": {"anyOf": [{"required": ["query"]}, {"required": ["system"]}]}}
+        ])
+    );
+    for field in [
+        "query",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "thinking",
+        "flash",
+        "pro",
+    ] {
+        assert!(body["properties"].get(field).is_some(), "{field}");
+    }
+    assert_eq!(
+        body["properties"]["query"]["type"], "string",
+        "null is refused"
+    );
+    assert_eq!(
+        body["properties"]["messages"]["type"], "array",
+        "null is refused"
+    );
+    assert_eq!(
+        body["properties"]["pro"]["oneOf"][1]["$ref"],
+        "#/components/schemas/ModelParams"
+    );
+    assert_eq!(schemas["ModelParams"]["additionalProperties"], false);
+    assert_eq!(schemas["ChatMessage"]["additionalProperties"], false);
+    assert_eq!(
+        schemas["ChatMessage"]["properties"]["content"]["maxLength"],
+        1000
+    );
+    assert_eq!(body["properties"]["query"]["maxLength"], 1000);
+    assert_eq!(body["properties"]["temperature"]["maximum"], 2);
+    assert_eq!(body["properties"]["max_tokens"]["maximum"], 1_000_000);
+}

@@ -111,6 +111,10 @@ pub struct StreamArgs {
     pub duration: Option<f64>,
     #[arg(long, default_value = "Write a haiku about the sea.")]
     pub query: String,
+    /// Send duet a conversation instead of a question: 19 earlier user and assistant
+    /// messages sharing about this many bytes, then the query as the 20th (0: a `query`).
+    #[arg(long, default_value_t = 0)]
+    pub history_bytes: usize,
     /// Ask duet for `delta` events (needed for time to first token per model).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub deltas: bool,

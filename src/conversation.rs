@@ -34,9 +34,12 @@ impl Speaker {
 }
 
 /// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = ChatMessage)]
 pub struct Message {
     pub role: Speaker,
+    /// At least one non-whitespace character.
+    #[schema(min_length = 1, pattern = r"[^\s\u0085]")]
     pub content: String,
 }
 
@@ -66,6 +69,8 @@ pub enum ConversationError {
 pub struct Conversation {
     system: Option<String>,
     turns: Vec<Message>,
+    /// The client sent `messages` (not `query`): the audit record keeps them.
+    sent_as_messages: bool,
 }
 
 impl Conversation {
@@ -85,6 +90,7 @@ impl Conversation {
                 role: Speaker::User,
                 content: query,
             }],
+            sent_as_messages: false,
         };
         conversation.within(limit)
     }
@@ -111,7 +117,12 @@ impl Conversation {
             Some(m) if m.role == Speaker::User => {}
             _ => return Err(ConversationError::LastNotUser),
         }
-        Conversation { system, turns }.within(limit)
+        Conversation {
+            system,
+            turns,
+            sent_as_messages: true,
+        }
+        .within(limit)
     }
 
     fn within(self, limit: usize) -> Result<Self, ConversationError> {
@@ -137,10 +148,44 @@ impl Conversation {
         self.turns.last().map_or("", |m| m.content.as_str())
     }
 
-    /// True when the conversation is one user message (with or without a system prompt): what
-    /// `query` gives, stored without a `messages` copy.
+    /// True when the conversation is one user message (with or without a system prompt), as
+    /// `query` gives it (a `messages` request may be one too: see [`Self::sent_as_messages`]).
     pub fn is_single_question(&self) -> bool {
         self.turns.len() == 1
+    }
+
+    /// True when the client sent `messages` rather than `query`: the audit record then keeps
+    /// the whole conversation (`messages`), even when it is one question.
+    pub fn sent_as_messages(&self) -> bool {
+        self.sent_as_messages
+    }
+
+    /// The same conversation with every content passed through `f` (e.g. the audit's
+    /// redaction under `AUDIT_STORE_TEXT=none`).
+    pub fn map_contents(&self, mut f: impl FnMut(&str) -> String) -> Conversation {
+        Conversation {
+            system: self.system.as_deref().map(&mut f),
+            turns: self
+                .turns
+                .iter()
+                .map(|m| Message {
+                    role: m.role,
+                    content: f(&m.content),
+                })
+                .collect(),
+            sent_as_messages: self.sent_as_messages,
+        }
+    }
+
+    /// The whole conversation as owned messages, the system prompt first: what the audit
+    /// record stores (`messages`).
+    pub fn to_messages(&self) -> Vec<Message> {
+        self.messages()
+            .map(|(role, content)| Message {
+                role,
+                content: content.to_owned(),
+            })
+            .collect()
     }
 
     /// Bytes of every content together (what `MAX_QUERY_BYTES` bounds).
@@ -260,12 +305,14 @@ impl GenParams {
 
 /// The parameters of a run as the client sent them: for both models, and per model
 /// overrides. Stored as sent in the audit record (`params`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunParams {
     #[serde(flatten)]
     pub both: GenParams,
+    /// Flash's own parameters, over the ones for both.
     #[serde(skip_serializing_if = "GenParams::is_empty", default)]
     pub flash: GenParams,
+    /// Pro's own parameters, over the ones for both.
     #[serde(skip_serializing_if = "GenParams::is_empty", default)]
     pub pro: GenParams,
 }

@@ -199,6 +199,7 @@ pub(super) fn document(max_query_bytes: usize) -> Value {
     add_interrupted(&mut doc);
     super::openai::describe_stream(&mut doc);
     let limit = json!(max_query_bytes);
+    query_request_rules(&mut doc, &limit);
     for field in ["query", "system"] {
         if let Some(p) = doc.pointer_mut(&format!(
             "/components/schemas/QueryRequest/properties/{field}"
@@ -217,6 +218,44 @@ pub(super) fn document(max_query_bytes: usize) -> Value {
         }
     }
     doc
+}
+
+/// What `QueryRequest`'s derive cannot say: exactly one of `query` and `messages`, no `system`
+/// with `messages`, no field but the listed ones (in the body, in a message, in `flash` and
+/// `pro`), and no content longer than `MAX_QUERY_BYTES`. `GenParams` itself stays open, since
+/// the audit record's `params` extends it (`allOf`) with `flash` and `pro`; the body's
+/// `flash` and `pro` use a closed copy, `ModelParams`.
+fn query_request_rules(doc: &mut Value, limit: &Value) {
+    let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    if let Some(mut closed) = schemas.get("GenParams").cloned() {
+        closed["additionalProperties"] = json!(false);
+        closed["description"] = json!(
+            "One model's own `max_tokens`, `temperature` and `thinking`, over the ones for both."
+        );
+        schemas.insert("ModelParams".to_owned(), closed);
+    }
+    if let Some(message) = schemas.get_mut("ChatMessage") {
+        message["additionalProperties"] = json!(false);
+        message["properties"]["content"]["maxLength"] = limit.clone();
+    }
+    let Some(body) = schemas.get_mut("QueryRequest") else {
+        return;
+    };
+    body["additionalProperties"] = json!(false);
+    body["oneOf"] = json!([
+        {"required": ["query"], "not": {"required": ["messages"]}},
+        {"required": ["messages"], "not": {"anyOf": [{"required": ["query"]}, {"required": ["system"]}]}},
+    ]);
+    for model in ["flash", "pro"] {
+        body["properties"][model] = json!({
+            "oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/ModelParams"}],
+        });
+    }
 }
 
 /// A reconnect to a run whose replica died ends with `error` (`interrupted`) and `done`

@@ -11,9 +11,13 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::{ApiError, X_REQUEST_ID};
-use crate::conversation::{Conversation, RunParams};
+use crate::conversation::{
+    Conversation, ConversationError, GenParams, MAX_TEMPERATURE, MAX_TOKENS_LIMIT, Message,
+    RunParams, Speaker, Thinking,
+};
 
 /// The methods `/query/stream` takes: HEAD is not one of them, since a request there starts a
 /// run and a HEAD answer could show none of it.
@@ -43,22 +47,64 @@ pub(super) struct QueryParams {
     pub deltas: bool,
 }
 
-/// The JSON body of `POST /query/stream` and `POST /query`: an object; any other field is
-/// refused (400 naming it), so a misspelt or unsupported field is never silently ignored.
-/// `maxLength` is the service's `MAX_QUERY_BYTES`, counted in UTF-8 bytes.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+// The API description's view of the body; `parse_body` reads the JSON itself, by hand, so that
+// every refusal is a sentence for people naming the field. `document()` in `openapi` adds what
+// the derive cannot say: exactly one of `query` and `messages`, no `system` with `messages`,
+// no other field, and `maxLength` from `MAX_QUERY_BYTES`.
+/// The JSON body of `POST /query/stream` and `POST /query`: an object with `query` (one
+/// question) or `messages` (a conversation), exactly one of them, and optional generation
+/// parameters. Any other field is refused (400 naming it), so a misspelt or unsupported field
+/// is never silently ignored. `maxLength` is the service's `MAX_QUERY_BYTES`, counted in UTF-8
+/// bytes; it also bounds all `messages` contents together.
+#[derive(utoipa::ToSchema)]
 #[schema(as = QueryRequest, example = json!({"query": "Why is the sky blue?", "deltas": true}))]
+#[expect(
+    dead_code,
+    reason = "describes the body for the API document; parse_body reads the JSON itself"
+)]
 pub(super) struct PostBody {
-    /// The question: at least one non-whitespace character.
-    #[schema(min_length = 1, pattern = r"[^\s\u0085]")]
-    query: String,
-    /// An optional system prompt for both models; blank means none.
-    #[serde(default)]
+    /// The question: at least one non-whitespace character. Not with `messages`.
+    #[schema(min_length = 1, pattern = r"[^\s\u0085]", nullable = false)]
+    query: Option<String>,
+    /// A conversation instead of `query`: a `system` message may only come first, the last
+    /// message is `user`, no content is blank; all contents together are at most
+    /// `MAX_QUERY_BYTES`.
+    #[schema(min_items = 1, nullable = false)]
+    messages: Option<Vec<Message>>,
+    /// An optional system prompt for both models with `query`; blank means none. Not with
+    /// `messages` (put a `system` message first instead).
     system: Option<String>,
     /// Also send `delta` events as text arrives (`/query/stream` only; `/query` ignores it).
-    #[serde(default)]
     deltas: Option<bool>,
+    /// The most tokens each answer may have (both models): 1 to 1,000,000.
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    max_tokens: Option<u32>,
+    /// Sampling temperature for both models: 0 to 2.
+    #[schema(minimum = 0, maximum = 2)]
+    temperature: Option<f64>,
+    /// How much both models may think before answering (docs/providers.md says what each
+    /// level becomes per provider).
+    thinking: Option<Thinking>,
+    /// Flash's own `max_tokens`, `temperature`, `thinking`, over the ones for both.
+    flash: Option<GenParams>,
+    /// Pro's own `max_tokens`, `temperature`, `thinking`, over the ones for both.
+    pro: Option<GenParams>,
+}
+
+/// The fields [`PostBody`] has, in the order unknown-field messages list them.
+const POST_FIELDS: &str =
+    "query, messages, system, deltas, max_tokens, temperature, thinking, flash, pro";
+
+/// What a POST body says, before the conversation rules are checked.
+#[derive(Debug, Default)]
+struct Parsed {
+    query: Option<String>,
+    messages: Option<Vec<Message>>,
+    system: Option<String>,
+    /// `system` was present at all (even `null`): refused with `messages`.
+    has_system: bool,
+    deltas: bool,
+    params: RunParams,
 }
 
 /// Longest time a client may take to send a request body.
@@ -100,52 +146,259 @@ pub(super) async fn parse_post(
         }
     })?;
     let parsed = parse_body(&bytes)?;
-    validate(
-        parsed.query,
-        parsed.system,
-        parsed.deltas.unwrap_or(false),
-        max_query_bytes,
-    )
+    let conversation = match (parsed.query, parsed.messages) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "\"query\" and \"messages\" cannot both be given: send one of them".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::BadRequest(
+                "the body needs \"query\" (a question) or \"messages\" (a conversation)".into(),
+            ));
+        }
+        (Some(query), None) => Conversation::from_query(query, parsed.system, max_query_bytes)?,
+        (None, Some(_)) if parsed.has_system => return Err(ConversationError::SystemTwice.into()),
+        (None, Some(messages)) => Conversation::new(messages, max_query_bytes)?,
+    };
+    parsed.params.check()?;
+    Ok(QueryParams {
+        conversation,
+        params: parsed.params,
+        deltas: parsed.deltas,
+    })
 }
 
-/// The body as a [`PostBody`], or a 400 whose message names the field at fault.
-fn parse_body(bytes: &[u8]) -> Result<PostBody, ApiError> {
-    let refuse = |problem: String| {
-        ApiError::BadRequest(format!(
-            "the body must be a JSON object with a string \"query\": {problem}"
-        ))
-    };
-    // serde reads a struct from an array too, field by field in order (`["hi", "sys"]` would
-    // be a query and a system prompt); the contract takes objects only.
-    let first = bytes
-        .iter()
-        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
-    if first.is_some_and(|&b| b != b'{') {
-        return Err(refuse("it is not an object".into()));
+/// Field names are echoed in messages only when short and printable: the message is for
+/// people, not a mirror of whatever a client sent.
+fn field_name(prefix: &str, name: &str) -> String {
+    if name.chars().count() <= 32 && !name.chars().any(char::is_control) {
+        format!("\"{prefix}{name}\"")
+    } else {
+        "(a name too long or unprintable to repeat)".to_owned()
     }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let parsed: PostBody = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let problem = json_problem(e.inner());
-        // The path is `.` for the body itself (syntax errors); an unknown field's own message
-        // names it; otherwise the path names the field whose value is wrong.
-        refuse(if path == "." || problem.starts_with("unknown field") {
-            problem
-        } else {
-            format!("\"{path}\": {problem}")
-        })
-    })?;
-    // Trailing characters after the object (`{...} x`), as `serde_json::from_slice` checks.
-    de.end().map_err(|e| refuse(json_problem(&e)))?;
+}
+
+/// The body as a [`Parsed`], or a 400 whose message names the field at fault. Read from a
+/// [`Value`] by hand rather than through serde's derive: the derive's messages are parser
+/// internals (`invalid type: integer, expected a string`), and it reads a struct from an
+/// array too (`["hi", "sys"]` would be a query and a system prompt).
+fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
+    let bad = |m: String| ApiError::BadRequest(m);
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| bad(syntax_problem(&e)))?;
+    let Value::Object(fields) = value else {
+        return Err(bad(format!(
+            "the body must be a JSON object (with \"query\" or \"messages\"), not {}",
+            kind_of(&value)
+        )));
+    };
+    let mut parsed = Parsed::default();
+    for (name, value) in fields {
+        match name.as_str() {
+            "query" => {
+                parsed.query = Some(
+                    string(value)
+                        .ok_or_else(|| bad("\"query\" must be a string: the question".into()))?,
+                );
+            }
+            "system" => {
+                parsed.has_system = true;
+                parsed.system = optional(value, string)
+                    .ok_or_else(|| bad("\"system\" must be a string: the system prompt".into()))?;
+            }
+            "deltas" => {
+                parsed.deltas = optional(value, |v| v.as_bool())
+                    .ok_or_else(|| bad("\"deltas\" must be true or false".into()))?
+                    .unwrap_or(false);
+            }
+            "messages" => parsed.messages = Some(messages(value)?),
+            "flash" | "pro" => {
+                let prefix = format!("{name}.");
+                let params = match value {
+                    Value::Null => GenParams::default(),
+                    Value::Object(inner) => {
+                        let mut params = GenParams::default();
+                        for (key, value) in inner {
+                            if !gen_param(&mut params, &prefix, &key, value)? {
+                                return Err(bad(format!(
+                                    "unknown field {}; the fields of \"{name}\" are max_tokens, \
+                                     temperature, thinking",
+                                    field_name(&prefix, &key)
+                                )));
+                            }
+                        }
+                        params
+                    }
+                    _ => {
+                        return Err(bad(format!(
+                            "\"{name}\" must be an object with \"max_tokens\", \"temperature\" \
+                             or \"thinking\""
+                        )));
+                    }
+                };
+                if name == "flash" {
+                    parsed.params.flash = params;
+                } else {
+                    parsed.params.pro = params;
+                }
+            }
+            _ => {
+                if !gen_param(&mut parsed.params.both, "", &name, value)? {
+                    return Err(bad(format!(
+                        "unknown field {}; the fields are {POST_FIELDS}",
+                        field_name("", &name)
+                    )));
+                }
+            }
+        }
+    }
     Ok(parsed)
 }
 
-/// serde_json's message without the line/column noise for one-line bodies.
-fn json_problem(e: &serde_json::Error) -> String {
-    let text = e.to_string();
-    match text.find(" at line ") {
-        Some(i) if e.line() <= 1 => text[..i].to_owned(),
-        _ => text,
+/// Reads one of `max_tokens`, `temperature`, `thinking` into `params`; `prefix` is where they
+/// sit (`""`, `"flash."`, `"pro."`). `null` means unset, as OpenAI-style clients send it.
+/// `Ok(false)` when `key` is none of the three: the caller names the unknown field.
+fn gen_param(
+    params: &mut GenParams,
+    prefix: &str,
+    key: &str,
+    value: Value,
+) -> Result<bool, ApiError> {
+    let bad = |range: &str| ApiError::BadRequest(format!("\"{prefix}{key}\" must be {range}"));
+    match key {
+        "max_tokens" => {
+            params.max_tokens = optional(value, |v| {
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|n| (1..=MAX_TOKENS_LIMIT).contains(n))
+            })
+            .ok_or_else(|| bad("an integer from 1 to 1000000"))?;
+        }
+        "temperature" => {
+            params.temperature = optional(value, |v| {
+                v.as_f64().filter(|t| (0.0..=MAX_TEMPERATURE).contains(t))
+            })
+            .ok_or_else(|| bad("a number from 0 to 2"))?;
+        }
+        "thinking" => {
+            params.thinking = optional(value, |v| match v.as_str()? {
+                "off" => Some(Thinking::Off),
+                "low" => Some(Thinking::Low),
+                "medium" => Some(Thinking::Medium),
+                "high" => Some(Thinking::High),
+                _ => None,
+            })
+            .ok_or_else(|| bad("one of \"off\", \"low\", \"medium\", \"high\""))?;
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// `messages`: an array of `{"role", "content"}` objects, each field checked and named.
+fn messages(value: Value) -> Result<Vec<Message>, ApiError> {
+    let bad = |m: String| ApiError::BadRequest(m);
+    let Value::Array(items) = value else {
+        return Err(bad(
+            "\"messages\" must be an array of {\"role\", \"content\"} objects".into(),
+        ));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let Value::Object(fields) = item else {
+            return Err(bad(format!(
+                "\"messages[{i}]\" must be an object with \"role\" and \"content\""
+            )));
+        };
+        let (mut role, mut content) = (None, None);
+        for (name, value) in fields {
+            match name.as_str() {
+                "role" => {
+                    role = Some(match value.as_str() {
+                        Some("system") => Speaker::System,
+                        Some("user") => Speaker::User,
+                        Some("assistant") => Speaker::Assistant,
+                        _ => {
+                            return Err(bad(format!(
+                                "\"messages[{i}].role\" must be \"system\", \"user\" or \
+                                 \"assistant\""
+                            )));
+                        }
+                    });
+                }
+                "content" => {
+                    content = Some(string(value).ok_or_else(|| {
+                        bad(format!("\"messages[{i}].content\" must be a string"))
+                    })?);
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown field {}; a message has \"role\" and \"content\"",
+                        field_name(&format!("messages[{i}]."), &name)
+                    )));
+                }
+            }
+        }
+        let missing = |field: &str| bad(format!("\"messages[{i}].{field}\" is missing"));
+        out.push(Message {
+            role: role.ok_or_else(|| missing("role"))?,
+            content: content.ok_or_else(|| missing("content"))?,
+        });
+    }
+    Ok(out)
+}
+
+fn string(value: Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// `null` is `Some(None)`; a value `read` takes is `Some(Some(..))`; anything else `None`.
+fn optional<T>(value: Value, read: impl FnOnce(Value) -> Option<T>) -> Option<Option<T>> {
+    match value {
+        Value::Null => Some(None),
+        v => read(v).map(Some),
+    }
+}
+
+/// What a JSON value is, in words.
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Why a body is not JSON, for people: where it went wrong, without serde_json's own words
+/// (`expected ident`, `trailing characters`) that mean nothing to someone writing a request.
+fn syntax_problem(e: &serde_json::Error) -> String {
+    let at = if e.line() <= 1 {
+        format!("at character {}", e.column())
+    } else {
+        format!("at line {}, character {}", e.line(), e.column())
+    };
+    match e.classify() {
+        serde_json::error::Category::Eof => {
+            "the body is not valid JSON: it ends before the JSON is complete".into()
+        }
+        serde_json::error::Category::Syntax => {
+            if e.to_string().starts_with("trailing characters") {
+                format!("the body is not valid JSON: there is more after the JSON value ({at})")
+            } else if e.to_string().starts_with("recursion limit") {
+                "the body is not valid JSON: it nests too deeply".into()
+            } else {
+                format!("the body is not valid JSON: a syntax error {at}")
+            }
+        }
+        serde_json::error::Category::Data | serde_json::error::Category::Io => {
+            format!("the body is not valid JSON {at}")
+        }
     }
 }
 
@@ -273,6 +526,82 @@ pub(super) fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, A
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body of 20 messages (a system message, then alternating user and assistant turns)
+    /// holding `bytes` of text, with parameters.
+    fn conversation_body(bytes: usize) -> Vec<u8> {
+        let each = bytes / 20;
+        let text: String = "The quick brown fox jumps over the lazy dog. "
+            .chars()
+            .cycle()
+            .take(each)
+            .collect();
+        let messages: Vec<Value> = (0..20)
+            .map(|i| {
+                let role = match i {
+                    0 => "system",
+                    i if i % 2 == 1 => "user",
+                    _ => "assistant",
+                };
+                serde_json::json!({"role": role, "content": text})
+            })
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "messages": messages, "max_tokens": 500, "pro": {"thinking": "high"}
+        }))
+        .unwrap()
+    }
+
+    /// Parses and validates a body as `parse_post` does once it has the bytes.
+    fn parse_and_validate(bytes: &[u8], limit: usize) -> (usize, RunParams) {
+        let parsed = parse_body(bytes).unwrap();
+        let conversation = Conversation::new(parsed.messages.unwrap(), limit).unwrap();
+        parsed.params.check().unwrap();
+        (conversation.turns().len(), parsed.params)
+    }
+
+    #[test]
+    fn a_32_kib_conversation_parses() {
+        let body = conversation_body(32_000);
+        let (turns, params) = parse_and_validate(&body, 32_768);
+        assert_eq!(turns, 19, "the system message is not a turn");
+        assert_eq!(params.both.max_tokens, Some(500));
+        assert_eq!(params.pro.thinking, Some(Thinking::High));
+    }
+
+    /// Not a check but a measurement, for docs/benchmarks.md ("Conversations"): what parsing
+    /// and validating a 20-message, 32 KB body costs at a run's start. Run it with
+    /// `cargo test --release --lib -- --ignored --nocapture parse_cost`.
+    #[test]
+    #[ignore = "a measurement: run by hand in a release build"]
+    fn parse_cost() {
+        for (name, body) in [
+            (
+                "query, 28 bytes",
+                br#"{"query": "Why is the sky blue?"}"#.to_vec(),
+            ),
+            ("20 messages, 32,000 bytes", conversation_body(32_000)),
+        ] {
+            let rounds = 20_000u32;
+            let start = std::time::Instant::now();
+            let mut turns = 0;
+            for _ in 0..rounds {
+                let parsed = parse_body(std::hint::black_box(&body)).unwrap();
+                let conversation = match (parsed.query, parsed.messages) {
+                    (Some(q), _) => Conversation::from_query(q, None, 32_768),
+                    (None, Some(m)) => Conversation::new(m, 32_768),
+                    (None, None) => unreachable!(),
+                }
+                .unwrap();
+                turns += conversation.turns().len();
+            }
+            let per = start.elapsed() / rounds;
+            println!(
+                "{name} ({} body bytes): {per:?} per parse+validate ({turns} turns)",
+                body.len()
+            );
+        }
+    }
 
     /// The API description lists these spellings of `deltas`; each must be accepted.
     #[test]

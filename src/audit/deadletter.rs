@@ -372,6 +372,8 @@ mod tests {
             created_at: chrono::Utc::now(),
             query: "q".into(),
             system: None,
+            messages: None,
+            params: None,
             status: RunStatus::Ok,
             total_ms: 1,
             service_version: "t".into(),

@@ -44,6 +44,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::conversation::{Conversation, Message, RunParams};
+
 /// How one model ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -194,6 +196,13 @@ pub struct RunRecord {
     pub created_at: DateTime<Utc>,
     pub query: String,
     pub system: Option<String>,
+    /// The whole conversation when the client sent `messages` (contract §7), the system
+    /// prompt first; `None` for a `query` request, whose `query` and `system` say it all.
+    #[serde(default)]
+    pub messages: Option<Vec<Message>>,
+    /// The generation parameters as the client sent them; `None` when it sent none.
+    #[serde(default)]
+    pub params: Option<RunParams>,
     pub status: RunStatus,
     pub total_ms: u64,
     pub service_version: String,
@@ -230,6 +239,8 @@ impl RunRecord {
         }
         self.query.len()
             + opt(&self.system)
+            + self.messages.as_deref().map_or(0, messages_bytes)
+            + self.params.map_or(0, |_| PARAMS_BYTES)
             + opt(&self.client_request_id)
             + self.service_version.len()
             + self
@@ -242,6 +253,14 @@ impl RunRecord {
             + 128
     }
 }
+
+/// About how many bytes stored messages hold: their texts and an allowance for each.
+fn messages_bytes(messages: &[Message]) -> usize {
+    messages.iter().map(|m| m.content.len() + 32).sum()
+}
+
+/// About how many bytes a run's parameters hold (a few numbers and words, as JSON).
+const PARAMS_BYTES: usize = 192;
 
 /// A stored run that has no record (yet, or ever): still running, or finalized
 /// `interrupted` because the process running it died (contract §8).
@@ -279,6 +298,10 @@ pub struct OpenRun {
     pub created_at: DateTime<Utc>,
     pub query: String,
     pub system: Option<String>,
+    /// As in [`RunRecord::messages`].
+    pub messages: Option<Vec<Message>>,
+    /// As in [`RunRecord::params`].
+    pub params: Option<RunParams>,
     pub status: OpenStatus,
     pub total_ms: u64,
     pub service_version: String,
@@ -327,6 +350,11 @@ pub struct StartedRun {
     pub created_at: DateTime<Utc>,
     pub query: Arc<str>,
     pub system: Option<Arc<str>>,
+    /// The conversation when the client sent `messages` (shared with the run, not copied);
+    /// stored as the record's `messages`.
+    pub conversation: Option<Arc<Conversation>>,
+    /// As in [`RunRecord::params`].
+    pub params: Option<RunParams>,
     pub owner_fingerprint: Option<String>,
     /// Stamped by the writer: this process's instance id.
     pub instance_id: Option<String>,
@@ -337,6 +365,11 @@ impl StartedRun {
     pub fn approx_bytes(&self) -> usize {
         self.query.len()
             + self.system.as_ref().map_or(0, |s| s.len())
+            + self
+                .conversation
+                .as_ref()
+                .map_or(0, |c| c.content_bytes() + 32 * (c.turns().len() + 1))
+            + self.params.map_or(0, |_| PARAMS_BYTES)
             + self.client_request_id.as_ref().map_or(0, String::len)
             + 192
     }

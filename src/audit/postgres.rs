@@ -5,7 +5,7 @@
 //! statement is reused, and it has no bound-parameter limit to chunk around (unlike a
 //! multi-row `VALUES` list).
 
-use std::time::Duration;
+use std::{borrow::Cow, time::Duration};
 
 use sqlx::{
     PgPool, Row,
@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::{
     AuditError, Deadline, ModelTrace, Result, events,
-    rows::{Dialect, to_db},
+    rows::{Dialect, messages_column, params_column, to_db},
     store::Batch,
 };
 
@@ -23,6 +23,7 @@ use super::{
 /// like every id here), `created_at` as `timestamptz`.
 pub(super) const DIALECT: Dialect<PgRow> = Dialect {
     by_run_id: "run_id = $1::text::uuid",
+    json_columns: "messages::text AS messages, params::text AS params",
     created_at: |_, row| Ok(row.try_get("created_at")?),
 };
 
@@ -39,10 +40,10 @@ pub(super) fn connect_lazy(url: &str, acquire_timeout: Duration) -> Result<PgPoo
 /// record came first) is left alone.
 const INSERT_STARTED: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
-                       service_version, owner_fingerprint, instance_id)
-SELECT r, c, t, q, s, 'running', 0, $6, o, i
+                       service_version, owner_fingerprint, instance_id, messages, params)
+SELECT r, c, t, q, s, 'running', 0, $6, o, i, m::jsonb, p::jsonb
 FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
-            $7::text[], $8::text[]) AS u(r, c, t, q, s, o, i)
+            $7::text[], $8::text[], $9::text[], $10::text[]) AS u(r, c, t, q, s, o, i, m, p)
 ON CONFLICT (run_id) DO NOTHING";
 
 /// A record's run row: inserted, or finalizing the run's `running` row (contract §8), or
@@ -53,11 +54,12 @@ ON CONFLICT (run_id) DO NOTHING";
 /// instance) are the same run's, and leaving them out of `SET` spares their indexes.
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
-                       service_version, events, owner_fingerprint, instance_id)
-SELECT r, c, t, q, s, st, ms, v, e, o, $11
+                       service_version, events, owner_fingerprint, instance_id, messages, params)
+SELECT r, c, t, q, s, st, ms, v, e, o, $11, m::jsonb, p::jsonb
 FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
-            $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[])
-     AS u(r, c, t, q, s, st, ms, v, e, o)
+            $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[], $12::text[],
+            $13::text[])
+     AS u(r, c, t, q, s, st, ms, v, e, o, m, p)
 ON CONFLICT (run_id) DO UPDATE SET
     status = excluded.status, total_ms = excluded.total_ms,
     service_version = excluded.service_version, events = excluded.events,
@@ -93,6 +95,15 @@ fn opt_text(s: Option<&str>) -> Option<String> {
     s.map(text)
 }
 
+/// [`text`] for JSON contents: `jsonb` refuses NUL even escaped.
+fn json_text(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
 /// The columns of the start rows, one array each, for `UNNEST`.
 #[derive(Default)]
 struct Started {
@@ -103,6 +114,8 @@ struct Started {
     system: Vec<Option<String>>,
     owner: Vec<Option<String>>,
     instance_id: Vec<Option<String>>,
+    messages: Vec<Option<String>>,
+    params: Vec<Option<String>>,
 }
 
 pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64> {
@@ -118,6 +131,12 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
         started.system.push(opt_text(s.system.as_deref()));
         started.owner.push(s.owner_fingerprint.clone());
         started.instance_id.push(s.instance_id.clone());
+        started.messages.push(
+            s.conversation
+                .as_ref()
+                .map(|c| messages_column(c.messages(), json_text)),
+        );
+        started.params.push(s.params.as_ref().map(params_column));
     }
     let n = records.len();
     let mut run_ids = Vec::with_capacity(n);
@@ -130,6 +149,8 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
     let mut versions = Vec::with_capacity(n);
     let mut stored_events = Vec::with_capacity(n);
     let mut owners = Vec::with_capacity(n);
+    let mut messages = Vec::with_capacity(n);
+    let mut params = Vec::with_capacity(n);
     for r in records {
         run_ids.push(r.run_id.to_string());
         client_ids.push(opt_text(r.client_request_id.as_deref()));
@@ -141,6 +162,12 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
         versions.push(text(&r.service_version));
         stored_events.push(events::to_column(&r.events));
         owners.push(r.owner_fingerprint.as_deref());
+        messages.push(
+            r.messages.as_ref().map(|m| {
+                messages_column(m.iter().map(|m| (m.role, m.content.as_str())), json_text)
+            }),
+        );
+        params.push(r.params.as_ref().map(params_column));
     }
 
     let mut t = Traces::with_capacity(2 * n);
@@ -162,6 +189,8 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
                 .bind(crate::SERVICE_VERSION)
                 .bind(&started.owner)
                 .bind(&started.instance_id)
+                .bind(&started.messages)
+                .bind(&started.params)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -181,6 +210,8 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
             .bind(&stored_events)
             .bind(&owners)
             .bind(batch.instance_id)
+            .bind(&messages)
+            .bind(&params)
             .execute(&mut *tx)
             .await?
             .rows_affected();

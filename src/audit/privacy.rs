@@ -10,9 +10,10 @@
 //! Each text is replaced, in the same field, by [`redact`]'s placeholder holding its length
 //! and SHA-256, so the columns keep their types (no migration) and an operator can still tell
 //! two runs with the same query apart from two with different ones. What is stripped: the
-//! query, the system prompt, both answers, both error messages (they may quote an upstream
-//! body), and the `message` inside stored `error` events. A future field holding user or
-//! model text (e.g. the conversation `messages` of contract §7) must be added here.
+//! query, the system prompt, every `content` of the conversation `messages` (contract §7; their
+//! roles stay), both answers, both error messages (they may quote an upstream body), and the
+//! `message` inside stored `error` events. The generation `params` hold no text and stay. A
+//! future field holding user or model text must be added here.
 //!
 //! The hash is unsalted, as the contract asks: a short, guessable query can be found again by
 //! hashing candidates. Operators who need more than that should not rely on the hash.
@@ -93,12 +94,15 @@ pub fn strip_record(record: &mut RunRecord) {
     if let Some(system) = &mut record.system {
         redact_in_place(system);
     }
+    for message in record.messages.iter_mut().flatten() {
+        redact_in_place(&mut message.content);
+    }
     redact_trace(&mut record.flash);
     redact_trace(&mut record.pro);
     record.events.iter_mut().for_each(redact_event);
 }
 
-/// Takes the query and system prompt out of a start row.
+/// Takes the query, system prompt and conversation out of a start row.
 pub fn strip_started(run: &mut StartedRun) {
     if !is_placeholder(&run.query) {
         run.query = redact(&run.query).into();
@@ -107,6 +111,13 @@ pub fn strip_started(run: &mut StartedRun) {
         && !is_placeholder(system)
     {
         run.system = Some(redact(system).into());
+    }
+    if let Some(conversation) = &run.conversation {
+        run.conversation = Some(std::sync::Arc::new(conversation.map_contents(|c| {
+            let mut text = c.to_owned();
+            redact_in_place(&mut text);
+            text
+        })));
     }
 }
 

@@ -8,9 +8,64 @@ use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 use uuid::Uuid;
 
+use std::borrow::Cow;
+
+use serde::Serialize;
+
 use super::{
     AuditError, EndedRun, ModelTrace, OpenRun, OpenStatus, Result, RunRecord, StoredRun, events,
 };
+use crate::conversation::{Message, RunParams, Speaker};
+
+/// One message as the `messages` column keeps it: `{"role", "content"}`.
+#[derive(Serialize)]
+struct MessageColumn<'a> {
+    role: Speaker,
+    content: Cow<'a, str>,
+}
+
+/// The `messages` column: a JSON array of `{"role", "content"}`, the system prompt first.
+/// `clean` adapts each content to the backend (PostgreSQL cannot hold NUL, not even as
+/// `\u0000` in `jsonb`).
+pub(super) fn messages_column<'a>(
+    messages: impl Iterator<Item = (Speaker, &'a str)>,
+    clean: fn(&'a str) -> Cow<'a, str>,
+) -> String {
+    let column: Vec<MessageColumn<'_>> = messages
+        .map(|(role, content)| MessageColumn {
+            role,
+            content: clean(content),
+        })
+        .collect();
+    // Cannot fail: strings and a fixed enum.
+    serde_json::to_string(&column).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// The `params` column: the parameters as the client sent them, as JSON.
+pub(super) fn params_column(params: &RunParams) -> String {
+    // Cannot fail: numbers and fixed words.
+    serde_json::to_string(params).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// Reads the `messages` and `params` columns back.
+fn json_columns<R>(run_id: Uuid, row: &R) -> Result<(Option<Vec<Message>>, Option<RunParams>)>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let messages = row
+        .try_get::<Option<String>, _>("messages")?
+        .map(|json| serde_json::from_str(&json))
+        .transpose()
+        .map_err(|e| corrupt(run_id, format!("messages: {e}")))?;
+    let params = row
+        .try_get::<Option<String>, _>("params")?
+        .map(|json| serde_json::from_str(&json))
+        .transpose()
+        .map_err(|e| corrupt(run_id, format!("params: {e}")))?;
+    Ok((messages, params))
+}
 
 /// Numbers are `u64` in records and signed 64-bit in both databases; values past `i64::MAX`
 /// (585 million years of milliseconds) are clamped rather than refused.
@@ -31,11 +86,13 @@ pub(super) fn corrupt(run_id: Uuid, problem: impl Into<String>) -> AuditError {
     }
 }
 
-/// How a backend names the run in a `WHERE` clause and reads `created_at`: the only two
-/// things reading a record back does differently on SQLite and PostgreSQL.
+/// How a backend names the run in a `WHERE` clause, reads `created_at` and the JSON columns:
+/// the only things reading a record back does differently on SQLite and PostgreSQL.
 pub(super) struct Dialect<R> {
     /// The `WHERE` condition on `run_id`, its one parameter the id as text.
     pub by_run_id: &'static str,
+    /// The `messages` and `params` columns as text (`jsonb` on PostgreSQL).
+    pub json_columns: &'static str,
     /// `created_at` is text on SQLite and `timestamptz` on PostgreSQL.
     pub created_at: fn(Uuid, &R) -> Result<DateTime<Utc>>,
 }
@@ -60,8 +117,8 @@ where
     let id = run_id.to_string();
     let sql = format!(
         "SELECT client_request_id, created_at, query, system, status, total_ms, \
-         service_version, events, owner_fingerprint, instance_id FROM dual_runs WHERE {}",
-        dialect.by_run_id
+         service_version, events, owner_fingerprint, instance_id, {} FROM dual_runs WHERE {}",
+        dialect.json_columns, dialect.by_run_id
     );
     let Some(run) = sqlx::query::<DB>(&sql)
         .bind(id.clone())
@@ -73,6 +130,7 @@ where
     let created_at = (dialect.created_at)(run_id, &run)?;
     let status: String = run.try_get("status")?;
     if let Some(status) = OpenStatus::parse(&status) {
+        let (messages, params) = json_columns(run_id, &run)?;
         // No record, so no traces to read.
         return Ok(Some(StoredRun::Open(OpenRun {
             run_id,
@@ -80,6 +138,8 @@ where
             created_at,
             query: run.try_get("query")?,
             system: run.try_get("system")?,
+            messages,
+            params,
             status,
             total_ms: from_db(run.try_get("total_ms")?),
             service_version: run.try_get("service_version")?,
@@ -123,12 +183,15 @@ where
         }
     }
     let status: String = run.try_get("status")?;
+    let (messages, params) = json_columns(run_id, run)?;
     Ok(RunRecord {
         run_id,
         client_request_id: run.try_get("client_request_id")?,
         created_at,
         query: run.try_get("query")?,
         system: run.try_get("system")?,
+        messages,
+        params,
         status: status.parse().map_err(|e: String| corrupt(run_id, e))?,
         total_ms: from_db(run.try_get("total_ms")?),
         service_version: run.try_get("service_version")?,

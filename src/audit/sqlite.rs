@@ -18,6 +18,7 @@
 //! safe response is to roll back and discard the connection.
 
 use std::{
+    borrow::Cow,
     path::{Path, PathBuf},
     str::FromStr,
     sync::{Arc, OnceLock},
@@ -35,13 +36,13 @@ use sqlx::{
 
 use super::{
     AuditError, Deadline, Result, RunRecord, events,
-    rows::{Dialect, corrupt, to_db},
+    rows::{Dialect, corrupt, messages_column, params_column, to_db},
     store::Batch,
 };
 
 /// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
-/// runs binds 11 values per run and 15 per trace (two per run): 500 runs bind 20500. A chunk
-/// of start rows binds 8 values each.
+/// runs binds 13 values per run and 15 per trace (two per run): 500 runs bind 21500. A chunk
+/// of start rows binds 10 values each.
 const CHUNK: usize = 500;
 
 /// A record's run row: inserted, or finalizing the run's `running` row (contract §8), or
@@ -59,6 +60,7 @@ const UPSERT_RUN: &str = " ON CONFLICT (run_id) DO UPDATE SET \
 /// How reading a record back differs on SQLite: `?` parameters, `created_at` as text.
 pub(super) const DIALECT: Dialect<SqliteRow> = Dialect {
     by_run_id: "run_id = ?",
+    json_columns: "messages, params",
     created_at: |run_id, row| {
         let text: String = row.try_get("created_at")?;
         DateTime::parse_from_rfc3339(&text)
@@ -258,7 +260,8 @@ async fn insert_started(tx: &mut SqliteConnection, batch: &Batch<'_>) -> Result<
     for chunk in batch.started.chunks(CHUNK) {
         let mut runs = QueryBuilder::<Sqlite>::new(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
-             status, total_ms, service_version, owner_fingerprint, instance_id) ",
+             status, total_ms, service_version, owner_fingerprint, instance_id, messages, \
+             params) ",
         );
         runs.push_values(chunk, |mut row, r| {
             row.push_bind(r.run_id.to_string())
@@ -270,7 +273,13 @@ async fn insert_started(tx: &mut SqliteConnection, batch: &Batch<'_>) -> Result<
                 .push("0")
                 .push_bind(crate::SERVICE_VERSION)
                 .push_bind(r.owner_fingerprint.as_deref())
-                .push_bind(r.instance_id.as_deref());
+                .push_bind(r.instance_id.as_deref())
+                .push_bind(
+                    r.conversation
+                        .as_ref()
+                        .map(|c| messages_column(c.messages(), Cow::Borrowed)),
+                )
+                .push_bind(r.params.as_ref().map(params_column));
         });
         runs.push(" ON CONFLICT (run_id) DO NOTHING");
         runs.build().execute(&mut *tx).await?;
@@ -287,7 +296,8 @@ async fn insert_rows(
     for chunk in records.chunks(CHUNK) {
         let mut runs = QueryBuilder::<Sqlite>::new(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
-             status, total_ms, service_version, events, owner_fingerprint, instance_id) ",
+             status, total_ms, service_version, events, owner_fingerprint, instance_id, \
+             messages, params) ",
         );
         runs.push_values(chunk, |mut row, r| {
             row.push_bind(r.run_id.to_string())
@@ -300,7 +310,14 @@ async fn insert_rows(
                 .push_bind(r.service_version.as_str())
                 .push_bind(events::to_column(&r.events))
                 .push_bind(r.owner_fingerprint.as_deref())
-                .push_bind(instance_id);
+                .push_bind(instance_id)
+                .push_bind(r.messages.as_ref().map(|m| {
+                    messages_column(
+                        m.iter().map(|m| (m.role, m.content.as_str())),
+                        Cow::Borrowed,
+                    )
+                }))
+                .push_bind(r.params.as_ref().map(params_column));
         });
         // A replayed or resubmitted record is ignored, never duplicated (contract §5).
         runs.push(UPSERT_RUN);

@@ -16,6 +16,7 @@ use super::{
     http::{self, CallContext, Decoder, Endpoint, Fault, Step},
     pool::Upstream,
 };
+use crate::conversation::{GenParams, Thinking};
 
 /// Anthropic requires `max_tokens`; this is room for a long answer from every current model.
 pub const MAX_TOKENS: u32 = 4096;
@@ -51,8 +52,65 @@ struct Body<'a> {
     max_tokens: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     system: Option<&'a str>,
-    messages: [Message<'a>; 1],
+    messages: Vec<Message<'a>>,
     stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking: Option<ThinkingBody>,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+struct ThinkingBody {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    budget_tokens: u32,
+}
+
+/// Anthropic's least `budget_tokens`.
+pub const MIN_THINKING_BUDGET: u32 = 1024;
+
+/// `budget_tokens` for each level of `thinking`; `off` sends no `thinking` (Claude's default
+/// is not to think).
+pub const fn thinking_budget(thinking: Thinking) -> Option<u32> {
+    match thinking {
+        Thinking::Off => None,
+        Thinking::Low => Some(MIN_THINKING_BUDGET),
+        Thinking::Medium => Some(4096),
+        Thinking::High => Some(16_384),
+    }
+}
+
+/// What `max_tokens`, `thinking` and `temperature` become, within Anthropic's rules: the
+/// thinking budget is at least 1024 and below `max_tokens` (which counts thinking too), and
+/// thinking takes no `temperature` but 1.
+///
+/// - `max_tokens` unset: [`MAX_TOKENS`] for the answer, plus the budget when thinking, so
+///   thinking never eats the answer's room.
+/// - `max_tokens` set: sent as is; the budget shrinks to `max_tokens - 1` to fit, and when
+///   that is below 1024 the model does not think (a too-small `max_tokens` cannot hold both).
+/// - With thinking on, `temperature` is not sent.
+fn generation(params: GenParams) -> (u32, Option<ThinkingBody>, Option<f64>) {
+    let budget = params.thinking.and_then(thinking_budget);
+    let (max_tokens, budget) = match (params.max_tokens, budget) {
+        (None, None) => (MAX_TOKENS, None),
+        (None, Some(b)) => (MAX_TOKENS + b, Some(b)),
+        (Some(max), b) => (
+            max,
+            b.map(|b| b.min(max.saturating_sub(1)))
+                .filter(|&b| b >= MIN_THINKING_BUDGET),
+        ),
+    };
+    let thinking = budget.map(|budget_tokens| ThinkingBody {
+        kind: "enabled",
+        budget_tokens,
+    });
+    let temperature = if thinking.is_some() {
+        None
+    } else {
+        params.temperature
+    };
+    (max_tokens, thinking, temperature)
 }
 
 #[derive(Serialize)]
@@ -71,15 +129,23 @@ impl Provider for Anthropic {
     }
 
     fn stream(&self, request: &ModelRequest) -> ProviderStream {
+        let (max_tokens, thinking, temperature) = generation(request.params);
         let body = Body {
             model: &self.model,
-            max_tokens: MAX_TOKENS,
+            max_tokens,
             system: request.conversation.system(),
-            messages: [Message {
-                role: "user",
-                content: request.conversation.last_user(),
-            }],
+            messages: request
+                .conversation
+                .turns()
+                .iter()
+                .map(|m| Message {
+                    role: m.role.as_str(),
+                    content: &m.content,
+                })
+                .collect(),
             stream: true,
+            temperature,
+            thinking,
         };
         self.endpoint.call(&body, AnthropicDecoder::default())
     }

@@ -19,6 +19,7 @@ use super::{
     http::{self, CallContext, Decoder, Endpoint, Step},
     pool::Upstream,
 };
+use crate::conversation::{Speaker, Thinking};
 
 pub struct Gemini {
     model: String,
@@ -46,7 +47,9 @@ impl Gemini {
 struct Body<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     system_instruction: Option<Content<'a>>,
-    contents: [Content<'a>; 1],
+    contents: Vec<Content<'a>>,
+    #[serde(skip_serializing_if = "GenerationConfig::is_empty")]
+    generation_config: GenerationConfig,
 }
 
 #[derive(Serialize)]
@@ -61,6 +64,44 @@ struct Part<'a> {
     text: &'a str,
 }
 
+#[derive(Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct GenerationConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_output_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking_config: Option<ThinkingConfig>,
+}
+
+impl GenerationConfig {
+    fn is_empty(&self) -> bool {
+        self.max_output_tokens.is_none()
+            && self.temperature.is_none()
+            && self.thinking_config.is_none()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ThinkingConfig {
+    thinking_budget: u32,
+}
+
+/// `thinkingBudget` for each level of `thinking`. `off` is 0, which Flash models take and
+/// 2.5 Pro refuses (it cannot stop thinking; its least budget is 128): Google answers that
+/// with a 400, reported as a provider error (docs/providers.md). The others fit every 2.5
+/// model's range (Flash up to 24,576 tokens, Pro up to 32,768).
+pub const fn thinking_budget(thinking: Thinking) -> u32 {
+    match thinking {
+        Thinking::Off => 0,
+        Thinking::Low => 1024,
+        Thinking::Medium => 8192,
+        Thinking::High => 24_576,
+    }
+}
+
 impl Provider for Gemini {
     fn provider_name(&self) -> &str {
         self.endpoint.family()
@@ -71,17 +112,32 @@ impl Provider for Gemini {
     }
 
     fn stream(&self, request: &ModelRequest) -> ProviderStream {
+        let conversation = &request.conversation;
+        let params = request.params;
         let body = Body {
-            system_instruction: request.conversation.system().map(|text| Content {
+            system_instruction: conversation.system().map(|text| Content {
                 role: None,
                 parts: [Part { text }],
             }),
-            contents: [Content {
-                role: Some("user"),
-                parts: [Part {
-                    text: request.conversation.last_user(),
-                }],
-            }],
+            contents: conversation
+                .turns()
+                .iter()
+                .map(|m| Content {
+                    // Gemini calls the assistant "model".
+                    role: Some(match m.role {
+                        Speaker::Assistant => "model",
+                        Speaker::User | Speaker::System => "user",
+                    }),
+                    parts: [Part { text: &m.content }],
+                })
+                .collect(),
+            generation_config: GenerationConfig {
+                max_output_tokens: params.max_tokens,
+                temperature: params.temperature,
+                thinking_config: params.thinking.map(|t| ThinkingConfig {
+                    thinking_budget: thinking_budget(t),
+                }),
+            },
         };
         self.endpoint.call(&body, GeminiDecoder::default())
     }

@@ -20,6 +20,7 @@ use super::{
     http::{self, CallContext, Decoder, Endpoint, Step},
     pool::Upstream,
 };
+use crate::conversation::Thinking;
 
 pub struct OpenAi {
     model: String,
@@ -50,6 +51,14 @@ struct Body<'a> {
     messages: Vec<Message<'a>>,
     stream: bool,
     stream_options: StreamOptions,
+    /// Not the older `max_tokens`, which OpenAI deprecated and its reasoning models refuse;
+    /// vLLM, Ollama and llama.cpp take this name too (docs/providers.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_effort: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -73,26 +82,39 @@ impl Provider for OpenAi {
     }
 
     fn stream(&self, request: &ModelRequest) -> ProviderStream {
-        let mut messages = Vec::with_capacity(2);
-        if let Some(system) = request.conversation.system() {
-            messages.push(Message {
-                role: "system",
-                content: system,
-            });
-        }
-        messages.push(Message {
-            role: "user",
-            content: request.conversation.last_user(),
-        });
+        let params = request.params;
         let body = Body {
             model: &self.model,
-            messages,
+            messages: request
+                .conversation
+                .messages()
+                .map(|(role, content)| Message {
+                    role: role.as_str(),
+                    content,
+                })
+                .collect(),
             stream: true,
             stream_options: StreamOptions {
                 include_usage: true,
             },
+            max_completion_tokens: params.max_tokens,
+            temperature: params.temperature,
+            reasoning_effort: params.thinking.and_then(reasoning_effort),
         };
         self.endpoint.call(&body, OpenAiDecoder::default())
+    }
+}
+
+/// `reasoning_effort` for each level of `thinking`. `off` sends none, leaving the model's
+/// default: OpenAI has no value that every model takes for "no reasoning" (`minimal` is
+/// GPT-5's, `none` GPT-5.1's; o-series models and OpenAI-compatible servers refuse both),
+/// and models that do not reason at all refuse the field whatever its value.
+pub const fn reasoning_effort(thinking: Thinking) -> Option<&'static str> {
+    match thinking {
+        Thinking::Off => None,
+        Thinking::Low => Some("low"),
+        Thinking::Medium => Some("medium"),
+        Thinking::High => Some("high"),
     }
 }
 

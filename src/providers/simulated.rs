@@ -1,7 +1,10 @@
 //! The simulated provider: no key, no network, deterministic answers with real-model pacing.
 //!
 //! The text is derived from a hash of (role, query, system), so the same query always gets the
-//! same answer, and Flash and Pro answer differently. Pacing comes from [`SimulatedTiming`]:
+//! same answer, and Flash and Pro answer differently. In a conversation it answers the last
+//! user message, says which turn it is (the number of user messages so far), and the turn
+//! number is part of the hash. `max_tokens` cuts the answer short with finish reason
+//! `length`, as real models do. Pacing comes from [`SimulatedTiming`]:
 //! a first-token delay, then one token per interval. Everything is `tokio::time::sleep`, so
 //! the paused test clock controls it and dropping the stream cancels it at once.
 
@@ -10,7 +13,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 
 use super::{Completion, ModelRequest, Provider, ProviderEvent, ProviderStream, Usage};
-use crate::{config::SimulatedTiming, domain::Role};
+use crate::{config::SimulatedTiming, conversation::Speaker, domain::Role};
 
 pub struct Simulated {
     model: String,
@@ -59,10 +62,19 @@ const SENTENCES: &[&str] = &[
 pub fn answer_tokens(role: Role, request: &ModelRequest) -> Vec<String> {
     // FNV-1a and xorshift64: tiny and fixed. std's `DefaultHasher` and `rand`'s generators
     // may change between releases, and this text must stay the same for the same query.
+    let turn = user_turns(request);
+    // The turn is hashed only from the second on, so one question keeps the answer it has
+    // always had.
+    let turn_bytes = if turn > 1 {
+        turn.to_le_bytes().to_vec()
+    } else {
+        Vec::new()
+    };
     let mut seed = fnv1a(&[
         role.as_str().as_bytes(),
         request.conversation.last_user().as_bytes(),
         request.conversation.system().unwrap_or("").as_bytes(),
+        &turn_bytes,
     ]) | 1;
     let mut next = move || {
         seed ^= seed << 13;
@@ -72,10 +84,14 @@ pub fn answer_tokens(role: Role, request: &ModelRequest) -> Vec<String> {
     };
     let topic: String = request.conversation.last_user().chars().take(60).collect();
     let topic = topic.split_whitespace().collect::<Vec<_>>().join(" ");
-    let (opening, sentences) = match role {
-        Role::Flash => (format!("Quick take on \u{201c}{topic}\u{201d}:"), 2),
-        Role::Pro => (format!("Considered answer on \u{201c}{topic}\u{201d}:"), 5),
+    let (mut opening, sentences) = match role {
+        Role::Flash => (format!("Quick take on \u{201c}{topic}\u{201d}"), 2),
+        Role::Pro => (format!("Considered answer on \u{201c}{topic}\u{201d}"), 5),
     };
+    if turn > 1 {
+        opening.push_str(&format!(" (turn {turn})"));
+    }
+    opening.push(':');
     let mut text = opening;
     let mut used = Vec::with_capacity(sentences);
     while used.len() < sentences {
@@ -109,11 +125,21 @@ impl Provider for Simulated {
     }
 
     fn stream(&self, request: &ModelRequest) -> ProviderStream {
-        let tokens = answer_tokens(request.role, request);
-        let input_tokens = approx_tokens(request.conversation.last_user())
-            + request.conversation.system().map_or(0, approx_tokens);
+        let mut tokens = answer_tokens(request.role, request);
+        let mut finish_reason = "stop";
+        if let Some(max) = request.params.max_tokens.map(|n| n as usize)
+            && tokens.len() > max
+        {
+            tokens.truncate(max);
+            finish_reason = "length";
+        }
+        let input_tokens = request
+            .conversation
+            .messages()
+            .map(|(_, content)| approx_tokens(content))
+            .sum();
         let completion = Completion {
-            finish_reason: Some("stop".into()),
+            finish_reason: Some(finish_reason.into()),
             usage: Usage {
                 input_tokens: Some(input_tokens),
                 output_tokens: Some(tokens.len() as u64),
@@ -144,6 +170,16 @@ impl Provider for Simulated {
         })
         .boxed()
     }
+}
+
+/// How many user messages the conversation has: the turn this answer is for.
+fn user_turns(request: &ModelRequest) -> usize {
+    request
+        .conversation
+        .turns()
+        .iter()
+        .filter(|m| m.role == Speaker::User)
+        .count()
 }
 
 /// Roughly four bytes per token, as for English with common tokenizers; never zero.
@@ -177,6 +213,74 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert!(c.len() > a.len());
+    }
+
+    fn conversation_req(role: Role, max_tokens: Option<u32>) -> ModelRequest {
+        use crate::conversation::{Conversation, GenParams, Message};
+        let m = |role, content: &str| Message {
+            role,
+            content: content.into(),
+        };
+        ModelRequest {
+            role,
+            conversation: Arc::new(
+                Conversation::new(
+                    vec![
+                        m(Speaker::System, "be brief"),
+                        m(Speaker::User, "why is the sky blue?"),
+                        m(Speaker::Assistant, "Rayleigh scattering."),
+                        m(Speaker::User, "and at sunset?"),
+                    ],
+                    usize::MAX,
+                )
+                .unwrap(),
+            ),
+            params: GenParams {
+                max_tokens,
+                ..GenParams::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_conversation_is_answered_at_its_last_turn() {
+        let tokens = answer_tokens(Role::Pro, &conversation_req(Role::Pro, None));
+        let text = tokens.concat();
+        assert!(
+            text.starts_with("Considered answer on \u{201c}and at sunset?\u{201d} (turn 2):"),
+            "{text}"
+        );
+        let single = answer_tokens(Role::Pro, &req(Role::Pro, "and at sunset?")).concat();
+        assert!(single.starts_with("Considered answer on \u{201c}and at sunset?\u{201d}:"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_tokens_cuts_the_answer_with_finish_reason_length() {
+        let sim = Simulated::new(
+            "sim".into(),
+            SimulatedTiming {
+                first_token: Duration::from_millis(10),
+                per_token: Duration::from_millis(1),
+            },
+        );
+        let all = answer_tokens(Role::Pro, &conversation_req(Role::Pro, None)).len();
+        let mut s = sim.stream(&conversation_req(Role::Pro, Some(3)));
+        let mut deltas = 0;
+        let mut finished = None;
+        while let Some(ev) = s.next().await {
+            match ev.unwrap() {
+                ProviderEvent::Delta(_) => deltas += 1,
+                ProviderEvent::Finished(c) => finished = Some(c),
+            }
+        }
+        assert!(all > 3);
+        assert_eq!(deltas, 3);
+        let c = finished.unwrap();
+        assert_eq!(c.finish_reason.as_deref(), Some("length"));
+        assert_eq!(c.usage.output_tokens, Some(3));
+        // Input counts every message: "be brief" 2, "why is the sky blue?" 5,
+        // "Rayleigh scattering." 5, "and at sunset?" 4.
+        assert_eq!(c.usage.input_tokens, Some(16));
     }
 
     #[tokio::test(start_paused = true)]

@@ -49,6 +49,8 @@ fn stored_frames_are_cut_after_seq_and_answers_rebuilt() {
         created_at: chrono::Utc::now(),
         query: "q".into(),
         system: None,
+        messages: None,
+        params: None,
         status: crate::audit::RunStatus::Ok,
         total_ms: 9,
         service_version: "t".into(),

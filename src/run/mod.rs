@@ -250,6 +250,11 @@ impl Orchestrator {
             created_at,
             query: request.conversation.last_user().into(),
             system: request.conversation.system().map(Into::into),
+            conversation: request
+                .conversation
+                .sent_as_messages()
+                .then(|| Arc::clone(&request.conversation)),
+            params: (!request.params.is_empty()).then_some(request.params),
             owner_fingerprint: emitter.log.owner().map(Owner::to_hex),
             instance_id: None,
         });

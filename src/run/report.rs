@@ -132,6 +132,12 @@ impl Drop for RunGuard {
             created_at: self.created_at,
             query: self.request.conversation.last_user().to_owned(),
             system: self.request.conversation.system().map(str::to_owned),
+            messages: self
+                .request
+                .conversation
+                .sent_as_messages()
+                .then(|| self.request.conversation.to_messages()),
+            params: (!self.request.params.is_empty()).then_some(self.request.params),
             status,
             total_ms: millis(total),
             service_version: crate::SERVICE_VERSION.to_owned(),

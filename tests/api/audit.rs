@@ -100,11 +100,22 @@ async fn big_batch_round_trips_postgres() {
 }
 
 async fn migrations_revert_and_reapply(store: &Store) {
-    // 0006 (the rate-limit budget shared by replicas) and 0007 (instance incarnations) are
-    // PostgreSQL's alone: on SQLite the limits stay in memory and one process owns the file.
+    // The conversations' `messages` and `params` columns: 0006 on SQLite, 0008 on PostgreSQL
+    // (whose 0006 is the rate-limit budget shared by replicas and 0007 the instances'
+    // incarnations: on SQLite the limits stay in memory and one process owns the file).
     if matches!(store, Store::Postgres(_)) {
-        assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4, 5, 6, 7]);
-        assert_eq!(store.revert_to(5).await.unwrap(), [6, 7]);
+        assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(store.revert_to(6).await.unwrap(), [7, 8]);
+    } else {
+        assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(store.revert_to(5).await.unwrap(), [6]);
+    }
+    assert!(
+        store.insert(&[record(1)]).await.is_err(),
+        "dual_runs.messages is gone"
+    );
+    if matches!(store, Store::Postgres(_)) {
+        assert_eq!(store.revert_to(5).await.unwrap(), [6]);
     }
     assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4, 5]);
     assert_eq!(store.revert_to(4).await.unwrap(), [5]);

@@ -62,6 +62,7 @@ fn options(url: String, target: Target, requests: u64) -> Options {
         requests: Some(requests),
         duration: None,
         query: "Write a haiku about the sea.".into(),
+        history_bytes: 0,
         deltas: true,
         timeout: Duration::from_secs(20),
         warmup: 1,

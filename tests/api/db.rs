@@ -168,6 +168,8 @@ pub(crate) fn record(i: usize) -> RunRecord {
         created_at: now_micros(),
         query: format!("question {i} with \"quotes\", émoji 🦀 and\nnewlines"),
         system: None,
+        messages: None,
+        params: None,
         status: RunStatus::Partial,
         total_ms: 2040,
         service_version: "0.0.0-test".into(),

@@ -55,6 +55,8 @@ pub(crate) struct Scripted {
     pub dropped: Arc<AtomicUsize>,
     /// Deltas handed out, to check backpressure.
     pub yielded: Arc<AtomicUsize>,
+    /// Every request it was asked, oldest first.
+    pub requests: Arc<std::sync::Mutex<Vec<ModelRequest>>>,
 }
 
 impl Scripted {
@@ -70,7 +72,13 @@ impl Scripted {
             started: Arc::default(),
             dropped: Arc::default(),
             yielded: Arc::default(),
+            requests: Arc::default(),
         })
+    }
+
+    /// The requests it was asked, oldest first.
+    pub(crate) fn requests(&self) -> Vec<ModelRequest> {
+        self.requests.lock().unwrap().clone()
     }
 
     pub(crate) fn started(&self) -> usize {
@@ -102,6 +110,7 @@ impl Provider for Scripted {
 
     fn stream(&self, request: &ModelRequest) -> ProviderStream {
         let attempt = self.started.fetch_add(1, Ordering::SeqCst);
+        self.requests.lock().unwrap().push(request.clone());
         let script = self.scripts[attempt.min(self.scripts.len() - 1)].clone();
         let counter = DropCounter(Arc::clone(&self.dropped));
         let yielded = Arc::clone(&self.yielded);

@@ -20,6 +20,7 @@ mod audit_faults;
 mod audit_http;
 mod bench;
 mod connections;
+mod conversation;
 mod db;
 mod failover;
 mod helpers;

@@ -57,6 +57,8 @@ async fn purge_deletes_old_ended_runs_only(store: &Store, url: &str) {
         created_at: days_ago(40),
         query: "still going".into(),
         system: None,
+        conversation: None,
+        params: None,
         owner_fingerprint: None,
         instance_id: None,
     };

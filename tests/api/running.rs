@@ -456,6 +456,8 @@ fn started_of(record: &RunRecord) -> StartedRun {
         created_at: record.created_at,
         query: record.query.as_str().into(),
         system: record.system.as_deref().map(Into::into),
+        conversation: None,
+        params: None,
         ..started(record.run_id)
     }
 }
@@ -467,6 +469,8 @@ fn started(run_id: Uuid) -> StartedRun {
         created_at: Utc::now(),
         query: "q".into(),
         system: None,
+        conversation: None,
+        params: None,
         owner_fingerprint: None,
         instance_id: Some("i-1".into()),
     }
@@ -570,7 +574,7 @@ async fn migration_0005_reverts_and_reapplies_keeping_ended_runs() {
         .write(None, &[started(running)], &[])
         .await
         .unwrap();
-    assert_eq!(db.store.revert_to(4).await.unwrap(), vec![5]);
+    assert_eq!(db.store.revert_to(4).await.unwrap(), vec![5, 6]);
     assert_eq!(
         db::count(&db.store, "dual_runs").await,
         1,

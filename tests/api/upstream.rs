@@ -672,3 +672,205 @@ fn redaction_removes_planted_keys() {
     let out = redact(&text, &[KEY]);
     assert!(!out.contains(KEY), "{out}");
 }
+
+/// A three-turn conversation with a system prompt, and parameters: what the adapters must
+/// send in each provider's own shape.
+fn conversation_request(params: duet::conversation::GenParams) -> ModelRequest {
+    use duet::conversation::{Conversation, Message, Speaker};
+    let m = |role, content: &str| Message {
+        role,
+        content: content.into(),
+    };
+    ModelRequest {
+        role: Role::Pro,
+        conversation: std::sync::Arc::new(
+            Conversation::new(
+                vec![
+                    m(Speaker::System, "You are a concise poet."),
+                    m(Speaker::User, "Write a haiku about the sea."),
+                    m(Speaker::Assistant, "Gray waves fold to foam."),
+                    m(Speaker::User, "Now one about the moon."),
+                ],
+                usize::MAX,
+            )
+            .unwrap(),
+        ),
+        params,
+    }
+}
+
+fn gen_params(
+    max_tokens: Option<u32>,
+    temperature: Option<f64>,
+    thinking: Option<duet::conversation::Thinking>,
+) -> duet::conversation::GenParams {
+    duet::conversation::GenParams {
+        max_tokens,
+        temperature,
+        thinking,
+    }
+}
+
+/// The request body each adapter sent for `params`.
+async fn sent_body(provider: &str, params: duet::conversation::GenParams) -> serde_json::Value {
+    let fixture = match provider {
+        "gemini" => "gemini_stream_ok.sse",
+        "openai" => "openai_stream_ok.sse",
+        _ => "anthropic_stream_ok.sse",
+    };
+    let server = FixtureServer::start(vec![sse(wire(fixture))]).await;
+    let req = conversation_request(params);
+    let (_, done) = match provider {
+        "gemini" => run(&gemini(&server, BodyLimits::default()), &req).await,
+        "openai" => run(&openai(&server, BodyLimits::default()), &req).await,
+        _ => run(&anthropic(&server, BodyLimits::default()), &req).await,
+    };
+    done.unwrap();
+    server.requests()[0].body.clone()
+}
+
+#[tokio::test]
+async fn gemini_gets_the_conversation_as_contents_and_the_params_as_generation_config() {
+    use duet::conversation::Thinking;
+    let body = sent_body(
+        "gemini",
+        gen_params(Some(512), Some(0.7), Some(Thinking::Medium)),
+    )
+    .await;
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "systemInstruction": {"parts": [{"text": "You are a concise poet."}]},
+            "contents": [
+                {"role": "user", "parts": [{"text": "Write a haiku about the sea."}]},
+                {"role": "model", "parts": [{"text": "Gray waves fold to foam."}]},
+                {"role": "user", "parts": [{"text": "Now one about the moon."}]}
+            ],
+            "generationConfig": {
+                "maxOutputTokens": 512,
+                "temperature": 0.7,
+                "thinkingConfig": {"thinkingBudget": 8192}
+            }
+        })
+    );
+    // Each level's budget; `off` is 0; nothing set sends no generationConfig at all.
+    for (level, budget) in [
+        (Thinking::Off, 0),
+        (Thinking::Low, 1024),
+        (Thinking::High, 24_576),
+    ] {
+        let body = sent_body("gemini", gen_params(None, None, Some(level))).await;
+        assert_eq!(
+            body["generationConfig"],
+            serde_json::json!({"thinkingConfig": {"thinkingBudget": budget}})
+        );
+    }
+    let body = sent_body("gemini", gen_params(None, None, None)).await;
+    assert!(body.get("generationConfig").is_none(), "{body}");
+}
+
+#[tokio::test]
+async fn openai_gets_the_conversation_as_messages_and_its_own_parameter_names() {
+    use duet::conversation::Thinking;
+    let body = sent_body(
+        "openai",
+        gen_params(Some(256), Some(0.7), Some(Thinking::Low)),
+    )
+    .await;
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "model": "gpt-4.1-mini",
+            "messages": [
+                {"role": "system", "content": "You are a concise poet."},
+                {"role": "user", "content": "Write a haiku about the sea."},
+                {"role": "assistant", "content": "Gray waves fold to foam."},
+                {"role": "user", "content": "Now one about the moon."}
+            ],
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_completion_tokens": 256,
+            "temperature": 0.7,
+            "reasoning_effort": "low"
+        })
+    );
+    // `off` sends no reasoning_effort (the model's default), nor does leaving it unset.
+    for thinking in [Some(Thinking::Off), None] {
+        let body = sent_body("openai", gen_params(None, None, thinking)).await;
+        for field in ["reasoning_effort", "max_completion_tokens", "temperature"] {
+            assert!(body.get(field).is_none(), "{field}: {body}");
+        }
+    }
+    let body = sent_body("openai", gen_params(None, None, Some(Thinking::High))).await;
+    assert_eq!(body["reasoning_effort"], "high");
+}
+
+#[tokio::test]
+async fn anthropic_gets_messages_with_a_top_level_system_and_its_thinking_rules() {
+    use duet::conversation::Thinking;
+    let messages = serde_json::json!([
+        {"role": "user", "content": "Write a haiku about the sea."},
+        {"role": "assistant", "content": "Gray waves fold to foam."},
+        {"role": "user", "content": "Now one about the moon."}
+    ]);
+    let body = sent_body("anthropic", gen_params(Some(1024), Some(0.7), None)).await;
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 1024,
+            "system": "You are a concise poet.",
+            "messages": messages,
+            "stream": true,
+            "temperature": 0.7
+        })
+    );
+    // Thinking with max_tokens unset: today's default for the answer plus the budget, and no
+    // temperature (Anthropic takes none but 1 with thinking on).
+    let body = sent_body(
+        "anthropic",
+        gen_params(None, Some(0.7), Some(Thinking::Medium)),
+    )
+    .await;
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 4096 + 4096,
+            "system": "You are a concise poet.",
+            "messages": messages,
+            "stream": true,
+            "thinking": {"type": "enabled", "budget_tokens": 4096}
+        })
+    );
+    // A max_tokens below the level's budget: the budget shrinks under it...
+    let body = sent_body(
+        "anthropic",
+        gen_params(Some(3000), None, Some(Thinking::High)),
+    )
+    .await;
+    assert_eq!(body["max_tokens"], 3000);
+    assert_eq!(
+        body["thinking"],
+        serde_json::json!({"type": "enabled", "budget_tokens": 2999})
+    );
+    // ...and one too small for Anthropic's least budget (1024) means no thinking.
+    let body = sent_body(
+        "anthropic",
+        gen_params(Some(1024), Some(0.3), Some(Thinking::Low)),
+    )
+    .await;
+    assert_eq!(body["max_tokens"], 1024);
+    assert!(body.get("thinking").is_none(), "{body}");
+    assert_eq!(
+        body["temperature"], 0.3,
+        "no thinking, so the temperature goes"
+    );
+    // `off` and unset send no thinking, and today's default max_tokens.
+    for thinking in [Some(Thinking::Off), None] {
+        let body = sent_body("anthropic", gen_params(None, None, thinking)).await;
+        assert_eq!(body["max_tokens"], 4096);
+        assert!(body.get("thinking").is_none(), "{body}");
+        assert!(body.get("temperature").is_none(), "{body}");
+    }
+}

@@ -310,15 +310,18 @@ async fn invalid_utf8_in_the_query_string_is_400() {
 async fn arrays_unknown_fields_and_wrong_types_are_400_naming_the_problem() {
     let app = spawn_app(vec![Step::Finish], vec![Step::Finish], &[]).await;
     let cases = [
-        (r#"["hello","sys"]"#, "not an object"),
-        (" \n [\"hello\"]", "not an object"),
-        (r#"["hello","sys",true]"#, "not an object"),
+        (r#"["hello","sys"]"#, "must be a JSON object"),
+        (" \n [\"hello\"]", "must be a JSON object"),
+        (r#"["hello","sys",true]"#, "must be a JSON object"),
         (r#"{"query": "hi", "temprature": 0.5}"#, "temprature"),
         (r#"{"query": "hi", "Query": "hi"}"#, "Query"),
         (r#"{"query": 42}"#, "\"query\""),
         (r#"{"query": "hi", "system": 5}"#, "\"system\""),
         (r#"{"query": "hi", "deltas": "yes"}"#, "\"deltas\""),
-        (r#"{"query": "hi"} {"query": "again"}"#, "trailing"),
+        (
+            r#"{"query": "hi"} {"query": "again"}"#,
+            "more after the JSON value",
+        ),
     ];
     for path in ["/query/stream", "/query"] {
         for (body, named) in cases {

@@ -36,6 +36,8 @@ fn start_of(r: &RunRecord) -> StartedRun {
         created_at: r.created_at,
         query: r.query.as_str().into(),
         system: None,
+        conversation: None,
+        params: None,
         owner_fingerprint: None,
         instance_id: None,
     }
@@ -111,6 +113,8 @@ fn record(text: &str) -> RunRecord {
         created_at: Utc::now(),
         query: "Write a haiku about the sea.".into(),
         system: None,
+        messages: None,
+        params: None,
         status: RunStatus::Ok,
         total_ms: 400,
         service_version: crate::SERVICE_VERSION.into(),

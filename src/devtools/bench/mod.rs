@@ -61,6 +61,7 @@ pub async fn run(command: BenchCommand) -> Result<(), String> {
                 target: a.target,
                 concurrency: a.concurrency,
                 query: a.query,
+                history_bytes: a.history_bytes,
                 deltas: a.deltas,
                 timeout: secs(a.timeout, "--timeout")?,
                 warmup: a.warmup,

@@ -169,6 +169,8 @@ pub struct Options {
     /// Stop starting streams after this long.
     pub duration: Option<Duration>,
     pub query: String,
+    /// Bytes of earlier conversation before the query (0: send `query`, not `messages`).
+    pub history_bytes: usize,
     pub deltas: bool,
     /// Deadline of one stream, from sending the request to its end.
     pub timeout: Duration,
@@ -227,6 +229,10 @@ impl Shared {
 fn body(options: &Options, kind: Kind) -> Bytes {
     let query = format!("{}{}", options.query, kind.directive());
     let value = match options.target {
+        Target::Duet if options.history_bytes > 0 => serde_json::json!({
+            "messages": history(options.history_bytes, query),
+            "deltas": options.deltas,
+        }),
         Target::Duet => serde_json::json!({"query": query, "deltas": options.deltas}),
         Target::Openai => serde_json::json!({
             "model": "bench",
@@ -235,6 +241,29 @@ fn body(options: &Options, kind: Kind) -> Bytes {
         }),
     };
     Bytes::from(value.to_string())
+}
+
+/// Earlier messages in a conversation of the benchmark: this many, before the query.
+const HISTORY_MESSAGES: usize = 19;
+
+/// A 20-message conversation: a system message and 18 alternating user and assistant
+/// messages holding about `bytes` of text, then `query` as the last user message.
+fn history(bytes: usize, query: String) -> serde_json::Value {
+    let each = (bytes / HISTORY_MESSAGES).max(1);
+    let filler = "The quick brown fox jumps over the lazy dog. ";
+    let text: String = filler.chars().cycle().take(each).collect();
+    let mut messages: Vec<serde_json::Value> = (0..HISTORY_MESSAGES)
+        .map(|i| {
+            let role = match i {
+                0 => "system",
+                i if i % 2 == 1 => "user",
+                _ => "assistant",
+            };
+            serde_json::json!({"role": role, "content": text})
+        })
+        .collect();
+    messages.push(serde_json::json!({"role": "user", "content": query}));
+    serde_json::Value::Array(messages)
 }
 
 /// Runs the load and reports it.
@@ -489,6 +518,7 @@ mod tests {
             requests: Some(1),
             duration: None,
             query: "hi".into(),
+            history_bytes: 0,
             deltas: true,
             timeout: Duration::from_secs(1),
             warmup: 0,
@@ -501,5 +531,25 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["stream"], true);
         assert_eq!(v["messages"][0]["content"], "hi [[mock:status=500]]");
+        let duet = Options {
+            target: Target::Duet,
+            history_bytes: 19_000,
+            ..options
+        };
+        let v: serde_json::Value = serde_json::from_slice(&body(&duet, Kind::Normal)).unwrap();
+        let messages = v["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 20);
+        assert_eq!(messages[0]["role"], "system");
+        assert_eq!(messages[18]["role"], "assistant");
+        assert_eq!(
+            messages[19],
+            serde_json::json!({"role": "user", "content": "hi"})
+        );
+        let text: usize = messages[..19]
+            .iter()
+            .map(|m| m["content"].as_str().unwrap().len())
+            .sum();
+        assert_eq!(text, 19_000);
+        assert!(v.get("query").is_none());
     }
 }

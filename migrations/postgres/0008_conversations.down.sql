@@ -1,0 +1,3 @@
+-- Reverts 0008_conversations: the releases before it kept only `query` and `system`.
+ALTER TABLE dual_runs DROP COLUMN params;
+ALTER TABLE dual_runs DROP COLUMN messages;

@@ -206,7 +206,9 @@ test("a conversation: the next question carries the last final answer, and New c
     // The service ran the conversation: its answer is to the last question.
     assert.equal(await turns(page).nth(1).getAttribute("data-outcome"), "done");
     assert.match(await turns(page).nth(1).locator(".pro .text").textContent(), /^Considered answer on “And at sunset\?”/);
-    assert.equal((await auditRecord(url, second)).query, "And at sunset?");
+    const secondRecord = await auditRecord(url, second);
+    assert.equal(secondRecord.query, "And at sunset?");
+    assert.deepEqual(secondRecord.messages, bodies[1].messages, "the run was given the whole conversation");
     await page.screenshot({ path: join(outDir, "page-conversation.png"), fullPage: true });
 
     await page.getByRole("button", { name: "New conversation" }).click();

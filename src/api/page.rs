@@ -216,7 +216,10 @@ mod tests {
             let linked = format!("\"{}?v={v}\"", asset.path);
             assert!(INDEX_LINKED.contains(&linked), "{linked} missing");
         }
-        assert!(!INDEX_LINKED.contains(".js\""), "an unversioned script link");
+        assert!(
+            !INDEX_LINKED.contains(".js\""),
+            "an unversioned script link"
+        );
         assert_ne!(VERSIONS[0], version("other bytes"));
     }
 
@@ -244,7 +247,10 @@ mod tests {
         );
         let response = serve(2, &stale, &headers);
         assert_eq!(response.status(), 304);
-        assert_eq!(response.headers()[header::ETAG], format!("\"{v}\"").as_str());
+        assert_eq!(
+            response.headers()[header::ETAG],
+            format!("\"{v}\"").as_str()
+        );
         headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"other\""));
         assert_eq!(serve(2, &stale, &headers).status(), 200);
     }

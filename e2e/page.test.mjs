@@ -184,6 +184,35 @@ test("with API keys the page asks for one and streams with fetch", async () => {
   }, [/status of 401/]);
 });
 
+test("the page's assets: versioned links, content types, caching, CSP", async () => {
+  await withPage(fast, async (page, url) => {
+    const index = await fetch(url);
+    const csp = index.headers.get("content-security-policy");
+    assert.match(csp, /script-src 'self';/);
+    assert.doesNotMatch(csp, /unsafe-inline|unsafe-eval/);
+    assert.equal(index.headers.get("cache-control"), "no-cache");
+    const html = await index.text();
+    const links = [...html.matchAll(/(?:src|href)="(\/[^"]+\?v=[0-9a-f]{16})"/g)].map((m) => m[1]);
+    assert.deepEqual(links.map((l) => l.split("?")[0]).sort(),
+      ["/app.css", "/app.js", "/vendor/marked.umd.js", "/vendor/purify.min.js"]);
+    for (const link of links) {
+      const asset = await fetch(new URL(link, url));
+      assert.equal(asset.status, 200, link);
+      const type = link.includes(".css") ? "text/css; charset=utf-8" : "text/javascript; charset=utf-8";
+      assert.equal(asset.headers.get("content-type"), type, link);
+      assert.equal(asset.headers.get("cache-control"), "public, max-age=31536000, immutable", link);
+      assert.equal(asset.headers.get("x-content-type-options"), "nosniff");
+      const etag = asset.headers.get("etag");
+      assert.equal(etag, `"${link.split("?v=")[1]}"`);
+      const again = await fetch(new URL(link.split("?")[0], url), { headers: { "If-None-Match": etag } });
+      assert.equal(again.status, 304, `${link} revalidated`);
+      assert.equal(again.headers.get("cache-control"), "no-cache", "unversioned: revalidate every time");
+    }
+    // The page really runs on what it linked: both libraries are there.
+    assert.equal(await page.evaluate(() => typeof marked.parse + typeof DOMPurify.sanitize), "functionfunction");
+  });
+});
+
 test("a conversation: the next question carries the last final answer, and New conversation clears it", async () => {
   await withPage({ ...fast, ADMIN_TOKEN }, async (page, url) => {
     const bodies = postedBodies(page);
@@ -235,6 +264,25 @@ test("when Pro fails, the next question carries Flash's answer", async () => {
     ]);
     assert.equal(await turns(page).nth(1).getAttribute("data-outcome"), "done");
   });
+});
+
+test("a conversation grown past MAX_QUERY_BYTES is refused with a way out", async () => {
+  // 200 bytes: a short question fits, the same question after a Pro answer does not.
+  await withPage({ ...fast, MAX_QUERY_BYTES: "200" }, async (page) => {
+    const bodies = postedBodies(page);
+    await ask(page, "Hi");
+    await ended(page, 0);
+    await ask(page, "More");
+    await page.locator("#status").filter({ hasText: "The conversation is too long: start a new one." }).waitFor({ timeout: 15000 });
+    assert.equal(bodies[1].messages.length, 3);
+    assert.equal(await turns(page).count(), 1, "the refused question left no turn");
+    assert.equal(await page.getByLabel("Your question").inputValue(), "More");
+    await page.getByRole("button", { name: "New conversation" }).click();
+    await page.getByRole("button", { name: "Ask both models" }).click();
+    await ended(page, 0);
+    assert.deepEqual(bodies[2], { query: "More", deltas: true });
+    assert.equal(await turns(page).first().getAttribute("data-outcome"), "done");
+  }, [/status of 413/]);
 });
 
 test("answers are rendered as Markdown: lists, code blocks, tables, links", async () => {

@@ -309,7 +309,7 @@ async function stream(turn, body, key, signal) {
     if (signal.aborted) return { kind: "stopped" };
     return { kind: "refused", message: "Could not reach the service." };
   }
-  if (!resp.ok) return { kind: "refused", message: await errorMessage(resp) };
+  if (!resp.ok) return { kind: "refused", status: resp.status, message: await errorMessage(resp) };
   await readEvents(resp, onEvent);
 
   for (let attempt = 0; !finished; attempt++) {
@@ -366,7 +366,9 @@ function ask(question, key) {
         turn.el.remove();
         $("empty").hidden = conversationEl.querySelector(".turn") !== null;
         if (!questionEl.value) questionEl.value = question;
-        statusEl.textContent = outcome.message;
+        // The whole conversation counts against MAX_QUERY_BYTES: say how to get past it.
+        const tooLong = outcome.status === 413 && history.length > 0;
+        statusEl.textContent = tooLong ? `${outcome.message}. The conversation is too long: start a new one.` : outcome.message;
         return;
       }
       turn.el.dataset.outcome = outcome.kind;

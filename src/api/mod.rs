@@ -92,6 +92,8 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(page::index))
         .route("/app.js", get(page::script))
         .route("/app.css", get(page::style))
+        .route("/vendor/marked.umd.js", get(page::marked))
+        .route("/vendor/purify.min.js", get(page::purify))
         .route("/runs/{run_id}", get(admin::get_run))
         .route("/healthz", get(healthz))
         .route("/readyz", get(admin::readyz))

@@ -43,6 +43,8 @@ use crate::events::EventKind;
         super::page::index,
         super::page::script,
         super::page::style,
+        super::page::marked,
+        super::page::purify,
         super::openai::chat_completions,
         super::openai::list_models,
         super::openai::get_model,

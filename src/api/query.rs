@@ -197,6 +197,13 @@ pub(super) fn event_stream(
     );
     let mut response = Response::new(Body::from_stream(body));
     let h = response.headers_mut();
+    event_stream_headers(h);
+    insert_ids(h, run_id, client_request_id);
+    response
+}
+
+/// The headers of every event-stream response (`/query/stream`, `/v1/chat/completions`).
+pub(super) fn event_stream_headers(h: &mut HeaderMap) {
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
@@ -204,8 +211,6 @@ pub(super) fn event_stream(
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // nginx and similar proxies buffer responses unless told not to.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    insert_ids(h, run_id, client_request_id);
-    response
 }
 
 /// How long a browser waits before reconnecting a dropped stream (the `retry:` field).

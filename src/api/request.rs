@@ -116,11 +116,14 @@ fn body_limit(max_query_bytes: usize) -> usize {
     max_query_bytes.saturating_mul(12).saturating_add(64 * 1024)
 }
 
-pub(super) async fn parse_post(
+/// A JSON request body, read whole: `Content-Type: application/json` (else 415), at most
+/// [`body_limit`] bytes (else 413), within [`BODY_READ_TIMEOUT`] (else 400). Every JSON route
+/// reads its body through this (`/query*`, `/v1/chat/completions`).
+pub(super) async fn read_json_body(
     headers: &HeaderMap,
     body: Body,
     max_query_bytes: usize,
-) -> Result<QueryParams, ApiError> {
+) -> Result<bytes::Bytes, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -135,7 +138,7 @@ pub(super) async fn parse_post(
     let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
         .await
         .map_err(|_| ApiError::BadRequest("the request body arrived too slowly".into()))?;
-    let bytes = read.map_err(|e| {
+    read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
@@ -144,7 +147,15 @@ pub(super) async fn parse_post(
             // Aborted, malformed chunking, or too slow (the body read timeout).
             ApiError::BadRequest("the request body could not be read".into())
         }
-    })?;
+    })
+}
+
+pub(super) async fn parse_post(
+    headers: &HeaderMap,
+    body: Body,
+    max_query_bytes: usize,
+) -> Result<QueryParams, ApiError> {
+    let bytes = read_json_body(headers, body, max_query_bytes).await?;
     let parsed = parse_body(&bytes)?;
     let conversation = match (parsed.query, parsed.messages) {
         (Some(_), Some(_)) => {

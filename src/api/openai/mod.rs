@@ -20,7 +20,7 @@ use axum::{
     Extension, Json,
     body::Body,
     extract::{Path, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
 
@@ -144,14 +144,7 @@ pub(super) async fn chat_completions(
     };
     let chunks = ChunkStream::new(head, decision, handle.events, state.config.sse_keepalive);
     let mut response = Response::new(Body::from_stream(chunks));
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // nginx and similar proxies buffer responses unless told not to.
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    super::query::event_stream_headers(response.headers_mut());
     Ok(with_ids(response, Some(answer)))
 }
 

@@ -12,19 +12,13 @@
 
 use std::collections::HashMap;
 
-use axum::{
-    body::Body,
-    http::{HeaderMap, header},
-};
+use axum::{body::Body, http::HeaderMap};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::OpenAiError;
-use crate::{
-    api::ApiError,
-    conversation::{
-        Conversation, ConversationError, GenParams, Message, RunParams, Speaker, Thinking,
-    },
+use crate::conversation::{
+    Conversation, ConversationError, GenParams, Message, RunParams, Speaker, Thinking,
 };
 
 /// The one model name this endpoint serves (and `GET /v1/models` lists).
@@ -328,39 +322,14 @@ fn none_or_null() -> utoipa::openapi::Object {
         .build()
 }
 
-/// Longest time a client may take to send a request body (as on `/query*`).
-const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Reads, parses and validates a request. The body may be up to twelve times
-/// `MAX_QUERY_BYTES` plus 64 KiB (JSON escaping and the fields around the text), as on
-/// `/query*`; the text itself is bounded by `MAX_QUERY_BYTES` once decoded.
+/// Reads (as on `/query*`: `request::read_json_body`), parses and validates a request; the
+/// text is bounded by `MAX_QUERY_BYTES` once decoded.
 pub(in crate::api) async fn parse(
     headers: &HeaderMap,
     body: Body,
     max_query_bytes: usize,
 ) -> Result<ChatRequest, OpenAiError> {
-    let mime = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .unwrap_or("")
-        .trim();
-    if !mime.eq_ignore_ascii_case("application/json") {
-        return Err(ApiError::UnsupportedMediaType.into());
-    }
-    let limit = max_query_bytes.saturating_mul(12).saturating_add(64 * 1024);
-    let bytes = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| ApiError::BadRequest("the request body arrived too slowly".into()))?
-        .map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ApiError::PayloadTooLarge(format!("the request body is larger than {limit} bytes"))
-            } else {
-                ApiError::BadRequest("the request body could not be read".into())
-            }
-        })?;
+    let bytes = super::super::request::read_json_body(headers, body, max_query_bytes).await?;
     from_json(&bytes, max_query_bytes)
 }
 

@@ -293,6 +293,41 @@ async fn both_failing_is_an_openai_error_with_the_run_id() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_failed_run_s_error_tells_what_the_events_tell_never_the_audit_detail() {
+    // The audit's detail of an upstream failure (its URL, its response body) is for the
+    // operator; the client reads the message the run's `error` events carry, streamed or not.
+    let app = spawn_app(
+        vec![Step::Fail(ErrorType::ProviderError, false)],
+        vec![Step::Fail(ErrorType::ProviderError, false)],
+        &[],
+    )
+    .await;
+    for stream in [false, true] {
+        let resp = post(&app, ask(stream)).await;
+        assert_eq!(resp.status(), 502, "stream: {stream}");
+        let body: Value = resp.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap().to_owned();
+        assert!(
+            !message.contains("upstream said no"),
+            "stream: {stream}: {message}"
+        );
+        assert!(
+            message.contains("failed (provider_error)"),
+            "stream: {stream}: {message}"
+        );
+    }
+    let records = app.records(2).await;
+    assert!(
+        records.iter().all(|r| r
+            .pro
+            .error_message
+            .as_deref()
+            .is_some_and(|m| m.contains("upstream said no"))),
+        "the audit keeps the detail"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn fields_duet_cannot_honour_are_refused_naming_them_and_start_no_run() {
     let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
     let user = json!([{"role": "user", "content": "q"}]);

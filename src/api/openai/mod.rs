@@ -36,7 +36,7 @@ use super::{
     query::{caller_key, insert_ids, start_run},
     request::{QueryParams, client_request_id},
 };
-use crate::audit::{ModelTrace, Outcome, RunRecord, RunStatus};
+use crate::audit::{Outcome, RunRecord, RunStatus};
 
 pub(super) use self::error::{
     OpenAiBadRequest, OpenAiInternal, OpenAiNotFound, OpenAiRateLimited, OpenAiTooLarge,
@@ -119,12 +119,24 @@ pub(super) async fn chat_completions(
     if !stream {
         // As `POST /query`: keep draining so the run never waits on a full channel; the
         // record comes after the last event. A client gone drops this, and the run cancels.
-        while handle.events.recv().await.is_some() {}
+        // The failures are taken from the run's `error` events, whose messages are those
+        // written for clients; the record's carry the audit's detail (upstream URLs, provider
+        // bodies), which is not the caller's to read.
+        let mut failures = Failures::default();
+        while let Some(frame) = handle.events.recv().await {
+            if let stream::RunEvent::Error { model, failure } = stream::read(&frame) {
+                match model {
+                    Some(true) => failures.pro = Some(failure),
+                    Some(false) => failures.flash = Some(failure),
+                    None => failures.run = Some(failure),
+                }
+            }
+        }
         let record = handle
             .record
             .await
             .context(|| "the run ended without a record".into())?;
-        return Ok(match completion(&record, &id, created) {
+        return Ok(match completion(&record, failures, &id, created) {
             Ok((answer, completion)) => with_ids(Json(completion).into_response(), Some(answer)),
             Err(e) => with_ids(e.into_response(), None),
         });
@@ -155,9 +167,18 @@ pub(super) async fn chat_completions(
     Ok(with_ids(response, Some(answer)))
 }
 
+/// The failures a run's `error` events reported, by whom.
+#[derive(Default)]
+struct Failures {
+    pro: Option<Failure>,
+    flash: Option<Failure>,
+    run: Option<Failure>,
+}
+
 /// The whole answer of a run that has ended: Pro's, else Flash's, else the error.
 fn completion<'a>(
     record: &'a RunRecord,
+    failures: Failures,
     id: &'a str,
     created: i64,
 ) -> Result<(&'static str, ChatCompletion<'a>), OpenAiError> {
@@ -173,11 +194,7 @@ fn completion<'a>(
         (_, Outcome::Ok, _) => ("pro", &record.pro),
         (_, _, Outcome::Ok) => ("flash", &record.flash),
         _ => {
-            return Err(stream::failure(
-                failure(&record.pro),
-                failure(&record.flash),
-                None,
-            ));
+            return Err(stream::failure(failures.pro, failures.flash, failures.run));
         }
     };
     Ok((
@@ -201,17 +218,6 @@ fn completion<'a>(
             system_fingerprint: None,
         },
     ))
-}
-
-/// A failed model's error, from its trace.
-fn failure(trace: &ModelTrace) -> Option<Failure> {
-    Some(Failure {
-        error_type: trace.error_type.clone()?,
-        message: trace
-            .error_message
-            .clone()
-            .unwrap_or_else(|| "no answer".into()),
-    })
 }
 
 /// When `duet` was first listed by this process (OpenAI's `created`, Unix seconds).

@@ -489,6 +489,22 @@ async fn keys_are_required_as_on_query_and_errors_are_openai_shaped() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_model_name_that_is_not_utf_8_is_an_openai_error() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let resp = app
+        .client
+        .get(app.url("/v1/models/%FF%00"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(header(&resp, "content-type"), Some("application/json"));
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert_eq!(e["error"]["param"], "model");
+}
+
+#[tokio::test(start_paused = true)]
 async fn at_capacity_is_503_with_retry_after_in_openai_shape() {
     let app = spawn_app(
         vec![Step::Hang],

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use axum::{
     Extension, Json,
     body::Body,
-    extract::{Path, State},
+    extract::{Path, State, rejection::PathRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -260,7 +260,16 @@ pub(super) async fn list_models() -> Json<ModelList> {
         (status = 429, response = OpenAiRateLimited),
     ),
 )]
-pub(super) async fn get_model(Path(name): Path<String>) -> Result<Json<Model>, OpenAiError> {
+pub(super) async fn get_model(
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<Model>, OpenAiError> {
+    // axum's own rejection (a name that is not UTF-8) is plain text, not OpenAI's shape.
+    let Ok(Path(name)) = name else {
+        return Err(OpenAiError::invalid(
+            "model",
+            "the model's name in the path must be UTF-8",
+        ));
+    };
     if name != MODEL {
         return Err(OpenAiError::ModelNotFound(name.chars().take(64).collect()));
     }

@@ -489,6 +489,48 @@ async fn keys_are_required_as_on_query_and_errors_are_openai_shaped() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_key_named_twice_is_refused_naming_it_and_starts_no_run() {
+    // As `/query*` does: a JSON reader that keeps the first and one that keeps the last (a
+    // gateway in front, duet behind) must never see two different requests.
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let user = r#"{"role":"user","content":"hi"}"#;
+    for (body, param, key) in [
+        (
+            format!(r#"{{"model":"duet","messages":[{user}],"messages":[{user}]}}"#),
+            Value::Null,
+            "messages",
+        ),
+        (
+            format!(r#"{{"model":"duet","model":"gpt-4o","messages":[{user}]}}"#),
+            Value::Null,
+            "model",
+        ),
+        (
+            r#"{"model":"duet","messages":[{"role":"system","role":"user","content":"hi"}]}"#
+                .to_owned(),
+            json!("messages[0]"),
+            "role",
+        ),
+    ] {
+        let resp = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let e: Value = resp.json().await.unwrap();
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(e["error"]["param"], param, "{body}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("\"{key}\" twice")), "{message}");
+    }
+    assert_eq!((app.flash.started(), app.pro.started()), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_model_name_that_is_not_utf_8_is_an_openai_error() {
     let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
     let resp = app

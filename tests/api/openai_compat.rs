@@ -489,6 +489,54 @@ async fn keys_are_required_as_on_query_and_errors_are_openai_shaped() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_shutdown_before_pro_answers_gives_flash_s_answer() {
+    // Pro cut off by the shutdown has failed as surely as by its deadline: Flash had
+    // answered, so that is the answer, not "neither model answered".
+    for stream in [false, true] {
+        let mut app = spawn_app(
+            normal_flash(),
+            vec![Step::Hang],
+            &[("SHUTDOWN_GRACE_S", "2")],
+        )
+        .await;
+        let request = tokio::spawn(
+            app.client
+                .post(app.url("/v1/chat/completions"))
+                .json(&ask(stream))
+                .send(),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stop = tokio::spawn({
+            let server = app.server.take().unwrap();
+            async move { server.stop().await }
+        });
+        let resp = request.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200, "stream: {stream}");
+        assert_eq!(
+            header(&resp, "x-duet-answer"),
+            Some("flash"),
+            "stream: {stream}"
+        );
+        let text = if stream {
+            let (chunks, _) = chunks(resp).await;
+            assert_eq!(chunks.last(), Some(&json!("[DONE]")));
+            content(&chunks)
+        } else {
+            let body: Value = resp.json().await.unwrap();
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        stop.await.unwrap().unwrap();
+        let r = &app.records(1).await[0];
+        assert_eq!(r.status, RunStatus::Cancelled);
+        assert_eq!(text, r.flash.text, "stream: {stream}");
+        assert!(!text.is_empty());
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_key_named_twice_is_refused_naming_it_and_starts_no_run() {
     // As `/query*` does: a JSON reader that keeps the first and one that keeps the last (a
     // gateway in front, duet behind) must never see two different requests.

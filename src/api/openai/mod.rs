@@ -182,7 +182,10 @@ fn completion<'a>(
     id: &'a str,
     created: i64,
 ) -> Result<(&'static str, ChatCompletion<'a>), OpenAiError> {
+    // A shutdown that cancelled Pro after Flash answered is Pro failing: Flash's answer.
     let (answer, trace) = match (record.status, record.pro.outcome, record.flash.outcome) {
+        (_, Outcome::Ok, _) => ("pro", &record.pro),
+        (_, _, Outcome::Ok) => ("flash", &record.flash),
         (RunStatus::Cancelled, ..) => {
             return Err(OpenAiError::RunFailed {
                 status: StatusCode::SERVICE_UNAVAILABLE,
@@ -191,8 +194,6 @@ fn completion<'a>(
                     .into(),
             });
         }
-        (_, Outcome::Ok, _) => ("pro", &record.pro),
-        (_, _, Outcome::Ok) => ("flash", &record.flash),
         _ => {
             return Err(stream::failure(failures.pro, failures.flash, failures.run));
         }

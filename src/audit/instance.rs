@@ -27,7 +27,8 @@
 //!   row is taken over (compare-and-set on the heartbeat seen) and whose runs are finalized
 //!   `interrupted` at once, before this process starts any run of its own under that id.
 //! - Stopping (graceful shutdown, after the audit queue drained) deletes the row: runs left
-//!   `running` then (their records dead-lettered) are finalized by the next sweep at once.
+//!   `running` then (their records dead-lettered) are finalized by a sweep once they are
+//!   older than the lease, or at once by the next process that registers the same id.
 
 use std::{
     path::{Path, PathBuf},
@@ -255,6 +256,15 @@ async fn claim(
             .await?
             .rows_affected();
         if inserted == 1 {
+            // No incarnation held the id, so a run still `running` under it was left by a
+            // process that is gone (one that deregistered while the run's record went to the
+            // dead-letter file); with the id live again, no sweep would ever finalize it.
+            let n = sqlx::query(INTERRUPT_OWN)
+                .bind(id)
+                .fetch_all(pool)
+                .await?
+                .len() as u64;
+            interrupted(metrics, n, "an earlier process of this INSTANCE_ID");
             return Ok(());
         }
         let Some(seen) = holder(pool, id).await? else {

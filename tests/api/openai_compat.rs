@@ -293,6 +293,41 @@ async fn both_failing_is_an_openai_error_with_the_run_id() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_failed_run_s_error_tells_what_the_events_tell_never_the_audit_detail() {
+    // The audit's detail of an upstream failure (its URL, its response body) is for the
+    // operator; the client reads the message the run's `error` events carry, streamed or not.
+    let app = spawn_app(
+        vec![Step::Fail(ErrorType::ProviderError, false)],
+        vec![Step::Fail(ErrorType::ProviderError, false)],
+        &[],
+    )
+    .await;
+    for stream in [false, true] {
+        let resp = post(&app, ask(stream)).await;
+        assert_eq!(resp.status(), 502, "stream: {stream}");
+        let body: Value = resp.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap().to_owned();
+        assert!(
+            !message.contains("upstream said no"),
+            "stream: {stream}: {message}"
+        );
+        assert!(
+            message.contains("failed (provider_error)"),
+            "stream: {stream}: {message}"
+        );
+    }
+    let records = app.records(2).await;
+    assert!(
+        records.iter().all(|r| r
+            .pro
+            .error_message
+            .as_deref()
+            .is_some_and(|m| m.contains("upstream said no"))),
+        "the audit keeps the detail"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn fields_duet_cannot_honour_are_refused_naming_them_and_start_no_run() {
     let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
     let user = json!([{"role": "user", "content": "q"}]);
@@ -451,6 +486,112 @@ async fn keys_are_required_as_on_query_and_errors_are_openai_shaped() {
     assert_eq!(other.status(), 404);
     let e: Value = other.json().await.unwrap();
     assert_eq!(e["error"]["code"], "model_not_found");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_before_pro_answers_gives_flash_s_answer() {
+    // Pro cut off by the shutdown has failed as surely as by its deadline: Flash had
+    // answered, so that is the answer, not "neither model answered".
+    for stream in [false, true] {
+        let mut app = spawn_app(
+            normal_flash(),
+            vec![Step::Hang],
+            &[("SHUTDOWN_GRACE_S", "2")],
+        )
+        .await;
+        let request = tokio::spawn(
+            app.client
+                .post(app.url("/v1/chat/completions"))
+                .json(&ask(stream))
+                .send(),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stop = tokio::spawn({
+            let server = app.server.take().unwrap();
+            async move { server.stop().await }
+        });
+        let resp = request.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200, "stream: {stream}");
+        assert_eq!(
+            header(&resp, "x-duet-answer"),
+            Some("flash"),
+            "stream: {stream}"
+        );
+        let text = if stream {
+            let (chunks, _) = chunks(resp).await;
+            assert_eq!(chunks.last(), Some(&json!("[DONE]")));
+            content(&chunks)
+        } else {
+            let body: Value = resp.json().await.unwrap();
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        stop.await.unwrap().unwrap();
+        let r = &app.records(1).await[0];
+        assert_eq!(r.status, RunStatus::Cancelled);
+        assert_eq!(text, r.flash.text, "stream: {stream}");
+        assert!(!text.is_empty());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_named_twice_is_refused_naming_it_and_starts_no_run() {
+    // As `/query*` does: a JSON reader that keeps the first and one that keeps the last (a
+    // gateway in front, duet behind) must never see two different requests.
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let user = r#"{"role":"user","content":"hi"}"#;
+    for (body, param, key) in [
+        (
+            format!(r#"{{"model":"duet","messages":[{user}],"messages":[{user}]}}"#),
+            Value::Null,
+            "messages",
+        ),
+        (
+            format!(r#"{{"model":"duet","model":"gpt-4o","messages":[{user}]}}"#),
+            Value::Null,
+            "model",
+        ),
+        (
+            r#"{"model":"duet","messages":[{"role":"system","role":"user","content":"hi"}]}"#
+                .to_owned(),
+            json!("messages[0]"),
+            "role",
+        ),
+    ] {
+        let resp = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let e: Value = resp.json().await.unwrap();
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(e["error"]["param"], param, "{body}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("\"{key}\" twice")), "{message}");
+    }
+    assert_eq!((app.flash.started(), app.pro.started()), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_name_that_is_not_utf_8_is_an_openai_error() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let resp = app
+        .client
+        .get(app.url("/v1/models/%FF%00"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(header(&resp, "content-type"), Some("application/json"));
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert_eq!(e["error"]["param"], "model");
 }
 
 #[tokio::test(start_paused = true)]

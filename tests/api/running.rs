@@ -278,6 +278,49 @@ async fn postgres_a_replica_restarted_under_its_id_interrupts_its_old_runs_at_on
     assert_eq!(terminate(plain).await, Some(0));
 }
 
+/// A run left `running` under an id that is not registered (its process stopped cleanly
+/// while the run's record went to the dead-letter file, so it deregistered) belongs to a
+/// process that is gone. A replica that then registers that id afresh (a restart on the
+/// same host and port) finalizes it as it would a dead predecessor's: otherwise no sweep
+/// ever would, since the id is live again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_fresh_registration_interrupts_runs_left_under_its_id() {
+    let Some(pg) = db::postgres("postgres_a_fresh_registration_interrupts_runs_left").await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let left = Uuid::now_v7();
+    pg.store
+        .write(
+            Some("edge-2"),
+            &[StartedRun {
+                instance_id: Some("edge-2".into()),
+                ..started(left)
+            }],
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status(&pg.store, left).await.as_deref(), Some("running"));
+    let (again, again_addr) = crate::helpers::replica(
+        tmp.path(),
+        &pg.url,
+        "0.01",
+        "30",
+        &[("INSTANCE_ID", "edge-2")],
+    );
+    assert_eq!(
+        status(&pg.store, left).await.as_deref(),
+        Some("interrupted"),
+        "finalized before the new incarnation serves"
+    );
+    assert_eq!(
+        metric_of(&direct_client(), &again_addr, "duet_runs_interrupted_total").await,
+        1.0
+    );
+    assert_eq!(terminate(again).await, Some(0));
+}
+
 /// Two live replicas given one `INSTANCE_ID`: the second sees the first's heartbeat move and
 /// refuses to start, with one line naming the variable; the first's run is never touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

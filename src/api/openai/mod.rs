@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use axum::{
     Extension, Json,
     body::Body,
-    extract::{Path, State},
+    extract::{Path, State, rejection::PathRejection},
     http::{HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
@@ -36,7 +36,7 @@ use super::{
     query::{caller_key, insert_ids, start_run},
     request::{QueryParams, client_request_id},
 };
-use crate::audit::{ModelTrace, Outcome, RunRecord, RunStatus};
+use crate::audit::{Outcome, RunRecord, RunStatus};
 
 pub(super) use self::error::{
     OpenAiBadRequest, OpenAiInternal, OpenAiNotFound, OpenAiRateLimited, OpenAiTooLarge,
@@ -119,12 +119,24 @@ pub(super) async fn chat_completions(
     if !stream {
         // As `POST /query`: keep draining so the run never waits on a full channel; the
         // record comes after the last event. A client gone drops this, and the run cancels.
-        while handle.events.recv().await.is_some() {}
+        // The failures are taken from the run's `error` events, whose messages are those
+        // written for clients; the record's carry the audit's detail (upstream URLs, provider
+        // bodies), which is not the caller's to read.
+        let mut failures = Failures::default();
+        while let Some(frame) = handle.events.recv().await {
+            if let stream::RunEvent::Error { model, failure } = stream::read(&frame) {
+                match model {
+                    Some(true) => failures.pro = Some(failure),
+                    Some(false) => failures.flash = Some(failure),
+                    None => failures.run = Some(failure),
+                }
+            }
+        }
         let record = handle
             .record
             .await
             .context(|| "the run ended without a record".into())?;
-        return Ok(match completion(&record, &id, created) {
+        return Ok(match completion(&record, failures, &id, created) {
             Ok((answer, completion)) => with_ids(Json(completion).into_response(), Some(answer)),
             Err(e) => with_ids(e.into_response(), None),
         });
@@ -148,13 +160,25 @@ pub(super) async fn chat_completions(
     Ok(with_ids(response, Some(answer)))
 }
 
+/// The failures a run's `error` events reported, by whom.
+#[derive(Default)]
+struct Failures {
+    pro: Option<Failure>,
+    flash: Option<Failure>,
+    run: Option<Failure>,
+}
+
 /// The whole answer of a run that has ended: Pro's, else Flash's, else the error.
 fn completion<'a>(
     record: &'a RunRecord,
+    failures: Failures,
     id: &'a str,
     created: i64,
 ) -> Result<(&'static str, ChatCompletion<'a>), OpenAiError> {
+    // A shutdown that cancelled Pro after Flash answered is Pro failing: Flash's answer.
     let (answer, trace) = match (record.status, record.pro.outcome, record.flash.outcome) {
+        (_, Outcome::Ok, _) => ("pro", &record.pro),
+        (_, _, Outcome::Ok) => ("flash", &record.flash),
         (RunStatus::Cancelled, ..) => {
             return Err(OpenAiError::RunFailed {
                 status: StatusCode::SERVICE_UNAVAILABLE,
@@ -163,14 +187,8 @@ fn completion<'a>(
                     .into(),
             });
         }
-        (_, Outcome::Ok, _) => ("pro", &record.pro),
-        (_, _, Outcome::Ok) => ("flash", &record.flash),
         _ => {
-            return Err(stream::failure(
-                failure(&record.pro),
-                failure(&record.flash),
-                None,
-            ));
+            return Err(stream::failure(failures.pro, failures.flash, failures.run));
         }
     };
     Ok((
@@ -194,17 +212,6 @@ fn completion<'a>(
             system_fingerprint: None,
         },
     ))
-}
-
-/// A failed model's error, from its trace.
-fn failure(trace: &ModelTrace) -> Option<Failure> {
-    Some(Failure {
-        error_type: trace.error_type.clone()?,
-        message: trace
-            .error_message
-            .clone()
-            .unwrap_or_else(|| "no answer".into()),
-    })
 }
 
 /// When `duet` was first listed by this process (OpenAI's `created`, Unix seconds).
@@ -247,7 +254,16 @@ pub(super) async fn list_models() -> Json<ModelList> {
         (status = 429, response = OpenAiRateLimited),
     ),
 )]
-pub(super) async fn get_model(Path(name): Path<String>) -> Result<Json<Model>, OpenAiError> {
+pub(super) async fn get_model(
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<Model>, OpenAiError> {
+    // axum's own rejection (a name that is not UTF-8) is plain text, not OpenAI's shape.
+    let Ok(Path(name)) = name else {
+        return Err(OpenAiError::invalid(
+            "model",
+            "the model's name in the path must be UTF-8",
+        ));
+    };
     if name != MODEL {
         return Err(OpenAiError::ModelNotFound(name.chars().take(64).collect()));
     }

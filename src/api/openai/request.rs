@@ -343,6 +343,7 @@ pub(in crate::api) fn from_json(
         param: None,
         code: "invalid_json",
     })?;
+    no_duplicate_keys(bytes)?;
     let Value::Object(fields) = &value else {
         return Err(OpenAiError::Invalid {
             message: "the body must be a JSON object".into(),
@@ -400,6 +401,89 @@ fn objects_only(fields: &serde_json::Map<String, Value>) -> Result<(), OpenAiErr
         }
     }
     Ok(())
+}
+
+/// Refuses an object that names a key twice. `Value` silently keeps the last, where
+/// `/query*` refuses it; and a gateway in front of duet that reads the first must not see
+/// another request than duet does.
+fn no_duplicate_keys(bytes: &[u8]) -> Result<(), OpenAiError> {
+    let mut json = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize::<_, NoDuplicateKeys>(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let problem = json_problem(e.inner());
+        if path == "." {
+            OpenAiError::Invalid {
+                message: format!("the body {problem}"),
+                param: None,
+                code: "invalid_request",
+            }
+        } else {
+            OpenAiError::invalid(
+                path.clone(),
+                format!("Invalid value for '{path}': {problem}"),
+            )
+        }
+    })?;
+    Ok(())
+}
+
+/// Any JSON, read only to find an object with a key twice (see [`no_duplicate_keys`]).
+struct NoDuplicateKeys;
+
+impl<'de> Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                let key: String = key.chars().take(64).collect();
+                return Err(serde::de::Error::custom(format!("names \"{key}\" twice")));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+            seen.insert(key);
+        }
+        Ok(self)
+    }
 }
 
 /// serde_json's message without the position for one-line bodies.

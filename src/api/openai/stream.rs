@@ -16,7 +16,8 @@
 //!   deltas are streamed as they come and Flash is ignored.
 //! - Pro failed before its first token: Flash answers, sent as one content chunk once Flash
 //!   has ended (its answer event carries the whole text; Flash's deltas are not kept).
-//! - Both failed, or the run was cancelled: an error answer in OpenAI's shape, no stream.
+//! - Both failed, or the run was cancelled before Flash answered: an error answer in
+//!   OpenAI's shape, no stream. (Cancelled by a shutdown after Flash answered: Flash's.)
 //!
 //! When Pro fails after its first token, its text so far has been sent and cannot be taken
 //! back: the stream ends with a `data: {"error": ...}` line (what OpenAI's SDKs raise as an
@@ -190,10 +191,17 @@ pub(in crate::api) async fn decide(
                 model: Some(false),
                 failure,
             } => flash_failed = Some(failure),
+            // The run cut short (a shutdown) before Pro's first token: Pro failed, and
+            // Flash's answer, if it came, is the answer.
             RunEvent::Error {
                 model: None,
                 failure,
-            } => run_failed = Some(failure),
+            } => {
+                if let Some(answer) = flash.take() {
+                    return Ok(Decision::Flash(answer));
+                }
+                run_failed = Some(failure);
+            }
             RunEvent::Done => break,
             RunEvent::Delta { pro: false, .. } | RunEvent::Other => {}
         }

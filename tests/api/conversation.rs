@@ -224,7 +224,7 @@ async fn both_models_get_the_whole_conversation_and_their_own_parameters() {
         "the whole conversation as sent, the system prompt first"
     );
     assert_eq!(
-        serde_json::to_value(record.params).unwrap(),
+        serde_json::to_value(&record.params).unwrap(),
         json!({"max_tokens": 300, "temperature": 0.2,
                "flash": {"max_tokens": 100, "thinking": "off"},
                "pro": {"thinking": "high"}})
@@ -245,7 +245,7 @@ async fn a_query_still_works_and_keeps_no_messages_copy() {
         "a plain query is stored as query and system"
     );
     assert_eq!(
-        serde_json::to_value(record.params).unwrap(),
+        serde_json::to_value(&record.params).unwrap(),
         json!({"thinking": "low"})
     );
     let resp = app.post_query(json!({"query": "no params"})).await;

@@ -321,7 +321,12 @@ mod tests {
 
     #[test]
     fn stop_cuts_before_the_first_stop_string_even_inside_a_token() {
-        let whole = vec!["Quick".to_owned(), " take".into(), " on".into(), " it".into()];
+        let whole = vec![
+            "Quick".to_owned(),
+            " take".into(),
+            " on".into(),
+            " it".into(),
+        ];
         let cut = |stop: &[&str]| {
             let mut tokens = whole.clone();
             cut_at_stop(

@@ -464,6 +464,25 @@ async fn store_text_none_strips_every_message(store: &Store, dir: &std::path::Pa
         Some(json!({"temperature": 0.5})),
         "parameters hold no text and stay"
     );
+    // But for `stop` (OpenAI's route): a client's text, stripped like the rest.
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .json(
+            &json!({"model": "duet", "messages": two_turns(), "top_p": 0.5,
+            "stop": ["SECRET-STOP"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let run_id = resp.headers()["x-run-id"].to_str().unwrap().to_owned();
+    resp.bytes().await.unwrap();
+    wait_ended(store, &run_id).await;
+    assert_eq!(
+        json_column(store, "params", &run_id).await,
+        Some(json!({"top_p": 0.5, "stop": [duet::audit::privacy::redact("SECRET-STOP")]}))
+    );
     app.stop().await;
     writer.shutdown(Duration::from_secs(10)).await;
 }

@@ -25,8 +25,7 @@ use super::error::OpenAiError;
 use crate::{
     api::ApiError,
     conversation::{
-        Conversation, ConversationError, GenParams, Message, RunParams, Sampling, Speaker,
-        Thinking,
+        Conversation, ConversationError, GenParams, Message, RunParams, Sampling, Speaker, Thinking,
     },
 };
 
@@ -322,7 +321,11 @@ impl Stop {
 /// `stop`: null, a non-empty string, or an array of at most 4 of them.
 fn stop_schema() -> utoipa::openapi::Schema {
     use utoipa::openapi::{ArrayBuilder, ObjectBuilder, OneOfBuilder, schema::Type};
-    let text = || ObjectBuilder::new().schema_type(Type::String).min_length(Some(1));
+    let text = || {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+    };
     let one_of = OneOfBuilder::new()
         .item(ObjectBuilder::new().schema_type(Type::Null))
         .item(text())
@@ -809,7 +812,10 @@ mod tests {
         );
         assert_eq!(with("top_p", "high".into()), "top_p");
         assert_eq!(with("top_p", 1.5.into()), "top_p");
-        assert_eq!(with("frequency_penalty", (-2.5).into()), "frequency_penalty");
+        assert_eq!(
+            with("frequency_penalty", (-2.5).into()),
+            "frequency_penalty"
+        );
         assert_eq!(with("presence_penalty", 3.into()), "presence_penalty");
         assert_eq!(with("stop", "".into()), "stop");
         assert_eq!(

@@ -1,6 +1,7 @@
 //! What a run asks the models (contract §7): a [`Conversation`] (an optional system prompt,
 //! then user and assistant turns ending with a user message) and the generation parameters
-//! ([`RunParams`]: `max_tokens`, `temperature`, `thinking`, for both models and per model).
+//! ([`RunParams`]: `max_tokens`, `temperature`, `thinking`, for both models and per model; and
+//! the sampling fields of OpenAI's route, [`Sampling`], for both models).
 //!
 //! These are the validated forms. Every entry point (`POST /query*`, `GET /query/stream`,
 //! `POST /v1/chat/completions`) parses its own wire shape, then builds these through
@@ -303,12 +304,87 @@ impl GenParams {
     }
 }
 
+/// The most `stop` strings a request may give (OpenAI's limit; Gemini takes five, Anthropic
+/// more).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+/// The largest `frequency_penalty` and `presence_penalty` (and the smallest is its negative).
+pub const MAX_PENALTY: f64 = 2.0;
+
+/// Sampling fields of OpenAI's request that providers have too, for both models; only
+/// `POST /v1/chat/completions` takes them. Unset (or empty `stop`) means the provider's
+/// default; each provider sends what it has of them (docs/providers.md).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default)]
+pub struct Sampling {
+    /// Nucleus sampling: 0 to 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 1)]
+    pub top_p: Option<f64>,
+    /// Asks for repeatable sampling, where the provider offers it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// Up to 4 non-empty strings; the answer ends before the first of them it would contain.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 4)]
+    pub stop: Vec<String>,
+    /// -2 to 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = -2, maximum = 2)]
+    pub frequency_penalty: Option<f64>,
+    /// -2 to 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = -2, maximum = 2)]
+    pub presence_penalty: Option<f64>,
+}
+
+impl Sampling {
+    /// Checks OpenAI's ranges, naming the field at fault.
+    pub fn check(&self) -> Result<(), ParamError> {
+        let refuse = |field: &'static str, range| {
+            Err(ParamError {
+                field: field.to_owned(),
+                range,
+            })
+        };
+        if self.top_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+            return refuse("top_p", "a number from 0 to 1");
+        }
+        for (field, penalty) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if penalty.is_some_and(|p| !(-MAX_PENALTY..=MAX_PENALTY).contains(&p)) {
+                return refuse(field, "a number from -2 to 2");
+            }
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES || self.stop.iter().any(String::is_empty) {
+            return refuse(
+                "stop",
+                "a non-empty string or an array of at most 4 non-empty strings",
+            );
+        }
+        Ok(())
+    }
+
+    /// The bytes of text these hold (the `stop` strings), for memory accounting.
+    pub fn text_bytes(&self) -> usize {
+        self.stop.iter().map(String::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Sampling::default()
+    }
+}
+
 /// The parameters of a run as the client sent them: for both models, and per model
 /// overrides. Stored as sent in the audit record (`params`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunParams {
     #[serde(flatten)]
     pub both: GenParams,
+    /// OpenAI's sampling fields, for both models (only `POST /v1/chat/completions` sets them).
+    #[serde(flatten)]
+    pub sampling: Sampling,
     /// Flash's own parameters, over the ones for both.
     #[serde(skip_serializing_if = "GenParams::is_empty", default)]
     pub flash: GenParams,
@@ -322,7 +398,8 @@ impl RunParams {
     pub fn check(&self) -> Result<(), ParamError> {
         self.both.check("")?;
         self.flash.check("flash.")?;
-        self.pro.check("pro.")
+        self.pro.check("pro.")?;
+        self.sampling.check()
     }
 
     /// What `role` is sent: its own overrides, then the ones for both.
@@ -456,9 +533,79 @@ mod tests {
         };
         assert!(zero.check("").is_err());
         assert_eq!(
-            serde_json::to_value(params).unwrap(),
+            serde_json::to_value(&params).unwrap(),
             serde_json::json!({"max_tokens": 100, "temperature": 0.5,
                                "pro": {"temperature": 1.0, "thinking": "high"}})
         );
+    }
+
+    #[test]
+    fn sampling_checks_openai_ranges_and_is_stored_beside_the_rest() {
+        let err = |sampling: Sampling| sampling.check().unwrap_err().to_string();
+        let stop = |n: usize, s: &str| Sampling {
+            stop: vec![s.to_owned(); n],
+            ..Sampling::default()
+        };
+        stop(4, "\n").check().unwrap();
+        assert_eq!(
+            err(stop(5, "x")),
+            "\"stop\" must be a non-empty string or an array of at most 4 non-empty strings"
+        );
+        assert!(err(stop(1, "")).starts_with("\"stop\""));
+        let top_p = |p| Sampling {
+            top_p: Some(p),
+            ..Sampling::default()
+        };
+        top_p(0.0).check().unwrap();
+        top_p(1.0).check().unwrap();
+        assert_eq!(err(top_p(1.01)), "\"top_p\" must be a number from 0 to 1");
+        assert_eq!(err(top_p(-0.1)), "\"top_p\" must be a number from 0 to 1");
+        let penalties = |f, p| Sampling {
+            frequency_penalty: Some(f),
+            presence_penalty: Some(p),
+            seed: Some(i64::MIN),
+            ..Sampling::default()
+        };
+        penalties(-2.0, 2.0).check().unwrap();
+        assert_eq!(
+            err(penalties(2.5, 0.0)),
+            "\"frequency_penalty\" must be a number from -2 to 2"
+        );
+        assert_eq!(
+            err(penalties(0.0, -2.5)),
+            "\"presence_penalty\" must be a number from -2 to 2"
+        );
+        // In `RunParams`, checked with the rest and stored flat beside `max_tokens`; unset
+        // ones leave no trace, so the records of runs without them do not change.
+        let params = RunParams {
+            both: GenParams {
+                max_tokens: Some(5),
+                ..GenParams::default()
+            },
+            sampling: Sampling {
+                top_p: Some(0.5),
+                stop: vec!["END".into()],
+                ..Sampling::default()
+            },
+            ..RunParams::default()
+        };
+        params.check().unwrap();
+        let json = serde_json::to_value(&params).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"max_tokens": 5, "top_p": 0.5, "stop": ["END"]})
+        );
+        assert_eq!(serde_json::from_value::<RunParams>(json).unwrap(), params);
+        assert_eq!(
+            serde_json::from_value::<RunParams>(serde_json::json!({"max_tokens": 5}))
+                .unwrap()
+                .sampling,
+            Sampling::default()
+        );
+        let bad = RunParams {
+            sampling: top_p(2.0),
+            ..RunParams::default()
+        };
+        assert!(bad.check().is_err());
     }
 }

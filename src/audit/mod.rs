@@ -240,7 +240,7 @@ impl RunRecord {
         self.query.len()
             + opt(&self.system)
             + self.messages.as_deref().map_or(0, messages_bytes)
-            + self.params.map_or(0, |_| PARAMS_BYTES)
+            + self.params.as_ref().map_or(0, params_bytes)
             + opt(&self.client_request_id)
             + self.service_version.len()
             + self
@@ -259,8 +259,11 @@ fn messages_bytes(messages: &[Message]) -> usize {
     messages.iter().map(|m| m.content.len() + 32).sum()
 }
 
-/// About how many bytes a run's parameters hold (a few numbers and words, as JSON).
-const PARAMS_BYTES: usize = 192;
+/// About how many bytes a run's parameters hold: a few numbers and words, as JSON, and the
+/// `stop` strings, which a client chooses.
+fn params_bytes(params: &RunParams) -> usize {
+    256 + params.sampling.text_bytes()
+}
 
 /// A stored run that has no record (yet, or ever): still running, or finalized
 /// `interrupted` because the process running it died (contract §8).
@@ -369,7 +372,7 @@ impl StartedRun {
                 .conversation
                 .as_ref()
                 .map_or(0, |c| c.content_bytes() + 32 * (c.turns().len() + 1))
-            + self.params.map_or(0, |_| PARAMS_BYTES)
+            + self.params.as_ref().map_or(0, params_bytes)
             + self.client_request_id.as_ref().map_or(0, String::len)
             + 192
     }

@@ -12,7 +12,8 @@
 //! two runs with the same query apart from two with different ones. What is stripped: the
 //! query, the system prompt, every `content` of the conversation `messages` (contract §7; their
 //! roles stay), both answers, both error messages (they may quote an upstream body), and the
-//! `message` inside stored `error` events. The generation `params` hold no text and stay. A
+//! `message` inside stored `error` events, and the `stop` strings of the generation `params`
+//! (a client's text too; the other parameters are numbers and words of duet's and stay). A
 //! future field holding user or model text must be added here.
 //!
 //! The hash is unsalted, as the contract asks: a short, guessable query can be found again by
@@ -22,6 +23,7 @@ use serde_json::{Value, value::RawValue};
 use sha2::{Digest, Sha256};
 
 use super::{ModelTrace, RunRecord, StartedRun, StoredEvent};
+use crate::conversation::RunParams;
 
 /// What every placeholder starts with, so readers (and tests) can tell one from a text.
 pub const PLACEHOLDER_PREFIX: &str = "[not stored: ";
@@ -88,6 +90,13 @@ fn redact_event(event: &mut StoredEvent) {
         .and_then(|json| RawValue::from_string(json).ok());
 }
 
+/// The `stop` strings of the parameters, the one text they may hold.
+fn redact_params(params: &mut Option<RunParams>) {
+    for stop in params.iter_mut().flat_map(|p| p.sampling.stop.iter_mut()) {
+        redact_in_place(stop);
+    }
+}
+
 /// Takes every text out of a record (see the module's doc).
 pub fn strip_record(record: &mut RunRecord) {
     redact_in_place(&mut record.query);
@@ -99,6 +108,7 @@ pub fn strip_record(record: &mut RunRecord) {
     }
     redact_trace(&mut record.flash);
     redact_trace(&mut record.pro);
+    redact_params(&mut record.params);
     record.events.iter_mut().for_each(redact_event);
 }
 
@@ -119,6 +129,7 @@ pub fn strip_started(run: &mut StartedRun) {
             text
         })));
     }
+    redact_params(&mut run.params);
 }
 
 #[cfg(test)]
@@ -151,6 +162,30 @@ mod tests {
             assert_eq!(text, redact(looks_like));
             assert!(is_placeholder(&text), "{text}");
         }
+    }
+
+    #[test]
+    fn stop_strings_are_stripped_and_the_other_params_kept() {
+        let mut params = Some(RunParams {
+            both: crate::conversation::GenParams {
+                max_tokens: Some(9),
+                ..Default::default()
+            },
+            sampling: crate::conversation::Sampling {
+                top_p: Some(0.5),
+                stop: vec!["SECRET".into()],
+                ..Default::default()
+            },
+            ..RunParams::default()
+        });
+        redact_params(&mut params);
+        let params = params.unwrap();
+        assert_eq!(params.sampling.stop, [redact("SECRET")]);
+        assert_eq!(params.sampling.top_p, Some(0.5));
+        assert_eq!(params.both.max_tokens, Some(9));
+        let mut none = None;
+        redact_params(&mut none);
+        assert!(none.is_none());
     }
 
     #[test]

@@ -57,6 +57,10 @@ struct Body<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stop_sequences: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     thinking: Option<ThinkingBody>,
 }
 
@@ -113,6 +117,24 @@ fn generation(params: GenParams) -> (u32, Option<ThinkingBody>, Option<f64>) {
     (max_tokens, thinking, temperature)
 }
 
+/// The least `top_p` Anthropic takes with thinking on.
+const MIN_TOP_P_THINKING: f64 = 0.95;
+
+/// What of `top_p` is sent, given the `temperature` and `thinking` that are: Anthropic's
+/// recent models refuse `top_p` beside `temperature` (a 400, "cannot both be specified"), so
+/// `temperature` wins, as Anthropic advises changing one of the two; and with thinking on,
+/// only a `top_p` from 0.95 to 1 is taken, so a smaller one is not sent, as `temperature`
+/// is not. Either way the model samples as it would have with no `top_p`, rather than fail.
+fn top_p(top_p: Option<f64>, thinking: bool, temperature: Option<f64>) -> Option<f64> {
+    if thinking {
+        top_p.filter(|&p| p >= MIN_TOP_P_THINKING)
+    } else if temperature.is_some() {
+        None
+    } else {
+        top_p
+    }
+}
+
 #[derive(Serialize)]
 struct Message<'a> {
     role: &'a str,
@@ -145,6 +167,19 @@ impl Provider for Anthropic {
                 .collect(),
             stream: true,
             temperature,
+            // Anthropic has no `seed`, `frequency_penalty` or `presence_penalty`: those are
+            // not sent (docs/providers.md).
+            top_p: top_p(request.sampling.top_p, thinking.is_some(), temperature),
+            // Anthropic refuses a stop sequence of only white space (a 400, "each stop
+            // sequence must contain non-whitespace"), which OpenAI clients often send
+            // (`"\n"`): those are left out, so the call answers instead of failing.
+            stop_sequences: request
+                .sampling
+                .stop
+                .iter()
+                .map(String::as_str)
+                .filter(|s| !s.trim().is_empty())
+                .collect(),
             thinking,
         };
         self.endpoint.call(&body, AnthropicDecoder::default())

@@ -49,7 +49,7 @@ struct Body<'a> {
     system_instruction: Option<Content<'a>>,
     contents: Vec<Content<'a>>,
     #[serde(skip_serializing_if = "GenerationConfig::is_empty")]
-    generation_config: GenerationConfig,
+    generation_config: GenerationConfig<'a>,
 }
 
 #[derive(Serialize)]
@@ -66,19 +66,35 @@ struct Part<'a> {
 
 #[derive(Serialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct GenerationConfig {
+struct GenerationConfig<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_output_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    /// Gemini's `seed` is an int32 (OpenAI's an int64).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop_sequences: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     thinking_config: Option<ThinkingConfig>,
 }
 
-impl GenerationConfig {
+impl GenerationConfig<'_> {
     fn is_empty(&self) -> bool {
         self.max_output_tokens.is_none()
             && self.temperature.is_none()
+            && self.top_p.is_none()
+            && self.seed.is_none()
+            && self.stop_sequences.is_empty()
+            && self.frequency_penalty.is_none()
+            && self.presence_penalty.is_none()
             && self.thinking_config.is_none()
     }
 }
@@ -114,6 +130,7 @@ impl Provider for Gemini {
     fn stream(&self, request: &ModelRequest) -> ProviderStream {
         let conversation = &request.conversation;
         let params = request.params;
+        let sampling = &request.sampling;
         let body = Body {
             system_instruction: conversation.system().map(|text| Content {
                 role: None,
@@ -134,6 +151,13 @@ impl Provider for Gemini {
             generation_config: GenerationConfig {
                 max_output_tokens: params.max_tokens,
                 temperature: params.temperature,
+                top_p: sampling.top_p,
+                // A wider seed is sent as its low 32 bits: still the same seed every time,
+                // which is what a client asks a seed for (docs/providers.md).
+                seed: sampling.seed.map(|s| s as i32),
+                stop_sequences: &sampling.stop,
+                frequency_penalty: sampling.frequency_penalty,
+                presence_penalty: sampling.presence_penalty,
                 thinking_config: params.thinking.map(|t| ThinkingConfig {
                     thinking_budget: thinking_budget(t),
                 }),

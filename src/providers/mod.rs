@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::{
     config::{ModelConfig, ProviderKind},
-    conversation::{Conversation, GenParams},
+    conversation::{Conversation, GenParams, Sampling},
     domain::Role,
 };
 
@@ -38,6 +38,8 @@ pub struct ModelRequest {
     pub conversation: Arc<Conversation>,
     /// This model's parameters (its overrides over the ones for both).
     pub params: GenParams,
+    /// The run's sampling fields (the same for both models).
+    pub sampling: Sampling,
 }
 
 /// Token counts as the provider reports them; `None` when it reports nothing.

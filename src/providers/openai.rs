@@ -59,6 +59,16 @@ struct Body<'a> {
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reasoning_effort: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -83,6 +93,7 @@ impl Provider for OpenAi {
 
     fn stream(&self, request: &ModelRequest) -> ProviderStream {
         let params = request.params;
+        let sampling = &request.sampling;
         let body = Body {
             model: &self.model,
             messages: request
@@ -100,6 +111,12 @@ impl Provider for OpenAi {
             max_completion_tokens: params.max_tokens,
             temperature: params.temperature,
             reasoning_effort: params.thinking.and_then(reasoning_effort),
+            // The sampling fields are OpenAI's own, sent as the client gave them.
+            top_p: sampling.top_p,
+            seed: sampling.seed,
+            stop: &sampling.stop,
+            frequency_penalty: sampling.frequency_penalty,
+            presence_penalty: sampling.presence_penalty,
         };
         self.endpoint.call(&body, OpenAiDecoder::default())
     }

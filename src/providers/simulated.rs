@@ -4,7 +4,8 @@
 //! same answer, and Flash and Pro answer differently. In a conversation it answers the last
 //! user message, says which turn it is (the number of user messages so far), and the turn
 //! number is part of the hash. `max_tokens` cuts the answer short with finish reason
-//! `length`, as real models do. Pacing comes from [`SimulatedTiming`]:
+//! `length`, as real models do, and `stop` strings end it just before the first of them
+//! (finish reason `stop`). Pacing comes from [`SimulatedTiming`]:
 //! a first-token delay, then one token per interval. Everything is `tokio::time::sleep`, so
 //! the paused test clock controls it and dropping the stream cancels it at once.
 
@@ -126,6 +127,7 @@ impl Provider for Simulated {
 
     fn stream(&self, request: &ModelRequest) -> ProviderStream {
         let mut tokens = answer_tokens(request.role, request);
+        cut_at_stop(&mut tokens, &request.sampling.stop);
         let mut finish_reason = "stop";
         if let Some(max) = request.params.max_tokens.map(|n| n as usize)
             && tokens.len() > max
@@ -172,6 +174,38 @@ impl Provider for Simulated {
     }
 }
 
+/// Ends the answer just before the first place any of `stop` occurs in it, as real models
+/// do (the stop string itself is not part of the answer); a token the cut falls inside keeps
+/// its part before the cut.
+fn cut_at_stop(tokens: &mut Vec<String>, stop: &[String]) {
+    let text = tokens.concat();
+    let Some(cut) = stop
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+    else {
+        return;
+    };
+    let mut start = 0;
+    let mut kept = 0;
+    for token in tokens.iter_mut() {
+        let end = start + token.len();
+        if end > cut {
+            // `cut` and `start` are both on character boundaries of `text`, and the token
+            // starts at `start`, so this is on one of the token's.
+            token.truncate(cut - start);
+            if !token.is_empty() {
+                kept += 1;
+            }
+            break;
+        }
+        kept += 1;
+        start = end;
+    }
+    tokens.truncate(kept);
+}
+
 /// How many user messages the conversation has: the turn this answer is for.
 fn user_turns(request: &ModelRequest) -> usize {
     request
@@ -202,6 +236,7 @@ mod tests {
                 crate::conversation::Conversation::from_query(q.into(), None, usize::MAX).unwrap(),
             ),
             params: Default::default(),
+            sampling: Default::default(),
         }
     }
 
@@ -239,6 +274,7 @@ mod tests {
                 max_tokens,
                 ..GenParams::default()
             },
+            sampling: Default::default(),
         }
     }
 
@@ -281,6 +317,56 @@ mod tests {
         // Input counts every message: "be brief" 2, "why is the sky blue?" 5,
         // "Rayleigh scattering." 5, "and at sunset?" 4.
         assert_eq!(c.usage.input_tokens, Some(16));
+    }
+
+    #[test]
+    fn stop_cuts_before_the_first_stop_string_even_inside_a_token() {
+        let whole = vec![
+            "Quick".to_owned(),
+            " take".into(),
+            " on".into(),
+            " it".into(),
+        ];
+        let cut = |stop: &[&str]| {
+            let mut tokens = whole.clone();
+            cut_at_stop(
+                &mut tokens,
+                &stop.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+            );
+            tokens
+        };
+        // The earliest in the text wins, whatever the order of `stop`.
+        assert_eq!(cut(&["on", "ake"]), ["Quick", " t"]);
+        assert_eq!(cut(&[" take"]), ["Quick"]);
+        assert_eq!(cut(&["Quick"]), Vec::<String>::new());
+        assert_eq!(cut(&["nowhere"]), whole);
+        assert_eq!(cut(&[]), whole);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_ends_the_streamed_answer_with_finish_reason_stop() {
+        let sim = Simulated::new(
+            "sim".into(),
+            SimulatedTiming {
+                first_token: Duration::from_millis(10),
+                per_token: Duration::from_millis(1),
+            },
+        );
+        let mut request = req(Role::Pro, "why is the sky blue?");
+        let all = answer_tokens(Role::Pro, &request).concat();
+        let colon = all.find(':').unwrap();
+        request.sampling.stop = vec!["zzz".into(), ":".into()];
+        let mut s = sim.stream(&request);
+        let mut text = String::new();
+        let mut finished = None;
+        while let Some(ev) = s.next().await {
+            match ev.unwrap() {
+                ProviderEvent::Delta(d) => text.push_str(&d),
+                ProviderEvent::Finished(c) => finished = Some(c),
+            }
+        }
+        assert_eq!(text, all[..colon]);
+        assert_eq!(finished.unwrap().finish_reason.as_deref(), Some("stop"));
     }
 
     #[tokio::test(start_paused = true)]

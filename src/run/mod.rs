@@ -254,7 +254,7 @@ impl Orchestrator {
                 .conversation
                 .sent_as_messages()
                 .then(|| Arc::clone(&request.conversation)),
-            params: (!request.params.is_empty()).then_some(request.params),
+            params: (!request.params.is_empty()).then(|| request.params.clone()),
             owner_fingerprint: emitter.log.owner().map(Owner::to_hex),
             instance_id: None,
         });
@@ -302,6 +302,7 @@ impl Orchestrator {
             role,
             conversation: Arc::clone(&request.conversation),
             params: request.params.for_role(role),
+            sampling: request.params.sampling.clone(),
         };
         // Text and first-token time live out here, not in the driver futures, so that a
         // cancelled model's partial answer still reaches the record after its future is gone.

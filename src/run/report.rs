@@ -137,7 +137,7 @@ impl Drop for RunGuard {
                 .conversation
                 .sent_as_messages()
                 .then(|| self.request.conversation.to_messages()),
-            params: (!self.request.params.is_empty()).then_some(self.request.params),
+            params: (!self.request.params.is_empty()).then(|| self.request.params.clone()),
             status,
             total_ms: millis(total),
             service_version: crate::SERVICE_VERSION.to_owned(),

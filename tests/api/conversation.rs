@@ -224,7 +224,7 @@ async fn both_models_get_the_whole_conversation_and_their_own_parameters() {
         "the whole conversation as sent, the system prompt first"
     );
     assert_eq!(
-        serde_json::to_value(record.params).unwrap(),
+        serde_json::to_value(&record.params).unwrap(),
         json!({"max_tokens": 300, "temperature": 0.2,
                "flash": {"max_tokens": 100, "thinking": "off"},
                "pro": {"thinking": "high"}})
@@ -245,7 +245,7 @@ async fn a_query_still_works_and_keeps_no_messages_copy() {
         "a plain query is stored as query and system"
     );
     assert_eq!(
-        serde_json::to_value(record.params).unwrap(),
+        serde_json::to_value(&record.params).unwrap(),
         json!({"thinking": "low"})
     );
     let resp = app.post_query(json!({"query": "no params"})).await;
@@ -463,6 +463,25 @@ async fn store_text_none_strips_every_message(store: &Store, dir: &std::path::Pa
         json_column(store, "params", &run_id).await,
         Some(json!({"temperature": 0.5})),
         "parameters hold no text and stay"
+    );
+    // But for `stop` (OpenAI's route): a client's text, stripped like the rest.
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .json(
+            &json!({"model": "duet", "messages": two_turns(), "top_p": 0.5,
+            "stop": ["SECRET-STOP"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let run_id = resp.headers()["x-run-id"].to_str().unwrap().to_owned();
+    resp.bytes().await.unwrap();
+    wait_ended(store, &run_id).await;
+    assert_eq!(
+        json_column(store, "params", &run_id).await,
+        Some(json!({"top_p": 0.5, "stop": [duet::audit::privacy::redact("SECRET-STOP")]}))
     );
     app.stop().await;
     writer.shutdown(Duration::from_secs(10)).await;

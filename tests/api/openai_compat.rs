@@ -347,6 +347,12 @@ async fn fields_duet_cannot_honour_are_refused_naming_them_and_start_no_run() {
         ("logprobs", json!(true), "unsupported_parameter"),
         ("top_logprobs", json!(3), "unsupported_parameter"),
         ("temperature", json!(2.5), "invalid_value"),
+        ("top_p", json!(1.5), "invalid_value"),
+        ("frequency_penalty", json!(-3), "invalid_value"),
+        ("presence_penalty", json!(2.5), "invalid_value"),
+        ("stop", json!(["a", "b", "c", "d", "e"]), "invalid_value"),
+        ("stop", json!(["a", ""]), "invalid_value"),
+        ("seed", json!(0.5), "invalid_value"),
         ("max_tokens", json!(0), "invalid_value"),
         ("stream", json!("yes"), "invalid_value"),
         ("frobnicate", json!(1), "unknown_parameter"),
@@ -363,7 +369,7 @@ async fn fields_duet_cannot_honour_are_refused_naming_them_and_start_no_run() {
         assert_eq!(e["code"], code, "{field}");
         assert!(!e["message"].as_str().unwrap().is_empty());
     }
-    // Accepted, changing nothing.
+    // Accepted: passed on where a provider has them, or changing nothing.
     let mut body = json!({"model": "duet", "messages": user, "n": 1, "user": "u-1",
         "metadata": {"k": "v"}, "store": false, "seed": 7, "top_p": 0.5, "stop": "\n",
         "frequency_penalty": 0.1, "presence_penalty": null, "response_format": {"type": "text"},
@@ -667,6 +673,46 @@ async fn keepalive_comments_fill_pro_s_silences() {
     assert_eq!(text.matches(": keep-alive\n\n").count(), 3, "{text}");
 }
 
+/// `top_p`, `seed`, `stop` and the penalties reach both models as the run's sampling, and
+/// the record's `params` keeps them beside the rest.
+#[tokio::test(start_paused = true)]
+async fn sampling_fields_reach_both_models_and_the_record() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let mut body = ask(false);
+    let sampling = json!({"top_p": 0.5, "seed": -7, "stop": ["\n\n", "END"],
+        "frequency_penalty": 0.25, "presence_penalty": -2.0});
+    for (k, v) in sampling.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body["temperature"] = json!(0.2);
+    body["user"] = json!("u-1");
+    let resp = post(&app, body).await;
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+    let expected = duet::conversation::Sampling {
+        top_p: Some(0.5),
+        seed: Some(-7),
+        stop: vec!["\n\n".into(), "END".into()],
+        frequency_penalty: Some(0.25),
+        presence_penalty: Some(-2.0),
+    };
+    for model in [&app.flash, &app.pro] {
+        let asked = model.requests();
+        assert_eq!(asked.len(), 1);
+        assert_eq!(asked[0].sampling, expected);
+        assert_eq!(asked[0].params.temperature, Some(0.2));
+    }
+    let mut stored = sampling;
+    stored["temperature"] = json!(0.2);
+    let records = app.records(1).await;
+    assert_eq!(serde_json::to_value(&records[0].params).unwrap(), stored);
+    // A single string is one stop sequence.
+    let mut body = ask(false);
+    body["stop"] = json!("END");
+    post(&app, body).await.bytes().await.unwrap();
+    assert_eq!(app.pro.requests()[1].sampling.stop, ["END"]);
+}
+
 /// Every call is a run in the audit database: SQLite, through the real writer.
 #[tokio::test]
 async fn every_call_is_an_audited_run() {
@@ -682,7 +728,10 @@ async fn every_call_is_an_audited_run() {
     .await;
     let mut run_ids = Vec::new();
     for stream in [false, true, false] {
-        let resp = post(&app, ask(stream)).await;
+        let mut body = ask(stream);
+        body["top_p"] = json!(0.5);
+        body["stop"] = json!("END");
+        let resp = post(&app, body).await;
         assert_eq!(resp.status(), 200);
         run_ids.push(
             header(&resp, "x-run-id")
@@ -705,5 +754,10 @@ async fn every_call_is_an_audited_run() {
         assert_eq!(r.status, RunStatus::Ok);
         assert_eq!(r.query, "why is the sky blue?");
         assert_eq!(r.pro.text, "careful");
+        // The sampling fields round-trip through the `params` column.
+        assert_eq!(
+            serde_json::to_value(&r.params).unwrap(),
+            json!({"top_p": 0.5, "stop": ["END"]})
+        );
     }
 }

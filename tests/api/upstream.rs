@@ -235,6 +235,7 @@ pub(crate) fn request(query: &str, system: Option<&str>) -> ModelRequest {
             .unwrap(),
         ),
         params: Default::default(),
+        sampling: Default::default(),
     }
 }
 
@@ -675,7 +676,10 @@ fn redaction_removes_planted_keys() {
 
 /// A three-turn conversation with a system prompt, and parameters: what the adapters must
 /// send in each provider's own shape.
-fn conversation_request(params: duet::conversation::GenParams) -> ModelRequest {
+fn conversation_request(
+    params: duet::conversation::GenParams,
+    sampling: duet::conversation::Sampling,
+) -> ModelRequest {
     use duet::conversation::{Conversation, Message, Speaker};
     let m = |role, content: &str| Message {
         role,
@@ -696,6 +700,7 @@ fn conversation_request(params: duet::conversation::GenParams) -> ModelRequest {
             .unwrap(),
         ),
         params,
+        sampling,
     }
 }
 
@@ -713,13 +718,33 @@ fn gen_params(
 
 /// The request body each adapter sent for `params`.
 async fn sent_body(provider: &str, params: duet::conversation::GenParams) -> serde_json::Value {
+    sent_body_with(provider, params, Default::default()).await
+}
+
+/// Every sampling field, set: `stop` with a line break, which Anthropic refuses alone.
+fn all_sampling(top_p: f64) -> duet::conversation::Sampling {
+    duet::conversation::Sampling {
+        top_p: Some(top_p),
+        seed: Some(42),
+        stop: vec!["END".into(), "\n".into()],
+        frequency_penalty: Some(0.5),
+        presence_penalty: Some(-0.25),
+    }
+}
+
+/// The request body each adapter sent for `params` and `sampling`.
+async fn sent_body_with(
+    provider: &str,
+    params: duet::conversation::GenParams,
+    sampling: duet::conversation::Sampling,
+) -> serde_json::Value {
     let fixture = match provider {
         "gemini" => "gemini_stream_ok.sse",
         "openai" => "openai_stream_ok.sse",
         _ => "anthropic_stream_ok.sse",
     };
     let server = FixtureServer::start(vec![sse(wire(fixture))]).await;
-    let req = conversation_request(params);
+    let req = conversation_request(params, sampling);
     let (_, done) = match provider {
         "gemini" => run(&gemini(&server, BodyLimits::default()), &req).await,
         "openai" => run(&openai(&server, BodyLimits::default()), &req).await,
@@ -767,6 +792,35 @@ async fn gemini_gets_the_conversation_as_contents_and_the_params_as_generation_c
     }
     let body = sent_body("gemini", gen_params(None, None, None)).await;
     assert!(body.get("generationConfig").is_none(), "{body}");
+    // The sampling fields, under Gemini's own names, beside the rest.
+    let body = sent_body_with(
+        "gemini",
+        gen_params(Some(512), Some(0.7), None),
+        all_sampling(0.9),
+    )
+    .await;
+    assert_eq!(
+        body["generationConfig"],
+        serde_json::json!({
+            "maxOutputTokens": 512,
+            "temperature": 0.7,
+            "topP": 0.9,
+            "seed": 42,
+            "stopSequences": ["END", "\n"],
+            "frequencyPenalty": 0.5,
+            "presencePenalty": -0.25
+        })
+    );
+    // Alone, a sampling field is a generationConfig of its own; Gemini's seed is 32 bits, so
+    // a wider one goes as its low 32 bits (the same every time).
+    let seed = |seed| duet::conversation::Sampling {
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let body = sent_body_with("gemini", gen_params(None, None, None), seed(1 << 32 | 7)).await;
+    assert_eq!(body["generationConfig"], serde_json::json!({"seed": 7}));
+    let body = sent_body_with("gemini", gen_params(None, None, None), seed(-1)).await;
+    assert_eq!(body["generationConfig"], serde_json::json!({"seed": -1}));
 }
 
 #[tokio::test]
@@ -803,6 +857,26 @@ async fn openai_gets_the_conversation_as_messages_and_its_own_parameter_names() 
     }
     let body = sent_body("openai", gen_params(None, None, Some(Thinking::High))).await;
     assert_eq!(body["reasoning_effort"], "high");
+    // The sampling fields are OpenAI's own, sent as given (a 64-bit seed too).
+    let mut sampling = all_sampling(0.9);
+    sampling.seed = Some(i64::MAX);
+    let body = sent_body_with("openai", gen_params(None, Some(0.7), None), sampling).await;
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "model": "gpt-4.1-mini",
+            "messages": body["messages"],
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "seed": i64::MAX,
+            "stop": ["END", "\n"],
+            "frequency_penalty": 0.5,
+            "presence_penalty": -0.25
+        })
+    );
+    assert_eq!(body["messages"].as_array().map(Vec::len), Some(4));
 }
 
 #[tokio::test]
@@ -873,4 +947,52 @@ async fn anthropic_gets_messages_with_a_top_level_system_and_its_thinking_rules(
         assert!(body.get("thinking").is_none(), "{body}");
         assert!(body.get("temperature").is_none(), "{body}");
     }
+    // Sampling: `top_p` and `stop_sequences`; no seed or penalties (Anthropic has none), and
+    // no stop sequence of only white space (Anthropic refuses those).
+    let body = sent_body_with(
+        "anthropic",
+        gen_params(Some(1024), None, None),
+        all_sampling(0.9),
+    )
+    .await;
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 1024,
+            "system": "You are a concise poet.",
+            "messages": messages,
+            "stream": true,
+            "top_p": 0.9,
+            "stop_sequences": ["END"]
+        })
+    );
+    // Recent Claude models refuse `top_p` beside `temperature`: the temperature goes alone.
+    let body = sent_body_with(
+        "anthropic",
+        gen_params(Some(1024), Some(0.7), None),
+        all_sampling(0.9),
+    )
+    .await;
+    assert_eq!(body["temperature"], 0.7);
+    assert!(body.get("top_p").is_none(), "{body}");
+    // With thinking on, only a top_p from 0.95 goes (and never a temperature).
+    for (top_p, sent) in [(0.9, None), (0.95, Some(0.95)), (1.0, Some(1.0))] {
+        let body = sent_body_with(
+            "anthropic",
+            gen_params(None, Some(0.7), Some(Thinking::Low)),
+            all_sampling(top_p),
+        )
+        .await;
+        assert!(body.get("thinking").is_some(), "{body}");
+        assert!(body.get("temperature").is_none(), "{body}");
+        assert_eq!(body.get("top_p").and_then(|v| v.as_f64()), sent, "{body}");
+    }
+    // Only white-space stop strings: no stop_sequences at all.
+    let only_newline = duet::conversation::Sampling {
+        stop: vec!["\n".into(), " \t".into()],
+        ..Default::default()
+    };
+    let body = sent_body_with("anthropic", gen_params(None, None, None), only_newline).await;
+    assert!(body.get("stop_sequences").is_none(), "{body}");
 }

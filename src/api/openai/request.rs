@@ -2,10 +2,12 @@
 //! validated [`Conversation`] and [`RunParams`], or refused in OpenAI's error shape with
 //! `param` naming the field.
 //!
-//! Three kinds of field: the ones duet uses (`model`, `messages`, `stream`,
+//! Four kinds of field: the ones duet uses (`model`, `messages`, `stream`,
 //! `stream_options.include_usage`, `max_tokens`/`max_completion_tokens`, `temperature`,
-//! `reasoning_effort`); the ones that change nothing for duet's answer and are accepted and
-//! ignored, type-checked all the same (`user`, `metadata`, `store`, `seed`, `top_p`, ...); and
+//! `reasoning_effort`); the sampling fields providers have too, checked in OpenAI's ranges
+//! and passed on ([`Sampling`]: `top_p`, `seed`, `stop`, `frequency_penalty`,
+//! `presence_penalty`); the ones that change nothing for duet's answer and are accepted and
+//! ignored, type-checked all the same (`user`, `metadata`, `store`, ...); and
 //! the ones whose meaning duet cannot honour, refused when they ask for it (`n` > 1, `tools`,
 //! `response_format` other than text, `logprobs`, audio). A field OpenAI's schema does not have
 //! is refused as OpenAI refuses it: "Unrecognized request argument supplied".
@@ -18,7 +20,7 @@ use serde_json::Value;
 
 use super::error::OpenAiError;
 use crate::conversation::{
-    Conversation, ConversationError, GenParams, Message, RunParams, Speaker, Thinking,
+    Conversation, ConversationError, GenParams, Message, RunParams, Sampling, Speaker, Thinking,
 };
 
 /// The one model name this endpoint serves (and `GET /v1/models` lists).
@@ -96,15 +98,23 @@ pub(in crate::api) struct RequestBody {
     /// Refused unless null: duet does not search the web.
     #[schema(schema_with = null_only)]
     web_search_options: Option<Value>,
+    // Passed on to the providers that have them (docs/openai.md).
+    /// 0 to 1.
+    #[schema(minimum = 0, maximum = 1)]
+    top_p: Option<f64>,
+    seed: Option<i64>,
+    /// -2 to 2.
+    #[schema(minimum = -2, maximum = 2)]
+    frequency_penalty: Option<f64>,
+    /// -2 to 2.
+    #[schema(minimum = -2, maximum = 2)]
+    presence_penalty: Option<f64>,
+    #[schema(schema_with = stop_schema)]
+    stop: Option<Stop>,
     // Accepted, and changing nothing for duet.
     user: Option<String>,
     metadata: Option<HashMap<String, String>>,
     store: Option<bool>,
-    seed: Option<i64>,
-    top_p: Option<f64>,
-    frequency_penalty: Option<f64>,
-    presence_penalty: Option<f64>,
-    stop: Option<Stop>,
     logit_bias: Option<HashMap<String, f64>>,
     service_tier: Option<String>,
     parallel_tool_calls: Option<bool>,
@@ -285,16 +295,41 @@ pub(in crate::api) enum Modality {
     Text,
 }
 
-/// Stop sequences: accepted and ignored.
-#[derive(Deserialize, utoipa::ToSchema)]
+/// Stop sequences: one string or up to 4, none empty.
+#[derive(Deserialize)]
 #[serde(untagged)]
-#[expect(
-    dead_code,
-    reason = "fields read for their type check only are never used"
-)]
 pub(in crate::api) enum Stop {
     One(String),
     Many(Vec<String>),
+}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+/// `stop`: null, a non-empty string, or an array of at most 4 of them.
+fn stop_schema() -> utoipa::openapi::Schema {
+    use utoipa::openapi::{ArrayBuilder, ObjectBuilder, OneOfBuilder, schema::Type};
+    let text = || {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+    };
+    let one_of = OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .item(text())
+        .item(ArrayBuilder::new().items(text()).max_items(Some(4)))
+        .description(Some(
+            "Where the answer ends: one string or up to 4, none empty. Passed on as each \
+             provider's stop sequences.",
+        ))
+        .build();
+    utoipa::openapi::Schema::OneOf(one_of)
 }
 
 /// The schema of a field that is refused unless it is null (or absent).
@@ -544,11 +579,23 @@ fn validate(body: RequestBody, max_query_bytes: usize) -> Result<ChatRequest, Op
         let field = e.field.clone();
         refuse(&field, e)
     })?;
+    let sampling = Sampling {
+        top_p: body.top_p,
+        seed: body.seed,
+        stop: body.stop.map(Stop::into_vec).unwrap_or_default(),
+        frequency_penalty: body.frequency_penalty,
+        presence_penalty: body.presence_penalty,
+    };
+    sampling.check().map_err(|e| {
+        let field = e.field.clone();
+        refuse(&field, e)
+    })?;
     let stream = body.stream.unwrap_or(false);
     Ok(ChatRequest {
         conversation,
         params: RunParams {
             both,
+            sampling,
             ..RunParams::default()
         },
         stream,
@@ -759,6 +806,20 @@ mod tests {
         assert_eq!(r.params.both.max_tokens, Some(20));
         assert_eq!(r.params.both.temperature, Some(0.5));
         assert_eq!(r.params.both.thinking, Some(Thinking::Low));
+        assert_eq!(
+            r.params.sampling,
+            Sampling {
+                top_p: Some(0.9),
+                seed: Some(3),
+                stop: vec!["x".into()],
+                frequency_penalty: Some(0.0),
+                presence_penalty: None,
+            }
+        );
+        let one = parse(serde_json::json!({"model": "duet", "stop": "\n",
+            "messages": [{"role": "user", "content": "q"}]}))
+        .unwrap();
+        assert_eq!(one.params.sampling.stop, ["\n"]);
     }
 
     #[test]
@@ -803,6 +864,18 @@ mod tests {
             "max_completion_tokens"
         );
         assert_eq!(with("top_p", "high".into()), "top_p");
+        assert_eq!(with("top_p", 1.5.into()), "top_p");
+        assert_eq!(
+            with("frequency_penalty", (-2.5).into()),
+            "frequency_penalty"
+        );
+        assert_eq!(with("presence_penalty", 3.into()), "presence_penalty");
+        assert_eq!(with("stop", "".into()), "stop");
+        assert_eq!(
+            with("stop", serde_json::json!(["a", "b", "c", "d", "e"])),
+            "stop"
+        );
+        assert_eq!(with("seed", 1.5.into()), "seed");
         assert_eq!(with("frobnicate", 1.into()), "frobnicate");
         let (p, message) = param(serde_json::json!({"model": "duet", "messages": [
             {"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]}));

@@ -499,3 +499,36 @@ test("a dropped stream is resumed with Last-Event-ID and ends as the run did", a
     assert.match(await page.locator("#status").textContent(), /^Done \(flash ok, pro ok/);
   });
 });
+
+test("a blank final answer is not sent back: the next question carries Flash's, or leaves the turn out", async () => {
+  // A model may end well with nothing but white space (a length cut after thinking, a local
+  // model's lone newline). The service refuses a blank `assistant` message, so sending it
+  // back would make every later question of the conversation a 400.
+  await withPage({ ...fast, ADMIN_TOKEN }, async (page) => {
+    const bodies = postedBodies(page);
+    await scriptAnswer(page, scriptedStream("The preview.", " \n\u0085"));
+    await ask(page, "First");
+    await ended(page, 0);
+    await page.unroute("**/query/stream");
+    await ask(page, "Second");
+    await ended(page, 1);
+    assert.deepEqual(bodies[1].messages, [
+      { role: "user", content: "First" },
+      { role: "assistant", content: "The preview." },
+      { role: "user", content: "Second" },
+    ]);
+    assert.equal(await turns(page).nth(1).getAttribute("data-outcome"), "done");
+    assert.match(await turns(page).nth(1).locator(".pro .text").textContent(), /^Considered answer on “Second”/);
+
+    await page.getByRole("button", { name: "New conversation" }).click();
+    await scriptAnswer(page, scriptedStream("\t", "\n\n"));
+    await ask(page, "Both blank");
+    await ended(page, 0);
+    await page.unroute("**/query/stream");
+    assert.match(await turns(page).first().locator("[data-kept]").textContent(), /left out of the conversation/);
+    await ask(page, "Again");
+    await ended(page, 1);
+    assert.deepEqual(bodies[3], { query: "Again", deltas: true });
+    assert.equal(await turns(page).nth(1).getAttribute("data-outcome"), "done");
+  });
+});

@@ -189,6 +189,9 @@ class Panel {
 
 // ---- Turns ----
 
+/** Nothing but white space, as the service counts it (its `[^\s\u0085]` rule for contents). */
+const isBlank = (text) => /^[\s\u0085]*$/.test(text);
+
 function addTurn(question) {
   const el = $("turn-template").content.firstElementChild.cloneNode(true);
   el.querySelector("[data-question]").textContent = question;
@@ -198,8 +201,14 @@ function addTurn(question) {
     el,
     panels: { flash: new Panel(el.querySelector(".flash")), pro: new Panel(el.querySelector(".pro")) },
     runId: el.querySelector("[data-run-id]"),
-    /** The answer the next turn sends back: Pro's, or Flash's when Pro has none. */
-    final() { return this.panels.pro.whole ?? this.panels.flash.whole; },
+    /**
+     * The answer the next turn sends back: Pro's, or Flash's when Pro has none. A blank one
+     * counts as none: the service refuses a blank message, so it would fail every later turn.
+     */
+    final() {
+      const { pro, flash } = this.panels;
+      return [pro.whole, flash.whole].find((t) => t !== null && !isBlank(t)) ?? null;
+    },
   };
 }
 

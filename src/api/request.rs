@@ -196,7 +196,9 @@ fn field_name(prefix: &str, name: &str) -> String {
 /// array too (`["hi", "sys"]` would be a query and a system prompt).
 fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
     let bad = |m: String| ApiError::BadRequest(m);
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| bad(syntax_problem(&e)))?;
+    let value = serde_json::from_slice::<Strict>(bytes)
+        .map_err(|e| bad(syntax_problem(&e, bytes)))?
+        .0;
     let Value::Object(fields) = value else {
         return Err(bad(format!(
             "the body must be a JSON object (with \"query\" or \"messages\"), not {}",
@@ -386,14 +388,119 @@ fn kind_of(value: &Value) -> &'static str {
     }
 }
 
+/// What [`Strict`] says of a name given twice; [`syntax_problem`] turns it into the message.
+const DUPLICATE: &str = "duplicate field ";
+
+/// A JSON value, read like [`Value`] except that an object naming a field twice is refused:
+/// `Value` keeps the last, while a proxy, a log reader or a person may read the first, so the
+/// question a run answers could differ from the one everyone else sees.
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // serde_json never hands over a non-finite number; `Null` would be the fallback.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut fields = serde_json::Map::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if fields.contains_key(&name) {
+                return Err(serde::de::Error::custom(format!(
+                    "{DUPLICATE}{}",
+                    field_name("", &name)
+                )));
+            }
+            let Strict(value) = map.next_value()?;
+            fields.insert(name, value);
+        }
+        Ok(Value::Object(fields))
+    }
+}
+
+/// The name of the field whose value ends just before byte `end` of `bytes`, when that value
+/// is a bare number (`"max_tokens": 1e400`): what a "number out of range" error is about.
+fn field_before(bytes: &[u8], end: usize) -> Option<String> {
+    let head = bytes.get(..end)?;
+    let is_number = |b: &u8| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E');
+    let head = head.trim_ascii_end();
+    let head = &head[..head.len() - head.iter().rev().take_while(|b| is_number(b)).count()];
+    let head = head.trim_ascii_end().strip_suffix(b":")?.trim_ascii_end();
+    let head = head.strip_suffix(b"\"")?;
+    let start = head.iter().rposition(|&b| b == b'"')?;
+    let name = std::str::from_utf8(&head[start + 1..]).ok()?;
+    // A name with escapes or quotes is not worth echoing; "the body" says enough then.
+    (!name.contains('\\')).then(|| field_name("", name))
+}
+
+/// The byte offset of a 1-based line and column (serde_json counts columns in bytes).
+fn offset(bytes: &[u8], line: usize, column: usize) -> usize {
+    let line_start = bytes
+        .split_inclusive(|&b| b == b'\n')
+        .take(line.saturating_sub(1))
+        .map(<[u8]>::len)
+        .sum::<usize>();
+    line_start + column
+}
+
 /// Why a body is not JSON, for people: where it went wrong, without serde_json's own words
 /// (`expected ident`, `trailing characters`) that mean nothing to someone writing a request.
-fn syntax_problem(e: &serde_json::Error) -> String {
+fn syntax_problem(e: &serde_json::Error, bytes: &[u8]) -> String {
     let at = if e.line() <= 1 {
         format!("at character {}", e.column())
     } else {
         format!("at line {}, character {}", e.line(), e.column())
     };
+    let said = e.to_string();
+    if let Some(name) = said.strip_prefix(DUPLICATE) {
+        let name = name
+            .strip_suffix(&format!(" at line {} column {}", e.line(), e.column()))
+            .unwrap_or(name);
+        return format!("the field {name} is given twice");
+    }
+    if said.starts_with("number out of range") {
+        return match field_before(bytes, offset(bytes, e.line(), e.column())) {
+            Some(name) => format!("{name} is a number out of range ({at})"),
+            None => format!("the body holds a number out of range ({at})"),
+        };
+    }
     match e.classify() {
         serde_json::error::Category::Eof => {
             "the body is not valid JSON: it ends before the JSON is complete".into()

@@ -24,6 +24,7 @@ mod conversation;
 mod db;
 mod failover;
 mod helpers;
+mod hostile_bodies;
 mod metrics;
 mod openai_compat;
 mod openapi;

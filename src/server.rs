@@ -67,6 +67,8 @@ pub struct Parts {
     pub metrics: Metrics,
     /// The audit database behind `sink`, read by `/runs` and probed by `/readyz`.
     pub store: Option<Store>,
+    /// Whether this process still holds its instance id (`/readyz`); `None` outside `serve`.
+    pub instance: Option<Arc<audit::instance::IdClaim>>,
 }
 
 impl Parts {
@@ -80,6 +82,7 @@ impl Parts {
             config,
             sink,
             store: None,
+            instance: None,
         })
     }
 }
@@ -135,6 +138,7 @@ impl Server {
                 _ => None,
             },
             store: parts.store,
+            instance: parts.instance,
         };
         let app = api::router(state.clone());
         let caps = Caps::new(
@@ -517,6 +521,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     // The writer counts into this registry, so the server must expose the same one.
     let started = Parts::from_config(config, Arc::new(writer.clone())).map(|parts| Parts {
         store: Some(store.clone()),
+        instance: Some(instance.claim()),
         metrics,
         ..parts
     });

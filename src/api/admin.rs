@@ -102,7 +102,8 @@ pub(super) struct Readiness {
     audit_writes: &'static str,
     /// Why the service is not ready, when it is not: `database_unavailable`,
     /// `database_timeout`, `schema_missing`, `database_file_replaced`, `disk_full`,
-    /// `database_io_error`, `database_error`, `audit_queue_backlogged`.
+    /// `database_io_error`, `database_error`, `audit_queue_backlogged`, `instance_id_taken`
+    /// (another process took this replica's `INSTANCE_ID` over).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     reason: Option<&'static str>,
@@ -147,6 +148,9 @@ pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         "ok"
     };
+    if state.instance.as_ref().is_some_and(|claim| claim.lost()) {
+        reason.get_or_insert("instance_id_taken");
+    }
     let ready = reason.is_none();
     state.metrics.ready.set(i64::from(ready));
     let status = if ready {

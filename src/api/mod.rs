@@ -60,6 +60,8 @@ pub struct AppState {
     pub store: Option<Store>,
     /// Wakes resumes waiting for a run another replica runs (PostgreSQL only).
     pub run_ends: Option<Arc<crate::audit::notify::RunEnds>>,
+    /// Whether this process still holds its instance id (`/readyz`); `None` outside `serve`.
+    pub instance: Option<Arc<crate::audit::instance::IdClaim>>,
 }
 
 pub const X_RUN_ID: &str = "x-run-id";

@@ -118,11 +118,31 @@ SELECT pg_notify('duet_run_ended', run_id::text) FROM ended";
 
 const DEREGISTER: &str = "DELETE FROM duet_instances WHERE instance_id = $1 AND incarnation = $2";
 
+/// Whether this process still holds its instance id. Lost when another process took the id
+/// over while this one's heartbeat was late (a paused or starved replica whose twin
+/// restarted under the same id): `/readyz` then says `instance_id_taken`, so a load balancer
+/// stops sending it runs that the other process could mark `interrupted`.
+#[derive(Debug, Default)]
+pub struct IdClaim {
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl IdClaim {
+    pub fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_lost(&self, lost: bool) {
+        self.lost.store(lost, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// This process's registration; [`Instance::stop`] ends the heartbeat.
 pub struct Instance {
     id: String,
     /// This process's incarnation of `id` (see the module's doc).
     incarnation: String,
+    claim: std::sync::Arc<IdClaim>,
     store: Store,
     stop: CancellationToken,
     /// The heartbeat task, on a tracker of its own: it must outlive the server's, until the
@@ -145,6 +165,7 @@ impl Instance {
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let incarnation = Uuid::now_v7().hyphenated().to_string();
+        let claim = std::sync::Arc::new(IdClaim::default());
         let mut file_lock = None;
         match store {
             Store::Sqlite(sqlite) => {
@@ -156,12 +177,13 @@ impl Instance {
                 interrupted(&metrics, n, "a previous process");
             }
             Store::Postgres(pool) => {
-                claim(pool, &id, &incarnation, lease, &metrics).await?;
+                claim_id(pool, &id, &incarnation, lease, &metrics).await?;
                 sweep(pool, lease, &metrics).await?;
                 let beat = Heartbeat {
                     pool: pool.clone(),
                     id: id.clone(),
                     incarnation: incarnation.clone(),
+                    claim: std::sync::Arc::clone(&claim),
                     lease,
                     metrics,
                     stop: stop.clone(),
@@ -178,6 +200,7 @@ impl Instance {
         Ok(Instance {
             id,
             incarnation,
+            claim,
             store: store.clone(),
             stop,
             tracker,
@@ -187,6 +210,11 @@ impl Instance {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Whether this process still holds its id, for `/readyz`.
+    pub fn claim(&self) -> std::sync::Arc<IdClaim> {
+        std::sync::Arc::clone(&self.claim)
     }
 
     /// Ends the heartbeat and deregisters. Call it once every run has ended and the audit
@@ -239,7 +267,7 @@ fn serve_lock(path: &Path) -> Result<std::fs::File> {
 
 /// Claims `id` for `incarnation` in `duet_instances` (see the module's doc): registers it,
 /// or takes over the row of a dead incarnation, or refuses when a live one holds it.
-async fn claim(
+async fn claim_id(
     pool: &PgPool,
     id: &str,
     incarnation: &str,
@@ -347,6 +375,7 @@ struct Heartbeat {
     pool: PgPool,
     id: String,
     incarnation: String,
+    claim: std::sync::Arc<IdClaim>,
     lease: Duration,
     metrics: Metrics,
     stop: CancellationToken,
@@ -388,7 +417,9 @@ impl Heartbeat {
             .execute(&self.pool)
             .await?
             .rows_affected();
-        if refreshed == 0 {
+        if refreshed > 0 {
+            self.claim.set_lost(false);
+        } else {
             let registered = sqlx::query(REGISTER)
                 .bind(&self.id)
                 .bind(&self.incarnation)
@@ -396,6 +427,7 @@ impl Heartbeat {
                 .await?
                 .rows_affected();
             if registered == 1 {
+                self.claim.set_lost(false);
                 error!(
                     instance_id = %self.id,
                     lease_s = self.lease.as_secs_f64(),
@@ -405,11 +437,13 @@ impl Heartbeat {
                 );
             } else {
                 // Not fought over: taking the row back would let each process mark the
-                // other's runs interrupted in turn.
+                // other's runs interrupted in turn. Not ready instead, so no new runs come.
+                self.claim.set_lost(true);
                 error!(
                     instance_id = %self.id,
                     "another process holds this INSTANCE_ID (it took it over while this \
-                     one's heartbeat was late): two replicas share one id; give each its own"
+                     one's heartbeat was late): two replicas share one id; /readyz says \
+                     instance_id_taken; stop one of them"
                 );
             }
         }

@@ -280,6 +280,7 @@ async fn spawn_parts(
         sink: sink_dyn,
         metrics,
         store,
+        instance: None,
     };
     let server = Server::start(parts).await.expect("server starts");
     TestApp {

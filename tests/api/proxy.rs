@@ -215,6 +215,7 @@ async fn an_unreachable_shared_budget_falls_back_to_the_replicas_own() {
         sink: Arc::new(MemorySink::new()),
         metrics: Metrics::new().unwrap(),
         store: Some(store),
+        instance: None,
     };
     let server = Server::start(parts).await.unwrap();
     let a = server.addr;

@@ -357,6 +357,62 @@ async fn postgres_two_live_replicas_cannot_share_an_instance_id() {
     assert_eq!(terminate(first).await, Some(0));
 }
 
+/// A replica paused (SIGSTOP) while a twin starts under its `INSTANCE_ID` loses the id: the
+/// twin sees the heartbeat stand still and takes it over. Resumed, the paused one does not
+/// take it back (each would mark the other's runs interrupted in turn) and says it is not
+/// ready (`instance_id_taken`), so a load balancer sends it no more runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_paused_replica_whose_id_was_taken_over_is_not_ready() {
+    let Some(pg) = db::postgres("postgres_a_paused_replica_whose_id_was_taken_over").await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let client = direct_client();
+    let id = [("INSTANCE_ID", "paused")];
+    let (paused, paused_addr) = crate::helpers::replica(tmp.path(), &pg.url, "0.01", "3", &id);
+    let signal = |sig: &str, pid: u32| {
+        let sent = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal("-STOP", paused.id());
+    let (twin, twin_addr) = crate::helpers::replica(tmp.path(), &pg.url, "0.01", "3", &id);
+    signal("-CONT", paused.id());
+    let readyz = |addr: String| {
+        let client = client.clone();
+        async move {
+            let resp = client
+                .get(format!("http://{addr}/readyz"))
+                .send()
+                .await
+                .unwrap();
+            (
+                resp.status().as_u16(),
+                resp.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let began = Instant::now();
+    let (status, body) = loop {
+        let (status, body) = readyz(paused_addr.clone()).await;
+        if status == 503 || began.elapsed() > Duration::from_secs(10) {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["reason"], "instance_id_taken");
+    assert_eq!(
+        readyz(twin_addr.clone()).await.0,
+        200,
+        "the twin holds the id"
+    );
+    assert_eq!(terminate(paused).await, Some(0));
+    assert_eq!(terminate(twin).await, Some(0));
+}
+
 /// A bad `INSTANCE_ID` stops the service at start with one line naming it.
 #[test]
 fn a_bad_instance_id_stops_the_service_with_one_line() {

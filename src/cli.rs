@@ -13,9 +13,43 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+/// The settings of `duet serve`, shown by `duet serve --help`: all of them are environment
+/// variables (or lines of a `.env` file in the working directory), so the help has to say
+/// which exist. README.md, "Configuration", has the full table.
+const SERVE_ENV_HELP: &str = "\
+Settings come from environment variables, or a .env file in the working directory
+(defaults in brackets; README.md, \"Configuration\", says more):
+
+Listening and database
+  BIND_ADDR [127.0.0.1:8080]    DATABASE_URL [sqlite://duet.db] (sqlite://PATH or postgres://...)
+Models (each for FLASH_ and PRO_)
+  FLASH_PROVIDER, PRO_PROVIDER [simulated]   simulated, gemini, openai or anthropic
+  FLASH_MODEL, PRO_MODEL                     model name sent upstream
+  FLASH_BASE_URL, PRO_BASE_URL               the provider's endpoint
+  FLASH_API_KEY, PRO_API_KEY                 else GEMINI_API_KEY, OPENAI_API_KEY, ANTHROPIC_API_KEY
+  FLASH_TIMEOUT_S, PRO_TIMEOUT_S [5, 45]     whole-call deadline
+  FLASH_TTFT_TIMEOUT_S, PRO_TTFT_TIMEOUT_S   first-token deadline [unset]
+  STALL_TIMEOUT_S [15]                       longest silence after the first token
+  SIMULATED_FLASH_TTFT_S, SIMULATED_PRO_TTFT_S, SIMULATED_FLASH_TOKEN_S, SIMULATED_PRO_TOKEN_S
+  UPSTREAM_HTTP2, UPSTREAM_STREAMS_PER_CONNECTION
+Limits and clients
+  MAX_QUERY_BYTES, MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT,
+  SSE_KEEPALIVE_S, SHUTDOWN_GRACE_S, HEADER_READ_TIMEOUT_S, FIRST_REQUEST_TIMEOUT_S,
+  HTTP2_IDLE_TIMEOUT_S, CLIENT_WRITE_TIMEOUT_S, RESUME_RETENTION_S, RESUME_STORE_MAX_BYTES,
+  CORS_ALLOWED_ORIGINS, TRUSTED_PROXIES
+Access
+  API_KEYS (comma-separated; unset: open), ADMIN_TOKEN, RATE_LIMIT_PER_MINUTE [0: off],
+  RATE_LIMIT_BURST, AUTH_FAILURE_LIMIT, AUTH_FAILURE_WINDOW_S
+Audit and fleet
+  AUDIT_DEADLETTER_PATH, AUDIT_QUEUE_MAX_BYTES, AUDIT_STORE_TEXT [full|none],
+  AUDIT_RETENTION_DAYS [unset: keep], INSTANCE_ID, INSTANCE_LEASE_S
+Logging
+  LOG_FORMAT [json unless on a terminal], RUST_LOG [info]";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API (the default).
+    #[command(after_help = SERVE_ENV_HELP)]
     Serve,
     /// Apply database migrations and exit; with --revert, roll them back instead; with
     /// --status, only say where the database stands.
@@ -177,4 +211,46 @@ pub enum AuditCommand {
         #[arg(long, value_name = "DAYS")]
         older_than: u32,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every variable the configuration reads is named in `duet serve --help`, so a new
+    /// setting cannot be added without it; the other commands' help stays as it was.
+    #[test]
+    fn serve_help_lists_every_variable_the_configuration_reads() {
+        let sources = [
+            include_str!("config/mod.rs"),
+            include_str!("config/parse.rs"),
+        ];
+        let mut names = Vec::new();
+        for source in sources {
+            for quoted in source.split('"').skip(1).step_by(2) {
+                let is_name = quoted.contains('_')
+                    && quoted
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+                if is_name {
+                    names.push(quoted);
+                }
+            }
+        }
+        assert!(names.len() > 40, "the scan found the variables: {names:?}");
+        let mut cli = Cli::command();
+        let serve = cli.find_subcommand_mut("serve").unwrap().render_long_help();
+        let serve = serve.to_string();
+        for name in names {
+            assert!(serve.contains(name), "{name} missing from serve --help");
+        }
+        let migrate = cli
+            .find_subcommand_mut("migrate")
+            .unwrap()
+            .render_long_help();
+        assert!(!migrate.to_string().contains("DATABASE_URL ["));
+        assert!(!cli.render_long_help().to_string().contains("BIND_ADDR"));
+    }
 }

@@ -6,6 +6,7 @@
 //! caller drain the audit queue and exit.
 
 mod connections;
+mod startup;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -486,6 +487,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Some(id) => id.clone(),
         None => audit::instance::default_id(listener.local_addr()?.port()),
     };
+    startup::log(&config, &instance_id);
     // Before the journal's replay: a record it puts back replaces the `interrupted` row.
     let instance = audit::instance::Instance::start(
         &store,

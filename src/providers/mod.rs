@@ -244,6 +244,7 @@ pub(crate) mod testing {
         CallContext {
             family,
             secret: "test-secret-key-123".into(),
+            target: "upstream.test/v1".into(),
             limits: BodyLimits::default(),
         }
     }

@@ -35,6 +35,7 @@ mod real_providers;
 mod resume;
 mod retention;
 mod running;
+mod startup;
 mod stream;
 mod upstream;
 mod validation;

@@ -237,8 +237,9 @@ async fn send(
             format!("could not reach {}", ctx.family),
         )
         .with_detail(format!(
-            "{} request failed: {}",
+            "{} request to {} failed: {}",
             ctx.family,
+            ctx.target,
             ctx.redact(&error_chain(&e))
         ))
     })?;

@@ -51,8 +51,9 @@ pub(super) fn transport_error(ctx: &CallContext, e: &reqwest::Error) -> Provider
         format!("the connection to {} broke mid-answer", ctx.family),
     )
     .with_detail(format!(
-        "{} body failed: {}",
+        "{} body from {} failed: {}",
         ctx.family,
+        ctx.target,
         ctx.redact(&error_chain(e))
     ))
 }
@@ -139,7 +140,8 @@ pub fn classify_http(
     let wait = retry_after(headers).or(fault.retry_delay);
     ProviderError::new(error_type, retryable, message)
         .with_detail(format!(
-            "{family} HTTP {code}: {}",
+            "{family} HTTP {code} from {}: {}",
+            ctx.target,
             ctx.redact(&clip(&String::from_utf8_lossy(body), MAX_DETAIL_BODY_CHARS))
         ))
         .with_retry_after(if retryable { wait } else { None })
@@ -227,6 +229,7 @@ mod tests {
         CallContext {
             family: "openai",
             secret: "sk-test-PLANTED0123456789".into(),
+            target: "api.openai.test/v1/chat/completions".into(),
             limits: BodyLimits::default(),
         }
     }

@@ -33,6 +33,7 @@ impl Endpoint {
     ) -> Result<Self, String> {
         let url = reqwest::Url::parse(url)
             .map_err(|e| format!("base URL does not make a valid URL: {e}"))?;
+        let target = Arc::from(super::redact::target_of(&url, false));
         Ok(Endpoint {
             url,
             headers: Arc::from([]),
@@ -40,6 +41,7 @@ impl Endpoint {
             ctx: CallContext {
                 family,
                 secret: Arc::from(key),
+                target,
                 limits,
             },
         })

@@ -33,7 +33,7 @@ pub use classify::{
 pub use endpoint::Endpoint;
 pub use fault::Fault;
 pub use framing::{BodyError, Bounded};
-pub use redact::{clip, redact};
+pub use redact::{clip, redact, url_for_log};
 pub use retry_after::retry_after;
 
 /// Longest single line (one SSE field) accepted from an upstream. Gemini thought signatures
@@ -66,6 +66,9 @@ pub struct CallContext {
     pub family: &'static str,
     /// The key, so that [`redact`] can remove it from anything an upstream echoes back.
     pub secret: Arc<str>,
+    /// Host, port and path of the call (never the query, which may carry a key): named in
+    /// the detail of every failure, so a wrong base URL shows in the log as what it is.
+    pub target: Arc<str>,
     pub limits: BodyLimits,
 }
 

@@ -63,9 +63,46 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
     out
 }
 
+/// Where a URL points, safe for a log: scheme, host, port and path only. The user and
+/// password, the query (Gemini setups put `?key=` there) and the fragment are left out;
+/// text that is not a URL is not echoed, since it may be a key pasted in the wrong place.
+pub fn url_for_log(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(url) => target_of(&url, true),
+        Err(_) => "(not a valid URL)".to_owned(),
+    }
+}
+
+/// `scheme://host:port/path` (with `scheme`) or `host:port/path` of a parsed URL.
+pub(crate) fn target_of(url: &reqwest::Url, scheme: bool) -> String {
+    let host = url.host_str().unwrap_or("");
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let path = url.path();
+    if scheme {
+        format!("{}://{host}{port}{path}", url.scheme())
+    } else {
+        format!("{host}{port}{path}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_for_log_keeps_host_and_path_only() {
+        assert_eq!(
+            url_for_log(
+                "https://user:hunter2secret@llm.example:8443/v1beta?key=AIzaSyPLANTED#frag"
+            ),
+            "https://llm.example:8443/v1beta"
+        );
+        assert_eq!(
+            url_for_log("https://api.openai.com/v1"),
+            "https://api.openai.com/v1"
+        );
+        assert_eq!(url_for_log("sk-not-a-url-PLANTED"), "(not a valid URL)");
+    }
 
     #[test]
     fn redacts_known_keys_and_key_shapes() {

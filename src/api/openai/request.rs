@@ -396,20 +396,8 @@ pub(in crate::api) fn from_json(
     }
     objects_only(fields)?;
     let body: RequestBody = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
         let problem = e.inner().to_string();
-        if path == "." {
-            OpenAiError::Invalid {
-                message: problem,
-                param: None,
-                code: "invalid_request",
-            }
-        } else {
-            OpenAiError::invalid(
-                path.clone(),
-                format!("Invalid value for '{path}': {problem}"),
-            )
-        }
+        refusal(e.path().to_string(), problem.clone(), &problem)
     })?;
     validate(body, max_query_bytes)
 }
@@ -444,22 +432,29 @@ fn objects_only(fields: &serde_json::Map<String, Value>) -> Result<(), OpenAiErr
 fn no_duplicate_keys(bytes: &[u8]) -> Result<(), OpenAiError> {
     let mut json = serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize::<_, NoDuplicateKeys>(&mut json).map_err(|e| {
-        let path = e.path().to_string();
         let problem = json_problem(e.inner());
-        if path == "." {
-            OpenAiError::Invalid {
-                message: format!("the body {problem}"),
-                param: None,
-                code: "invalid_request",
-            }
-        } else {
-            OpenAiError::invalid(
-                path.clone(),
-                format!("Invalid value for '{path}': {problem}"),
-            )
-        }
+        refusal(
+            e.path().to_string(),
+            format!("the body {problem}"),
+            &problem,
+        )
     })?;
     Ok(())
+}
+
+/// A value refused at `path` (serde_path_to_error's, `.` for the body itself): an
+/// `invalid_value` naming the field, or, for the body, `invalid_request` saying `whole`.
+fn refusal(path: String, whole: String, problem: &str) -> OpenAiError {
+    if path == "." {
+        OpenAiError::Invalid {
+            message: whole,
+            param: None,
+            code: "invalid_request",
+        }
+    } else {
+        let message = format!("Invalid value for '{path}': {problem}");
+        OpenAiError::invalid(path, message)
+    }
 }
 
 /// Any JSON, read only to find an object with a key twice (see [`no_duplicate_keys`]).

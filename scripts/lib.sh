@@ -4,7 +4,9 @@
 
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="${DUET_BIN:-$ROOT/target/release/duet}"
+# PROFILE=profiling benchmarks the build with line tables, for perf (see Cargo.toml).
+PROFILE="${PROFILE:-release}"
+BIN="${DUET_BIN:-$ROOT/target/$PROFILE/duet}"
 MOCK_PORT="${MOCK_PORT:-19090}"
 DUET_PORT="${DUET_PORT:-18080}"
 CLK_TCK="$(getconf CLK_TCK)"
@@ -16,7 +18,7 @@ ulimit -n "$(ulimit -Hn)"
 
 build() {
   if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    (cd "$ROOT" && cargo build --release --quiet)
+    (cd "$ROOT" && cargo build --profile "$PROFILE" --quiet)
   fi
 }
 

@@ -871,7 +871,7 @@ fn concrete(expr: &str) -> String {
 }
 
 #[test]
-fn promtool_accepts_the_rules_the_config_and_the_dashboard_queries() {
+fn promtool_accepts_the_rules_their_tests_the_config_and_the_dashboard_queries() {
     let Some(promtool) = promtool() else {
         return;
     };
@@ -885,6 +885,12 @@ fn promtool_accepts_the_rules_the_config_and_the_dashboard_queries() {
         &promtool,
         &["check", "config"],
         &repo("deploy/prometheus/prometheus.yml"),
+    );
+    // The rules' unit tests: the alerts fire when they should, and only then.
+    run_promtool(
+        &promtool,
+        &["test", "rules"],
+        &repo("deploy/prometheus/alerts.test.yml"),
     );
     let dashboard: Value =
         serde_json::from_str(&read("deploy/grafana/dashboards/duet.json")).unwrap();
@@ -921,6 +927,8 @@ fn ci_runs_the_promtool_checks() {
     let install = position("apt-get install -y -qq --no-install-recommends prometheus");
     let rules = position("promtool check rules deploy/prometheus/alerts.yml");
     let config = position("promtool check config deploy/prometheus/prometheus.yml");
+    let unit = position("promtool test rules deploy/prometheus/alerts.test.yml");
+    assert!(install < unit && unit < ci.rfind("\ncargo test").unwrap());
     let test = ci.rfind("\ncargo test").expect("cargo test");
     assert!(install < rules && install < config, "after the install");
     assert!(rules < test && config < test, "before cargo test");

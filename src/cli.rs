@@ -110,12 +110,34 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         h2_max_streams: u32,
     },
+    /// Exit 0 if the local service's /healthz answers 200, else 1 (a container health check).
+    ///
+    /// For images without curl or a shell (deploy/Dockerfile's HEALTHCHECK): one
+    /// `GET /healthz` to the port of BIND_ADDR, on the loopback address when BIND_ADDR is
+    /// 0.0.0.0 or `[::]`. Needs none of the service's other settings.
+    Healthcheck {
+        /// The address `duet serve` listens on [default: BIND_ADDR from the environment or
+        /// .env, else 127.0.0.1:8080].
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: Option<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3.0, value_parser = positive_seconds)]
+        timeout_s: f64,
+    },
     /// Benchmarks: a load generator for SSE streams, and the audit writer's throughput
     /// (docs/benchmarks.md).
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+/// A number of seconds above 0 and at most a day (what `Duration::from_secs_f64` takes).
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 86400]")),
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -24,6 +24,7 @@
 //! - [`server`]: binding, serving, signals and graceful shutdown.
 //! - [`telemetry`]: logging setup.
 //! - [`cli`]: the command line.
+//! - [`healthcheck`]: `duet healthcheck`, the probe of `/healthz` for container images.
 //! - [`devtools`]: `duet mock-provider` and `duet bench`; the service never imports it.
 
 pub mod api;
@@ -35,6 +36,7 @@ pub mod conversation;
 pub mod devtools;
 pub mod domain;
 pub mod events;
+pub mod healthcheck;
 pub mod metrics;
 pub mod providers;
 pub mod resume;

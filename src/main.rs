@@ -40,6 +40,25 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("mock provider: {e}"))
         });
     }
+    if let Some(Command::Healthcheck { addr, timeout_s }) = &cli.command {
+        // Run by the container every few seconds: no configuration, no logging set-up,
+        // one line on failure.
+        let timeout = Duration::from_secs_f64(*timeout_s);
+        // BIND_ADDR as `serve` reads it: the environment, then `.env`.
+        if let Err(e) = duet::config::load_dotenv() {
+            eprintln!("duet: {e}");
+            return ExitCode::FAILURE;
+        }
+        let addr = addr.clone().unwrap_or_else(|| {
+            std::env::var("BIND_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".to_owned())
+        });
+        return run(async move {
+            let addr = duet::healthcheck::probe_addr(&addr).map_err(|e| e.to_string())?;
+            duet::healthcheck::check(addr, timeout)
+                .await
+                .map_err(|e| e.to_string())
+        });
+    }
     if let Some(Command::Bench { command }) = cli.command {
         // Like the mock, a benchmark needs none of the service's configuration.
         duet::telemetry::init_stderr();
@@ -85,7 +104,9 @@ fn main() -> ExitCode {
                 .map(|report| println!("{report}"))
                 .map_err(|e| e.to_string()),
             // Handled above, before the service configuration is loaded.
-            Command::MockProvider { .. } | Command::Bench { .. } => Ok(()),
+            Command::MockProvider { .. } | Command::Bench { .. } | Command::Healthcheck { .. } => {
+                Ok(())
+            }
         }
     })
 }

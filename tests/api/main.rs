@@ -22,6 +22,7 @@ mod bench;
 mod connections;
 mod conversation;
 mod db;
+mod deploy;
 mod failover;
 mod helpers;
 mod hostile_bodies;

@@ -112,6 +112,7 @@ impl Server {
         let slot = |role: Role, provider: Arc<dyn Provider>| ModelSlot {
             provider,
             limits: Orchestrator::limits_from(&config, role),
+            prices: config.model(role).prices,
         };
         let orchestrator = Orchestrator::new(
             &config,

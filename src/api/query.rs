@@ -299,6 +299,8 @@ pub(super) struct QueryResponse<'a> {
     run_id: uuid::Uuid,
     status: RunStatus,
     total_ms: u64,
+    /// The run's cost in USD, as in `done`; `null` when it is not known.
+    cost_usd: Option<f64>,
     flash: ModelAnswer<'a>,
     pro: ModelAnswer<'a>,
 }
@@ -323,6 +325,7 @@ struct ModelAnswer<'a> {
     latency_ms: u64,
     ttft_ms: Option<u64>,
     usage: crate::providers::Usage,
+    cost_usd: Option<f64>,
     error_type: Option<&'a str>,
 }
 
@@ -332,6 +335,7 @@ impl<'a> From<&'a RunRecord> for QueryResponse<'a> {
             run_id: r.run_id,
             status: r.status,
             total_ms: r.total_ms,
+            cost_usd: r.cost_usd,
             flash: ModelAnswer::new(Role::Flash, &r.flash),
             pro: ModelAnswer::new(Role::Pro, &r.pro),
         }
@@ -353,6 +357,7 @@ impl<'a> ModelAnswer<'a> {
             latency_ms,
             ttft_ms,
             usage,
+            cost_usd,
         } = AnswerEvent::from_trace("", role, t);
         ModelAnswer {
             outcome: t.outcome,
@@ -364,6 +369,7 @@ impl<'a> ModelAnswer<'a> {
             latency_ms,
             ttft_ms,
             usage,
+            cost_usd,
             error_type: t.error_type.as_deref(),
         }
     }

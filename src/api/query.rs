@@ -125,6 +125,7 @@ async fn stream(
     Ok(event_stream(
         state,
         handle.events,
+        Some(handle.overhead),
         handle.run_id,
         client_request_id.as_deref(),
     ))
@@ -187,14 +188,18 @@ pub(super) fn count_capacity_refusal(state: &AppState) {
 pub(super) fn event_stream(
     state: &AppState,
     events: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    overhead: Option<std::sync::Arc<sse::OverheadProbe>>,
     run_id: uuid::Uuid,
     client_request_id: Option<&str>,
 ) -> Response {
-    let body = EventBody::new(
+    let mut body = EventBody::new(
         Some(sse::retry_field(RECONNECT_AFTER)),
         events,
         state.config.sse_keepalive,
     );
+    if let Some(probe) = overhead {
+        body = body.with_overhead(probe);
+    }
     let mut response = Response::new(Body::from_stream(body));
     let h = response.headers_mut();
     event_stream_headers(h);

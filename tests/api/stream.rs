@@ -310,10 +310,10 @@ async fn first_token_and_stall_deadlines() {
         .await
         .unwrap();
     assert!(
-        metrics.contains(r#"duet_model_timeouts_total{kind="first_token",model="flash"} 1"#),
+        metrics.contains(r#"duet_model_timeouts_total{kind="first_token",model="flash",model_name="flash-m",provider="scripted"} 1"#),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"duet_model_timeouts_total{kind="stall",model="pro"} 1"#));
+    assert!(metrics.contains(r#"duet_model_timeouts_total{kind="stall",model="pro",model_name="pro-m",provider="scripted"} 1"#));
 }
 
 /// The stall deadline runs from the last token, not the first: a Pro that sends a token every

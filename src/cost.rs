@@ -8,11 +8,13 @@
 use crate::{config::Prices, providers::Usage};
 
 /// One model call's cost: input tokens × input price + output tokens × output price (prices
-/// per million tokens). `None` unless both prices are set and both counts were reported.
+/// per million tokens). `None` unless both prices are set and both counts were reported, and
+/// for a product too large for a float (an absurd price): JSON would show that as `null` while
+/// the database and the counter kept infinity, so it is unknown everywhere instead.
 pub fn of_model(prices: Prices, usage: Usage) -> Option<f64> {
     let input = usage.input_tokens? as f64 * prices.input_per_mtok? / 1e6;
     let output = usage.output_tokens? as f64 * prices.output_per_mtok? / 1e6;
-    Some(input + output)
+    Some(input + output).filter(|usd| usd.is_finite())
 }
 
 /// One model's part of a run, as [`of_run`] weighs it.
@@ -80,6 +82,15 @@ mod tests {
         };
         assert_eq!(of_model(half, usage(Some(10), Some(10))), None);
         assert_eq!(of_model(Prices::default(), usage(Some(10), Some(10))), None);
+        // A finite price can still overflow: unknown, never infinity.
+        let absurd = Prices {
+            input_per_mtok: Some(f64::MAX),
+            output_per_mtok: Some(f64::MAX),
+        };
+        assert_eq!(
+            of_model(absurd, usage(Some(1_000_000), Some(1_000_000))),
+            None
+        );
     }
 
     #[test]

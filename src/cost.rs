@@ -49,7 +49,11 @@ pub fn of_run(parts: &[Part]) -> Option<f64> {
     if parts.iter().any(|p| p.reported && p.cost_usd.is_none()) {
         return None;
     }
-    parts.iter().filter_map(|p| p.cost_usd).reduce(|a, b| a + b)
+    parts
+        .iter()
+        .filter_map(|p| p.cost_usd)
+        .reduce(|a, b| a + b)
+        .filter(|usd| usd.is_finite())
 }
 
 #[cfg(test)]

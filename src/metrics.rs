@@ -1,14 +1,26 @@
-//! Prometheus metrics: the families of contract §6, registered once in a private registry.
+//! Prometheus metrics: the families of contract §6 and §9, registered once in a private
+//! registry.
 //!
 //! Labels are small closed sets (routes, roles, outcomes, error types), never user text or ids,
-//! so cardinality stays bounded whatever clients send.
+//! so cardinality stays bounded whatever clients send. The model families also carry the
+//! `provider` and `model_name` of each role, which come from the configuration only (one pair
+//! per role, fixed at start), never from an upstream response: a provider answering with
+//! another model version makes no new series. Their label children are resolved once per role
+//! at start ([`ModelMetrics`]), so a model call counts without hashing a label.
+
+use std::sync::Arc;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Counter, CounterVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::events::EventKind;
+use crate::{
+    audit::{Deadline, Outcome},
+    domain::Role,
+    events::EventKind,
+    providers::ErrorType,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -20,6 +32,14 @@ pub struct Metrics {
     pub model_timeouts_total: IntCounterVec,
     pub model_errors_total: IntCounterVec,
     pub tokens_total: IntCounterVec,
+    /// `duet_cost_usd_total{model,provider,model_name}`: USD spent at the configured prices,
+    /// counted only for calls whose cost is known (a float counter).
+    pub cost_usd_total: CounterVec,
+    /// `duet_build_info{version}`: always 1; the version is this build's.
+    pub build_info: IntGaugeVec,
+    /// `duet_overhead_seconds`: what duet adds between an upstream chunk reaching the run and
+    /// the event it makes leaving the SSE body for hyper (see [`crate::sse::OverheadProbe`]).
+    pub overhead_seconds: Histogram,
     pub sse_events_total: IntCounterVec,
     pub client_disconnects_total: IntCounter,
     pub flash_skipped_total: IntCounter,
@@ -73,6 +93,14 @@ const MODEL_BUCKETS: &[f64] = &[
     0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
     60.0,
 ];
+/// duet's own part of a token's way: microseconds when the client keeps up, up to a tenth of a
+/// second when a run waits for a slow reader.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1,
+];
+/// The labels every model family starts with: the role, then its configured provider and model.
+const MODEL_LABELS: [&str; 3] = ["model", "provider", "model_name"];
 /// Audit batch writes take well under a millisecond on SQLite up to seconds during outages.
 const AUDIT_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -123,7 +151,7 @@ impl Metrics {
                     "Time from the start of a model call to its end, by outcome."
                 )
                 .buckets(MODEL_BUCKETS.to_vec()),
-                &["model", "outcome"]
+                &["model", "provider", "model_name", "outcome"]
             )?),
             model_ttft_seconds: reg!(HistogramVec::new(
                 HistogramOpts::new(
@@ -131,25 +159,46 @@ impl Metrics {
                     "Time from the start of a model call to its first token."
                 )
                 .buckets(MODEL_BUCKETS.to_vec()),
-                &["model"]
+                &MODEL_LABELS
             )?),
             model_timeouts_total: reg!(IntCounterVec::new(
                 Opts::new(
                     "duet_model_timeouts_total",
                     "Model calls ended by a deadline, by which deadline fired."
                 ),
-                &["model", "kind"]
+                &["model", "provider", "model_name", "kind"]
             )?),
             model_errors_total: reg!(IntCounterVec::new(
                 Opts::new(
                     "duet_model_errors_total",
                     "Failed model calls, by error type."
                 ),
-                &["model", "error_type"]
+                &["model", "provider", "model_name", "error_type"]
             )?),
             tokens_total: reg!(IntCounterVec::new(
                 Opts::new("duet_tokens_total", "Tokens reported by providers."),
-                &["model", "direction"]
+                &["model", "provider", "model_name", "direction"]
+            )?),
+            cost_usd_total: reg!(CounterVec::new(
+                Opts::new(
+                    "duet_cost_usd_total",
+                    "USD spent on model calls at the configured prices, counted only when known."
+                ),
+                &MODEL_LABELS
+            )?),
+            build_info: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "duet_build_info",
+                    "Always 1; the version label names this build of duet."
+                ),
+                &["version"]
+            )?),
+            overhead_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "duet_overhead_seconds",
+                    "Time from an upstream chunk reaching duet to its event leaving for the client."
+                )
+                .buckets(OVERHEAD_BUCKETS.to_vec())
             )?),
             sse_events_total,
             client_disconnects_total: reg!(IntCounter::new(
@@ -248,6 +297,10 @@ impl Metrics {
             )?),
             registry,
         };
+        metrics
+            .build_info
+            .with_label_values(&[crate::SERVICE_VERSION])
+            .set(1);
         // Both endpoints show from the start (at 0), so alerts on a rate see the first failure.
         for endpoint in ["query", "admin"] {
             metrics.auth_failures_total.with_label_values(&[endpoint]);
@@ -263,6 +316,50 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(metrics)
+    }
+
+    /// The model families' children for one role, resolved now: the role's configured
+    /// `provider` and `model_name` (never an upstream's answer) label every series. `priced`:
+    /// both of the role's prices are set, so its `duet_cost_usd_total` series exists (at 0);
+    /// without them it never appears, rather than claiming that calls cost nothing.
+    pub fn model(
+        &self,
+        role: Role,
+        provider: &str,
+        model_name: &str,
+        priced: bool,
+    ) -> ModelMetrics {
+        let base = [role.as_str(), provider, model_name];
+        let with = |last: &'static str| [base[0], base[1], base[2], last];
+        let latency = |o: Outcome| {
+            self.model_latency_seconds
+                .with_label_values(&with(o.as_str()))
+        };
+        let timeouts = |d: Deadline| {
+            self.model_timeouts_total
+                .with_label_values(&with(d.as_str()))
+        };
+        let errors = |e: ErrorType| self.model_errors_total.with_label_values(&with(e.as_str()));
+        let tokens =
+            |direction: &'static str| self.tokens_total.with_label_values(&with(direction));
+        ModelMetrics(Arc::new(ModelSeries {
+            latency: [
+                latency(Outcome::Ok),
+                latency(Outcome::Timeout),
+                latency(Outcome::Error),
+                latency(Outcome::Cancelled),
+            ],
+            ttft: self.model_ttft_seconds.with_label_values(&base),
+            timeouts: [
+                timeouts(Deadline::Total),
+                timeouts(Deadline::FirstToken),
+                timeouts(Deadline::Stall),
+            ],
+            errors: ERROR_TYPES.map(errors),
+            input_tokens: tokens("input"),
+            output_tokens: tokens("output"),
+            cost_usd: priced.then(|| self.cost_usd_total.with_label_values(&base)),
+        }))
     }
 
     /// Counts one emitted event.
@@ -283,6 +380,97 @@ impl Metrics {
     /// the scrape must fail loudly, not look like a service with no metrics.
     pub fn render(&self) -> Result<String, prometheus::Error> {
         TextEncoder::new().encode_to_string(&self.registry.gather())
+    }
+}
+
+/// Every error type, in the order of `ModelSeries::errors`.
+const ERROR_TYPES: [ErrorType; 6] = [
+    ErrorType::Timeout,
+    ErrorType::RateLimited,
+    ErrorType::ProviderError,
+    ErrorType::InvalidResponse,
+    ErrorType::Cancelled,
+    ErrorType::Internal,
+];
+
+/// One role's series of the model families (`duet_model_*`, `duet_tokens_total`,
+/// `duet_cost_usd_total`), labelled with the role's configured provider and model name and
+/// resolved once at start: counting a call is an atomic add, with no label hashing or lock.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct ModelMetrics(Arc<ModelSeries>);
+
+struct ModelSeries {
+    /// By outcome: ok, timeout, error, cancelled (a skipped call is not timed: it never
+    /// reaches its end).
+    latency: [Histogram; 4],
+    ttft: Histogram,
+    /// By deadline: total, first_token, stall.
+    timeouts: [IntCounter; 3],
+    /// By [`ERROR_TYPES`].
+    errors: [IntCounter; 6],
+    input_tokens: IntCounter,
+    output_tokens: IntCounter,
+    /// `None` unless both of the role's prices are set.
+    cost_usd: Option<Counter>,
+}
+
+impl ModelMetrics {
+    /// A call ended after `seconds`.
+    pub fn latency(&self, outcome: Outcome, seconds: f64) {
+        let i = match outcome {
+            Outcome::Ok => 0,
+            Outcome::Timeout => 1,
+            Outcome::Error => 2,
+            Outcome::Cancelled => 3,
+            Outcome::Skipped => return,
+        };
+        self.0.latency[i].observe(seconds);
+    }
+
+    /// A call's first token came after `seconds`.
+    pub fn ttft(&self, seconds: f64) {
+        self.0.ttft.observe(seconds);
+    }
+
+    /// A deadline ended a call.
+    pub fn timeout(&self, deadline: Deadline) {
+        let i = match deadline {
+            Deadline::Total => 0,
+            Deadline::FirstToken => 1,
+            Deadline::Stall => 2,
+        };
+        self.0.timeouts[i].inc();
+    }
+
+    /// A call failed.
+    pub fn error(&self, error_type: ErrorType) {
+        let i = match error_type {
+            ErrorType::Timeout => 0,
+            ErrorType::RateLimited => 1,
+            ErrorType::ProviderError => 2,
+            ErrorType::InvalidResponse => 3,
+            ErrorType::Cancelled => 4,
+            ErrorType::Internal => 5,
+        };
+        self.0.errors[i].inc();
+    }
+
+    /// The token counts a provider reported.
+    pub fn tokens(&self, input: Option<u64>, output: Option<u64>) {
+        if let Some(n) = input {
+            self.0.input_tokens.inc_by(n);
+        }
+        if let Some(n) = output {
+            self.0.output_tokens.inc_by(n);
+        }
+    }
+
+    /// A call's known cost in USD (never negative: prices are not).
+    pub fn cost(&self, usd: f64) {
+        if let Some(c) = &self.0.cost_usd {
+            c.inc_by(usd);
+        }
     }
 }
 

@@ -109,9 +109,23 @@ impl Server {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let config = Arc::new(parts.config);
-        let slot = |role: Role, provider: Arc<dyn Provider>| ModelSlot {
-            provider,
-            limits: Orchestrator::limits_from(&config, role),
+        let slot = |role: Role, provider: Arc<dyn Provider>| {
+            let prices = config.model(role).prices;
+            let priced = prices.input_per_mtok.is_some() && prices.output_per_mtok.is_some();
+            // The configured names, as the provider was built from them: never what an
+            // upstream answers with, so the series are fixed at start.
+            let metrics = parts.metrics.model(
+                role,
+                provider.provider_name(),
+                provider.model_name(),
+                priced,
+            );
+            ModelSlot {
+                provider,
+                limits: Orchestrator::limits_from(&config, role),
+                prices,
+                metrics,
+            }
         };
         let orchestrator = Orchestrator::new(
             &config,

@@ -9,12 +9,17 @@ use std::{
     convert::Infallible,
     io::Write,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::Stream;
+use prometheus::Histogram;
 use serde::Serialize;
 use tokio::{
     sync::mpsc,
@@ -83,6 +88,70 @@ pub fn retry_field(after: Duration) -> Bytes {
     buf.freeze()
 }
 
+/// Measures `duet_overhead_seconds` for one run: the time from an upstream chunk reaching the
+/// run (the provider's stream yielding it to the model driver) to the event it made leaving
+/// the [`EventBody`] for hyper.
+///
+/// Why this shape: the frames travel as plain `Bytes` through the run's channel, which has no
+/// room for a timestamp, and widening that channel's item would touch every reader of it. The
+/// channel is first in, first out and the body yields frames in `seq` order, so the body's
+/// count of frames *is* the `seq` of the frame it yields. The run stores (seq, arrival) of its
+/// newest upstream-made event in one atomic word before sending it; the body, yielding frame
+/// number n, reads the word and observes when its seq is n. Per event that is one relaxed
+/// store and one relaxed load (the channel's send and receive order them), one clock read in
+/// the driver (the body already reads the clock per frame), no allocation and no lock.
+///
+/// When several such events wait in the channel at once (a slow reader), only the newest is
+/// measured: the histogram then samples, and undercounts waiting in the queue. That is
+/// backpressure from the client, not duet's overhead, and `duet_streams_active` and the write
+/// timeout already show it.
+pub struct OverheadProbe {
+    /// `seq` (low 24 bits) above the arrival time in nanoseconds since `base` (40 bits, about 18
+    /// minutes, compared modulo 2^40 so a longer run still measures right); `EMPTY` before the
+    /// first event.
+    slot: AtomicU64,
+    base: Instant,
+    histogram: Histogram,
+}
+
+const ARRIVAL_BITS: u32 = 40;
+const ARRIVAL_MASK: u64 = (1 << ARRIVAL_BITS) - 1;
+const SEQ_MASK: u64 = (1 << 24) - 1;
+const EMPTY: u64 = u64::MAX;
+
+impl OverheadProbe {
+    pub fn new(histogram: Histogram) -> Arc<OverheadProbe> {
+        Arc::new(OverheadProbe {
+            slot: AtomicU64::new(EMPTY),
+            base: Instant::now(),
+            histogram,
+        })
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        // Truncation is the point: only the low 40 bits are kept (see `slot`).
+        at.saturating_duration_since(self.base).as_nanos() as u64 & ARRIVAL_MASK
+    }
+
+    /// The event numbered `seq`, about to be sent, was made from an upstream chunk that
+    /// reached the run at `arrived`.
+    pub fn sent(&self, seq: u32, arrived: Instant) {
+        let word = ((u64::from(seq) & SEQ_MASK) << ARRIVAL_BITS) | self.nanos(arrived);
+        self.slot.store(word, Ordering::Relaxed);
+    }
+
+    /// The body yields the frame numbered `seq` at `now`.
+    fn yielded(&self, seq: u32, now: Instant) {
+        let word = self.slot.load(Ordering::Relaxed);
+        if word == EMPTY || word >> ARRIVAL_BITS != u64::from(seq) & SEQ_MASK {
+            return;
+        }
+        let nanos = self.nanos(now).wrapping_sub(word & ARRIVAL_MASK) & ARRIVAL_MASK;
+        // Nanoseconds to seconds; below 2^40 the conversion to f64 is exact.
+        self.histogram.observe(nanos as f64 / 1e9);
+    }
+}
+
 /// A response body fed by a run's bounded channel, sending [`KEEPALIVE`] whenever nothing has
 /// gone out for `interval`. It ends when the run drops its sender (after `done`); dropping it
 /// (the client went away) closes the channel, which the run notices and cancels itself.
@@ -95,6 +164,10 @@ pub struct EventBody {
     /// timer-wheel update per delta costs more than a clock read, and the timer only needs
     /// to be right when it fires.
     last_sent: Instant,
+    /// Measures `duet_overhead_seconds`, for a run's own stream (not a resumed one).
+    overhead: Option<Arc<OverheadProbe>>,
+    /// Frames taken from the channel so far: the `seq` of the next one, for `overhead`.
+    received: u32,
 }
 
 impl EventBody {
@@ -105,7 +178,16 @@ impl EventBody {
             keepalive: Box::pin(tokio::time::sleep(interval)),
             interval,
             last_sent: Instant::now(),
+            overhead: None,
+            received: 0,
         }
+    }
+
+    /// Measures the run's overhead as its frames leave (see [`OverheadProbe`]); only for a
+    /// channel that carries the run's frames from `seq` 0 on.
+    pub fn with_overhead(mut self, probe: Arc<OverheadProbe>) -> Self {
+        self.overhead = Some(probe);
+        self
     }
 }
 
@@ -120,6 +202,10 @@ impl Stream for EventBody {
         match this.rx.poll_recv(cx) {
             Poll::Ready(Some(frame)) => {
                 this.last_sent = Instant::now();
+                if let Some(probe) = &this.overhead {
+                    probe.yielded(this.received, this.last_sent);
+                }
+                this.received = this.received.wrapping_add(1);
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => Poll::Ready(None),
@@ -174,5 +260,29 @@ mod tests {
             frame_len(EventKind::Delta, "r1", 3),
             frame(EventKind::Delta, "r1", u32::MAX, b"{ }").len()
         );
+    }
+
+    #[test]
+    fn the_probe_measures_the_frame_it_was_told_about_and_no_other() {
+        let histogram = Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap();
+        let probe = OverheadProbe::new(histogram.clone());
+        let at = probe.base + Duration::from_millis(3);
+        probe.sent(7, at);
+        // Another frame (an earlier one still queued, or `done`) is not measured.
+        probe.yielded(6, at + Duration::from_micros(100));
+        assert_eq!(histogram.get_sample_count(), 0);
+        probe.yielded(7, at + Duration::from_micros(250));
+        assert_eq!(histogram.get_sample_count(), 1);
+        assert!((histogram.get_sample_sum() - 0.000_25).abs() < 1e-12);
+        // Past 2^40 ns (about 18 minutes) into the run, differences still come out right.
+        let late = probe.base + Duration::from_nanos((1 << ARRIVAL_BITS) - 1_000);
+        probe.sent(8, late);
+        probe.yielded(8, late + Duration::from_micros(40));
+        assert_eq!(histogram.get_sample_count(), 2);
+        assert!((histogram.get_sample_sum() - 0.000_29).abs() < 1e-12);
+        // A `seq` past 24 bits compares by its low bits, as stored.
+        probe.sent(u32::MAX, at);
+        probe.yielded(u32::MAX, at);
+        assert_eq!(histogram.get_sample_count(), 3);
     }
 }

@@ -125,6 +125,7 @@ async fn stream(
     Ok(event_stream(
         state,
         handle.events,
+        Some(handle.overhead),
         handle.run_id,
         client_request_id.as_deref(),
     ))
@@ -187,14 +188,18 @@ pub(super) fn count_capacity_refusal(state: &AppState) {
 pub(super) fn event_stream(
     state: &AppState,
     events: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    overhead: Option<std::sync::Arc<sse::OverheadProbe>>,
     run_id: uuid::Uuid,
     client_request_id: Option<&str>,
 ) -> Response {
-    let body = EventBody::new(
+    let mut body = EventBody::new(
         Some(sse::retry_field(RECONNECT_AFTER)),
         events,
         state.config.sse_keepalive,
     );
+    if let Some(probe) = overhead {
+        body = body.with_overhead(probe);
+    }
     let mut response = Response::new(Body::from_stream(body));
     let h = response.headers_mut();
     event_stream_headers(h);
@@ -299,6 +304,8 @@ pub(super) struct QueryResponse<'a> {
     run_id: uuid::Uuid,
     status: RunStatus,
     total_ms: u64,
+    /// The run's cost in USD, as in `done`; `null` when it is not known.
+    cost_usd: Option<f64>,
     flash: ModelAnswer<'a>,
     pro: ModelAnswer<'a>,
 }
@@ -323,6 +330,7 @@ struct ModelAnswer<'a> {
     latency_ms: u64,
     ttft_ms: Option<u64>,
     usage: crate::providers::Usage,
+    cost_usd: Option<f64>,
     error_type: Option<&'a str>,
 }
 
@@ -332,6 +340,7 @@ impl<'a> From<&'a RunRecord> for QueryResponse<'a> {
             run_id: r.run_id,
             status: r.status,
             total_ms: r.total_ms,
+            cost_usd: r.cost_usd,
             flash: ModelAnswer::new(Role::Flash, &r.flash),
             pro: ModelAnswer::new(Role::Pro, &r.pro),
         }
@@ -353,6 +362,7 @@ impl<'a> ModelAnswer<'a> {
             latency_ms,
             ttft_ms,
             usage,
+            cost_usd,
         } = AnswerEvent::from_trace("", role, t);
         ModelAnswer {
             outcome: t.outcome,
@@ -364,6 +374,7 @@ impl<'a> ModelAnswer<'a> {
             latency_ms,
             ttft_ms,
             usage,
+            cost_usd,
             error_type: t.error_type.as_deref(),
         }
     }

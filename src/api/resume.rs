@@ -77,7 +77,7 @@ pub(super) async fn resume(
         state.orchestrator.tracker(),
         slot,
     );
-    Ok(event_stream(state, events, run_id, None))
+    Ok(event_stream(state, events, None, run_id, None))
 }
 
 /// The one answer for every `Last-Event-ID` that cannot be resumed here: malformed, unknown,
@@ -130,7 +130,7 @@ async fn resume_from_store(
         state.orchestrator.tracker(),
         slot,
     );
-    Ok(event_stream(state, events, run_id, None))
+    Ok(event_stream(state, events, None, run_id, None))
 }
 
 /// A run with a row but no record (contract §8): `interrupted` (its process died) ends the
@@ -175,7 +175,7 @@ fn resume_open(
         ),
         (OpenStatus::Running, ..) => return Err(cannot_resume()),
     };
-    Ok(event_stream(state, events, run_id, None))
+    Ok(event_stream(state, events, None, run_id, None))
 }
 
 /// Past this, the audit record of a run that ended (or the `interrupted` mark of one whose

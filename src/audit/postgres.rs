@@ -54,16 +54,17 @@ ON CONFLICT (run_id) DO NOTHING";
 /// instance) are the same run's, and leaving them out of `SET` spares their indexes.
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
-                       service_version, events, owner_fingerprint, instance_id, messages, params)
-SELECT r, c, t, q, s, st, ms, v, e, o, $11, m::jsonb, p::jsonb
+                       service_version, events, owner_fingerprint, instance_id, messages, params,
+                       cost_usd)
+SELECT r, c, t, q, s, st, ms, v, e, o, $11, m::jsonb, p::jsonb, cu
 FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
             $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[], $12::text[],
-            $13::text[])
-     AS u(r, c, t, q, s, st, ms, v, e, o, m, p)
+            $13::text[], $14::float8[])
+     AS u(r, c, t, q, s, st, ms, v, e, o, m, p, cu)
 ON CONFLICT (run_id) DO UPDATE SET
     status = excluded.status, total_ms = excluded.total_ms,
     service_version = excluded.service_version, events = excluded.events,
-    owner_fingerprint = excluded.owner_fingerprint
+    owner_fingerprint = excluded.owner_fingerprint, cost_usd = excluded.cost_usd
 WHERE dual_runs.status IN ('running', 'interrupted')";
 
 /// Tells the replicas waiting for these runs' ends (see `notify`) that their rows may be
@@ -74,10 +75,10 @@ const NOTIFY_ENDED: &str = "SELECT pg_notify('duet_run_ended', r) FROM UNNEST($1
 const INSERT_TRACES: &str = "\
 INSERT INTO model_traces (run_id, model, provider, model_name, model_version, outcome,
                           error_type, error_message, deadline, text, finish_reason, latency_ms,
-                          ttft_ms, input_tokens, output_tokens)
+                          ttft_ms, input_tokens, output_tokens, cost_usd)
 SELECT * FROM UNNEST($1::text[]::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                      $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
-                     $12::int8[], $13::int8[], $14::int8[], $15::int8[])
+                     $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::float8[])
 ON CONFLICT (run_id, model) DO NOTHING";
 
 /// PostgreSQL text cannot hold NUL, which JSON (and so a query) can carry as `\u0000`.
@@ -151,6 +152,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
     let mut owners = Vec::with_capacity(n);
     let mut messages = Vec::with_capacity(n);
     let mut params = Vec::with_capacity(n);
+    let mut costs = Vec::with_capacity(n);
     for r in records {
         run_ids.push(r.run_id.to_string());
         client_ids.push(opt_text(r.client_request_id.as_deref()));
@@ -168,6 +170,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
             }),
         );
         params.push(r.params.as_ref().map(params_column));
+        costs.push(r.cost_usd);
     }
 
     let mut t = Traces::with_capacity(2 * n);
@@ -212,6 +215,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
             .bind(batch.instance_id)
             .bind(&messages)
             .bind(&params)
+            .bind(&costs)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -231,6 +235,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
             .bind(&t.ttft_ms)
             .bind(&t.input_tokens)
             .bind(&t.output_tokens)
+            .bind(&t.cost_usd)
             .execute(&mut *tx)
             .await?;
         sqlx::query(NOTIFY_ENDED)
@@ -267,6 +272,7 @@ struct Traces {
     ttft_ms: Vec<Option<i64>>,
     input_tokens: Vec<Option<i64>>,
     output_tokens: Vec<Option<i64>>,
+    cost_usd: Vec<Option<f64>>,
 }
 
 impl Traces {
@@ -297,5 +303,6 @@ impl Traces {
         self.ttft_ms.push(t.ttft_ms.map(to_db));
         self.input_tokens.push(t.input_tokens.map(to_db));
         self.output_tokens.push(t.output_tokens.map(to_db));
+        self.cost_usd.push(t.cost_usd);
     }
 }

@@ -123,6 +123,18 @@ pub struct ModelConfig {
     /// Optional deadline for the first token.
     pub ttft_timeout: Option<Duration>,
     pub simulated: SimulatedTiming,
+    /// What the model costs (`FLASH_PRICE_*_PER_MTOK` / `PRO_PRICE_*_PER_MTOK`).
+    pub prices: Prices,
+}
+
+/// A model's prices in USD per million tokens; `None` is unknown (the variable is unset), and
+/// a cost that needs an unknown price is itself unknown (`null`), never 0. See `crate::cost`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Prices {
+    /// USD per million input (prompt) tokens.
+    pub input_per_mtok: Option<f64>,
+    /// USD per million output (completion) tokens.
+    pub output_per_mtok: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

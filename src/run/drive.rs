@@ -13,6 +13,7 @@ use super::{Limits, ModelSlot, emitter::Emitter, millis};
 use crate::{
     audit::Outcome,
     backoff::Backoff,
+    cost,
     domain::Role,
     events::{DeltaEvent, EventKind},
     providers::{Completion, ErrorType, ModelRequest, Provider, ProviderError, ProviderEvent},
@@ -46,6 +47,11 @@ pub(super) struct ModelResult {
     pub(super) timeout: Option<TimeoutKind>,
     pub(super) latency: Duration,
     pub(super) ttft: Option<Duration>,
+    /// What the call cost (`crate::cost::of_model`); only a completed call has usage.
+    pub(super) cost_usd: Option<f64>,
+    /// When the provider's last chunk (the one that finished the call) reached the run: the
+    /// start of the answer event's `duet_overhead_seconds`.
+    pub(super) finished_at: Option<Instant>,
 }
 
 impl ModelResult {
@@ -58,6 +64,8 @@ impl ModelResult {
             timeout: None,
             latency,
             ttft: None,
+            cost_usd: None,
+            finished_at: None,
         }
     }
 
@@ -106,28 +114,24 @@ pub(super) async fn drive(
         progress,
     );
     let outcome = match tokio::time::timeout_at(deadline, attempt).await {
-        Ok(Ok(completion)) => Ok(completion),
+        Ok(Ok(finished)) => Ok(finished),
         Ok(Err(failure)) => Err(failure),
         Err(_elapsed) => Err(Failure::Timeout(TimeoutKind::Total)),
     };
     let latency = started.elapsed();
     let text = std::mem::take(&mut progress.text);
     let ttft = progress.ttft;
-    let metrics = &emitter.metrics;
+    let metrics = &slot.metrics;
     let model = role.as_str();
     let result = match outcome {
-        Ok(completion) => {
-            if let Some(n) = completion.usage.input_tokens {
-                metrics
-                    .tokens_total
-                    .with_label_values(&[model, "input"])
-                    .inc_by(n);
-            }
-            if let Some(n) = completion.usage.output_tokens {
-                metrics
-                    .tokens_total
-                    .with_label_values(&[model, "output"])
-                    .inc_by(n);
+        Ok((completion, finished_at)) => {
+            metrics.tokens(
+                completion.usage.input_tokens,
+                completion.usage.output_tokens,
+            );
+            let cost_usd = cost::of_model(slot.prices, completion.usage);
+            if let Some(usd) = cost_usd {
+                metrics.cost(usd);
             }
             ModelResult {
                 outcome: Outcome::Ok,
@@ -137,13 +141,12 @@ pub(super) async fn drive(
                 timeout: None,
                 latency,
                 ttft,
+                cost_usd,
+                finished_at: Some(finished_at),
             }
         }
         Err(Failure::Timeout(kind)) => {
-            metrics
-                .model_timeouts_total
-                .with_label_values(&[model, kind.as_str()])
-                .inc();
+            metrics.timeout(kind);
             let what = match kind {
                 TimeoutKind::Total => "did not finish within its deadline",
                 TimeoutKind::FirstToken => "sent no first token within its deadline",
@@ -163,13 +166,12 @@ pub(super) async fn drive(
                 timeout: Some(kind),
                 latency,
                 ttft,
+                cost_usd: None,
+                finished_at: None,
             }
         }
         Err(Failure::Provider(error)) => {
-            metrics
-                .model_errors_total
-                .with_label_values(&[model, error.error_type.as_str()])
-                .inc();
+            metrics.error(error.error_type);
             ModelResult {
                 outcome: Outcome::Error,
                 text,
@@ -178,6 +180,8 @@ pub(super) async fn drive(
                 timeout: None,
                 latency,
                 ttft,
+                cost_usd: None,
+                finished_at: None,
             }
         }
         Err(Failure::ClientGone) => ModelResult {
@@ -186,15 +190,9 @@ pub(super) async fn drive(
             ..ModelResult::cancelled(latency, "the client went away")
         },
     };
-    metrics
-        .model_latency_seconds
-        .with_label_values(&[model, result.outcome.as_str()])
-        .observe(latency.as_secs_f64());
+    metrics.latency(result.outcome, latency.as_secs_f64());
     if let Some(t) = ttft {
-        metrics
-            .model_ttft_seconds
-            .with_label_values(&[model])
-            .observe(t.as_secs_f64());
+        metrics.ttft(t.as_secs_f64());
     }
     match &result.error {
         // A model that did its job is in the `run ended` line (and the record); a line of its
@@ -213,8 +211,9 @@ pub(super) async fn drive(
     result
 }
 
-/// The attempts of one call. Retries only before the first token: after it the client has
-/// seen text, and a second answer would not continue the first.
+/// The attempts of one call, ending with the completion and when its last chunk reached the
+/// run. Retries only before the first token: after it the client has seen text, and a second
+/// answer would not continue the first.
 async fn attempts(
     provider: &dyn Provider,
     request: &ModelRequest,
@@ -223,7 +222,7 @@ async fn attempts(
     deadline: Instant,
     emitter: &Emitter,
     progress: &mut Progress,
-) -> Result<Completion, Failure> {
+) -> Result<(Completion, Instant), Failure> {
     let Progress { text, ttft } = progress;
     let role = request.role;
     let first_token_deadline = limits.first_token.map(|d| started + d);
@@ -269,12 +268,17 @@ async fn attempts(
                             );
                         }
                         Ok(Some(Err(error))) => break error,
-                        Ok(Some(Ok(ProviderEvent::Finished(completion)))) => return Ok(completion),
+                        Ok(Some(Ok(ProviderEvent::Finished(completion)))) => {
+                            return Ok((completion, Instant::now()));
+                        }
                         Ok(Some(Ok(ProviderEvent::Delta(delta)))) => {
                             let first = ttft.is_none() && !delta.is_empty();
                             if !delta.is_empty() {
+                                // The one clock read per chunk: when it reached the run, for
+                                // the first-token time and `duet_overhead_seconds`.
+                                let arrived = Instant::now();
                                 if first {
-                                    *ttft = Some(started.elapsed());
+                                    *ttft = Some(arrived - started);
                                 }
                                 text.push_str(&delta);
                                 if emitter.deltas {
@@ -284,7 +288,7 @@ async fn attempts(
                                         text: &delta,
                                     };
                                     emitter
-                                        .emit(EventKind::Delta, &event)
+                                        .emit_arrived(EventKind::Delta, &event, Some(arrived))
                                         .await
                                         .map_err(|_| Failure::ClientGone)?;
                                 }

@@ -14,7 +14,10 @@ use std::{
 
 use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::{
+    sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc},
+    time::Instant,
+};
 
 use super::{STREAM_BUFFER_BYTES, drive::ModelResult, millis, report::OwnedModelRef};
 use crate::{
@@ -23,7 +26,7 @@ use crate::{
     events::{AnswerEvent, ErrorEvent, EventKind},
     metrics::Metrics,
     resume::RunLog,
-    sse,
+    sse::{self, OverheadProbe},
 };
 
 /// Sends a run's events in order with gapless `seq` numbers.
@@ -38,6 +41,8 @@ pub(super) struct Emitter {
     pub(super) write_timeout: Duration,
     /// [`STREAM_BUFFER_BYTES`] permits, one per byte of an event not yet written to the socket.
     pub(super) budget: Arc<Semaphore>,
+    /// `duet_overhead_seconds` for this run's stream.
+    pub(super) overhead: Arc<OverheadProbe>,
 }
 
 /// The receiver is gone: the client disconnected.
@@ -56,6 +61,17 @@ impl Emitter {
         event: EventKind,
         data: &impl Serialize,
     ) -> Result<(), ClientGone> {
+        self.emit_arrived(event, data, None).await
+    }
+
+    /// [`Emitter::emit`] for an event made from an upstream chunk that reached the run at
+    /// `arrived`: its way out is measured (`duet_overhead_seconds`).
+    pub(super) async fn emit_arrived(
+        &self,
+        event: EventKind,
+        data: &impl Serialize,
+        arrived: Option<Instant>,
+    ) -> Result<(), ClientGone> {
         // The data is encoded before waiting, to know how much of the budget the event needs;
         // its number is taken only once it may be sent (see `send`).
         let json = sse::encode_data(data);
@@ -71,7 +87,7 @@ impl Emitter {
             Ok(Ok(room)) => room,
             Ok(Err(ClientGone)) | Err(_) => return Err(ClientGone),
         };
-        self.send(permit, bytes, event, &json);
+        self.send(permit, bytes, event, &json, arrived);
         Ok(())
     }
 
@@ -86,7 +102,7 @@ impl Emitter {
             return;
         };
         if let Ok(permit) = self.tx.try_reserve() {
-            self.send(permit, bytes, event, &json);
+            self.send(permit, bytes, event, &json, None);
         }
     }
 
@@ -98,8 +114,12 @@ impl Emitter {
         bytes: OwnedSemaphorePermit,
         event: EventKind,
         json: &[u8],
+        arrived: Option<Instant>,
     ) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        if let Some(at) = arrived {
+            self.overhead.sent(seq, at);
+        }
         let frame = sse::frame(event, &self.run_id, seq, json);
         if event == EventKind::Delta {
             // Not kept, but a client that saw it may resume from it.
@@ -119,7 +139,7 @@ impl Emitter {
     ) -> Result<(), ClientGone> {
         match &result.error {
             None if result.outcome == Outcome::Ok => {
-                self.emit(
+                self.emit_arrived(
                     EventKind::answer(role),
                     &AnswerEvent {
                         run_id: &self.run_id,
@@ -132,7 +152,9 @@ impl Emitter {
                         latency_ms: millis(result.latency),
                         ttft_ms: result.ttft.map(millis),
                         usage: result.completion.usage,
+                        cost_usd: result.cost_usd,
                     },
+                    result.finished_at,
                 )
                 .await
             }

@@ -50,14 +50,14 @@ use self::{
 };
 use crate::{
     audit::{AuditSink, Outcome, RunRecord, StartedRun},
-    config::Config,
+    config::{Config, Prices},
     conversation::{Conversation, RunParams},
     domain::{Role, Secret},
     events::{ErrorEvent, EventKind, ModelRef, StartEvent, StartModels},
-    metrics::Metrics,
+    metrics::{Metrics, ModelMetrics},
     providers::{ErrorType, ModelRequest, Provider},
     resume::{Owner, Registry},
-    sse,
+    sse::{self, OverheadProbe},
 };
 
 /// Events a run may queue ahead of a slow client. Past this the run waits (backpressure to
@@ -85,6 +85,10 @@ pub struct Limits {
 pub struct ModelSlot {
     pub provider: Arc<dyn Provider>,
     pub limits: Limits,
+    /// The role's prices, for the cost of each call.
+    pub prices: Prices,
+    /// The role's series of the model metrics, resolved at start.
+    pub metrics: ModelMetrics,
 }
 
 /// What a client asks for.
@@ -101,6 +105,9 @@ pub struct RunHandle {
     pub run_id: Uuid,
     pub events: mpsc::Receiver<Bytes>,
     pub record: oneshot::Receiver<RunRecord>,
+    /// Measures `duet_overhead_seconds` where the events leave: give it to the response body
+    /// that reads `events` (`sse::EventBody::with_overhead`).
+    pub overhead: Arc<OverheadProbe>,
 }
 
 /// Starts runs. Cheap to clone; shared by all requests.
@@ -231,6 +238,7 @@ impl Orchestrator {
         inner.metrics.sse_event(EventKind::Start);
         inner.metrics.streams_active.inc();
 
+        let overhead = OverheadProbe::new(inner.metrics.overhead_seconds.clone());
         let emitter = Arc::new(Emitter {
             tx,
             run_id: run_id_text,
@@ -240,6 +248,7 @@ impl Orchestrator {
             log,
             write_timeout: inner.client_write_timeout,
             budget: Arc::new(Semaphore::new(STREAM_BUFFER_BYTES)),
+            overhead: Arc::clone(&overhead),
         });
         let created_at = Utc::now();
         // The run's `running` row (contract §8): a message to the audit writer's queue,
@@ -293,6 +302,7 @@ impl Orchestrator {
             run_id,
             events: rx,
             record: record_rx,
+            overhead,
         })
     }
 

@@ -79,18 +79,18 @@ fn migrate_applies_reverts_and_reapplies() {
                 .args(args),
         )
     };
-    assert_eq!(migrate(&[]), "applied migrations [1, 2, 3, 4, 5, 6]\n");
-    assert_eq!(migrate(&[]), "up to date at version 6\n");
+    assert_eq!(migrate(&[]), "applied migrations [1, 2, 3, 4, 5, 6, 7]\n");
+    assert_eq!(migrate(&[]), "up to date at version 7\n");
     assert_eq!(
         migrate(&["--revert"]),
-        "reverted migrations [6]; now at version 5\n"
+        "reverted migrations [7]; now at version 6\n"
     );
     assert_eq!(
         migrate(&["--revert", "--to", "0"]),
-        "reverted migrations [1, 2, 3, 4, 5]; now at version 0\n"
+        "reverted migrations [1, 2, 3, 4, 5, 6]; now at version 0\n"
     );
     assert_eq!(migrate(&["--revert"]), "nothing to revert\n");
-    assert_eq!(migrate(&[]), "applied migrations [1, 2, 3, 4, 5, 6]\n");
+    assert_eq!(migrate(&[]), "applied migrations [1, 2, 3, 4, 5, 6, 7]\n");
 }
 
 #[tokio::test]

@@ -33,6 +33,8 @@ pub(crate) enum Step {
     /// Sends the query itself back as one delta (for injection tests).
     EchoQuery,
     Finish,
+    /// As `Finish`, with the model version the upstream says answered.
+    FinishAs(&'static str),
     Fail(ErrorType, bool),
     Panic,
     /// Never yields again.
@@ -143,6 +145,14 @@ impl Provider for Scripted {
                                 output_tokens: Some(n),
                             },
                             model_version: Some(format!("{model}-v1")),
+                        })),
+                        Step::FinishAs(version) => Ok(ProviderEvent::Finished(Completion {
+                            finish_reason: Some("stop".into()),
+                            usage: Usage {
+                                input_tokens: Some(7),
+                                output_tokens: Some(n),
+                            },
+                            model_version: Some(version.to_owned()),
                         })),
                         Step::Fail(kind, retryable) => Err(ProviderError::new(
                             kind,

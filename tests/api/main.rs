@@ -21,6 +21,7 @@ mod audit_http;
 mod bench;
 mod connections;
 mod conversation;
+mod cost;
 mod db;
 mod deploy;
 mod failover;

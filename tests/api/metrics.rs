@@ -4,7 +4,7 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-/// The value of one sample, e.g. `duet_tokens_total{direction="input",model="flash"}`
+/// The value of one sample, e.g. `duet_tokens_total{direction="input",model="flash",...}`
 /// (labels in the alphabetical order the exposition uses); 0 when absent.
 fn sample(text: &str, name: &str) -> f64 {
     text.lines()
@@ -61,33 +61,36 @@ async fn run_metrics_move() {
     assert_eq!(
         sample(
             &after,
-            r#"duet_model_latency_seconds_count{model="flash",outcome="ok"}"#
+            r#"duet_model_latency_seconds_count{model="flash",model_name="flash-m",outcome="ok",provider="scripted"}"#
         ),
         1.0
     );
     assert!(
         (sample(
             &after,
-            r#"duet_model_latency_seconds_sum{model="pro",outcome="ok"}"#
+            r#"duet_model_latency_seconds_sum{model="pro",model_name="pro-m",outcome="ok",provider="scripted"}"#
         ) - 2.04)
             .abs()
             < 1e-9
     );
     assert_eq!(
-        sample(&after, r#"duet_model_ttft_seconds_count{model="pro"}"#),
+        sample(
+            &after,
+            r#"duet_model_ttft_seconds_count{model="pro",model_name="pro-m",provider="scripted"}"#
+        ),
         1.0
     );
     assert_eq!(
         sample(
             &after,
-            r#"duet_tokens_total{direction="input",model="flash"}"#
+            r#"duet_tokens_total{direction="input",model="flash",model_name="flash-m",provider="scripted"}"#
         ),
         7.0
     );
     assert_eq!(
         sample(
             &after,
-            r#"duet_tokens_total{direction="output",model="pro"}"#
+            r#"duet_tokens_total{direction="output",model="pro",model_name="pro-m",provider="scripted"}"#
         ),
         3.0
     );
@@ -118,21 +121,21 @@ async fn failure_metrics_move() {
     assert_eq!(
         sample(
             &m,
-            r#"duet_model_timeouts_total{kind="total",model="flash"}"#
+            r#"duet_model_timeouts_total{kind="total",model="flash",model_name="flash-m",provider="scripted"}"#
         ),
         1.0
     );
     assert_eq!(
         sample(
             &m,
-            r#"duet_model_errors_total{error_type="rate_limited",model="pro"}"#
+            r#"duet_model_errors_total{error_type="rate_limited",model="pro",model_name="pro-m",provider="scripted"}"#
         ),
         1.0
     );
     assert_eq!(
         sample(
             &m,
-            r#"duet_model_latency_seconds_count{model="flash",outcome="timeout"}"#
+            r#"duet_model_latency_seconds_count{model="flash",model_name="flash-m",outcome="timeout",provider="scripted"}"#
         ),
         1.0
     );
@@ -174,10 +177,14 @@ async fn exposition_passes_promtool() {
         skip("promtool is not installed, so the exposition check cannot run");
         return;
     };
+    // Priced, so that `duet_cost_usd_total` has samples too.
     let app = spawn_app(
         vec![Step::Hang],
         vec![ms(100), Step::Delta("x"), Step::Finish],
-        &[],
+        &[
+            ("PRO_PRICE_INPUT_PER_MTOK", "1.25"),
+            ("PRO_PRICE_OUTPUT_PER_MTOK", "10"),
+        ],
     )
     .await;
     app.stream(json!({"query": "q", "deltas": true})).await;
@@ -221,4 +228,112 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
                 .find(|p| p.is_file())
         })
         .ok_or(())
+}
+
+/// The model families carry the configured provider and model name of each role, resolved at
+/// start: whatever model version an upstream answers with (however odd), the series stay the
+/// same four per family. `duet_build_info` names this build.
+#[tokio::test(start_paused = true)]
+async fn model_labels_are_the_configured_names_never_the_upstream_version() {
+    const ODD: &str = "gpt-4.1-2025-04-14\"} evil{x=\"1";
+    let flash = Scripted::attempts(
+        "flash-m",
+        vec![vec![ms(300), Step::Delta("a"), Step::FinishAs(ODD)]],
+    );
+    let pro = Scripted::attempts(
+        "pro-m",
+        vec![vec![
+            ms(400),
+            Step::Delta("b"),
+            Step::FinishAs("pro-other-version"),
+        ]],
+    );
+    let app = spawn_with(flash, pro, &[]).await;
+    for _ in 0..3 {
+        app.stream(json!({"query": "q"})).await;
+    }
+    let m = scrape(&app).await;
+    assert!(
+        !m.contains("2025-04-14"),
+        "no upstream version in /metrics: {m}"
+    );
+    assert!(!m.contains("pro-other-version"), "{m}");
+    let tokens: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("duet_tokens_total{"))
+        .collect();
+    assert_eq!(tokens.len(), 4, "two roles, two directions: {tokens:?}");
+    for family in [
+        "duet_tokens_total{",
+        "duet_model_latency_seconds_count{",
+        "duet_model_ttft_seconds_count{",
+        "duet_model_timeouts_total{",
+        "duet_model_errors_total{",
+    ] {
+        for line in m.lines().filter(|l| l.starts_with(family)) {
+            let flash = line.contains(r#"model="flash",model_name="flash-m","#);
+            let pro = line.contains(r#"model="pro",model_name="pro-m","#);
+            assert!(flash || pro, "{line}");
+            assert!(line.contains(r#"provider="scripted""#), "{line}");
+        }
+    }
+    assert_eq!(
+        sample(
+            &m,
+            r#"duet_tokens_total{direction="output",model="flash",model_name="flash-m",provider="scripted"}"#
+        ),
+        3.0
+    );
+    // Resolved at start: counters that nothing has moved are there, at 0.
+    assert_eq!(
+        sample(
+            &m,
+            r#"duet_model_timeouts_total{kind="stall",model="pro",model_name="pro-m",provider="scripted"}"#
+        ),
+        0.0
+    );
+    assert!(
+        m.contains(r#"duet_model_timeouts_total{kind="stall",model="pro",model_name="pro-m",provider="scripted"} 0"#),
+        "{m}"
+    );
+    // No price set: no cost series at all, rather than a cost of 0.
+    assert!(!m.contains("duet_cost_usd_total"), "{m}");
+    let build = format!(
+        "duet_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(m.contains(&build), "{m}");
+    assert!(m.contains("# TYPE duet_ready gauge"), "{m}");
+}
+
+/// `duet_overhead_seconds` observes the events made from upstream chunks (deltas, answers) as
+/// they leave the stream's body; `start`, errors and `done` are not measured.
+#[tokio::test(start_paused = true)]
+async fn overhead_is_observed_for_events_made_from_upstream_chunks() {
+    let app = spawn_app(normal_flash(), normal_pro(), &[]).await;
+    let before = scrape(&app).await;
+    assert!(
+        before.contains("# TYPE duet_overhead_seconds histogram"),
+        "{before}"
+    );
+    assert_eq!(sample(&before, "duet_overhead_seconds_count"), 0.0);
+    let events = app.stream(json!({"query": "q", "deltas": true})).await;
+    // Flash: 2 deltas and its answer; Pro: 3 deltas and its answer.
+    let made_from_chunks = events
+        .iter()
+        .filter(|e| matches!(e.event.as_str(), "delta" | "flash" | "pro"))
+        .count();
+    assert_eq!(made_from_chunks, 7);
+    let after = scrape(&app).await;
+    let observed = sample(&after, "duet_overhead_seconds_count");
+    // Every one when the reader keeps up; fewer only when events wait in the channel.
+    assert!(
+        (1.0..=made_from_chunks as f64).contains(&observed),
+        "{observed} of {made_from_chunks}"
+    );
+    // The paused clock stands still: duet's own time is 0 here, in the first bucket.
+    assert_eq!(
+        sample(&after, r#"duet_overhead_seconds_bucket{le="0.00001"}"#),
+        observed
+    );
 }

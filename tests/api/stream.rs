@@ -46,7 +46,8 @@ async fn normal_run_streams_start_flash_pro_done() {
 
     assert_eq!(
         done(&events),
-        &json!({"run_id": run_id, "status": "ok", "flash": "ok", "pro": "ok", "total_ms": 2040})
+        &json!({"run_id": run_id, "status": "ok", "flash": "ok", "pro": "ok", "total_ms": 2040,
+                "cost_usd": null})
     );
 
     let records = app.records(1).await;
@@ -309,10 +310,10 @@ async fn first_token_and_stall_deadlines() {
         .await
         .unwrap();
     assert!(
-        metrics.contains(r#"duet_model_timeouts_total{kind="first_token",model="flash"} 1"#),
+        metrics.contains(r#"duet_model_timeouts_total{kind="first_token",model="flash",model_name="flash-m",provider="scripted"} 1"#),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"duet_model_timeouts_total{kind="stall",model="pro"} 1"#));
+    assert!(metrics.contains(r#"duet_model_timeouts_total{kind="stall",model="pro",model_name="pro-m",provider="scripted"} 1"#));
 }
 
 /// The stall deadline runs from the last token, not the first: a Pro that sends a token every

@@ -95,6 +95,7 @@ fn trace(role: &str, text: &str) -> ModelTrace {
         ttft_ms: Some(200),
         input_tokens: Some(12),
         output_tokens: Some(19),
+        cost_usd: Some(0.000_051),
     }
 }
 
@@ -129,6 +130,7 @@ fn record(text: &str) -> RunRecord {
             event(3, "done", Some(r#"{"run_id":"r","status":"ok"}"#)),
         ],
         owner_fingerprint: None,
+        cost_usd: Some(0.000_102),
     }
 }
 

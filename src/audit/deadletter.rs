@@ -381,6 +381,7 @@ mod tests {
             pro: trace,
             events: Vec::new(),
             owner_fingerprint: None,
+            client_id: None,
         }
     }
 

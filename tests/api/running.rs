@@ -572,6 +572,7 @@ fn started(run_id: Uuid) -> StartedRun {
         params: None,
         owner_fingerprint: None,
         instance_id: Some("i-1".into()),
+        client_id: None,
     }
 }
 

@@ -24,8 +24,8 @@ use tracing::{error, info, warn};
 use self::connections::{Activity, Caps, Unused, Watch};
 use crate::{
     api::{self, AppState, Guard},
-    clients::usage::{Metering, Usage},
     audit::{self, AuditError, AuditSink, AuditWriter, Store, WriterOptions},
+    clients::usage::{Metering, Usage},
     config::Config,
     domain::Role,
     metrics::Metrics,

@@ -141,7 +141,9 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
                 .map(|c| messages_column(c.messages(), json_text)),
         );
         started.params.push(s.params.as_ref().map(params_column));
-        started.client.push(s.client_id.as_deref().map(str::to_owned));
+        started
+            .client
+            .push(s.client_id.as_deref().map(str::to_owned));
     }
     let n = records.len();
     let mut run_ids = Vec::with_capacity(n);

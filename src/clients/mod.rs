@@ -295,7 +295,10 @@ mod tests {
             Some("web")
         );
         assert_eq!(
-            set.authenticate("sk-batch-longer").unwrap().name().map(|n| &**n),
+            set.authenticate("sk-batch-longer")
+                .unwrap()
+                .name()
+                .map(|n| &**n),
             Some("batch")
         );
         assert!(set.authenticate("sk-we").is_none());
@@ -311,10 +314,7 @@ mod tests {
         let digests: Vec<[u8; 32]> = (0..5).map(|i| digest(&format!("k{i}"))).collect();
         for (wanted, expect) in [("k0", Some(0)), ("k4", Some(4)), ("nope", None)] {
             let mut looked = 0;
-            let found = find(
-                digests.iter().inspect(|_| looked += 1),
-                &digest(wanted),
-            );
+            let found = find(digests.iter().inspect(|_| looked += 1), &digest(wanted));
             assert_eq!(found, expect);
             assert_eq!(looked, 5, "{wanted}: every key is compared");
         }
@@ -344,15 +344,24 @@ mod tests {
         };
         let set = KeySet::new(&[], Some(&file), Some(global), global.burst);
         let rate = |k: &str| set.authenticate(k).unwrap().rate;
-        assert_eq!(rate("k1").map(|r| (r.per_minute.get(), r.burst.get())), Some((600, 50)));
+        assert_eq!(
+            rate("k1").map(|r| (r.per_minute.get(), r.burst.get())),
+            Some((600, 50))
+        );
         assert_eq!(rate("k2"), None);
-        assert_eq!(rate("k3").map(|r| (r.per_minute.get(), r.burst.get())), Some((60, 3)));
+        assert_eq!(
+            rate("k3").map(|r| (r.per_minute.get(), r.burst.get())),
+            Some((60, 3))
+        );
         assert_eq!(rate("k4"), Some(global));
         // Without a global limit only a key's own applies.
         let set = KeySet::new(&[], Some(&file), None, NonZeroU32::MIN);
         assert_eq!(set.authenticate("k4").unwrap().rate, None);
         assert_eq!(
-            set.authenticate("k1").unwrap().rate.map(|r| r.per_minute.get()),
+            set.authenticate("k1")
+                .unwrap()
+                .rate
+                .map(|r| r.per_minute.get()),
             Some(600)
         );
     }

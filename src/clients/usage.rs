@@ -86,7 +86,10 @@ impl DayUsage {
     fn reached(&self, budgets: &Budgets) -> Option<Budget> {
         if budgets.daily_token_budget.is_some_and(|b| self.tokens >= b) {
             Some(Budget::Tokens)
-        } else if budgets.daily_cost_budget_usd.is_some_and(|b| self.cost_usd >= b) {
+        } else if budgets
+            .daily_cost_budget_usd
+            .is_some_and(|b| self.cost_usd >= b)
+        {
             Some(Budget::Cost)
         } else {
             None
@@ -217,13 +220,13 @@ impl Usage {
                 };
                 // The row as this statement's snapshot saw it; a replica that created it in
                 // the same instant leaves it unseen: then the token budget is named if set.
-                let budget = seen.reached(&budgets).unwrap_or(
-                    if budgets.daily_token_budget.is_some() {
-                        Budget::Tokens
-                    } else {
-                        Budget::Cost
-                    },
-                );
+                let budget =
+                    seen.reached(&budgets)
+                        .unwrap_or(if budgets.daily_token_budget.is_some() {
+                            Budget::Tokens
+                        } else {
+                            Budget::Cost
+                        });
                 Err(refuse(budget))
             }
         }
@@ -415,7 +418,11 @@ impl Metering {
 pub fn used_by(record: &RunRecord) -> DayUsage {
     let tokens = [&record.flash, &record.pro]
         .iter()
-        .map(|t| t.input_tokens.unwrap_or(0).saturating_add(t.output_tokens.unwrap_or(0)))
+        .map(|t| {
+            t.input_tokens
+                .unwrap_or(0)
+                .saturating_add(t.output_tokens.unwrap_or(0))
+        })
         .fold(0u64, u64::saturating_add);
     DayUsage {
         runs: 1,
@@ -435,7 +442,9 @@ impl AuditSink for Metering {
         if let Some(name) = &record.client_id {
             // The budgets in force now: a reload since the run started applies.
             let keys = self.keys.current();
-            let client = keys.named().find(|c| c.name().is_some_and(|n| **n == **name));
+            let client = keys
+                .named()
+                .find(|c| c.name().is_some_and(|n| **n == **name));
             let (name, budgets) = match client.and_then(|c| c.name().map(|n| (n, c.budgets))) {
                 Some((n, budgets)) => (Arc::clone(n), budgets),
                 // A key removed since: its usage is still counted, under no budget.
@@ -522,7 +531,10 @@ mod tests {
         // The next day starts from zero.
         let tomorrow = now + chrono::Duration::days(1);
         usage.admit(&c, tomorrow).await.unwrap();
-        assert_eq!(usage.today(&[Arc::clone(&name)], tomorrow).await.unwrap()[&name].runs, 1);
+        assert_eq!(
+            usage.today(&[Arc::clone(&name)], tomorrow).await.unwrap()[&name].runs,
+            1
+        );
     }
 
     #[tokio::test]

@@ -103,7 +103,10 @@ impl KeyFile {
             toml::from_str(text).map_err(|e| at(e.span(), redact_quoted(e.message())))?;
         if raw.key.is_empty() {
             // An empty file would turn authentication off on a reload: refused instead.
-            return Err(at(None, "has no [[key]] table; list at least one key".into()));
+            return Err(at(
+                None,
+                "has no [[key]] table; list at least one key".into(),
+            ));
         }
         let mut names: HashMap<String, usize> = HashMap::new();
         // Comparing keys here is not on a request's path: no timing to protect.
@@ -125,7 +128,7 @@ impl KeyFile {
             }
             if let Some(first) = names.insert(name.clone(), name_line) {
                 return Err(at(
-                    Some(k.key.span()),
+                    Some(name_span),
                     format!("name {name:?} is also the name on line {first}; names must be unique"),
                 ));
             }
@@ -231,7 +234,11 @@ pub fn valid_name(name: &str) -> bool {
 /// The 1-based line of byte `offset` in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// TOML's and serde's messages quote the value they refuse (`invalid type: string "sk-..",
@@ -315,20 +322,64 @@ key = "sk-two"
     #[test]
     fn refusals_name_the_line_and_never_the_key() {
         let cases: &[(&str, usize, &str)] = &[
-            ("[[key]]\nname = \"a\"\nkey = \"sk-one\"\n[[key]]\nname = \"a\"\nkey = \"sk-two\"\n", 6, "unique"),
-            ("[[key]]\nname = \"a\"\nkey = \"sk-one\"\n[[key]]\nname = \"b\"\nkey = \"sk-one\"\n", 6, "keys must be unique"),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\n[[key]]\nname = \"a\"\nkey = \"sk-two\"\n",
+                5,
+                "unique",
+            ),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\n[[key]]\nname = \"b\"\nkey = \"sk-one\"\n",
+                6,
+                "keys must be unique",
+            ),
             ("[[key]]\nname = \"a\"\nkey = \"sk-env\"\n", 3, "API_KEYS"),
-            ("[[key]]\nname = \"a\"\nkey = \"sk-one\"\ndaily_token_budget = -5\n", 4, ""),
-            ("[[key]]\nname = \"a\"\nkey = \"sk-one\"\ndaily_cost_budget_usd = -1.0\n", 4, "finite"),
-            ("[[key]]\nname = \"a\"\nkey = \"sk-one\"\ndaily_cost_budget_usd = nan\n", 4, "finite"),
-            ("[[key]]\nname = \"a\"\nkey = \"sk-one\"\ndaily_cost_budget_usd = inf\n", 4, "finite"),
-            ("[[key]]\nname = \"a\"\nkey = \"sk-one\"\nrate_limit_per_minute = -1\n", 4, ""),
-            ("[[key]]\nname = \"a\"\nkey = \"sk-one\"\nburst = 0\n", 4, "at least 1"),
-            ("[[key]]\nname = \"a\"\nkey = \"sk-one\"\nbudget = 5\n", 4, "unknown field"),
-            ("[[key]]\nname = \"a b\"\nkey = \"sk-one\"\n", 2, "characters"),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\ndaily_token_budget = -5\n",
+                4,
+                "",
+            ),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\ndaily_cost_budget_usd = -1.0\n",
+                4,
+                "finite",
+            ),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\ndaily_cost_budget_usd = nan\n",
+                4,
+                "finite",
+            ),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\ndaily_cost_budget_usd = inf\n",
+                4,
+                "finite",
+            ),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\nrate_limit_per_minute = -1\n",
+                4,
+                "",
+            ),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\nburst = 0\n",
+                4,
+                "at least 1",
+            ),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\nbudget = 5\n",
+                4,
+                "unknown field",
+            ),
+            (
+                "[[key]]\nname = \"a b\"\nkey = \"sk-one\"\n",
+                2,
+                "characters",
+            ),
             ("[[key]]\nname = \"a\"\nkey = \"\"\n", 3, "empty"),
             ("[[key]]\nname = \"a\"\nkey = \"sk one\"\n", 3, "printable"),
-            ("[[key]]\nname = \"a\"\nkey = \"sk-one\"\nrate_limit_per_minute = \"sk-secret\"\n", 4, "invalid type"),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\nrate_limit_per_minute = \"sk-secret\"\n",
+                4,
+                "invalid type",
+            ),
             ("\n\n[[key]\nname = \"a\"\n", 3, ""),
             ("[[key]]\nname = \"a\"\nkey = \"sk-secret\n", 3, ""),
         ];
@@ -336,7 +387,10 @@ key = "sk-two"
             let e = refused(text);
             assert_eq!(e.line, Some(*line), "{text:?}: {e}");
             assert!(e.problem.contains(words), "{text:?}: {e}");
-            assert!(e.to_string().starts_with(&format!("keys.toml:{line}: ")), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("keys.toml:{line}: ")),
+                "{e}"
+            );
         }
     }
 

@@ -7,11 +7,11 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, str::FromStr, ti
 
 use crate::domain::{Role, Secret};
 
+use self::parse::*;
 pub use self::{
     cidr::Cidr,
     keys::{KeyFile, KeyFileError, NamedKey},
 };
-use self::parse::*;
 
 mod cidr;
 pub mod keys;

@@ -103,11 +103,23 @@ async fn migrations_revert_and_reapply(store: &Store) {
     // The conversations' `messages` and `params` columns: 0006 on SQLite, 0008 on PostgreSQL
     // (whose 0006 is the rate-limit budget shared by replicas and 0007 the instances'
     // incarnations: on SQLite the limits stay in memory and one process owns the file).
-    if matches!(store, Store::Postgres(_)) {
-        assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4, 5, 6, 7, 8]);
+    // The clients' `client_id` (and on PostgreSQL `client_usage`): 0008 on SQLite, 0010 on
+    // PostgreSQL.
+    let postgres = matches!(store, Store::Postgres(_));
+    let (all, clients, before): (&[i64], i64, i64) = if postgres {
+        (&[1, 2, 3, 4, 5, 6, 7, 8, 10], 10, 8)
+    } else {
+        (&[1, 2, 3, 4, 5, 6, 8], 8, 6)
+    };
+    assert_eq!(store.applied().await.unwrap(), all);
+    assert_eq!(store.revert_to(before).await.unwrap(), [clients]);
+    assert!(
+        store.insert(&[record(1)]).await.is_err(),
+        "dual_runs.client_id is gone"
+    );
+    if postgres {
         assert_eq!(store.revert_to(6).await.unwrap(), [7, 8]);
     } else {
-        assert_eq!(store.applied().await.unwrap(), [1, 2, 3, 4, 5, 6]);
         assert_eq!(store.revert_to(5).await.unwrap(), [6]);
     }
     assert!(

@@ -83,7 +83,12 @@ fn migrate_applies_reverts_and_reapplies() {
     let mut versions: Vec<i64> = migration_files("sqlite").iter().map(|(v, _)| *v).collect();
     versions.sort_unstable();
     versions.dedup();
-    let list = |v: &[i64]| v.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
+    let list = |v: &[i64]| {
+        v.iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let (newest, older) = versions.split_last().unwrap();
     let previous = older.last().unwrap();
     let applied = format!("applied migrations [{}]\n", list(&versions));

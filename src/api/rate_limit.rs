@@ -61,6 +61,9 @@ pub(super) const SHARED_CHECK_TIMEOUT: Duration = Duration::from_millis(250);
 /// tried again.
 pub(super) const SHARED_BACKOFF: Duration = Duration::from_secs(5);
 
+/// A key's own bucket, and the rate it was made for.
+type OwnBucket = (Rate, Arc<DefaultDirectRateLimiter>);
+
 fn quota(rate: Rate) -> Quota {
     Quota::per_minute(rate.per_minute).allow_burst(rate.burst)
 }
@@ -74,7 +77,7 @@ pub(super) struct RateLimits {
     /// The buckets of keys with a rate of their own (`API_KEYS_FILE`), each with the rate it
     /// was made for: a reload that keeps a key's rate keeps its bucket, one that changes it
     /// starts a new one. At most one per key name ever configured.
-    own: Mutex<HashMap<Arc<str>, (Rate, Arc<DefaultDirectRateLimiter>)>>,
+    own: Mutex<HashMap<Arc<str>, OwnBucket>>,
     shared: Option<Shared>,
 }
 

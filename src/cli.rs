@@ -30,6 +30,8 @@ Models (each for FLASH_ and PRO_)
   FLASH_TIMEOUT_S, PRO_TIMEOUT_S [5, 45]     whole-call deadline
   FLASH_TTFT_TIMEOUT_S, PRO_TTFT_TIMEOUT_S   first-token deadline [unset]
   STALL_TIMEOUT_S [15]                       longest silence after the first token
+  FLASH_PRICE_INPUT_PER_MTOK, FLASH_PRICE_OUTPUT_PER_MTOK, PRO_PRICE_INPUT_PER_MTOK,
+  PRO_PRICE_OUTPUT_PER_MTOK                  USD per million tokens [unset: cost unknown]
   SIMULATED_FLASH_TTFT_S, SIMULATED_PRO_TTFT_S, SIMULATED_FLASH_TOKEN_S, SIMULATED_PRO_TOKEN_S
   UPSTREAM_HTTP2, UPSTREAM_STREAMS_PER_CONNECTION
 Limits and clients

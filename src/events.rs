@@ -128,6 +128,9 @@ pub(crate) struct AnswerEvent<'a> {
     pub(crate) latency_ms: u64,
     pub(crate) ttft_ms: Option<u64>,
     pub(crate) usage: Usage,
+    /// What the call cost in USD at the configured prices; `null` when a price is not set or
+    /// the provider reported no token counts (see `crate::cost`).
+    pub(crate) cost_usd: Option<f64>,
 }
 
 impl<'a> AnswerEvent<'a> {
@@ -145,6 +148,7 @@ impl<'a> AnswerEvent<'a> {
             latency_ms: t.latency_ms,
             ttft_ms: t.ttft_ms,
             usage: t.usage(),
+            cost_usd: t.cost_usd,
         }
     }
 }
@@ -167,6 +171,9 @@ pub(crate) struct DoneEvent<'a> {
     pub(crate) flash: Outcome,
     pub(crate) pro: Outcome,
     pub(crate) total_ms: u64,
+    /// The run's cost in USD (the sum of its models' costs), or `null` when it is not known;
+    /// the rule is `crate::cost::of_run`.
+    pub(crate) cost_usd: Option<f64>,
 }
 
 #[cfg(test)]

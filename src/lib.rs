@@ -20,6 +20,7 @@
 //! - [`sse`]: event framing and the keep-alive response body (contract §4).
 //! - [`audit`]: run records, the database store, the background writer, the dead-letter
 //!   file and replay (contract §5).
+//! - [`cost`]: what a model call and a run cost in USD, from the configured prices.
 //! - [`metrics`]: Prometheus families (contract §6).
 //! - [`backoff`]: the jittered exponential backoff that model calls and the audit writer
 //!   retry with.
@@ -35,6 +36,7 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod conversation;
+pub mod cost;
 pub mod devtools;
 pub mod domain;
 pub mod events;

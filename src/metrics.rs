@@ -4,8 +4,8 @@
 //! so cardinality stays bounded whatever clients send.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    CounterVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::events::EventKind;
@@ -20,6 +20,9 @@ pub struct Metrics {
     pub model_timeouts_total: IntCounterVec,
     pub model_errors_total: IntCounterVec,
     pub tokens_total: IntCounterVec,
+    /// `duet_cost_usd_total{model,provider,model_name}`: USD spent at the configured prices,
+    /// counted only for calls whose cost is known (a float counter).
+    pub cost_usd_total: CounterVec,
     pub sse_events_total: IntCounterVec,
     pub client_disconnects_total: IntCounter,
     pub flash_skipped_total: IntCounter,
@@ -154,6 +157,13 @@ impl Metrics {
             tokens_total: reg!(IntCounterVec::new(
                 Opts::new("duet_tokens_total", "Tokens reported by providers."),
                 &["model", "direction"]
+            )?),
+            cost_usd_total: reg!(CounterVec::new(
+                Opts::new(
+                    "duet_cost_usd_total",
+                    "USD spent on model calls at the configured prices, counted only when known."
+                ),
+                &["model", "provider", "model_name"]
             )?),
             sse_events_total,
             client_disconnects_total: reg!(IntCounter::new(

@@ -113,6 +113,7 @@ impl Server {
         let slot = |role: Role, provider: Arc<dyn Provider>| ModelSlot {
             provider,
             limits: Orchestrator::limits_from(&config, role),
+            prices: config.model(role).prices,
         };
         let guard = Arc::new(Guard::new(&config, parts.store.as_ref()));
         let usage = Arc::new(Usage::new(

@@ -363,8 +363,9 @@ mod tests {
             finish_reason: None,
             latency_ms: 1,
             ttft_ms: None,
-            input_tokens: None,
-            output_tokens: None,
+            input_tokens: Some(3),
+            output_tokens: Some(4),
+            cost_usd: Some(0.1 + 0.2),
         };
         RunRecord {
             run_id: uuid::Uuid::now_v7(),
@@ -382,6 +383,7 @@ mod tests {
             events: Vec::new(),
             owner_fingerprint: None,
             client_id: None,
+            cost_usd: Some((0.1 + 0.2) * 2.0),
         }
     }
 

@@ -176,9 +176,22 @@ pub struct ModelTrace {
     pub ttft_ms: Option<u64>,
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
+    /// What the call cost in USD at the prices configured when it ran; `None` when a price
+    /// was not set or the provider reported no token counts (see [`crate::cost`]). Absent in
+    /// records written before migration 0007 (SQLite) / 0009 (PostgreSQL).
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
 }
 
 impl ModelTrace {
+    /// The trace's part in its run's cost ([`crate::cost::of_run`]).
+    pub fn cost_part(&self) -> crate::cost::Part {
+        crate::cost::Part {
+            cost_usd: self.cost_usd,
+            reported: self.input_tokens.is_some() || self.output_tokens.is_some(),
+        }
+    }
+
     /// The token counts the provider reported, as the answer events carry them.
     pub fn usage(&self) -> crate::providers::Usage {
         crate::providers::Usage {
@@ -208,6 +221,13 @@ pub struct RunRecord {
     pub service_version: String,
     pub flash: ModelTrace,
     pub pro: ModelTrace,
+    /// The run's cost in USD, or `None` when it is not known: the sum of both traces'
+    /// `cost_usd` by the rule of [`crate::cost::of_run`] (`null` when a model reported tokens
+    /// but has no price; skipped or cancelled calls, which reported nothing, add nothing).
+    /// A plain field, set when the run ends, for whatever reads the record then (the
+    /// `done` event, the audit row, per-client budgets); see also [`RunRecord::tokens`].
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
     /// The events the client was sent, without the deltas (`start`, the answers, errors,
     /// `done`), each with its `seq`: what a reconnect replays once the run has left memory.
     /// Empty in records written before this was kept. See [`StoredEvent`].
@@ -225,6 +245,22 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// The run's token counts: each the sum over both models of what the providers
+    /// reported, `None` when neither model reported that count (a skipped or cancelled call
+    /// reports none).
+    pub fn tokens(&self) -> crate::providers::Usage {
+        fn sum(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+            match (a, b) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
+            }
+        }
+        crate::providers::Usage {
+            input_tokens: sum(self.flash.input_tokens, self.pro.input_tokens),
+            output_tokens: sum(self.flash.output_tokens, self.pro.output_tokens),
+        }
+    }
+
     /// About how many bytes the record holds in memory: its texts plus a fixed allowance for
     /// the rest. What the audit queue's byte bound counts.
     pub fn approx_bytes(&self) -> usize {

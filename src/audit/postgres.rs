@@ -57,16 +57,16 @@ ON CONFLICT (run_id) DO NOTHING";
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
                        service_version, events, owner_fingerprint, instance_id, messages, params,
-                       client_id)
-SELECT r, c, t, q, s, st, ms, v, e, o, $11, m::jsonb, p::jsonb, k
+                       client_id, cost_usd)
+SELECT r, c, t, q, s, st, ms, v, e, o, $11, m::jsonb, p::jsonb, k, cu
 FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
             $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[], $12::text[],
-            $13::text[], $14::text[])
-     AS u(r, c, t, q, s, st, ms, v, e, o, m, p, k)
+            $13::text[], $14::text[], $15::float8[])
+     AS u(r, c, t, q, s, st, ms, v, e, o, m, p, k, cu)
 ON CONFLICT (run_id) DO UPDATE SET
     status = excluded.status, total_ms = excluded.total_ms,
     service_version = excluded.service_version, events = excluded.events,
-    owner_fingerprint = excluded.owner_fingerprint
+    owner_fingerprint = excluded.owner_fingerprint, cost_usd = excluded.cost_usd
 WHERE dual_runs.status IN ('running', 'interrupted')";
 
 /// Tells the replicas waiting for these runs' ends (see `notify`) that their rows may be
@@ -77,10 +77,10 @@ const NOTIFY_ENDED: &str = "SELECT pg_notify('duet_run_ended', r) FROM UNNEST($1
 const INSERT_TRACES: &str = "\
 INSERT INTO model_traces (run_id, model, provider, model_name, model_version, outcome,
                           error_type, error_message, deadline, text, finish_reason, latency_ms,
-                          ttft_ms, input_tokens, output_tokens)
+                          ttft_ms, input_tokens, output_tokens, cost_usd)
 SELECT * FROM UNNEST($1::text[]::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                      $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
-                     $12::int8[], $13::int8[], $14::int8[], $15::int8[])
+                     $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::float8[])
 ON CONFLICT (run_id, model) DO NOTHING";
 
 /// PostgreSQL text cannot hold NUL, which JSON (and so a query) can carry as `\u0000`.
@@ -159,6 +159,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
     let mut messages = Vec::with_capacity(n);
     let mut params = Vec::with_capacity(n);
     let mut clients = Vec::with_capacity(n);
+    let mut costs = Vec::with_capacity(n);
     for r in records {
         run_ids.push(r.run_id.to_string());
         client_ids.push(opt_text(r.client_request_id.as_deref()));
@@ -177,6 +178,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
         );
         params.push(r.params.as_ref().map(params_column));
         clients.push(r.client_id.as_deref());
+        costs.push(r.cost_usd);
     }
 
     let mut t = Traces::with_capacity(2 * n);
@@ -223,6 +225,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
             .bind(&messages)
             .bind(&params)
             .bind(&clients)
+            .bind(&costs)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -242,6 +245,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
             .bind(&t.ttft_ms)
             .bind(&t.input_tokens)
             .bind(&t.output_tokens)
+            .bind(&t.cost_usd)
             .execute(&mut *tx)
             .await?;
         sqlx::query(NOTIFY_ENDED)
@@ -278,6 +282,7 @@ struct Traces {
     ttft_ms: Vec<Option<i64>>,
     input_tokens: Vec<Option<i64>>,
     output_tokens: Vec<Option<i64>>,
+    cost_usd: Vec<Option<f64>>,
 }
 
 impl Traces {
@@ -308,5 +313,6 @@ impl Traces {
         self.ttft_ms.push(t.ttft_ms.map(to_db));
         self.input_tokens.push(t.input_tokens.map(to_db));
         self.output_tokens.push(t.output_tokens.map(to_db));
+        self.cost_usd.push(t.cost_usd);
     }
 }

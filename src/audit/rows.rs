@@ -113,11 +113,14 @@ where
     for<'r> String: Decode<'r, DB>,
     for<'r> i64: Decode<'r, DB>,
     i64: Type<DB>,
+    for<'r> f64: Decode<'r, DB>,
+    f64: Type<DB>,
 {
     let id = run_id.to_string();
     let sql = format!(
         "SELECT client_request_id, created_at, query, system, status, total_ms, \
-         service_version, events, owner_fingerprint, instance_id, client_id, {} FROM dual_runs \
+         service_version, events, owner_fingerprint, instance_id, client_id, cost_usd, \
+         {} FROM dual_runs \
          WHERE {}",
         dialect.json_columns, dialect.by_run_id
     );
@@ -154,7 +157,7 @@ where
     let sql = format!(
         "SELECT model, provider, model_name, model_version, outcome, error_type, \
          error_message, deadline, text, finish_reason, latency_ms, ttft_ms, input_tokens, \
-         output_tokens FROM model_traces WHERE {}",
+         output_tokens, cost_usd FROM model_traces WHERE {}",
         dialect.by_run_id
     );
     let traces = sqlx::query::<DB>(&sql).bind(id).fetch_all(pool).await?;
@@ -172,6 +175,7 @@ where
     for<'a> &'a str: ColumnIndex<R>,
     for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> f64: Decode<'r, R::Database> + Type<R::Database>,
 {
     let mut flash = None;
     let mut pro = None;
@@ -199,6 +203,7 @@ where
         service_version: run.try_get("service_version")?,
         flash: flash.ok_or_else(|| corrupt(run_id, "no flash trace"))?,
         pro: pro.ok_or_else(|| corrupt(run_id, "no pro trace"))?,
+        cost_usd: run.try_get("cost_usd")?,
         events: events::from_column(run.try_get::<Option<String>, _>("events")?.as_deref())
             .map_err(|e| corrupt(run_id, format!("events: {e}")))?,
         owner_fingerprint: run.try_get("owner_fingerprint")?,
@@ -212,6 +217,7 @@ where
     for<'a> &'a str: ColumnIndex<R>,
     for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> f64: Decode<'r, R::Database> + Type<R::Database>,
 {
     let outcome: String = row.try_get("outcome")?;
     let opt =
@@ -234,5 +240,6 @@ where
         ttft_ms: opt("ttft_ms")?,
         input_tokens: opt("input_tokens")?,
         output_tokens: opt("output_tokens")?,
+        cost_usd: row.try_get("cost_usd")?,
     })
 }

@@ -41,7 +41,7 @@ use super::{
 };
 
 /// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
-/// runs binds 14 values per run and 15 per trace (two per run): 500 runs bind 22000. A chunk
+/// runs binds 15 values per run and 16 per trace (two per run): 500 runs bind 23500. A chunk
 /// of start rows binds 11 values each.
 const CHUNK: usize = 500;
 
@@ -54,7 +54,7 @@ const CHUNK: usize = 500;
 const UPSERT_RUN: &str = " ON CONFLICT (run_id) DO UPDATE SET \
     status = excluded.status, total_ms = excluded.total_ms, \
     service_version = excluded.service_version, events = excluded.events, \
-    owner_fingerprint = excluded.owner_fingerprint \
+    owner_fingerprint = excluded.owner_fingerprint, cost_usd = excluded.cost_usd \
     WHERE dual_runs.status IN ('running', 'interrupted')";
 
 /// How reading a record back differs on SQLite: `?` parameters, `created_at` as text.
@@ -298,7 +298,7 @@ async fn insert_rows(
         let mut runs = QueryBuilder::<Sqlite>::new(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
              status, total_ms, service_version, events, owner_fingerprint, instance_id, \
-             messages, params, client_id) ",
+             messages, params, client_id, cost_usd) ",
         );
         runs.push_values(chunk, |mut row, r| {
             row.push_bind(r.run_id.to_string())
@@ -319,7 +319,8 @@ async fn insert_rows(
                     )
                 }))
                 .push_bind(r.params.as_ref().map(params_column))
-                .push_bind(r.client_id.as_deref());
+                .push_bind(r.client_id.as_deref())
+                .push_bind(r.cost_usd);
         });
         // A replayed or resubmitted record is ignored, never duplicated (contract §5).
         runs.push(UPSERT_RUN);
@@ -328,7 +329,7 @@ async fn insert_rows(
         let mut traces = QueryBuilder::<Sqlite>::new(
             "INSERT INTO model_traces (run_id, model, provider, model_name, model_version, \
              outcome, error_type, error_message, deadline, text, finish_reason, latency_ms, \
-             ttft_ms, input_tokens, output_tokens) ",
+             ttft_ms, input_tokens, output_tokens, cost_usd) ",
         );
         let rows = chunk
             .iter()
@@ -348,7 +349,8 @@ async fn insert_rows(
                 .push_bind(to_db(t.latency_ms))
                 .push_bind(t.ttft_ms.map(to_db))
                 .push_bind(t.input_tokens.map(to_db))
-                .push_bind(t.output_tokens.map(to_db));
+                .push_bind(t.output_tokens.map(to_db))
+                .push_bind(t.cost_usd);
         });
         // A run whose row was already final has its traces: nothing to add. One finalized
         // just now (from `running` or `interrupted`) has none yet.

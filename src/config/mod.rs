@@ -127,6 +127,18 @@ pub struct ModelConfig {
     /// Optional deadline for the first token.
     pub ttft_timeout: Option<Duration>,
     pub simulated: SimulatedTiming,
+    /// What the model costs (`FLASH_PRICE_*_PER_MTOK` / `PRO_PRICE_*_PER_MTOK`).
+    pub prices: Prices,
+}
+
+/// A model's prices in USD per million tokens; `None` is unknown (the variable is unset), and
+/// a cost that needs an unknown price is itself unknown (`null`), never 0. See `crate::cost`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Prices {
+    /// USD per million input (prompt) tokens.
+    pub input_per_mtok: Option<f64>,
+    /// USD per million output (completion) tokens.
+    pub output_per_mtok: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -421,9 +433,12 @@ impl Config {
     }
 
     /// Whether runs have a cost in dollars (contract §9), so that a daily cost budget can be
-    /// counted. No prices are configured in this build yet: every cost budget is refused.
+    /// counted: all four prices are set. With one missing, a run whose model reported tokens
+    /// has no cost (`crate::cost::of_run`), and a cost budget would never move.
     pub fn prices_set(&self) -> bool {
-        false
+        [self.flash.prices, self.pro.prices]
+            .iter()
+            .all(|p| p.input_per_mtok.is_some() && p.output_per_mtok.is_some())
     }
 
     /// The defaults, as `cargo run` with an empty environment would see them.

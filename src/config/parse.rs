@@ -161,7 +161,27 @@ pub(super) fn model_config(src: &dyn Source, role: Role) -> Result<ModelConfig, 
             first_token: seconds_or(src, names.sim_first_token, default_first)?,
             per_token: seconds_or(src, names.sim_per_token, default_per)?,
         },
+        prices: Prices {
+            input_per_mtok: price(src, names.price_input)?,
+            output_per_mtok: price(src, names.price_output)?,
+        },
     })
+}
+
+/// A price in USD per million tokens: a finite number, 0 or more; unset is unknown.
+pub(super) fn price(src: &dyn Source, name: &'static str) -> Result<Option<f64>, ConfigError> {
+    let Some(v) = var(src, name) else {
+        return Ok(None);
+    };
+    match v.parse::<f64>() {
+        Ok(usd) if usd.is_finite() && usd >= 0.0 => Ok(Some(usd)),
+        _ => Err(ConfigError::new(
+            name,
+            format!(
+                "{v:?} is not a price in USD per million tokens (a number, 0 or more, e.g. 0.3)"
+            ),
+        )),
+    }
 }
 
 /// The variable names of one role, spelled out so that errors can name them as `&'static str`.
@@ -174,6 +194,8 @@ pub(super) struct RoleVars {
     ttft_timeout: &'static str,
     sim_first_token: &'static str,
     sim_per_token: &'static str,
+    price_input: &'static str,
+    price_output: &'static str,
 }
 
 impl RoleVars {
@@ -188,6 +210,8 @@ impl RoleVars {
                 ttft_timeout: "FLASH_TTFT_TIMEOUT_S",
                 sim_first_token: "SIMULATED_FLASH_TTFT_S",
                 sim_per_token: "SIMULATED_FLASH_TOKEN_S",
+                price_input: "FLASH_PRICE_INPUT_PER_MTOK",
+                price_output: "FLASH_PRICE_OUTPUT_PER_MTOK",
             },
             Role::Pro => RoleVars {
                 provider: "PRO_PROVIDER",
@@ -198,6 +222,8 @@ impl RoleVars {
                 ttft_timeout: "PRO_TTFT_TIMEOUT_S",
                 sim_first_token: "SIMULATED_PRO_TTFT_S",
                 sim_per_token: "SIMULATED_PRO_TOKEN_S",
+                price_input: "PRO_PRICE_INPUT_PER_MTOK",
+                price_output: "PRO_PRICE_OUTPUT_PER_MTOK",
             },
         }
     }

@@ -255,3 +255,37 @@ fn store_text_and_retention_default_and_refuse_bad_values() {
         assert_eq!(e.var, "AUDIT_RETENTION_DAYS", "{bad}");
     }
 }
+
+#[test]
+fn prices_are_unknown_unless_set_and_refused_unless_finite_and_not_negative() {
+    let c = Config::defaults();
+    assert_eq!(c.flash.prices, Prices::default());
+    assert_eq!(c.pro.prices.input_per_mtok, None);
+    let c = load(&[
+        ("FLASH_PRICE_INPUT_PER_MTOK", "0.3"),
+        ("FLASH_PRICE_OUTPUT_PER_MTOK", " 2.5 "),
+        ("PRO_PRICE_INPUT_PER_MTOK", "0"),
+        ("PRO_PRICE_OUTPUT_PER_MTOK", ""),
+    ])
+    .unwrap();
+    assert_eq!(c.flash.prices.input_per_mtok, Some(0.3));
+    assert_eq!(c.flash.prices.output_per_mtok, Some(2.5));
+    assert_eq!(c.pro.prices.input_per_mtok, Some(0.0));
+    // Empty counts as unset, as for every variable.
+    assert_eq!(c.pro.prices.output_per_mtok, None);
+    for (var, value) in [
+        ("FLASH_PRICE_INPUT_PER_MTOK", "-0.1"),
+        ("FLASH_PRICE_OUTPUT_PER_MTOK", "NaN"),
+        ("PRO_PRICE_INPUT_PER_MTOK", "inf"),
+        ("PRO_PRICE_OUTPUT_PER_MTOK", "$3"),
+    ] {
+        let err = load(&[(var, value)]).unwrap_err();
+        assert_eq!(err.var, var);
+        let line = err.to_string();
+        assert!(
+            line.starts_with(&format!("configuration error: {var}: ")),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "{line}");
+    }
+}

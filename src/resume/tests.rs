@@ -26,6 +26,7 @@ fn trace(text: &str) -> crate::audit::ModelTrace {
         ttft_ms: Some(1),
         input_tokens: Some(1),
         output_tokens: Some(2),
+        cost_usd: None,
     }
 }
 
@@ -59,6 +60,7 @@ fn stored_frames_are_cut_after_seq_and_answers_rebuilt() {
         events: log.to_events(),
         owner_fingerprint: None,
         client_id: None,
+        cost_usd: None,
     };
     assert!(
         record.events[1].data.is_none(),

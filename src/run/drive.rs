@@ -13,6 +13,7 @@ use super::{Limits, ModelSlot, emitter::Emitter, millis};
 use crate::{
     audit::Outcome,
     backoff::Backoff,
+    cost,
     domain::Role,
     events::{DeltaEvent, EventKind},
     providers::{Completion, ErrorType, ModelRequest, Provider, ProviderError, ProviderEvent},
@@ -46,6 +47,8 @@ pub(super) struct ModelResult {
     pub(super) timeout: Option<TimeoutKind>,
     pub(super) latency: Duration,
     pub(super) ttft: Option<Duration>,
+    /// What the call cost (`crate::cost::of_model`); only a completed call has usage.
+    pub(super) cost_usd: Option<f64>,
 }
 
 impl ModelResult {
@@ -58,6 +61,7 @@ impl ModelResult {
             timeout: None,
             latency,
             ttft: None,
+            cost_usd: None,
         }
     }
 
@@ -129,6 +133,17 @@ pub(super) async fn drive(
                     .with_label_values(&[model, "output"])
                     .inc_by(n);
             }
+            let cost_usd = cost::of_model(slot.prices, completion.usage);
+            if let Some(usd) = cost_usd {
+                metrics
+                    .cost_usd_total
+                    .with_label_values(&[
+                        model,
+                        slot.provider.provider_name(),
+                        slot.provider.model_name(),
+                    ])
+                    .inc_by(usd);
+            }
             ModelResult {
                 outcome: Outcome::Ok,
                 text,
@@ -137,6 +152,7 @@ pub(super) async fn drive(
                 timeout: None,
                 latency,
                 ttft,
+                cost_usd,
             }
         }
         Err(Failure::Timeout(kind)) => {
@@ -163,6 +179,7 @@ pub(super) async fn drive(
                 timeout: Some(kind),
                 latency,
                 ttft,
+                cost_usd: None,
             }
         }
         Err(Failure::Provider(error)) => {
@@ -178,6 +195,7 @@ pub(super) async fn drive(
                 timeout: None,
                 latency,
                 ttft,
+                cost_usd: None,
             }
         }
         Err(Failure::ClientGone) => ModelResult {

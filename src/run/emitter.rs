@@ -132,6 +132,7 @@ impl Emitter {
                         latency_ms: millis(result.latency),
                         ttft_ms: result.ttft.map(millis),
                         usage: result.completion.usage,
+                        cost_usd: result.cost_usd,
                     },
                 )
                 .await

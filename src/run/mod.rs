@@ -50,7 +50,7 @@ use self::{
 };
 use crate::{
     audit::{AuditSink, Outcome, RunRecord, StartedRun},
-    config::Config,
+    config::{Config, Prices},
     conversation::{Conversation, RunParams},
     domain::{Role, Secret},
     events::{ErrorEvent, EventKind, ModelRef, StartEvent, StartModels},
@@ -85,6 +85,8 @@ pub struct Limits {
 pub struct ModelSlot {
     pub provider: Arc<dyn Provider>,
     pub limits: Limits,
+    /// The role's prices, for the cost of each call.
+    pub prices: Prices,
 }
 
 /// What a client asks for.

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::{CancelReason, RunRequest, drive::ModelResult, emitter::Emitter, millis};
 use crate::{
     audit::{AuditSink, ModelTrace, Outcome, RunRecord, RunStatus},
+    cost,
     domain::Role,
     events::{DoneEvent, ErrorEvent, EventKind},
     metrics::Metrics,
@@ -97,6 +98,9 @@ impl Drop for RunGuard {
         let cut_short = flash.outcome == Outcome::Cancelled || pro.outcome == Outcome::Cancelled;
         let status = run_status(flash.outcome, pro.outcome, self.cancelled.is_some());
         let total = self.started.elapsed();
+        let flash = trace(&self.flash_ref, flash);
+        let pro = trace(&self.pro_ref, pro);
+        let cost_usd = cost::of_run(&[flash.cost_part(), pro.cost_part()]);
         let run_id = &self.emitter.run_id;
         let seq = self.emitter.seq.fetch_add(1, Ordering::Relaxed);
         let data = sse::encode_data(&DoneEvent {
@@ -105,6 +109,7 @@ impl Drop for RunGuard {
             flash: flash.outcome,
             pro: pro.outcome,
             total_ms: millis(total),
+            cost_usd,
         });
         let done = sse::frame(EventKind::Done, run_id, seq, &data);
         self.emitter
@@ -141,8 +146,9 @@ impl Drop for RunGuard {
             status,
             total_ms: millis(total),
             service_version: crate::SERVICE_VERSION.to_owned(),
-            flash: trace(&self.flash_ref, flash),
-            pro: trace(&self.pro_ref, pro),
+            flash,
+            pro,
+            cost_usd,
             events: self.emitter.log.to_events(),
             owner_fingerprint: self.emitter.log.owner().map(Owner::to_hex),
             client_id: self.request.client_id.as_deref().map(str::to_owned),
@@ -174,6 +180,7 @@ fn trace(model: &OwnedModelRef, result: ModelResult) -> ModelTrace {
         ttft_ms: result.ttft.map(millis),
         input_tokens: result.completion.usage.input_tokens,
         output_tokens: result.completion.usage.output_tokens,
+        cost_usd: result.cost_usd,
     }
 }
 

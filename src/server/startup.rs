@@ -20,11 +20,15 @@ pub(super) fn log(config: &Config, instance_id: &str) {
         flash_base_url = %flash.base_url,
         flash_timeout_s = config.flash.timeout.as_secs_f64(),
         flash_ttft_timeout_s = flash.ttft_timeout_s,
+        flash_price_input_per_mtok = flash.price_input,
+        flash_price_output_per_mtok = flash.price_output,
         pro_provider = pro.provider,
         pro_model = %config.pro.model,
         pro_base_url = %pro.base_url,
         pro_timeout_s = config.pro.timeout.as_secs_f64(),
         pro_ttft_timeout_s = pro.ttft_timeout_s,
+        pro_price_input_per_mtok = pro.price_input,
+        pro_price_output_per_mtok = pro.price_output,
         stall_timeout_s = config.stall_timeout.as_secs_f64(),
         database = %database(&config.database_url),
         max_concurrent_streams = config.max_concurrent_streams,
@@ -52,6 +56,9 @@ struct Role {
     provider: &'static str,
     base_url: String,
     ttft_timeout_s: String,
+    /// USD per million tokens, or `unset` (cost unknown).
+    price_input: String,
+    price_output: String,
 }
 
 impl Role {
@@ -66,8 +73,14 @@ impl Role {
             ttft_timeout_s: model
                 .ttft_timeout
                 .map_or_else(|| "off".to_owned(), |d| d.as_secs_f64().to_string()),
+            price_input: price(model.prices.input_per_mtok),
+            price_output: price(model.prices.output_per_mtok),
         }
     }
+}
+
+fn price(usd_per_mtok: Option<f64>) -> String {
+    usd_per_mtok.map_or_else(|| "unset".to_owned(), |p| p.to_string())
 }
 
 /// The database's kind and where it is: the file of SQLite, the host, port and database

@@ -522,3 +522,39 @@ daily_token_budget = 5
     assert_eq!(terminate(a).await, Some(0));
     assert_eq!(terminate(b).await, Some(0));
 }
+
+#[tokio::test]
+async fn a_cost_budget_counts_the_runs_cost_usd() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = write_keys(
+        dir.path(),
+        "[[key]]\nname = \"priced\"\nkey = \"sk-priced-9999\"\ndaily_cost_budget_usd = 10.0\n",
+    );
+    // A dollar a token: each model's 7 + 1 tokens cost $8, the run $16.
+    let app = spawn_app(
+        quick("a"),
+        vec![crate::helpers::ms(100), Step::Delta("b"), Step::Finish],
+        &[
+            ("API_KEYS_FILE", &keys),
+            ("ADMIN_TOKEN", ADMIN),
+            ("FLASH_PRICE_INPUT_PER_MTOK", "1000000"),
+            ("FLASH_PRICE_OUTPUT_PER_MTOK", "1000000"),
+            ("PRO_PRICE_INPUT_PER_MTOK", "1000000"),
+            ("PRO_PRICE_OUTPUT_PER_MTOK", "1000000"),
+        ],
+    )
+    .await;
+    let events = read_events(post_stream(&app, "sk-priced-9999").await).await;
+    assert_eq!(done(&events)["status"], "ok");
+    let list = wait_tokens(&app.client, &format!("http://{}", app.addr), "priced", 16).await;
+    assert_eq!(
+        list["clients"][0],
+        json!({"name": "priced", "today": {"runs": 1, "tokens": 16, "cost_usd": 16.0},
+               "budgets": {"daily_token_budget": null, "daily_cost_budget_usd": 10.0}})
+    );
+    assert_over_budget(
+        post_stream(&app, "sk-priced-9999").await,
+        "daily_cost_budget_usd",
+    )
+    .await;
+}

@@ -153,8 +153,13 @@ fn trace(model: &str, text: &str) -> ModelTrace {
         ttft_ms: Some(300),
         input_tokens: Some(7),
         output_tokens: Some(2),
+        cost_usd: Some(TRACE_COST_USD),
     }
 }
+
+/// The cost of [`trace`]: 7 input tokens at $0.3 and 2 output tokens at $2.5 per million, a
+/// float with no short decimal form, so that a round trip that loses a bit shows.
+pub(crate) const TRACE_COST_USD: f64 = 7.0 * 0.3 / 1e6 + 2.0 * 2.5 / 1e6;
 
 fn raw(json: &str) -> Box<serde_json::value::RawValue> {
     serde_json::value::RawValue::from_string(json.to_owned()).unwrap()
@@ -200,8 +205,11 @@ pub(crate) fn record(i: usize) -> RunRecord {
             ttft_ms: None,
             input_tokens: None,
             output_tokens: None,
+            cost_usd: None,
             ..trace("pro-m", "")
         },
+        // Pro reported no tokens: the run costs what Flash did.
+        cost_usd: Some(TRACE_COST_USD),
     }
 }
 

@@ -22,6 +22,7 @@ mod bench;
 mod clients;
 mod connections;
 mod conversation;
+mod cost;
 mod db;
 mod failover;
 mod helpers;

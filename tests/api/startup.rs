@@ -54,6 +54,9 @@ async fn the_start_line_names_the_configuration_and_no_secret() {
         )
         .env("FLASH_API_KEY", FLASH_KEY)
         .env("FLASH_TTFT_TIMEOUT_S", "2.5")
+        .env("FLASH_PRICE_INPUT_PER_MTOK", "0.3")
+        .env("FLASH_PRICE_OUTPUT_PER_MTOK", "2.5")
+        .env("PRO_PRICE_INPUT_PER_MTOK", "1.25")
         .env("PRO_PROVIDER", "gemini")
         .env("PRO_BASE_URL", "https://gemini.example/v1beta")
         .env("PRO_API_KEY", PRO_KEY)
@@ -95,6 +98,10 @@ async fn the_start_line_names_the_configuration_and_no_secret() {
         ("pro_model", "gemini-2.5-pro".into()),
         ("pro_base_url", "https://gemini.example/v1beta".into()),
         ("pro_ttft_timeout_s", "off".into()),
+        ("flash_price_input_per_mtok", "0.3".into()),
+        ("flash_price_output_per_mtok", "2.5".into()),
+        ("pro_price_input_per_mtok", "1.25".into()),
+        ("pro_price_output_per_mtok", "unset".into()),
         ("stall_timeout_s", 9.0.into()),
         (
             "database",

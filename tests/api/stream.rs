@@ -46,7 +46,8 @@ async fn normal_run_streams_start_flash_pro_done() {
 
     assert_eq!(
         done(&events),
-        &json!({"run_id": run_id, "status": "ok", "flash": "ok", "pro": "ok", "total_ms": 2040})
+        &json!({"run_id": run_id, "status": "ok", "flash": "ok", "pro": "ok", "total_ms": 2040,
+                "cost_usd": null})
     );
 
     let records = app.records(1).await;

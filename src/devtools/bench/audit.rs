@@ -96,6 +96,7 @@ fn trace(role: &str, text: &str) -> ModelTrace {
         ttft_ms: Some(200),
         input_tokens: Some(12),
         output_tokens: Some(19),
+        cost_usd: Some(0.000_051),
     }
 }
 
@@ -131,6 +132,7 @@ fn record(text: &str) -> RunRecord {
         ],
         owner_fingerprint: None,
         client_id: None,
+        cost_usd: Some(0.000_102),
     }
 }
 

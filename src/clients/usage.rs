@@ -414,27 +414,21 @@ impl Metering {
     }
 }
 
-/// What a run used: input + output tokens of both models, and its cost when known.
+/// What a run used: input + output tokens of both models, and its `cost_usd`. A run whose
+/// cost is unknown (`null`: a provider did not report its tokens) adds nothing to the cost.
 pub fn used_by(record: &RunRecord) -> DayUsage {
-    let tokens = [&record.flash, &record.pro]
-        .iter()
-        .map(|t| {
-            t.input_tokens
-                .unwrap_or(0)
-                .saturating_add(t.output_tokens.unwrap_or(0))
-        })
-        .fold(0u64, u64::saturating_add);
+    let tokens = record.tokens();
     DayUsage {
         runs: 1,
-        tokens,
-        cost_usd: run_cost_usd(record).unwrap_or(0.0),
+        tokens: tokens
+            .input_tokens
+            .unwrap_or(0)
+            .saturating_add(tokens.output_tokens.unwrap_or(0)),
+        cost_usd: record
+            .cost_usd
+            .filter(|c| c.is_finite() && *c > 0.0)
+            .unwrap_or(0.0),
     }
-}
-
-/// The run's cost in dollars, when prices are set. This build has no prices yet (the cost
-/// issue adds them): the seam the cost budget reads.
-fn run_cost_usd(_record: &RunRecord) -> Option<f64> {
-    None
 }
 
 impl AuditSink for Metering {

@@ -546,6 +546,7 @@ async fn a_cost_budget_counts_the_runs_cost_usd() {
     .await;
     let events = read_events(post_stream(&app, "sk-priced-9999").await).await;
     assert_eq!(done(&events)["status"], "ok");
+    assert_eq!(done(&events)["cost_usd"], 16.0, "{:?}", done(&events));
     let list = wait_tokens(&app.client, &format!("http://{}", app.addr), "priced", 16).await;
     assert_eq!(
         list["clients"][0],

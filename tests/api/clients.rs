@@ -559,3 +559,113 @@ async fn a_cost_budget_counts_the_runs_cost_usd() {
     )
     .await;
 }
+
+/// The SQL blocks of docs/audit.md's section "10. Usage by client", in order: per client and
+/// day (SQLite, PostgreSQL), today's shared counts (PostgreSQL), one client's runs (SQLite).
+fn usage_queries() -> Vec<String> {
+    let doc = include_str!("../../docs/audit.md");
+    let section = doc
+        .split("### 10. Usage by client")
+        .nth(1)
+        .expect("docs/audit.md has the usage queries");
+    let blocks: Vec<String> = section
+        .split("```sql\n")
+        .skip(1)
+        .map(|b| {
+            b.split("```")
+                .next()
+                .unwrap()
+                .trim()
+                .trim_end_matches(';')
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(blocks.len(), 4);
+    blocks
+}
+
+/// Runs `sql` and gives its rows as JSON objects (`columns`: its column names, for SQLite).
+async fn json_rows(store: &duet::audit::Store, sql: &str, columns: &[&str]) -> Vec<Value> {
+    use duet::audit::Store;
+    use sqlx::Row;
+    let texts: Vec<String> = match store {
+        Store::Postgres(pool) => {
+            let wrapped = format!("SELECT row_to_json(q)::text AS j FROM ({sql}) q");
+            sqlx::query(&wrapped)
+                .fetch_all(pool)
+                .await
+                .unwrap_or_else(|e| panic!("{e}: {sql}"))
+                .iter()
+                .map(|r| r.get("j"))
+                .collect()
+        }
+        Store::Sqlite(s) => {
+            let pairs: Vec<String> = columns.iter().map(|c| format!("'{c}', {c}")).collect();
+            let wrapped = format!("SELECT json_object({}) AS j FROM ({sql})", pairs.join(", "));
+            sqlx::query(&wrapped)
+                .fetch_all(s.pool())
+                .await
+                .unwrap_or_else(|e| panic!("{e}: {sql}"))
+                .iter()
+                .map(|r| r.get("j"))
+                .collect()
+        }
+    };
+    texts
+        .iter()
+        .map(|t| serde_json::from_str(t).unwrap())
+        .collect()
+}
+
+async fn usage_queries_answer(store: &duet::audit::Store) {
+    let postgres = matches!(store, duet::audit::Store::Postgres(_));
+    let mut records: Vec<_> = (0..3).map(db::record).collect();
+    records[0].client_id = Some("web-app".into());
+    records[1].client_id = Some("web-app".into());
+    let tokens: u64 = records[..2]
+        .iter()
+        .map(|r| {
+            let t = r.tokens();
+            t.input_tokens.unwrap_or(0) + t.output_tokens.unwrap_or(0)
+        })
+        .sum();
+    assert!(tokens > 0);
+    store.insert(&records).await.unwrap();
+    let queries = usage_queries();
+    let per_day = if postgres { &queries[1] } else { &queries[0] };
+    let rows = json_rows(
+        store,
+        per_day,
+        &["client_id", "day_utc", "runs", "tokens", "cost_usd"],
+    )
+    .await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["client_id"], "web-app");
+    assert_eq!(rows[0]["runs"], 2);
+    assert_eq!(rows[0]["tokens"].as_f64().unwrap(), tokens as f64);
+    assert_eq!(
+        rows[0]["day_utc"].as_str().unwrap(),
+        Utc::now().date_naive().to_string()
+    );
+    if postgres {
+        // Nothing counted through the service here: the shared table answers, empty.
+        assert!(json_rows(store, &queries[2], &[]).await.is_empty());
+    } else {
+        let rows = json_rows(store, &queries[3], &["run_id", "status"]).await;
+        assert_eq!(rows.len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn docs_usage_by_client_queries_answer_on_sqlite() {
+    let db = db::sqlite().await;
+    usage_queries_answer(&db.store).await;
+}
+
+#[tokio::test]
+async fn docs_usage_by_client_queries_answer_on_postgres() {
+    let Some(db) = db::postgres("docs_usage_by_client_queries_answer").await else {
+        return;
+    };
+    usage_queries_answer(&db.store).await;
+}

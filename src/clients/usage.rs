@@ -281,6 +281,20 @@ impl Usage {
         }
     }
 
+    /// [`Usage::record`], waiting for the shared statement to be done: for measurements.
+    pub async fn record_now(
+        &self,
+        name: Arc<str>,
+        budgets: Budgets,
+        day: NaiveDate,
+        used: DayUsage,
+    ) {
+        match &self.counts {
+            Counts::Memory(_) => self.record(name, budgets, day, used),
+            Counts::Shared(pool) => record_shared(pool.clone(), name, budgets, day, used).await,
+        }
+    }
+
     /// Today's usage of `names` (keys with no run today have none).
     pub async fn today(
         &self,

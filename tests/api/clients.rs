@@ -669,3 +669,103 @@ async fn docs_usage_by_client_queries_answer_on_postgres() {
     };
     usage_queries_answer(&db.store).await;
 }
+
+/// The cost of the shared daily count on PostgreSQL: the statement at a run's start (check
+/// and count) and at its end (add the usage), one at a time and from 8 tasks at once on the
+/// same key (one hot client: every statement waits for the same row lock). Prints the
+/// numbers; asserts nothing about time. `cargo test --release --test api -- --ignored
+/// --nocapture budget_statement_cost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn budget_statement_cost() {
+    use duet::clients::{
+        KeySet,
+        usage::{DayUsage, Usage},
+    };
+    use std::{num::NonZeroU32, sync::Arc, time::Instant};
+    let Some(pg) = db::postgres("budget_statement_cost").await else {
+        return;
+    };
+    let file = duet::config::KeyFile {
+        keys: vec![duet::config::NamedKey {
+            name: "hot".into(),
+            key: duet::domain::Secret::new("sk-hot"),
+            rate_limit_per_minute: None,
+            burst: None,
+            daily_token_budget: Some(u64::MAX / 2),
+            daily_cost_budget_usd: None,
+        }],
+    };
+    let keys = KeySet::new(&[], Some(&file), None, NonZeroU32::MIN);
+    let client = keys.authenticate("sk-hot").unwrap();
+    let usage = Arc::new(Usage::new(
+        Some(&pg.store),
+        tokio_util::task::TaskTracker::new(),
+        duet::metrics::Metrics::new().unwrap(),
+    ));
+    let name = Arc::clone(client.name().unwrap());
+    let used = DayUsage {
+        runs: 1,
+        tokens: 1234,
+        cost_usd: 0.01,
+    };
+    let day = Utc::now().date_naive();
+    fn report(what: &str, mut micros: Vec<u128>) {
+        micros.sort_unstable();
+        let at = |q: f64| micros[((micros.len() - 1) as f64 * q) as usize];
+        eprintln!(
+            "{what}: n={} p50={} µs p90={} µs p99={} µs max={} µs",
+            micros.len(),
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            micros[micros.len() - 1]
+        );
+    }
+    // Warm the pool and the prepared statements.
+    for _ in 0..50 {
+        usage.admit(&client, Utc::now()).await.unwrap();
+        usage
+            .record_now(Arc::clone(&name), client.budgets, day, used)
+            .await;
+    }
+    const N: usize = 2000;
+    let (mut admits, mut records) = (Vec::with_capacity(N), Vec::with_capacity(N));
+    for _ in 0..N {
+        let t = Instant::now();
+        usage.admit(&client, Utc::now()).await.unwrap();
+        admits.push(t.elapsed().as_micros());
+        let t = Instant::now();
+        usage
+            .record_now(Arc::clone(&name), client.budgets, day, used)
+            .await;
+        records.push(t.elapsed().as_micros());
+    }
+    report("start (check + count), serial", admits);
+    report("end (add usage), serial", records);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (usage, client, name) =
+                (Arc::clone(&usage), Arc::clone(&client), Arc::clone(&name));
+            tokio::spawn(async move {
+                for _ in 0..N / 8 {
+                    usage.admit(&client, Utc::now()).await.unwrap();
+                    usage
+                        .record_now(Arc::clone(&name), client.budgets, day, used)
+                        .await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "8 tasks, one key: {N} runs (start + end) in {elapsed:?}: {:.0} runs/s",
+        N as f64 / elapsed.as_secs_f64()
+    );
+    let today = usage.today(&[Arc::clone(&name)], Utc::now()).await.unwrap();
+    assert_eq!(today[&name].runs, (2 * N + 50) as u64);
+}

@@ -769,3 +769,41 @@ async fn budget_statement_cost() {
     let today = usage.today(&[Arc::clone(&name)], Utc::now()).await.unwrap();
     assert_eq!(today[&name].runs, (2 * N + 50) as u64);
 }
+
+/// A run belongs to the key that started it, named or not: only that key resumes it. The
+/// page asks for a key when only a key file is set.
+#[tokio::test]
+async fn a_named_keys_run_is_resumed_by_that_key_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = write_keys(
+        dir.path(),
+        "[[key]]\nname = \"one\"\nkey = \"sk-one-1212\"\n\n[[key]]\nname = \"two\"\nkey = \"sk-two-3434\"\n",
+    );
+    let app = spawn_app(quick("a"), quick("b"), &[("API_KEYS_FILE", &keys)]).await;
+    let events = read_events(post_stream(&app, "sk-one-1212").await).await;
+    let run_id = check_invariants(&events);
+    let resume = |key: &'static str| {
+        app.client
+            .post(app.url("/query/stream"))
+            .bearer_auth(key)
+            .header("last-event-id", format!("{run_id}:0"))
+            .json(&json!({"query": "q"}))
+            .send()
+    };
+    let theirs = resume("sk-two-3434").await.unwrap();
+    assert_eq!(theirs.status(), 404);
+    let mine = resume("sk-one-1212").await.unwrap();
+    assert_eq!(mine.status(), 200);
+    let replayed = read_events(mine).await;
+    assert_eq!(replayed.last().unwrap().event, "done");
+    let page = app
+        .client
+        .get(app.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"data-auth-required="true""#));
+}

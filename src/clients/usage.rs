@@ -12,7 +12,9 @@
 //! finishes: nothing cuts a stream. Runs in flight are not yet counted, so a key can go over
 //! its budget by what its concurrent runs use; the next run after they end is refused.
 //!
-//! On SQLite (one process) the counts live in memory, and a restart starts them from zero. On
+//! On SQLite (one process) the counts live in memory; a key's first run of the day in a process
+//! starts its count from the audit trail's runs of that day, so a restart does not hand out a
+//! fresh budget (runs still in the audit queue when a process died are missed). On
 //! PostgreSQL they are the rows of `client_usage` (migration 0010), shared by every replica:
 //! the start is one `INSERT ... ON CONFLICT DO UPDATE ... WHERE under budget`, the end one
 //! `INSERT ... ON CONFLICT DO UPDATE SET tokens = tokens + ...`, so the row lock orders the
@@ -28,7 +30,7 @@ use std::{
 };
 
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::PgPool;
+use sqlx::{PgPool, SqlitePool};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -112,8 +114,13 @@ pub fn day_of(t: DateTime<Utc>) -> (NaiveDate, Duration) {
 
 /// Where the counts are kept.
 enum Counts {
-    /// This process's, by key name: the day they are for, and the usage.
-    Memory(Mutex<HashMap<Arc<str>, (NaiveDate, DayUsage)>>),
+    /// This process's, by key name: the day they are for, and the usage. With the SQLite
+    /// audit database, a key's first count of a day in this process starts from what the
+    /// audit trail holds for that day, so a restart does not hand out fresh budgets.
+    Memory(
+        Mutex<HashMap<Arc<str>, (NaiveDate, DayUsage)>>,
+        Option<SqlitePool>,
+    ),
     /// `client_usage`, shared by every replica.
     Shared(PgPool),
 }
@@ -146,6 +153,16 @@ ON CONFLICT (client, day) DO UPDATE
     SET tokens = u.tokens + $3, cost_usd = u.cost_usd + $4, updated_at = now()
 RETURNING tokens, cost_usd";
 
+/// One key's runs, tokens and cost on one day, from the SQLite audit trail (the index on
+/// `(client_id, created_at)` finds them).
+const AUDIT_DAY: &str = "\
+SELECT count(*),
+       coalesce(sum((SELECT sum(coalesce(t.input_tokens, 0) + coalesce(t.output_tokens, 0))
+                     FROM model_traces t WHERE t.run_id = r.run_id)), 0),
+       coalesce(sum(r.cost_usd), 0.0)
+FROM dual_runs r
+WHERE r.client_id = ?1 AND r.created_at >= ?2 AND r.created_at < ?3";
+
 const TODAY: &str = "\
 SELECT client, runs, tokens, cost_usd FROM client_usage WHERE day = $1 AND client = ANY($2)";
 
@@ -154,7 +171,8 @@ impl Usage {
     pub fn new(store: Option<&Store>, tracker: TaskTracker, metrics: Metrics) -> Usage {
         let counts = match store {
             Some(Store::Postgres(pool)) => Counts::Shared(pool.clone()),
-            _ => Counts::Memory(Mutex::default()),
+            Some(Store::Sqlite(s)) => Counts::Memory(Mutex::default(), Some(s.pool().clone())),
+            None => Counts::Memory(Mutex::default(), None),
         };
         Usage {
             counts,
@@ -183,7 +201,8 @@ impl Usage {
             return Err(refuse(budget));
         }
         match &self.counts {
-            Counts::Memory(map) => {
+            Counts::Memory(map, audit) => {
+                self.load_day(map, audit.as_ref(), name, day).await;
                 let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
                 let entry = map
                     .entry(Arc::clone(name))
@@ -232,6 +251,61 @@ impl Usage {
         }
     }
 
+    /// Makes sure `name`'s count of `day` is in memory, starting from the audit trail's runs
+    /// of that day (the runs of earlier processes: this one has counted none of that day's
+    /// yet, or the entry would be there). Two first runs at once both read; the first to
+    /// store its reading wins and the other's is dropped, so nothing is counted twice.
+    async fn load_day(
+        &self,
+        map: &Mutex<HashMap<Arc<str>, (NaiveDate, DayUsage)>>,
+        audit: Option<&SqlitePool>,
+        name: &Arc<str>,
+        day: NaiveDate,
+    ) {
+        let Some(pool) = audit else {
+            return;
+        };
+        let loaded = map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .is_some_and(|(d, _)| *d >= day);
+        if loaded {
+            return;
+        }
+        let from = format!("{day}T00:00:00.000000Z");
+        let until = day
+            .succ_opt()
+            .map_or_else(|| "9999".to_owned(), |d| format!("{d}T00:00:00.000000Z"));
+        let query = sqlx::query_as::<_, (i64, i64, f64)>(AUDIT_DAY)
+            .bind(&**name)
+            .bind(from)
+            .bind(until)
+            .fetch_one(pool);
+        let used = match tokio::time::timeout(ADMIT_TIMEOUT * 4, query).await {
+            Ok(Ok((runs, tokens, cost_usd))) => DayUsage {
+                runs: from_db(runs),
+                tokens: from_db(tokens),
+                cost_usd,
+            },
+            // Counted from zero, as before the audit trail was read: a budget is not a
+            // reason to refuse runs while the database is slow.
+            Ok(Err(e)) => {
+                warn!(client = %name, error = %e, "cannot read today's usage from the audit database; counting from zero");
+                DayUsage::default()
+            }
+            Err(_) => {
+                warn!(client = %name, "reading today's usage from the audit database took too long; counting from zero");
+                DayUsage::default()
+            }
+        };
+        let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = map.entry(Arc::clone(name)).or_insert((day, used));
+        if entry.0 < day {
+            *entry = (day, used);
+        }
+    }
+
     fn fall_back(&self, reason: &str, error: &dyn std::fmt::Display) -> Result<(), OverBudget> {
         self.metrics
             .budget_fallbacks_total
@@ -255,7 +329,7 @@ impl Usage {
     /// waits for it.
     pub fn record(&self, name: Arc<str>, budgets: Budgets, day: NaiveDate, used: DayUsage) {
         match &self.counts {
-            Counts::Memory(map) => {
+            Counts::Memory(map, _) => {
                 let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
                 let entry = map
                     .entry(Arc::clone(&name))
@@ -290,7 +364,7 @@ impl Usage {
         used: DayUsage,
     ) {
         match &self.counts {
-            Counts::Memory(_) => self.record(name, budgets, day, used),
+            Counts::Memory(..) => self.record(name, budgets, day, used),
             Counts::Shared(pool) => record_shared(pool.clone(), name, budgets, day, used).await,
         }
     }
@@ -303,7 +377,10 @@ impl Usage {
     ) -> Result<HashMap<Arc<str>, DayUsage>, sqlx::Error> {
         let (day, _) = day_of(now);
         match &self.counts {
-            Counts::Memory(map) => {
+            Counts::Memory(map, audit) => {
+                for name in names {
+                    self.load_day(map, audit.as_ref(), name, day).await;
+                }
                 let map = map.lock().unwrap_or_else(PoisonError::into_inner);
                 Ok(names
                     .iter()

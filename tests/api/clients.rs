@@ -807,3 +807,40 @@ async fn a_named_keys_run_is_resumed_by_that_key_only() {
         .unwrap();
     assert!(page.contains(r#"data-auth-required="true""#));
 }
+
+/// On SQLite the counts are in memory, and a restart reads the day's usage back from the
+/// audit trail: a key over its budget stays refused.
+#[tokio::test]
+async fn sqlite_a_restart_keeps_todays_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = write_keys(
+        dir.path(),
+        "[[key]]\nname = \"web\"\nkey = \"sk-web-4545\"\ndaily_token_budget = 5\n",
+    );
+    let url = format!("sqlite://{}", dir.path().join("duet.db").display());
+    let extra = [("API_KEYS_FILE", keys.as_str())];
+    let client = direct_client();
+    let (child, base, _log) = serve(dir.path(), &url, "0.01", &extra);
+    let resp = client
+        .post(format!("{base}/query/stream"))
+        .bearer_auth("sk-web-4545")
+        .json(&json!({"query": "a question of some words"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done(&read_events(resp).await)["status"], "ok");
+    let before = wait_tokens(&client, &base, "web", 5).await;
+    assert_eq!(terminate(child).await, Some(0));
+
+    let (child, base, _log) = serve(dir.path(), &url, "0.01", &extra);
+    let resp = client
+        .post(format!("{base}/query/stream"))
+        .bearer_auth("sk-web-4545")
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap();
+    assert_over_budget(resp, "daily_token_budget").await;
+    assert_eq!(clients_of(&client, &base).await, before);
+    assert_eq!(terminate(child).await, Some(0));
+}

@@ -241,24 +241,42 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// TOML's and serde's messages quote the value they refuse (`invalid type: string "sk-..",
-/// expected u32`), which could be a key typed in the wrong place: every double-quoted part
-/// is blanked. Field names, which they quote in backticks, stay.
+/// The fields of a `[[key]]` table, which messages may name.
+const FIELDS: [&str; 6] = [
+    "name",
+    "key",
+    "rate_limit_per_minute",
+    "burst",
+    "daily_token_budget",
+    "daily_cost_budget_usd",
+];
+
+/// TOML's and serde's messages quote what they refuse: a value in double quotes (`invalid
+/// type: string "sk-..", expected u32`), a field name in backticks (`unknown field
+/// `sk-..``), either of which could be a key typed in the wrong place. Every double-quoted
+/// part is blanked, and every backticked one that is not a field of the file; the line
+/// number says where to look.
 fn redact_quoted(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
-    let mut inside = false;
+    let mut quoted: Option<(char, String)> = None;
     for c in message.chars() {
-        if c == '"' {
-            if inside {
-                out.push_str("\"…\"");
+        match &mut quoted {
+            None if c == '"' || c == '`' => quoted = Some((c, String::new())),
+            None => out.push(c),
+            Some((open, text)) if c == *open => {
+                let shown = *open == '`' && (FIELDS.contains(&text.as_str()) || text == "key");
+                let (open, text) = (*open, std::mem::take(text));
+                out.push(open);
+                out.push_str(if shown { &text } else { "…" });
+                out.push(open);
+                quoted = None;
             }
-            inside = !inside;
-        } else if !inside {
-            out.push(c);
+            Some((_, text)) => text.push(c),
         }
     }
-    if inside {
-        out.push_str("\"…");
+    if let Some((open, _)) = quoted {
+        out.push(open);
+        out.push('…');
     }
     out.trim_end().to_owned()
 }
@@ -382,6 +400,27 @@ key = "sk-two"
             ),
             ("\n\n[[key]\nname = \"a\"\n", 3, ""),
             ("[[key]]\nname = \"a\"\nkey = \"sk-secret\n", 3, ""),
+            ("[[key]]\nname = \"a\"\nkey = sk-secret\n", 3, ""),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\nsk-secret = 1\n",
+                4,
+                "unknown field",
+            ),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\"\n\"sk-secret\"\n",
+                4,
+                "",
+            ),
+            (
+                "[[key]]\nname = \"a\"\nkey = \"sk-one\" \"sk-secret\"\n",
+                3,
+                "",
+            ),
+            (
+                "[[key]]\nname = \"a\"\nkey = [\"sk-secret\"]\n",
+                3,
+                "invalid type",
+            ),
         ];
         for (text, line, words) in cases {
             let e = refused(text);
@@ -431,6 +470,10 @@ key = "sk-two"
             redact_quoted("invalid type: string \"sk-123\", expected u32"),
             "invalid type: string \"…\", expected u32"
         );
-        assert_eq!(redact_quoted("unknown field `x`"), "unknown field `x`");
+        assert_eq!(
+            redact_quoted("unknown field `sk-123`, expected one of `name`, `key`"),
+            "unknown field `…`, expected one of `name`, `key`"
+        );
+        assert_eq!(redact_quoted("unclosed \"sk-1"), "unclosed \"…");
     }
 }

@@ -568,6 +568,7 @@ fn usage_queries() -> Vec<String> {
         .split("### 10. Usage by client")
         .nth(1)
         .expect("docs/audit.md has the usage queries");
+    let section = section.split("\n### ").next().unwrap();
     let blocks: Vec<String> = section
         .split("```sql\n")
         .skip(1)

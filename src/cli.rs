@@ -42,6 +42,7 @@ Limits and clients
 Access
   API_KEYS (comma-separated; unset: open), ADMIN_TOKEN, RATE_LIMIT_PER_MINUTE [0: off],
   RATE_LIMIT_BURST, AUTH_FAILURE_LIMIT, AUTH_FAILURE_WINDOW_S
+  API_KEYS_FILE (TOML: named keys, their rate limits and daily budgets; SIGHUP reloads it)
 Audit and fleet
   AUDIT_DEADLETTER_PATH, AUDIT_QUEUE_MAX_BYTES, AUDIT_STORE_TEXT [full|none],
   AUDIT_RETENTION_DAYS [unset: keep], INSTANCE_ID, INSTANCE_LEASE_S

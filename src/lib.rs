@@ -7,6 +7,8 @@
 //! - [`domain`]: the shared vocabulary that is not configuration: [`domain::Role`] and
 //!   [`domain::Secret`].
 //! - [`api`]: HTTP routes, request validation, JSON errors, `/runs` and `/readyz` (contract §3).
+//! - [`clients`]: API keys, named or not, their rate limits, daily budgets and usage, and
+//!   reloading the key file (contract §11).
 //! - [`run`]: one run: both models at once, deadlines, ordering, cancellation, and
 //!   the drop guard that always sends `done` and always hands over the record. `run/mod.rs`
 //!   is its API and the loop over both models; `drive.rs` one model call with its deadlines
@@ -32,6 +34,7 @@ pub mod api;
 pub mod audit;
 pub mod backoff;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod conversation;
 pub mod cost;

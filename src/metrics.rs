@@ -67,6 +67,9 @@ pub struct Metrics {
     /// decided alone because the shared budget (PostgreSQL) could not be reached (`error`,
     /// `timeout`, or `backoff` while it recently failed).
     pub rate_limit_fallbacks_total: IntCounterVec,
+    /// `duet_budget_fallbacks_total{reason}`: runs admitted without the daily-budget check
+    /// because the shared usage (PostgreSQL) could not be reached (`error`, `timeout`).
+    pub budget_fallbacks_total: IntCounterVec,
     /// Client connections open now (both protocols).
     pub connections_open: IntGauge,
     /// Connections closed at accept by a cap, by cap (`per_client`, `total`).
@@ -137,9 +140,10 @@ impl Metrics {
             requests_total: reg!(IntCounterVec::new(
                 Opts::new(
                     "duet_requests_total",
-                    "HTTP requests answered, by route and status."
+                    "HTTP requests answered, by route, status and client (the name of the \
+                     API key from API_KEYS_FILE; empty for no key or a key of API_KEYS)."
                 ),
-                &["route", "status"]
+                &["route", "status", "client"]
             )?),
             streams_active: reg!(IntGauge::new(
                 "duet_streams_active",
@@ -277,6 +281,14 @@ impl Metrics {
                 ),
                 &["reason"]
             )?),
+            budget_fallbacks_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "duet_budget_fallbacks_total",
+                    "Runs admitted without the daily-budget check because the shared usage \
+                     could not be reached, by reason (error, timeout)."
+                ),
+                &["reason"]
+            )?),
             connections_open: reg!(IntGauge::new(
                 "duet_connections_open",
                 "Client connections open now."
@@ -310,6 +322,9 @@ impl Metrics {
             metrics
                 .rate_limit_fallbacks_total
                 .with_label_values(&[reason]);
+        }
+        for reason in ["error", "timeout"] {
+            metrics.budget_fallbacks_total.with_label_values(&[reason]);
         }
         #[cfg(target_os = "linux")]
         metrics.registry.register(Box::new(

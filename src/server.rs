@@ -25,6 +25,7 @@ use self::connections::{Activity, Caps, Unused, Watch};
 use crate::{
     api::{self, AppState, Guard},
     audit::{self, AuditError, AuditSink, AuditWriter, Store, WriterOptions},
+    clients::usage::{Metering, Usage},
     config::Config,
     domain::Role,
     metrics::Metrics,
@@ -127,23 +128,35 @@ impl Server {
                 metrics,
             }
         };
+        let guard = Arc::new(Guard::new(&config, parts.store.as_ref()));
+        let usage = Arc::new(Usage::new(
+            parts.store.as_ref(),
+            tracker.clone(),
+            parts.metrics.clone(),
+        ));
+        // Every run's record passes the usage count on its way to the audit trail.
+        let sink: Arc<dyn AuditSink> = Arc::new(Metering::new(
+            parts.sink,
+            Arc::clone(&usage),
+            Arc::clone(guard.keys()),
+        ));
         let orchestrator = Orchestrator::new(
             &config,
             slot(Role::Flash, parts.flash),
             slot(Role::Pro, parts.pro),
-            Arc::clone(&parts.sink),
+            Arc::clone(&sink),
             parts.metrics.clone(),
             shutdown.clone(),
             tracker.clone(),
         );
-        let guard = Arc::new(Guard::new(&config, parts.store.as_ref()));
         spawn_housekeeping(&tracker, &shutdown, &guard, orchestrator.registry());
         let state = AppState {
             config: Arc::clone(&config),
             orchestrator,
             metrics: parts.metrics,
             guard,
-            sink: parts.sink,
+            sink,
+            usage,
             run_ends: match &parts.store {
                 Some(audit::Store::Postgres(pool)) => Some(audit::notify::RunEnds::new(
                     pool.clone(),
@@ -413,15 +426,28 @@ async fn opens_with_h2(stream: &tokio::net::TcpStream) -> std::io::Result<bool> 
     }
 }
 
-/// SIGINT and SIGTERM, listened for from the moment this is made. Made before the
-/// `listening` line is logged: a supervisor (or a test) that sends SIGTERM as soon as it
+/// SIGINT and SIGTERM (and SIGHUP), listened for from the moment this is made. Made before
+/// the `listening` line is logged: a supervisor (or a test) that sends SIGTERM as soon as it
 /// reads that line must get a graceful stop, not the default action, which kills the
-/// process with runs and the audit queue still in it.
+/// process with runs and the audit queue still in it. SIGHUP's default action kills the
+/// process too, so it is caught from the start as well, even when there is nothing to
+/// reload.
 pub struct Signals {
     #[cfg(unix)]
     int: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
     term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGINT or SIGTERM: shut down gracefully.
+    Stop,
+    /// SIGHUP: read the API key file again.
+    Reload,
 }
 
 impl Signals {
@@ -440,14 +466,15 @@ impl Signals {
             Self {
                 int: listen(SignalKind::interrupt(), "SIGINT"),
                 term: listen(SignalKind::terminate(), "SIGTERM"),
+                hup: listen(SignalKind::hangup(), "SIGHUP"),
             }
         }
         #[cfg(not(unix))]
         Self {}
     }
 
-    /// Resolves on the first SIGINT or SIGTERM.
-    pub async fn recv(mut self) {
+    /// The next signal.
+    pub async fn next(&mut self) -> Signal {
         #[cfg(unix)]
         {
             async fn next(s: Option<&mut tokio::signal::unix::Signal>) {
@@ -459,8 +486,15 @@ impl Signals {
                 }
             }
             tokio::select! {
-                () = next(self.int.as_mut()) => info!("SIGINT received; shutting down"),
-                () = next(self.term.as_mut()) => info!("SIGTERM received; shutting down"),
+                () = next(self.int.as_mut()) => {
+                    info!("SIGINT received; shutting down");
+                    Signal::Stop
+                }
+                () = next(self.term.as_mut()) => {
+                    info!("SIGTERM received; shutting down");
+                    Signal::Stop
+                }
+                () = next(self.hup.as_mut()) => Signal::Reload,
             }
         }
         #[cfg(not(unix))]
@@ -470,6 +504,15 @@ impl Signals {
                 std::future::pending::<()>().await;
             }
             info!("SIGINT received; shutting down");
+            Signal::Stop
+        }
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM; a SIGHUP meanwhile is logged and ignored
+    /// (for processes with nothing to reload).
+    pub async fn recv(mut self) {
+        while self.next().await == Signal::Reload {
+            info!("SIGHUP received; nothing to reload");
         }
     }
 }
@@ -561,19 +604,48 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Serves until SIGINT or SIGTERM (or until something else stops the server), then drains.
-/// The signal is awaited here, beside the server, rather than on a task of its own: nothing
-/// is left waiting for a signal once the server has stopped.
-async fn until_signal(server: Server, signals: Signals) -> Result<(), ServeError> {
+/// Serves until SIGINT or SIGTERM (or until something else stops the server), then drains;
+/// reloads the API key file on each SIGHUP meanwhile. The signals are awaited here, beside
+/// the server, rather than on a task of their own: nothing is left waiting for a signal once
+/// the server has stopped.
+async fn until_signal(server: Server, mut signals: Signals) -> Result<(), ServeError> {
     let token = server.shutdown.clone();
+    let state = server.state.clone();
     let stopped = server.wait();
     tokio::pin!(stopped);
-    tokio::select! {
-        served = &mut stopped => served,
-        () = signals.recv() => {
-            token.cancel();
-            stopped.await
+    loop {
+        tokio::select! {
+            served = &mut stopped => return served,
+            signal = signals.next() => match signal {
+                Signal::Stop => {
+                    token.cancel();
+                    return stopped.await;
+                }
+                Signal::Reload => reload_keys(&state).await,
+            }
         }
+    }
+}
+
+/// SIGHUP: puts the key file's keys in force, or keeps the keys in force and says why. Open
+/// streams are not touched: each holds the client it started with. Logs names and counts,
+/// never a key.
+async fn reload_keys(state: &AppState) {
+    let config = &state.config;
+    match state.guard.keys().reload(config).await {
+        Ok(None) => info!("SIGHUP received; nothing to reload (API_KEYS_FILE is not set)"),
+        Ok(Some(names)) => info!(
+            file = %config.api_keys_file.as_deref().unwrap_or(std::path::Path::new("")).display(),
+            named_keys = names.len(),
+            names = %names.join(","),
+            "SIGHUP received; API_KEYS_FILE reloaded"
+        ),
+        Err(e) => error!(
+            file = %e.path.display(),
+            line = e.line,
+            problem = %e.problem,
+            "SIGHUP received; API_KEYS_FILE cannot be used, the keys in force are kept"
+        ),
     }
 }
 

@@ -67,7 +67,7 @@ pub(super) async fn get_run(
 
 /// Lets the request through when it carries the admin token. An address that presented too
 /// many wrong tokens (or API keys) lately is refused before the token is compared.
-fn admin_auth(
+pub(super) fn admin_auth(
     state: &AppState,
     extensions: &Extensions,
     headers: &HeaderMap,

@@ -44,6 +44,13 @@ pub enum ApiError {
     /// whatever it sends until `retry_after` has passed.
     #[error("too many failed authentication attempts from this address; retry later")]
     AuthThrottled { retry_after: Duration },
+    /// The key's usage today reached one of its daily budgets (`budget`: the key file's
+    /// name for it); refused until midnight UTC.
+    #[error("this key's {budget} is used up for today; it resets at 00:00 UTC")]
+    BudgetExceeded {
+        budget: &'static str,
+        retry_after: Duration,
+    },
     /// The detail is logged, never sent.
     #[error("internal error")]
     Internal(String),
@@ -62,6 +69,7 @@ pub(super) enum Kind {
     Unauthorized,
     Overloaded,
     RateLimited,
+    BudgetExceeded,
     Internal,
 }
 
@@ -110,6 +118,9 @@ impl ApiError {
             ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, Kind::Overloaded),
             ApiError::RateLimited { .. } | ApiError::AuthThrottled { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, Kind::RateLimited)
+            }
+            ApiError::BudgetExceeded { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, Kind::BudgetExceeded)
             }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, Kind::Internal),
         }
@@ -171,7 +182,8 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Overloaded { retry_after }
             | ApiError::RateLimited { retry_after }
-            | ApiError::AuthThrottled { retry_after } => {
+            | ApiError::AuthThrottled { retry_after }
+            | ApiError::BudgetExceeded { retry_after, .. } => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
                 if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                     headers.insert(header::RETRY_AFTER, v);
@@ -225,6 +237,10 @@ mod tests {
             ApiError::AuthThrottled {
                 retry_after: Duration::ZERO,
             },
+            ApiError::BudgetExceeded {
+                budget: "daily_token_budget",
+                retry_after: Duration::ZERO,
+            },
             ApiError::Internal(String::new()),
         ]
     }
@@ -245,7 +261,7 @@ mod tests {
     #[test]
     fn every_kind_is_described() {
         let described = described_kinds();
-        assert_eq!(described.len(), 9, "{described:?}");
+        assert_eq!(described.len(), 10, "{described:?}");
         let answered: Vec<String> = all()
             .iter()
             .map(|e| serde_json::to_value(e.status_and_kind().1).unwrap())

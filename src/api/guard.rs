@@ -1,17 +1,18 @@
 //! Who may call, how often: API keys, per-client rate limits, the throttle on wrong keys and
 //! tokens, and request accounting.
 //!
-//! Keys are compared in constant time against every configured key (no early exit), so the
-//! timing of a refusal says nothing about how close a guess was. Rate limits (`rate_limit`)
-//! are keyed by the API key when keys are configured, else by the client's address; they are
-//! off unless `RATE_LIMIT_PER_MINUTE` is set. Wrong keys and admin tokens are throttled per
+//! Keys are compared in constant time against every configured key (no early exit, see
+//! `clients::KeySet::authenticate`), so the timing of a refusal says nothing about how close
+//! a guess was. Rate limits (`rate_limit`) are keyed by the API key when keys are
+//! configured, else by the client's address; they are off unless `RATE_LIMIT_PER_MINUTE` is
+//! set or a named key has a rate of its own. Wrong keys and admin tokens are throttled per
 //! client address whatever the rate limit says ([`AuthThrottle`]). The client's address is
 //! the TCP peer's, or behind a trusted proxy the one it forwarded (`client_addr`).
 
 use std::{
     collections::{HashMap, VecDeque},
     net::IpAddr,
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -30,11 +31,18 @@ use super::{
     client_addr::{self, TrustedProxies, identity as throttle_key},
     rate_limit::{ClientKey, RateLimits},
 };
-use crate::{audit::Store, config::Config, domain::Secret, metrics::Metrics};
+use crate::{
+    audit::Store,
+    clients::{Client, Keys},
+    config::Config,
+    domain::Secret,
+    metrics::Metrics,
+};
 
 pub struct Guard {
-    keys: Vec<Secret>,
-    limits: Option<RateLimits>,
+    /// `API_KEYS` and `API_KEYS_FILE`; swapped whole on `SIGHUP`.
+    keys: Arc<Keys>,
+    limits: RateLimits,
     /// One table for API keys and the admin token: an address gets one budget of guesses,
     /// not one per secret.
     throttle: Option<AuthThrottle>,
@@ -64,7 +72,7 @@ impl Guard {
     /// database; otherwise they are this process's.
     pub fn new(config: &Config, store: Option<&Store>) -> Guard {
         Guard {
-            keys: config.api_keys.clone(),
+            keys: Arc::new(Keys::from_config(config)),
             limits: RateLimits::new(config, store),
             throttle: config
                 .auth_failure_limit
@@ -114,21 +122,21 @@ impl Guard {
         }
     }
 
-    /// Which configured key the request carries, if keys are required.
-    fn authenticate(&self, headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
-        if self.keys.is_empty() {
-            return Ok(None);
-        }
-        bearer_secret(headers, &self.keys)
-            .map(Some)
-            .ok_or(ApiError::Unauthorized)
+    /// The keys in force (reloaded on `SIGHUP`).
+    pub fn keys(&self) -> &Arc<Keys> {
+        &self.keys
     }
 
-    async fn check_rate(&self, client: ClientKey, metrics: &Metrics) -> Result<(), ApiError> {
-        match &self.limits {
-            Some(limits) => limits.check(&client, metrics).await,
-            None => Ok(()),
+    /// Which configured key the request carries, if keys are required.
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Arc<Client>>, ApiError> {
+        let keys = self.keys.current();
+        if keys.is_empty() {
+            return Ok(None);
         }
+        bearer(headers)
+            .and_then(|presented| keys.authenticate(presented))
+            .map(Some)
+            .ok_or(ApiError::Unauthorized)
     }
 
     /// Forgets clients idle long enough that their bucket is full again (and addresses whose
@@ -138,9 +146,7 @@ impl Guard {
         if let Some(throttle) = &self.throttle {
             throttle.forget_expired();
         }
-        if let Some(limits) = &self.limits {
-            limits.forget_idle().await;
-        }
+        self.limits.forget_idle().await;
     }
 
     pub const CLEANUP_EVERY: Duration = Duration::from_secs(60);
@@ -180,13 +186,14 @@ pub(super) async fn protect(
     let guard = &state.guard;
     let ip = guard.client(request.extensions(), request.headers());
     let address_key = || ClientKey::address(ip);
-    if !guard.keys.is_empty()
+    let global = guard.limits.global();
+    if !guard.keys.current().is_empty()
         && let Err(throttled) = guard.admit(ip, Realm::Query, &state.metrics)
     {
         return refuse(&state, "auth_throttled", throttled);
     }
-    let key = match guard.authenticate(request.headers()) {
-        Ok(key) => key,
+    let client = match guard.authenticate(request.headers()) {
+        Ok(client) => client,
         Err(e) => {
             // Only a key that was presented is a guess; a request without one (a client not
             // yet configured) is refused but not held against its address.
@@ -194,25 +201,42 @@ pub(super) async fn protect(
                 guard.failed(ip, Realm::Query, &state.metrics);
             }
             // Failed attempts also spend the address's rate-limit budget, when limits are on.
-            if let Err(limited) = guard.check_rate(address_key(), &state.metrics).await {
+            let address = address_key();
+            if let Err(limited) = guard.limits.check(&address, global, &state.metrics).await {
                 return refuse(&state, "rate_limited", limited);
             }
             return refuse(&state, "unauthorized", e);
         }
     };
-    let client = match key {
-        Some(i) => ClientKey::ApiKey(i),
-        None => address_key(),
+    let (bucket, rate) = match &client {
+        Some(c) => (ClientKey::Key(Arc::clone(c.bucket())), c.rate),
+        None => (address_key(), global),
     };
-    if let Err(e) = guard.check_rate(client, &state.metrics).await {
-        return refuse(&state, "rate_limited", e);
+    let label = ClientLabel(client.as_ref().and_then(|c| c.name().cloned()));
+    if let Err(e) = guard.limits.check(&bucket, rate, &state.metrics).await {
+        return labelled(refuse(&state, "rate_limited", e), label);
     }
-    // Which key it was, for the handlers: a run belongs to the key that started it.
+    // Which key it was, for the handlers: a run belongs to the key that started it, and is
+    // counted against its budgets.
     let mut request = request;
-    if let Some(i) = key {
-        request.extensions_mut().insert(super::AuthenticatedKey(i));
+    if let Some(client) = client {
+        request
+            .extensions_mut()
+            .insert(super::AuthenticatedClient(client));
     }
-    next.run(request).await
+    labelled(next.run(request).await, label)
+}
+
+/// The name of the key a request authenticated with, for the `client` label of
+/// `duet_requests_total` (read by [`count`] from the response).
+#[derive(Clone)]
+struct ClientLabel(Option<Arc<str>>);
+
+fn labelled(mut response: Response, label: ClientLabel) -> Response {
+    if label.0.is_some() {
+        response.extensions_mut().insert(label);
+    }
+    response
 }
 
 fn refuse(state: &AppState, reason: &str, error: ApiError) -> Response {
@@ -354,18 +378,23 @@ impl FailureTable {
     }
 }
 
-/// Counts every answered request by route template (never the raw path: unbounded labels)
-/// and status.
+/// Counts every answered request by route template (never the raw path: unbounded labels),
+/// status, and client: the name of the key from `API_KEYS_FILE`, so bounded by the file;
+/// empty for a request without a key, with a key of `API_KEYS`, or refused before its key
+/// was known (Prometheus treats an empty label as no label, so sums by route and status read
+/// as before).
 pub(super) async fn count(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "other".to_owned(), |p| p.as_str().to_owned());
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
+    let client = response.extensions_mut().remove::<ClientLabel>();
+    let client = client.as_ref().and_then(|c| c.0.as_deref()).unwrap_or("");
     state
         .metrics
         .requests_total
-        .with_label_values(&[&route, response.status().as_str()])
+        .with_label_values(&[&route, response.status().as_str(), client])
         .inc();
     response
 }

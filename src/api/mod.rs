@@ -7,12 +7,14 @@
 //! error-logging layer), the state handlers share, the names shared by several submodules,
 //! and the small operational handlers (`/healthz`, `/metrics`, the 404 and 405 fallbacks).
 //! Each other job has its module: `query` the query endpoints, `request` parsing them,
-//! `guard` authentication and rate limits, `admin` `/runs` and `/readyz`, `page` the browser
+//! `guard` authentication and rate limits, `admin` `/runs` and `/readyz`, `clients`
+//! `/clients`, `page` the browser
 //! page, `error` the error answers, `openapi` the API description, `openai` the
 //! OpenAI-compatible `/v1` endpoints.
 
 mod admin;
 mod client_addr;
+mod clients;
 mod error;
 mod guard;
 mod openai;
@@ -62,16 +64,19 @@ pub struct AppState {
     pub run_ends: Option<Arc<crate::audit::notify::RunEnds>>,
     /// Whether this process still holds its instance id (`/readyz`); `None` outside `serve`.
     pub instance: Option<Arc<crate::audit::instance::IdClaim>>,
+    /// Each named key's usage today, and its daily budgets (contract §11).
+    pub usage: Arc<crate::clients::usage::Usage>,
 }
 
 pub const X_RUN_ID: &str = "x-run-id";
 
 pub const X_REQUEST_ID: &str = "x-request-id";
 
-/// Which configured API key a request authenticated with (its index in `API_KEYS`): put in
-/// the request's extensions by the guard; absent without API_KEYS.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AuthenticatedKey(pub usize);
+/// Which configured API key a request authenticated with: put in the request's extensions
+/// by the guard; absent without keys. It holds the client itself, not its place in the key
+/// set, so a reload during the request changes nothing for it.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthenticatedClient(pub Arc<crate::clients::Client>);
 
 /// The whole HTTP app, from its state. Binding a socket is the caller's business.
 pub fn router(state: AppState) -> Router {
@@ -97,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .route("/vendor/marked.umd.js", get(page::marked))
         .route("/vendor/purify.min.js", get(page::purify))
         .route("/runs/{run_id}", get(admin::get_run))
+        .route("/clients", get(clients::list))
         .route("/healthz", get(healthz))
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(metrics))

@@ -37,6 +37,7 @@ use crate::events::EventKind;
         super::query::stream_get,
         super::query::query_post,
         super::admin::get_run,
+        super::clients::list,
         super::healthz,
         super::admin::readyz,
         super::metrics,
@@ -103,8 +104,9 @@ impl Modify for Security {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "One of the keys in API_KEYS. Needed by /query and /query/stream only \
-                         when API_KEYS is set; never put a key in a URL.",
+                        "One of the keys in API_KEYS or API_KEYS_FILE. Needed by /query, \
+                         /query/stream and /v1 only when keys are set; never put a key in a \
+                         URL.",
                     ))
                     .build(),
             ),
@@ -115,7 +117,8 @@ impl Modify for Security {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "ADMIN_TOKEN. Without it configured, /runs/{run_id} answers 404.",
+                        "ADMIN_TOKEN. Without it configured, /runs/{run_id} and /clients \
+                         answer 404.",
                     ))
                     .build(),
             ),
@@ -424,8 +427,12 @@ mod responses {
     #[response(example = json!({"error": {"type": "unsupported_media_type", "message": "send the body as application/json"}}))]
     pub(in crate::api) struct UnsupportedMediaType(ErrorBody<'static>);
 
-    /// Too many requests from this client (RATE_LIMIT_PER_MINUTE), or too many wrong keys or
-    /// tokens from its address (AUTH_FAILURE_LIMIT); retry after the given seconds.
+    /// Too many requests from this client (RATE_LIMIT_PER_MINUTE, or its key's own
+    /// rate_limit_per_minute), or too many wrong keys or tokens from its address
+    /// (AUTH_FAILURE_LIMIT): `rate_limited`; or the key's daily budget is used up
+    /// (`budget_exceeded`, the message naming `daily_token_budget` or
+    /// `daily_cost_budget_usd`, `Retry-After` the seconds to midnight UTC). Retry after the
+    /// given seconds.
     #[derive(ToResponse)]
     #[response(
         headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),

@@ -144,7 +144,7 @@ fn serve(index: usize, uri: &Uri, headers: &HeaderMap) -> Response {
     content_type = "text/html; charset=utf-8", body = String)))]
 pub(super) async fn index(State(state): State<AppState>) -> Response {
     // The page needs to know whether to ask for a key; it is told nothing else.
-    let auth = if state.config.api_keys.is_empty() {
+    let auth = if state.guard.keys().current().is_empty() {
         "false"
     } else {
         "true"

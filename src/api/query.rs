@@ -7,7 +7,7 @@
 //! store, or another replica's run) is `resume`'s; parsing and validating a request is
 //! `request`'s; the router and state are `mod`'s.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
     Extension, Json,
@@ -20,14 +20,15 @@ use serde::Serialize;
 use utoipa::openapi::{Ref, RefOr};
 
 use super::{
-    ApiError, AppState, AuthenticatedKey, X_REQUEST_ID, X_RUN_ID,
+    ApiError, AppState, AuthenticatedClient, X_REQUEST_ID, X_RUN_ID,
     error::Context,
     openapi,
     request::{self, QueryParams, client_request_id, parse_get, parse_post},
 };
 use crate::{
     audit::{ModelTrace, Outcome, RunRecord, RunStatus},
-    domain::{Role, Secret},
+    clients::Client,
+    domain::Role,
     events::AnswerEvent,
     run::{AtCapacity, RunHandle, RunRequest},
     sse::{self, EventBody},
@@ -50,13 +51,13 @@ use crate::{
 )]
 pub(super) async fn stream_post(
     State(state): State<AppState>,
-    key: Option<Extension<AuthenticatedKey>>,
+    key: Option<Extension<AuthenticatedClient>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = caller_key(&state, key)?;
     let params = parse_post(&headers, body, state.config.max_query_bytes);
-    stream(&state, &headers, caller, params).await
+    stream(&state, &headers, caller.as_ref(), params).await
 }
 
 /// The same as `POST /query/stream`, for `EventSource` in browsers.
@@ -71,13 +72,13 @@ pub(super) async fn stream_post(
 )]
 pub(super) async fn stream_get(
     State(state): State<AppState>,
-    key: Option<Extension<AuthenticatedKey>>,
+    key: Option<Extension<AuthenticatedClient>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let caller = caller_key(&state, key)?;
     let params = async { parse_get(query.as_deref(), state.config.max_query_bytes) };
-    stream(&state, &headers, caller, params).await
+    stream(&state, &headers, caller.as_ref(), params).await
 }
 
 /// What both forms of `/query/stream` answer (`POST` adds 415 for its body's media type):
@@ -113,15 +114,15 @@ impl utoipa::IntoResponses for StreamResponses {
 async fn stream(
     state: &AppState,
     headers: &HeaderMap,
-    caller: Option<&Secret>,
+    caller: Option<&Arc<Client>>,
     params: impl Future<Output = Result<QueryParams, ApiError>>,
 ) -> Result<Response, ApiError> {
     if let Some(last) = last_event_id(headers) {
-        return super::resume::resume(state, last, caller).await;
+        return super::resume::resume(state, last, caller.map(|c| c.key())).await;
     }
     let params = params.await?;
     let client_request_id = client_request_id(headers)?;
-    let handle = start_run(state, params, client_request_id.clone(), caller)?;
+    let handle = start_run(state, params, client_request_id.clone(), caller).await?;
     Ok(event_stream(
         state,
         handle.events,
@@ -138,37 +139,54 @@ fn last_event_id(headers: &HeaderMap) -> Option<&HeaderValue> {
     headers.get("last-event-id").filter(|v| !v.is_empty())
 }
 
-/// The API key the request authenticated with; `None` without API_KEYS. With keys configured
+/// The API key the request authenticated with; `None` without keys. With keys configured
 /// a request that reached a handler has one (the guard refuses the rest); if the guard were
 /// ever missing from a route, the request is refused rather than run without an owner.
 pub(super) fn caller_key(
     state: &AppState,
-    key: Option<Extension<AuthenticatedKey>>,
-) -> Result<Option<&Secret>, ApiError> {
-    if state.config.api_keys.is_empty() {
+    key: Option<Extension<AuthenticatedClient>>,
+) -> Result<Option<Arc<Client>>, ApiError> {
+    if let Some(Extension(AuthenticatedClient(client))) = key {
+        return Ok(Some(client));
+    }
+    if state.guard.keys().current().is_empty() {
         return Ok(None);
     }
-    key.and_then(|Extension(key)| state.config.api_keys.get(key.0))
-        .map(Some)
-        .ok_or(ApiError::Unauthorized)
+    Err(ApiError::Unauthorized)
 }
 
-pub(super) fn start_run(
+/// Starts a run for `caller`: refused (429) when its key has used up a daily budget (the
+/// run is counted against its budgets otherwise), or when the service is at capacity.
+pub(super) async fn start_run(
     state: &AppState,
     params: QueryParams,
     client_request_id: Option<String>,
-    caller: Option<&Secret>,
+    caller: Option<&Arc<Client>>,
 ) -> Result<RunHandle, ApiError> {
+    if let Some(client) = caller
+        && let Err(over) = state.usage.admit(client, chrono::Utc::now()).await
+    {
+        state
+            .metrics
+            .streams_rejected_total
+            .with_label_values(&["budget_exceeded"])
+            .inc();
+        return Err(ApiError::BudgetExceeded {
+            budget: over.budget.as_str(),
+            retry_after: over.retry_after,
+        });
+    }
     let handle = state
         .orchestrator
         .start(
             RunRequest {
-                conversation: std::sync::Arc::new(params.conversation),
+                conversation: Arc::new(params.conversation),
                 params: params.params,
                 deltas: params.deltas,
                 client_request_id,
+                client_id: caller.and_then(|c| c.name().cloned()),
             },
-            caller,
+            caller.map(|c| c.key()),
         )
         .inspect_err(|AtCapacity| count_capacity_refusal(state))?;
     Ok(handle)
@@ -264,7 +282,7 @@ pub(super) fn insert_ids(h: &mut HeaderMap, run_id: uuid::Uuid, client_request_i
 )]
 pub(super) async fn query_post(
     State(state): State<AppState>,
-    key: Option<Extension<AuthenticatedKey>>,
+    key: Option<Extension<AuthenticatedClient>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -275,7 +293,7 @@ pub(super) async fn query_post(
         deltas: false,
         ..params
     };
-    let mut handle = start_run(&state, params, client_request_id.clone(), caller)?;
+    let mut handle = start_run(&state, params, client_request_id.clone(), caller.as_ref()).await?;
     // Keep draining so the run never waits on a full channel; the record arrives after
     // the last event. If this request is dropped (client gone), so is the receiver, and
     // the run cancels itself.

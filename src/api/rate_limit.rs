@@ -1,5 +1,7 @@
 //! Rate limits (contract §8): a GCRA bucket per client, keyed on the API key when keys are
-//! set, else on the client address; off unless `RATE_LIMIT_PER_MINUTE` is set.
+//! set, else on the client address; off unless `RATE_LIMIT_PER_MINUTE` is set, or a key of
+//! `API_KEYS_FILE` has a `rate_limit_per_minute` of its own (contract §11; each key's rate is
+//! resolved in `clients::KeySet`).
 //!
 //! On SQLite (one process) the buckets live in memory (the `governor` crate). On PostgreSQL
 //! every replica shares one budget per client: the bucket is a row of `rate_limit_buckets`
@@ -17,29 +19,32 @@
 //! decided so.
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
-    num::NonZeroU32,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use governor::{
-    DefaultKeyedRateLimiter, Quota, RateLimiter,
+    DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter,
     clock::{Clock, DefaultClock},
 };
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{ApiError, client_addr};
-use crate::{audit::Store, config::Config, domain::Secret, metrics::Metrics};
+use crate::{audit::Store, clients::Rate, config::Config, metrics::Metrics};
 
 /// The identity a rate limit is kept for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) enum ClientKey {
-    /// Index of the API key used (in memory only: the shared table keeps a fingerprint).
-    ApiKey(usize),
+    /// An API key's bucket (`clients::Client::bucket`): its name, or a fingerprint of an
+    /// unnamed key; never the key.
+    Key(Arc<str>),
     /// The client's address, as [`client_addr::identity`] groups it.
     Address(IpAddr),
 }
@@ -56,36 +61,58 @@ pub(super) const SHARED_CHECK_TIMEOUT: Duration = Duration::from_millis(250);
 /// tried again.
 pub(super) const SHARED_BACKOFF: Duration = Duration::from_secs(5);
 
+/// A key's own bucket, and the rate it was made for.
+type OwnBucket = (Rate, Arc<DefaultDirectRateLimiter>);
+
+fn quota(rate: Rate) -> Quota {
+    Quota::per_minute(rate.per_minute).allow_burst(rate.burst)
+}
+
 pub(super) struct RateLimits {
-    /// The budget on SQLite, and the fallback on PostgreSQL.
-    local: DefaultKeyedRateLimiter<ClientKey>,
+    /// `RATE_LIMIT_PER_MINUTE` and `RATE_LIMIT_BURST`, when on.
+    global: Option<Rate>,
+    /// The buckets on the global limit (addresses, and keys without a rate of their own):
+    /// the budget on SQLite, and the fallback on PostgreSQL.
+    local: Option<DefaultKeyedRateLimiter<ClientKey>>,
+    /// The buckets of keys with a rate of their own (`API_KEYS_FILE`), each with the rate it
+    /// was made for: a reload that keeps a key's rate keeps its bucket, one that changes it
+    /// starts a new one. At most one per key name ever configured.
+    own: Mutex<HashMap<Arc<str>, OwnBucket>>,
     shared: Option<Shared>,
 }
 
 impl RateLimits {
-    /// `None` when limits are off.
-    pub(super) fn new(config: &Config, store: Option<&Store>) -> Option<RateLimits> {
-        let rate = NonZeroU32::new(config.rate_limit_per_minute?)?;
-        let burst = NonZeroU32::new(config.rate_limit_burst)?;
-        let quota = Quota::per_minute(rate).allow_burst(burst);
-        let shared = match store {
-            Some(Store::Postgres(pool)) => Some(Shared::new(pool.clone(), config, quota)),
-            _ => None,
-        };
-        Some(RateLimits {
-            local: RateLimiter::keyed(quota),
-            shared,
-        })
+    pub(super) fn new(config: &Config, store: Option<&Store>) -> RateLimits {
+        let global = Rate::global(config);
+        RateLimits {
+            global,
+            local: global.map(|rate| RateLimiter::keyed(quota(rate))),
+            own: Mutex::default(),
+            shared: match store {
+                Some(Store::Postgres(pool)) => Some(Shared::new(pool.clone())),
+                _ => None,
+            },
+        }
     }
 
-    /// Takes one request from `client`'s budget, or says how long until it may come back.
+    /// The global limit, which addresses are held to.
+    pub(super) fn global(&self) -> Option<Rate> {
+        self.global
+    }
+
+    /// Takes one request from `client`'s budget under `rate` (`None`: no limit), or says
+    /// how long until it may come back.
     pub(super) async fn check(
         &self,
         client: &ClientKey,
+        rate: Option<Rate>,
         metrics: &Metrics,
     ) -> Result<(), ApiError> {
+        let Some(rate) = rate else {
+            return Ok(());
+        };
         if let Some(shared) = &self.shared {
-            match shared.check(client).await {
+            match shared.check(client, rate).await {
                 Ok(result) => return result,
                 Err(reason) => {
                     metrics
@@ -95,18 +122,38 @@ impl RateLimits {
                 }
             }
         }
-        self.local
-            .check_key(client)
-            .map_err(|not_until| ApiError::RateLimited {
-                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-            })
+        let refused = |not_until: governor::NotUntil<_>| ApiError::RateLimited {
+            retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+        };
+        match (&self.local, client) {
+            (Some(local), _) if Some(rate) == self.global => {
+                local.check_key(client).map_err(refused)
+            }
+            (_, ClientKey::Key(bucket)) => self.own_bucket(bucket, rate).check().map_err(refused),
+            // An address is only ever held to the global limit, handled above.
+            (_, ClientKey::Address(_)) => Ok(()),
+        }
+    }
+
+    fn own_bucket(&self, bucket: &Arc<str>, rate: Rate) -> Arc<DefaultDirectRateLimiter> {
+        let mut own = self.own.lock().unwrap_or_else(PoisonError::into_inner);
+        match own.get(bucket) {
+            Some((r, limiter)) if *r == rate => Arc::clone(limiter),
+            _ => {
+                let limiter = Arc::new(RateLimiter::direct(quota(rate)));
+                own.insert(Arc::clone(bucket), (rate, Arc::clone(&limiter)));
+                limiter
+            }
+        }
     }
 
     /// Forgets clients whose bucket is full again, here and (on PostgreSQL) in the shared
     /// table, so neither grows with every client ever seen.
     pub(super) async fn forget_idle(&self) {
-        self.local.retain_recent();
-        self.local.shrink_to_fit();
+        if let Some(local) = &self.local {
+            local.retain_recent();
+            local.shrink_to_fit();
+        }
         if let Some(shared) = &self.shared {
             shared.forget_idle().await;
         }
@@ -162,52 +209,25 @@ const FORGET: &str = "DELETE FROM rate_limit_buckets WHERE tat < now()";
 /// The shared budget on PostgreSQL.
 struct Shared {
     pool: PgPool,
-    /// Seconds per request.
-    emission_s: f64,
-    /// Seconds of requests a full bucket holds.
-    burst_s: f64,
-    /// The bucket name of each API key, by index: a fingerprint, never the key, computed
-    /// once. The same key is the same bucket on every replica, whatever order each lists
-    /// its keys in.
-    key_buckets: Vec<String>,
     /// Milliseconds after `epoch` before which the database is not asked (0: ask).
     backoff_until_ms: AtomicU64,
     epoch: Instant,
 }
 
-/// The shared bucket of an API key: `key:` and 128 bits of SHA-256 over a fixed prefix and
-/// the key. Enough that keys never collide; nothing to recover the key from (keys are long
-/// random strings). The runbook shows the same computation in shell, for operators.
-fn key_bucket(key: &Secret) -> String {
-    let digest = Sha256::new()
-        .chain_update(b"duet rate limit\0")
-        .chain_update(key.expose().as_bytes())
-        .finalize();
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("key:{hex}")
-}
-
 impl Shared {
-    fn new(pool: PgPool, config: &Config, quota: Quota) -> Shared {
-        let emission_s = quota.replenish_interval().as_secs_f64();
-        let key_buckets = config.api_keys.iter().map(key_bucket).collect();
+    fn new(pool: PgPool) -> Shared {
         Shared {
             pool,
-            emission_s,
-            burst_s: emission_s * f64::from(quota.burst_size().get()),
-            key_buckets,
             backoff_until_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
 
-    fn bucket(&self, client: &ClientKey) -> String {
+    /// The bucket's row name. The same key is the same bucket on every replica, whatever
+    /// order each lists its keys in.
+    fn bucket(client: &ClientKey) -> String {
         match client {
-            ClientKey::ApiKey(i) => self
-                .key_buckets
-                .get(*i)
-                .cloned()
-                .unwrap_or_else(|| format!("key-index:{i}")),
+            ClientKey::Key(bucket) => bucket.to_string(),
             ClientKey::Address(ip @ IpAddr::V4(_)) => format!("ip:{ip}"),
             ClientKey::Address(ip @ IpAddr::V6(_)) => format!("ip:{ip}/64"),
         }
@@ -218,7 +238,15 @@ impl Shared {
     }
 
     /// The decision of the shared budget, or why there is none.
-    async fn check(&self, client: &ClientKey) -> Result<Result<(), ApiError>, Fallback> {
+    async fn check(
+        &self,
+        client: &ClientKey,
+        rate: Rate,
+    ) -> Result<Result<(), ApiError>, Fallback> {
+        let q = quota(rate);
+        // Seconds per request, and seconds of requests a full bucket holds.
+        let emission_s = q.replenish_interval().as_secs_f64();
+        let burst_s = emission_s * f64::from(q.burst_size().get());
         let backoff_until = self.backoff_until_ms.load(Ordering::Relaxed);
         if backoff_until != 0 {
             if self.now_ms() < backoff_until {
@@ -235,9 +263,9 @@ impl Shared {
             }
         }
         let query = sqlx::query_as::<_, (bool, Option<f64>)>(TAKE)
-            .bind(self.bucket(client))
-            .bind(self.emission_s)
-            .bind(self.burst_s)
+            .bind(Shared::bucket(client))
+            .bind(emission_s)
+            .bind(burst_s)
             .fetch_one(&self.pool);
         let (allowed, ahead_s) = match tokio::time::timeout(SHARED_CHECK_TIMEOUT, query).await {
             Ok(Ok(row)) => {
@@ -253,9 +281,7 @@ impl Shared {
             return Ok(Ok(()));
         }
         // Allowed again once the bucket is no more than a burst ahead after one more request.
-        let wait_s = ahead_s.map_or(self.emission_s, |ahead| {
-            ahead + self.emission_s - self.burst_s
-        });
+        let wait_s = ahead_s.map_or(emission_s, |ahead| ahead + emission_s - burst_s);
         Ok(Err(ApiError::RateLimited {
             retry_after: Duration::try_from_secs_f64(wait_s.max(0.0)).unwrap_or(Duration::ZERO),
         }))
@@ -284,19 +310,5 @@ impl Shared {
             Ok(Err(e)) => debug!(error = %e, "cannot forget idle rate-limit buckets"),
             Err(_) => debug!("forgetting idle rate-limit buckets took too long"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The runbook's `printf 'duet rate limit\0%s' "$KEY" | sha256sum | cut -c1-32`.
-    #[test]
-    fn a_keys_bucket_is_its_fingerprint_as_the_runbook_computes_it() {
-        assert_eq!(
-            key_bucket(&Secret::new("sk-test-alpha")),
-            "key:d60ef6044804c9bcf9c2ba1e837e5426"
-        );
     }
 }

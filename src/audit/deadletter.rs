@@ -382,6 +382,7 @@ mod tests {
             pro: trace,
             events: Vec::new(),
             owner_fingerprint: None,
+            client_id: None,
             cost_usd: Some((0.1 + 0.2) * 2.0),
         }
     }

@@ -238,6 +238,10 @@ pub struct RunRecord {
     /// (anyone may resume it). See `resume::Owner`.
     #[serde(default)]
     pub owner_fingerprint: Option<String>,
+    /// The name of the API key that started the run (`API_KEYS_FILE`, contract §11), never
+    /// the key; `None` without a key, for a key of `API_KEYS`, and in older records.
+    #[serde(default)]
+    pub client_id: Option<String>,
 }
 
 impl RunRecord {
@@ -278,6 +282,7 @@ impl RunRecord {
             + self.messages.as_deref().map_or(0, messages_bytes)
             + self.params.as_ref().map_or(0, params_bytes)
             + opt(&self.client_request_id)
+            + opt(&self.client_id)
             + self.service_version.len()
             + self
                 .events
@@ -350,6 +355,9 @@ pub struct OpenRun {
     /// another replica. Not shown by `GET /runs/{run_id}`, which never showed it for open runs.
     #[serde(skip)]
     pub owner_fingerprint: Option<String>,
+    /// As in [`RunRecord::client_id`].
+    #[serde(default)]
+    pub client_id: Option<String>,
     /// Always `null`: a run without a record has no traces.
     #[schema(value_type = Option<ModelTrace>)]
     pub flash: Option<ModelTrace>,
@@ -397,6 +405,8 @@ pub struct StartedRun {
     pub owner_fingerprint: Option<String>,
     /// Stamped by the writer: this process's instance id.
     pub instance_id: Option<String>,
+    /// As in [`RunRecord::client_id`].
+    pub client_id: Option<Arc<str>>,
 }
 
 impl StartedRun {
@@ -410,6 +420,7 @@ impl StartedRun {
                 .map_or(0, |c| c.content_bytes() + 32 * (c.turns().len() + 1))
             + self.params.as_ref().map_or(0, params_bytes)
             + self.client_request_id.as_ref().map_or(0, String::len)
+            + self.client_id.as_ref().map_or(0, |c| c.len())
             + 192
     }
 }

@@ -40,10 +40,12 @@ pub(super) fn connect_lazy(url: &str, acquire_timeout: Duration) -> Result<PgPoo
 /// record came first) is left alone.
 const INSERT_STARTED: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
-                       service_version, owner_fingerprint, instance_id, messages, params)
-SELECT r, c, t, q, s, 'running', 0, $6, o, i, m::jsonb, p::jsonb
+                       service_version, owner_fingerprint, instance_id, messages, params,
+                       client_id)
+SELECT r, c, t, q, s, 'running', 0, $6, o, i, m::jsonb, p::jsonb, k
 FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
-            $7::text[], $8::text[], $9::text[], $10::text[]) AS u(r, c, t, q, s, o, i, m, p)
+            $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
+     AS u(r, c, t, q, s, o, i, m, p, k)
 ON CONFLICT (run_id) DO NOTHING";
 
 /// A record's run row: inserted, or finalizing the run's `running` row (contract §8), or
@@ -55,12 +57,12 @@ ON CONFLICT (run_id) DO NOTHING";
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
                        service_version, events, owner_fingerprint, instance_id, messages, params,
-                       cost_usd)
-SELECT r, c, t, q, s, st, ms, v, e, o, $11, m::jsonb, p::jsonb, cu
+                       client_id, cost_usd)
+SELECT r, c, t, q, s, st, ms, v, e, o, $11, m::jsonb, p::jsonb, k, cu
 FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
             $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[], $12::text[],
-            $13::text[], $14::float8[])
-     AS u(r, c, t, q, s, st, ms, v, e, o, m, p, cu)
+            $13::text[], $14::text[], $15::float8[])
+     AS u(r, c, t, q, s, st, ms, v, e, o, m, p, k, cu)
 ON CONFLICT (run_id) DO UPDATE SET
     status = excluded.status, total_ms = excluded.total_ms,
     service_version = excluded.service_version, events = excluded.events,
@@ -117,6 +119,7 @@ struct Started {
     instance_id: Vec<Option<String>>,
     messages: Vec<Option<String>>,
     params: Vec<Option<String>>,
+    client: Vec<Option<String>>,
 }
 
 pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64> {
@@ -138,6 +141,9 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
                 .map(|c| messages_column(c.messages(), json_text)),
         );
         started.params.push(s.params.as_ref().map(params_column));
+        started
+            .client
+            .push(s.client_id.as_deref().map(str::to_owned));
     }
     let n = records.len();
     let mut run_ids = Vec::with_capacity(n);
@@ -152,6 +158,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
     let mut owners = Vec::with_capacity(n);
     let mut messages = Vec::with_capacity(n);
     let mut params = Vec::with_capacity(n);
+    let mut clients = Vec::with_capacity(n);
     let mut costs = Vec::with_capacity(n);
     for r in records {
         run_ids.push(r.run_id.to_string());
@@ -170,6 +177,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
             }),
         );
         params.push(r.params.as_ref().map(params_column));
+        clients.push(r.client_id.as_deref());
         costs.push(r.cost_usd);
     }
 
@@ -194,6 +202,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
                 .bind(&started.instance_id)
                 .bind(&started.messages)
                 .bind(&started.params)
+                .bind(&started.client)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -215,6 +224,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
             .bind(batch.instance_id)
             .bind(&messages)
             .bind(&params)
+            .bind(&clients)
             .bind(&costs)
             .execute(&mut *tx)
             .await?

@@ -119,7 +119,8 @@ where
     let id = run_id.to_string();
     let sql = format!(
         "SELECT client_request_id, created_at, query, system, status, total_ms, \
-         service_version, events, owner_fingerprint, instance_id, cost_usd, {} FROM dual_runs \
+         service_version, events, owner_fingerprint, instance_id, client_id, cost_usd, \
+         {} FROM dual_runs \
          WHERE {}",
         dialect.json_columns, dialect.by_run_id
     );
@@ -148,6 +149,7 @@ where
             service_version: run.try_get("service_version")?,
             instance_id: run.try_get("instance_id")?,
             owner_fingerprint: run.try_get("owner_fingerprint")?,
+            client_id: run.try_get("client_id")?,
             flash: None,
             pro: None,
         })));
@@ -205,6 +207,7 @@ where
         events: events::from_column(run.try_get::<Option<String>, _>("events")?.as_deref())
             .map_err(|e| corrupt(run_id, format!("events: {e}")))?,
         owner_fingerprint: run.try_get("owner_fingerprint")?,
+        client_id: run.try_get("client_id")?,
     })
 }
 

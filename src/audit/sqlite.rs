@@ -41,8 +41,8 @@ use super::{
 };
 
 /// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
-/// runs binds 14 values per run and 16 per trace (two per run): 500 runs bind 23000. A chunk
-/// of start rows binds 10 values each.
+/// runs binds 15 values per run and 16 per trace (two per run): 500 runs bind 23500. A chunk
+/// of start rows binds 11 values each.
 const CHUNK: usize = 500;
 
 /// A record's run row: inserted, or finalizing the run's `running` row (contract §8), or
@@ -261,7 +261,7 @@ async fn insert_started(tx: &mut SqliteConnection, batch: &Batch<'_>) -> Result<
         let mut runs = QueryBuilder::<Sqlite>::new(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
              status, total_ms, service_version, owner_fingerprint, instance_id, messages, \
-             params) ",
+             params, client_id) ",
         );
         runs.push_values(chunk, |mut row, r| {
             row.push_bind(r.run_id.to_string())
@@ -279,7 +279,8 @@ async fn insert_started(tx: &mut SqliteConnection, batch: &Batch<'_>) -> Result<
                         .as_ref()
                         .map(|c| messages_column(c.messages(), Cow::Borrowed)),
                 )
-                .push_bind(r.params.as_ref().map(params_column));
+                .push_bind(r.params.as_ref().map(params_column))
+                .push_bind(r.client_id.as_deref());
         });
         runs.push(" ON CONFLICT (run_id) DO NOTHING");
         runs.build().execute(&mut *tx).await?;
@@ -297,7 +298,7 @@ async fn insert_rows(
         let mut runs = QueryBuilder::<Sqlite>::new(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
              status, total_ms, service_version, events, owner_fingerprint, instance_id, \
-             messages, params, cost_usd) ",
+             messages, params, client_id, cost_usd) ",
         );
         runs.push_values(chunk, |mut row, r| {
             row.push_bind(r.run_id.to_string())
@@ -318,6 +319,7 @@ async fn insert_rows(
                     )
                 }))
                 .push_bind(r.params.as_ref().map(params_column))
+                .push_bind(r.client_id.as_deref())
                 .push_bind(r.cost_usd);
         });
         // A replayed or resubmitted record is ignored, never duplicated (contract §5).

@@ -7,10 +7,14 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, str::FromStr, ti
 
 use crate::domain::{Role, Secret};
 
-pub use self::cidr::Cidr;
 use self::parse::*;
+pub use self::{
+    cidr::Cidr,
+    keys::{KeyFile, KeyFileError, NamedKey},
+};
 
 mod cidr;
+pub mod keys;
 mod parse;
 
 /// Which database a `DATABASE_URL` names. The one place that reads the scheme: config
@@ -159,6 +163,10 @@ pub struct Config {
     /// does not fit is dead-lettered, as when the queue is full by count.
     pub audit_queue_max_bytes: usize,
     pub api_keys: Vec<Secret>,
+    /// `API_KEYS_FILE`: where the named keys are (contract §11), read again on `SIGHUP`.
+    pub api_keys_file: Option<PathBuf>,
+    /// The named keys as read at start; `None` without `API_KEYS_FILE`.
+    pub key_file: Option<KeyFile>,
     pub admin_token: Option<Secret>,
     pub log_format: LogFormat,
     /// Sustained requests per minute per client (API key, or client address without keys;
@@ -321,7 +329,7 @@ impl Config {
                 ));
             }
         };
-        Ok(Config {
+        let mut config = Config {
             bind_addr: parse_or(
                 src,
                 "BIND_ADDR",
@@ -398,7 +406,39 @@ impl Config {
             trusted_proxies: trusted_proxies(src)?,
             audit_store_text: store_text(src)?,
             audit_retention_days: retention_days(src)?,
-        })
+            api_keys_file: var(src, "API_KEYS_FILE").map(PathBuf::from),
+            key_file: None,
+        };
+        config.key_file = config
+            .load_key_file()
+            .map_err(|e| ConfigError::new("API_KEYS_FILE", e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Reads `API_KEYS_FILE` (at start, and again on `SIGHUP`), checked against the rest of
+    /// this configuration; `None` when it is unset.
+    pub fn load_key_file(&self) -> Result<Option<KeyFile>, KeyFileError> {
+        let Some(path) = &self.api_keys_file else {
+            return Ok(None);
+        };
+        KeyFile::load(path, &self.key_file_context()).map(Some)
+    }
+
+    /// What the key file is checked against (`API_KEYS`, the prices).
+    pub fn key_file_context(&self) -> keys::Context<'_> {
+        keys::Context {
+            api_keys: &self.api_keys,
+            prices_set: self.prices_set(),
+        }
+    }
+
+    /// Whether runs have a cost in dollars (contract §9), so that a daily cost budget can be
+    /// counted: all four prices are set. With one missing, a run whose model reported tokens
+    /// has no cost (`crate::cost::of_run`), and a cost budget would never move.
+    pub fn prices_set(&self) -> bool {
+        [self.flash.prices, self.pro.prices]
+            .iter()
+            .all(|p| p.input_per_mtok.is_some() && p.output_per_mtok.is_some())
     }
 
     /// The defaults, as `cargo run` with an empty environment would see them.

@@ -59,6 +59,7 @@ fn stored_frames_are_cut_after_seq_and_answers_rebuilt() {
         pro: trace("the pro text"),
         events: log.to_events(),
         owner_fingerprint: None,
+        client_id: None,
         cost_usd: None,
     };
     assert!(

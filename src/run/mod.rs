@@ -98,6 +98,9 @@ pub struct RunRequest {
     pub params: RunParams,
     pub deltas: bool,
     pub client_request_id: Option<String>,
+    /// The name of the API key that started the run (`API_KEYS_FILE`), for the record's
+    /// `client_id`; `None` without a key or for a key of `API_KEYS`.
+    pub client_id: Option<Arc<str>>,
 }
 
 /// A started run: its id, its encoded events (ending with `done`), and its record once ended.
@@ -266,6 +269,7 @@ impl Orchestrator {
             params: (!request.params.is_empty()).then(|| request.params.clone()),
             owner_fingerprint: emitter.log.owner().map(Owner::to_hex),
             instance_id: None,
+            client_id: request.client_id.clone(),
         });
         // Boxed: an async fn keeps its arguments twice in its state (as captured and as
         // local), and the guard is the largest of them; a pointer keeps every open run's

@@ -151,6 +151,7 @@ impl Drop for RunGuard {
             cost_usd,
             events: self.emitter.log.to_events(),
             owner_fingerprint: self.emitter.log.owner().map(Owner::to_hex),
+            client_id: self.request.client_id.as_deref().map(str::to_owned),
         };
         // Only `POST /query` waits for the record; streams dropped their receiver at once,
         // and copying both answers for nobody is waste.

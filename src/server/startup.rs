@@ -47,6 +47,7 @@ pub(super) fn log(config: &Config, instance_id: &str) {
             .rate_limit_per_minute
             .map_or_else(|| "off".to_owned(), |n| n.to_string()),
         api_keys = config.api_keys.len(),
+        named_keys = config.key_file.as_ref().map_or(0, |f| f.keys.len()),
         "configuration"
     );
 }

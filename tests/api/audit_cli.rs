@@ -79,18 +79,31 @@ fn migrate_applies_reverts_and_reapplies() {
                 .args(args),
         )
     };
-    assert_eq!(migrate(&[]), "applied migrations [1, 2, 3, 4, 5, 6, 7]\n");
-    assert_eq!(migrate(&[]), "up to date at version 7\n");
+    // The SQLite migrations this build has (8 is the clients', 7 the cost issue's).
+    let mut versions: Vec<i64> = migration_files("sqlite").iter().map(|(v, _)| *v).collect();
+    versions.sort_unstable();
+    versions.dedup();
+    let list = |v: &[i64]| {
+        v.iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (newest, older) = versions.split_last().unwrap();
+    let previous = older.last().unwrap();
+    let applied = format!("applied migrations [{}]\n", list(&versions));
+    assert_eq!(migrate(&[]), applied);
+    assert_eq!(migrate(&[]), format!("up to date at version {newest}\n"));
     assert_eq!(
         migrate(&["--revert"]),
-        "reverted migrations [7]; now at version 6\n"
+        format!("reverted migrations [{newest}]; now at version {previous}\n")
     );
     assert_eq!(
         migrate(&["--revert", "--to", "0"]),
-        "reverted migrations [1, 2, 3, 4, 5, 6]; now at version 0\n"
+        format!("reverted migrations [{}]; now at version 0\n", list(older))
     );
     assert_eq!(migrate(&["--revert"]), "nothing to revert\n");
-    assert_eq!(migrate(&[]), "applied migrations [1, 2, 3, 4, 5, 6, 7]\n");
+    assert_eq!(migrate(&[]), applied);
 }
 
 #[tokio::test]
@@ -464,7 +477,10 @@ async fn revert_that_would_drop_rows_needs_yes_and_says_what_it_would_drop() {
     assert_eq!(count(&db.store, "dual_runs").await, 1);
 
     let out = stdout_of(&mut revert(&["--to", "0", "--yes"]));
-    let all: Vec<String> = (1..=latest).map(|v| v.to_string()).collect();
+    let mut all: Vec<i64> = migration_files("sqlite").iter().map(|(v, _)| *v).collect();
+    all.sort_unstable();
+    all.dedup();
+    let all: Vec<String> = all.iter().map(|v| v.to_string()).collect();
     assert_eq!(
         out,
         format!(

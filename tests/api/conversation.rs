@@ -370,6 +370,7 @@ async fn messages_and_params_are_stored(store: &Store, dir: &std::path::Path) {
         }),
         owner_fingerprint: None,
         instance_id: None,
+        client_id: None,
     };
     store
         .write(None, std::slice::from_ref(&started), &[])
@@ -519,6 +520,7 @@ fn a_start_row_is_stripped_of_its_conversation() {
         params: None,
         owner_fingerprint: None,
         instance_id: None,
+        client_id: None,
     };
     strip_started(&mut run);
     let stripped = run.conversation.unwrap();
@@ -562,6 +564,7 @@ fn the_queue_counts_the_bytes_of_the_messages() {
         params: None,
         owner_fingerprint: None,
         instance_id: None,
+        client_id: None,
     };
     assert!(started(Some(conversation)).approx_bytes() >= started(None).approx_bytes() + 10_000);
 }

@@ -187,6 +187,8 @@ fn docs_queries() -> Vec<String> {
         .split("### 9. Cost per day, and per model")
         .nth(1)
         .expect("docs/audit.md has the cost queries");
+    // Up to the next question.
+    let section = section.split("\n### ").next().unwrap();
     let blocks: Vec<String> = section
         .split("```sql\n")
         .skip(1)

@@ -193,6 +193,7 @@ pub(crate) fn record(i: usize) -> RunRecord {
             },
         ],
         owner_fingerprint: None,
+        client_id: None,
         flash: trace("flash-m", &format!("quick {i}")),
         pro: ModelTrace {
             outcome: Outcome::Timeout,

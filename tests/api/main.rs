@@ -19,6 +19,7 @@ mod audit_cli;
 mod audit_faults;
 mod audit_http;
 mod bench;
+mod clients;
 mod connections;
 mod conversation;
 mod cost;

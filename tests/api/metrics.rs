@@ -54,7 +54,7 @@ async fn run_metrics_move() {
     assert_eq!(
         sample(
             &after,
-            r#"duet_requests_total{route="/query/stream",status="200"}"#
+            r#"duet_requests_total{client="",route="/query/stream",status="200"}"#
         ),
         1.0
     );
@@ -163,7 +163,7 @@ async fn failure_metrics_move() {
     assert_eq!(
         sample(
             &m,
-            r#"duet_requests_total{route="/query/stream",status="415"}"#
+            r#"duet_requests_total{client="",route="/query/stream",status="415"}"#
         ),
         1.0
     );

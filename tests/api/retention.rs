@@ -61,6 +61,7 @@ async fn purge_deletes_old_ended_runs_only(store: &Store, url: &str) {
         params: None,
         owner_fingerprint: None,
         instance_id: None,
+        client_id: None,
     };
     store
         .write(Some("some-instance"), std::slice::from_ref(&running), &[])

@@ -141,6 +141,9 @@ fn api_type_and_code(e: &ApiError) -> (&'static str, &'static str) {
         ApiError::RateLimited { .. } | ApiError::AuthThrottled { .. } => {
             (RATE_LIMIT, "rate_limited")
         }
+        // OpenAI's own answer when an account's quota is spent: 429, `insufficient_quota`,
+        // which its SDKs tell apart from a rate limit (no quick retry).
+        ApiError::BudgetExceeded { .. } => ("insufficient_quota", "insufficient_quota"),
         ApiError::Internal(_) => (SERVER, "internal"),
     }
 }
@@ -278,8 +281,9 @@ mod responses {
         "type": "invalid_request_error", "param": null, "code": "unsupported_media_type"}}))]
     pub(in crate::api) struct OpenAiUnsupportedMediaType(Body);
 
-    /// Too many requests from this client (`code` `rate_limited`, with `Retry-After`), or
-    /// both models were rate limited upstream.
+    /// Too many requests from this client (`code` `rate_limited`, with `Retry-After`), its
+    /// key's daily budget used up (`type` and `code` `insufficient_quota`, `Retry-After` the
+    /// seconds to midnight UTC), or both models were rate limited upstream.
     #[derive(ToResponse)]
     #[response(
         headers(("Retry-After" = u64, description = "Seconds to wait, when this service limits the client")),

@@ -31,7 +31,7 @@ use self::{
     stream::{ChunkHead, ChunkStream, Decision, Failure},
 };
 use super::{
-    AppState, AuthenticatedKey,
+    AppState, AuthenticatedClient,
     error::Context,
     query::{caller_key, insert_ids, start_run},
     request::{QueryParams, client_request_id},
@@ -86,7 +86,7 @@ pub(super) const X_DUET_ANSWER: &str = "x-duet-answer";
 )]
 pub(super) async fn chat_completions(
     State(state): State<AppState>,
-    key: Option<Extension<AuthenticatedKey>>,
+    key: Option<Extension<AuthenticatedClient>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OpenAiError> {
@@ -105,7 +105,7 @@ pub(super) async fn chat_completions(
         // Deltas only when streaming: a whole answer needs none.
         deltas: stream,
     };
-    let mut handle = start_run(&state, query, client_request_id.clone(), caller)?;
+    let mut handle = start_run(&state, query, client_request_id.clone(), caller.as_ref()).await?;
     let id = format!("chatcmpl-{}", handle.run_id.simple());
     let created = chrono::Utc::now().timestamp();
     let with_ids = |mut response: Response, answer: Option<&'static str>| {

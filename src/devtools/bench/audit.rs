@@ -39,6 +39,7 @@ fn start_of(r: &RunRecord) -> StartedRun {
         conversation: None,
         params: None,
         owner_fingerprint: None,
+        client_id: None,
         instance_id: None,
     }
 }
@@ -130,6 +131,7 @@ fn record(text: &str) -> RunRecord {
             event(3, "done", Some(r#"{"run_id":"r","status":"ok"}"#)),
         ],
         owner_fingerprint: None,
+        client_id: None,
         cost_usd: Some(0.000_102),
     }
 }

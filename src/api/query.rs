@@ -31,6 +31,7 @@ use crate::{
     events::AnswerEvent,
     run::{AtCapacity, RunHandle, RunRequest},
     sse::{self, EventBody},
+    telemetry::spans,
 };
 
 /// Run a query and stream both answers as Server-Sent Events.
@@ -121,7 +122,8 @@ async fn stream(
     }
     let params = params.await?;
     let client_request_id = client_request_id(headers)?;
-    let handle = start_run(state, params, client_request_id.clone(), caller)?;
+    let trace = spans::incoming(headers, "/query/stream");
+    let handle = start_run(state, params, client_request_id.clone(), caller, trace)?;
     Ok(event_stream(
         state,
         handle.events,
@@ -157,6 +159,7 @@ pub(super) fn start_run(
     params: QueryParams,
     client_request_id: Option<String>,
     caller: Option<&Secret>,
+    trace: Option<spans::Incoming>,
 ) -> Result<RunHandle, ApiError> {
     let handle = state
         .orchestrator
@@ -166,6 +169,7 @@ pub(super) fn start_run(
                 params: params.params,
                 deltas: params.deltas,
                 client_request_id,
+                trace,
             },
             caller,
         )
@@ -270,7 +274,8 @@ pub(super) async fn query_post(
         deltas: false,
         ..params
     };
-    let mut handle = start_run(&state, params, client_request_id.clone(), caller)?;
+    let trace = spans::incoming(&headers, "/query");
+    let mut handle = start_run(&state, params, client_request_id.clone(), caller, trace)?;
     // Keep draining so the run never waits on a full channel; the record arrives after
     // the last event. If this request is dropped (client gone), so is the receiver, and
     // the run cancels itself.

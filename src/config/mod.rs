@@ -8,9 +8,11 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, str::FromStr, ti
 use crate::domain::{Role, Secret};
 
 pub use self::cidr::Cidr;
+pub use self::otel::{BatchSettings, OtlpProtocol, TracesConfig};
 use self::parse::*;
 
 mod cidr;
+mod otel;
 mod parse;
 
 /// Which database a `DATABASE_URL` names. The one place that reads the scheme: config
@@ -212,6 +214,9 @@ pub struct Config {
     /// `AUDIT_RETENTION_DAYS`: ended runs older than this many days are purged in the
     /// background; `None` (unset, the default) keeps them for ever.
     pub audit_retention_days: Option<u32>,
+    /// The OpenTelemetry variables (contract §9): `None`, the default, when no OTLP endpoint
+    /// is set, and then no span is made at all.
+    pub traces: Option<TracesConfig>,
 }
 
 /// What `AUDIT_STORE_TEXT` asks the audit trail to keep of a run's texts.
@@ -386,6 +391,7 @@ impl Config {
             trusted_proxies: trusted_proxies(src)?,
             audit_store_text: store_text(src)?,
             audit_retention_days: retention_days(src)?,
+            traces: otel::traces(src)?,
         })
     }
 

@@ -37,5 +37,6 @@ mod retention;
 mod running;
 mod startup;
 mod stream;
+mod traces;
 mod upstream;
 mod validation;

@@ -105,7 +105,8 @@ pub(super) async fn chat_completions(
         // Deltas only when streaming: a whole answer needs none.
         deltas: stream,
     };
-    let mut handle = start_run(&state, query, client_request_id.clone(), caller)?;
+    let trace = crate::telemetry::spans::incoming(&headers, "/v1/chat/completions");
+    let mut handle = start_run(&state, query, client_request_id.clone(), caller, trace)?;
     let id = format!("chatcmpl-{}", handle.run_id.simple());
     let created = chrono::Utc::now().timestamp();
     let with_ids = |mut response: Response, answer: Option<&'static str>| {

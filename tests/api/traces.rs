@@ -497,3 +497,61 @@ fn a_bad_otel_variable_stops_the_service_naming_it() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{stderr}");
 }
+
+/// Model spans end however the call ends: a Flash made useless by Pro's answer is
+/// `skipped` (no error), and a client that leaves cuts both calls short (`cancelled`).
+#[tokio::test]
+async fn skipped_and_cancelled_calls_end_their_spans() {
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = duet_command(dir.path())
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("SIMULATED_FLASH_TTFT_S", "30")
+        .env("FLASH_TIMEOUT_S", "60")
+        .env("SIMULATED_PRO_TTFT_S", "0.3")
+        .env("SIMULATED_PRO_TOKEN_S", "0.001")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (addr, _log) = listening(&mut child);
+    let client = direct_client();
+
+    // Pro answers first: Flash is skipped.
+    let resp = post_query_to(&client, &addr, json!({"query": "q"})).await;
+    let skipped_run = resp.headers()["x-run-id"].to_str().unwrap().to_owned();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "ok", "{body}");
+
+    // The client leaves after `start`, before either model has answered.
+    let resp = client
+        .post(format!("http://{addr}/query/stream"))
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap();
+    let gone_run = resp.headers()["x-run-id"].to_str().unwrap().to_owned();
+    let mut body = resp.bytes_stream();
+    let _start = futures::StreamExt::next(&mut body).await;
+    drop(body);
+
+    let spans = collector.wait_for(6).await;
+    let (run, flash, pro) = run_tree(&spans, &skipped_run);
+    assert_eq!(attributes(run)["duet.status"], "ok");
+    let a = attributes(flash);
+    assert_eq!(a["duet.outcome"], "skipped");
+    assert!(!a.contains_key("error.type"), "{a:?}");
+    assert!(flash.end_time_unix_nano <= pro.end_time_unix_nano + 50_000_000);
+    assert_eq!(attributes(pro)["duet.outcome"], "ok");
+
+    let (run, flash, pro) = run_tree(&spans, &gone_run);
+    assert_eq!(attributes(run)["duet.status"], "cancelled");
+    for model in [flash, pro] {
+        let a = attributes(model);
+        assert_eq!(a["duet.outcome"], "cancelled");
+        assert_eq!(a["error.type"], "cancelled");
+    }
+    assert_eq!(terminate(child).await, Some(0));
+}

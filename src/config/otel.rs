@@ -33,14 +33,14 @@ impl OtlpProtocol {
 /// The batch span processor's settings (`OTEL_BSP_*`, the specification's defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchSettings {
-    /// `OTEL_BSP_MAX_QUEUE_SIZE` [2048]: ended spans waiting for export; past it new ones
+    /// `OTEL_BSP_MAX_QUEUE_SIZE` (default 2048): ended spans waiting for export; past it new ones
     /// are dropped, never waited for.
     pub max_queue_size: usize,
-    /// `OTEL_BSP_SCHEDULE_DELAY` [5000 ms]: the longest a span waits before its batch goes.
+    /// `OTEL_BSP_SCHEDULE_DELAY` (default 5000 ms): the longest a span waits before its batch goes.
     pub schedule_delay: Duration,
-    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` [512]: spans per export request.
+    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (default 512): spans per export request.
     pub max_export_batch_size: usize,
-    /// `OTEL_BSP_EXPORT_TIMEOUT` [30000 ms]: the longest one export may take.
+    /// `OTEL_BSP_EXPORT_TIMEOUT` (default 30000 ms): the longest one export may take.
     pub export_timeout: Duration,
 }
 

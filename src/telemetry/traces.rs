@@ -69,7 +69,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Builds the exporter and the batch processor (which starts its thread). Spans are made
-    /// only after [`Pipeline::install`].
+    /// only once it is installed (with the layer, by `telemetry::init_with_traces`).
     pub fn start(config: &TracesConfig) -> Result<Pipeline, TracesError> {
         // One worker is plenty: it only sends a batch now and then.
         let runtime = tokio::runtime::Builder::new_multi_thread()

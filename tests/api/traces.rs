@@ -555,3 +555,46 @@ async fn skipped_and_cancelled_calls_end_their_spans() {
     }
     assert_eq!(terminate(child).await, Some(0));
 }
+
+/// SIGTERM cuts a run short: its spans end (`cancelled`), and the flush at shutdown exports
+/// them although the batch delay is far off.
+#[tokio::test]
+async fn shutdown_ends_the_spans_and_flushes_them() {
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = duet_command(dir.path())
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("SIMULATED_FLASH_TTFT_S", "30")
+        .env("SIMULATED_PRO_TTFT_S", "30")
+        .env("FLASH_TIMEOUT_S", "60")
+        .env("PRO_TIMEOUT_S", "60")
+        .env("SHUTDOWN_GRACE_S", "0.1")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
+        // Only the shutdown flush can export within this test.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (addr, _log) = listening(&mut child);
+    let resp = direct_client()
+        .post(format!("http://{addr}/query/stream"))
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap();
+    let run_id = resp.headers()["x-run-id"].to_str().unwrap().to_owned();
+    let reader = tokio::spawn(read_events(resp));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(collector.spans().is_empty());
+    assert_eq!(terminate(child).await, Some(0));
+    let events = reader.await.unwrap();
+    assert_eq!(done(&events)["status"], "cancelled");
+    // Exported before the process exited.
+    let spans = collector.spans();
+    let (run, flash, pro) = run_tree(&spans, &run_id);
+    assert_eq!(attributes(run)["duet.status"], "cancelled");
+    for model in [flash, pro] {
+        assert_eq!(attributes(model)["duet.outcome"], "cancelled");
+    }
+}

@@ -47,7 +47,14 @@ Audit and fleet
   AUDIT_DEADLETTER_PATH, AUDIT_QUEUE_MAX_BYTES, AUDIT_STORE_TEXT [full|none],
   AUDIT_RETENTION_DAYS [unset: keep], INSTANCE_ID, INSTANCE_LEASE_S
 Logging
-  LOG_FORMAT [json unless on a terminal], RUST_LOG [info]";
+  LOG_FORMAT [json unless on a terminal], RUST_LOG [info]
+Traces over OTLP (off unless an endpoint is set; docs/operations.md, \"Traces\")
+  OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT   http(s)://host:port
+  OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL   [http/protobuf] or grpc
+  OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TRACES_HEADERS     key=value,... (never logged)
+  OTEL_SERVICE_NAME [duet], OTEL_RESOURCE_ATTRIBUTES, OTEL_SDK_DISABLED [false],
+  OTEL_BSP_MAX_QUEUE_SIZE [2048], OTEL_BSP_SCHEDULE_DELAY [5000 ms],
+  OTEL_BSP_MAX_EXPORT_BATCH_SIZE [512], OTEL_BSP_EXPORT_TIMEOUT [30000 ms]";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -251,6 +258,7 @@ mod tests {
         let sources = [
             include_str!("config/mod.rs"),
             include_str!("config/parse.rs"),
+            include_str!("config/otel.rs"),
         ];
         let mut names = Vec::new();
         for source in sources {

@@ -25,7 +25,7 @@
 //! - [`backoff`]: the jittered exponential backoff that model calls and the audit writer
 //!   retry with.
 //! - [`server`]: binding, serving, signals and graceful shutdown.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging setup, and traces over OTLP when an endpoint is configured.
 //! - [`cli`]: the command line.
 //! - [`healthcheck`]: `duet healthcheck`, the probe of `/healthz` for container images.
 //! - [`devtools`]: `duet mock-provider` and `duet bench`; the service never imports it.

@@ -71,7 +71,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let _log = duet::telemetry::init(config.log_format);
+    // Traces are the service's alone: `migrate` and `audit` make no runs.
+    let serving = matches!(cli.command, None | Some(Command::Serve));
+    let traces = config.traces.as_ref().filter(|_| serving);
+    let _log = match duet::telemetry::init_with_traces(config.log_format, traces) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("duet: {e}");
+            return ExitCode::from(2);
+        }
+    };
     run(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => duet::server::serve(config).await.map_err(|e| e.to_string()),

@@ -38,6 +38,9 @@ use crate::{
 /// reading) are dropped after this much more.
 const HARD_STOP_MARGIN: Duration = Duration::from_secs(5);
 
+/// How long shutdown waits for the last spans to reach the collector.
+const TRACE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long shutdown waits for the audit queue to reach the database before dead-lettering
 /// what is left: one full retry cycle (about 7 s) plus room for a large backlog.
 const AUDIT_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -597,6 +600,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
     // Every run has ended (the server waited on its tracker), so every record is queued.
     writer.shutdown(AUDIT_DRAIN_TIMEOUT).await;
+    // Then the last spans (the runs' spans ended with the runs): a blocking wait on the
+    // exporter's thread, bounded, off the runtime's workers.
+    let _ = tokio::task::spawn_blocking(|| crate::telemetry::traces::shutdown(TRACE_FLUSH_TIMEOUT))
+        .await;
     instance.stop().await;
     store.close().await;
     served?;

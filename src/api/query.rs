@@ -32,6 +32,7 @@ use crate::{
     events::AnswerEvent,
     run::{AtCapacity, RunHandle, RunRequest},
     sse::{self, EventBody},
+    telemetry::spans,
 };
 
 /// Run a query and stream both answers as Server-Sent Events.
@@ -122,7 +123,8 @@ async fn stream(
     }
     let params = params.await?;
     let client_request_id = client_request_id(headers)?;
-    let handle = start_run(state, params, client_request_id.clone(), caller).await?;
+    let trace = spans::incoming(headers, "/query/stream");
+    let handle = start_run(state, params, client_request_id.clone(), caller, trace).await?;
     Ok(event_stream(
         state,
         handle.events,
@@ -162,6 +164,7 @@ pub(super) async fn start_run(
     params: QueryParams,
     client_request_id: Option<String>,
     caller: Option<&Arc<Client>>,
+    trace: Option<spans::Incoming>,
 ) -> Result<RunHandle, ApiError> {
     if let Some(client) = caller
         && let Err(over) = state.usage.admit(client, chrono::Utc::now()).await
@@ -185,6 +188,7 @@ pub(super) async fn start_run(
                 deltas: params.deltas,
                 client_request_id,
                 client_id: caller.and_then(|c| c.name().cloned()),
+                trace,
             },
             caller.map(|c| c.key()),
         )
@@ -293,7 +297,15 @@ pub(super) async fn query_post(
         deltas: false,
         ..params
     };
-    let mut handle = start_run(&state, params, client_request_id.clone(), caller.as_ref()).await?;
+    let trace = spans::incoming(&headers, "/query");
+    let mut handle = start_run(
+        &state,
+        params,
+        client_request_id.clone(),
+        caller.as_ref(),
+        trace,
+    )
+    .await?;
     // Keep draining so the run never waits on a full channel; the record arrives after
     // the last event. If this request is dropped (client gone), so is the receiver, and
     // the run cancels itself.

@@ -7,6 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, str::FromStr, ti
 
 use crate::domain::{Role, Secret};
 
+pub use self::otel::{BatchSettings, OtlpProtocol, TracesConfig};
 use self::parse::*;
 pub use self::{
     cidr::Cidr,
@@ -15,6 +16,7 @@ pub use self::{
 
 mod cidr;
 pub mod keys;
+mod otel;
 mod parse;
 
 /// Which database a `DATABASE_URL` names. The one place that reads the scheme: config
@@ -232,6 +234,9 @@ pub struct Config {
     /// `AUDIT_RETENTION_DAYS`: ended runs older than this many days are purged in the
     /// background; `None` (unset, the default) keeps them for ever.
     pub audit_retention_days: Option<u32>,
+    /// The OpenTelemetry variables (contract §9): `None`, the default, when no OTLP endpoint
+    /// is set, and then no span is made at all.
+    pub traces: Option<TracesConfig>,
 }
 
 /// What `AUDIT_STORE_TEXT` asks the audit trail to keep of a run's texts.
@@ -408,6 +413,7 @@ impl Config {
             audit_retention_days: retention_days(src)?,
             api_keys_file: var(src, "API_KEYS_FILE").map(PathBuf::from),
             key_file: None,
+            traces: otel::traces(src)?,
         };
         config.key_file = config
             .load_key_file()

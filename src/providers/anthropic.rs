@@ -182,7 +182,8 @@ impl Provider for Anthropic {
                 .collect(),
             thinking,
         };
-        self.endpoint.call(&body, AnthropicDecoder::default())
+        self.endpoint
+            .call(&body, request.trace.as_ref(), AnthropicDecoder::default())
     }
 }
 

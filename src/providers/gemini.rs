@@ -163,7 +163,8 @@ impl Provider for Gemini {
                 }),
             },
         };
-        self.endpoint.call(&body, GeminiDecoder::default())
+        self.endpoint
+            .call(&body, request.trace.as_ref(), GeminiDecoder::default())
     }
 }
 

@@ -28,6 +28,7 @@ use crate::{
     config::{ModelConfig, ProviderKind},
     conversation::{Conversation, GenParams, Sampling},
     domain::Role,
+    telemetry::spans::TraceHeaders,
 };
 
 /// What one model is asked.
@@ -40,6 +41,8 @@ pub struct ModelRequest {
     pub params: GenParams,
     /// The run's sampling fields (the same for both models).
     pub sampling: Sampling,
+    /// The W3C trace context the upstream request carries; `None` while traces are off.
+    pub trace: Option<TraceHeaders>,
 }
 
 /// Token counts as the provider reports them; `None` when it reports nothing.

@@ -118,7 +118,8 @@ impl Provider for OpenAi {
             frequency_penalty: sampling.frequency_penalty,
             presence_penalty: sampling.presence_penalty,
         };
-        self.endpoint.call(&body, OpenAiDecoder::default())
+        self.endpoint
+            .call(&body, request.trace.as_ref(), OpenAiDecoder::default())
     }
 }
 

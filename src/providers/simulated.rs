@@ -237,6 +237,7 @@ mod tests {
             ),
             params: Default::default(),
             sampling: Default::default(),
+            trace: None,
         }
     }
 
@@ -275,6 +276,7 @@ mod tests {
                 ..GenParams::default()
             },
             sampling: Default::default(),
+            trace: None,
         }
     }
 

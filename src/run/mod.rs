@@ -58,6 +58,7 @@ use crate::{
     providers::{ErrorType, ModelRequest, Provider},
     resume::{Owner, Registry},
     sse::{self, OverheadProbe},
+    telemetry::spans::{Incoming, ModelCall, ModelEnd, ModelSpan, RunSpan},
 };
 
 /// Events a run may queue ahead of a slow client. Past this the run waits (backpressure to
@@ -101,6 +102,8 @@ pub struct RunRequest {
     /// The name of the API key that started the run (`API_KEYS_FILE`), for the record's
     /// `client_id`; `None` without a key or for a key of `API_KEYS`.
     pub client_id: Option<Arc<str>>,
+    /// The request's route and trace context, when traces are on.
+    pub trace: Option<Incoming>,
 }
 
 /// A started run: its id, its encoded events (ending with `done`), and its record once ended.
@@ -290,6 +293,7 @@ impl Orchestrator {
             metrics: inner.metrics.clone(),
             record_tx: Some(record_tx),
             registry: Arc::clone(&inner.registry),
+            trace: RunSpan::start(run_id, request.trace.as_ref()),
             _permit: permit,
         });
         let span = info_span!(
@@ -312,11 +316,26 @@ impl Orchestrator {
 
     async fn run(self, mut guard: Box<RunGuard>, emitter: Arc<Emitter>, request: RunRequest) {
         let inner = &*self.inner;
-        let model_request = |role| ModelRequest {
+        // One span per model call, under the run's; ended as each call ends (see `end_span`).
+        let model_span = |role| {
+            let provider = &*self.slot(role).provider;
+            let params = request.params.for_role(role);
+            let call = ModelCall {
+                provider: provider.provider_name(),
+                model: provider.model_name(),
+                max_tokens: params.max_tokens,
+                temperature: params.temperature,
+            };
+            Some(guard.trace.model(role, guard.run_id, call))
+        };
+        let mut flash_span = model_span(Role::Flash);
+        let mut pro_span = model_span(Role::Pro);
+        let model_request = |role, span: &Option<ModelSpan>| ModelRequest {
             role,
             conversation: Arc::clone(&request.conversation),
             params: request.params.for_role(role),
             sampling: request.params.sampling.clone(),
+            trace: span.as_ref().and_then(ModelSpan::headers),
         };
         // Text and first-token time live out here, not in the driver futures, so that a
         // cancelled model's partial answer still reaches the record after its future is gone.
@@ -326,14 +345,14 @@ impl Orchestrator {
             let flash = drive(
                 Role::Flash,
                 &inner.flash,
-                model_request(Role::Flash),
+                model_request(Role::Flash, &flash_span),
                 &emitter,
                 &mut flash_progress,
             );
             let pro = drive(
                 Role::Pro,
                 &inner.pro,
-                model_request(Role::Pro),
+                model_request(Role::Pro, &pro_span),
                 &emitter,
                 &mut pro_progress,
             );
@@ -355,6 +374,7 @@ impl Orchestrator {
                     biased;
                     Some(result) = &mut flash, if guard.flash.is_none() => {
                         flash.set(None.into());
+                        end_span(&mut flash_span, &result);
                         if result.outcome == Outcome::Cancelled {
                             // The driver found the client gone: nobody to tell.
                             guard.flash = Some(result);
@@ -370,6 +390,7 @@ impl Orchestrator {
                     }
                     Some(result) = &mut pro, if guard.pro.is_none() => {
                         pro.set(None.into());
+                        end_span(&mut pro_span, &result);
                         if result.outcome == Outcome::Cancelled {
                             guard.pro = Some(result);
                             guard.cancelled = Some(CancelReason::ClientGone);
@@ -379,7 +400,9 @@ impl Orchestrator {
                             // The preview has no use once the final answer is there: drop the
                             // Flash call now (closing its upstream request) and never send it.
                             flash.set(None.into());
-                            guard.flash = Some(ModelResult::skipped(guard.started.elapsed()));
+                            let skipped = ModelResult::skipped(guard.started.elapsed());
+                            end_span(&mut flash_span, &skipped);
+                            guard.flash = Some(skipped);
                             inner.metrics.flash_skipped_total.inc();
                         }
                         let sent = emitter.emit_result(Role::Pro, &guard.pro_ref, &result).await;
@@ -410,12 +433,32 @@ impl Orchestrator {
             // upstream request outlives it.
         }
         if guard.flash.is_none() {
-            guard.flash = Some(guard.unfinished(Role::Flash).with_progress(flash_progress));
+            let result = guard.unfinished(Role::Flash).with_progress(flash_progress);
+            end_span(&mut flash_span, &result);
+            guard.flash = Some(result);
         }
         if guard.pro.is_none() {
-            guard.pro = Some(guard.unfinished(Role::Pro).with_progress(pro_progress));
+            let result = guard.unfinished(Role::Pro).with_progress(pro_progress);
+            end_span(&mut pro_span, &result);
+            guard.pro = Some(result);
         }
     }
+}
+
+/// Ends a model call's span with its result, when the call ends: before its answer is sent,
+/// so the span times the model, not the client.
+fn end_span(span: &mut Option<ModelSpan>, result: &ModelResult) {
+    let Some(span) = span.take() else { return };
+    let error = result.error.as_ref();
+    span.finish(ModelEnd {
+        outcome: result.outcome.as_str(),
+        error_type: error.map(|e| e.error_type.as_str()),
+        message: error.map(|e| e.message.as_str()),
+        model_version: result.completion.model_version.as_deref(),
+        finish_reason: result.completion.finish_reason.as_deref(),
+        input_tokens: result.completion.usage.input_tokens,
+        output_tokens: result.completion.usage.output_tokens,
+    });
 }
 
 /// A resumed stream's place under `MAX_CONCURRENT_STREAMS`; see [`Orchestrator::stream_slot`].

@@ -23,6 +23,7 @@ use crate::{
     providers::{ErrorType, Provider, ProviderError},
     resume::{Owner, Registry},
     sse,
+    telemetry::spans::RunSpan,
 };
 
 /// Reports the run when dropped, on every path: normal end, client gone, shutdown, panic.
@@ -44,6 +45,8 @@ pub(super) struct RunGuard {
     pub(super) metrics: Metrics,
     pub(super) record_tx: Option<oneshot::Sender<RunRecord>>,
     pub(super) registry: Arc<Registry>,
+    /// The run's trace span (disabled while traces are off): ends with the guard.
+    pub(super) trace: RunSpan,
     /// Released when the run is reported, freeing its place under `MAX_CONCURRENT_STREAMS`.
     pub(super) _permit: OwnedSemaphorePermit,
 }
@@ -101,6 +104,7 @@ impl Drop for RunGuard {
         let flash = trace(&self.flash_ref, flash);
         let pro = trace(&self.pro_ref, pro);
         let cost_usd = cost::of_run(&[flash.cost_part(), pro.cost_part()]);
+        self.trace.end(status.as_str());
         let run_id = &self.emitter.run_id;
         let seq = self.emitter.seq.fetch_add(1, Ordering::Relaxed);
         let data = sse::encode_data(&DoneEvent {

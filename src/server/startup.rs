@@ -6,7 +6,7 @@
 use tracing::info;
 
 use crate::{
-    config::{Config, DatabaseBackend, ModelConfig, ProviderKind, StoreText},
+    config::{Config, DatabaseBackend, ModelConfig, ProviderKind, StoreText, TracesConfig},
     providers::http::url_for_log,
 };
 
@@ -48,6 +48,12 @@ pub(super) fn log(config: &Config, instance_id: &str) {
             .map_or_else(|| "off".to_owned(), |n| n.to_string()),
         api_keys = config.api_keys.len(),
         named_keys = config.key_file.as_ref().map_or(0, |f| f.keys.len()),
+        // The collector as scheme, host and port, and the protocol; never its headers.
+        traces = %config
+            .traces
+            .as_ref()
+            .map_or_else(|| "off".to_owned(), TracesConfig::endpoint_for_log),
+        traces_protocol = config.traces.as_ref().map_or("off", |t| t.protocol.as_str()),
         "configuration"
     );
 }

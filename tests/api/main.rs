@@ -40,5 +40,6 @@ mod retention;
 mod running;
 mod startup;
 mod stream;
+mod traces;
 mod upstream;
 mod validation;

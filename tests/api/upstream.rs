@@ -236,6 +236,7 @@ pub(crate) fn request(query: &str, system: Option<&str>) -> ModelRequest {
         ),
         params: Default::default(),
         sampling: Default::default(),
+        trace: None,
     }
 }
 
@@ -701,6 +702,7 @@ fn conversation_request(
         ),
         params,
         sampling,
+        trace: None,
     }
 }
 

@@ -105,7 +105,15 @@ pub(super) async fn chat_completions(
         // Deltas only when streaming: a whole answer needs none.
         deltas: stream,
     };
-    let mut handle = start_run(&state, query, client_request_id.clone(), caller.as_ref()).await?;
+    let trace = crate::telemetry::spans::incoming(&headers, "/v1/chat/completions");
+    let mut handle = start_run(
+        &state,
+        query,
+        client_request_id.clone(),
+        caller.as_ref(),
+        trace,
+    )
+    .await?;
     let id = format!("chatcmpl-{}", handle.run_id.simple());
     let created = chrono::Utc::now().timestamp();
     let with_ids = |mut response: Response, answer: Option<&'static str>| {

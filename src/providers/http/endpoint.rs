@@ -10,7 +10,10 @@ use reqwest::header::{self, HeaderName, HeaderValue};
 use serde::Serialize;
 
 use super::{BodyLimits, CallContext, Decoder, call};
-use crate::providers::{ErrorType, ProviderError, ProviderStream, pool::Upstream};
+use crate::{
+    providers::{ErrorType, ProviderError, ProviderStream, pool::Upstream},
+    telemetry::spans::TraceHeaders,
+};
 
 /// One adapter's upstream endpoint.
 pub struct Endpoint {
@@ -73,9 +76,15 @@ impl Endpoint {
         self.ctx.family
     }
 
-    /// Starts one streaming call with `body` as its JSON request. Does not block: the body
-    /// is encoded here, everything else happens when the stream is polled.
-    pub fn call<D: Decoder>(&self, body: &impl Serialize, decoder: D) -> ProviderStream {
+    /// Starts one streaming call with `body` as its JSON request, carrying the model span's
+    /// `traceparent` when traces are on. Does not block: the body is encoded here,
+    /// everything else happens when the stream is polled.
+    pub fn call<D: Decoder>(
+        &self,
+        body: &impl Serialize,
+        trace: Option<&TraceHeaders>,
+        decoder: D,
+    ) -> ProviderStream {
         let body = match serde_json::to_vec(body) {
             Ok(body) => Bytes::from(body),
             // The adapters' bodies are plain structs of strings and numbers, which always
@@ -92,10 +101,14 @@ impl Endpoint {
         };
         let url = self.url.clone();
         let headers = Arc::clone(&self.headers);
+        let trace = trace.cloned();
         let build: call::Build = Box::new(move |client: &reqwest::Client| {
             let mut request = client.post(url);
             for (name, value) in headers.iter() {
                 request = request.header(name, value.clone());
+            }
+            if let Some(trace) = &trace {
+                request = trace.apply(request);
             }
             // As `RequestBuilder::json` would: the body, and its content type.
             request

@@ -62,6 +62,9 @@ pub fn init_with_traces(
     if let Some(directive) = spans::no_logs() {
         filter = filter.add_directive(directive);
     }
+    for directive in quiet_sdk(std::env::var("RUST_LOG").ok().as_deref()) {
+        filter = filter.add_directive(directive);
+    }
     let registry = tracing_subscriber::registry();
     let tracer = pipeline.as_ref().map(traces::Pipeline::tracer);
     // A second init (tests) is harmless: the first subscriber stays.
@@ -103,4 +106,44 @@ pub fn init_stderr() {
         .with(filter)
         .with(fmt::layer().with_target(false).with_writer(std::io::stderr))
         .try_init();
+}
+
+/// The OpenTelemetry crates log each failed export themselves (a warning per batch, every
+/// few seconds while a collector is down); duet logs that once a minute instead
+/// (`traces::Exporter`). Their own lines are kept to errors, unless `RUST_LOG` names them.
+fn quiet_sdk(rust_log: Option<&str>) -> Vec<tracing_subscriber::filter::Directive> {
+    if rust_log.is_some_and(|v| v.contains("opentelemetry")) {
+        return Vec::new();
+    }
+    [
+        "opentelemetry=error",
+        "opentelemetry_sdk=error",
+        "opentelemetry-otlp=error",
+    ]
+    .iter()
+    .filter_map(|d| d.parse().ok())
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quiet_sdk;
+
+    #[test]
+    fn the_sdks_own_lines_are_errors_only_unless_asked_for() {
+        let directives: Vec<String> = quiet_sdk(Some("info"))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            directives,
+            [
+                "opentelemetry=error",
+                "opentelemetry_sdk=error",
+                "opentelemetry-otlp=error"
+            ]
+        );
+        assert_eq!(quiet_sdk(None).len(), 3);
+        assert!(quiet_sdk(Some("info,opentelemetry_sdk=debug")).is_empty());
+    }
 }

@@ -442,6 +442,13 @@ async fn a_dead_collector_neither_fails_nor_holds_up_runs() {
         failures, 1,
         "one rate-limited line, not one per batch:\n{log}"
     );
+    // Nor does the SDK log its own line per failed batch (it did: "OTLP export exhausted
+    // retries", a warning every few seconds while the collector was down).
+    let sdk_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"target\":\"opentelemetry"))
+        .collect();
+    assert!(sdk_lines.is_empty(), "the SDK's own lines: {sdk_lines:#?}");
 }
 
 #[tokio::test]

@@ -893,3 +893,38 @@ async fn sighup_refuses_a_key_file_that_is_not_a_regular_file() {
         "{refused:?}"
     );
 }
+
+/// A run refused at capacity (503) never started: it is not one of the key's runs today.
+#[tokio::test]
+async fn a_run_refused_at_capacity_is_not_counted_in_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = write_keys(
+        dir.path(),
+        "[[key]]\nname = \"alpha\"\nkey = \"sk-alpha-9999\"\n",
+    );
+    let url = format!("sqlite://{}", dir.path().join("duet.db").display());
+    let (child, base, _log) = serve(
+        dir.path(),
+        &url,
+        "1.0",
+        &[("API_KEYS_FILE", &keys), ("MAX_CONCURRENT_STREAMS", "1")],
+    );
+    let client = direct_client();
+    let post = || {
+        client
+            .post(format!("{base}/query/stream"))
+            .bearer_auth("sk-alpha-9999")
+            .json(&json!({"query": "q"}))
+            .send()
+    };
+    let open = post().await.unwrap();
+    assert_eq!(open.status(), 200);
+    for _ in 0..3 {
+        assert_eq!(post().await.unwrap().status(), 503);
+    }
+    let events = read_events(open).await;
+    check_invariants(&events);
+    let list = wait_tokens(&client, &base, "alpha", 1).await;
+    assert_eq!(list["clients"][0]["today"]["runs"], 1, "{list}");
+    assert_eq!(terminate(child).await, Some(0));
+}

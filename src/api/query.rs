@@ -166,8 +166,9 @@ pub(super) async fn start_run(
     caller: Option<&Arc<Client>>,
     trace: Option<spans::Incoming>,
 ) -> Result<RunHandle, ApiError> {
+    let now = chrono::Utc::now();
     if let Some(client) = caller
-        && let Err(over) = state.usage.admit(client, chrono::Utc::now()).await
+        && let Err(over) = state.usage.admit(client, now).await
     {
         state
             .metrics
@@ -192,7 +193,13 @@ pub(super) async fn start_run(
             },
             caller.map(|c| c.key()),
         )
-        .inspect_err(|AtCapacity| count_capacity_refusal(state))?;
+        .inspect_err(|AtCapacity| {
+            count_capacity_refusal(state);
+            // Admitted by its budget but never started: not one of the key's runs.
+            if let Some(client) = caller {
+                state.usage.release(client, now);
+            }
+        })?;
     Ok(handle)
 }
 

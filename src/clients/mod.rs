@@ -252,13 +252,15 @@ impl Keys {
         let Some(path) = &config.api_keys_file else {
             return Ok(None);
         };
-        let text = tokio::fs::read_to_string(path)
-            .await
-            .map_err(|e| KeyFileError {
-                path: path.clone(),
-                line: None,
-                problem: format!("cannot read it: {e}"),
-            })?;
+        let reading = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || crate::config::keys::read(&path)
+        });
+        let text = reading.await.map_err(|e| KeyFileError {
+            path: path.clone(),
+            line: None,
+            problem: format!("cannot read it: {e}"),
+        })??;
         let file = KeyFile::parse(path, &text, &config.key_file_context())?;
         let set = KeySet::from_config(config, Some(&file));
         let names = set.names();

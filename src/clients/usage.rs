@@ -163,6 +163,9 @@ SELECT count(*),
 FROM dual_runs r
 WHERE r.client_id = ?1 AND r.created_at >= ?2 AND r.created_at < ?3";
 
+const RELEASE: &str =
+    "UPDATE client_usage SET runs = runs - 1 WHERE client = $1 AND day = $2 AND runs > 0";
+
 const TODAY: &str = "\
 SELECT client, runs, tokens, cost_usd FROM client_usage WHERE day = $1 AND client = ANY($2)";
 
@@ -247,6 +250,34 @@ impl Usage {
                             Budget::Cost
                         });
                 Err(refuse(budget))
+            }
+        }
+    }
+
+    /// Takes back the run [`Usage::admit`] counted at `now` for `client`, when it could not
+    /// start after all (the service was at capacity), so `runs` counts runs that started.
+    pub fn release(&self, client: &Client, now: DateTime<Utc>) {
+        let Some(name) = client.name() else {
+            return;
+        };
+        let (day, _) = day_of(now);
+        match &self.counts {
+            Counts::Memory(map, _) => {
+                let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some((d, used)) = map.get_mut(name)
+                    && *d == day
+                {
+                    used.runs = used.runs.saturating_sub(1);
+                }
+            }
+            Counts::Shared(pool) => {
+                let query = sqlx::query(RELEASE).bind(String::from(&**name)).bind(day);
+                let pool = pool.clone();
+                self.tracker.spawn(async move {
+                    if let Err(e) = query.execute(&pool).await {
+                        warn!(error = %e, "cannot take back a run refused at capacity from the shared daily count");
+                    }
+                });
             }
         }
     }

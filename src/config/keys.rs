@@ -8,6 +8,7 @@
 
 use std::{
     collections::HashMap,
+    io::Read,
     num::NonZeroU32,
     ops::Range,
     path::{Path, PathBuf},
@@ -84,12 +85,7 @@ pub struct Context<'a> {
 impl KeyFile {
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path, cx: &Context<'_>) -> Result<KeyFile, KeyFileError> {
-        let text = std::fs::read_to_string(path).map_err(|e| KeyFileError {
-            path: path.to_owned(),
-            line: None,
-            problem: format!("cannot read it: {e}"),
-        })?;
-        KeyFile::parse(path, &text, cx)
+        KeyFile::parse(path, &read(path)?, cx)
     }
 
     /// Checks `text`, the contents of the file at `path` (named in errors).
@@ -241,6 +237,39 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
+/// The largest key file read: room for thousands of keys. A bigger one is a mistake (a log
+/// or a dump in the wrong place), refused before it fills the memory.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The text of the key file at `path`. Only a regular file of at most [`MAX_FILE_BYTES`] is
+/// read: opening a FIFO with no writer blocks for ever, and a link to a device such as
+/// `/dev/zero` never ends; on SIGHUP either would hold the signal loop, and SIGTERM with it.
+/// Blocking: on the runtime, call it from `spawn_blocking`.
+pub fn read(path: &Path) -> Result<String, KeyFileError> {
+    let refuse = |problem: String| KeyFileError {
+        path: path.to_owned(),
+        line: None,
+        problem,
+    };
+    let cannot = |e: std::io::Error| refuse(format!("cannot read it: {e}"));
+    if !std::fs::metadata(path).map_err(cannot)?.is_file() {
+        return Err(refuse("cannot read it: not a regular file".into()));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(refuse(format!(
+            "is larger than {} KiB; a key file holds [[key]] tables only",
+            MAX_FILE_BYTES / 1024
+        )));
+    }
+    Ok(text)
+}
+
 /// The fields of a `[[key]]` table, which messages may name.
 const FIELDS: [&str; 6] = [
     "name",
@@ -259,10 +288,15 @@ const FIELDS: [&str; 6] = [
 fn redact_quoted(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut quoted: Option<(char, String)> = None;
+    // Inside double quotes a backslash escapes the next character (Rust's `{:?}` of a string
+    // with a quote in it): that quote does not end the blanked part.
+    let mut escaped = false;
     for c in message.chars() {
         match &mut quoted {
             None if c == '"' || c == '`' => quoted = Some((c, String::new())),
             None => out.push(c),
+            Some(('"', _)) if escaped => escaped = false,
+            Some(('"', _)) if c == '\\' => escaped = true,
             Some((open, text)) if c == *open => {
                 let shown = *open == '`' && (FIELDS.contains(&text.as_str()) || text == "key");
                 let (open, text) = (*open, std::mem::take(text));
@@ -475,5 +509,35 @@ key = "sk-two"
             "unknown field `…`, expected one of `name`, `key`"
         );
         assert_eq!(redact_quoted("unclosed \"sk-1"), "unclosed \"…");
+    }
+
+    /// A key with a quote in it, typed where a number goes: the message escapes the quote
+    /// (`"sk-se\\"cret"`), which must not end the blanked part and show the rest.
+    #[test]
+    fn a_quote_inside_a_refused_key_does_not_show_its_tail() {
+        let e = refused("[[key]]\nname = \"a\"\nkey = \"sk-one\"\nburst = 'sk-se\"cret-tail'\n");
+        let shown = e.to_string();
+        assert!(!shown.contains("cret-tail"), "{shown}");
+        assert_eq!(e.line, Some(4));
+    }
+
+    /// Only a regular file of bounded size is read: a FIFO would block the open, a device
+    /// or a huge file would fill the memory.
+    #[test]
+    fn only_a_regular_file_of_bounded_size_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        let line = "# padding padding padding padding padding padding padding padding\n";
+        let text = line.repeat(usize::try_from(MAX_FILE_BYTES).unwrap() / line.len() + 1);
+        std::fs::write(&big, text).unwrap();
+        let e = read(&big).unwrap_err();
+        assert!(e.problem.contains("larger than"), "{e}");
+        let e = read(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.problem.contains("not a regular file"), "{e}");
+        let e = read(dir.path()).unwrap_err();
+        assert!(e.problem.contains("not a regular file"), "{e}");
+        let fine = dir.path().join("keys.toml");
+        std::fs::write(&fine, "[[key]]\nname = \"a\"\nkey = \"k\"\n").unwrap();
+        assert!(read(&fine).unwrap().contains("[[key]]"));
     }
 }

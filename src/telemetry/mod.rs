@@ -18,7 +18,7 @@ pub mod traces;
 use std::io::{BufWriter, Stdout};
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_subscriber::{EnvFilter, filter::FilterExt, fmt, prelude::*};
 
 use crate::config::{LogFormat, TracesConfig};
 
@@ -77,7 +77,7 @@ pub fn init_with_traces(
                     .with_current_span(true)
                     .with_span_list(false)
                     .with_writer(writer)
-                    .with_filter(filter),
+                    .with_filter(filter.and(quiet_http_clients())),
             )
             .with(tracer.map(traces::layer))
             .try_init(),
@@ -86,7 +86,7 @@ pub fn init_with_traces(
                 fmt::layer()
                     .with_target(false)
                     .with_writer(writer)
-                    .with_filter(filter),
+                    .with_filter(filter.and(quiet_http_clients())),
             )
             .with(tracer.map(traces::layer))
             .try_init(),
@@ -96,6 +96,22 @@ pub fn init_with_traces(
         pipeline.install();
     }
     Ok(LogGuard { _writer: guard })
+}
+
+/// The HTTP client libraries' debug and trace lines print the URLs they connect to, user
+/// part and query included, where an OTLP endpoint or a provider's base URL may carry
+/// credentials: those lines never reach the log, whatever `RUST_LOG` says (their info and
+/// above still do).
+fn quiet_http_clients<S>() -> impl tracing_subscriber::layer::Filter<S> {
+    const LEAKY: [&str; 5] = ["reqwest", "hyper_util", "h2", "tonic", "opentelemetry"];
+    tracing_subscriber::filter::filter_fn(|meta| {
+        *meta.level() <= tracing::Level::INFO
+            || !LEAKY.iter().any(|t| {
+                meta.target()
+                    .strip_prefix(t)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '-', '_']))
+            })
+    })
 }
 
 /// Logging for tools whose standard output is their report (`duet bench`): warnings and

@@ -845,3 +845,86 @@ async fn sqlite_a_restart_keeps_todays_usage() {
     assert_eq!(clients_of(&client, &base).await, before);
     assert_eq!(terminate(child).await, Some(0));
 }
+
+/// A key file replaced by something that never ends or never opens — a FIFO with no writer,
+/// a link to `/dev/zero` — is refused on SIGHUP at once (the keys in force are kept), and
+/// SIGTERM still stops the service: the reload must not hold the signal loop.
+#[tokio::test]
+async fn sighup_refuses_a_key_file_that_is_not_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = write_keys(
+        dir.path(),
+        "[[key]]\nname = \"alpha\"\nkey = \"sk-alpha-8888\"\n",
+    );
+    let url = format!("sqlite://{}", dir.path().join("duet.db").display());
+    let (child, base, log) = serve(dir.path(), &url, "0.01", &[("API_KEYS_FILE", &keys)]);
+    let client = direct_client();
+    std::fs::remove_file(&keys).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &keys).unwrap();
+    hangup(&child);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(models_status(&client, &base, "sk-alpha-8888").await, 200);
+    std::fs::remove_file(&keys).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&keys)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    hangup(&child);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(models_status(&client, &base, "sk-alpha-8888").await, 200);
+    let pid = child.id();
+    let stopped = tokio::time::timeout(Duration::from_secs(15), terminate(child)).await;
+    if stopped.is_err() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        panic!("SIGTERM did not stop the service while a reload was stuck on the key file");
+    }
+    assert_eq!(stopped.unwrap(), Some(0));
+    let log = log.join().unwrap();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("the keys in force are kept"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{log}");
+    assert!(
+        refused.iter().all(|l| l.contains("not a regular file")),
+        "{refused:?}"
+    );
+}
+
+/// A run refused at capacity (503) never started: it is not one of the key's runs today.
+#[tokio::test]
+async fn a_run_refused_at_capacity_is_not_counted_in_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = write_keys(
+        dir.path(),
+        "[[key]]\nname = \"alpha\"\nkey = \"sk-alpha-9999\"\n",
+    );
+    let url = format!("sqlite://{}", dir.path().join("duet.db").display());
+    let (child, base, _log) = serve(
+        dir.path(),
+        &url,
+        "1.0",
+        &[("API_KEYS_FILE", &keys), ("MAX_CONCURRENT_STREAMS", "1")],
+    );
+    let client = direct_client();
+    let post = || {
+        client
+            .post(format!("{base}/query/stream"))
+            .bearer_auth("sk-alpha-9999")
+            .json(&json!({"query": "q"}))
+            .send()
+    };
+    let open = post().await.unwrap();
+    assert_eq!(open.status(), 200);
+    for _ in 0..3 {
+        assert_eq!(post().await.unwrap().status(), 503);
+    }
+    let events = read_events(open).await;
+    check_invariants(&events);
+    let list = wait_tokens(&client, &base, "alpha", 1).await;
+    assert_eq!(list["clients"][0]["today"]["runs"], 1, "{list}");
+    assert_eq!(terminate(child).await, Some(0));
+}

@@ -605,3 +605,39 @@ async fn shutdown_ends_the_spans_and_flushes_them() {
         assert_eq!(attributes(model)["duet.outcome"], "cancelled");
     }
 }
+
+/// An endpoint may carry credentials in its user part or its query (some vendors' do): they
+/// are never in the log, even at `RUST_LOG=trace`, where the HTTP client libraries would
+/// print the URL they connect to.
+#[tokio::test]
+async fn credentials_in_the_endpoint_never_reach_the_log_even_at_trace() {
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let upstream = FixtureServer::start(vec![sse(wire("openai_stream_ok.sse"))]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr, log) = duet_exporting(
+        dir.path(),
+        &upstream,
+        &format!("http://otel-user:pw-in-userinfo-4242@{dead}/?token=tok-in-query-4343"),
+        &[("OTEL_BSP_SCHEDULE_DELAY", "10"), ("RUST_LOG", "trace")],
+    );
+    let client = direct_client();
+    let resp = client
+        .post(format!("http://{addr}/query/stream"))
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap();
+    let events = read_events(resp).await;
+    check_invariants(&events);
+    // Give the exporter time to try (and fail).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(terminate(child).await, Some(0));
+    let log = log.join().unwrap();
+    assert!(log.contains("trace export failed"), "the export was tried");
+    for secret in ["pw-in-userinfo-4242", "tok-in-query-4343", OTEL_KEY, KEY] {
+        assert!(!log.contains(secret), "the log shows {secret}");
+    }
+}

@@ -16,8 +16,8 @@ use super::{
 };
 use crate::{audit::StoredRun, domain::Secret};
 
-/// `GET /runs/{run_id}`: the whole audit record. Without `ADMIN_TOKEN` the route does not
-/// exist as far as clients can tell (the same 404 as any unknown path).
+/// `GET /runs/{run_id}`: the whole audit record. Without `ADMIN_TOKEN` a 404 saying that
+/// the admin API is off.
 #[utoipa::path(
     get, path = "/runs/{run_id}", tag = "admin", operation_id = "get_run",
     summary = "One run's audit record",
@@ -25,8 +25,8 @@ use crate::{audit::StoredRun, domain::Secret};
         (no traces yet: `flash` and `pro` are null) from a few milliseconds after its start \
         until its record replaces it; a run whose process died is `interrupted`, also \
         without traces. A run started in the last few milliseconds may not be stored yet \
-        (404 for a moment). Without ADMIN_TOKEN configured this answers 404 like any \
-        unknown path.",
+        (404 for a moment). Without ADMIN_TOKEN configured this answers 404 saying the \
+        admin API is off.",
     params(("run_id" = uuid::Uuid, Path, description = "The run's id, as in `X-Run-Id` or \
         any event's `run_id`")),
     security(("admin_token" = [])),
@@ -47,7 +47,7 @@ pub(super) async fn get_run(
     Path(run_id): Path<String>,
 ) -> Result<Json<StoredRun>, ApiError> {
     let Some(token) = &state.config.admin_token else {
-        return Err(ApiError::NotFound("no such endpoint".into()));
+        return Err(admin_off());
     };
     // Authenticate before looking at the id, so that nothing about ids leaks to callers
     // without the token.
@@ -63,6 +63,11 @@ pub(super) async fn get_run(
         // A run that just started may still be in the writer's queue: 404 for now.
         .ok_or_else(no_such_run)?;
     Ok(Json(record))
+}
+
+/// What `/runs*` answer while ADMIN_TOKEN is not set: the endpoints exist but are off.
+pub(super) fn admin_off() -> ApiError {
+    ApiError::NotFound("the admin API is off: set ADMIN_TOKEN to enable /runs".into())
 }
 
 /// Lets the request through when it carries the admin token. An address that presented too

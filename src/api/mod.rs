@@ -24,6 +24,7 @@ mod query;
 mod rate_limit;
 mod request;
 mod resume;
+mod runs;
 #[cfg(test)]
 mod tests;
 
@@ -101,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .route("/app.css", get(page::style))
         .route("/vendor/marked.umd.js", get(page::marked))
         .route("/vendor/purify.min.js", get(page::purify))
+        .route("/runs", get(runs::list))
         .route("/runs/{run_id}", get(admin::get_run))
         .route("/clients", get(clients::list))
         .route("/healthz", get(healthz))

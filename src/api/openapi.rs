@@ -36,6 +36,7 @@ use crate::events::EventKind;
         super::query::stream_post,
         super::query::stream_get,
         super::query::query_post,
+        super::runs::list,
         super::admin::get_run,
         super::clients::list,
         super::healthz,

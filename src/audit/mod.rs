@@ -24,6 +24,7 @@ pub mod admin;
 pub mod deadletter;
 mod events;
 pub mod instance;
+pub mod list;
 pub mod notify;
 mod postgres;
 pub mod privacy;

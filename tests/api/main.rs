@@ -38,6 +38,7 @@ mod real_providers;
 mod resume;
 mod retention;
 mod running;
+mod runs_list;
 mod startup;
 mod stream;
 mod traces;

@@ -1,0 +1,1 @@
+DROP INDEX model_traces_model_name;

@@ -65,9 +65,10 @@ pub(super) async fn get_run(
     Ok(Json(record))
 }
 
-/// What `/runs*` answer while ADMIN_TOKEN is not set: the endpoints exist but are off.
+/// What the admin endpoints (`/runs*`, `/clients`) answer while ADMIN_TOKEN is not set: they
+/// exist but are off.
 pub(super) fn admin_off() -> ApiError {
-    ApiError::NotFound("the admin API is off: set ADMIN_TOKEN to enable /runs".into())
+    ApiError::NotFound("the admin API is off: set ADMIN_TOKEN to enable /runs and /clients".into())
 }
 
 /// Lets the request through when it carries the admin token. An address that presented too

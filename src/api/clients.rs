@@ -72,7 +72,7 @@ pub(super) async fn list(
     headers: HeaderMap,
 ) -> Result<Json<ClientList>, ApiError> {
     let Some(token) = &state.config.admin_token else {
-        return Err(ApiError::NotFound("no such endpoint".into()));
+        return Err(super::admin::admin_off());
     };
     admin_auth(&state, &extensions, &headers, token)?;
     let keys = state.guard.keys().current();

@@ -73,8 +73,13 @@ fn non_empty(name: &str, value: Option<String>) -> Result<Option<String>, ApiErr
 
 fn parse(raw: Option<&str>) -> Result<(RunFilter, u32), ApiError> {
     let params: Params = serde_urlencoded::from_str(raw.unwrap_or_default()).map_err(|e| {
+        // serde says "unknown field `x`, expected one of ...": the list is said once below,
+        // and to a caller of a URL these are parameters.
+        let e = e.to_string();
+        let what = e.split(", expected").next().unwrap_or(&e);
         bad(format!(
-            "{e}; the parameters are status, since, until, model_name, client_id, q, limit, cursor"
+            "{}; the parameters are status, since, until, model_name, client_id, q, limit, cursor",
+            what.replace("field", "parameter")
         ))
     })?;
     let status = match params.status {

@@ -251,6 +251,11 @@ async fn clients_is_an_admin_endpoint() {
     let off = spawn_app(quick("a"), quick("b"), &[]).await;
     let resp = off.client.get(off.url("/clients")).send().await.unwrap();
     assert_eq!(resp.status(), 404);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "the admin API is off: set ADMIN_TOKEN to enable /runs and /clients"
+    );
 }
 
 /// `duet serve` on a SQLite file in `dir`, with the simulated models quick except Pro's

@@ -219,6 +219,12 @@ async fn filters(store: &Store, dir: &std::path::Path) {
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(word), "{query}: {message}");
     }
+    let (_, body) = get(&app, "/runs?sort=asc").await;
+    assert_eq!(
+        body["error"]["message"],
+        "unknown parameter `sort`; the parameters are status, since, until, model_name, \
+         client_id, q, limit, cursor"
+    );
     app.stop().await;
     writer.shutdown(Duration::from_secs(5)).await;
 }

@@ -11,7 +11,7 @@ use crate::{
     db,
     helpers::{
         Step, TestApp, check_invariants, direct_client, done, duet_command, listening, read_events,
-        spawn_app, terminate,
+        scrape, spawn_app, terminate,
     },
 };
 
@@ -177,15 +177,7 @@ key = "sk-batch-2222"
     let list = wait_tokens(&app.client, &base, "batch", 16).await;
     assert_eq!(list["clients"][0]["today"]["runs"], 1);
     // The request metrics name the key, never the key itself.
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&app).await;
     assert!(
         metrics
             .contains(r#"duet_requests_total{client="web",route="/query/stream",status="429"} 1"#),

@@ -79,12 +79,6 @@ fn families(text: &str, into: &mut BTreeMap<String, Family>) {
     }
 }
 
-async fn scrape(app: &TestApp) -> String {
-    let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.text().await.unwrap()
-}
-
 /// Runs the service through what makes its labelled families appear (ok runs, a timeout of
 /// each kind, provider errors, a refused stream, a refused connection) and returns the
 /// families of its scrapes.

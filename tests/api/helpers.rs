@@ -374,6 +374,13 @@ pub(crate) async fn post_query_to(
         .expect("request sent")
 }
 
+/// The service's `/metrics` exposition (asserting 200).
+pub(crate) async fn scrape(app: &TestApp) -> String {
+    let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap()
+}
+
 pub(crate) async fn read_events(resp: reqwest::Response) -> Vec<Ev> {
     let mut events = Vec::new();
     let mut stream = resp.bytes_stream().eventsource();

@@ -174,6 +174,10 @@ pub(crate) struct DoneEvent<'a> {
     /// The run's cost in USD (the sum of its models' costs), or `null` when it is not known;
     /// the rule is `crate::cost::of_run`.
     pub(crate) cost_usd: Option<f64>,
+    /// How far the Flash preview used the same words as the Pro answer, in [0, 1] (1 = the
+    /// same words; see `crate::agreement`); `null` unless both models answered `ok`.
+    #[schema(minimum = 0, maximum = 1)]
+    pub(crate) agreement: Option<f64>,
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@
 //! - [`audit`]: run records, the database store, the background writer, the dead-letter
 //!   file and replay (contract §5).
 //! - [`cost`]: what a model call and a run cost in USD, from the configured prices.
+//! - [`agreement`]: how far the Flash preview used the same words as the Pro answer.
 //! - [`metrics`]: Prometheus families (contract §6).
 //! - [`backoff`]: the jittered exponential backoff that model calls and the audit writer
 //!   retry with.
@@ -30,6 +31,7 @@
 //! - [`healthcheck`]: `duet healthcheck`, the probe of `/healthz` for container images.
 //! - [`devtools`]: `duet mock-provider` and `duet bench`; the service never imports it.
 
+pub mod agreement;
 pub mod api;
 pub mod audit;
 pub mod backoff;

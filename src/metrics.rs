@@ -40,6 +40,11 @@ pub struct Metrics {
     /// `duet_overhead_seconds`: what duet adds between an upstream chunk reaching the run and
     /// the event it makes leaving the SSE body for hyper (see [`crate::sse::OverheadProbe`]).
     pub overhead_seconds: Histogram,
+    /// `duet_preview_agreement`: each run's agreement between the Flash and Pro answers
+    /// ([`crate::agreement`]), observed once per run whose models both answered `ok`. No
+    /// model labels: the pair is fixed per process by its configuration, and the model
+    /// families (`duet_model_latency_seconds` and the others) name it.
+    pub preview_agreement: Histogram,
     pub sse_events_total: IntCounterVec,
     pub client_disconnects_total: IntCounter,
     pub flash_skipped_total: IntCounter,
@@ -102,6 +107,8 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
     0.05, 0.1,
 ];
+/// Agreement is a number in [0, 1]: tenths; `le="1"` holds every run (identical answers too).
+const AGREEMENT_BUCKETS: &[f64] = &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
 /// The labels every model family starts with: the role, then its configured provider and model.
 const MODEL_LABELS: [&str; 3] = ["model", "provider", "model_name"];
 /// Audit batch writes take well under a millisecond on SQLite up to seconds during outages.
@@ -203,6 +210,14 @@ impl Metrics {
                     "Time from an upstream chunk reaching duet to its event leaving for the client."
                 )
                 .buckets(OVERHEAD_BUCKETS.to_vec())
+            )?),
+            preview_agreement: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "duet_preview_agreement",
+                    "Agreement of the Flash and Pro answers per run (0 = no word in common, \
+                     1 = the same words), for runs where both answered ok."
+                )
+                .buckets(AGREEMENT_BUCKETS.to_vec())
             )?),
             sse_events_total,
             client_disconnects_total: reg!(IntCounter::new(

@@ -343,6 +343,10 @@ pub(super) struct QueryResponse<'a> {
     total_ms: u64,
     /// The run's cost in USD, as in `done`; `null` when it is not known.
     cost_usd: Option<f64>,
+    /// How far the Flash preview agreed with the Pro answer, as in `done`; `null` unless
+    /// both answered `ok`.
+    #[schema(minimum = 0, maximum = 1)]
+    agreement: Option<f64>,
     flash: ModelAnswer<'a>,
     pro: ModelAnswer<'a>,
 }
@@ -378,6 +382,7 @@ impl<'a> From<&'a RunRecord> for QueryResponse<'a> {
             status: r.status,
             total_ms: r.total_ms,
             cost_usd: r.cost_usd,
+            agreement: r.agreement,
             flash: ModelAnswer::new(Role::Flash, &r.flash),
             pro: ModelAnswer::new(Role::Pro, &r.pro),
         }

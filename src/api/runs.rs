@@ -149,7 +149,7 @@ fn wants_ndjson(headers: &HeaderMap) -> bool {
         `next_cursor` as `cursor` for the next page. Pages never repeat or skip a run while \
         new runs arrive. Running runs are listed (status `running`, `flash` and `pro` null). \
         With `Accept: application/x-ndjson`, every matching run is sent as one JSON line, \
-        without pages (`cursor` still sets where it starts; `limit` is checked, not applied). `agreement` is always null for now. Without ADMIN_TOKEN configured this \
+        without pages (`cursor` still sets where it starts; `limit` is checked, not applied). Without ADMIN_TOKEN configured this \
         answers 404 saying the admin API is off.",
     params(
         ("status" = Option<String>, Query, description = "ok, partial, failed, cancelled, running or interrupted",

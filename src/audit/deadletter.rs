@@ -384,6 +384,8 @@ mod tests {
             owner_fingerprint: None,
             client_id: None,
             cost_usd: Some((0.1 + 0.2) * 2.0),
+            // Not a short decimal either: the line must keep every bit.
+            agreement: Some(2.0 / 3.0),
         }
     }
 

@@ -91,8 +91,10 @@ pub struct RunSummary {
     pub query: String,
     pub client_id: Option<String>,
     pub cost_usd: Option<f64>,
-    /// How far the preview agreed with the final answer: not measured yet (always null).
-    #[schema(value_type = Option<f64>)]
+    /// How far the Flash preview used the same words as the Pro answer, in [0, 1]
+    /// ([`crate::agreement`]); null unless both answered `ok`, and in runs stored before
+    /// it was measured.
+    #[schema(minimum = 0, maximum = 1)]
     pub agreement: Option<f64>,
     /// Null while the run is `running` and when it was `interrupted` (no traces).
     pub flash: Option<ModelSummary>,
@@ -192,7 +194,7 @@ pub fn list_sql(flavour: Flavour, filter: &RunFilter, limit: Option<u32>) -> (St
     let limit = limit.map(|n| format!("LIMIT {n}")).unwrap_or_default();
     sql.text = format!(
         "SELECT {run_id} AS run_id, {created_at} AS created_at, d.status, d.total_ms, d.query, \
-         d.client_id, d.cost_usd, f.outcome AS flash_outcome, f.model_name AS flash_model, \
+         d.client_id, d.cost_usd, d.agreement, f.outcome AS flash_outcome, f.model_name AS flash_model, \
          p.outcome AS pro_outcome, p.model_name AS pro_model \
          FROM dual_runs d \
          LEFT JOIN model_traces f ON f.run_id = d.run_id AND f.model = 'flash' \
@@ -244,7 +246,7 @@ where
         query: row.try_get("query")?,
         client_id: row.try_get("client_id")?,
         cost_usd: row.try_get("cost_usd")?,
-        agreement: None,
+        agreement: row.try_get("agreement")?,
         flash: model("flash_outcome", "flash_model")?,
         pro: model("pro_outcome", "pro_model")?,
     })

@@ -229,6 +229,12 @@ pub struct RunRecord {
     /// `done` event, the audit row, per-client budgets); see also [`RunRecord::tokens`].
     #[serde(default)]
     pub cost_usd: Option<f64>,
+    /// How far the Flash preview agreed with the Pro answer, in [0, 1] ([`crate::agreement`]);
+    /// `None` unless both models answered `ok`. Absent in records written before migration
+    /// 0010 (SQLite) / 0012 (PostgreSQL).
+    #[schema(minimum = 0, maximum = 1)]
+    #[serde(default)]
+    pub agreement: Option<f64>,
     /// The events the client was sent, without the deltas (`start`, the answers, errors,
     /// `done`), each with its `seq`: what a reconnect replays once the run has left memory.
     /// Empty in records written before this was kept. See [`StoredEvent`].

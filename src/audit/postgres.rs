@@ -57,16 +57,17 @@ ON CONFLICT (run_id) DO NOTHING";
 const INSERT_RUNS: &str = "\
 INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, status, total_ms,
                        service_version, events, owner_fingerprint, instance_id, messages, params,
-                       client_id, cost_usd)
-SELECT r, c, t, q, s, st, ms, v, e, o, $11, m::jsonb, p::jsonb, k, cu
+                       client_id, cost_usd, agreement)
+SELECT r, c, t, q, s, st, ms, v, e, o, $11, m::jsonb, p::jsonb, k, cu, a
 FROM UNNEST($1::text[]::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
             $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[], $12::text[],
-            $13::text[], $14::text[], $15::float8[])
-     AS u(r, c, t, q, s, st, ms, v, e, o, m, p, k, cu)
+            $13::text[], $14::text[], $15::float8[], $16::float8[])
+     AS u(r, c, t, q, s, st, ms, v, e, o, m, p, k, cu, a)
 ON CONFLICT (run_id) DO UPDATE SET
     status = excluded.status, total_ms = excluded.total_ms,
     service_version = excluded.service_version, events = excluded.events,
-    owner_fingerprint = excluded.owner_fingerprint, cost_usd = excluded.cost_usd
+    owner_fingerprint = excluded.owner_fingerprint, cost_usd = excluded.cost_usd,
+    agreement = excluded.agreement
 WHERE dual_runs.status IN ('running', 'interrupted')";
 
 /// Tells the replicas waiting for these runs' ends (see `notify`) that their rows may be
@@ -160,6 +161,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
     let mut params = Vec::with_capacity(n);
     let mut clients = Vec::with_capacity(n);
     let mut costs = Vec::with_capacity(n);
+    let mut agreements = Vec::with_capacity(n);
     for r in records {
         run_ids.push(r.run_id.to_string());
         client_ids.push(opt_text(r.client_request_id.as_deref()));
@@ -179,6 +181,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
         params.push(r.params.as_ref().map(params_column));
         clients.push(r.client_id.as_deref());
         costs.push(r.cost_usd);
+        agreements.push(r.agreement);
     }
 
     let mut t = Traces::with_capacity(2 * n);
@@ -226,6 +229,7 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
             .bind(&params)
             .bind(&clients)
             .bind(&costs)
+            .bind(&agreements)
             .execute(&mut *tx)
             .await?
             .rows_affected();

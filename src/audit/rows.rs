@@ -119,7 +119,7 @@ where
     let id = run_id.to_string();
     let sql = format!(
         "SELECT client_request_id, created_at, query, system, status, total_ms, \
-         service_version, events, owner_fingerprint, instance_id, client_id, cost_usd, \
+         service_version, events, owner_fingerprint, instance_id, client_id, cost_usd, agreement, \
          {} FROM dual_runs \
          WHERE {}",
         dialect.json_columns, dialect.by_run_id
@@ -204,6 +204,7 @@ where
         flash: flash.ok_or_else(|| corrupt(run_id, "no flash trace"))?,
         pro: pro.ok_or_else(|| corrupt(run_id, "no pro trace"))?,
         cost_usd: run.try_get("cost_usd")?,
+        agreement: run.try_get("agreement")?,
         events: events::from_column(run.try_get::<Option<String>, _>("events")?.as_deref())
             .map_err(|e| corrupt(run_id, format!("events: {e}")))?,
         owner_fingerprint: run.try_get("owner_fingerprint")?,

@@ -41,7 +41,7 @@ use super::{
 };
 
 /// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
-/// runs binds 15 values per run and 16 per trace (two per run): 500 runs bind 23500. A chunk
+/// runs binds 16 values per run and 16 per trace (two per run): 500 runs bind 24000. A chunk
 /// of start rows binds 11 values each.
 const CHUNK: usize = 500;
 
@@ -54,7 +54,8 @@ const CHUNK: usize = 500;
 const UPSERT_RUN: &str = " ON CONFLICT (run_id) DO UPDATE SET \
     status = excluded.status, total_ms = excluded.total_ms, \
     service_version = excluded.service_version, events = excluded.events, \
-    owner_fingerprint = excluded.owner_fingerprint, cost_usd = excluded.cost_usd \
+    owner_fingerprint = excluded.owner_fingerprint, cost_usd = excluded.cost_usd, \
+    agreement = excluded.agreement \
     WHERE dual_runs.status IN ('running', 'interrupted')";
 
 /// How reading a record back differs on SQLite: `?` parameters, `created_at` as text.
@@ -298,7 +299,7 @@ async fn insert_rows(
         let mut runs = QueryBuilder::<Sqlite>::new(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
              status, total_ms, service_version, events, owner_fingerprint, instance_id, \
-             messages, params, client_id, cost_usd) ",
+             messages, params, client_id, cost_usd, agreement) ",
         );
         runs.push_values(chunk, |mut row, r| {
             row.push_bind(r.run_id.to_string())
@@ -320,7 +321,8 @@ async fn insert_rows(
                 }))
                 .push_bind(r.params.as_ref().map(params_column))
                 .push_bind(r.client_id.as_deref())
-                .push_bind(r.cost_usd);
+                .push_bind(r.cost_usd)
+                .push_bind(r.agreement);
         });
         // A replayed or resubmitted record is ignored, never duplicated (contract §5).
         runs.push(UPSERT_RUN);

@@ -122,7 +122,8 @@ struct RunError<'a> {
 }
 
 /// The `data` of the `done` that ends such a resume: status `interrupted`. Nothing is known
-/// of the models' calls, which were cut off with their process: `cancelled`.
+/// of the models' calls, which were cut off with their process: `cancelled`; so neither the
+/// cost nor the agreement is (`null`, as `done` always carries them).
 #[derive(Serialize)]
 struct InterruptedDone<'a> {
     run_id: &'a str,
@@ -130,6 +131,8 @@ struct InterruptedDone<'a> {
     flash: &'static str,
     pro: &'static str,
     total_ms: u64,
+    cost_usd: Option<f64>,
+    agreement: Option<f64>,
 }
 
 /// `error` (`interrupted`) and `done` (`interrupted`), numbered after `after`.
@@ -172,6 +175,8 @@ fn end_frames(
         flash: "cancelled",
         pro: "cancelled",
         total_ms: 0,
+        cost_usd: None,
+        agreement: None,
     };
     vec![
         sse::encode(EventKind::Error, &id, after.saturating_add(1), &error),

@@ -61,6 +61,7 @@ fn stored_frames_are_cut_after_seq_and_answers_rebuilt() {
         owner_fingerprint: None,
         client_id: None,
         cost_usd: None,
+        agreement: None,
     };
     assert!(
         record.events[1].data.is_none(),

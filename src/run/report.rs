@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::{CancelReason, RunRequest, drive::ModelResult, emitter::Emitter, millis};
 use crate::{
+    agreement,
     audit::{AuditSink, ModelTrace, Outcome, RunRecord, RunStatus},
     cost,
     domain::Role,
@@ -104,6 +105,9 @@ impl Drop for RunGuard {
         let flash = trace(&self.flash_ref, flash);
         let pro = trace(&self.pro_ref, pro);
         let cost_usd = cost::of_run(&[flash.cost_part(), pro.cost_part()]);
+        // Once per run, both final texts known and every answer event sent; never per delta.
+        let agreement = (flash.outcome == Outcome::Ok && pro.outcome == Outcome::Ok)
+            .then(|| agreement::of(&flash.text, &pro.text));
         self.trace.end(status.as_str());
         let run_id = &self.emitter.run_id;
         let seq = self.emitter.seq.fetch_add(1, Ordering::Relaxed);
@@ -114,6 +118,7 @@ impl Drop for RunGuard {
             pro: pro.outcome,
             total_ms: millis(total),
             cost_usd,
+            agreement,
         });
         let done = sse::frame(EventKind::Done, run_id, seq, &data);
         self.emitter
@@ -124,6 +129,9 @@ impl Drop for RunGuard {
             permit.send(done);
         }
         self.metrics.sse_event(EventKind::Done);
+        if let Some(a) = agreement {
+            self.metrics.preview_agreement.observe(a);
+        }
         if self.cancelled == Some(CancelReason::ClientGone) && cut_short {
             self.metrics.client_disconnects_total.inc();
         }
@@ -153,6 +161,7 @@ impl Drop for RunGuard {
             flash,
             pro,
             cost_usd,
+            agreement,
             events: self.emitter.log.to_events(),
             owner_fingerprint: self.emitter.log.owner().map(Owner::to_hex),
             client_id: self.request.client_id.as_deref().map(str::to_owned),

@@ -210,6 +210,8 @@ pub(crate) fn record(i: usize) -> RunRecord {
         },
         // Pro reported no tokens: the run costs what Flash did.
         cost_usd: Some(TRACE_COST_USD),
+        // Pro timed out: there is no final answer to compare the preview with.
+        agreement: None,
     }
 }
 

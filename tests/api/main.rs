@@ -14,6 +14,7 @@
     reason = "a test's servers and clients are plain tasks: each test's runtime ends them"
 )]
 
+mod agreement;
 mod audit;
 mod audit_cli;
 mod audit_faults;

@@ -674,7 +674,10 @@ async fn migration_0005_reverts_and_reapplies_keeping_ended_runs() {
         .write(None, &[started(running)], &[])
         .await
         .unwrap();
-    assert_eq!(db.store.revert_to(4).await.unwrap(), vec![5, 6, 7, 8, 9]);
+    assert_eq!(
+        db.store.revert_to(4).await.unwrap(),
+        vec![5, 6, 7, 8, 9, 10]
+    );
     assert_eq!(
         db::count(&db.store, "dual_runs").await,
         1,

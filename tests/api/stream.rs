@@ -47,7 +47,7 @@ async fn normal_run_streams_start_flash_pro_done() {
     assert_eq!(
         done(&events),
         &json!({"run_id": run_id, "status": "ok", "flash": "ok", "pro": "ok", "total_ms": 2040,
-                "cost_usd": null})
+                "cost_usd": null, "agreement": 0.4})
     );
 
     let records = app.records(1).await;

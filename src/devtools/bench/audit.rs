@@ -133,6 +133,7 @@ fn record(text: &str) -> RunRecord {
         owner_fingerprint: None,
         client_id: None,
         cost_usd: Some(0.000_102),
+        agreement: Some(1.0),
     }
 }
 

@@ -1,0 +1,2 @@
+-- Reverts 0010_agreement: the releases before it did not measure the preview's agreement.
+ALTER TABLE dual_runs DROP COLUMN agreement;

@@ -194,7 +194,7 @@ test("the page's assets: versioned links, content types, caching, CSP", async ()
     const html = await index.text();
     const links = [...html.matchAll(/(?:src|href)="(\/[^"]+\?v=[0-9a-f]{16})"/g)].map((m) => m[1]);
     assert.deepEqual(links.map((l) => l.split("?")[0]).sort(),
-      ["/app.css", "/app.js", "/vendor/marked.umd.js", "/vendor/purify.min.js"]);
+      ["/app.css", "/app.js", "/markdown.js", "/vendor/marked.umd.js", "/vendor/purify.min.js"]);
     for (const link of links) {
       const asset = await fetch(new URL(link, url));
       assert.equal(asset.status, 200, link);

@@ -393,6 +393,12 @@ test("a run's page: both answers side by side, Markdown rendered safely, timelin
       assert.ok(hrefs.every((h) => h === null || !/^javascript:/i.test(h)), `no script links: ${hrefs}`);
       assert.match(await panel.textContent(), /ok/);
     }
+    // Nothing anywhere in the document can run: no handler attribute, no script but the
+    // page's own four (marked, DOMPurify, markdown.js, admin.js).
+    const handlers = await page.evaluate(() => [...document.querySelectorAll("*")]
+      .flatMap((e) => [...e.attributes].filter((a) => /^on/i.test(a.name)).map((a) => `${e.tagName} ${a.name}`)));
+    assert.deepEqual(handlers, []);
+    assert.equal(await page.evaluate(() => document.scripts.length), 4);
     const record = await (await fetch(new URL(`runs/${id}`, duet.url), { headers: admin })).json();
     const proFacts = await pro.locator(".facts").textContent();
     assert.ok(proFacts.includes(`${record.pro.input_tokens} in / ${record.pro.output_tokens} out`), proFacts);

@@ -314,7 +314,7 @@ test("the runs table: newest first, the chart, filters by status and by query te
     assert.match(await first.locator("td").nth(7).textContent(), /^\$0\.\d{6}$/, "cost");
     assert.equal(await first.locator("td").nth(8).textContent(), seeded[0].agreement == null ? "—" : seeded[0].agreement.toFixed(2));
     // The chart counts every seeded run and both failures (the failed and the partial run).
-    assert.match(await page.locator("#chart-caption").textContent(), new RegExp(`all ${RUNS} matching runs, 2 failed or partial`));
+    assert.match(await page.locator("#chart-caption").textContent(), new RegExp(`all ${RUNS} matching runs, 2 failures`));
     assert.ok(await page.locator("#chart rect.bar-failures").count() >= 1);
     await page.evaluate(() => document.fonts.ready);
     await page.screenshot({ path: join(imgDir, "console-runs.png") });
@@ -322,7 +322,7 @@ test("the runs table: newest first, the chart, filters by status and by query te
     await filter(page, { status: "failed" });
     assert.equal(await rows(page).count(), 1);
     assert.match(await rows(page).first().locator("td.query").textContent(), /both-fail/);
-    assert.match(await page.locator("#chart-caption").textContent(), /the one matching run, 1 failed or partial/);
+    assert.match(await page.locator("#chart-caption").textContent(), /the one matching run, 1 failure\./);
 
     await filter(page, { status: "partial" });
     assert.equal(await rows(page).count(), 1);
@@ -337,6 +337,39 @@ test("the runs table: newest first, the chart, filters by status and by query te
     await filter(page, { q: "nothing like this" });
     assert.equal(await rows(page).count(), 0);
     assert.equal(await page.locator("#empty").isVisible(), true);
+  });
+});
+
+test("the chart: runs and failures per bucket, and the mean agreement where it is known", async () => {
+  // duet's answers here carry no agreement yet, so the chart's page of runs is answered by
+  // the test: three 10-second buckets, agreement known in two of them.
+  const t0 = Date.parse("2026-12-01T10:00:00Z");
+  const at = (s) => new Date(t0 + s * 1000).toISOString();
+  const summary = (i, s, status, agreement) => ({ run_id: `01a23c0b-0000-7000-8000-${String(i).padStart(12, "0")}`,
+    created_at: at(s), status, total_ms: 100, query: `q${i}`, client_id: null, cost_usd: null, agreement,
+    flash: { outcome: "ok", model_name: "f" }, pro: { outcome: status === "ok" ? "ok" : "error", model_name: "p" } });
+  const runs = [
+    summary(1, 25, "ok", 0.9), summary(2, 24, "partial", 0.5), summary(3, 21, "ok", null),
+    summary(4, 12, "failed", null), summary(5, 11, "cancelled", null),
+    summary(6, 3, "ok", 0.2), summary(7, 2, "interrupted", null),
+  ];
+  await withConsole(async (page) => {
+    await loggedIn(page);
+    await page.route((u) => u.pathname === "/runs" && u.searchParams.get("limit") === "500", (route) =>
+      route.fulfill({ status: 200, contentType: "application/json", body: JSON.stringify({ runs, next_cursor: "more" }) }));
+    await page.getByRole("button", { name: "Apply" }).click();
+    await settled(page);
+    const caption = await page.locator("#chart-caption").textContent();
+    assert.match(caption, /^Runs per 10 s: the 7 newest matching runs, 3 failures\. The chart stops at 500 runs/);
+    assert.equal(await page.locator("#chart g.bucket").count(), 3);
+    const titles = await page.locator("#chart g.bucket title").allTextContents();
+    assert.match(titles[0], /10:00:00 UTC, 10 s: 2 runs, 1 failure, mean agreement 0\.20$/);
+    assert.match(titles[1], /10:00:10 UTC, 10 s: 2 runs, 1 failure, no agreement measured$/);
+    assert.match(titles[2], /10:00:20 UTC, 10 s: 3 runs, 1 failure, mean agreement 0\.70$/);
+    assert.equal(await page.locator("#chart rect.bar-runs").count(), 3);
+    assert.equal(await page.locator("#chart rect.bar-failures").count(), 3);
+    assert.equal(await page.locator("#chart circle.dot-agreement").count(), 2);
+    assert.equal(await page.locator("#chart polyline.line-agreement").count(), 1);
   });
 });
 
@@ -459,6 +492,11 @@ test("the token is sent as the header only: never in a URL, the history or stora
     assert.ok(urls.length >= 3, "the navigations were seen");
     // The form cannot leak it either: its field has no name to be submitted by.
     assert.equal(await page.locator("#token").getAttribute("name"), null);
+    // Forgetting it takes what it showed along.
+    await page.getByRole("button", { name: "Forget the token" }).click();
+    await page.locator("#login").waitFor();
+    assert.equal(await rows(page).count(), 0);
+    assert.equal(await page.locator("#runs-view").isVisible(), false);
     // withConsole checks URLs, history, storage, cookies, IndexedDB and the document.
   });
 });

@@ -87,6 +87,11 @@ function adminOff(message) {
 function forget(message) {
   token = null;
   stopLive();
+  // What the token showed goes with it.
+  $("runs").tBodies[0].replaceChildren();
+  $("chart").replaceChildren();
+  $("chart-caption").textContent = "";
+  $("run-view").replaceChildren();
   $("live").checked = false;
   $("runs-view").hidden = true;
   $("run-view").hidden = true;
@@ -109,6 +114,7 @@ function utc(iso) {
 }
 
 const dash = "—";
+const count = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 const ms = (n) => (n == null ? dash : `${n} ms`);
 function cost(usd) {
   if (usd == null) return dash;
@@ -347,7 +353,7 @@ function drawChart(runs, truncated) {
     const g = svg("g", { class: "bucket" });
     const agree = b.agreement == null ? "no agreement measured" : `mean agreement ${b.agreement.toFixed(2)}`;
     g.append(svg("title", {}, `${utc(new Date(b.start * 1000).toISOString())} UTC, ${bucketLabel(width)}: ` +
-      `${b.runs} runs, ${b.failures} failures, ${agree}`));
+      `${count(b.runs, "run")}, ${count(b.failures, "failure")}, ${agree}`));
     if (b.runs) g.append(svg("rect", { class: "bar-runs", x, y: y(b.runs), width: w, height: y(0) - y(b.runs) }));
     if (b.failures) g.append(svg("rect", { class: "bar-failures", x, y: y(b.failures), width: w, height: y(0) - y(b.failures) }));
     chart.append(g);
@@ -361,7 +367,7 @@ function drawChart(runs, truncated) {
   const failures = buckets.reduce((n, b) => n + b.failures, 0);
   const n = runs.length;
   const which = truncated ? `the ${n} newest matching runs` : n === 1 ? "the one matching run" : `all ${n} matching runs`;
-  caption.textContent = `Runs per ${bucketLabel(width)}: ${which}, ${failures} failed or partial. ` +
+  caption.textContent = `Runs per ${bucketLabel(width)}: ${which}, ${count(failures, "failure")}. ` +
     (truncated ? `The chart stops at ${CHART_RUNS} runs; narrow the filters to see further back.` : "");
 }
 

@@ -194,7 +194,7 @@ test("the page's assets: versioned links, content types, caching, CSP", async ()
     const html = await index.text();
     const links = [...html.matchAll(/(?:src|href)="(\/[^"]+\?v=[0-9a-f]{16})"/g)].map((m) => m[1]);
     assert.deepEqual(links.map((l) => l.split("?")[0]).sort(),
-      ["/app.css", "/app.js", "/vendor/marked.umd.js", "/vendor/purify.min.js"]);
+      ["/app.css", "/app.js", "/markdown.js", "/vendor/marked.umd.js", "/vendor/purify.min.js"]);
     for (const link of links) {
       const asset = await fetch(new URL(link, url));
       assert.equal(asset.status, 200, link);
@@ -336,7 +336,8 @@ async function assertInert(page) {
       const n = document.querySelectorAll(`.turn ${sel}`).length;
       if (n) bad.push(`${n} ${sel} in an answer`);
     }
-    if (document.scripts.length !== 3) bad.push(`${document.scripts.length} scripts on the page`);
+    // marked, DOMPurify, markdown.js and app.js.
+    if (document.scripts.length !== 4) bad.push(`${document.scripts.length} scripts on the page`);
     for (const a of document.querySelectorAll(".turn a[href]")) {
       if (!/^https?:/.test(a.href)) bad.push(`a link to ${a.href}`);
       if (a.rel !== "noopener noreferrer" || a.target !== "_blank") bad.push(`a link without rel/target`);

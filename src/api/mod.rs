@@ -8,9 +8,9 @@
 //! and the small operational handlers (`/healthz`, `/metrics`, the 404 and 405 fallbacks).
 //! Each other job has its module: `query` the query endpoints, `request` parsing them,
 //! `guard` authentication and rate limits, `admin` `/runs` and `/readyz`, `clients`
-//! `/clients`, `page` the browser
-//! page, `error` the error answers, `openapi` the API description, `openai` the
-//! OpenAI-compatible `/v1` endpoints.
+//! `/clients`, `page` the browser pages (`/` and the operators' console `/admin`), `error`
+//! the error answers, `openapi` the API description, `openai` the OpenAI-compatible `/v1`
+//! endpoints.
 
 mod admin;
 mod client_addr;
@@ -102,6 +102,10 @@ pub fn router(state: AppState) -> Router {
         .route("/app.css", get(page::style))
         .route("/vendor/marked.umd.js", get(page::marked))
         .route("/vendor/purify.min.js", get(page::purify))
+        .route("/markdown.js", get(page::markdown))
+        .route("/admin", get(page::console))
+        .route("/admin.js", get(page::console_script))
+        .route("/admin.css", get(page::console_style))
         .route("/runs", get(runs::list))
         .route("/runs/{run_id}", get(admin::get_run))
         .route("/clients", get(clients::list))

@@ -47,6 +47,10 @@ use crate::events::EventKind;
         super::page::style,
         super::page::marked,
         super::page::purify,
+        super::page::markdown,
+        super::page::console,
+        super::page::console_script,
+        super::page::console_style,
         super::openai::chat_completions,
         super::openai::list_models,
         super::openai::get_model,
@@ -83,7 +87,8 @@ use crate::events::EventKind;
         (name = "query", description = "Run a query on both models"),
         (name = "admin", description = "The audit trail (needs ADMIN_TOKEN)"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
-        (name = "page", description = "The browser page and its assets"),
+        (name = "page", description = "The browser pages (the page at `/`, the operators' \
+            console at `/admin`) and their assets"),
         (name = "openai", description = "OpenAI-compatible Chat Completions (docs/openai.md)"),
     ),
 )]

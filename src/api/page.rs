@@ -1,7 +1,12 @@
-//! The browser page (`GET /`): one HTML page, its script and stylesheet, and two vendored
-//! libraries (marked renders answers as Markdown, DOMPurify sanitizes the result), all
-//! compiled into the binary, so it works with no CDN and no build step.
-//! `static/vendor/` holds the libraries as `scripts/vendor-page-libs.sh` fetched them.
+//! The browser pages: the page that asks both models (`GET /`) and the operators' console
+//! (`GET /admin`), their scripts and stylesheets, the Markdown renderer they share
+//! (`markdown.js`) and two vendored libraries (marked renders answers as Markdown, DOMPurify
+//! sanitizes the result), all compiled into the binary, so they work with no CDN and no build
+//! step. `static/vendor/` holds the libraries as `scripts/vendor-page-libs.sh` fetched them.
+//!
+//! The console is only HTML and script: what it shows comes from the admin API (`/runs`,
+//! `/runs/{run_id}`), which checks the token on every request, so the page itself is served
+//! to anyone, like `/`.
 //!
 //! Caching: the page links every asset as `PATH?v=VERSION`, VERSION a hash of the asset's
 //! bytes. An asset asked for with its current version may be cached for good (a new binary
@@ -47,9 +52,34 @@ const PURIFY: Asset = Asset {
     body: include_str!("../../static/vendor/purify.min.js"),
     content_type: "text/javascript; charset=utf-8",
 };
-const ASSETS: [&Asset; 4] = [&SCRIPT, &STYLE, &MARKED, &PURIFY];
+const MARKDOWN: Asset = Asset {
+    path: "/markdown.js",
+    body: include_str!("../../static/markdown.js"),
+    content_type: "text/javascript; charset=utf-8",
+};
+const CONSOLE_SCRIPT: Asset = Asset {
+    path: "/admin.js",
+    body: include_str!("../../static/admin.js"),
+    content_type: "text/javascript; charset=utf-8",
+};
+const CONSOLE_STYLE: Asset = Asset {
+    path: "/admin.css",
+    body: include_str!("../../static/admin.css"),
+    content_type: "text/css; charset=utf-8",
+};
+/// Every asset, each served by its index here (see the handlers).
+const ASSETS: [&Asset; 7] = [
+    &SCRIPT,
+    &STYLE,
+    &MARKED,
+    &PURIFY,
+    &MARKDOWN,
+    &CONSOLE_SCRIPT,
+    &CONSOLE_STYLE,
+];
 
 const INDEX: &str = include_str!("../../static/index.html");
+const CONSOLE: &str = include_str!("../../static/admin.html");
 
 /// Only our own scripts and styles may run: no inline code, no third parties. Images only
 /// from here or `data:` (the page drops images from answers anyway, so that an answer cannot
@@ -67,21 +97,27 @@ fn version(body: &str) -> String {
 }
 
 /// The versions of [`ASSETS`], in its order, computed once.
-static VERSIONS: LazyLock<[String; 4]> = LazyLock::new(|| ASSETS.map(|a| version(a.body)));
+static VERSIONS: LazyLock<[String; 7]> = LazyLock::new(|| ASSETS.map(|a| version(a.body)));
 
-/// The page's HTML with every asset link carrying its version (`href="/app.js"` becomes
-/// `href="/app.js?v=…"`); the key placeholder is filled per request.
-static INDEX_LINKED: LazyLock<String> = LazyLock::new(|| {
+/// A page's HTML with every asset link carrying its version (`href="/app.js"` becomes
+/// `href="/app.js?v=…"`).
+fn linked(html: &str) -> String {
     ASSETS
         .iter()
         .zip(VERSIONS.iter())
-        .fold(INDEX.to_owned(), |html, (asset, v)| {
+        .fold(html.to_owned(), |html, (asset, v)| {
             html.replace(
                 &format!("\"{}\"", asset.path),
                 &format!("\"{}?v={v}\"", asset.path),
             )
         })
-});
+}
+
+/// The page's HTML, linked; the key placeholder is filled per request.
+static INDEX_LINKED: LazyLock<String> = LazyLock::new(|| linked(INDEX));
+
+/// The console's HTML, linked.
+static CONSOLE_LINKED: LazyLock<String> = LazyLock::new(|| linked(CONSOLE));
 
 fn secured(mut response: Response, content_type: &'static str, cache: &'static str) -> Response {
     let h = response.headers_mut();
@@ -196,6 +232,48 @@ pub(super) async fn purify(uri: Uri, headers: HeaderMap) -> Response {
     serve(3, &uri, &headers)
 }
 
+/// The Markdown renderer both pages share: marked and DOMPurify set up for model answers.
+#[utoipa::path(get, path = "/markdown.js", tag = "page", params(AssetVersion), responses(
+    (status = 200, description = "The pages' Markdown renderer: how answers become safe HTML",
+        content_type = "text/javascript; charset=utf-8", body = String),
+    (status = 304, description = "The copy named in `If-None-Match` is current")))]
+pub(super) async fn markdown(uri: Uri, headers: HeaderMap) -> Response {
+    serve(4, &uri, &headers)
+}
+
+/// The operators' console.
+#[utoipa::path(get, path = "/admin", tag = "page", responses((status = 200,
+    description = "The operators' console: the runs of the audit trail, filtered and paged, \
+        a chart of runs, failures and agreement over time, and each run with both answers \
+        and their timings. It asks for the admin token and sends it as a header to /runs \
+        and /runs/{run_id}; without ADMIN_TOKEN configured it says the admin API is off.",
+    content_type = "text/html; charset=utf-8", body = String)))]
+pub(super) async fn console() -> Response {
+    secured(
+        CONSOLE_LINKED.as_str().into_response(),
+        "text/html; charset=utf-8",
+        "no-cache",
+    )
+}
+
+/// The console's script.
+#[utoipa::path(get, path = "/admin.js", tag = "page", params(AssetVersion), responses(
+    (status = 200, description = "The operators' console's script",
+        content_type = "text/javascript; charset=utf-8", body = String),
+    (status = 304, description = "The copy named in `If-None-Match` is current")))]
+pub(super) async fn console_script(uri: Uri, headers: HeaderMap) -> Response {
+    serve(5, &uri, &headers)
+}
+
+/// The console's stylesheet (on top of the page's).
+#[utoipa::path(get, path = "/admin.css", tag = "page", params(AssetVersion), responses(
+    (status = 200, description = "The operators' console's stylesheet",
+        content_type = "text/css; charset=utf-8", body = String),
+    (status = 304, description = "The copy named in `If-None-Match` is current")))]
+pub(super) async fn console_style(uri: Uri, headers: HeaderMap) -> Response {
+    serve(6, &uri, &headers)
+}
+
 /// The version an asset is linked with, for caching only: any value serves the same bytes.
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -211,16 +289,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_page_links_every_asset_by_its_current_version() {
+    fn the_pages_link_every_asset_by_its_current_version() {
+        let index_only = ["/app.js"];
+        let console_only = ["/admin.js", "/admin.css"];
         for (asset, v) in ASSETS.iter().zip(VERSIONS.iter()) {
             let linked = format!("\"{}?v={v}\"", asset.path);
-            assert!(INDEX_LINKED.contains(&linked), "{linked} missing");
+            if !console_only.contains(&asset.path) {
+                assert!(INDEX_LINKED.contains(&linked), "{linked} missing in /");
+            }
+            if !index_only.contains(&asset.path) {
+                assert!(
+                    CONSOLE_LINKED.contains(&linked),
+                    "{linked} missing in /admin"
+                );
+            }
         }
-        assert!(
-            !INDEX_LINKED.contains(".js\""),
-            "an unversioned script link"
-        );
+        for html in [&*INDEX_LINKED, &*CONSOLE_LINKED] {
+            assert!(!html.contains(".js\""), "an unversioned script link");
+            assert!(!html.contains(".css\""), "an unversioned stylesheet link");
+        }
         assert_ne!(VERSIONS[0], version("other bytes"));
+    }
+
+    #[test]
+    fn every_asset_is_served_by_its_own_index() {
+        // The handlers name assets by index: a reordered array must fail here, not serve the
+        // wrong file.
+        let expected = [
+            "/app.js",
+            "/app.css",
+            "/vendor/marked.umd.js",
+            "/vendor/purify.min.js",
+            "/markdown.js",
+            "/admin.js",
+            "/admin.css",
+        ];
+        assert_eq!(ASSETS.map(|a| a.path), expected);
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod audit_http;
 mod bench;
 mod clients;
 mod connections;
+mod console;
 mod conversation;
 mod cost;
 mod db;

@@ -8,7 +8,8 @@
 // cookies or any browser storage, and that it does go out as the Authorization header.
 //
 // Run: (cd e2e && npm ci && npm test); needs target/debug/duet (cargo build) and
-// /usr/bin/chromium. The screenshots of the README go to ../docs/img/.
+// /usr/bin/chromium. Screenshots go to ../test-output/; with UPDATE_SCREENSHOTS=1 the README's
+// copies in ../docs/img/ are rewritten too (so a plain test run leaves the tree clean).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -22,8 +23,12 @@ import { chromium } from "playwright-core";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const binary = process.env.DUET_BIN || join(root, "target", "debug", "duet");
-const imgDir = join(root, "docs", "img");
-mkdirSync(imgDir, { recursive: true });
+const imgDirs = [join(root, "test-output")];
+if (process.env.UPDATE_SCREENSHOTS === "1") imgDirs.push(join(root, "docs", "img"));
+for (const dir of imgDirs) mkdirSync(dir, { recursive: true });
+async function screenshot(page, name, options = {}) {
+  for (const dir of imgDirs) await page.screenshot({ path: join(dir, name), ...options });
+}
 
 const TOKEN = "e2e-console-token-5f1c9a";
 const RUNS = 64;
@@ -317,7 +322,7 @@ test("the runs table: newest first, the chart, filters by status and by query te
     assert.match(await page.locator("#chart-caption").textContent(), new RegExp(`all ${RUNS} matching runs, 2 failures`));
     assert.ok(await page.locator("#chart rect.bar-failures").count() >= 1);
     await page.evaluate(() => document.fonts.ready);
-    await page.screenshot({ path: join(imgDir, "console-runs.png") });
+    await screenshot(page, "console-runs.png");
 
     await filter(page, { status: "failed" });
     assert.equal(await rows(page).count(), 1);
@@ -453,7 +458,7 @@ test("a run's page: both answers side by side, Markdown rendered safely, timelin
       assert.ok(labels.includes(`first token ${t.ttft_ms} ms`), labels.join("|"));
     }
     await page.evaluate(() => document.fonts.ready);
-    await page.screenshot({ path: join(imgDir, "console-run.png"), fullPage: true });
+    await screenshot(page, "console-run.png", { fullPage: true });
 
     // Back to the list, where it was.
     await page.getByRole("link", { name: "← All runs" }).click();

@@ -106,13 +106,14 @@ load() {
   "$MOCK_BIN" bench streams --target "$target" --url "$url" -c "$c" --duration "$SECS" \
     --warmup "$([ "$c" -ge 100 ] && echo 1 || echo 3)" \
     --ramp "$([ "$c" -ge 1000 ] && echo 2 || echo 0)" \
-    --timeout 30 --deltas true --json >"$file"
+    --timeout 30 --deltas true --json >"$file" || echo "load run failed: $file" >&2
 }
 
 # record ROUND C WHO FILE CPU_S LOAD: one line of results.tsv. First token = first Flash
 # delta through duet, first content chunk directly.
 record() {
   local round="$1" c="$2" who="$3" file="$4" cpu="$5" load="$6" field
+  jq -e .streams "$file" >/dev/null 2>&1 || { echo "no report in $file" >&2; return 0; }
   field=$([ "${who#direct}" = "$who" ] && echo first_flash || echo first_token)
   jq -r --arg r "$round" --arg c "$c" --arg who "$who" --arg cpu "$cpu" --arg load "$load" \
     --arg f "$field" \

@@ -2,7 +2,7 @@
 # Issue 18, "the relay at the limit": two duet binaries compared back to back on the relay
 # workload, loopback only, bounded in time. See docs/benchmarks.md, "Issue 18".
 #
-#   BIN=target/release/duet BASE_BIN=/work/baseline/duet scripts/bench_relay.sh
+#   BIN=target/release/duet BASE_BIN=/path/to/baseline/duet scripts/bench_relay.sh
 #   BIN=target/release/duet scripts/bench_relay.sh          # one binary, no comparison
 #
 # Workload: two `duet mock-provider` processes, Flash `--ttft-ms 50` and Pro `--ttft-ms 250`,
@@ -27,6 +27,7 @@
 # (extra VAR=VALUE words for that duet only: e.g. the same binary twice, one with
 # NEW_ENV=LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2, compares allocators).
 #
+# Builds nothing: build each binary first (`cargo build --release`, then copy it aside).
 # Output in $OUT: one JSON report per run, results.tsv (one line per run), table.txt (the
 # table printed at the end: median over rounds, and the range), duet and mock logs.
 NEW_BIN_ARG="${BIN:-}"

@@ -8,7 +8,8 @@
 # Knobs (environment): OUT, PHASES, LEVELS (concurrency levels, default "1 100 1000"),
 # SECS (seconds per overhead run, default 15), MOCK_PACE (mock pacing flags),
 # UPSTREAMS (how duet reaches the mock in the overhead runs: "http1 http2", default both),
-# CAPACITY_H1 / CAPACITY_H2 (streams held open, default 6000 / 15000), AUDIT_RECORDS,
+# CAPACITY_H1 / CAPACITY_H2 (streams held open, default 6000 / 15000; 0 skips that run),
+# DUET_ENV (extra VAR=VALUE words for every `duet serve`, e.g. "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"), AUDIT_RECORDS,
 # PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres), SKIP_BUILD=1.
 source "$(dirname "$0")/lib.sh"
 OUT="${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}"
@@ -21,6 +22,7 @@ CAPACITY_H1="${CAPACITY_H1:-6000}"
 CAPACITY_H2="${CAPACITY_H2:-15000}"
 AUDIT_RECORDS="${AUDIT_RECORDS:-50000}"
 PG_ADMIN_URL="${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+DUET_ENV="${DUET_ENV:-}"
 mkdir -p "$OUT"
 trap cleanup EXIT
 build
@@ -43,7 +45,8 @@ phase_overhead() {
 overhead_runs() {
   local up="$1" tag
   start_mock $MOCK_PACE
-  if [ "$up" = http2 ]; then start_duet UPSTREAM_HTTP2=1; else start_duet; fi
+  # shellcheck disable=SC2086 # DUET_ENV is a list of words
+  if [ "$up" = http2 ]; then start_duet $DUET_ENV UPSTREAM_HTTP2=1; else start_duet $DUET_ENV; fi
   local c warm
   for c in $LEVELS; do
     tag="$up-c$c"
@@ -82,7 +85,8 @@ capacity_run() {
   local label="$1" n="$2"
   shift 2
   start_mock --ttft-ms 2000 --token-ms 2000 --tokens 20
-  start_duet SSE_KEEPALIVE_S=15 "$@"
+  # shellcheck disable=SC2086 # DUET_ENV is a list of words
+  start_duet SSE_KEEPALIVE_S=15 $DUET_ENV "$@"
   sleep 1
   local base_rss base_fds
   base_rss=$(rss_kb "$DUET_PID")
@@ -106,8 +110,9 @@ capacity_run() {
 }
 
 phase_capacity() {
-  capacity_run http1 "$CAPACITY_H1"
-  capacity_run http2 "$CAPACITY_H2" UPSTREAM_HTTP2=1
+  [ "$CAPACITY_H1" -gt 0 ] && capacity_run http1 "$CAPACITY_H1"
+  [ "$CAPACITY_H2" -gt 0 ] && capacity_run http2 "$CAPACITY_H2" UPSTREAM_HTTP2=1
+  return 0
 }
 
 # audit: the writer's sustained records/s on SQLite and on PostgreSQL.

@@ -106,10 +106,6 @@ pub fn decode<D: Decoder>(ctx: CallContext, body: Body, decoder: D) -> ProviderS
 /// An upstream body as reqwest yields it.
 pub type Body = BoxStream<'static, reqwest::Result<Bytes>>;
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one per call, inside the call's boxed stream: boxing the parser would only add an allocation"
-)]
 enum Phase {
     Start(Option<(Upstream, Build)>),
     Streaming(SseEvents<Body>),

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::Stream;
 use prometheus::Histogram;
 use serde::Serialize;
@@ -26,7 +26,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use crate::events::EventKind;
+use crate::{domain::Role, events::EventKind};
 
 /// The comment sent after a period of silence, so proxies keep the connection open.
 pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
@@ -63,6 +63,143 @@ pub fn frame(event: EventKind, run_id: &str, seq: u32, json: &[u8]) -> Bytes {
     buf.put_slice(json);
     buf.put_slice(b"\n\n");
     buf.freeze()
+}
+
+/// An event's frame in the making, in one buffer: the data is encoded first (its size
+/// decides the event's share of the run's byte budget, see `run::emitter`), then the header
+/// is written in front of it once the event's number is known. The same bytes as [`encode`],
+/// with one allocation instead of one for the data, one for the number and one for the frame.
+pub struct Draft {
+    /// Room for the longest header, the data, the blank line; the header goes at the end of
+    /// its room and the unused front is skipped.
+    buf: BytesMut,
+    head: usize,
+}
+
+/// `event: ` + name + `\nid: ` + run id + `:` + seq + `\ndata: `, without the name, run id
+/// and seq.
+const HEAD_FIXED: usize = "event: \nid: :\ndata: ".len();
+/// The digits of the longest `seq`.
+const SEQ_DIGITS: usize = 10;
+
+impl Draft {
+    /// Encodes `data` for an event `event` of run `run_id`; `hint` is about how long the
+    /// data will be, to size the buffer once.
+    pub fn new(event: EventKind, run_id: &str, data: &impl Serialize, hint: usize) -> Draft {
+        let head = HEAD_FIXED + event.as_str().len() + run_id.len() + SEQ_DIGITS;
+        let mut buf = BytesMut::with_capacity(head + hint + 2);
+        buf.resize(head, 0);
+        let mut w = buf.writer();
+        // As in `encode`: a failure would be a bug; keep the stream valid anyway.
+        if serde_json::to_writer(&mut w, data).is_err() {
+            let mut buf = w.into_inner();
+            buf.truncate(head);
+            buf.put_slice(b"{}");
+            w = buf.writer();
+        }
+        let mut buf = w.into_inner();
+        buf.put_slice(b"\n\n");
+        Draft { buf, head }
+    }
+
+    /// A `delta` event's draft: the same bytes as [`Draft::new`] of a
+    /// `crate::events::DeltaEvent`, written directly. The general path goes through serde's
+    /// writer a few bytes per call; a delta is most of a run's events, and its fields are
+    /// known: the run id (a UUID, nothing to escape), the role's name, and the text.
+    pub fn delta(run_id: &str, role: Role, text: &str) -> Draft {
+        let event = EventKind::Delta;
+        let head = HEAD_FIXED + event.as_str().len() + run_id.len() + SEQ_DIGITS;
+        // Room for a few escapes; a text full of them grows the buffer once or twice.
+        let mut buf = BytesMut::with_capacity(head + 48 + run_id.len() + text.len() * 9 / 8 + 2);
+        buf.resize(head, 0);
+        buf.put_slice(b"{\"run_id\":");
+        put_json_str(&mut buf, run_id);
+        buf.put_slice(b",\"model\":\"");
+        buf.put_slice(role.as_str().as_bytes());
+        buf.put_slice(b"\",\"text\":");
+        put_json_str(&mut buf, text);
+        buf.put_slice(b"}\n\n");
+        Draft { buf, head }
+    }
+
+    /// The frame's size at most (its `seq` at its longest): [`frame_len`] of its data.
+    pub fn max_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The length of the encoded data.
+    pub fn data_len(&self) -> usize {
+        self.buf.len() - self.head - 2
+    }
+
+    /// The frame, numbered `seq`.
+    pub fn finish(mut self, event: EventKind, run_id: &str, seq: u32) -> BytesMut {
+        let mut digits = [0u8; SEQ_DIGITS];
+        let mut n = seq;
+        let mut at = SEQ_DIGITS;
+        loop {
+            at -= 1;
+            // n % 10 < 10: the cast keeps it.
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let digits = &digits[at..];
+        let parts: [&[u8]; 7] = [
+            b"event: ",
+            event.as_str().as_bytes(),
+            b"\nid: ",
+            run_id.as_bytes(),
+            b":",
+            digits,
+            b"\ndata: ",
+        ];
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let start = self.head - len;
+        let mut at = start;
+        for part in parts {
+            self.buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        self.buf.advance(start);
+        self.buf
+    }
+}
+
+/// `s` as a JSON string, escaped exactly as `serde_json` escapes it: `"` and `\\`, the
+/// control characters below U+0020 (short forms where JSON has them, else `\u00xx`), and
+/// nothing else. Runs of plain bytes are copied whole.
+fn put_json_str(buf: &mut BytesMut, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    buf.put_u8(b'"');
+    let mut plain = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0C => b"\\f",
+            0x00..=0x1F => b"",
+            _ => continue,
+        };
+        buf.put_slice(&bytes[plain..i]);
+        plain = i + 1;
+        if short.is_empty() {
+            buf.put_slice(b"\\u00");
+            buf.put_u8(HEX[usize::from(b >> 4)]);
+            buf.put_u8(HEX[usize::from(b & 0xF)]);
+        } else {
+            buf.put_slice(short);
+        }
+    }
+    buf.put_slice(&bytes[plain..]);
+    buf.put_u8(b'"');
 }
 
 /// The `data` of a [`frame`] whose data is `data_len` bytes long, without copying: it is
@@ -260,6 +397,56 @@ mod tests {
             frame_len(EventKind::Delta, "r1", 3),
             frame(EventKind::Delta, "r1", u32::MAX, b"{ }").len()
         );
+    }
+
+    #[test]
+    fn a_draft_is_the_same_bytes_as_encode() {
+        let data = serde_json::json!({"run_id": "r1", "text": "h\u{e9}\"llo\n"});
+        for seq in [0, 7, 10, 99, 12_345, u32::MAX] {
+            for event in EventKind::ALL {
+                let draft = Draft::new(event, "run-1", &data, 4);
+                let max = draft.max_len();
+                let data_len = draft.data_len();
+                assert_eq!(max, frame_len(event, "run-1", data_len));
+                let framed = draft.finish(event, "run-1", seq).freeze();
+                assert_eq!(framed, encode(event, "run-1", seq, &data));
+                assert_eq!(data_of(&framed, data_len), encode_data(&data));
+                assert!(framed.len() <= max);
+            }
+        }
+    }
+
+    #[test]
+    fn a_delta_draft_is_what_serde_makes_of_the_event() {
+        let mut texts: Vec<String> = (0u8..128).map(|b| format!("a{}b", b as char)).collect();
+        texts.extend(
+            [
+                "",
+                "plain words",
+                "caf\u{e9} \u{1F30A} \u{2028}\u{7f}",
+                "\"\\\"\n\r\t\u{8}\u{c}\u{0}\u{1f}",
+            ]
+            .map(String::from),
+        );
+        texts.push((0u8..128).map(char::from).collect());
+        for text in &texts {
+            for role in [Role::Flash, Role::Pro] {
+                let event = crate::events::DeltaEvent {
+                    run_id: "0190a5b8-3c1e-7d2a-9f00-123456789abc",
+                    model: role,
+                    text,
+                };
+                let ours = Draft::delta(event.run_id, role, text);
+                let theirs = Draft::new(EventKind::Delta, event.run_id, &event, 0);
+                assert_eq!(ours.max_len(), theirs.max_len(), "{text:?}");
+                assert_eq!(ours.data_len(), theirs.data_len(), "{text:?}");
+                assert_eq!(
+                    ours.finish(EventKind::Delta, event.run_id, 42),
+                    theirs.finish(EventKind::Delta, event.run_id, 42),
+                    "{text:?}"
+                );
+            }
+        }
     }
 
     #[test]

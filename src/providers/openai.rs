@@ -159,7 +159,7 @@ struct FastChunk<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    choices: Option<Vec<FastChoice<'a>>>,
+    choices: FirstChoice<'a>,
     #[serde(default)]
     usage: Option<FastUsage>,
     /// Any `error` key at all, whatever its value: the general path decides what it means.
@@ -189,6 +189,44 @@ struct FastUsage {
     completion_tokens: Option<u64>,
 }
 
+/// The first of `choices` (the only one duet asks for), read without collecting the array:
+/// the rest are checked to be JSON and skipped. `null` or no key is no choice.
+#[derive(Default)]
+struct FirstChoice<'a>(Option<FastChoice<'a>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<FastChoice<'a>>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = FirstChoice<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of choices or null")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(FirstChoice(None))
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(FirstChoice(None))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Self::Value, D::Error> {
+                d.deserialize_seq(self)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let first = seq.next_element::<FastChoice<'a>>()?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(FirstChoice(first))
+            }
+        }
+        d.deserialize_option(Visit(std::marker::PhantomData))
+    }
+}
+
 /// Whether a key was there at all (even as `null`).
 #[derive(Default)]
 struct Present(bool);
@@ -214,7 +252,7 @@ impl OpenAiDecoder {
                 output_tokens: u.completion_tokens,
             });
         }
-        let choice = chunk.choices.and_then(|c| c.into_iter().next());
+        let choice = chunk.choices.0;
         let (text, reason) = match choice {
             Some(c) => (
                 c.delta

@@ -15,7 +15,6 @@ use crate::{
     backoff::Backoff,
     cost,
     domain::Role,
-    events::{DeltaEvent, EventKind},
     providers::{Completion, ErrorType, ModelRequest, Provider, ProviderError, ProviderEvent},
 };
 
@@ -282,13 +281,8 @@ async fn attempts(
                                 }
                                 text.push_str(&delta);
                                 if emitter.deltas {
-                                    let event = DeltaEvent {
-                                        run_id: &emitter.run_id,
-                                        model: role,
-                                        text: &delta,
-                                    };
                                     emitter
-                                        .emit_arrived(EventKind::Delta, &event, Some(arrived))
+                                        .emit_delta(role, &delta, arrived)
                                         .await
                                         .map_err(|_| Failure::ClientGone)?;
                                 }

@@ -15,7 +15,7 @@ use std::{
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::{
-    sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc},
+    sync::{AcquireError, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc},
     time::Instant,
 };
 
@@ -28,6 +28,9 @@ use crate::{
     resume::RunLog,
     sse::{self, OverheadProbe},
 };
+
+/// What the data of an event other than a delta usually needs, to size its buffer once.
+const DATA_HINT: usize = 160;
 
 /// Sends a run's events in order with gapless `seq` numbers.
 pub(super) struct Emitter {
@@ -74,35 +77,83 @@ impl Emitter {
     ) -> Result<(), ClientGone> {
         // The data is encoded before waiting, to know how much of the budget the event needs;
         // its number is taken only once it may be sent (see `send`).
-        let json = sse::encode_data(data);
-        let len = sse::frame_len(event, &self.run_id, json.len());
-        let room = async {
-            let permit = self.tx.reserve().await.map_err(|_| ClientGone)?;
-            let bytes = budget_for(&self.budget, len)
-                .await
-                .map_err(|_| ClientGone)?;
-            Ok::<_, ClientGone>((permit, bytes))
+        let draft = sse::Draft::new(event, &self.run_id, data, DATA_HINT);
+        self.emit_draft(event, draft, arrived).await
+    }
+
+    /// A delta of `text` from `role` (a `DeltaEvent`): [`Emitter::emit_arrived`], encoded by
+    /// [`sse::Draft::delta`].
+    pub(super) async fn emit_delta(
+        &self,
+        role: Role,
+        text: &str,
+        arrived: Instant,
+    ) -> Result<(), ClientGone> {
+        let draft = sse::Draft::delta(&self.run_id, role, text);
+        self.emit_draft(EventKind::Delta, draft, Some(arrived))
+            .await
+    }
+
+    async fn emit_draft(
+        &self,
+        event: EventKind,
+        draft: sse::Draft,
+        arrived: Option<Instant>,
+    ) -> Result<(), ClientGone> {
+        let len = draft.max_len();
+        // Nearly always there is room at once: then no timer is armed at all. Only a full
+        // channel or budget waits, under the write timeout.
+        let (permit, bytes) = match self.room_now(len)? {
+            Some(room) => room,
+            None => {
+                let room = async {
+                    let permit = self.tx.reserve().await.map_err(|_| ClientGone)?;
+                    let bytes = budget_for(&self.budget, len)
+                        .await
+                        .map_err(|_| ClientGone)?;
+                    Ok::<_, ClientGone>((permit, bytes))
+                };
+                match tokio::time::timeout(self.write_timeout, room).await {
+                    Ok(Ok(room)) => room,
+                    Ok(Err(ClientGone)) | Err(_) => return Err(ClientGone),
+                }
+            }
         };
-        let (permit, bytes) = match tokio::time::timeout(self.write_timeout, room).await {
-            Ok(Ok(room)) => room,
-            Ok(Err(ClientGone)) | Err(_) => return Err(ClientGone),
-        };
-        self.send(permit, bytes, event, &json, arrived);
+        self.send(permit, bytes, event, draft, arrived);
         Ok(())
+    }
+
+    /// A channel slot and `len` bytes of the budget if both are free right now; `None` if
+    /// either is not (nothing is held then), an error if the client is gone.
+    fn room_now(
+        &self,
+        len: usize,
+    ) -> Result<Option<(mpsc::Permit<'_, Bytes>, OwnedSemaphorePermit)>, ClientGone> {
+        let permit = match self.tx.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Full(())) => return Ok(None),
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(ClientGone),
+        };
+        let n = u32::try_from(len.clamp(1, STREAM_BUFFER_BYTES)).unwrap_or(u32::MAX);
+        match Arc::clone(&self.budget).try_acquire_many_owned(n) {
+            Ok(bytes) => Ok(Some((permit, bytes))),
+            Err(TryAcquireError::NoPermits) => Ok(None),
+            Err(TryAcquireError::Closed) => Err(ClientGone),
+        }
     }
 
     /// Sends at once if there is room, else drops the event: for notices on the way out
     /// (shutdown, a panicking run) that must not wait on a client.
     pub(super) fn emit_now(&self, event: EventKind, data: &impl Serialize) {
-        let json = sse::encode_data(data);
-        let len = sse::frame_len(event, &self.run_id, json.len()).min(STREAM_BUFFER_BYTES);
+        let draft = sse::Draft::new(event, &self.run_id, data, DATA_HINT);
+        let len = draft.max_len().min(STREAM_BUFFER_BYTES);
         let Ok(bytes) =
             Arc::clone(&self.budget).try_acquire_many_owned(u32::try_from(len).unwrap_or(u32::MAX))
         else {
             return;
         };
         if let Ok(permit) = self.tx.try_reserve() {
-            self.send(permit, bytes, event, &json, None);
+            self.send(permit, bytes, event, draft, None);
         }
     }
 
@@ -113,21 +164,25 @@ impl Emitter {
         permit: mpsc::Permit<'_, Bytes>,
         bytes: OwnedSemaphorePermit,
         event: EventKind,
-        json: &[u8],
+        draft: sse::Draft,
         arrived: Option<Instant>,
     ) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         if let Some(at) = arrived {
             self.overhead.sent(seq, at);
         }
-        let frame = sse::frame(event, &self.run_id, seq, json);
+        let data_len = draft.data_len();
+        let frame = draft.finish(event, &self.run_id, seq);
         if event == EventKind::Delta {
-            // Not kept, but a client that saw it may resume from it.
+            // Not kept, but a client that saw it may resume from it. The frame's buffer
+            // itself travels, with the budget it holds: no second handle on it.
             self.log.mark_issued(seq);
+            permit.send(budgeted(frame, bytes));
         } else {
-            self.log.push(seq, event, frame.clone(), json.len());
+            let frame = frame.freeze();
+            self.log.push(seq, event, frame.clone(), data_len);
+            permit.send(budgeted(frame, bytes));
         }
-        permit.send(budgeted(frame, bytes));
         self.metrics.sse_event(event);
     }
 
@@ -193,20 +248,23 @@ async fn budget_for(
 /// The frame as sent: the same bytes (not a copy), holding `bytes` of the run's budget until
 /// the last handle on it is dropped, which is when hyper has written it to the socket (or the
 /// stream is gone). The resume log keeps its own handle on the frame, outside the budget.
-fn budgeted(frame: Bytes, bytes: OwnedSemaphorePermit) -> Bytes {
+fn budgeted<B>(frame: B, bytes: OwnedSemaphorePermit) -> Bytes
+where
+    B: AsRef<[u8]> + Send + 'static,
+{
     Bytes::from_owner(BudgetedFrame {
         frame,
         _bytes: bytes,
     })
 }
 
-struct BudgetedFrame {
-    frame: Bytes,
+struct BudgetedFrame<B> {
+    frame: B,
     _bytes: OwnedSemaphorePermit,
 }
 
-impl AsRef<[u8]> for BudgetedFrame {
+impl<B: AsRef<[u8]>> AsRef<[u8]> for BudgetedFrame<B> {
     fn as_ref(&self) -> &[u8] {
-        &self.frame
+        self.frame.as_ref()
     }
 }

@@ -1,11 +1,11 @@
 //! One upstream call as a stream: take a place on a connection, send, classify a non-2xx
-//! answer, then read the body through [`Bounded`] into `eventsource-stream` and the
-//! adapter's [`Decoder`], stopping at the first completion or error.
+//! answer, then read the body through [`Bounded`] into the SSE parser ([`SseEvents`]) and
+//! the adapter's [`Decoder`], stopping at the first completion or error.
 
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use eventsource_stream::{Event, EventStream};
+use eventsource_stream::Event;
 use futures::{StreamExt, stream::BoxStream};
 use http::{HeaderMap, header};
 use serde_json::Value;
@@ -16,6 +16,7 @@ use super::{
         body_error, classify_http, error_chain, malformed, stray_error, too_large, transport_error,
         truncated,
     },
+    events::SseEvents,
     framing::Bounded,
 };
 use crate::providers::{
@@ -94,7 +95,7 @@ pub fn decode<D: Decoder>(ctx: CallContext, body: Body, decoder: D) -> ProviderS
     let state = Call {
         ctx,
         decoder,
-        phase: Phase::Streaming(EventStream::new(bounded)),
+        phase: Phase::Streaming(SseEvents::new(bounded)),
         stray,
         queued: None,
         _lease: None,
@@ -105,13 +106,9 @@ pub fn decode<D: Decoder>(ctx: CallContext, body: Body, decoder: D) -> ProviderS
 /// An upstream body as reqwest yields it.
 pub type Body = BoxStream<'static, reqwest::Result<Bytes>>;
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one per call, inside the call's boxed stream: boxing the parser would only add an allocation"
-)]
 enum Phase {
     Start(Option<(Upstream, Build)>),
-    Streaming(EventStream<Bounded<Body>>),
+    Streaming(SseEvents<Body>),
     Done,
 }
 
@@ -175,7 +172,7 @@ impl<D: Decoder> Call<D> {
                     }
                     let bytes: Body = response.bytes_stream().boxed();
                     let bounded = Bounded::new(bytes, self.ctx.limits, Arc::clone(&self.stray));
-                    self.phase = Phase::Streaming(EventStream::new(bounded));
+                    self.phase = Phase::Streaming(SseEvents::new(bounded));
                 }
                 Phase::Streaming(events) => match events.next().await {
                     None => {
@@ -187,7 +184,7 @@ impl<D: Decoder> Call<D> {
                         let error = body_error(&self.ctx, e);
                         return self.fail(error);
                     }
-                    Some(Ok(event)) => match self.decoder.event(&self.ctx, &event) {
+                    Some(Ok(())) => match self.decoder.event(&self.ctx, events.event()) {
                         Err(e) => return self.fail(e),
                         Ok(Step::Continue) => continue,
                         Ok(Step::Delta(text)) => return Some(Ok(ProviderEvent::Delta(text))),

@@ -3,7 +3,6 @@
 //! hidden in stray lines, broken connections, oversized or malformed bodies. Client messages
 //! name the family, the status and a reason code at most; the rest goes to `detail`, redacted.
 
-use eventsource_stream::EventStreamError;
 use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
@@ -70,15 +69,11 @@ pub(super) fn too_large(ctx: &CallContext, what: &str) -> ProviderError {
     ))
 }
 
-pub(super) fn body_error(ctx: &CallContext, e: EventStreamError<BodyError>) -> ProviderError {
+pub(super) fn body_error(ctx: &CallContext, e: BodyError) -> ProviderError {
     match e {
-        EventStreamError::Transport(BodyError::Transport(e)) => transport_error(ctx, &e),
-        EventStreamError::Transport(BodyError::LineTooLong) => too_large(ctx, "line"),
-        EventStreamError::Transport(BodyError::BodyTooLarge) => too_large(ctx, "body"),
-        // Bounded hands over valid UTF-8 only, and every line is valid SSE grammar, so these
-        // are not expected; they still fail the call cleanly.
-        EventStreamError::Utf8(e) => malformed(ctx, "invalid UTF-8", &e.to_string()),
-        EventStreamError::Parser(e) => malformed(ctx, "unparsable SSE", &e.to_string()),
+        BodyError::Transport(e) => transport_error(ctx, &e),
+        BodyError::LineTooLong => too_large(ctx, "line"),
+        BodyError::BodyTooLarge => too_large(ctx, "body"),
     }
 }
 

@@ -4,6 +4,7 @@
 //! - `call`: the call itself: send, classify a non-2xx answer, decode the body, stop at the
 //!   first completion or error ([`Decoder`] is what each wire format implements);
 //! - `framing`: [`Bounded`], the line and body limits in front of the SSE parser;
+//! - `events`: the SSE parser itself, whole lines in, one reused event out;
 //! - `classify`: HTTP failures, mid-stream errors and broken bodies as [`ProviderError`]s;
 //! - `fault`: reading an upstream's error document;
 //! - `retry_after`: how long an upstream asks to be left alone;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 mod call;
 mod classify;
 mod endpoint;
+mod events;
 mod fault;
 mod framing;
 mod redact;

@@ -506,6 +506,34 @@ test("the token is sent as the header only: never in a URL, the history or stora
   });
 });
 
+test("an answer that comes back after Forget is not shown", async () => {
+  await withConsole(async (page) => {
+    await loggedIn(page);
+    // Hold the next list request until the token has been forgotten, then let it answer.
+    let release;
+    const held = new Promise((r) => { release = r; });
+    let seen;
+    const asked = new Promise((r) => { seen = r; });
+    await page.route(/\/runs\?/, async (route) => {
+      seen();
+      await held;
+      await route.continue();
+    });
+    await page.getByRole("button", { name: "Older →" }).click();
+    await asked;
+    await page.getByRole("button", { name: "Forget the token" }).click();
+    await page.locator("#login").waitFor();
+    release();
+    const answered = page.waitForResponse(/\/runs\?/);
+    await answered;
+    await sleep(300);
+    assert.equal(await rows(page).count(), 0, "the late page is not drawn");
+    assert.equal(await page.locator("#chart").evaluate((c) => c.childElementCount), 0);
+    assert.equal(await page.locator("#runs-view").isVisible(), false);
+    await page.unroute(/\/runs\?/);
+  });
+});
+
 test("live refresh: new runs appear on the newest page; a later page keeps its place", async () => {
   await withConsole(async (page) => {
     await loggedIn(page, "25");

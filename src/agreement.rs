@@ -32,9 +32,14 @@ use std::{borrow::Cow, collections::HashMap};
 
 /// Words read from each text. At about 6 bytes a word this is the first ~100 KiB of an
 /// answer, more than a model writes under usual `max_tokens`; past it the rest of a text is
-/// not compared, which keeps the measure to a few milliseconds at worst whatever a provider
-/// sends (two 4 KiB answers take about 0.1 ms).
+/// not compared (two 4 KiB answers take about 0.1 ms).
 pub const MAX_WORDS: usize = 16 * 1024;
+
+/// Bytes read from each text, whatever its words: a word cap alone still scans (and
+/// lowercases) a whole text that is one huge word or all punctuation — 16 MB of `É` took
+/// 0.6 s of a runtime worker. With both caps the measure stays within a few milliseconds
+/// whatever a provider sends.
+pub const MAX_BYTES: usize = 128 * 1024;
 
 /// The agreement of two answer texts, in [0, 1]; symmetric, never NaN.
 pub fn of(flash: &str, pro: &str) -> f64 {
@@ -45,7 +50,7 @@ pub fn of(flash: &str, pro: &str) -> f64 {
     let mut counts: HashMap<Cow<'_, str>, [u32; 2]> = HashMap::new();
     let mut total = 0u64;
     for (side, text) in [flash, pro].into_iter().enumerate() {
-        for word in words(text).take(MAX_WORDS) {
+        for word in words(head(text)).take(MAX_WORDS) {
             counts.entry(word).or_default()[side] += 1;
             total += 1;
         }
@@ -56,6 +61,19 @@ pub fn of(flash: &str, pro: &str) -> f64 {
     let common: u64 = counts.values().map(|[x, y]| u64::from((*x).min(*y))).sum();
     // Both counts are at most 2 · MAX_WORDS: exact in f64, and the ratio is at most 1.
     (2 * common) as f64 / total as f64
+}
+
+/// The first [`MAX_BYTES`] of `text`, cut at a character boundary.
+fn head(text: &str) -> &str {
+    if text.len() <= MAX_BYTES {
+        return text;
+    }
+    // A UTF-8 character is at most 4 bytes: a boundary is at most 3 bytes back.
+    let end = (MAX_BYTES - 3..=MAX_BYTES)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    &text[..end]
 }
 
 /// The words of `text`, lowercased.
@@ -85,6 +103,26 @@ mod tests {
         assert_eq!(of("A monad is a monoid.", "a MONAD, is a monoid!"), 1.0);
         assert_eq!(of("  Tea\n\tor coffee?  ", "tea or coffee"), 1.0);
         assert_eq!(of("**Paris**", "Paris."), 1.0);
+    }
+
+    #[test]
+    fn only_the_first_max_bytes_of_a_text_count() {
+        // One huge word (two bytes a character, so the cut falls inside one) is read only up
+        // to the cap: its head is the word that counts.
+        let huge = "é".repeat(MAX_BYTES);
+        assert_eq!(head(&huge).len(), MAX_BYTES);
+        let odd = format!("x{huge}");
+        assert_eq!(head(&odd).len(), MAX_BYTES - 1);
+        assert!(odd.is_char_boundary(head(&odd).len()));
+        // Words past the byte cap are not compared (well under the word cap here: 32-byte
+        // words): these texts differ only there.
+        let filler = "abcdefghijklmnopqrstuvwxyz012345 ".repeat(MAX_BYTES / 33 + 1);
+        assert!(filler.split(' ').count() < MAX_WORDS);
+        assert_eq!(
+            of(&format!("{filler} tea"), &format!("{filler} coffee")),
+            1.0
+        );
+        assert_eq!(head("short"), "short");
     }
 
     #[test]

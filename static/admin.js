@@ -46,14 +46,22 @@ class AdminError extends Error {
 async function getJson(path, params) {
   const url = params && [...params].length ? `${path}?${params}` : path;
   const headers = { Accept: "application/json" };
-  if (token !== null) headers.Authorization = `Bearer ${token}`;
+  const sent = token;
+  if (sent !== null) headers.Authorization = `Bearer ${sent}`;
   let resp;
   try {
     resp = await fetch(url, { headers, cache: "no-store", credentials: "omit" });
   } catch (_) {
     throw new AdminError(0, "Could not reach the service.");
   }
-  if (resp.ok) return resp.json();
+  // The token was forgotten (or replaced) while this request was out: what it fetched must
+  // not be shown any more. STALE is dropped by `failed`.
+  if (token !== sent) throw new AdminError(STALE, "");
+  if (resp.ok) {
+    const body = await resp.json();
+    if (token !== sent) throw new AdminError(STALE, "");
+    return body;
+  }
   let message = `HTTP ${resp.status}`;
   try {
     message = (await resp.json()).error.message;
@@ -61,9 +69,14 @@ async function getJson(path, params) {
   throw new AdminError(resp.status, message);
 }
 
+/** The status of a request whose token was forgotten or replaced before it came back. */
+const STALE = -1;
+
 /** What the console does when a request fails: ask for the token again, or say why. */
 function failed(e) {
-  if (e.status === 401) {
+  if (e.status === STALE) {
+    // Answered for a token the page no longer holds: nothing to show or say.
+  } else if (e.status === 401) {
     forget("The token was refused. Type it again.");
   } else if (e.status === 429) {
     statusEl.textContent = "Too many wrong tokens from this address lately: wait a minute, then try again.";
@@ -490,6 +503,7 @@ async function showRun(id) {
     statusEl.textContent = "";
     document.title = `duet: run ${run.run_id}`;
   } catch (e) {
+    if (e.status === STALE) return;
     view.replaceChildren(el("a", { href: "#", class: "back", text: "← All runs" }));
     failed(e);
   }

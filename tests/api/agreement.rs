@@ -34,15 +34,6 @@ fn pro_says(parts: &[&'static str]) -> Vec<Step> {
     steps
 }
 
-/// `data` of the first event named `name`.
-fn data<'a>(events: &'a [Ev], name: &str) -> &'a Value {
-    &events
-        .iter()
-        .find(|e| e.event == name)
-        .unwrap_or_else(|| panic!("no {name} event in {events:?}"))
-        .data
-}
-
 /// `agreement` of a JSON object: always present, a number in [0, 1] or `null`.
 fn agreement_of(v: &Value) -> Option<f64> {
     let a = v
@@ -62,7 +53,12 @@ fn close(a: f64, b: f64) -> bool {
 
 /// What the service computed for a stream, from the texts its answer events carried.
 fn expected(events: &[Ev]) -> f64 {
-    let text = |name| data(events, name)["text"].as_str().unwrap().to_owned();
+    let text = |name| {
+        event_data(events, name)["text"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
     agreement::of(&text("flash"), &text("pro"))
 }
 

@@ -56,14 +56,6 @@ fn quick_pro() -> Vec<Step> {
     ]
 }
 
-fn data<'a>(events: &'a [Ev], name: &str) -> &'a Value {
-    &events
-        .iter()
-        .find(|e| e.event == name)
-        .unwrap_or_else(|| panic!("no {name} event in {events:?}"))
-        .data
-}
-
 /// `cost_usd` of an event: present, and a number or `null`.
 fn cost_of(data: &Value) -> Option<f64> {
     let cost = data
@@ -107,8 +99,8 @@ async fn priced_run_is_costed_everywhere(store: Store, dir: &std::path::Path) {
     .await;
     let events = app.stream(json!({"query": "q"})).await;
     let run_id = check_invariants(&events);
-    let flash = cost_of(data(&events, "flash")).unwrap();
-    let pro = cost_of(data(&events, "pro")).unwrap();
+    let flash = cost_of(event_data(&events, "flash")).unwrap();
+    let pro = cost_of(event_data(&events, "pro")).unwrap();
     let done = cost_of(done(&events)).unwrap();
     assert!(close(flash, flash_cost()), "{flash}");
     assert!(close(pro, pro_cost()), "{pro}");
@@ -276,8 +268,8 @@ async fn without_prices_cost_is_null_everywhere_and_never_counted() {
     let mut app = spawn_app(normal_flash(), normal_pro(), &[]).await;
     let events = app.stream(json!({"query": "q"})).await;
     check_invariants(&events);
-    assert_eq!(cost_of(data(&events, "flash")), None);
-    assert_eq!(cost_of(data(&events, "pro")), None);
+    assert_eq!(cost_of(event_data(&events, "flash")), None);
+    assert_eq!(cost_of(event_data(&events, "pro")), None);
     assert_eq!(cost_of(done(&events)), None);
     let record = &app.records(1).await[0];
     assert_eq!(
@@ -315,10 +307,10 @@ async fn one_price_of_a_pair_unset_makes_that_model_and_the_run_unknown() {
     let events = app.stream(json!({"query": "q"})).await;
     check_invariants(&events);
     assert!(close(
-        cost_of(data(&events, "flash")).unwrap(),
+        cost_of(event_data(&events, "flash")).unwrap(),
         flash_cost()
     ));
-    assert_eq!(cost_of(data(&events, "pro")), None);
+    assert_eq!(cost_of(event_data(&events, "pro")), None);
     // Pro's tokens are known but not priced: a sum of Flash alone would be short.
     assert_eq!(cost_of(done(&events)), None);
     let record = &app.records(1).await[0];

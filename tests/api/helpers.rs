@@ -314,6 +314,15 @@ pub(crate) struct Ev {
     pub data: Value,
 }
 
+/// `data` of the first event named `name` in `events`.
+pub(crate) fn event_data<'a>(events: &'a [Ev], name: &str) -> &'a Value {
+    &events
+        .iter()
+        .find(|e| e.event == name)
+        .unwrap_or_else(|| panic!("no {name} event in {events:?}"))
+        .data
+}
+
 impl TestApp {
     pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)

@@ -70,10 +70,13 @@ pub(super) const DIALECT: Dialect<SqliteRow> = Dialect {
     },
 };
 
-const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
-
+/// `2025-01-31T12:34:56.123456Z`: RFC 3339 in UTC, always six fractional digits.
+///
+/// Through `to_rfc3339_opts` rather than `format("%Y-%m-%dT%H:%M:%S%.6fZ")`, which produces
+/// the same text (a test checks it) but parses its format string on every call: that was 4 %
+/// of the audit writer's instructions, two timestamps per run.
 pub(super) fn format_time(t: &DateTime<Utc>) -> String {
-    t.format(TIME_FORMAT).to_string()
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 /// A SQLite pool and the identity of the file it has open.
@@ -434,6 +437,34 @@ impl Statements {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_fixed_width_rfc3339_with_microseconds() {
+        use chrono::{Datelike, TimeZone};
+        let formatted = |t: DateTime<Utc>| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+        let mut t = Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0).unwrap();
+        // Whole seconds, a nanosecond that rounds down, leap days, the end of a year.
+        let steps = [
+            chrono::Duration::nanoseconds(999),
+            chrono::Duration::microseconds(1),
+            chrono::Duration::milliseconds(123_456_789),
+            chrono::Duration::days(59),
+            chrono::Duration::seconds(86_399) + chrono::Duration::nanoseconds(999_999_999),
+        ];
+        for i in 0..20_000 {
+            t += steps[i % steps.len()] * (i as i32 % 7 + 1);
+            assert_eq!(format_time(&t), formatted(t), "{t:?}");
+            assert_eq!(format_time(&t).len(), 27);
+        }
+        assert!(
+            t.year() > 2100,
+            "the walk crossed the years that matter: {t}"
+        );
+        assert_eq!(
+            format_time(&Utc.with_ymd_and_hms(2025, 1, 31, 12, 34, 56).unwrap()),
+            "2025-01-31T12:34:56.000000Z"
+        );
+    }
 
     #[test]
     fn chunks_are_powers_of_two_up_to_the_cap_in_order() {

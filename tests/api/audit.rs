@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use duet::{
     audit::{
-        AuditSink, AuditWriter, Deadline, RecordStore, RunRecord, Store, WriterOptions,
+        AuditSink, AuditWriter, Deadline, RecordStore, RunRecord, StartedRun, Store, WriterOptions,
         replay::{ReplayReport, replay},
     },
     metrics::Metrics,
@@ -97,6 +97,98 @@ async fn big_batch_round_trips_postgres() {
         return;
     };
     big_batch_round_trips(&db.store).await;
+}
+
+fn start_of(r: &RunRecord) -> StartedRun {
+    StartedRun {
+        run_id: r.run_id,
+        client_request_id: r.client_request_id.clone(),
+        created_at: r.created_at,
+        query: r.query.as_str().into(),
+        system: r.system.as_deref().map(Into::into),
+        conversation: None,
+        params: None,
+        owner_fingerprint: None,
+        instance_id: Some("i-1".into()),
+        client_id: None,
+    }
+}
+
+async fn count_where(store: &Store, table: &str, condition: &str) -> i64 {
+    count(store, &format!("{table} WHERE {condition}")).await
+}
+
+/// A batch of start rows and records big enough that PostgreSQL writes it as two
+/// transactions at once: every row once, the starts `running`, the records final.
+async fn a_large_mixed_batch_writes_every_row_once(store: &Store) {
+    let records: Vec<RunRecord> = (0..300).map(record).collect();
+    let running: Vec<RunRecord> = (300..601).map(record).collect();
+    let starts: Vec<StartedRun> = running.iter().map(start_of).collect();
+    // One run's start and record in the same batch: the record wins, no start row.
+    let mut both = starts.clone();
+    both.push(start_of(&records[5]));
+    assert_eq!(
+        store.write(Some("i-1"), &both, &records).await.unwrap(),
+        300
+    );
+    assert_eq!(count(store, "dual_runs").await, 601);
+    assert_eq!(
+        count_where(store, "dual_runs", "status = 'running'").await,
+        301
+    );
+    assert_eq!(count(store, "model_traces").await, 600);
+    for r in [&records[0], &records[149], &records[150], &records[299]] {
+        assert_eq!(store.fetch(r.run_id).await.unwrap().as_ref(), Some(r));
+    }
+    // Their records finalize the running rows, again in one large batch.
+    assert_eq!(store.write(Some("i-1"), &[], &running).await.unwrap(), 301);
+    assert_eq!(count(store, "dual_runs").await, 601);
+    assert_eq!(
+        count_where(store, "dual_runs", "status = 'running'").await,
+        0
+    );
+    assert_eq!(count(store, "model_traces").await, 1202);
+}
+
+#[tokio::test]
+async fn a_large_mixed_batch_writes_every_row_once_sqlite() {
+    let db = db::sqlite().await;
+    a_large_mixed_batch_writes_every_row_once(&db.store).await;
+}
+
+#[tokio::test]
+async fn a_large_mixed_batch_writes_every_row_once_postgres() {
+    let Some(db) = db::postgres("a_large_mixed_batch").await else {
+        return;
+    };
+    a_large_mixed_batch_writes_every_row_once(&db.store).await;
+}
+
+/// PostgreSQL writes a large batch as two transactions: when one fails the batch fails,
+/// though the other committed, and the retry of the whole batch stores each record once.
+#[tokio::test]
+async fn a_half_failed_batch_is_retried_whole_postgres() {
+    let Some(db) = db::postgres("a_half_failed_batch").await else {
+        return;
+    };
+    let store = &db.store;
+    let mut records: Vec<RunRecord> = (0..300).map(record).collect();
+    // Refused by the column's CHECK: fails the second half's transaction.
+    records[299].cost_usd = Some(-1.0);
+    assert!(store.write(Some("i-1"), &[], &records).await.is_err());
+    let committed = count(store, "dual_runs").await;
+    assert_eq!(committed, 150, "the first half committed on its own");
+    records[299].cost_usd = Some(0.5);
+    assert_eq!(
+        store.write(Some("i-1"), &[], &records).await.unwrap(),
+        150,
+        "the retry adds only what the failed half held"
+    );
+    assert_eq!(count(store, "dual_runs").await, 300);
+    assert_eq!(count(store, "model_traces").await, 600);
+    for r in [&records[0], &records[150], &records[299]] {
+        assert_eq!(store.fetch(r.run_id).await.unwrap().as_ref(), Some(r));
+    }
 }
 
 async fn migrations_revert_and_reapply(store: &Store) {

@@ -188,6 +188,10 @@ async fn filters(store: &Store, dir: &std::path::Path) {
         ("client_id=alpha", vec![id[3], id[0]]),
         ("q=why", vec![id[2]]),
         ("q=Why", vec![id[0]]),
+        // A running run is found by its text too, alone and with ended ones.
+        ("q=still", vec![running]),
+        ("q=o", vec![running, id[2]]),
+        ("status=running&q=going", vec![running]),
         // Wildcards mean themselves.
         ("q=100%25", vec![id[1]]),
         ("q=e_t", vec![id[1]]),

@@ -9,7 +9,8 @@
 //!   than the request rate for long enough to fill it) sends the record to the dead-letter
 //!   file instead: a stream is never slowed and a record never dropped.
 //! - One task writes. It takes everything queued, up to `max_batch`, in one `recv_many`, and
-//!   writes it in one transaction; records that arrive meanwhile form the next batch. It
+//!   writes it in one transaction (two at once for a large batch on PostgreSQL, see
+//!   `postgres::write_batch`); records that arrive meanwhile form the next batch. It
 //!   starts at most one transaction per [`MIN_BATCH_INTERVAL`] (unless a full batch waits):
 //!   an idle service writes each record at once, and a busy one writes a few records per
 //!   transaction instead of one, since each transaction has a fixed cost (measured at 1,450

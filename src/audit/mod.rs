@@ -417,6 +417,25 @@ pub struct StartedRun {
 }
 
 impl StartedRun {
+    /// The start row of the run `record` describes, for tools and tests that make records
+    /// first (`duet bench audit`): its id, request, time, query, system prompt, parameters,
+    /// owner and client. Without a conversation: a record holds its messages as stored, and
+    /// a run's start row carries them only when the run sends it (`run::Run`).
+    pub fn of(record: &RunRecord) -> StartedRun {
+        StartedRun {
+            run_id: record.run_id,
+            client_request_id: record.client_request_id.clone(),
+            created_at: record.created_at,
+            query: record.query.as_str().into(),
+            system: record.system.as_deref().map(Into::into),
+            conversation: None,
+            params: record.params.clone(),
+            owner_fingerprint: record.owner_fingerprint.clone(),
+            instance_id: None,
+            client_id: record.client_id.as_deref().map(Into::into),
+        }
+    }
+
     /// About how many bytes it holds: what the audit queue's byte bound counts.
     pub fn approx_bytes(&self) -> usize {
         self.query.len()

@@ -99,18 +99,11 @@ async fn big_batch_round_trips_postgres() {
     big_batch_round_trips(&db.store).await;
 }
 
+/// A run's start row, as this process (instance `i-1`) would send it.
 fn start_of(r: &RunRecord) -> StartedRun {
     StartedRun {
-        run_id: r.run_id,
-        client_request_id: r.client_request_id.clone(),
-        created_at: r.created_at,
-        query: r.query.as_str().into(),
-        system: r.system.as_deref().map(Into::into),
-        conversation: None,
-        params: None,
-        owner_fingerprint: None,
         instance_id: Some("i-1".into()),
-        client_id: None,
+        ..StartedRun::of(r)
     }
 }
 

@@ -551,13 +551,11 @@ fn a_bad_instance_lease_stops_the_service_with_one_line() {
 /// and its record describe the same run).
 fn started_of(record: &RunRecord) -> StartedRun {
     StartedRun {
-        client_request_id: record.client_request_id.clone(),
-        created_at: record.created_at,
-        query: record.query.as_str().into(),
-        system: record.system.as_deref().map(Into::into),
-        conversation: None,
         params: None,
-        ..started(record.run_id)
+        owner_fingerprint: None,
+        client_id: None,
+        instance_id: Some("i-1".into()),
+        ..StartedRun::of(record)
     }
 }
 
@@ -676,7 +674,7 @@ async fn migration_0005_reverts_and_reapplies_keeping_ended_runs() {
         .unwrap();
     assert_eq!(
         db.store.revert_to(4).await.unwrap(),
-        vec![5, 6, 7, 8, 9, 10]
+        vec![5, 6, 7, 8, 9, 10, 11]
     );
     assert_eq!(
         db::count(&db.store, "dual_runs").await,

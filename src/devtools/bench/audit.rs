@@ -28,22 +28,6 @@ use crate::{
 /// Runs between a run's start and its record: as if this many runs were in flight.
 const IN_FLIGHT: usize = 1000;
 
-/// What a run sends when it starts.
-fn start_of(r: &RunRecord) -> StartedRun {
-    StartedRun {
-        run_id: r.run_id,
-        client_request_id: r.client_request_id.clone(),
-        created_at: r.created_at,
-        query: r.query.as_str().into(),
-        system: None,
-        conversation: None,
-        params: None,
-        owner_fingerprint: None,
-        client_id: None,
-        instance_id: None,
-    }
-}
-
 /// What to write where.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -164,7 +148,7 @@ pub async fn run(options: Options) -> Result<Report, BenchError> {
         }
         if created < options.records {
             let run = record(&text);
-            writer.started(start_of(&run));
+            writer.started(StartedRun::of(&run));
             in_flight.push_back(run);
             created += 1;
             if in_flight.len() <= IN_FLIGHT {

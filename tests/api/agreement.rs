@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use duet::{
     agreement,
-    audit::{RunRecord, Store, WriterOptions, replay::replay},
+    audit::{Store, WriterOptions, replay::replay},
 };
 use serde_json::{Value, json};
 
 use crate::{
-    db::{self, dead_letters},
+    db::{self, dead_letters, ended},
     helpers::*,
 };
 
@@ -79,17 +79,6 @@ async fn get(app: &TestApp, path: &str) -> Value {
         .unwrap();
     assert_eq!(resp.status(), 200, "{path}");
     resp.json().await.unwrap()
-}
-
-async fn ended(store: &Store, run_id: &str) -> RunRecord {
-    let id = run_id.parse().unwrap();
-    for _ in 0..500 {
-        if let Some(record) = store.fetch(id).await.unwrap() {
-            return record;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("run {run_id} never ended in the database");
 }
 
 /// Three runs through a real writer: two answers that agree in part, then a Pro that fails

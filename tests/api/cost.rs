@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
-use duet::audit::{RunRecord, Store, WriterOptions, replay::replay};
+use duet::audit::{Store, WriterOptions, replay::replay};
 use serde_json::{Value, json};
 
 use crate::{
-    db::{self, count, dead_letters},
+    db::{self, count, dead_letters, ended},
     helpers::*,
 };
 
@@ -74,17 +74,6 @@ fn close(a: f64, b: f64) -> bool {
 fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
-async fn ended(store: &Store, run_id: &str) -> RunRecord {
-    let id = run_id.parse().unwrap();
-    for _ in 0..500 {
-        if let Some(record) = store.fetch(id).await.unwrap() {
-            return record;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("run {run_id} never ended in the database");
 }
 
 async fn priced_run_is_costed_everywhere(store: Store, dir: &std::path::Path) {

@@ -109,6 +109,19 @@ impl Drop for PgDb {
 }
 
 /// `SELECT COUNT(*) FROM table`.
+/// The record of a run once the writer has stored it (the stream's `done` goes out before
+/// the record is written); waits up to five seconds.
+pub(crate) async fn ended(store: &Store, run_id: &str) -> duet::audit::RunRecord {
+    let id = run_id.parse().unwrap();
+    for _ in 0..500 {
+        if let Some(record) = store.fetch(id).await.unwrap() {
+            return record;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("run {run_id} never ended in the database");
+}
+
 pub(crate) async fn count(store: &Store, table: &str) -> i64 {
     let sql = format!("SELECT COUNT(*) FROM {table}");
     match store {

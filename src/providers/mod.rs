@@ -17,6 +17,7 @@ pub mod gemini;
 pub mod http;
 pub mod openai;
 pub mod pool;
+pub mod proxy;
 pub mod simulated;
 
 use std::{fmt, sync::Arc, time::Duration};

@@ -98,6 +98,10 @@ fn with_port(dst: Uri) -> Uri {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the test servers' tasks end with the test's runtime"
+)]
 mod tests {
     use std::sync::Mutex;
 

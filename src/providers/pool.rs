@@ -284,15 +284,19 @@ const UPSTREAM_STREAM_WINDOW: u32 = 32 * 1024;
 /// connection's read buffer holds between reads.
 ///
 /// hyper's default is adaptive: 8 KiB reserved at the first read, grown (to 16 KiB and up)
-/// whenever a read fills it, and never given back. Every open run holds two upstream
-/// connections for as long as its answers last, so that buffer is paid twice per run,
-/// and with 5,000 runs open it was about half of duet's memory (docs/benchmarks.md, issue 18).
-/// A model's stream does not need it: one SSE event of a token is 100–400 bytes and the
-/// upstream writes each as it comes, so a read finds a few hundred bytes, rarely more than a
+/// when a read finds it part-used, and never given back while the connection lives; every
+/// open run holds its upstream connections as long as its answers last. A model's stream does
+/// not need that: one SSE event of a token is 100–400 bytes and the upstream writes each as it
+/// comes, so a read finds a few hundred bytes (about 300 against the mock), rarely more than a
 /// couple of KiB even after a stall. 4 KiB (one page) takes ten or more such events in one
 /// read; larger events (a Gemini thought signature, an inline image) arrive over more reads
 /// of 4 KiB, and the response head still grows the buffer as far as it needs (up to hyper's
 /// 400 KiB limit), so nothing that was accepted before is refused now.
+///
+/// What it saves is mostly reserved address space: hyper reads into the front of the buffer
+/// again once a chunk is consumed, so one page was touched either way, and the memory an
+/// open run keeps resident hardly moves (docs/benchmarks.md, issue 18, "Memory per open run
+/// over HTTP/1.1").
 pub const HTTP1_READ_BUF_BYTES: usize = 4 * 1024;
 
 /// Where the connect timeout starts and ends: TCP and TLS both.

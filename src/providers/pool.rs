@@ -288,16 +288,18 @@ const UPSTREAM_STREAM_WINDOW: u32 = 32 * 1024;
 /// open run holds its upstream connections as long as its answers last. A model's stream does
 /// not need that: one SSE event of a token is 100–400 bytes and the upstream writes each as it
 /// comes, so a read finds a few hundred bytes (about 300 against the mock), rarely more than a
-/// couple of KiB even after a stall. 4 KiB (one page) takes ten or more such events in one
-/// read; larger events (a Gemini thought signature, an inline image) arrive over more reads
-/// of 4 KiB, and the response head still grows the buffer as far as it needs (up to hyper's
-/// 400 KiB limit), so nothing that was accepted before is refused now.
+/// couple of KiB even after a stall. 2 KiB takes five or more such events in one read; larger
+/// events (a Gemini thought signature, an inline image) arrive over more reads, and the
+/// response head still grows the buffer as far as it needs (up to hyper's 400 KiB limit), so
+/// nothing that was accepted before is refused now.
 ///
-/// What it saves is mostly reserved address space: hyper reads into the front of the buffer
-/// again once a chunk is consumed, so one page was touched either way, and the memory an
-/// open run keeps resident hardly moves (docs/benchmarks.md, issue 18, "Memory per open run
-/// over HTTP/1.1").
-pub const HTTP1_READ_BUF_BYTES: usize = 4 * 1024;
+/// Why 2 KiB and not 4: hyper reads into the front of the buffer again once a chunk is
+/// consumed, so what is resident is the pages it writes, not what it reserves, and a 4 KiB
+/// buffer kept about as many pages as the adaptive one; 2 KiB buffers share pages. Measured
+/// per open run (docs/benchmarks.md, issue 18, "Memory per open run over HTTP/1.1"):
+/// adaptive 60.3 KiB, 4 KiB 59.6, 2 KiB 54.6, with no more instructions per run (callgrind:
+/// a read rarely finds more than one event).
+pub const HTTP1_READ_BUF_BYTES: usize = 2 * 1024;
 
 /// Where the connect timeout starts and ends: TCP and TLS both.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -609,7 +611,7 @@ mod tests {
         }
     }
 
-    /// 256 KiB of text: 64 times `HTTP1_READ_BUF_BYTES`.
+    /// 256 KiB of text: far more than `HTTP1_READ_BUF_BYTES`.
     fn big_text() -> String {
         "0123456789abcdef".repeat(16 * 1024)
     }

@@ -213,7 +213,7 @@ pub enum BuildError {
         problem: String,
     },
     #[error("cannot create the HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    Client(#[from] pool::ClientError),
 }
 
 /// Fixtures and helpers for the adapters' unit tests.

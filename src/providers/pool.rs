@@ -1,28 +1,41 @@
 //! Upstream connections for one provider: its calls spread over as many HTTP/2 connections as
 //! they need, none carrying more than `streams_per_connection` calls at once.
 //!
-//! Why: hyper (under reqwest) puts every call to a host on one HTTP/2 connection and never
+//! Why: hyper's client puts every call to a host on one HTTP/2 connection and never
 //! opens a second one; calls beyond the server's `SETTINGS_MAX_CONCURRENT_STREAMS` wait for a
 //! free stream (hyperium/hyper#2197, #3623). Real providers negotiate HTTP/2 and typically
 //! allow about 100 streams per connection, and a model answer holds its stream for seconds:
 //! the 101st concurrent call would wait for the first to finish, and time out on its
-//! first-token deadline instead. So each provider holds a list of clients (one reqwest
-//! client = one connection to the host), counts the calls in flight on each, and gives a new
-//! call to the first client with room, opening a new one when all are full.
+//! first-token deadline instead. So each provider holds a list of clients (one client = one
+//! connection to the host), counts the calls in flight on each, and gives a new call to the
+//! first client with room, opening a new one when all are full.
 //!
 //! A client is built only when needed, so a quiet service holds one, and on tokio's blocking
-//! pool, so no runtime worker waits on its TLS set-up. Clients are never
+//! pool, so no runtime worker waits on its set-up. Clients are never
 //! dropped (an idle one keeps no connection past the pool's idle timeout), so their number
 //! only grows to the peak need: `ceil(peak calls / streams_per_connection)`, capped.
+//!
+//! The clients are hyper-util's (the client reqwest wraps), used directly because reqwest
+//! cannot set what an HTTP/1.1 connection holds: see [`build_client`]. Requests are still
+//! made with reqwest's `RequestBuilder` ([`Lease::requests`]), which never sends anything;
+//! [`Lease::send`] does.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{
         Arc, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
+use http::Uri;
+use hyper_util::{
+    client::legacy::{self, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -40,6 +53,18 @@ pub struct PoolConfig {
     pub max_connections: usize,
 }
 
+impl PoolConfig {
+    /// One client for every call, negotiating the protocol (HTTP/1.1 to `http://`
+    /// upstreams): what tests and tools use.
+    pub fn single() -> Self {
+        PoolConfig {
+            http2_prior_knowledge: false,
+            streams_per_connection: usize::MAX,
+            max_connections: 1,
+        }
+    }
+}
+
 impl From<&Config> for PoolConfig {
     /// Enough connections for every stream the service may hold, at
     /// `UPSTREAM_STREAMS_PER_CONNECTION` calls each.
@@ -53,6 +78,21 @@ impl From<&Config> for PoolConfig {
     }
 }
 
+/// Why the upstream clients could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("request builder: {0}")]
+    Requests(#[from] reqwest::Error),
+}
+
+/// The HTTP client of one upstream connection (HTTP/2) or of all of them (HTTP/1.1).
+pub type HttpClient = legacy::Client<Connector, reqwest::Body>;
+
+/// TCP, then TLS for `https://` upstreams, the whole of it within the connect timeout.
+pub type Connector = ConnectTimeout<hyper_rustls::HttpsConnector<HttpConnector>>;
+
 /// The clients of one provider. Cheap to clone.
 #[derive(Clone)]
 pub struct Upstream {
@@ -61,12 +101,17 @@ pub struct Upstream {
 
 struct Inner {
     config: PoolConfig,
+    /// The TLS configuration every client starts from (root store, crypto provider), built
+    /// once: building it parses the ~150 web roots.
+    tls: rustls::ClientConfig,
     /// Read on every call, written only to add a client. Never held across an await.
     slots: RwLock<Vec<Arc<Slot>>>,
 }
 
 struct Slot {
-    client: reqwest::Client,
+    client: HttpClient,
+    /// Builds requests only (a reqwest client that never sends): shared by every slot.
+    requests: reqwest::Client,
     in_flight: AtomicUsize,
 }
 
@@ -76,8 +121,14 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn client(&self) -> &reqwest::Client {
-        &self.slot.client
+    /// What requests are built with (`client.post(url)…`); it sends nothing itself.
+    pub fn requests(&self) -> &reqwest::Client {
+        &self.slot.requests
+    }
+
+    /// Sends a request on this lease's client.
+    pub fn send(&self, request: http::Request<reqwest::Body>) -> legacy::ResponseFuture {
+        self.slot.client.request(request)
     }
 }
 
@@ -88,41 +139,38 @@ impl Drop for Lease {
 }
 
 impl Upstream {
-    /// Builds the first client now, so that a broken TLS setup fails at start.
-    pub fn new(config: PoolConfig) -> reqwest::Result<Self> {
-        let first = build_client(config.http2_prior_knowledge)?;
-        Ok(Upstream::with_first(config, first))
-    }
-
-    /// Every call on one given client (tests and tools that build their own).
-    pub fn single(client: reqwest::Client) -> Self {
-        let config = PoolConfig {
-            http2_prior_knowledge: false,
-            streams_per_connection: usize::MAX,
-            max_connections: 1,
+    /// Builds the TLS configuration and the first client now, so that a broken TLS setup
+    /// fails at start.
+    pub fn new(config: PoolConfig) -> Result<Self, ClientError> {
+        let tls = tls_config()?;
+        let requests = reqwest::Client::builder()
+            // It never connects; its own TLS set-up would only parse the roots again.
+            .use_preconfigured_tls(tls.clone())
+            .build()?;
+        let first = Slot {
+            client: build_client(config.http2_prior_knowledge, &tls),
+            requests,
+            in_flight: AtomicUsize::new(0),
         };
-        Upstream::with_first(config, client)
-    }
-
-    fn with_first(config: PoolConfig, first: reqwest::Client) -> Self {
-        Upstream {
+        Ok(Upstream {
             inner: Arc::new(Inner {
                 config: PoolConfig {
                     streams_per_connection: config.streams_per_connection.max(1),
                     max_connections: config.max_connections.max(1),
                     ..config
                 },
-                slots: RwLock::new(vec![Arc::new(Slot::new(first))]),
+                tls,
+                slots: RwLock::new(vec![Arc::new(first)]),
             }),
-        }
+        })
     }
 
     /// A place for one call: on the first connection with room, else on a new one.
     ///
-    /// Building a client (its TLS set-up: the root store, the rustls configuration) is
-    /// blocking work of a few milliseconds, so it runs on tokio's blocking pool, never on a
-    /// runtime worker that is driving streams. It is built before taking the write lock,
-    /// which every call's `lease` would otherwise wait on meanwhile.
+    /// Building a client (its connector and TLS connector) is blocking work, so it runs on
+    /// tokio's blocking pool, never on a runtime worker that is driving streams. It is built
+    /// before taking the write lock, which every call's `lease` would otherwise wait on
+    /// meanwhile.
     pub async fn lease(&self) -> Lease {
         let inner = &*self.inner;
         if let Some(lease) = inner.try_existing() {
@@ -131,12 +179,9 @@ impl Upstream {
         // All full: add a client, unless another call just did or the cap is reached.
         let built = if inner.has_room() {
             let http2 = inner.config.http2_prior_knowledge;
-            match tokio::task::spawn_blocking(move || build_client(http2)).await {
-                Ok(Ok(client)) => Some(client),
-                Ok(Err(e)) => {
-                    warn!(error = %e, "cannot build another upstream client");
-                    None
-                }
+            let tls = inner.tls.clone();
+            match tokio::task::spawn_blocking(move || build_client(http2, &tls)).await {
+                Ok(client) => Some(client),
                 Err(e) => {
                     warn!(error = %e, "building another upstream client failed");
                     None
@@ -172,14 +217,22 @@ impl Inner {
 
     /// Places a call once every connection was full: on one that freed up meanwhile, else on
     /// `built` (a new client) if the cap allows, else on the least busy one.
-    fn place(&self, built: Option<reqwest::Client>) -> Lease {
+    fn place(&self, built: Option<HttpClient>) -> Lease {
         let per = self.config.streams_per_connection;
         let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
         if let Some(lease) = first_with_room(&slots, per) {
             return lease;
         }
         if let Some(client) = built.filter(|_| slots.len() < self.config.max_connections) {
-            let slot = Arc::new(Slot::new(client));
+            let requests = slots
+                .first()
+                .map(|s| s.requests.clone())
+                .unwrap_or_else(|| unreachable!("a pool always holds its first client"));
+            let slot = Arc::new(Slot {
+                client,
+                requests,
+                in_flight: AtomicUsize::new(0),
+            });
             slots.push(Arc::clone(&slot));
             info!(
                 connections = slots.len(),
@@ -214,15 +267,6 @@ fn first_with_room(slots: &[Arc<Slot>], per: usize) -> Option<Lease> {
     })
 }
 
-impl Slot {
-    fn new(client: reqwest::Client) -> Self {
-        Slot {
-            client,
-            in_flight: AtomicUsize::new(0),
-        }
-    }
-}
-
 impl Lease {
     fn take(slot: Arc<Slot>) -> Lease {
         slot.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -230,30 +274,86 @@ impl Lease {
     }
 }
 
+/// Sent with every upstream call.
+pub const USER_AGENT: &str = concat!("duet/", env!("CARGO_PKG_VERSION"));
+
 /// The HTTP/2 receive window of one upstream call.
 const UPSTREAM_STREAM_WINDOW: u32 = 32 * 1024;
 
-/// One HTTP client: pooled connections (HTTP/2 when the upstream offers it over TLS), a
-/// connect timeout so an unreachable upstream fails fast and can be retried, and no overall
-/// timeout (the orchestrator's deadlines bound every call).
+/// What one read from an HTTP/1.1 upstream connection takes at most, and what the
+/// connection's read buffer holds between reads.
+///
+/// hyper's default is adaptive: 8 KiB reserved at the first read, grown (to 16 KiB and up)
+/// when a read finds it part-used, and never given back while the connection lives; every
+/// open run holds its upstream connections as long as its answers last. A model's stream does
+/// not need that: one SSE event of a token is 100–400 bytes and the upstream writes each as it
+/// comes, so a read finds a few hundred bytes (about 300 against the mock), rarely more than a
+/// couple of KiB even after a stall. 2 KiB takes five or more such events in one read; larger
+/// events (a Gemini thought signature, an inline image) arrive over more reads, and the
+/// response head still grows the buffer as far as it needs (up to hyper's 400 KiB limit), so
+/// nothing that was accepted before is refused now.
+///
+/// Why 2 KiB and not 4: hyper reads into the front of the buffer again once a chunk is
+/// consumed, so what is resident is the pages it writes, not what it reserves, and a 4 KiB
+/// buffer kept about as many pages as the adaptive one; 2 KiB buffers share pages. Measured
+/// per open run (docs/benchmarks.md, issue 18, "Memory per open run over HTTP/1.1"):
+/// adaptive 60.3 KiB, 4 KiB 59.6, 2 KiB 54.6, with no more instructions per run (callgrind:
+/// a read rarely finds more than one event).
+pub const HTTP1_READ_BUF_BYTES: usize = 2 * 1024;
+
+/// Where the connect timeout starts and ends: TCP and TLS both.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The TLS configuration of every upstream client, as reqwest builds it: the Mozilla roots
+/// of `webpki-roots` (no system store), ring, TLS 1.2 and 1.3.
+fn tls_config() -> Result<rustls::ClientConfig, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// One HTTP client: pooled connections (HTTP/2 when the upstream offers it over TLS, by
+/// ALPN), a connect timeout so an unreachable upstream fails fast and can be retried, and no
+/// overall timeout (the orchestrator's deadlines bound every call).
 ///
 /// With `http2_prior_knowledge` (`UPSTREAM_HTTP2=1`) plain `http://` upstreams are spoken to
 /// in HTTP/2 from the first byte, so calls to one upstream are streams on shared connections:
 /// a file descriptor per connection instead of one per call in flight, which is what lets one
 /// process hold more than about 6,000 runs under a 20,000-descriptor limit. It is off by
 /// default because an HTTP/1.1-only upstream (most local servers) then fails.
-pub fn build_client(http2_prior_knowledge: bool) -> reqwest::Result<reqwest::Client> {
-    let builder = reqwest::Client::builder();
-    let builder = if http2_prior_knowledge {
+///
+/// The settings are reqwest's (which duet used until issue 18) plus
+/// [`HTTP1_READ_BUF_BYTES`]; reqwest's proxy support (`HTTPS_PROXY` and the like) is not
+/// carried over.
+pub fn build_client(http2_prior_knowledge: bool, tls: &rustls::ClientConfig) -> HttpClient {
+    let mut tcp = HttpConnector::new();
+    // `https://` goes through the TLS connector on top.
+    tcp.enforce_http(false);
+    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    tcp.set_keepalive(Some(Duration::from_secs(30)));
+    tcp.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
+        .https_or_http();
+    // ALPN: `h2` only with prior knowledge (as reqwest offers), else `h2` then `http/1.1`.
+    let https = if http2_prior_knowledge {
+        https.enable_http2().wrap_connector(tcp)
+    } else {
+        https.enable_http1().enable_http2().wrap_connector(tcp)
+    };
+    let mut builder = legacy::Client::builder(TokioExecutor::new());
+    if http2_prior_knowledge {
         builder
-            .http2_prior_knowledge()
+            .http2_only(true)
             // Pings find a dead upstream connection that would otherwise hold every call
             // multiplexed on it until their deadlines.
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_while_idle(true)
-    } else {
-        builder
-    };
+            .http2_keep_alive_while_idle(true);
+    }
     builder
         // What an HTTP/2 upstream may send for one call before duet reads it. hyper's default
         // (2 MiB a stream) let a run whose client stopped reading hold up to 2 MiB of each
@@ -261,18 +361,78 @@ pub fn build_client(http2_prior_knowledge: bool) -> reqwest::Result<reqwest::Cli
         // instead. A reading run is not slowed: the window comes back as it reads, and 32 KiB
         // a round trip is far above any model's token rate.
         .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
-        .connect_timeout(Duration::from_secs(5))
+        .http1_read_buf_exact_size(HTTP1_READ_BUF_BYTES)
+        // Timers for the pool's idle timeout and HTTP/2 pings: without them hyper-util
+        // keeps idle connections forever and sends no pings.
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
-        .tcp_keepalive(Duration::from_secs(30))
-        .tcp_nodelay(true)
-        .user_agent(concat!("duet/", env!("CARGO_PKG_VERSION")))
-        .build()
+        .build(ConnectTimeout {
+            inner: https,
+            after: CONNECT_TIMEOUT,
+        })
+}
+
+/// A connector whose connections fail when not made within `after`, TLS handshake
+/// included (hyper's TCP connector times out the TCP connect only), as reqwest's
+/// `connect_timeout` does.
+#[derive(Clone)]
+pub struct ConnectTimeout<C> {
+    inner: C,
+    after: Duration,
+}
+
+/// The connect timeout passed.
+#[derive(Debug, thiserror::Error)]
+#[error("connect timed out after {0:?}")]
+pub struct ConnectTimedOut(Duration);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> tower::Service<Uri> for ConnectTimeout<C>
+where
+    C: tower::Service<Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.inner.call(dst);
+        let after = self.after;
+        Box::pin(async move {
+            match tokio::time::timeout(after, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(Box::new(ConnectTimedOut(after)) as BoxError),
+            }
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        net::SocketAddr,
+        sync::{Arc, Mutex},
+    };
+
+    use futures::StreamExt;
+    use tokio::{
+        io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+        net::{TcpListener, TcpStream},
+    };
+
     use super::*;
+    use crate::providers::{
+        ModelRequest, Provider, ProviderEvent, http::BodyLimits, openai::OpenAi,
+    };
 
     fn pool(per: usize, max: usize) -> Upstream {
         Upstream::new(PoolConfig {
@@ -340,5 +500,225 @@ mod tests {
         assert!(counts.iter().all(|&n| n <= 3), "{counts:?}");
         assert_eq!(counts.len(), 80);
         drop(leases);
+    }
+
+    /// An HTTP/1.1 upstream that keeps its connections alive and answers every request on
+    /// them with `body` of type `content_type`, chunked, in chunks of the sizes in `pieces`
+    /// (cycled): counts the connections it accepted and keeps every request head.
+    struct KeepAlive {
+        addr: SocketAddr,
+        connections: Arc<AtomicUsize>,
+        heads: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl KeepAlive {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test server: its tasks end with the test's runtime"
+        )]
+        async fn start(
+            content_type: &'static str,
+            body: Vec<u8>,
+            pieces: &'static [usize],
+        ) -> KeepAlive {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let server = KeepAlive {
+                addr: listener.local_addr().unwrap(),
+                connections: Arc::default(),
+                heads: Arc::default(),
+            };
+            let (connections, heads) = (server.connections.clone(), server.heads.clone());
+            let body = Arc::new(body);
+            tokio::spawn(async move {
+                while let Ok((socket, _)) = listener.accept().await {
+                    connections.fetch_add(1, Ordering::SeqCst);
+                    let (body, heads) = (body.clone(), heads.clone());
+                    tokio::spawn(answer_all(socket, content_type, body, pieces, heads));
+                }
+            });
+            server
+        }
+    }
+
+    async fn answer_all(
+        socket: TcpStream,
+        content_type: &'static str,
+        body: Arc<Vec<u8>>,
+        pieces: &'static [usize],
+        heads: Arc<Mutex<Vec<String>>>,
+    ) {
+        let mut socket = BufReader::new(socket);
+        loop {
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line.to_ascii_lowercase());
+            }
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            let mut request_body = vec![0; length];
+            socket.read_exact(&mut request_body).await.unwrap();
+            heads.lock().unwrap().push(head);
+            let mut answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\n\
+                 transfer-encoding: chunked\r\n\r\n"
+            )
+            .into_bytes();
+            let (mut at, mut sizes) = (0, pieces.iter().cycle());
+            while at < body.len() {
+                let end = (at + sizes.next().unwrap()).min(body.len());
+                answer.extend_from_slice(format!("{:x}\r\n", end - at).as_bytes());
+                answer.extend_from_slice(&body[at..end]);
+                answer.extend_from_slice(b"\r\n");
+                at = end;
+            }
+            answer.extend_from_slice(b"0\r\n\r\n");
+            let socket = socket.get_mut();
+            socket.write_all(&answer).await.unwrap();
+            socket.flush().await.unwrap();
+        }
+    }
+
+    fn request() -> ModelRequest {
+        ModelRequest {
+            role: crate::domain::Role::Flash,
+            conversation: Arc::new(
+                crate::conversation::Conversation::from_query("q".into(), None, usize::MAX)
+                    .unwrap(),
+            ),
+            params: Default::default(),
+            sampling: Default::default(),
+            trace: None,
+        }
+    }
+
+    async fn answer_text(provider: &OpenAi) -> String {
+        let mut stream = provider.stream(&request());
+        let mut text = String::new();
+        loop {
+            match stream.next().await.unwrap().unwrap() {
+                ProviderEvent::Delta(t) => text.push_str(&t),
+                ProviderEvent::Finished(_) => return text,
+            }
+        }
+    }
+
+    /// 256 KiB of text: far more than `HTTP1_READ_BUF_BYTES`.
+    fn big_text() -> String {
+        "0123456789abcdef".repeat(16 * 1024)
+    }
+
+    fn openai_on(server: &KeepAlive) -> OpenAi {
+        let upstream = Upstream::new(PoolConfig::single()).unwrap();
+        let base = format!("http://{}/v1", server.addr);
+        OpenAi::new(upstream, &base, "m", "sk-test", BodyLimits::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_event_far_larger_than_the_read_buffer_arrives_whole() {
+        // One delta of 256 KiB in chunks of 1 byte, 1,000 bytes and 70,000 bytes (a chunk
+        // larger than the read buffer, and chunk heads cut across reads), then the finish.
+        let big = big_text();
+        let body = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{big}\"}}}}]}}\n\n\
+             data: {{\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n\
+             data: [DONE]\n\n"
+        );
+        let server =
+            KeepAlive::start("text/event-stream", body.into_bytes(), &[1, 1000, 70_000]).await;
+        assert_eq!(answer_text(&openai_on(&server)).await, big);
+        // The request as reqwest's client sent it: origin-form path, host, the user agent.
+        let heads = server.heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 1);
+        let head = &heads[0];
+        assert!(
+            head.starts_with("post /v1/chat/completions http/1.1\r\n"),
+            "{head}"
+        );
+        let agent = format!("user-agent: duet/{}\r\n", env!("CARGO_PKG_VERSION"));
+        assert!(head.contains(&agent), "{head}");
+        assert!(
+            head.contains(&format!("host: {}\r\n", server.addr)),
+            "{head}"
+        );
+        assert!(head.contains("authorization: bearer sk-test\r\n"), "{head}");
+        assert!(head.contains("accept: text/event-stream\r\n"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_answer_was_read_to_its_end_is_used_again() {
+        // A whole JSON answer is read to its end, so its connection goes back to the pool
+        // (a streamed one is dropped at its finish event, before the terminator).
+        let big = big_text();
+        let body = format!(
+            "{{\"choices\":[{{\"index\":0,\"message\":{{\"content\":\"{big}\"}},\
+             \"finish_reason\":\"stop\"}}]}}"
+        );
+        let server = KeepAlive::start("application/json", body.into_bytes(), &[3000]).await;
+        let provider = openai_on(&server);
+        assert_eq!(answer_text(&provider).await, big);
+        assert_eq!(answer_text(&provider).await, big);
+        assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(server.heads.lock().unwrap().len(), 2);
+    }
+
+    /// The HTTP version a pool's client speaks to the mock provider (HTTP/1.1 and h2c).
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test server: it ends with the test's runtime"
+    )]
+    async fn version_spoken(http2_prior_knowledge: bool) -> http::Version {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = crate::devtools::mock::MockConfig::default();
+        tokio::spawn(crate::devtools::mock::serve(
+            listener,
+            config,
+            std::future::pending(),
+        ));
+        let up = Upstream::new(PoolConfig {
+            http2_prior_knowledge,
+            ..PoolConfig::single()
+        })
+        .unwrap();
+        let lease = up.lease().await;
+        let request = lease
+            .requests()
+            .get(format!("http://{addr}/healthz"))
+            .build()
+            .unwrap();
+        let response = lease
+            .send(http::Request::try_from(request).unwrap())
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+        response.version()
+    }
+
+    #[tokio::test]
+    async fn prior_knowledge_speaks_http2_and_plain_http_speaks_http1() {
+        assert_eq!(version_spoken(true).await, http::Version::HTTP_2);
+        assert_eq!(version_spoken(false).await, http::Version::HTTP_11);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_not_made_in_time_fails_as_timed_out() {
+        // A connector whose connections never complete (as a TLS handshake that stalls).
+        let never = tower::service_fn(|_: Uri| std::future::pending::<Result<(), BoxError>>());
+        let mut connector = ConnectTimeout {
+            inner: never,
+            after: CONNECT_TIMEOUT,
+        };
+        let uri = Uri::from_static("https://upstream.test/");
+        let e = tower::Service::call(&mut connector, uri).await.unwrap_err();
+        assert!(e.is::<ConnectTimedOut>(), "{e}");
     }
 }

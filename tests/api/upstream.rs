@@ -16,7 +16,7 @@ use duet::{
         gemini::Gemini,
         http::{BodyLimits, redact},
         openai::OpenAi,
-        pool::Upstream,
+        pool::{PoolConfig, Upstream},
     },
 };
 use futures::StreamExt;
@@ -220,7 +220,7 @@ async fn answer(mut socket: TcpStream, reply: Reply, seen: Arc<Mutex<Vec<Capture
 }
 
 pub(crate) fn client() -> Upstream {
-    Upstream::single(reqwest::Client::builder().no_proxy().build().unwrap())
+    Upstream::new(PoolConfig::single()).unwrap()
 }
 
 pub(crate) fn request(query: &str, system: Option<&str>) -> ModelRequest {

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use eventsource_stream::Event;
 use futures::{StreamExt, stream::BoxStream};
-use http::{HeaderMap, header};
+use http::{HeaderMap, HeaderValue, header};
+use http_body_util::BodyDataStream;
+use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::{
@@ -21,7 +23,7 @@ use super::{
 };
 use crate::providers::{
     Completion, ErrorType, ProviderError, ProviderEvent, ProviderStream,
-    pool::{Lease, Upstream},
+    pool::{Lease, USER_AGENT, Upstream},
 };
 
 /// Error bodies are read up to this much; the rest is not worth memory.
@@ -63,7 +65,8 @@ pub trait Decoder: Send + 'static {
     ) -> Result<(String, Completion), ProviderError>;
 }
 
-/// Makes the request on the client of the connection a call was given.
+/// Makes the request with the request builder of the connection a call was given
+/// ([`Lease::requests`]).
 pub type Build = Box<dyn FnOnce(&reqwest::Client) -> reqwest::RequestBuilder + Send>;
 
 /// Starts the call when the stream is first polled, and decodes it.
@@ -103,8 +106,15 @@ pub fn decode<D: Decoder>(ctx: CallContext, body: Body, decoder: D) -> ProviderS
     state.into_stream()
 }
 
-/// An upstream body as reqwest yields it.
+/// An upstream body: its chunks, or the error that broke it.
 pub type Body = BoxStream<'static, reqwest::Result<Bytes>>;
+
+/// hyper's body as the chunk stream the framing reads. reqwest's `Body` wraps it only to
+/// give its errors reqwest's type (the source chain is hyper's), which is what the
+/// framing and the classification take.
+fn body_stream(body: Incoming) -> Body {
+    BodyDataStream::new(reqwest::Body::wrap(body)).boxed()
+}
 
 enum Phase {
     Start(Option<(Upstream, Build)>),
@@ -151,9 +161,10 @@ impl<D: Decoder> Call<D> {
                 Phase::Start(start) => {
                     let (upstream, build) = start.take()?;
                     let lease = upstream.lease().await;
-                    let request = build(lease.client());
+                    let request = build(lease.requests());
+                    let response = send(&self.ctx, &lease, request).await;
                     self._lease = Some(lease);
-                    let response = match send(&self.ctx, request).await {
+                    let response = match response {
                         Ok(r) => r,
                         Err(e) => return self.fail(e),
                     };
@@ -170,7 +181,7 @@ impl<D: Decoder> Call<D> {
                             Err(e) => return self.fail(e),
                         }
                     }
-                    let bytes: Body = response.bytes_stream().boxed();
+                    let bytes = body_stream(response.into_body());
                     let bounded = Bounded::new(bytes, self.ctx.limits, Arc::clone(&self.stray));
                     self.phase = Phase::Streaming(SseEvents::new(bounded));
                 }
@@ -221,13 +232,14 @@ fn is_json(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Sends the request; anything but 2xx becomes a classified error.
+/// Sends the request on the lease's connection; anything but 2xx becomes a classified error.
 async fn send(
     ctx: &CallContext,
+    lease: &Lease,
     request: reqwest::RequestBuilder,
-) -> Result<reqwest::Response, ProviderError> {
-    let response = request.send().await.map_err(|e| {
-        // Nothing was received, so nothing was shown: trying again is always safe.
+) -> Result<http::Response<Incoming>, ProviderError> {
+    // Nothing was received, so nothing was shown: trying again is always safe.
+    let unreachable = |e: &dyn std::error::Error| {
         ProviderError::new(
             ErrorType::ProviderError,
             true,
@@ -237,35 +249,50 @@ async fn send(
             "{} request to {} failed: {}",
             ctx.family,
             ctx.target,
-            ctx.redact(&error_chain(&e))
+            ctx.redact(&error_chain(e))
         ))
-    })?;
+    };
+    // What reqwest's `send` did before handing the request to hyper: the request as
+    // `http` types, the client's default headers (only the user agent: `Accept` is set
+    // by every call).
+    let mut request = request
+        .build()
+        .and_then(http::Request::<reqwest::Body>::try_from)
+        .map_err(|e| unreachable(&e))?;
+    request
+        .headers_mut()
+        .entry(header::USER_AGENT)
+        .or_insert(HeaderValue::from_static(USER_AGENT));
+    let response = lease.send(request).await.map_err(|e| unreachable(&e))?;
     let status = response.status();
     if status.is_success() {
         return Ok(response);
     }
-    let headers = response.headers().clone();
-    let body = read_capped(response, MAX_ERROR_BODY_BYTES).await;
-    Err(classify_http(ctx, status, &headers, &body))
+    let (parts, body) = response.into_parts();
+    let body = read_capped(body, MAX_ERROR_BODY_BYTES).await;
+    Err(classify_http(ctx, status, &parts.headers, &body))
 }
 
 /// Reads at most `cap` bytes of a body; a broken body just ends early (it is only evidence).
-async fn read_capped(response: reqwest::Response, cap: usize) -> Vec<u8> {
-    let mut body = Vec::new();
-    let mut chunks = response.bytes_stream();
+async fn read_capped(body: Incoming, cap: usize) -> Vec<u8> {
+    let mut body_read = Vec::new();
+    let mut chunks = body_stream(body);
     while let Some(Ok(chunk)) = chunks.next().await {
-        let room = cap.saturating_sub(body.len());
-        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= cap {
+        let room = cap.saturating_sub(body_read.len());
+        body_read.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body_read.len() >= cap {
             break;
         }
     }
-    body
+    body_read
 }
 
-async fn read_json(ctx: &CallContext, response: reqwest::Response) -> Result<Value, ProviderError> {
+async fn read_json(
+    ctx: &CallContext,
+    response: http::Response<Incoming>,
+) -> Result<Value, ProviderError> {
     let mut body = Vec::new();
-    let mut chunks = response.bytes_stream();
+    let mut chunks = body_stream(response.into_body());
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|e| transport_error(ctx, &e))?;
         if body.len() + chunk.len() > ctx.limits.body {

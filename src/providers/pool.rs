@@ -38,6 +38,7 @@ use hyper_util::{
 };
 use tracing::{info, warn};
 
+use super::proxy::ProxyConnector;
 use crate::config::Config;
 
 /// How a provider's upstream is reached.
@@ -90,8 +91,9 @@ pub enum ClientError {
 /// The HTTP client of one upstream connection (HTTP/2) or of all of them (HTTP/1.1).
 pub type HttpClient = legacy::Client<Connector, reqwest::Body>;
 
-/// TCP, then TLS for `https://` upstreams, the whole of it within the connect timeout.
-pub type Connector = ConnectTimeout<hyper_rustls::HttpsConnector<HttpConnector>>;
+/// TCP (through a proxy tunnel where the environment names one), then TLS for `https://`
+/// upstreams, the whole of it within the connect timeout.
+pub type Connector = ConnectTimeout<hyper_rustls::HttpsConnector<ProxyConnector>>;
 
 /// The clients of one provider. Cheap to clone.
 #[derive(Clone)]
@@ -327,8 +329,8 @@ fn tls_config() -> Result<rustls::ClientConfig, rustls::Error> {
 /// default because an HTTP/1.1-only upstream (most local servers) then fails.
 ///
 /// The settings are reqwest's (which duet used until issue 18) plus
-/// [`HTTP1_READ_BUF_BYTES`]; reqwest's proxy support (`HTTPS_PROXY` and the like) is not
-/// carried over.
+/// [`HTTP1_READ_BUF_BYTES`]; the proxy settings of the environment (`HTTPS_PROXY` and the
+/// like), which reqwest read by itself, through [`ProxyConnector`].
 pub fn build_client(http2_prior_knowledge: bool, tls: &rustls::ClientConfig) -> HttpClient {
     let mut tcp = HttpConnector::new();
     // `https://` goes through the TLS connector on top.
@@ -336,6 +338,7 @@ pub fn build_client(http2_prior_knowledge: bool, tls: &rustls::ClientConfig) -> 
     tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
     tcp.set_keepalive(Some(Duration::from_secs(30)));
     tcp.set_nodelay(true);
+    let tcp = ProxyConnector::from_env(tcp);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls.clone())
         .https_or_http();

@@ -27,6 +27,7 @@ mod conversation;
 mod cost;
 mod db;
 mod deploy;
+mod egress_proxy;
 mod failover;
 mod helpers;
 mod hostile_bodies;

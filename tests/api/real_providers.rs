@@ -5,7 +5,10 @@
 
 use std::{
     collections::HashMap,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -554,4 +557,91 @@ async fn calls_past_an_upstreams_stream_limit_open_more_connections() {
         pro.iter().any(|&t| t > 1000),
         "one connection queues calls past the limit: pro {pro:?}"
     );
+}
+
+/// An OpenAI-compatible upstream that keeps its connections alive (HTTP/1.1, chunked) and,
+/// like a real one, sends `[DONE]` and the end of the body a little after the usage chunk
+/// that finishes the call. Counts the connections it accepts.
+async fn keep_alive_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = wire("openai_stream_ok.sse");
+    let text = String::from_utf8(body).unwrap();
+    let cut = text.rfind("data: [DONE]").unwrap();
+    let (answer, done) = (text[..cut].to_owned(), text[cut..].to_owned());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&count);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let (answer, done) = (answer.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    // One request: its head, then its body by content-length.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + length {
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..head_end + length);
+                    let sent = async {
+                        socket
+                            .write_all(
+                                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                                  transfer-encoding: chunked\r\n\r\n",
+                            )
+                            .await?;
+                        let frame = format!("{:x}\r\n{answer}\r\n", answer.len());
+                        socket.write_all(frame.as_bytes()).await?;
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        let frame = format!("{:x}\r\n{done}\r\n0\r\n\r\n", done.len());
+                        socket.write_all(frame.as_bytes()).await
+                    };
+                    if sent.await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// An HTTP/1.1 upstream connection serves one call after another: the rest of a finished
+/// call's body is read, so hyper gives the connection back to the pool instead of closing it
+/// (one TCP handshake, and one TIME_WAIT socket, per call otherwise).
+#[tokio::test]
+async fn finished_http1_calls_leave_their_connection_for_the_next_call() {
+    let (upstream, connections) = keep_alive_upstream().await;
+    let mut vars = role_vars("flash", "openai", base("openai", upstream), &[]);
+    vars.extend(role_vars("pro", "openai", base("openai", upstream), &[]));
+    let app = RealApp::start(&vars).await;
+    for _ in 0..4 {
+        let events = app.stream(json!({"query": "q"})).await;
+        assert_eq!(done(&events)["status"], "ok");
+        // The rest of the body comes 30 ms after the finish: a generous margin for it
+        // before the next call looks for an idle connection.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Flash and Pro each have their own pool: one connection each, for four runs.
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    app.stop().await;
 }

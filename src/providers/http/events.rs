@@ -53,6 +53,11 @@ where
         }
     }
 
+    /// The body under the parser, for reading what is left of it (see `call::recycle`).
+    pub(super) fn into_body(self) -> S {
+        self.lines.into_inner()
+    }
+
     /// The event [`SseEvents::next`] last announced.
     pub(super) fn event(&self) -> &Event {
         &self.event

@@ -57,6 +57,11 @@ impl<S> Bounded<S> {
         }
     }
 
+    /// The body, for reading what is left of it unchecked (see `call::recycle`).
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
     /// Checks complete lines for length and keeps the ones outside the SSE grammar.
     fn inspect(&mut self, lines: &[u8]) -> Result<(), BodyError> {
         // Line ends found with `memchr` (whole words at a time): this runs over every byte

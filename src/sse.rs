@@ -104,19 +104,15 @@ impl Draft {
 
     /// A `delta` event's draft: the same bytes as [`Draft::new`] of a
     /// `crate::events::DeltaEvent`, written directly. The general path goes through serde's
-    /// writer a few bytes per call; a delta is most of a run's events, and its fields are
-    /// known: the run id (a UUID, nothing to escape), the role's name, and the text.
-    pub fn delta(run_id: &str, role: Role, text: &str) -> Draft {
-        let event = EventKind::Delta;
-        let head = HEAD_FIXED + event.as_str().len() + run_id.len() + SEQ_DIGITS;
+    /// writer a few bytes per call; a delta is most of a run's events, and all of its data
+    /// but the text is the same for every delta of a run's model, so it is encoded once
+    /// ([`DeltaPrefix`]) and copied.
+    pub fn delta(prefix: &DeltaPrefix, text: &str) -> Draft {
+        let head = prefix.head;
         // Room for a few escapes; a text full of them grows the buffer once or twice.
-        let mut buf = BytesMut::with_capacity(head + 48 + run_id.len() + text.len() * 9 / 8 + 2);
+        let mut buf = BytesMut::with_capacity(head + prefix.json.len() + text.len() * 9 / 8 + 5);
         buf.resize(head, 0);
-        buf.put_slice(b"{\"run_id\":");
-        put_json_str(&mut buf, run_id);
-        buf.put_slice(b",\"model\":\"");
-        buf.put_slice(role.as_str().as_bytes());
-        buf.put_slice(b"\",\"text\":");
+        buf.put_slice(&prefix.json);
         put_json_str(&mut buf, text);
         buf.put_slice(b"}\n\n");
         Draft { buf, head }
@@ -165,6 +161,29 @@ impl Draft {
         }
         self.buf.advance(start);
         self.buf
+    }
+}
+
+/// The `data` of a run's model's deltas up to their text, `{"run_id":"…","model":"…","text":`,
+/// and the room their frames keep for the header: made once per run and model, for
+/// [`Draft::delta`].
+pub struct DeltaPrefix {
+    json: Vec<u8>,
+    head: usize,
+}
+
+impl DeltaPrefix {
+    pub fn new(run_id: &str, role: Role) -> DeltaPrefix {
+        let mut json = BytesMut::with_capacity(48 + run_id.len());
+        json.put_slice(b"{\"run_id\":");
+        put_json_str(&mut json, run_id);
+        json.put_slice(b",\"model\":\"");
+        json.put_slice(role.as_str().as_bytes());
+        json.put_slice(b"\",\"text\":");
+        DeltaPrefix {
+            json: json.to_vec(),
+            head: HEAD_FIXED + EventKind::Delta.as_str().len() + run_id.len() + SEQ_DIGITS,
+        }
     }
 }
 
@@ -436,7 +455,7 @@ mod tests {
                     model: role,
                     text,
                 };
-                let ours = Draft::delta(event.run_id, role, text);
+                let ours = Draft::delta(&DeltaPrefix::new(event.run_id, role), text);
                 let theirs = Draft::new(EventKind::Delta, event.run_id, &event, 0);
                 assert_eq!(ours.max_len(), theirs.max_len(), "{text:?}");
                 assert_eq!(ours.data_len(), theirs.data_len(), "{text:?}");

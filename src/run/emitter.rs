@@ -46,6 +46,8 @@ pub(super) struct Emitter {
     pub(super) budget: Arc<Semaphore>,
     /// `duet_overhead_seconds` for this run's stream.
     pub(super) overhead: Arc<OverheadProbe>,
+    /// What each model's deltas begin with: Flash's, then Pro's.
+    pub(super) delta_prefixes: [sse::DeltaPrefix; 2],
 }
 
 /// The receiver is gone: the client disconnected.
@@ -89,7 +91,11 @@ impl Emitter {
         text: &str,
         arrived: Instant,
     ) -> Result<(), ClientGone> {
-        let draft = sse::Draft::delta(&self.run_id, role, text);
+        let prefix = match role {
+            Role::Flash => &self.delta_prefixes[0],
+            Role::Pro => &self.delta_prefixes[1],
+        };
+        let draft = sse::Draft::delta(prefix, text);
         self.emit_draft(EventKind::Delta, draft, Some(arrived))
             .await
     }

@@ -245,8 +245,13 @@ impl Orchestrator {
         inner.metrics.streams_active.inc();
 
         let overhead = OverheadProbe::new(inner.metrics.overhead_seconds.clone());
+        let delta_prefixes = [
+            sse::DeltaPrefix::new(&run_id_text, Role::Flash),
+            sse::DeltaPrefix::new(&run_id_text, Role::Pro),
+        ];
         let emitter = Arc::new(Emitter {
             tx,
+            delta_prefixes,
             run_id: run_id_text,
             seq: AtomicU32::new(1),
             deltas: request.deltas,

@@ -3,7 +3,7 @@
 //! as they come, and the call's metrics and log line. What it returns, [`ModelResult`], is
 //! everything the answer event and the record need.
 
-use std::{panic::AssertUnwindSafe, time::Duration};
+use std::{future::Future, panic::AssertUnwindSafe, pin::Pin, time::Duration};
 
 use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
@@ -193,6 +193,7 @@ pub(super) async fn drive(
     if let Some(t) = ttft {
         metrics.ttft(t.as_secs_f64());
     }
+    let _in_run = emitter.span.enter();
     match &result.error {
         // A model that did its job is in the `run ended` line (and the record); a line of its
         // own would be two more log lines per run at full rate. Failures keep theirs.
@@ -227,7 +228,11 @@ async fn attempts(
     let first_token_deadline = limits.first_token.map(|d| started + d);
     let mut retries = 0;
     loop {
-        let error = match std::panic::catch_unwind(AssertUnwindSafe(|| provider.stream(request))) {
+        let started_call = {
+            let _in_run = emitter.span.enter();
+            std::panic::catch_unwind(AssertUnwindSafe(|| provider.stream(request)))
+        };
+        let error = match started_call {
             Err(_) => panicked(),
             Ok(mut stream) => {
                 // One timer per attempt, armed at the first-token deadline (if any) and, after
@@ -242,9 +247,17 @@ async fn attempts(
                 let mut last_token = Instant::now();
                 loop {
                     let armed = ttft.is_some() || first_token_deadline.is_some();
+                    // In the run's span up to the first token: taking a connection and
+                    // sending the request may log. After it, a poll only relays tokens.
+                    let cold = ttft.is_none();
+                    let mut next = AssertUnwindSafe(stream.next()).catch_unwind();
+                    let next = std::future::poll_fn(|cx| {
+                        let _in_run = cold.then(|| emitter.span.enter());
+                        Pin::new(&mut next).poll(cx)
+                    });
                     let polled = tokio::select! {
                         biased;
-                        polled = AssertUnwindSafe(stream.next()).catch_unwind() => polled,
+                        polled = next => polled,
                         () = &mut timer, if armed => {
                             if ttft.is_none() {
                                 return Err(Failure::Timeout(TimeoutKind::FirstToken));
@@ -310,7 +323,9 @@ async fn attempts(
             return Err(Failure::Provider(error));
         }
         retries += 1;
-        warn!(model = role.as_str(), retry = retries, backoff_ms = millis(backoff), detail = %error.detail, "retrying before first token");
+        emitter.span.in_scope(|| {
+            warn!(model = role.as_str(), retry = retries, backoff_ms = millis(backoff), detail = %error.detail, "retrying before first token");
+        });
         tokio::time::sleep(backoff).await;
     }
 }

@@ -39,7 +39,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, info_span};
+use tracing::info_span;
 use uuid::Uuid;
 
 pub use self::drive::TimeoutKind;
@@ -249,8 +249,18 @@ impl Orchestrator {
             sse::DeltaPrefix::new(&run_id_text, Role::Flash),
             sse::DeltaPrefix::new(&run_id_text, Role::Pro),
         ];
+        // The run's span puts `run_id` on every log line of the run. It is entered where the
+        // run may log (see `Emitter::span`), not around every poll of the run's task: that
+        // was an enter and an exit per upstream chunk, for lines that are written a few times
+        // per run.
+        let span = info_span!(
+            "run",
+            run_id = %run_id,
+            client_request_id = request.client_request_id.as_deref().unwrap_or(""),
+        );
         let emitter = Arc::new(Emitter {
             tx,
+            span,
             delta_prefixes,
             run_id: run_id_text,
             seq: AtomicU32::new(1),
@@ -301,16 +311,11 @@ impl Orchestrator {
             trace: RunSpan::start(run_id, request.trace.as_ref()),
             _permit: permit,
         });
-        let span = info_span!(
-            "run",
-            run_id = %run_id,
-            client_request_id = request.client_request_id.as_deref().unwrap_or(""),
-        );
         // The run's own future, not an `async` block around it: a wrapper would hold a second
         // copy of its state.
         inner
             .tracker
-            .spawn(self.clone().run(guard, emitter, request).instrument(span));
+            .spawn(self.clone().run(guard, emitter, request));
         Ok(RunHandle {
             run_id,
             events: rx,

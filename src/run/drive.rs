@@ -9,7 +9,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::{Limits, ModelSlot, emitter::Emitter, millis};
+use super::{Limits, ModelSlot, emitter::Emitter, millis, quiet::Quiet};
 use crate::{
     audit::Outcome,
     backoff::Backoff,
@@ -112,10 +112,14 @@ pub(super) async fn drive(
         emitter,
         progress,
     );
-    let outcome = match tokio::time::timeout_at(deadline, attempt).await {
-        Ok(Ok(finished)) => Ok(finished),
-        Ok(Err(failure)) => Err(failure),
-        Err(_elapsed) => Err(Failure::Timeout(TimeoutKind::Total)),
+    // `timeout_at`, with its timer polled only when it fires (see `Quiet`): the attempt is
+    // polled first, so an answer that ends as the deadline passes still counts.
+    let total = std::pin::pin!(tokio::time::sleep_until(deadline));
+    let mut total = Quiet::new(total);
+    let outcome = tokio::select! {
+        biased;
+        outcome = attempt => outcome,
+        () = &mut total => Err(Failure::Timeout(TimeoutKind::Total)),
     };
     let latency = started.elapsed();
     let text = std::mem::take(&mut progress.text);
@@ -241,9 +245,10 @@ async fn attempts(
                 // and sleeps on if tokens came since. A timer-wheel update per token per model
                 // would cost more than the clock read. Without a first-token deadline it is
                 // not polled (so not in the wheel at all) before the first token.
-                let mut timer = std::pin::pin!(tokio::time::sleep_until(
+                let timer = std::pin::pin!(tokio::time::sleep_until(
                     first_token_deadline.unwrap_or(deadline)
                 ));
+                let mut timer = Quiet::new(timer);
                 let mut last_token = Instant::now();
                 loop {
                     let armed = ttft.is_some() || first_token_deadline.is_some();
@@ -264,7 +269,7 @@ async fn attempts(
                             }
                             let due = last_token + limits.stall;
                             if Instant::now() < due {
-                                timer.as_mut().reset(due);
+                                timer.get_mut().as_mut().reset(due);
                                 continue;
                             }
                             return Err(Failure::Timeout(TimeoutKind::Stall));
@@ -304,7 +309,7 @@ async fn attempts(
                             // not held against the model.
                             last_token = Instant::now();
                             if first {
-                                timer.as_mut().reset(last_token + limits.stall);
+                                timer.get_mut().as_mut().reset(last_token + limits.stall);
                             }
                         }
                     }

@@ -3,6 +3,8 @@
 //! task's `select!` loop over both models; the rest of a run lives beside it:
 //! - `drive`: one model call, with its deadlines and its retries before the first token.
 //! - `emitter`: numbering and sending a run's events under its channel and byte budget.
+//! - `quiet`: [`quiet::Quiet`], polling the futures a run waits on but nearly never gets
+//!   (shutdown, deadlines) only once they are woken.
 //! - `report`: the drop guard `RunGuard` that sends `done` and builds and submits the run
 //!   record, and the status rule.
 //!
@@ -24,6 +26,7 @@
 
 mod drive;
 mod emitter;
+mod quiet;
 mod report;
 
 use std::{
@@ -46,6 +49,7 @@ pub use self::drive::TimeoutKind;
 use self::{
     drive::{ModelResult, Progress, drive},
     emitter::Emitter,
+    quiet::Quiet,
     report::{OwnedModelRef, RunGuard},
 };
 use crate::{
@@ -370,12 +374,16 @@ impl Orchestrator {
             let mut pro = std::pin::pin!(OptionFuture::from(Some(pro)));
             let grace = inner.shutdown_grace;
             let token = inner.shutdown.clone();
-            let mut shutdown = std::pin::pin!(async move {
+            // Both are polled by every wake-up of the run (one per upstream chunk), and are
+            // ready at most once: `Quiet` polls them only when they were woken.
+            let shutdown = std::pin::pin!(async move {
                 token.cancelled().await;
                 tokio::time::sleep(grace).await;
             });
+            let mut shutdown = Quiet::new(shutdown);
             let closed_tx = emitter.tx.clone();
-            let mut client_gone = std::pin::pin!(closed_tx.closed());
+            let client_gone = std::pin::pin!(closed_tx.closed());
+            let mut client_gone = Quiet::new(client_gone);
 
             while guard.flash.is_none() || guard.pro.is_none() {
                 tokio::select! {

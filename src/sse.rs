@@ -26,7 +26,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use crate::{domain::Role, events::EventKind};
+use crate::{domain::Role, events::EventKind, run::Quiet};
 
 /// The comment sent after a period of silence, so proxies keep the connection open.
 pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
@@ -314,7 +314,8 @@ impl OverheadProbe {
 pub struct EventBody {
     prefix: Option<Bytes>,
     rx: mpsc::Receiver<Bytes>,
-    keepalive: Pin<Box<Sleep>>,
+    /// Polled only when it fires or is reset ([`Quiet`]), not after every frame.
+    keepalive: Quiet<Pin<Box<Sleep>>>,
     interval: Duration,
     /// When the last frame went out. Kept instead of re-arming the timer on every frame: a
     /// timer-wheel update per delta costs more than a clock read, and the timer only needs
@@ -331,7 +332,7 @@ impl EventBody {
         EventBody {
             prefix,
             rx,
-            keepalive: Box::pin(tokio::time::sleep(interval)),
+            keepalive: Quiet::new(Box::pin(tokio::time::sleep(interval))),
             interval,
             last_sent: Instant::now(),
             overhead: None,
@@ -366,19 +367,19 @@ impl Stream for EventBody {
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => loop {
-                match this.keepalive.as_mut().poll(cx) {
+                match Pin::new(&mut this.keepalive).poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(()) => {
                         let due = this.last_sent + this.interval;
                         let now = Instant::now();
                         if now >= due {
                             this.last_sent = now;
-                            this.keepalive.as_mut().reset(now + this.interval);
+                            this.keepalive.get_mut().as_mut().reset(now + this.interval);
                             return Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE))));
                         }
                         // Frames went out since the timer was armed: wait out the rest of
                         // the silence (polling again registers the new deadline).
-                        this.keepalive.as_mut().reset(due);
+                        this.keepalive.get_mut().as_mut().reset(due);
                     }
                 }
             },

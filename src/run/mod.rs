@@ -46,10 +46,10 @@ use tracing::info_span;
 use uuid::Uuid;
 
 pub use self::drive::TimeoutKind;
+pub(crate) use self::quiet::Quiet;
 use self::{
     drive::{ModelResult, Progress, drive},
     emitter::Emitter,
-    quiet::Quiet,
     report::{OwnedModelRef, RunGuard},
 };
 use crate::{

@@ -2,7 +2,9 @@
 //! once per upstream chunk, and each wake-up polled every future its `select!`s wait on: the
 //! shutdown signal, the client going away, the model's total deadline and its first-token or
 //! stall timer. Those are nearly never ready, and polling one is not free (a lock in tokio's
-//! `Notify`, a waker check in its timer): about 40 k instructions per run between them.
+//! `Notify`, a waker check in its timer): about 40 k instructions per run between them. The
+//! response body's keep-alive timer (`crate::sse::EventBody`) is the same case, polled after
+//! every frame.
 
 use std::{
     future::Future,

@@ -3,7 +3,7 @@
 //! task's `select!` loop over both models; the rest of a run lives beside it:
 //! - `drive`: one model call, with its deadlines and its retries before the first token.
 //! - `emitter`: numbering and sending a run's events under its channel and byte budget.
-//! - `quiet`: [`quiet::Quiet`], polling the futures a run waits on but nearly never gets
+//! - `quiet`: `Quiet`, polling the futures a run waits on but nearly never gets
 //!   (shutdown, deadlines) only once they are woken.
 //! - `report`: the drop guard `RunGuard` that sends `done` and builds and submits the run
 //!   record, and the status rule.

@@ -26,7 +26,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use crate::{domain::Role, events::EventKind};
+use crate::{domain::Role, events::EventKind, run::Quiet};
 
 /// The comment sent after a period of silence, so proxies keep the connection open.
 pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
@@ -104,19 +104,15 @@ impl Draft {
 
     /// A `delta` event's draft: the same bytes as [`Draft::new`] of a
     /// `crate::events::DeltaEvent`, written directly. The general path goes through serde's
-    /// writer a few bytes per call; a delta is most of a run's events, and its fields are
-    /// known: the run id (a UUID, nothing to escape), the role's name, and the text.
-    pub fn delta(run_id: &str, role: Role, text: &str) -> Draft {
-        let event = EventKind::Delta;
-        let head = HEAD_FIXED + event.as_str().len() + run_id.len() + SEQ_DIGITS;
+    /// writer a few bytes per call; a delta is most of a run's events, and all of its data
+    /// but the text is the same for every delta of a run's model, so it is encoded once
+    /// ([`DeltaPrefix`]) and copied.
+    pub fn delta(prefix: &DeltaPrefix, text: &str) -> Draft {
+        let head = prefix.head;
         // Room for a few escapes; a text full of them grows the buffer once or twice.
-        let mut buf = BytesMut::with_capacity(head + 48 + run_id.len() + text.len() * 9 / 8 + 2);
+        let mut buf = BytesMut::with_capacity(head + prefix.json.len() + text.len() * 9 / 8 + 5);
         buf.resize(head, 0);
-        buf.put_slice(b"{\"run_id\":");
-        put_json_str(&mut buf, run_id);
-        buf.put_slice(b",\"model\":\"");
-        buf.put_slice(role.as_str().as_bytes());
-        buf.put_slice(b"\",\"text\":");
+        buf.put_slice(&prefix.json);
         put_json_str(&mut buf, text);
         buf.put_slice(b"}\n\n");
         Draft { buf, head }
@@ -165,6 +161,29 @@ impl Draft {
         }
         self.buf.advance(start);
         self.buf
+    }
+}
+
+/// The `data` of a run's model's deltas up to their text, `{"run_id":"…","model":"…","text":`,
+/// and the room their frames keep for the header: made once per run and model, for
+/// [`Draft::delta`].
+pub struct DeltaPrefix {
+    json: Vec<u8>,
+    head: usize,
+}
+
+impl DeltaPrefix {
+    pub fn new(run_id: &str, role: Role) -> DeltaPrefix {
+        let mut json = BytesMut::with_capacity(48 + run_id.len());
+        json.put_slice(b"{\"run_id\":");
+        put_json_str(&mut json, run_id);
+        json.put_slice(b",\"model\":\"");
+        json.put_slice(role.as_str().as_bytes());
+        json.put_slice(b"\",\"text\":");
+        DeltaPrefix {
+            json: json.to_vec(),
+            head: HEAD_FIXED + EventKind::Delta.as_str().len() + run_id.len() + SEQ_DIGITS,
+        }
     }
 }
 
@@ -295,7 +314,8 @@ impl OverheadProbe {
 pub struct EventBody {
     prefix: Option<Bytes>,
     rx: mpsc::Receiver<Bytes>,
-    keepalive: Pin<Box<Sleep>>,
+    /// Polled only when it fires or is reset ([`Quiet`]), not after every frame.
+    keepalive: Quiet<Pin<Box<Sleep>>>,
     interval: Duration,
     /// When the last frame went out. Kept instead of re-arming the timer on every frame: a
     /// timer-wheel update per delta costs more than a clock read, and the timer only needs
@@ -312,7 +332,7 @@ impl EventBody {
         EventBody {
             prefix,
             rx,
-            keepalive: Box::pin(tokio::time::sleep(interval)),
+            keepalive: Quiet::new(Box::pin(tokio::time::sleep(interval))),
             interval,
             last_sent: Instant::now(),
             overhead: None,
@@ -347,19 +367,19 @@ impl Stream for EventBody {
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => loop {
-                match this.keepalive.as_mut().poll(cx) {
+                match Pin::new(&mut this.keepalive).poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(()) => {
                         let due = this.last_sent + this.interval;
                         let now = Instant::now();
                         if now >= due {
                             this.last_sent = now;
-                            this.keepalive.as_mut().reset(now + this.interval);
+                            this.keepalive.get_mut().as_mut().reset(now + this.interval);
                             return Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE))));
                         }
                         // Frames went out since the timer was armed: wait out the rest of
                         // the silence (polling again registers the new deadline).
-                        this.keepalive.as_mut().reset(due);
+                        this.keepalive.get_mut().as_mut().reset(due);
                     }
                 }
             },
@@ -436,7 +456,7 @@ mod tests {
                     model: role,
                     text,
                 };
-                let ours = Draft::delta(event.run_id, role, text);
+                let ours = Draft::delta(&DeltaPrefix::new(event.run_id, role), text);
                 let theirs = Draft::new(EventKind::Delta, event.run_id, &event, 0);
                 assert_eq!(ours.max_len(), theirs.max_len(), "{text:?}");
                 assert_eq!(ours.data_len(), theirs.data_len(), "{text:?}");

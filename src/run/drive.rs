@@ -3,13 +3,13 @@
 //! as they come, and the call's metrics and log line. What it returns, [`ModelResult`], is
 //! everything the answer event and the record need.
 
-use std::{panic::AssertUnwindSafe, time::Duration};
+use std::{future::Future, panic::AssertUnwindSafe, pin::Pin, time::Duration};
 
 use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::{Limits, ModelSlot, emitter::Emitter, millis};
+use super::{Limits, ModelSlot, emitter::Emitter, millis, quiet::Quiet};
 use crate::{
     audit::Outcome,
     backoff::Backoff,
@@ -112,10 +112,14 @@ pub(super) async fn drive(
         emitter,
         progress,
     );
-    let outcome = match tokio::time::timeout_at(deadline, attempt).await {
-        Ok(Ok(finished)) => Ok(finished),
-        Ok(Err(failure)) => Err(failure),
-        Err(_elapsed) => Err(Failure::Timeout(TimeoutKind::Total)),
+    // `timeout_at`, with its timer polled only when it fires (see `Quiet`): the attempt is
+    // polled first, so an answer that ends as the deadline passes still counts.
+    let total = std::pin::pin!(tokio::time::sleep_until(deadline));
+    let mut total = Quiet::new(total);
+    let outcome = tokio::select! {
+        biased;
+        outcome = attempt => outcome,
+        () = &mut total => Err(Failure::Timeout(TimeoutKind::Total)),
     };
     let latency = started.elapsed();
     let text = std::mem::take(&mut progress.text);
@@ -193,6 +197,7 @@ pub(super) async fn drive(
     if let Some(t) = ttft {
         metrics.ttft(t.as_secs_f64());
     }
+    let _in_run = emitter.span.enter();
     match &result.error {
         // A model that did its job is in the `run ended` line (and the record); a line of its
         // own would be two more log lines per run at full rate. Failures keep theirs.
@@ -227,7 +232,11 @@ async fn attempts(
     let first_token_deadline = limits.first_token.map(|d| started + d);
     let mut retries = 0;
     loop {
-        let error = match std::panic::catch_unwind(AssertUnwindSafe(|| provider.stream(request))) {
+        let started_call = {
+            let _in_run = emitter.span.enter();
+            std::panic::catch_unwind(AssertUnwindSafe(|| provider.stream(request)))
+        };
+        let error = match started_call {
             Err(_) => panicked(),
             Ok(mut stream) => {
                 // One timer per attempt, armed at the first-token deadline (if any) and, after
@@ -236,22 +245,31 @@ async fn attempts(
                 // and sleeps on if tokens came since. A timer-wheel update per token per model
                 // would cost more than the clock read. Without a first-token deadline it is
                 // not polled (so not in the wheel at all) before the first token.
-                let mut timer = std::pin::pin!(tokio::time::sleep_until(
+                let timer = std::pin::pin!(tokio::time::sleep_until(
                     first_token_deadline.unwrap_or(deadline)
                 ));
+                let mut timer = Quiet::new(timer);
                 let mut last_token = Instant::now();
                 loop {
                     let armed = ttft.is_some() || first_token_deadline.is_some();
+                    // In the run's span up to the first token: taking a connection and
+                    // sending the request may log. After it, a poll only relays tokens.
+                    let cold = ttft.is_none();
+                    let mut next = AssertUnwindSafe(stream.next()).catch_unwind();
+                    let next = std::future::poll_fn(|cx| {
+                        let _in_run = cold.then(|| emitter.span.enter());
+                        Pin::new(&mut next).poll(cx)
+                    });
                     let polled = tokio::select! {
                         biased;
-                        polled = AssertUnwindSafe(stream.next()).catch_unwind() => polled,
+                        polled = next => polled,
                         () = &mut timer, if armed => {
                             if ttft.is_none() {
                                 return Err(Failure::Timeout(TimeoutKind::FirstToken));
                             }
                             let due = last_token + limits.stall;
                             if Instant::now() < due {
-                                timer.as_mut().reset(due);
+                                timer.get_mut().as_mut().reset(due);
                                 continue;
                             }
                             return Err(Failure::Timeout(TimeoutKind::Stall));
@@ -291,7 +309,7 @@ async fn attempts(
                             // not held against the model.
                             last_token = Instant::now();
                             if first {
-                                timer.as_mut().reset(last_token + limits.stall);
+                                timer.get_mut().as_mut().reset(last_token + limits.stall);
                             }
                         }
                     }
@@ -310,7 +328,9 @@ async fn attempts(
             return Err(Failure::Provider(error));
         }
         retries += 1;
-        warn!(model = role.as_str(), retry = retries, backoff_ms = millis(backoff), detail = %error.detail, "retrying before first token");
+        emitter.span.in_scope(|| {
+            warn!(model = role.as_str(), retry = retries, backoff_ms = millis(backoff), detail = %error.detail, "retrying before first token");
+        });
         tokio::time::sleep(backoff).await;
     }
 }

@@ -46,6 +46,13 @@ pub(super) struct Emitter {
     pub(super) budget: Arc<Semaphore>,
     /// `duet_overhead_seconds` for this run's stream.
     pub(super) overhead: Arc<OverheadProbe>,
+    /// The run's span (`run_id` and `client_request_id` on its log lines), entered around the
+    /// run's work that may log: starting a model call and polling it up to its first token
+    /// (the connection pool logs there), retries, each model's end and the run's end. Not
+    /// around relaying tokens, which logs nothing.
+    pub(super) span: tracing::Span,
+    /// What each model's deltas begin with: Flash's, then Pro's.
+    pub(super) delta_prefixes: [sse::DeltaPrefix; 2],
 }
 
 /// The receiver is gone: the client disconnected.
@@ -89,7 +96,11 @@ impl Emitter {
         text: &str,
         arrived: Instant,
     ) -> Result<(), ClientGone> {
-        let draft = sse::Draft::delta(&self.run_id, role, text);
+        let prefix = match role {
+            Role::Flash => &self.delta_prefixes[0],
+            Role::Pro => &self.delta_prefixes[1],
+        };
+        let draft = sse::Draft::delta(prefix, text);
         self.emit_draft(EventKind::Delta, draft, Some(arrived))
             .await
     }

@@ -3,6 +3,8 @@
 //! task's `select!` loop over both models; the rest of a run lives beside it:
 //! - `drive`: one model call, with its deadlines and its retries before the first token.
 //! - `emitter`: numbering and sending a run's events under its channel and byte budget.
+//! - `quiet`: `Quiet`, polling the futures a run waits on but nearly never gets
+//!   (shutdown, deadlines) only once they are woken.
 //! - `report`: the drop guard `RunGuard` that sends `done` and builds and submits the run
 //!   record, and the status rule.
 //!
@@ -24,6 +26,7 @@
 
 mod drive;
 mod emitter;
+mod quiet;
 mod report;
 
 use std::{
@@ -39,10 +42,11 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, info_span};
+use tracing::info_span;
 use uuid::Uuid;
 
 pub use self::drive::TimeoutKind;
+pub(crate) use self::quiet::Quiet;
 use self::{
     drive::{ModelResult, Progress, drive},
     emitter::Emitter,
@@ -245,8 +249,23 @@ impl Orchestrator {
         inner.metrics.streams_active.inc();
 
         let overhead = OverheadProbe::new(inner.metrics.overhead_seconds.clone());
+        let delta_prefixes = [
+            sse::DeltaPrefix::new(&run_id_text, Role::Flash),
+            sse::DeltaPrefix::new(&run_id_text, Role::Pro),
+        ];
+        // The run's span puts `run_id` on every log line of the run. It is entered where the
+        // run may log (see `Emitter::span`), not around every poll of the run's task: that
+        // was an enter and an exit per upstream chunk, for lines that are written a few times
+        // per run.
+        let span = info_span!(
+            "run",
+            run_id = %run_id,
+            client_request_id = request.client_request_id.as_deref().unwrap_or(""),
+        );
         let emitter = Arc::new(Emitter {
             tx,
+            span,
+            delta_prefixes,
             run_id: run_id_text,
             seq: AtomicU32::new(1),
             deltas: request.deltas,
@@ -296,16 +315,11 @@ impl Orchestrator {
             trace: RunSpan::start(run_id, request.trace.as_ref()),
             _permit: permit,
         });
-        let span = info_span!(
-            "run",
-            run_id = %run_id,
-            client_request_id = request.client_request_id.as_deref().unwrap_or(""),
-        );
         // The run's own future, not an `async` block around it: a wrapper would hold a second
         // copy of its state.
         inner
             .tracker
-            .spawn(self.clone().run(guard, emitter, request).instrument(span));
+            .spawn(self.clone().run(guard, emitter, request));
         Ok(RunHandle {
             run_id,
             events: rx,
@@ -360,12 +374,16 @@ impl Orchestrator {
             let mut pro = std::pin::pin!(OptionFuture::from(Some(pro)));
             let grace = inner.shutdown_grace;
             let token = inner.shutdown.clone();
-            let mut shutdown = std::pin::pin!(async move {
+            // Both are polled by every wake-up of the run (one per upstream chunk), and are
+            // ready at most once: `Quiet` polls them only when they were woken.
+            let shutdown = std::pin::pin!(async move {
                 token.cancelled().await;
                 tokio::time::sleep(grace).await;
             });
+            let mut shutdown = Quiet::new(shutdown);
             let closed_tx = emitter.tx.clone();
-            let mut client_gone = std::pin::pin!(closed_tx.closed());
+            let client_gone = std::pin::pin!(closed_tx.closed());
+            let mut client_gone = Quiet::new(client_gone);
 
             while guard.flash.is_none() || guard.pro.is_none() {
                 tokio::select! {

@@ -91,6 +91,10 @@ impl RunGuard {
 
 impl Drop for RunGuard {
     fn drop(&mut self) {
+        // The run's log lines carry its span: the guard may be dropped outside any poll of
+        // the run (a task cancelled at shutdown), so it enters the span itself.
+        let emitter = Arc::clone(&self.emitter);
+        let _in_run = emitter.span.enter();
         let flash = match self.flash.take() {
             Some(r) => r,
             None => self.unfinished(Role::Flash),

@@ -469,6 +469,82 @@ async fn planted_key_stays_out(key: &str) {
     assert!(!logs.contains(key), "logs: {logs}");
 }
 
+/// Every log line a run writes carries its `run_id` (the JSON log's `span`), from each place
+/// a run logs: a retry before the first token, a model's end (at `debug`), a model's failure,
+/// the run's end. The run's span is entered only around the work that may log, not around
+/// every poll of the run (docs/benchmarks.md, "Relay CPU, second pass"), so each place is
+/// checked. The real process, for the reason given above.
+#[tokio::test]
+async fn every_log_line_of_a_run_carries_its_run_id() {
+    // Flash: a 503 (retried), then an answer. Pro: a 401, which fails the model at once.
+    let flash_up = FixtureServer::start(vec![
+        status(503, wire("openai_error_503.json")),
+        sse(wire("openai_stream_ok.sse")),
+    ])
+    .await;
+    let pro_up = FixtureServer::start(vec![status(
+        401,
+        br#"{"error":{"message":"bad key","type":"invalid_request_error","code":"invalid_api_key"}}"#
+            .to_vec(),
+    )])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = duet_command(dir.path())
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "debug")
+        .env("FLASH_PROVIDER", "openai")
+        .env("FLASH_BASE_URL", base("openai", flash_up.addr))
+        .env("FLASH_API_KEY", KEY)
+        .env("PRO_PROVIDER", "openai")
+        .env("PRO_BASE_URL", base("openai", pro_up.addr))
+        .env("PRO_API_KEY", KEY)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (addr, log) = listening(&mut child);
+    let resp = reqwest::Client::new()
+        .post(format!("http://{addr}/query/stream"))
+        .header("x-request-id", "req-7")
+        .json(&json!({"query": "q", "deltas": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let run_id = resp.headers()["x-run-id"].to_str().unwrap().to_owned();
+    let events = read_events(resp).await;
+    assert_eq!(done(&events)["flash"], "ok");
+    assert_eq!(done(&events)["pro"], "error");
+    assert_eq!(terminate(child).await, Some(0));
+    let logs = log.join().unwrap();
+
+    let wanted = [
+        "retrying before first token",
+        "model ended",
+        "model failed",
+        "run ended",
+    ];
+    let mut seen = Vec::new();
+    for line in logs.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let Some(message) = v["message"].as_str() else {
+            continue;
+        };
+        if wanted.contains(&message) {
+            assert_eq!(v["span"]["run_id"], run_id.as_str(), "{line}");
+            assert_eq!(v["span"]["client_request_id"], "req-7", "{line}");
+            seen.push(message.to_owned());
+        }
+    }
+    for message in wanted {
+        assert!(
+            seen.iter().any(|m| m == message),
+            "no {message:?} in {logs}"
+        );
+    }
+    assert_eq!(flash_up.requests().len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mock_serves_a_thousand_concurrent_streams() {
     let mock = start_mock(MockConfig {

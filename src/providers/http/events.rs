@@ -109,28 +109,28 @@ where
         // the event can be filled from it.
         let chunk = std::mem::take(&mut self.chunk);
         let complete = self.parse_lines(&chunk);
-        self.chunk = chunk;
+        // A used-up chunk is dropped at once, not when the next one comes: it is a slice of
+        // hyper's read buffer, and while it lives hyper cannot reuse that buffer for its next
+        // read but allocates a new one (and this drop frees the old one). Every event's text
+        // has been copied into `event` by now.
+        if self.at < chunk.len() {
+            self.chunk = chunk;
+        }
         complete
     }
 
     fn parse_lines(&mut self, chunk: &[u8]) -> bool {
-        // [`Bounded`] hands over valid UTF-8 only; a chunk that is not (a bug) is skipped
-        // whole rather than misread.
-        let Ok(text) = std::str::from_utf8(chunk) else {
-            self.at = chunk.len();
-            return false;
-        };
-        while self.at < text.len() {
-            let rest = &text[self.at..];
+        while self.at < chunk.len() {
+            let rest = &chunk[self.at..];
             // Bounded's chunks end with a line end, so there always is one.
-            let Some(end) = memchr::memchr2(b'\n', b'\r', rest.as_bytes()) else {
-                self.at = text.len();
+            let Some(end) = memchr::memchr2(b'\n', b'\r', rest) else {
+                self.at = chunk.len();
                 return false;
             };
             let line = &rest[..end];
             let mut next = self.at + end + 1;
-            if rest.as_bytes()[end] == b'\r' {
-                match rest.as_bytes().get(end + 1) {
+            if rest[end] == b'\r' {
+                match rest.get(end + 1) {
                     Some(b'\n') => next += 1,
                     Some(_) => {}
                     None => self.after_cr = true,
@@ -141,7 +141,11 @@ where
                 if self.dispatch() {
                     return true;
                 }
-            } else {
+            } else if let Ok(line) = std::str::from_utf8(line) {
+                // Line by line, so each byte is checked once however many times the chunk
+                // is walked (once per event in it). [`Bounded`] hands over valid UTF-8 only,
+                // and a line end never cuts a character, so this cannot fail; a line that did
+                // (a bug) would be skipped rather than misread.
                 field(&mut self.event, line);
             }
         }

@@ -27,7 +27,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use sqlx::{
-    Row, Sqlite, SqliteConnection, SqlitePool,
+    QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool,
     pool::PoolConnection,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -40,10 +40,17 @@ use super::{
     store::Batch,
 };
 
-/// Runs per statement at most, a power of two (see [`fixed_chunks`]). SQLite allows at most
-/// 32766 bound values per statement; a chunk of runs binds 16 values per run, its traces 16
-/// per trace (two per run): 256 runs bind 4,096 and their traces 8,192. A start row binds 11.
-const CHUNK: usize = 256;
+/// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
+/// runs binds 16 values per run and 16 per trace (two per run): 500 runs bind 24000. A chunk
+/// of start rows binds 11 values each.
+///
+/// One statement per kind and chunk, its text built for the batch's size, rather than a few
+/// fixed sizes that stay prepared: those cut the writer's instructions by 5 % (fewer
+/// re-parsed statements) but made a batch several statements, each a round trip to sqlx's
+/// SQLite thread, and on a saturated CPU each round trip waits for that thread to be
+/// scheduled: at 1,300 runs/s the writer fell behind and dead-lettered 6,824 records that
+/// this shape writes (docs/benchmarks.md, "Audit writer, second pass").
+const CHUNK: usize = 500;
 
 /// A record's run row: inserted, or finalizing the run's `running` row (contract §8), or
 /// replacing an `interrupted` one (the real record of a run presumed dead, back from the
@@ -261,36 +268,33 @@ pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Resul
 /// The `running` rows of runs that started. A row already there (the run ended and its
 /// record came first) is left alone.
 async fn insert_started(tx: &mut SqliteConnection, batch: &Batch<'_>) -> Result<()> {
-    static SQL: Statements = Statements::new();
-    for chunk in fixed_chunks(&batch.started) {
-        let sql = SQL.get(
-            chunk.len(),
+    for chunk in batch.started.chunks(CHUNK) {
+        let mut runs = QueryBuilder::<Sqlite>::new(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
              status, total_ms, service_version, owner_fingerprint, instance_id, messages, \
-             params, client_id) VALUES ",
-            "(?, ?, ?, ?, ?, 'running', 0, ?, ?, ?, ?, ?, ?)",
-            " ON CONFLICT (run_id) DO NOTHING",
+             params, client_id) ",
         );
-        let mut query = sqlx::query(sql);
-        for r in chunk {
-            query = query
-                .bind(r.run_id.to_string())
-                .bind(r.client_request_id.as_deref())
-                .bind(format_time(&r.created_at))
-                .bind(&*r.query)
-                .bind(r.system.as_deref())
-                .bind(crate::SERVICE_VERSION)
-                .bind(r.owner_fingerprint.as_deref())
-                .bind(r.instance_id.as_deref())
-                .bind(
+        runs.push_values(chunk, |mut row, r| {
+            row.push_bind(r.run_id.to_string())
+                .push_bind(r.client_request_id.as_deref())
+                .push_bind(format_time(&r.created_at))
+                .push_bind(&*r.query)
+                .push_bind(r.system.as_deref())
+                .push("'running'")
+                .push("0")
+                .push_bind(crate::SERVICE_VERSION)
+                .push_bind(r.owner_fingerprint.as_deref())
+                .push_bind(r.instance_id.as_deref())
+                .push_bind(
                     r.conversation
                         .as_ref()
                         .map(|c| messages_column(c.messages(), Cow::Borrowed)),
                 )
-                .bind(r.params.as_ref().map(params_column))
-                .bind(r.client_id.as_deref());
-        }
-        query.execute(&mut *tx).await?;
+                .push_bind(r.params.as_ref().map(params_column))
+                .push_bind(r.client_id.as_deref());
+        });
+        runs.push(" ON CONFLICT (run_id) DO NOTHING");
+        runs.build().execute(&mut *tx).await?;
     }
     Ok(())
 }
@@ -300,138 +304,72 @@ async fn insert_rows(
     instance_id: Option<&str>,
     records: &[&RunRecord],
 ) -> Result<u64> {
-    static RUNS: Statements = Statements::new();
-    static TRACES: Statements = Statements::new();
     let mut written = 0;
-    for chunk in fixed_chunks(records) {
-        // A replayed or resubmitted record is ignored, never duplicated (contract §5).
-        let sql = RUNS.get(
-            chunk.len(),
+    for chunk in records.chunks(CHUNK) {
+        let mut runs = QueryBuilder::<Sqlite>::new(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
              status, total_ms, service_version, events, owner_fingerprint, instance_id, \
-             messages, params, client_id, cost_usd, agreement) VALUES ",
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            UPSERT_RUN,
+             messages, params, client_id, cost_usd, agreement) ",
         );
-        let mut runs = sqlx::query(sql);
-        for r in chunk {
-            runs = runs
-                .bind(r.run_id.to_string())
-                .bind(r.client_request_id.as_deref())
-                .bind(format_time(&r.created_at))
-                .bind(r.query.as_str())
-                .bind(r.system.as_deref())
-                .bind(r.status.as_str())
-                .bind(to_db(r.total_ms))
-                .bind(r.service_version.as_str())
-                .bind(events::to_column(&r.events))
-                .bind(r.owner_fingerprint.as_deref())
-                .bind(instance_id)
-                .bind(r.messages.as_ref().map(|m| {
+        runs.push_values(chunk, |mut row, r| {
+            row.push_bind(r.run_id.to_string())
+                .push_bind(r.client_request_id.as_deref())
+                .push_bind(format_time(&r.created_at))
+                .push_bind(r.query.as_str())
+                .push_bind(r.system.as_deref())
+                .push_bind(r.status.as_str())
+                .push_bind(to_db(r.total_ms))
+                .push_bind(r.service_version.as_str())
+                .push_bind(events::to_column(&r.events))
+                .push_bind(r.owner_fingerprint.as_deref())
+                .push_bind(instance_id)
+                .push_bind(r.messages.as_ref().map(|m| {
                     messages_column(
                         m.iter().map(|m| (m.role, m.content.as_str())),
                         Cow::Borrowed,
                     )
                 }))
-                .bind(r.params.as_ref().map(params_column))
-                .bind(r.client_id.as_deref())
-                .bind(r.cost_usd)
-                .bind(r.agreement);
-        }
-        written += runs.execute(&mut *tx).await?.rows_affected();
+                .push_bind(r.params.as_ref().map(params_column))
+                .push_bind(r.client_id.as_deref())
+                .push_bind(r.cost_usd)
+                .push_bind(r.agreement);
+        });
+        // A replayed or resubmitted record is ignored, never duplicated (contract §5).
+        runs.push(UPSERT_RUN);
+        written += runs.build().execute(&mut *tx).await?.rows_affected();
 
-        // Two traces per run, so twice the rows of the runs' statement: still a power of two.
-        // A run whose row was already final has its traces: nothing to add. One finalized
-        // just now (from `running` or `interrupted`) has none yet.
-        let sql = TRACES.get(
-            2 * chunk.len(),
+        let mut traces = QueryBuilder::<Sqlite>::new(
             "INSERT INTO model_traces (run_id, model, provider, model_name, model_version, \
              outcome, error_type, error_message, deadline, text, finish_reason, latency_ms, \
-             ttft_ms, input_tokens, output_tokens, cost_usd) VALUES ",
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            " ON CONFLICT (run_id, model) DO NOTHING",
+             ttft_ms, input_tokens, output_tokens, cost_usd) ",
         );
-        let mut traces = sqlx::query(sql);
-        for r in chunk {
-            for (role, t) in [("flash", &r.flash), ("pro", &r.pro)] {
-                traces = traces
-                    .bind(r.run_id.to_string())
-                    .bind(role)
-                    .bind(t.provider.as_str())
-                    .bind(t.model.as_str())
-                    .bind(t.model_version.as_deref())
-                    .bind(t.outcome.as_str())
-                    .bind(t.error_type.as_deref())
-                    .bind(t.error_message.as_deref())
-                    .bind(t.deadline.map(Deadline::as_str))
-                    .bind(t.text.as_str())
-                    .bind(t.finish_reason.as_deref())
-                    .bind(to_db(t.latency_ms))
-                    .bind(t.ttft_ms.map(to_db))
-                    .bind(t.input_tokens.map(to_db))
-                    .bind(t.output_tokens.map(to_db))
-                    .bind(t.cost_usd);
-            }
-        }
-        traces.execute(&mut *tx).await?;
+        let rows = chunk
+            .iter()
+            .flat_map(|r| [(r.run_id, "flash", &r.flash), (r.run_id, "pro", &r.pro)]);
+        traces.push_values(rows, |mut row, (run_id, role, t)| {
+            row.push_bind(run_id.to_string())
+                .push_bind(role)
+                .push_bind(t.provider.as_str())
+                .push_bind(t.model.as_str())
+                .push_bind(t.model_version.as_deref())
+                .push_bind(t.outcome.as_str())
+                .push_bind(t.error_type.as_deref())
+                .push_bind(t.error_message.as_deref())
+                .push_bind(t.deadline.map(Deadline::as_str))
+                .push_bind(t.text.as_str())
+                .push_bind(t.finish_reason.as_deref())
+                .push_bind(to_db(t.latency_ms))
+                .push_bind(t.ttft_ms.map(to_db))
+                .push_bind(t.input_tokens.map(to_db))
+                .push_bind(t.output_tokens.map(to_db))
+                .push_bind(t.cost_usd);
+        });
+        // A run whose row was already final has its traces: nothing to add. One finalized
+        // just now (from `running` or `interrupted`) has none yet.
+        traces.push(" ON CONFLICT (run_id, model) DO NOTHING");
+        traces.build().execute(&mut *tx).await?;
     }
     Ok(written)
-}
-
-/// Splits `items` into chunks whose lengths are powers of two, at most [`CHUNK`], largest
-/// first: 300 items are 256 + 32 + 8 + 4.
-///
-/// Why: a multi-row statement's text depends on its row count, and sqlx caches prepared
-/// statements by text (100 per connection). Batches of every size from 1 to 500 made up to
-/// 500 texts per statement, so nearly every batch was parsed and planned again (12 % of the
-/// writer's instructions). With these shapes there are nine texts per statement, all of
-/// them stay prepared, and a batch costs at most one statement per set bit of its size.
-fn fixed_chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
-    std::iter::from_fn(move || {
-        let len = match items.len() {
-            0 => return None,
-            n if n >= CHUNK => CHUNK,
-            n => 1 << n.ilog2(),
-        };
-        let (head, rest) = items.split_at(len);
-        items = rest;
-        Some(head)
-    })
-}
-
-/// The texts of one multi-row statement, one per chunk length, built on first use.
-struct Statements(OnceLock<Vec<String>>);
-
-impl Statements {
-    const fn new() -> Self {
-        Statements(OnceLock::new())
-    }
-
-    /// The statement for `rows` rows (a power of two up to `2 * CHUNK`): `head`, then `rows`
-    /// copies of `row` separated by commas, then `tail`. The arguments are the same on every
-    /// call from one place, so the texts built on the first call serve every later one.
-    fn get(&'static self, rows: usize, head: &str, row: &str, tail: &str) -> &'static str {
-        let texts = self.0.get_or_init(|| {
-            (0..=(2 * CHUNK).ilog2())
-                .map(|shift| {
-                    let n = 1usize << shift;
-                    let mut sql =
-                        String::with_capacity(head.len() + n * (row.len() + 2) + tail.len());
-                    sql.push_str(head);
-                    for i in 0..n {
-                        if i > 0 {
-                            sql.push_str(", ");
-                        }
-                        sql.push_str(row);
-                    }
-                    sql.push_str(tail);
-                    sql
-                })
-                .collect()
-        });
-        debug_assert!(rows.is_power_of_two() && rows <= 2 * CHUNK, "{rows} rows");
-        &texts[rows.trailing_zeros() as usize]
-    }
 }
 
 #[cfg(test)]
@@ -464,55 +402,5 @@ mod tests {
             format_time(&Utc.with_ymd_and_hms(2025, 1, 31, 12, 34, 56).unwrap()),
             "2025-01-31T12:34:56.000000Z"
         );
-    }
-
-    #[test]
-    fn chunks_are_powers_of_two_up_to_the_cap_in_order() {
-        for n in [0, 1, 2, 3, 255, 256, 257, 300, 500, 1000, 1024] {
-            let items: Vec<usize> = (0..n).collect();
-            let chunks: Vec<&[usize]> = fixed_chunks(&items).collect();
-            assert!(
-                chunks
-                    .iter()
-                    .all(|c| c.len().is_power_of_two() && c.len() <= CHUNK),
-                "{n}: {:?}",
-                chunks.iter().map(|c| c.len()).collect::<Vec<_>>()
-            );
-            assert_eq!(chunks.concat(), items, "{n}: every item once, in order");
-        }
-        let lens = |n: usize| -> Vec<usize> {
-            let items = vec![(); n];
-            fixed_chunks(&items).map(<[()]>::len).collect()
-        };
-        assert_eq!(lens(300), [256, 32, 8, 4]);
-        assert_eq!(lens(500), [256, 128, 64, 32, 16, 4]);
-        assert_eq!(lens(600), [256, 256, 64, 16, 8]);
-    }
-
-    #[test]
-    fn a_statement_has_one_placeholder_group_per_row() {
-        static SQL: Statements = Statements::new();
-        for rows in [1, 2, 64, 2 * CHUNK] {
-            let sql = SQL.get(
-                rows,
-                "INSERT INTO t (a, b) VALUES ",
-                "(?, ?)",
-                " ON CONFLICT DO NOTHING",
-            );
-            assert!(sql.starts_with("INSERT INTO t (a, b) VALUES (?, ?)"));
-            assert!(sql.ends_with("(?, ?) ON CONFLICT DO NOTHING"));
-            assert_eq!(sql.matches("(?, ?)").count(), rows);
-            assert_eq!(sql.matches('?').count(), 2 * rows);
-        }
-        // The same text each time: what lets sqlx's statement cache find it.
-        assert!(std::ptr::eq(
-            SQL.get(8, "", "", ""),
-            SQL.get(
-                8,
-                "INSERT INTO t (a, b) VALUES ",
-                "(?, ?)",
-                " ON CONFLICT DO NOTHING"
-            )
-        ));
     }
 }

@@ -17,7 +17,7 @@
 //!
 //! The clients are hyper-util's (the client reqwest wraps), used directly because reqwest
 //! cannot set what an HTTP/1.1 connection holds: see [`build_client`]. Requests are still
-//! made with reqwest's `RequestBuilder` ([`Lease::requests`]), which never sends anything;
+//! made with reqwest's `RequestBuilder` ([`Upstream::requests`]), which never sends anything;
 //! [`Lease::send`] does.
 
 use std::{
@@ -106,14 +106,14 @@ struct Inner {
     /// The TLS configuration every client starts from (root store, crypto provider), built
     /// once: building it parses the ~150 web roots.
     tls: rustls::ClientConfig,
+    /// Builds requests only (a reqwest client that never sends), for every connection.
+    requests: reqwest::Client,
     /// Read on every call, written only to add a client. Never held across an await.
     slots: RwLock<Vec<Arc<Slot>>>,
 }
 
 struct Slot {
     client: HttpClient,
-    /// Builds requests only (a reqwest client that never sends): shared by every slot.
-    requests: reqwest::Client,
     in_flight: AtomicUsize,
 }
 
@@ -123,11 +123,6 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// What requests are built with (`client.post(url)…`); it sends nothing itself.
-    pub fn requests(&self) -> &reqwest::Client {
-        &self.slot.requests
-    }
-
     /// Sends a request on this lease's client.
     pub fn send(&self, request: http::Request<reqwest::Body>) -> legacy::ResponseFuture {
         self.slot.client.request(request)
@@ -151,7 +146,6 @@ impl Upstream {
             .build()?;
         let first = Slot {
             client: build_client(config.http2_prior_knowledge, &tls),
-            requests,
             in_flight: AtomicUsize::new(0),
         };
         Ok(Upstream {
@@ -162,9 +156,16 @@ impl Upstream {
                     ..config
                 },
                 tls,
+                requests,
                 slots: RwLock::new(vec![Arc::new(first)]),
             }),
         })
+    }
+
+    /// What requests are built with (`client.post(url)…`); it sends nothing itself: a
+    /// [`Lease`] sends them.
+    pub fn requests(&self) -> &reqwest::Client {
+        &self.inner.requests
     }
 
     /// A place for one call: on the first connection with room, else on a new one.
@@ -226,13 +227,8 @@ impl Inner {
             return lease;
         }
         if let Some(client) = built.filter(|_| slots.len() < self.config.max_connections) {
-            let requests = slots
-                .first()
-                .map(|s| s.requests.clone())
-                .unwrap_or_else(|| unreachable!("a pool always holds its first client"));
             let slot = Arc::new(Slot {
                 client,
-                requests,
                 in_flight: AtomicUsize::new(0),
             });
             slots.push(Arc::clone(&slot));
@@ -693,7 +689,7 @@ mod tests {
         })
         .unwrap();
         let lease = up.lease().await;
-        let request = lease
+        let request = up
             .requests()
             .get(format!("http://{addr}/healthz"))
             .build()

@@ -65,8 +65,8 @@ pub trait Decoder: Send + 'static {
     ) -> Result<(String, Completion), ProviderError>;
 }
 
-/// Makes the request with the request builder of the connection a call was given
-/// ([`Lease::requests`]).
+/// Makes the request with the provider's request builder
+/// ([`Upstream::requests`]).
 pub type Build = Box<dyn FnOnce(&reqwest::Client) -> reqwest::RequestBuilder + Send>;
 
 /// Starts the call when the stream is first polled, and decodes it.
@@ -164,7 +164,7 @@ impl<D: Decoder> Call<D> {
                 Phase::Start(start) => {
                     let (upstream, build) = start.take()?;
                     let lease = upstream.lease().await;
-                    let request = build(lease.requests());
+                    let request = build(upstream.requests());
                     let response = send(&self.ctx, &lease, request).await;
                     self._lease = Some(lease);
                     let response = match response {

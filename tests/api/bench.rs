@@ -12,25 +12,21 @@ use duet::{
             self,
             streams::{Mix, Options, Target},
         },
-        mock::{self, MockConfig},
+        mock::MockConfig,
     },
     server::{Parts, Server},
 };
-use tokio::net::TcpListener;
 
 use crate::db;
 
 async fn start_mock() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = MockConfig {
+    crate::helpers::start_mock(MockConfig {
         ttft: Duration::from_millis(10),
         token_interval: Duration::from_millis(1),
         tokens: 8,
         ..MockConfig::default()
-    };
-    tokio::spawn(mock::serve(listener, config, std::future::pending()));
-    addr
+    })
+    .await
 }
 
 /// duet with both roles on the OpenAI adapter against the mock, as `duet serve` builds it.

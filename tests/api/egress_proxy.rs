@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use duet::devtools::mock::{self, MockConfig};
+use duet::devtools::mock::MockConfig;
 use serde_json::json;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -52,16 +52,13 @@ async fn connect_proxy() -> (u16, Arc<Mutex<Vec<String>>>) {
 }
 
 async fn mock_upstream() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = MockConfig {
+    start_mock(MockConfig {
         ttft: Duration::from_millis(10),
         token_interval: Duration::from_millis(1),
         tokens: 5,
         ..MockConfig::default()
-    };
-    tokio::spawn(mock::serve(listener, config, std::future::pending()));
-    addr
+    })
+    .await
 }
 
 /// One stream through a duet whose environment holds `proxy_vars`; returns `done`'s status.

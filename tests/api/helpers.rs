@@ -524,6 +524,19 @@ pub(crate) fn replica(
     (child, addr)
 }
 
+/// `duet mock-provider`, served in-process on a free loopback port with `config`; its
+/// address. It serves until the test's runtime ends.
+pub(crate) async fn start_mock(config: duet::devtools::mock::MockConfig) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(duet::devtools::mock::serve(
+        listener,
+        config,
+        std::future::pending(),
+    ));
+    addr
+}
+
 /// A client that never goes through a proxy from the environment.
 pub(crate) fn direct_client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()

@@ -23,14 +23,6 @@ use tokio::net::TcpListener;
 
 use crate::{helpers::*, upstream::*};
 
-/// A mock provider on a free loopback port; returns its address.
-async fn start_mock(config: MockConfig) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(mock::serve(listener, config, std::future::pending()));
-    addr
-}
-
 fn fast() -> MockConfig {
     MockConfig {
         ttft: Duration::from_millis(20),

@@ -207,17 +207,21 @@ mod tests {
     use super::*;
     use crate::providers::http::BodyLimits;
 
-    fn ours(chunks: &[Vec<u8>]) -> Vec<Event> {
+    /// The chunks as a body behind [`Bounded`], as both parsers get them.
+    fn bounded(chunks: &[Vec<u8>]) -> Bounded<impl Stream<Item = reqwest::Result<Bytes>> + Unpin> {
         let items: Vec<reqwest::Result<Bytes>> = chunks
             .iter()
             .map(|c| Ok(Bytes::copy_from_slice(c)))
             .collect();
-        let bounded = Bounded::new(
+        Bounded::new(
             futures::stream::iter(items),
             BodyLimits::default(),
             Arc::new(Mutex::new(String::new())),
-        );
-        let mut events = SseEvents::new(bounded);
+        )
+    }
+
+    fn ours(chunks: &[Vec<u8>]) -> Vec<Event> {
+        let mut events = SseEvents::new(bounded(chunks));
         futures::executor::block_on(async {
             let mut out = Vec::new();
             while let Some(r) = events.next().await {
@@ -230,17 +234,8 @@ mod tests {
 
     /// What `eventsource-stream` made of the same chunks, behind the same [`Bounded`].
     fn theirs(chunks: &[Vec<u8>]) -> Vec<Event> {
-        let items: Vec<reqwest::Result<Bytes>> = chunks
-            .iter()
-            .map(|c| Ok(Bytes::copy_from_slice(c)))
-            .collect();
-        let bounded = Bounded::new(
-            futures::stream::iter(items),
-            BodyLimits::default(),
-            Arc::new(Mutex::new(String::new())),
-        );
         futures::executor::block_on(
-            bounded
+            bounded(chunks)
                 .eventsource()
                 .map(|r| r.unwrap())
                 .collect::<Vec<_>>(),

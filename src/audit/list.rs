@@ -168,15 +168,21 @@ pub fn list_sql(flavour: Flavour, filter: &RunFilter, limit: Option<u32>) -> (St
     }
     if let Some(q) = &filter.q {
         // Case-sensitive on both backends. SQLite: a plain substring test (its LIKE folds
-        // ASCII case, and no index could serve it anyway). PostgreSQL: LIKE, which the
-        // trigram index serves when migration 0011 could create it, with `%`, `_` and `\`
-        // in `q` escaped so that they mean themselves.
+        // ASCII case, and no index could serve it anyway). PostgreSQL: the trigram index
+        // (when migration 0011 could create it) holds ended runs only (0014), so the ended
+        // runs are asked by LIKE — with `%`, `_` and `\` in `q` escaped so that they mean
+        // themselves — which that index serves, and the running ones by `strpos`, which
+        // `dual_runs_running` narrows to the runs in flight. The two tests differ on
+        // purpose: were both LIKE, the planner would factor the common test out of the two
+        // alternatives and then prove neither index's predicate.
         conditions.push(match flavour {
             Flavour::Sqlite => format!("instr(d.query, {}) > 0", sql.bind(q.clone(), "")),
             Flavour::Postgres => {
+                let like = sql.bind(format!("%{}%", like_escaped(q)), "");
+                let raw = sql.bind(q.clone(), "");
                 format!(
-                    "d.query LIKE {}",
-                    sql.bind(format!("%{}%", like_escaped(q)), "")
+                    "((d.status <> 'running' AND d.query LIKE {like}) \
+                     OR (d.status = 'running' AND strpos(d.query, {raw}) > 0))"
                 )
             }
         });

@@ -505,12 +505,17 @@ async fn every_filter_uses_an_index_on_postgres() {
     };
     let trigram = db::text(
         &db.store,
-        "SELECT indexname::text FROM pg_indexes WHERE indexname = 'dual_runs_query_trgm' \
+        "SELECT indexdef::text FROM pg_indexes WHERE indexname = 'dual_runs_query_trgm' \
          UNION ALL SELECT NULL LIMIT 1",
     )
     .await;
     let mut filters = each_filter();
-    if trigram.is_some() {
+    if let Some(definition) = trigram {
+        // Over ended runs only (migration 0014): a start row costs the index nothing.
+        assert!(
+            definition.ends_with("WHERE (status <> 'running'::text)"),
+            "{definition}"
+        );
         filters.push((
             "q",
             RunFilter {
@@ -527,6 +532,15 @@ async fn every_filter_uses_an_index_on_postgres() {
         .await
         .unwrap();
     for (name, filter) in filters {
+        if name == "q" {
+            // Walking `dual_runs_created_at` newest first and testing each row is a plan for
+            // any filter (and the cheapest for a common substring); without it, what is left
+            // shows whether the trigram index can answer `q` over ended and running runs.
+            sqlx::query("SET enable_indexscan = off")
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+        }
         let (sql, binds) = list_sql(Flavour::Postgres, &filter, Some(50));
         let explain = format!("EXPLAIN {sql}");
         let mut query = sqlx::query_scalar::<_, String>(&explain);
@@ -544,5 +558,9 @@ async fn every_filter_uses_an_index_on_postgres() {
             _ => unreachable!(),
         };
         assert!(plan.contains(index), "{name}:\n{plan}");
+        if name == "q" {
+            // The runs in flight, which the trigram index leaves out, by their own index.
+            assert!(plan.contains("dual_runs_running"), "{name}:\n{plan}");
+        }
     }
 }

@@ -345,7 +345,7 @@ fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
 
 #[cfg(all(test, unix))]
 mod tests {
-    use std::{io::Read, time::Duration};
+    use std::{io::BufRead, time::Duration};
 
     use super::*;
     use crate::audit::{ModelTrace, Outcome, RunStatus};
@@ -427,14 +427,22 @@ mod tests {
 
         let reader = std::thread::spawn({
             let path = path.clone();
-            // Each append opens and closes the FIFO: read until all three have been through.
+            // Each append opens and closes the FIFO. Opened for reading and writing, it always
+            // has a writer: it never reads as ended between two appends, and no append can
+            // open it in the instant a reader that saw the end has not yet closed it — that
+            // append's write would fail (EPIPE), its line never come, and this loop, which
+            // reopened the FIFO after each end, waited for it forever (it hung so once).
             move || {
+                let fifo = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .unwrap();
+                let mut lines = std::io::BufReader::new(fifo).lines();
                 let mut text = String::new();
-                while text.lines().count() < 3 {
-                    std::fs::File::open(&path)
-                        .unwrap()
-                        .read_to_string(&mut text)
-                        .unwrap();
+                for _ in 0..3 {
+                    text.push_str(&lines.next().unwrap().unwrap());
+                    text.push('\n');
                 }
                 text
             }

@@ -8,10 +8,15 @@
 -- (those in flight) and `dual_runs_running` finds them: the list asks for them by an
 -- alternative the planner answers with both indexes (src/audit/list.rs).
 --
--- Where pg_trgm cannot be had, 0011 made no index and this makes none either.
+-- Rebuilding the index holds off writes to `dual_runs` while it runs, which over a large table
+-- is long: an operator can build it beforehand with CREATE INDEX CONCURRENTLY under another
+-- name and rename it (docs/operations.md, "Migrations and rolling back"). An index of this name
+-- that is already partial is left alone; where pg_trgm could not be had (0011 made no index),
+-- none is made either.
 DO $$
 BEGIN
-    IF to_regclass('dual_runs_query_trgm') IS NOT NULL THEN
+    IF EXISTS (SELECT 1 FROM pg_index
+               WHERE indexrelid = to_regclass('dual_runs_query_trgm') AND indpred IS NULL) THEN
         DROP INDEX dual_runs_query_trgm;
         CREATE INDEX dual_runs_query_trgm ON dual_runs USING gin (query gin_trgm_ops)
             WHERE status <> 'running';

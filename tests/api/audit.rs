@@ -296,6 +296,56 @@ async fn migrations_revert_and_reapply_postgres() {
     migrations_revert_and_reapply(&db.store).await;
 }
 
+/// Migration 0014 rebuilds the trigram index over ended runs only, which holds off writes
+/// while it runs; an operator with a large table builds it beforehand, concurrently, as
+/// docs/operations.md says, and the migration then leaves that index alone.
+#[tokio::test]
+async fn a_trigram_index_built_beforehand_is_kept_postgres() {
+    let Some(db) = db::postgres("a_trigram_index_built_beforehand_is_kept").await else {
+        return;
+    };
+    let store = &db.store;
+    let oid = "SELECT to_regclass('dual_runs_query_trgm')::oid::text";
+    let definition =
+        "SELECT indexdef::text FROM pg_indexes WHERE indexname = 'dual_runs_query_trgm'";
+    if db::text(store, oid).await.is_none() {
+        // No pg_trgm here: 0011 made no index, and 0014 makes none.
+        return;
+    }
+    assert_eq!(store.revert_to(13).await.unwrap(), [14]);
+    let full = db::text(store, definition).await.unwrap();
+    assert!(
+        !full.contains("WHERE"),
+        "0011's index is over every run: {full}"
+    );
+    // The procedure of docs/operations.md, one statement at a time as CONCURRENTLY needs.
+    for sql in [
+        "CREATE INDEX CONCURRENTLY dual_runs_query_trgm_ended ON dual_runs \
+         USING gin (query gin_trgm_ops) WHERE status <> 'running'",
+        "DROP INDEX CONCURRENTLY dual_runs_query_trgm",
+        "ALTER INDEX dual_runs_query_trgm_ended RENAME TO dual_runs_query_trgm",
+    ] {
+        db::execute(store, sql).await;
+    }
+    let built = db::text(store, oid).await;
+    store.migrate().await.unwrap();
+    assert_eq!(
+        store.applied().await.unwrap().last(),
+        Some(&14),
+        "0014 is applied"
+    );
+    assert_eq!(db::text(store, oid).await, built, "not rebuilt");
+    // Reverting rebuilds it over every run again, and reapplying over ended runs.
+    assert_eq!(store.revert_to(13).await.unwrap(), [14]);
+    assert_eq!(db::text(store, definition).await.unwrap(), full);
+    store.migrate().await.unwrap();
+    let partial = db::text(store, definition).await.unwrap();
+    assert!(
+        partial.ends_with("WHERE (status <> 'running'::text)"),
+        "{partial}"
+    );
+}
+
 /// A run written by a release before migration 0004 (and the events as values): its
 /// deadline was the end of `error_message`, its events SSE text. Migrating moves the
 /// deadline to its column; the events are read as they are; reverting puts the text back.

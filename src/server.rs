@@ -386,9 +386,17 @@ async fn accept_loop(
                     idle: Some(http2_idle_timeout),
                     ..watch
                 };
-                connections::drive(http2.serve_connection(io, service), watch).await;
+                // Boxed: an HTTP/2 connection keeps h2's codec and handshake state inline,
+                // more than an HTTP/1.1 connection's 656 bytes, and in place it would set
+                // the size of every connection's task, the HTTP/1.1 ones (one per open
+                // stream) included.
+                let mut conn = Box::pin(http2.serve_connection(io, service));
+                connections::drive(conn.as_mut(), watch).await;
             } else {
-                connections::drive(http1.serve_connection(io, service), watch).await;
+                // Pinned here and lent: given by value, `drive` (an async fn) would hold it
+                // twice, as its argument and as its pinned local.
+                let conn = std::pin::pin!(http1.serve_connection(io, service));
+                connections::drive(conn, watch).await;
             }
         }));
     }

@@ -32,8 +32,12 @@ use std::{
 };
 
 use http::Uri;
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::{
-    client::legacy::{self, connect::HttpConnector},
+    client::legacy::{
+        self,
+        connect::{Connected, Connection, HttpConnector},
+    },
     rt::{TokioExecutor, TokioTimer},
 };
 use tracing::{info, warn};
@@ -389,15 +393,16 @@ pub struct ConnectTimedOut(Duration);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl<C> tower::Service<Uri> for ConnectTimeout<C>
+impl<C, T> tower::Service<Uri> for ConnectTimeout<C>
 where
-    C: tower::Service<Uri>,
+    C: tower::Service<Uri, Response = MaybeHttpsStream<T>>,
     C::Future: Send + 'static,
     C::Error: Into<BoxError>,
+    T: 'static,
 {
-    type Response = C::Response;
+    type Response = UpstreamIo<T>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo<T>, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -408,10 +413,117 @@ where
         let after = self.after;
         Box::pin(async move {
             match tokio::time::timeout(after, connecting).await {
-                Ok(connected) => connected.map_err(Into::into),
+                Ok(connected) => connected.map(UpstreamIo::from).map_err(Into::into),
                 Err(_) => Err(Box::new(ConnectTimedOut(after)) as BoxError),
             }
         })
+    }
+}
+
+/// An upstream connection as the client holds it: plain, or TLS with its state boxed.
+///
+/// hyper-rustls's own stream type keeps rustls's connection state inline (about 1 KB), and
+/// hyper keeps the stream inline in each connection's task, so every plain `http://`
+/// connection (a local model server, the benchmarks' mock) would carry the size of a TLS one
+/// for its whole life. One more pointer to follow per read on a TLS connection, whose
+/// decryption costs far more.
+pub enum UpstreamIo<T> {
+    Plain(T),
+    Tls(Box<MaybeHttpsStream<T>>),
+}
+
+impl<T> std::fmt::Debug for UpstreamIo<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            UpstreamIo::Plain(_) => "Plain(..)",
+            UpstreamIo::Tls(_) => "Tls(..)",
+        })
+    }
+}
+
+impl<T> From<MaybeHttpsStream<T>> for UpstreamIo<T> {
+    fn from(stream: MaybeHttpsStream<T>) -> Self {
+        match stream {
+            MaybeHttpsStream::Http(plain) => UpstreamIo::Plain(plain),
+            tls @ MaybeHttpsStream::Https(_) => UpstreamIo::Tls(Box::new(tls)),
+        }
+    }
+}
+
+impl<T> Connection for UpstreamIo<T>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Connection + Unpin,
+{
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamIo::Plain(s) => s.connected(),
+            // ALPN's choice (HTTP/2 or not) is read here.
+            UpstreamIo::Tls(s) => s.connected(),
+        }
+    }
+}
+
+impl<T> hyper::rt::Read for UpstreamIo<T>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin,
+{
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<T> hyper::rt::Write for UpstreamIo<T>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin,
+{
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
     }
 }
 
@@ -711,7 +823,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_connection_not_made_in_time_fails_as_timed_out() {
         // A connector whose connections never complete (as a TLS handshake that stalls).
-        let never = tower::service_fn(|_: Uri| std::future::pending::<Result<(), BoxError>>());
+        let never = tower::service_fn(|_: Uri| {
+            std::future::pending::<Result<MaybeHttpsStream<TcpStream>, BoxError>>()
+        });
         let mut connector = ConnectTimeout {
             inner: never,
             after: CONNECT_TIMEOUT,

@@ -103,23 +103,27 @@ pub(super) async fn drive(
     let started = Instant::now();
     let limits = slot.limits;
     let deadline = started + limits.total;
-    let attempt = attempts(
-        &*slot.provider,
-        &request,
-        limits,
-        started,
-        deadline,
-        emitter,
-        progress,
-    );
-    // `timeout_at`, with its timer polled only when it fires (see `Quiet`): the attempt is
-    // polled first, so an answer that ends as the deadline passes still counts.
-    let total = std::pin::pin!(tokio::time::sleep_until(deadline));
-    let mut total = Quiet::new(total);
-    let outcome = tokio::select! {
-        biased;
-        outcome = attempt => outcome,
-        () = &mut total => Err(Failure::Timeout(TimeoutKind::Total)),
+    let outcome = {
+        // Pinned here and selected by reference: moved into `select!` it took a second
+        // place in this future's state.
+        let attempt = std::pin::pin!(attempts(
+            &*slot.provider,
+            &request,
+            limits,
+            started,
+            deadline,
+            emitter,
+            progress,
+        ));
+        // `timeout_at`, with its timer polled only when it fires (see `Quiet`): the attempt
+        // is polled first, so an answer that ends as the deadline passes still counts.
+        let total = std::pin::pin!(tokio::time::sleep_until(deadline));
+        let mut total = Quiet::new(total);
+        tokio::select! {
+            biased;
+            outcome = attempt => outcome,
+            () = &mut total => Err(Failure::Timeout(TimeoutKind::Total)),
+        }
     };
     let latency = started.elapsed();
     let text = std::mem::take(&mut progress.text);

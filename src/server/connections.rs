@@ -22,6 +22,7 @@ use std::{
 
 use axum::body::{Body, HttpBody};
 use bytes::Bytes;
+use futures::future::OptionFuture;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -308,7 +309,7 @@ pub(super) struct Watch {
 
 /// Serves `conn` to its end, closing it gracefully on shutdown or when it is not used (see
 /// [`Watch`]), and dropping it if it stays open unused after that.
-pub(super) async fn drive<C: GracefulConnection>(conn: C, watch: Watch) {
+pub(super) async fn drive<C: GracefulConnection>(mut conn: Pin<&mut C>, watch: Watch) {
     let Watch {
         activity,
         first_request_by,
@@ -317,10 +318,10 @@ pub(super) async fn drive<C: GracefulConnection>(conn: C, watch: Watch) {
         abort,
         metrics,
     } = watch;
-    let mut conn = std::pin::pin!(conn);
     let mut unused = std::pin::pin!(unused(activity.tx.subscribe(), first_request_by, idle));
-    // Lazy: its clock starts when first polled, i.e. once the connection was told to close.
-    let mut lingering = std::pin::pin!(idle_for(activity.tx.subscribe(), CLOSE_GRACE));
+    // Made once the connection was told to close for want of use, which few are: in
+    // place it would be part of every connection's task for the connection's life.
+    let mut lingering = OptionFuture::from(None::<Pin<Box<_>>>);
     let mut closing = false;
     let mut closing_unused = false;
     loop {
@@ -341,8 +342,9 @@ pub(super) async fn drive<C: GracefulConnection>(conn: C, watch: Watch) {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
                 closing_unused = true;
+                lingering = Some(Box::pin(idle_for(activity.tx.subscribe(), CLOSE_GRACE))).into();
             }
-            () = &mut lingering, if closing_unused => return,
+            Some(()) = &mut lingering, if closing_unused => return,
         }
     }
 }

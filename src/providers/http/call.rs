@@ -2,11 +2,15 @@
 //! answer, then read the body through [`Bounded`] into the SSE parser ([`SseEvents`]) and
 //! the adapter's [`Decoder`], stopping at the first completion or error.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, ready},
+};
 
 use bytes::Bytes;
 use eventsource_stream::Event;
-use futures::{StreamExt, stream::BoxStream};
+use futures::{Stream, StreamExt, stream::BoxStream};
 use http::{HeaderMap, HeaderValue, header};
 use http_body_util::BodyDataStream;
 use hyper::body::Incoming;
@@ -45,7 +49,7 @@ pub enum Step {
 }
 
 /// A wire format: turns upstream events into steps.
-pub trait Decoder: Send + 'static {
+pub trait Decoder: Send + Unpin + 'static {
     /// One SSE event of the stream.
     fn event(&mut self, ctx: &CallContext, event: &Event) -> Result<Step, ProviderError>;
     /// The stream ended (EOF or terminator) without a finish. `stray` holds the lines no SSE
@@ -117,9 +121,23 @@ fn body_stream(body: Incoming) -> Body {
 }
 
 enum Phase {
+    /// Not polled yet.
     Start(Option<(Upstream, Build)>),
+    /// Taking a place on a connection, sending, reading the head (and the whole body of an
+    /// upstream that answered with one JSON document).
+    Opening(Opening),
     Streaming(SseEvents<Body>),
     Done,
+}
+
+/// What opening a call came to, with the lease it was sent on.
+type Opening = Pin<Box<dyn Future<Output = (Lease, Result<Opened, ProviderError>)> + Send>>;
+
+enum Opened {
+    Streaming(Incoming),
+    /// The answer as one JSON document, for upstreams that answer a streaming request
+    /// without streaming.
+    Whole(Value),
 }
 
 struct Call<D> {
@@ -135,83 +153,112 @@ struct Call<D> {
 
 impl<D: Decoder> Call<D> {
     /// The call as the stream of items a provider returns.
+    ///
+    /// A `Stream` of its own rather than an `unfold` over an `async fn`: `unfold` moves the
+    /// whole call (parser, decoder and the future that opened it) into a new future for
+    /// every item and back out, a copy of the call per token; here each poll works on the
+    /// call in place, and only opening it is a future.
     fn into_stream(self) -> ProviderStream {
-        futures::stream::unfold(self, |mut call| async move {
-            let item = call.next_item().await?;
-            Some((item, call))
-        })
-        .boxed()
+        self.boxed()
     }
 
-    fn fail(&mut self, error: ProviderError) -> Option<Result<ProviderEvent, ProviderError>> {
+    fn fail(&mut self, error: ProviderError) -> Poll<Option<Result<ProviderEvent, ProviderError>>> {
         self.phase = Phase::Done;
-        Some(Err(error))
+        Poll::Ready(Some(Err(error)))
     }
+}
 
-    async fn next_item(&mut self) -> Option<Result<ProviderEvent, ProviderError>> {
+/// Takes a place on a connection, sends, and reads the answer's head (or all of a JSON
+/// answer).
+async fn open(
+    ctx: CallContext,
+    upstream: Upstream,
+    build: Build,
+) -> (Lease, Result<Opened, ProviderError>) {
+    let lease = upstream.lease().await;
+    let request = build(upstream.requests());
+    let opened = match send(&ctx, &lease, request).await {
+        Err(e) => Err(e),
+        Ok(response) if is_json(response.headers()) => {
+            read_json(&ctx, response).await.map(Opened::Whole)
+        }
+        Ok(response) => Ok(Opened::Streaming(response.into_body())),
+    };
+    (lease, opened)
+}
+
+impl<D: Decoder> Stream for Call<D> {
+    type Item = Result<ProviderEvent, ProviderError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let call = &mut *self;
         loop {
-            if let Some(completion) = self.queued.take() {
+            if let Some(completion) = call.queued.take() {
                 // Finishing ends the call at once: an upstream that never sends `[DONE]` or
                 // closes the connection cannot hold it open. What is left of the body is read
                 // apart, so that its connection can serve another call.
-                if let Phase::Streaming(events) = std::mem::replace(&mut self.phase, Phase::Done) {
+                if let Phase::Streaming(events) = std::mem::replace(&mut call.phase, Phase::Done) {
                     recycle(events.into_body());
                 }
-                return Some(Ok(ProviderEvent::Finished(completion)));
+                return Poll::Ready(Some(Ok(ProviderEvent::Finished(completion))));
             }
-            match &mut self.phase {
-                Phase::Done => return None,
+            match &mut call.phase {
+                Phase::Done => return Poll::Ready(None),
                 Phase::Start(start) => {
-                    let (upstream, build) = start.take()?;
-                    let lease = upstream.lease().await;
-                    let request = build(upstream.requests());
-                    let response = send(&self.ctx, &lease, request).await;
-                    self._lease = Some(lease);
-                    let response = match response {
-                        Ok(r) => r,
-                        Err(e) => return self.fail(e),
+                    let Some((upstream, build)) = start.take() else {
+                        return Poll::Ready(None);
                     };
-                    if is_json(response.headers()) {
-                        let body = match read_json(&self.ctx, response).await {
-                            Ok(v) => v,
-                            Err(e) => return self.fail(e),
-                        };
-                        match self.decoder.whole(&self.ctx, &body) {
-                            Ok((text, completion)) => {
-                                self.queued = Some(completion);
-                                return Some(Ok(ProviderEvent::Delta(text)));
+                    call.phase = Phase::Opening(Box::pin(open(call.ctx.clone(), upstream, build)));
+                }
+                Phase::Opening(opening) => {
+                    let (lease, opened) = ready!(opening.as_mut().poll(cx));
+                    call._lease = Some(lease);
+                    match opened {
+                        Err(e) => return call.fail(e),
+                        Ok(Opened::Whole(body)) => {
+                            call.phase = Phase::Done;
+                            match call.decoder.whole(&call.ctx, &body) {
+                                Ok((text, completion)) => {
+                                    call.queued = Some(completion);
+                                    return Poll::Ready(Some(Ok(ProviderEvent::Delta(text))));
+                                }
+                                Err(e) => return call.fail(e),
                             }
-                            Err(e) => return self.fail(e),
+                        }
+                        Ok(Opened::Streaming(body)) => {
+                            let bytes = body_stream(body);
+                            let bounded =
+                                Bounded::new(bytes, call.ctx.limits, Arc::clone(&call.stray));
+                            call.phase = Phase::Streaming(SseEvents::new(bounded));
                         }
                     }
-                    let bytes = body_stream(response.into_body());
-                    let bounded = Bounded::new(bytes, self.ctx.limits, Arc::clone(&self.stray));
-                    self.phase = Phase::Streaming(SseEvents::new(bounded));
                 }
-                Phase::Streaming(events) => match events.next().await {
+                Phase::Streaming(events) => match ready!(events.poll_event(cx)) {
                     None => {
-                        let stray = stray_text(&self.stray);
-                        let error = self.decoder.ended(&self.ctx, &stray);
-                        return self.fail(error);
+                        let stray = stray_text(&call.stray);
+                        let error = call.decoder.ended(&call.ctx, &stray);
+                        return call.fail(error);
                     }
                     Some(Err(e)) => {
-                        let error = body_error(&self.ctx, e);
-                        return self.fail(error);
+                        let error = body_error(&call.ctx, e);
+                        return call.fail(error);
                     }
-                    Some(Ok(())) => match self.decoder.event(&self.ctx, events.event()) {
-                        Err(e) => return self.fail(e),
-                        Ok(Step::Continue) => continue,
-                        Ok(Step::Delta(text)) => return Some(Ok(ProviderEvent::Delta(text))),
+                    Some(Ok(())) => match call.decoder.event(&call.ctx, events.event()) {
+                        Err(e) => return call.fail(e),
+                        Ok(Step::Continue) => {}
+                        Ok(Step::Delta(text)) => {
+                            return Poll::Ready(Some(Ok(ProviderEvent::Delta(text))));
+                        }
                         Ok(Step::Finish { delta, completion }) => {
-                            self.queued = Some(completion);
+                            call.queued = Some(completion);
                             if let Some(text) = delta {
-                                return Some(Ok(ProviderEvent::Delta(text)));
+                                return Poll::Ready(Some(Ok(ProviderEvent::Delta(text))));
                             }
                         }
                         Ok(Step::Ended) => {
-                            let stray = stray_text(&self.stray);
-                            let error = self.decoder.ended(&self.ctx, &stray);
-                            return self.fail(error);
+                            let stray = stray_text(&call.stray);
+                            let error = call.decoder.ended(&call.ctx, &stray);
+                            return call.fail(error);
                         }
                     },
                 },

@@ -9,7 +9,6 @@
 //! a call nothing is allocated at all. The decoders get the event by reference, as before.
 
 use std::{
-    future::poll_fn,
     task::{Context, Poll},
     time::Duration,
 };
@@ -20,7 +19,7 @@ use futures::{Stream, StreamExt};
 
 use super::framing::{BodyError, Bounded};
 
-/// A body's SSE events, one at a time: [`SseEvents::next`] says whether one is ready in
+/// A body's SSE events, one at a time: [`SseEvents::poll_event`] says whether one is ready in
 /// [`SseEvents::event`].
 pub(super) struct SseEvents<S> {
     lines: Bounded<S>,
@@ -58,18 +57,18 @@ where
         self.lines.into_inner()
     }
 
-    /// The event [`SseEvents::next`] last announced.
+    /// The event [`SseEvents::poll_event`] last announced.
     pub(super) fn event(&self) -> &Event {
         &self.event
     }
 
-    /// Waits for the next event (then in [`SseEvents::event`]), the body's end (`None`, with
-    /// anything after the last blank line dropped, as the standard says) or its failure.
-    pub(super) async fn next(&mut self) -> Option<Result<(), BodyError>> {
-        poll_fn(|cx| self.poll_event(cx)).await
-    }
-
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<(), BodyError>>> {
+    /// The next event (then in [`SseEvents::event`]), the body's end (`None`, with anything
+    /// after the last blank line dropped, as the standard says) or its failure. Polled by
+    /// the call's own stream (`call::Call`), in place.
+    pub(super) fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<(), BodyError>>> {
         if std::mem::take(&mut self.handed_out) {
             // `id` carries over to later events; the rest is the next event's own.
             self.event.event.clear();
@@ -220,11 +219,19 @@ mod tests {
         )
     }
 
+    /// Waits for [`SseEvents::poll_event`].
+    async fn next<S>(events: &mut SseEvents<S>) -> Option<Result<(), BodyError>>
+    where
+        S: Stream<Item = reqwest::Result<Bytes>> + Unpin,
+    {
+        std::future::poll_fn(|cx| events.poll_event(cx)).await
+    }
+
     fn ours(chunks: &[Vec<u8>]) -> Vec<Event> {
         let mut events = SseEvents::new(bounded(chunks));
         futures::executor::block_on(async {
             let mut out = Vec::new();
-            while let Some(r) = events.next().await {
+            while let Some(r) = next(&mut events).await {
                 r.unwrap();
                 out.push(events.event().clone());
             }
@@ -287,12 +294,12 @@ mod tests {
         );
         let mut events = SseEvents::new(bounded);
         futures::executor::block_on(async {
-            events.next().await.unwrap().unwrap();
+            next(&mut events).await.unwrap().unwrap();
             let first = events.event().data.as_ptr();
-            events.next().await.unwrap().unwrap();
+            next(&mut events).await.unwrap().unwrap();
             assert_eq!(events.event().data, "b");
             assert_eq!(events.event().data.as_ptr(), first);
-            assert!(events.next().await.is_none());
+            assert!(next(&mut events).await.is_none());
         });
     }
 }

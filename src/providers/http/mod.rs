@@ -8,7 +8,8 @@
 //! - `classify`: HTTP failures, mid-stream errors and broken bodies as [`ProviderError`]s;
 //! - `fault`: reading an upstream's error document;
 //! - `retry_after`: how long an upstream asks to be left alone;
-//! - `redact`: keeping keys out of logs and records.
+//! - `redact`: keeping keys out of logs and records;
+//! - `scan`: a small in-place JSON reader for the decoders' hot paths.
 //!
 //! Each adapter only knows its wire format: it builds a request body and implements
 //! [`Decoder`] (one upstream SSE event in, deltas or a completion out); [`Endpoint::call`]
@@ -27,6 +28,7 @@ mod fault;
 mod framing;
 mod redact;
 mod retry_after;
+pub mod scan;
 
 pub use call::{Body, Build, Decoder, Step, call, decode};
 pub use classify::{

@@ -834,4 +834,120 @@ mod tests {
         let e = tower::Service::call(&mut connector, uri).await.unwrap_err();
         assert!(e.is::<ConnectTimedOut>(), "{e}");
     }
+
+    const TLS_CERT: &str = include_str!("../../tests/fixtures/tls/localhost-cert.pem");
+    const TLS_KEY: &str = include_str!("../../tests/fixtures/tls/localhost-key.pem");
+
+    /// A TLS upstream on loopback that offers `alpn` and answers every request with the HTTP
+    /// version it was made in.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test server: it ends with the test's runtime"
+    )]
+    async fn tls_upstream(alpn: &[&[u8]]) -> SocketAddr {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let certs = CertificateDer::pem_slice_iter(TLS_CERT.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(TLS_KEY.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        |request: http::Request<hyper::body::Incoming>| async move {
+                            let version = format!("{:?}", request.version());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(version)),
+                            ))
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// The client's TLS configuration as `tls_config` builds it, trusting the test
+    /// certificate instead of the web's roots.
+    fn trusting_test_certificate() -> rustls::ClientConfig {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(TLS_CERT.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    }
+
+    /// `https://` upstreams go through [`UpstreamIo::Tls`]: the handshake, reads and writes
+    /// pass through it, and so does ALPN's choice — HTTP/2 where the upstream offers it, else
+    /// HTTP/1.1, and HTTP/2 only with prior knowledge.
+    #[tokio::test]
+    async fn tls_upstreams_are_spoken_to_in_the_version_alpn_chose() {
+        let tls = trusting_test_certificate();
+        for (offered, prior_knowledge, expected) in [
+            (&[b"h2".as_slice(), b"http/1.1"][..], false, "HTTP/2.0"),
+            (&[b"http/1.1".as_slice()][..], false, "HTTP/1.1"),
+            (&[b"h2".as_slice()][..], true, "HTTP/2.0"),
+        ] {
+            let addr = tls_upstream(offered).await;
+            let client = build_client(prior_knowledge, &tls);
+            for host in ["localhost", "127.0.0.1"] {
+                let uri: Uri = format!("https://{host}:{}/v1/chat", addr.port())
+                    .parse()
+                    .unwrap();
+                let request = http::Request::get(uri)
+                    .body(reqwest::Body::from(Vec::new()))
+                    .unwrap();
+                let response = client.request(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+                let version = format!("{:?}", response.version());
+                let body = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                assert_eq!(
+                    (version.as_str(), &body[..]),
+                    (expected, expected.as_bytes())
+                );
+            }
+        }
+    }
+
+    /// A certificate the client does not trust fails the call; nothing is sent.
+    #[tokio::test]
+    async fn an_untrusted_tls_upstream_is_refused() {
+        let addr = tls_upstream(&[b"http/1.1"]).await;
+        let client = build_client(false, &tls_config().unwrap());
+        let uri: Uri = format!("https://localhost:{}/", addr.port())
+            .parse()
+            .unwrap();
+        let request = http::Request::get(uri)
+            .body(reqwest::Body::from(Vec::new()))
+            .unwrap();
+        let error = client.request(request).await.unwrap_err();
+        assert!(error.is_connect(), "{error:?}");
+    }
 }

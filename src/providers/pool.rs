@@ -311,6 +311,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 fn tls_config() -> Result<rustls::ClientConfig, rustls::Error> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    tls_config_trusting(roots)
+}
+
+/// [`tls_config`] with other roots (the tests' own certificate).
+fn tls_config_trusting(
+    roots: rustls::RootCertStore,
+) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
@@ -893,12 +900,7 @@ mod tests {
         for cert in CertificateDer::pem_slice_iter(TLS_CERT.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth()
+        tls_config_trusting(roots).unwrap()
     }
 
     /// `https://` upstreams go through [`UpstreamIo::Tls`]: the handshake, reads and writes

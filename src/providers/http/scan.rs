@@ -104,13 +104,8 @@ impl<'a> Scanner<'a> {
                 }
                 self.eat(b':')?;
                 field(self, key)?;
-                match self.peek()? {
-                    b',' => self.at += 1,
-                    b'}' => {
-                        self.at += 1;
-                        break;
-                    }
-                    _ => return None,
+                if self.closed(b'}')? {
+                    break;
                 }
             }
         }
@@ -130,18 +125,25 @@ impl<'a> Scanner<'a> {
             loop {
                 element(self, index)?;
                 index += 1;
-                match self.peek()? {
-                    b',' => self.at += 1,
-                    b']' => {
-                        self.at += 1;
-                        break;
-                    }
-                    _ => return None,
+                if self.closed(b']')? {
+                    break;
                 }
             }
         }
         self.depth -= 1;
         Some(())
+    }
+
+    /// After a member or element: `true` past the `close` that ends its object or array,
+    /// `false` past the comma before the next; `None` for anything else.
+    fn closed(&mut self, close: u8) -> Option<bool> {
+        let next = self.peek()?;
+        self.at += 1;
+        match next {
+            b',' => Some(false),
+            _ if next == close => Some(true),
+            _ => None,
+        }
     }
 
     fn enter(&mut self) -> Option<()> {

@@ -14,6 +14,7 @@
 
 pub mod anthropic;
 pub mod gemini;
+pub mod h1;
 pub mod http;
 pub mod openai;
 pub mod pool;

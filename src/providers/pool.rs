@@ -42,7 +42,7 @@ use hyper_util::{
 };
 use tracing::{info, warn};
 
-use super::proxy::ProxyConnector;
+use super::{h1, proxy::ProxyConnector};
 use crate::config::Config;
 
 /// How a provider's upstream is reached.
@@ -112,12 +112,17 @@ struct Inner {
     tls: rustls::ClientConfig,
     /// Builds requests only (a reqwest client that never sends), for every connection.
     requests: reqwest::Client,
+    /// The HTTP/1.1 client every slot shares, without prior knowledge.
+    h1: Option<h1::Client>,
     /// Read on every call, written only to add a client. Never held across an await.
     slots: RwLock<Vec<Arc<Slot>>>,
 }
 
 struct Slot {
     client: HttpClient,
+    /// Calls to `http://` upstreams without prior knowledge (HTTP/1.1): the same for every
+    /// slot of the provider.
+    h1: Option<h1::Client>,
     in_flight: AtomicUsize,
 }
 
@@ -127,9 +132,55 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Sends a request on this lease's client.
-    pub fn send(&self, request: http::Request<reqwest::Body>) -> legacy::ResponseFuture {
-        self.slot.client.request(request)
+    /// Sends a request on this lease's client: HTTP/1.1 to a plain `http://` upstream on
+    /// duet's own client ([`h1`]), anything else on hyper's.
+    pub async fn send(
+        &self,
+        request: http::Request<reqwest::Body>,
+    ) -> Result<http::Response<UpstreamBody>, BoxError> {
+        if let Some(h1) = &self.slot.h1
+            && request.uri().scheme() == Some(&http::uri::Scheme::HTTP)
+        {
+            let response = h1.send(request).await?;
+            return Ok(response.map(UpstreamBody::Own));
+        }
+        let response = self.slot.client.request(request).await?;
+        Ok(response.map(UpstreamBody::Hyper))
+    }
+}
+
+/// A response body from either client.
+pub enum UpstreamBody {
+    Hyper(hyper::body::Incoming),
+    Own(h1::Body),
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::Own(_) => hyper::body::SizeHint::default(),
+        }
     }
 }
 
@@ -148,8 +199,11 @@ impl Upstream {
             // It never connects; its own TLS set-up would only parse the roots again.
             .use_preconfigured_tls(tls.clone())
             .build()?;
+        let h1 = (!config.http2_prior_knowledge)
+            .then(|| h1::Client::new(tcp_connector(), CONNECT_TIMEOUT));
         let first = Slot {
             client: build_client(config.http2_prior_knowledge, &tls),
+            h1: h1.clone(),
             in_flight: AtomicUsize::new(0),
         };
         Ok(Upstream {
@@ -161,6 +215,7 @@ impl Upstream {
                 },
                 tls,
                 requests,
+                h1,
                 slots: RwLock::new(vec![Arc::new(first)]),
             }),
         })
@@ -233,6 +288,7 @@ impl Inner {
         if let Some(client) = built.filter(|_| slots.len() < self.config.max_connections) {
             let slot = Arc::new(Slot {
                 client,
+                h1: self.h1.clone(),
                 in_flight: AtomicUsize::new(0),
             });
             slots.push(Arc::clone(&slot));
@@ -339,13 +395,7 @@ fn tls_config_trusting(
 /// [`HTTP1_READ_BUF_BYTES`]; the proxy settings of the environment (`HTTPS_PROXY` and the
 /// like), which reqwest read by itself, through [`ProxyConnector`].
 pub fn build_client(http2_prior_knowledge: bool, tls: &rustls::ClientConfig) -> HttpClient {
-    let mut tcp = HttpConnector::new();
-    // `https://` goes through the TLS connector on top.
-    tcp.enforce_http(false);
-    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    tcp.set_keepalive(Some(Duration::from_secs(30)));
-    tcp.set_nodelay(true);
-    let tcp = ProxyConnector::from_env(tcp);
+    let tcp = tcp_connector();
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls.clone())
         .https_or_http();
@@ -382,6 +432,17 @@ pub fn build_client(http2_prior_knowledge: bool, tls: &rustls::ClientConfig) -> 
             inner: https,
             after: CONNECT_TIMEOUT,
         })
+}
+
+/// TCP connections to an upstream, or through the proxy the environment names for it.
+fn tcp_connector() -> ProxyConnector {
+    let mut tcp = HttpConnector::new();
+    // `https://` goes through the TLS connector on top.
+    tcp.enforce_http(false);
+    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    tcp.set_keepalive(Some(Duration::from_secs(30)));
+    tcp.set_nodelay(true);
+    ProxyConnector::from_env(tcp)
 }
 
 /// A connector whose connections fail when not made within `after`, TLS handshake

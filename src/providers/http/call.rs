@@ -13,7 +13,6 @@ use eventsource_stream::Event;
 use futures::{Stream, StreamExt, stream::BoxStream};
 use http::{HeaderMap, HeaderValue, header};
 use http_body_util::BodyDataStream;
-use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::{
@@ -27,7 +26,7 @@ use super::{
 };
 use crate::providers::{
     Completion, ErrorType, ProviderError, ProviderEvent, ProviderStream,
-    pool::{Lease, USER_AGENT, Upstream},
+    pool::{Lease, USER_AGENT, Upstream, UpstreamBody},
 };
 
 /// Error bodies are read up to this much; the rest is not worth memory.
@@ -113,10 +112,10 @@ pub fn decode<D: Decoder>(ctx: CallContext, body: Body, decoder: D) -> ProviderS
 /// An upstream body: its chunks, or the error that broke it.
 pub type Body = BoxStream<'static, reqwest::Result<Bytes>>;
 
-/// hyper's body as the chunk stream the framing reads. reqwest's `Body` wraps it only to
-/// give its errors reqwest's type (the source chain is hyper's), which is what the
+/// An upstream body as the chunk stream the framing reads. reqwest's `Body` wraps it only to
+/// give its errors reqwest's type (the source chain is the client's), which is what the
 /// framing and the classification take.
-fn body_stream(body: Incoming) -> Body {
+fn body_stream(body: UpstreamBody) -> Body {
     BodyDataStream::new(reqwest::Body::wrap(body)).boxed()
 }
 
@@ -134,7 +133,7 @@ enum Phase {
 type Opening = Pin<Box<dyn Future<Output = (Lease, Result<Opened, ProviderError>)> + Send>>;
 
 enum Opened {
-    Streaming(Incoming),
+    Streaming(UpstreamBody),
     /// The answer as one JSON document, for upstreams that answer a streaming request
     /// without streaming.
     Whole(Value),
@@ -272,9 +271,10 @@ const RECYCLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 const RECYCLE_MAX_BYTES: usize = 64 << 10;
 
 /// Reads the rest of a finished call's body (the terminator, `[DONE]`, the end of a chunked
-/// body: a few bytes, usually already on their way) in the background and drops it.
+/// body: a few bytes, usually already on their way) and drops it: what is on hand at once,
+/// the rest in the background.
 ///
-/// Why: hyper gives an HTTP/1.1 connection back to the pool only once its response body was
+/// Why: an HTTP/1.1 connection goes back to the pool only once its response body was
 /// read to the end. A body dropped at the finish event closed the connection instead, so
 /// every call opened a new one: a TCP handshake for duet and the upstream, a TLS handshake
 /// for an `https://` one, and a socket left in TIME_WAIT per call — at 800 calls a second,
@@ -284,6 +284,22 @@ const RECYCLE_MAX_BYTES: usize = 64 << 10;
 /// Bounded in time and bytes: an upstream that keeps the body open or keeps sending loses
 /// its connection as before.
 fn recycle(mut body: Body) {
+    // What is on hand is read now, without waiting: most upstreams send the terminator and
+    // the body's end with the last chunk, so most calls end here, with no task.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut read = 0;
+    loop {
+        match body.poll_next_unpin(&mut cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                read += chunk.len();
+                if read > RECYCLE_MAX_BYTES {
+                    return;
+                }
+            }
+            Poll::Ready(_) => return,
+            Poll::Pending => break,
+        }
+    }
     if tokio::runtime::Handle::try_current().is_err() {
         return;
     }
@@ -293,7 +309,6 @@ fn recycle(mut body: Body) {
     )]
     tokio::spawn(async move {
         let _ = tokio::time::timeout(RECYCLE_WITHIN, async {
-            let mut read = 0;
             while let Some(Ok(chunk)) = body.next().await {
                 read += chunk.len();
                 if read > RECYCLE_MAX_BYTES {
@@ -325,7 +340,7 @@ async fn send(
     ctx: &CallContext,
     lease: &Lease,
     request: reqwest::RequestBuilder,
-) -> Result<http::Response<Incoming>, ProviderError> {
+) -> Result<http::Response<UpstreamBody>, ProviderError> {
     // Nothing was received, so nothing was shown: trying again is always safe.
     let unreachable = |e: &dyn std::error::Error| {
         ProviderError::new(
@@ -351,7 +366,7 @@ async fn send(
         .headers_mut()
         .entry(header::USER_AGENT)
         .or_insert(HeaderValue::from_static(USER_AGENT));
-    let response = lease.send(request).await.map_err(|e| unreachable(&e))?;
+    let response = lease.send(request).await.map_err(|e| unreachable(&*e))?;
     let status = response.status();
     if status.is_success() {
         return Ok(response);
@@ -362,7 +377,7 @@ async fn send(
 }
 
 /// Reads at most `cap` bytes of a body; a broken body just ends early (it is only evidence).
-async fn read_capped(body: Incoming, cap: usize) -> Vec<u8> {
+async fn read_capped(body: UpstreamBody, cap: usize) -> Vec<u8> {
     let mut body_read = Vec::new();
     let mut chunks = body_stream(body);
     while let Some(Ok(chunk)) = chunks.next().await {
@@ -377,7 +392,7 @@ async fn read_capped(body: Incoming, cap: usize) -> Vec<u8> {
 
 async fn read_json(
     ctx: &CallContext,
-    response: http::Response<Incoming>,
+    response: http::Response<UpstreamBody>,
 ) -> Result<Value, ProviderError> {
     let mut body = Vec::new();
     let mut chunks = body_stream(response.into_body());

@@ -16,9 +16,11 @@
 //! only grows to the peak need: `ceil(peak calls / streams_per_connection)`, capped.
 //!
 //! The clients are hyper-util's (the client reqwest wraps), used directly because reqwest
-//! cannot set what an HTTP/1.1 connection holds: see [`build_client`]. Requests are still
-//! made with reqwest's `RequestBuilder` ([`Upstream::requests`]), which never sends anything;
-//! [`Lease::send`] does.
+//! cannot set what an HTTP/1.1 connection holds: see [`build_client`]. Calls to plain
+//! `http://` upstreams without prior knowledge (HTTP/1.1) go to duet's own client instead
+//! ([`super::h1`], one per provider, shared by its slots), which the relaying task reads
+//! itself. Requests are still made with reqwest's `RequestBuilder` ([`Upstream::requests`]),
+//! which never sends anything; [`Lease::send`] does.
 
 use std::{
     future::Future,

@@ -207,6 +207,15 @@ impl<'a> Runs<'a> {
     }
 }
 
+/// SCRATCH: env override for measurement.
+pub(super) fn batches_in_flight() -> usize {
+    std::env::var("DUET_PG_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
+}
+
+fn split_at() -> usize {
+    std::env::var("DUET_PG_SPLIT_AT").ok().and_then(|v| v.parse().ok()).unwrap_or(SPLIT_AT)
+}
+
 /// Batches of at least this many items (start rows and records) are written as two
 /// transactions at once; smaller ones as one.
 const SPLIT_AT: usize = 128;
@@ -228,7 +237,7 @@ const SPLIT_AT: usize = 128;
 /// and the half that committed is skipped then, as every insert here is idempotent.
 pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64> {
     let (started, records) = (&batch.started[..], &batch.records[..]);
-    if started.len() + records.len() < SPLIT_AT {
+    if started.len() + records.len() < split_at() {
         return write_part(pool, batch.instance_id, started, records).await;
     }
     let (s1, s2) = started.split_at(started.len() / 2);
@@ -238,6 +247,21 @@ pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64>
         write_part(pool, batch.instance_id, s2, r2),
     );
     Ok(a? + b?)
+}
+
+/// A row of `dual_runs` to write: a start row or a record.
+enum Write<'a> {
+    Started(&'a StartedRun),
+    Ended(&'a RunRecord),
+}
+
+impl Write<'_> {
+    fn run_id(&self) -> Uuid {
+        match self {
+            Write::Started(s) => s.run_id,
+            Write::Ended(r) => r.run_id,
+        }
+    }
 }
 
 /// One transaction, as one statement ([`WRITE`]): the start rows, the records' run rows and
@@ -251,17 +275,27 @@ async fn write_part(
     if started_runs.is_empty() && records.is_empty() {
         return Ok(0);
     }
-    let mut runs = Runs::with_capacity(started_runs.len() + records.len());
-    for s in started_runs {
-        runs.started(s);
-    }
+    // Every row in the order of its run id, start rows and records merged, so that
+    // transactions in flight together take their row locks in one order (see `write_batch`).
+    let mut rows: Vec<Write<'_>> = started_runs
+        .iter()
+        .map(|s| Write::Started(s))
+        .chain(records.iter().map(|r| Write::Ended(r)))
+        .collect();
+    rows.sort_unstable_by_key(Write::run_id);
+    let mut runs = Runs::with_capacity(rows.len());
     let mut t = Traces::with_capacity(2 * records.len());
     let mut ended = Vec::with_capacity(records.len());
-    for r in records {
-        runs.ended(r, instance_id);
-        t.push(r.run_id, "flash", &r.flash);
-        t.push(r.run_id, "pro", &r.pro);
-        ended.push(r.run_id.to_string());
+    for row in rows {
+        match row {
+            Write::Started(s) => runs.started(s),
+            Write::Ended(r) => {
+                runs.ended(r, instance_id);
+                t.push(r.run_id, "flash", &r.flash);
+                t.push(r.run_id, "pro", &r.pro);
+                ended.push(r.run_id.to_string());
+            }
+        }
     }
 
     let mut conn = pool.acquire().await?;

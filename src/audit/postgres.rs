@@ -36,7 +36,7 @@ pub(super) fn connect_lazy(url: &str, acquire_timeout: Duration) -> Result<PgPoo
         .map_err(AuditError::Connect)
 }
 
-/// A whole batch (or half of one, see [`write_batch`]) in one statement: start rows and
+/// A whole batch in one statement: start rows and
 /// records in one upsert, the records' traces, and the notification of the runs that ended.
 ///
 /// One statement, sent without `BEGIN` and `COMMIT`: a single statement is its own
@@ -207,46 +207,28 @@ impl<'a> Runs<'a> {
     }
 }
 
-/// SCRATCH: env override for measurement.
-pub(super) fn batches_in_flight() -> usize {
-    std::env::var("DUET_PG_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
-}
-
-fn split_at() -> usize {
-    std::env::var("DUET_PG_SPLIT_AT").ok().and_then(|v| v.parse().ok()).unwrap_or(SPLIT_AT)
-}
-
-/// Batches of at least this many items (start rows and records) are written as two
-/// transactions at once; smaller ones as one.
-const SPLIT_AT: usize = 128;
-
-/// Writes a batch: one transaction, or two on two connections at once for a large one.
+/// Batches the writer keeps in flight on PostgreSQL: while one commits (its WAL flushed),
+/// the next is already being inserted, on a second connection.
 ///
-/// Why two: the server does a batch's inserts on one backend, one core, and that is what
-/// bounds the writer on PostgreSQL — about 60 µs of server CPU per run with its start row and
-/// its record (both touch every index of `dual_runs`, since finalizing a row changes its
-/// indexed `status`), while duet's own part is under 10 µs. Two transactions let the
-/// server use a second core and overlap one commit's flush with the other's inserts.
-/// Small batches (an idle service writes a record or two at a time) stay whole: a second
-/// transaction would only add a commit.
+/// Why: the server does a batch's inserts on one backend, one core, and waits for the flush
+/// at its commit; with one batch at a time the second core and the flush were idle time
+/// (docs/benchmarks.md, "Audit writer, fourth pass"). This replaces the previous pass's two
+/// transactions per large batch, which measured slower with two batches in flight.
+pub(super) const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Writes a batch as one statement ([`WRITE`]), which is its own transaction.
 ///
-/// Safe because nothing in one half waits on the other: a batch never holds both the start
-/// row and the record of one run (`Batch::new` drops such start rows), so the halves touch
-/// disjoint rows. Both halves always run to their end (`join`, not `try_join`), so no
-/// transaction is dropped half-way; if either fails the batch fails and is retried whole,
-/// and the half that committed is skipped then, as every insert here is idempotent.
+/// Batches in flight together may share runs: a run's start row in one, its record in the
+/// next (the queue is in order, so never the other way round, except when a failed batch is
+/// retried after the next one started). Whatever order they reach the server in, the run ends
+/// with one row holding its record: the record inserts the row or finalizes it, a start row
+/// never replaces anything, and an insert that meets the other transaction's uncommitted row
+/// waits for it to commit or roll back. They must not wait for each other in a cycle, though
+/// (a deadlock: the server aborts one, which fails its batch): so every statement takes its
+/// rows in the order of their run ids, start rows and records merged (`write`), and two
+/// transactions that lock rows in one order cannot each wait for the other.
 pub(super) async fn write_batch(pool: &PgPool, batch: &Batch<'_>) -> Result<u64> {
-    let (started, records) = (&batch.started[..], &batch.records[..]);
-    if started.len() + records.len() < split_at() {
-        return write_part(pool, batch.instance_id, started, records).await;
-    }
-    let (s1, s2) = started.split_at(started.len() / 2);
-    let (r1, r2) = records.split_at(records.len() / 2);
-    let (a, b) = tokio::join!(
-        write_part(pool, batch.instance_id, s1, r1),
-        write_part(pool, batch.instance_id, s2, r2),
-    );
-    Ok(a? + b?)
+    write(pool, batch.instance_id, &batch.started, &batch.records).await
 }
 
 /// A row of `dual_runs` to write: a start row or a record.
@@ -266,7 +248,7 @@ impl Write<'_> {
 
 /// One transaction, as one statement ([`WRITE`]): the start rows, the records' run rows and
 /// traces, and the notification of the runs that ended.
-async fn write_part(
+async fn write(
     pool: &PgPool,
     instance_id: Option<&str>,
     started_runs: &[&StartedRun],

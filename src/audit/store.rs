@@ -282,7 +282,7 @@ impl RecordStore for Store {
         match self {
             // One process writes a SQLite file, one transaction at a time.
             Store::Sqlite(_) => 1,
-            Store::Postgres(_) => postgres::batches_in_flight(),
+            Store::Postgres(_) => postgres::BATCHES_IN_FLIGHT,
         }
     }
 }

@@ -9,8 +9,7 @@
 //!   than the request rate for long enough to fill it) sends the record to the dead-letter
 //!   file instead: a stream is never slowed and a record never dropped.
 //! - One task writes. It takes everything queued, up to `max_batch`, in one `recv_many`, and
-//!   writes it in one transaction (two at once for a large batch on PostgreSQL, see
-//!   `postgres::write_batch`); records that arrive meanwhile form the next batch. It
+//!   writes it in one transaction; records that arrive meanwhile form the next batch. It
 //!   starts at most one transaction per [`MIN_BATCH_INTERVAL`] (unless a full batch waits):
 //!   an idle service writes each record at once, and a busy one writes a few records per
 //!   transaction instead of one, since each transaction has a fixed cost (measured at 1,450
@@ -18,6 +17,14 @@
 //!   this pacing). It is short because records waiting here are what a `kill -9` loses.
 //! - The queue is bounded by bytes as well as by count (`AUDIT_QUEUE_MAX_BYTES`): a record
 //!   that does not fit is dead-lettered like one that finds the queue full.
+//! - On PostgreSQL two batches are in flight while writes succeed: the next batch's first
+//!   attempt starts (on a task of its own, on a second connection) before the one in flight
+//!   is settled, so the server inserts one while the other's commit is flushed. Batches are
+//!   still settled one by one in queue order, and a batch counts as written (metrics,
+//!   readiness, the journal's book) only once its own attempt returned, that is once it
+//!   committed. The next may commit first; the database keeps a run's record over its start
+//!   row whatever the order (see `postgres::write_batch`). Once a write fails the writer goes
+//!   back to one batch at a time, so everything below works as it does on SQLite.
 //! - A failed batch is retried with jittered exponential backoff; after the last retry it
 //!   goes to the dead-letter file, and the writer moves on.
 //! - Before the first retry, the batch is appended to the journal (`PATH.journal` beside the
@@ -1055,15 +1062,11 @@ impl Task {
         loop {
             let (result, took) = match first.take() {
                 Some(first) => first,
-                None => {
-                    attempt(self.store.as_ref(), &self.instance_id, started, batch).await
-                }
+                None => attempt(self.store.as_ref(), &self.instance_id, started, batch).await,
             };
             match result {
                 Ok(new) => {
-                    self.metrics
-                        .audit_write_seconds
-                        .observe(took.as_secs_f64());
+                    self.metrics.audit_write_seconds.observe(took.as_secs_f64());
                     self.metrics
                         .audit_writes_total
                         .with_label_values(&["ok"])

@@ -623,6 +623,54 @@ async fn a_batch_failing_while_the_one_before_commits_is_retried_and_nothing_is_
     assert!(dead_letters(&dir.path().join("deadletter.jsonl")).is_empty());
 }
 
+/// A store that takes two batches at once and never answers.
+struct HangingTwoInFlight {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl RecordStore for HangingTwoInFlight {
+    fn insert_batch<'a>(
+        &'a self,
+        _records: &'a [RunRecord],
+    ) -> futures::future::BoxFuture<'a, Result<u64, duet::audit::AuditError>> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(std::future::pending())
+    }
+
+    fn batches_in_flight(&self) -> usize {
+        2
+    }
+}
+
+/// A drain that times out with two batches in flight dead-letters both, and the queue behind
+/// them: every record once, none lost.
+#[tokio::test(start_paused = true)]
+async fn a_drain_cut_off_with_two_batches_in_flight_dead_letters_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(HangingTwoInFlight {
+        calls: Default::default(),
+    });
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(store.clone(), options(&dir), metrics.clone()).unwrap();
+    let records: Vec<RunRecord> = (0..1100).map(record).collect();
+    for r in &records {
+        writer.submit(r.clone());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        store.calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "two batches in flight, the third waits"
+    );
+    writer.shutdown(Duration::from_secs(1)).await;
+    let mut dead = dead_letters(&dir.path().join("deadletter.jsonl"));
+    dead.sort_by_key(|r| r.run_id);
+    let mut expected = records.clone();
+    expected.sort_by_key(|r| r.run_id);
+    assert_eq!(dead, expected);
+    assert_eq!(writes(&metrics, "ok"), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn failed_batch_is_retried_on_the_backoff_schedule_then_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();

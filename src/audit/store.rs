@@ -56,6 +56,12 @@ pub trait RecordStore: Send + Sync + 'static {
         }
         self.insert_batch(records)
     }
+
+    /// Batches the writer may have in flight at once: with 2, the next batch's first attempt
+    /// starts while this one's commits (see `writer`). 1 unless the store says otherwise.
+    fn batches_in_flight(&self) -> usize {
+        1
+    }
 }
 
 /// A pool on one of the two backends. Cheap to clone.
@@ -270,6 +276,14 @@ impl RecordStore for Store {
         records: &'a [RunRecord],
     ) -> BoxFuture<'a, Result<u64>> {
         Box::pin(self.write(instance_id, started, records))
+    }
+
+    fn batches_in_flight(&self) -> usize {
+        match self {
+            // One process writes a SQLite file, one transaction at a time.
+            Store::Sqlite(_) => 1,
+            Store::Postgres(_) => postgres::BATCHES_IN_FLIGHT,
+        }
     }
 }
 

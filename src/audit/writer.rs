@@ -9,8 +9,7 @@
 //!   than the request rate for long enough to fill it) sends the record to the dead-letter
 //!   file instead: a stream is never slowed and a record never dropped.
 //! - One task writes. It takes everything queued, up to `max_batch`, in one `recv_many`, and
-//!   writes it in one transaction (two at once for a large batch on PostgreSQL, see
-//!   `postgres::write_batch`); records that arrive meanwhile form the next batch. It
+//!   writes it in one transaction; records that arrive meanwhile form the next batch. It
 //!   starts at most one transaction per [`MIN_BATCH_INTERVAL`] (unless a full batch waits):
 //!   an idle service writes each record at once, and a busy one writes a few records per
 //!   transaction instead of one, since each transaction has a fixed cost (measured at 1,450
@@ -18,6 +17,14 @@
 //!   this pacing). It is short because records waiting here are what a `kill -9` loses.
 //! - The queue is bounded by bytes as well as by count (`AUDIT_QUEUE_MAX_BYTES`): a record
 //!   that does not fit is dead-lettered like one that finds the queue full.
+//! - On PostgreSQL two batches are in flight while writes succeed: the next batch's first
+//!   attempt starts (on a task of its own, on a second connection) before the one in flight
+//!   is settled, so the server inserts one while the other's commit is flushed. Batches are
+//!   still settled one by one in queue order, and a batch counts as written (metrics,
+//!   readiness, the journal's book) only once its own attempt returned, that is once it
+//!   committed. The next may commit first; the database keeps a run's record over its start
+//!   row whatever the order (see `postgres::write_batch`). Once a write fails the writer goes
+//!   back to one batch at a time, so everything below works as it does on SQLite.
 //! - A failed batch is retried with jittered exponential backoff; after the last retry it
 //!   goes to the dead-letter file, and the writer moves on.
 //! - Before the first retry, the batch is appended to the journal (`PATH.journal` beside the
@@ -52,6 +59,7 @@ use std::{
 
 use tokio::{
     sync::mpsc::{self, error::TrySendError},
+    task::JoinHandle,
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -344,6 +352,8 @@ impl AuditWriter {
         metrics.ready.set(1);
         let task = Task {
             rx,
+            in_flight: store.batches_in_flight().clamp(1, 2),
+            tracker: inner.tracker.clone(),
             store,
             deadletter,
             journal,
@@ -612,16 +622,78 @@ struct Task {
     abort: CancellationToken,
     /// Goes into the rows the records insert (start rows carry their own).
     instance_id: String,
+    /// Batches in flight at once: 1, or 2 on a store that takes two (PostgreSQL).
+    in_flight: usize,
+    /// Where a batch in flight runs its first attempt, so that shutdown waits for it.
+    tracker: TaskTracker,
+}
+
+/// A batch whose first attempt runs on a task of its own while the writer gathers (and
+/// starts) the next one: the second batch in flight (see `Task::run`).
+struct Flight {
+    started: Arc<Vec<StartedRun>>,
+    batch: Arc<Vec<RunRecord>>,
+    journaled: Vec<bool>,
+    /// The first attempt's result and how long it took.
+    attempt: JoinHandle<(Result<u64>, Duration)>,
+}
+
+impl Flight {
+    /// The first attempt's result, once it has ended. A task that panicked counts as a failed
+    /// attempt (the retries then write the batch or dead-letter it).
+    async fn first(attempt: &mut JoinHandle<(Result<u64>, Duration)>) -> (Result<u64>, Duration) {
+        attempt.await.unwrap_or_else(|e| {
+            error!(error = %e, "an audit write task ended without an answer");
+            (
+                Err(AuditError::Database(sqlx::Error::WorkerCrashed)),
+                Duration::ZERO,
+            )
+        })
+    }
+}
+
+/// Waits for the flight's first attempt; never ends when there is no flight.
+async fn landing(flight: &mut Option<Flight>) -> (Result<u64>, Duration) {
+    match flight {
+        Some(f) => Flight::first(&mut f.attempt).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands back what a flight's task shared, cloning only if the task still holds it (it has
+/// ended by then, so it does not).
+fn unshare<T: Clone>(v: Arc<Vec<T>>) -> Vec<T> {
+    Arc::try_unwrap(v).unwrap_or_else(|v| v.as_ref().clone())
+}
+
+/// One attempt at a batch, bounded by [`INSERT_TIMEOUT`]: a database that takes the
+/// connection and then hangs (a lock wait, a half-open socket) must count as a failed
+/// attempt, or the writer would stall for good.
+async fn attempt(
+    store: &dyn RecordStore,
+    instance_id: &str,
+    started: &[StartedRun],
+    batch: &[RunRecord],
+) -> (Result<u64>, Duration) {
+    let began = std::time::Instant::now();
+    let result = tokio::time::timeout(
+        INSERT_TIMEOUT,
+        store.write_batch(Some(instance_id), started, batch),
+    )
+    .await
+    .unwrap_or(Err(AuditError::Timeout(INSERT_TIMEOUT)));
+    (result, began.elapsed())
 }
 
 impl Task {
     async fn run(mut self) {
         let mut incoming = Vec::with_capacity(self.max_batch);
-        let mut batch = Vec::with_capacity(self.max_batch);
-        let mut started = Vec::with_capacity(self.max_batch);
-        let mut journaled = Vec::with_capacity(self.max_batch);
         let mut draining = false;
         let mut next_write = tokio::time::Instant::now();
+        // The batch in flight while the next is gathered, when the store takes two at once.
+        let mut flying: Option<Flight> = None;
+        // The records to dead-letter when the drain's abort cuts the writer off.
+        let mut abandoned: Option<Vec<RunRecord>> = None;
         loop {
             if !draining
                 && self.rx.len() + self.backlog.len() < self.max_batch
@@ -643,6 +715,17 @@ impl Task {
                     self.rx.close();
                     continue;
                 }
+                // A flight that ends while nothing new comes is settled now: its records count
+                // as written (and leave the journal) when they are, not at the next record.
+                first = landing(&mut flying) => {
+                    if let Some(f) = flying.take()
+                        && let Some(cut) = self.land(f, Some(first)).await
+                    {
+                        abandoned = Some(cut);
+                        break;
+                    }
+                    continue;
+                }
                 n = self.rx.recv_many(&mut incoming, self.max_batch) => n,
                 }
             } else {
@@ -655,67 +738,61 @@ impl Task {
                 break;
             }
             self.top_up(&mut incoming);
-            self.take(&mut incoming, &mut started, &mut batch, &mut journaled);
+            let (started, batch, journaled) = self.take(&mut incoming);
             self.set_depth();
             next_write = tokio::time::Instant::now() + MIN_BATCH_INTERVAL;
+            // Two batches in flight only while writes succeed: once one fails, the writer
+            // goes back to one at a time, so retries, the journal and the backlog work as
+            // they always have. The new batch starts before the one in flight is settled, so
+            // the server inserts it while the other's commit is flushed.
+            if self.in_flight > 1 && self.health.failure().is_none() {
+                let next = self.launch(started, batch, journaled);
+                if let Some(f) = flying.replace(next)
+                    && let Some(cut) = self.land(f, None).await
+                {
+                    abandoned = Some(cut);
+                    break;
+                }
+                continue;
+            }
+            if let Some(f) = flying.take()
+                && let Some(mut cut) = self.land(f, None).await
+            {
+                // The batch just gathered was not tried: it goes with the rest.
+                cut.extend(batch);
+                abandoned = Some(cut);
+                break;
+            }
             let abort = self.abort.clone();
+            let mut journaled = journaled;
             let written = tokio::select! {
                 biased;
                 () = abort.cancelled() => None,
-                result = self.write_with_retry(&started, &batch, &mut journaled) => Some(result),
+                result = self.write_with_retry(&started, &batch, &mut journaled, None) => Some(result),
             };
             // Start rows are written with the batch or not at all (see the module header).
-            started.clear();
+            drop(started);
             match written {
-                Some(Ok(_)) => {
-                    let resolved = journaled.iter().filter(|j| **j).count();
-                    batch.clear();
-                    journaled.clear();
-                    self.resolve(resolved).await;
-                }
-                Some(Err(e)) => {
-                    error!(error = %e, reason = e.reason(), records = batch.len(),
-                        "audit batch failed on every attempt; dead-lettering it");
-                    let resolved = journaled.iter().filter(|j| **j).count();
-                    journaled.clear();
-                    if batch.is_empty() {
-                        // Start rows only: nothing to keep.
-                    } else if resolved == 0 {
-                        self.deadletter.send(std::mem::take(&mut batch));
-                    } else {
-                        // Journaled records leave the journal's count only once they are
-                        // fsynced in the dead-letter file: wait for that append.
-                        let records = std::mem::take(&mut batch);
-                        match self.deadletter.append_now(records.clone()).await {
-                            Ok(()) => self.resolve(resolved).await,
-                            // The thread retries the append and logs what still fails; the
-                            // journal keeps these records meanwhile.
-                            Err(_) => self.deadletter.send(records),
-                        }
-                    }
-                }
+                Some(written) => self.settle(written, batch, journaled).await,
                 None => {
-                    self.rx.close();
-                    for q in self.backlog.drain(..) {
-                        self.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
-                        if let Item::Ended(record) = q.item {
-                            batch.push(record);
-                        }
-                    }
-                    while let Ok(q) = self.rx.try_recv() {
-                        self.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
-                        if let Item::Ended(record) = q.item {
-                            batch.push(record);
-                        }
-                    }
-                    warn!(
-                        records = batch.len(),
-                        "audit drain timed out; dead-lettering"
-                    );
-                    self.deadletter.send(std::mem::take(&mut batch));
+                    abandoned = Some(batch);
                     break;
                 }
             }
+        }
+        if let Some(f) = flying.take() {
+            match &mut abandoned {
+                Some(records) => {
+                    // Cut off: its first attempt may still commit; replay then skips those
+                    // records.
+                    f.attempt.abort();
+                    records.extend(unshare(f.batch));
+                }
+                None => abandoned = self.land(f, None).await,
+            }
+        }
+        if let Some(records) = abandoned {
+            self.abandon(records);
         }
         self.metrics.audit_queue_depth.set(0);
         self.metrics.audit_queue_bytes.set(0);
@@ -733,15 +810,12 @@ impl Task {
         }
     }
 
-    /// Moves received items into the batch (start rows and records apart), releasing their
-    /// bytes from the queue's bound.
-    fn take(
-        &self,
-        incoming: &mut Vec<Queued>,
-        started: &mut Vec<StartedRun>,
-        batch: &mut Vec<RunRecord>,
-        journaled: &mut Vec<bool>,
-    ) {
+    /// Moves received items into a batch (start rows and records apart, and whether each
+    /// record is in the journal), releasing their bytes from the queue's bound.
+    fn take(&self, incoming: &mut Vec<Queued>) -> (Vec<StartedRun>, Vec<RunRecord>, Vec<bool>) {
+        let mut started = Vec::with_capacity(incoming.len());
+        let mut batch = Vec::with_capacity(incoming.len());
+        let mut journaled = Vec::with_capacity(incoming.len());
         let mut bytes = 0;
         for q in incoming.drain(..) {
             bytes += q.bytes;
@@ -754,6 +828,123 @@ impl Task {
             }
         }
         self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        (started, batch, journaled)
+    }
+
+    /// Starts a batch's first attempt on a task of its own.
+    fn launch(
+        &self,
+        started: Vec<StartedRun>,
+        batch: Vec<RunRecord>,
+        journaled: Vec<bool>,
+    ) -> Flight {
+        let started = Arc::new(started);
+        let batch = Arc::new(batch);
+        let store = Arc::clone(&self.store);
+        let instance_id = self.instance_id.clone();
+        let (s, b) = (Arc::clone(&started), Arc::clone(&batch));
+        let attempt = self
+            .tracker
+            .spawn(async move { attempt(store.as_ref(), &instance_id, &s, &b).await });
+        Flight {
+            started,
+            batch,
+            journaled,
+            attempt,
+        }
+    }
+
+    /// Waits for a flight's first attempt (unless its result is known already) and carries
+    /// on as a batch written here does: retries, then written or dead-lettered. The batch
+    /// counts as written only once its attempt has returned, that is once its transactions
+    /// committed. Returns the batch's records when the drain's abort came first.
+    async fn land(
+        &mut self,
+        mut flight: Flight,
+        first: Option<(Result<u64>, Duration)>,
+    ) -> Option<Vec<RunRecord>> {
+        let abort = self.abort.clone();
+        let first = match first {
+            Some(first) => first,
+            None => tokio::select! {
+                biased;
+                () = abort.cancelled() => {
+                    flight.attempt.abort();
+                    return Some(unshare(flight.batch));
+                }
+                first = Flight::first(&mut flight.attempt) => first,
+            },
+        };
+        let Flight {
+            started,
+            batch,
+            mut journaled,
+            ..
+        } = flight;
+        let written = tokio::select! {
+            biased;
+            () = abort.cancelled() => None,
+            result = self.write_with_retry(&started, &batch, &mut journaled, Some(first)) => Some(result),
+        };
+        drop(started);
+        let batch = unshare(batch);
+        match written {
+            Some(written) => {
+                self.settle(written, batch, journaled).await;
+                None
+            }
+            None => Some(batch),
+        }
+    }
+
+    /// After a batch's last attempt: its journaled records leave the journal's count, and a
+    /// batch that failed on every attempt goes to the dead-letter file.
+    async fn settle(&mut self, written: Result<u64>, batch: Vec<RunRecord>, journaled: Vec<bool>) {
+        let resolved = journaled.iter().filter(|j| **j).count();
+        match written {
+            Ok(_) => self.resolve(resolved).await,
+            Err(e) => {
+                error!(error = %e, reason = e.reason(), records = batch.len(),
+                    "audit batch failed on every attempt; dead-lettering it");
+                if batch.is_empty() {
+                    // Start rows only: nothing to keep.
+                } else if resolved == 0 {
+                    self.deadletter.send(batch);
+                } else {
+                    // Journaled records leave the journal's count only once they are
+                    // fsynced in the dead-letter file: wait for that append.
+                    match self.deadletter.append_now(batch.clone()).await {
+                        Ok(()) => self.resolve(resolved).await,
+                        // The thread retries the append and logs what still fails; the
+                        // journal keeps these records meanwhile.
+                        Err(_) => self.deadletter.send(batch),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The drain's abort cut the writer off: `batch` (what was being written) and everything
+    /// still queued go to the dead-letter file.
+    fn abandon(&mut self, mut batch: Vec<RunRecord>) {
+        self.rx.close();
+        for q in self.backlog.drain(..) {
+            self.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
+            if let Item::Ended(record) = q.item {
+                batch.push(record);
+            }
+        }
+        while let Ok(q) = self.rx.try_recv() {
+            self.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
+            if let Item::Ended(record) = q.item {
+                batch.push(record);
+            }
+        }
+        warn!(
+            records = batch.len(),
+            "audit drain timed out; dead-lettering"
+        );
+        self.deadletter.send(batch);
     }
 
     fn set_depth(&self) {
@@ -856,31 +1047,26 @@ impl Task {
         }
     }
 
-    /// Writes one batch, retrying on the policy's schedule. Counts records, not batches, in
+    /// Writes one batch, retrying on the policy's schedule. `first` is the first attempt's
+    /// result when it was made already (a batch in flight). Counts records, not batches, in
     /// `duet_audit_writes_total` (a retried batch of 100 is 100 retries).
     async fn write_with_retry(
         &mut self,
         started: &[StartedRun],
         batch: &[RunRecord],
         journaled: &mut [bool],
+        mut first: Option<(Result<u64>, Duration)>,
     ) -> Result<u64> {
         let n = batch.len() as u64;
         let mut retry = 0;
         loop {
-            let began = std::time::Instant::now();
-            // A database that takes the connection and then hangs (a lock wait, a half-open
-            // socket) must count as a failed attempt, or the writer would stall for good.
-            let attempt = tokio::time::timeout(
-                INSERT_TIMEOUT,
-                self.store
-                    .write_batch(Some(&self.instance_id), started, batch),
-            )
-            .await;
-            match attempt.unwrap_or(Err(AuditError::Timeout(INSERT_TIMEOUT))) {
+            let (result, took) = match first.take() {
+                Some(first) => first,
+                None => attempt(self.store.as_ref(), &self.instance_id, started, batch).await,
+            };
+            match result {
                 Ok(new) => {
-                    self.metrics
-                        .audit_write_seconds
-                        .observe(began.elapsed().as_secs_f64());
+                    self.metrics.audit_write_seconds.observe(took.as_secs_f64());
                     self.metrics
                         .audit_writes_total
                         .with_label_values(&["ok"])

@@ -111,8 +111,8 @@ async fn count_where(store: &Store, table: &str, condition: &str) -> i64 {
     count(store, &format!("{table} WHERE {condition}")).await
 }
 
-/// A batch of start rows and records big enough that PostgreSQL writes it as two
-/// transactions at once: every row once, the starts `running`, the records final.
+/// A large batch of start rows and records: every row once, the starts `running`, the
+/// records final.
 async fn a_large_mixed_batch_writes_every_row_once(store: &Store) {
     let records: Vec<RunRecord> = (0..300).map(record).collect();
     let running: Vec<RunRecord> = (300..601).map(record).collect();
@@ -157,29 +157,80 @@ async fn a_large_mixed_batch_writes_every_row_once_postgres() {
     a_large_mixed_batch_writes_every_row_once(&db.store).await;
 }
 
-/// PostgreSQL writes a large batch as two transactions: when one fails the batch fails,
-/// though the other committed, and the retry of the whole batch stores each record once.
+/// PostgreSQL writes a batch as one statement: when part of it is refused nothing of it is
+/// stored, and the retry of the whole batch stores each record once.
 #[tokio::test]
-async fn a_half_failed_batch_is_retried_whole_postgres() {
-    let Some(db) = db::postgres("a_half_failed_batch").await else {
+async fn a_failed_batch_stores_nothing_and_is_retried_whole_postgres() {
+    let Some(db) = db::postgres("a_failed_batch").await else {
         return;
     };
     let store = &db.store;
     let mut records: Vec<RunRecord> = (0..300).map(record).collect();
-    // Refused by the column's CHECK: fails the second half's transaction.
+    let starts: Vec<StartedRun> = (300..310).map(record).map(|r| start_of(&r)).collect();
+    // Refused by the column's CHECK: fails the whole statement.
     records[299].cost_usd = Some(-1.0);
-    assert!(store.write(Some("i-1"), &[], &records).await.is_err());
-    let committed = count(store, "dual_runs").await;
-    assert_eq!(committed, 150, "the first half committed on its own");
+    assert!(store.write(Some("i-1"), &starts, &records).await.is_err());
+    assert_eq!(
+        count(store, "dual_runs").await,
+        0,
+        "nothing of it committed"
+    );
+    assert_eq!(count(store, "model_traces").await, 0);
     records[299].cost_usd = Some(0.5);
     assert_eq!(
-        store.write(Some("i-1"), &[], &records).await.unwrap(),
-        150,
-        "the retry adds only what the failed half held"
+        store.write(Some("i-1"), &starts, &records).await.unwrap(),
+        300
     );
-    assert_eq!(count(store, "dual_runs").await, 300);
+    assert_eq!(count(store, "dual_runs").await, 310);
     assert_eq!(count(store, "model_traces").await, 600);
     for r in [&records[0], &records[150], &records[299]] {
+        assert_eq!(store.fetch(r.run_id).await.unwrap().as_ref(), Some(r));
+    }
+}
+
+/// The writer keeps two batches in flight on PostgreSQL, and a run's start row may be in one
+/// and its record in the next, both sent before either commits. Here every run is: one batch
+/// with the start rows (and records of other runs), the next with the records (and start rows
+/// of other runs), in opposite orders, sent together, many times. Every run ends with one
+/// row, its record's, whichever transaction the server ran first; and none fails, which it
+/// would on a deadlock (each statement takes its rows in run-id order so that none happens).
+#[tokio::test]
+async fn batches_in_flight_together_keep_each_record_postgres() {
+    let Some(db) = db::postgres("batches_in_flight_together").await else {
+        return;
+    };
+    let store = &db.store;
+    let rounds = 20;
+    let mut all = Vec::new();
+    for _ in 0..rounds {
+        let shared: Vec<RunRecord> = (0..150).map(record).collect();
+        let first_only: Vec<RunRecord> = (0..50).map(record).collect();
+        let second_only: Vec<RunRecord> = (0..50).map(record).collect();
+        let first_starts: Vec<StartedRun> = shared.iter().map(start_of).collect();
+        let mut second_records = shared.clone();
+        second_records.reverse();
+        let second_starts: Vec<StartedRun> = second_only.iter().map(start_of).collect();
+        let (first, second) = tokio::join!(
+            store.write(Some("i-1"), &first_starts, &first_only),
+            store.write(Some("i-1"), &second_starts, &second_records),
+        );
+        assert_eq!(first.unwrap(), 50);
+        assert_eq!(
+            second.unwrap(),
+            150,
+            "every record new or finalizing its row"
+        );
+        all.extend(shared);
+        all.extend(first_only);
+    }
+    assert_eq!(count(store, "dual_runs").await, rounds * 250);
+    assert_eq!(
+        count_where(store, "dual_runs", "status = 'running'").await,
+        rounds * 50,
+        "only the start rows of runs without a record"
+    );
+    assert_eq!(count(store, "model_traces").await, rounds * 400);
+    for r in all.iter().step_by(37) {
         assert_eq!(store.fetch(r.run_id).await.unwrap().as_ref(), Some(r));
     }
 }
@@ -490,6 +541,134 @@ async fn writer_paces_transactions_under_steady_load() {
     assert!(sizes.len() <= most && sizes.len() < 40, "{sizes:?}");
     assert_eq!(attempts.last().map(|a| (a.0, a.1)), Some((quiet, 1)));
     assert_eq!(store.stored().len(), 51);
+}
+
+/// A store that takes two batches at once, as PostgreSQL does: its first call waits for
+/// `gate` (a slow commit), its second fails at once, and every later call succeeds.
+struct TwoInFlight {
+    gate: Semaphore,
+    calls: std::sync::atomic::AtomicUsize,
+    stored: std::sync::Mutex<Vec<RunRecord>>,
+}
+
+impl RecordStore for TwoInFlight {
+    fn insert_batch<'a>(
+        &'a self,
+        records: &'a [RunRecord],
+    ) -> futures::future::BoxFuture<'a, Result<u64, duet::audit::AuditError>> {
+        Box::pin(async move {
+            let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if call == 0 {
+                self.gate.acquire().await.unwrap().forget();
+            }
+            if call == 1 {
+                return Err(duet::audit::AuditError::Timeout(Duration::from_secs(1)));
+            }
+            self.stored.lock().unwrap().extend_from_slice(records);
+            Ok(records.len() as u64)
+        })
+    }
+
+    fn batches_in_flight(&self) -> usize {
+        2
+    }
+}
+
+/// With two batches in flight, the second fails while the first is still committing:
+/// nothing counts as written before its own write returned, the failed batch is retried as
+/// any other (after the first is settled), and every record is stored once, none
+/// dead-lettered.
+#[tokio::test(start_paused = true)]
+async fn a_batch_failing_while_the_one_before_commits_is_retried_and_nothing_is_acknowledged_early()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(TwoInFlight {
+        gate: Semaphore::new(0),
+        calls: Default::default(),
+        stored: Default::default(),
+    });
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(store.clone(), options(&dir), metrics.clone()).unwrap();
+    let records: Vec<RunRecord> = (0..600).map(record).collect();
+    for r in &records {
+        writer.submit(r.clone());
+    }
+    // The first batch (500) waits in its commit; the second (100) has been tried and failed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(store.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(store.stored.lock().unwrap().is_empty());
+    assert_eq!(
+        writes(&metrics, "ok"),
+        0,
+        "nothing acknowledged before it is stored"
+    );
+    assert_eq!(
+        writes(&metrics, "retry"),
+        0,
+        "the failure is handled in turn"
+    );
+    // The first commits; then the second is retried, once.
+    store.gate.add_permits(1);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        *store.stored.lock().unwrap(),
+        records,
+        "each once, in order"
+    );
+    assert_eq!(writes(&metrics, "ok"), 600);
+    assert_eq!(writes(&metrics, "retry"), 100);
+    writer.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(store.calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(writes(&metrics, "deadletter"), 0);
+    assert!(dead_letters(&dir.path().join("deadletter.jsonl")).is_empty());
+}
+
+/// A store that takes two batches at once and never answers.
+struct HangingTwoInFlight {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl RecordStore for HangingTwoInFlight {
+    fn insert_batch<'a>(
+        &'a self,
+        _records: &'a [RunRecord],
+    ) -> futures::future::BoxFuture<'a, Result<u64, duet::audit::AuditError>> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(std::future::pending())
+    }
+
+    fn batches_in_flight(&self) -> usize {
+        2
+    }
+}
+
+/// A drain that times out with two batches in flight dead-letters both, and the queue behind
+/// them: every record once, none lost.
+#[tokio::test(start_paused = true)]
+async fn a_drain_cut_off_with_two_batches_in_flight_dead_letters_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(HangingTwoInFlight {
+        calls: Default::default(),
+    });
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(store.clone(), options(&dir), metrics.clone()).unwrap();
+    let records: Vec<RunRecord> = (0..1100).map(record).collect();
+    for r in &records {
+        writer.submit(r.clone());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        store.calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "two batches in flight, the third waits"
+    );
+    writer.shutdown(Duration::from_secs(1)).await;
+    let mut dead = dead_letters(&dir.path().join("deadletter.jsonl"));
+    dead.sort_by_key(|r| r.run_id);
+    let mut expected = records.clone();
+    expected.sort_by_key(|r| r.run_id);
+    assert_eq!(dead, expected);
+    assert_eq!(writes(&metrics, "ok"), 0);
 }
 
 #[tokio::test(start_paused = true)]

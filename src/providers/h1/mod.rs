@@ -30,7 +30,10 @@ use std::{
 
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncWriteExt, Interest},
+    net::TcpStream,
+};
 use tower::Service;
 
 pub use body::Body;
@@ -171,11 +174,27 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < READ_BYTES / 4 {
             self.buf.reserve(READ_BYTES);
         }
+        let Conn { io, buf } = self;
         loop {
-            std::task::ready!(self.io.poll_read_ready(cx))?;
-            match self.io.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                done => return Poll::Ready(done),
+            std::task::ready!(io.poll_read_ready(cx))?;
+            let room = buf.capacity() - buf.len();
+            let mut short = None;
+            // A read that found less than it had room for emptied the socket: its readiness
+            // is cleared now, so the next poll waits for the next packet instead of asking
+            // the kernel once more only to hear `WouldBlock` (one system call less per
+            // upstream read, about 40 per run). Clearing is safe: tokio ignores it if new
+            // data was signalled after the readiness this read used.
+            let read = io.try_io(Interest::READABLE, || match io.try_read_buf(buf) {
+                Ok(n) if n > 0 && n < room => {
+                    short = Some(n);
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                }
+                other => other,
+            });
+            match (read, short) {
+                (_, Some(n)) => return Poll::Ready(Ok(n)),
+                (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                (done, None) => return Poll::Ready(done),
             }
         }
     }

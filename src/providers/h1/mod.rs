@@ -23,6 +23,7 @@ mod framing;
 mod idle;
 
 use std::{
+    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
@@ -30,10 +31,7 @@ use std::{
 
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
-use tokio::{
-    io::{AsyncWriteExt, Interest},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tower::Service;
 
 pub use body::Body;
@@ -174,29 +172,11 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < READ_BYTES / 4 {
             self.buf.reserve(READ_BYTES);
         }
-        let Conn { io, buf } = self;
-        loop {
-            std::task::ready!(io.poll_read_ready(cx))?;
-            let room = buf.capacity() - buf.len();
-            let mut short = None;
-            // A read that found less than it had room for emptied the socket: its readiness
-            // is cleared now, so the next poll waits for the next packet instead of asking
-            // the kernel once more only to hear `WouldBlock` (one system call less per
-            // upstream read, about 40 per run). Clearing is safe: tokio ignores it if new
-            // data was signalled after the readiness this read used.
-            let read = io.try_io(Interest::READABLE, || match io.try_read_buf(buf) {
-                Ok(n) if n > 0 && n < room => {
-                    short = Some(n);
-                    Err(std::io::ErrorKind::WouldBlock.into())
-                }
-                other => other,
-            });
-            match (read, short) {
-                (_, Some(n)) => return Poll::Ready(Ok(n)),
-                (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                (done, None) => return Poll::Ready(done),
-            }
-        }
+        // tokio's own read: a read that found less than it had room for emptied the socket,
+        // so tokio clears its readiness and the next poll waits for the next packet instead
+        // of asking the kernel once more only to hear `EAGAIN` (an earlier version read with
+        // `try_read_buf` and made twice the `recvfrom` calls: scripts/relay_syscalls.sh).
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
     async fn fill(&mut self) -> std::io::Result<usize> {

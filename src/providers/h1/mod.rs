@@ -229,13 +229,29 @@ impl Conn {
                     Poll::Ready(Ok(n)) => written += n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
-                        // The socket's send buffer is full: the upstream is not reading.
-                        // Whatever it sent meanwhile (an answer, or its close) ends the write.
-                        return match self.poll_fill(cx) {
-                            Poll::Pending => Poll::Pending,
-                            Poll::Ready(Ok(_)) => Poll::Ready(Ok(false)),
-                            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                        };
+                        // The socket's send buffer is full: the upstream is not reading now.
+                        // A final answer it sent meanwhile, or its close, ends the write; an
+                        // interim `100 Continue` (sent by some servers though duet never
+                        // asks with `Expect`) does not: it waits for the rest.
+                        loop {
+                            match std::task::ready!(self.poll_fill(cx)) {
+                                Err(e) => return Poll::Ready(Err(e)),
+                                Ok(0) => return Poll::Ready(Ok(false)),
+                                Ok(_) => {}
+                            }
+                            match parse_head(&self.buf) {
+                                Ok(None) if self.buf.len() < MAX_HEAD_BYTES => {}
+                                Ok(Some(((status, ..), used)))
+                                    if status.is_informational()
+                                        && status != StatusCode::SWITCHING_PROTOCOLS =>
+                                {
+                                    bytes::Buf::advance(&mut self.buf, used);
+                                    break;
+                                }
+                                // A final head, or what `read_head` will refuse.
+                                _ => return Poll::Ready(Ok(false)),
+                            }
+                        }
                     }
                 }
             }

@@ -481,3 +481,43 @@ fn response_heads_as_hyper_reads_them() {
         assert!(ok(&whole[..cut]).unwrap().is_none(), "cut at {cut}");
     }
 }
+
+/// A `100 Continue` while the request is still being written is not an early answer: the
+/// write goes on, and the final answer comes once the upstream read everything.
+#[tokio::test]
+async fn an_interim_head_during_the_write_does_not_stop_it() {
+    const SIZE: usize = 32 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    #[expect(clippy::disallowed_methods, reason = "a test's upstream")]
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"\r\n\r\n") {
+            socket.read_exact(&mut byte).await.unwrap();
+            seen.push(byte[0]);
+        }
+        socket
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut body = vec![0u8; SIZE];
+        socket.read_exact(&mut body).await.unwrap();
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nall")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let client = client();
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), client.send(post_large(port, SIZE)))
+            .await
+            .expect("answered")
+            .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(read_all(response).await.unwrap(), "all");
+    assert_eq!(client.idle(), 1, "the request went out whole: kept");
+}

@@ -505,7 +505,7 @@ fn open_fds() -> usize {
 
 /// An upstream that offers keep-alive and then closes every connection after its answer:
 /// the closed idle connections are found and closed, so many runs leave no descriptor
-/// behind (`H1_FD_RUNS` runs, 200 by default).
+/// behind (`H1_FD_RUNS` runs, 100 by default).
 #[tokio::test]
 async fn runs_against_an_upstream_closing_every_connection_leak_no_descriptor() {
     if !std::path::Path::new("/proc/self/fd").exists() {
@@ -515,7 +515,7 @@ async fn runs_against_an_upstream_closing_every_connection_leak_no_descriptor() 
     let runs: usize = std::env::var("H1_FD_RUNS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(100);
     let body = sse_body();
     let upstream = Raw::start(Arc::new(move |_, _| {
         Some(Answer::at_once(

@@ -46,4 +46,5 @@ mod startup;
 mod stream;
 mod traces;
 mod upstream;
+mod upstream_h1;
 mod validation;

@@ -31,7 +31,7 @@ use std::{
 
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{io::AsyncWrite, net::TcpStream};
 use tower::Service;
 
 pub use body::Body;
@@ -117,15 +117,45 @@ impl Client {
             Some(conn) => conn,
             None => self.connect(request.uri().clone()).await?,
         };
-        conn.io.write_all(&wire).await?;
+        let written = match conn.write_request(&wire).await {
+            Ok(whole) => whole,
+            // An upstream may answer a request it will not take (a 413 for one too large)
+            // and close before reading all of it; writing then fails (EPIPE, or ECONNRESET
+            // once its close turns into a reset), though its answer may already be here.
+            // That answer, not the write error, says why the call failed.
+            Err(write) => match conn.read_head().await {
+                Ok(head) => return self.response(head, conn, false),
+                Err(_) => return Err(Error::Io(write)),
+            },
+        };
         drop(wire);
-        let (status, version, headers) = conn.read_head().await?;
+        let head = conn.read_head().await?;
+        // A request the upstream answered before reading all of it leaves the rest of it
+        // unread on the connection: never reused.
+        let reuse = written && !wants_close(request.headers());
+        self.response(head, conn, reuse)
+    }
+
+    /// The response for `head`, its body read from `conn`; `may_reuse` is whether the
+    /// request side allows keeping the connection.
+    fn response(
+        &self,
+        (status, version, headers): (StatusCode, Version, HeaderMap),
+        conn: Conn,
+        may_reuse: bool,
+    ) -> Result<http::Response<Body>, Error> {
         let framing = Framing::of(status, &headers).map_err(|e| match e {
             Error::Framing(why) => Error::Head(why),
             other => other,
         })?;
-        let keep_alive = version == Version::HTTP_11
-            && !wants_close(request.headers())
+        // Both framings named: RFC 9112 §6.3 lets Transfer-Encoding win but calls such a
+        // response a likely smuggling attempt; whatever the upstream meant, the connection
+        // is not trusted with another call.
+        let ambiguous = headers.contains_key(header::TRANSFER_ENCODING)
+            && headers.contains_key(header::CONTENT_LENGTH);
+        let keep_alive = may_reuse
+            && version == Version::HTTP_11
+            && !ambiguous
             && !wants_close(&headers)
             && framing != Framing::Close;
         let mut response = http::Response::new(Body::new(
@@ -183,8 +213,58 @@ impl Conn {
         std::future::poll_fn(|cx| self.poll_fill(cx)).await
     }
 
+    /// Writes the request. Stops writing, and says so with `Ok(false)`, when the upstream
+    /// answers or closes before taking all of it: an upstream that refuses a request too
+    /// large (413) often answers at once and never reads the rest, and waiting for it to
+    /// read would hold the call until its deadline instead of failing it with that answer.
+    async fn write_request(&mut self, wire: &[u8]) -> std::io::Result<bool> {
+        let mut written = 0;
+        std::future::poll_fn(|cx| {
+            while written < wire.len() {
+                match std::pin::Pin::new(&mut self.io).poll_write(cx, &wire[written..]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                    }
+                    Poll::Ready(Ok(n)) => written += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // The socket's send buffer is full: the upstream is not reading now.
+                        // A final answer it sent meanwhile, or its close, ends the write; an
+                        // interim `100 Continue` (sent by some servers though duet never
+                        // asks with `Expect`) does not: it waits for the rest.
+                        loop {
+                            match std::task::ready!(self.poll_fill(cx)) {
+                                Err(e) => return Poll::Ready(Err(e)),
+                                Ok(0) => return Poll::Ready(Ok(false)),
+                                Ok(_) => {}
+                            }
+                            match parse_head(&self.buf) {
+                                Ok(None) if self.buf.len() < MAX_HEAD_BYTES => {}
+                                Ok(Some(((status, ..), used)))
+                                    if status.is_informational()
+                                        && status != StatusCode::SWITCHING_PROTOCOLS =>
+                                {
+                                    bytes::Buf::advance(&mut self.buf, used);
+                                    break;
+                                }
+                                // A final head, or what `read_head` will refuse.
+                                _ => return Poll::Ready(Ok(false)),
+                            }
+                        }
+                    }
+                }
+            }
+            Poll::Ready(Ok(true))
+        })
+        .await
+    }
+
     /// Reads the response head, skipping interim (`1xx`) responses.
     async fn read_head(&mut self) -> Result<(StatusCode, Version, HeaderMap), Error> {
+        // Interim heads count towards the head limit too: a real server sends one or two
+        // (`100 Continue`, `103 Early Hints`), and an upstream sending them without end
+        // must not hold the call until its deadline.
+        let mut interim = 0;
         loop {
             if let Some((head, used)) = parse_head(&self.buf)? {
                 bytes::Buf::advance(&mut self.buf, used);
@@ -192,11 +272,15 @@ impl Conn {
                     if head.0 == StatusCode::SWITCHING_PROTOCOLS {
                         return Err(Error::Head("an unasked protocol switch"));
                     }
+                    interim += used;
+                    if interim >= MAX_HEAD_BYTES {
+                        return Err(Error::Head("interim (1xx) heads past 64 KiB"));
+                    }
                     continue;
                 }
                 return Ok(head);
             }
-            if self.buf.len() >= MAX_HEAD_BYTES {
+            if interim + self.buf.len() >= MAX_HEAD_BYTES {
                 return Err(Error::Head("a head larger than 64 KiB"));
             }
             if self.fill().await? == 0 {

@@ -313,3 +313,211 @@ fn the_host_header_names_host_and_port_only() {
     assert_eq!(host("http://example.com:8000/x"), "host: example.com:8000");
     assert_eq!(host("http://[::1]:8000/x"), "host: [::1]:8000");
 }
+
+/// A request with a body of `n` bytes.
+fn post_large(port: u16, n: usize) -> http::Request<reqwest::Body> {
+    http::Request::post(format!("http://127.0.0.1:{port}/v1/chat"))
+        .body(reqwest::Body::from(vec![b'x'; n]))
+        .unwrap()
+}
+
+/// An upstream that reads only the request head, answers at once and then, if `close`, closes
+/// with the body unread (which the kernel turns into a reset), else waits without reading.
+async fn early_answer(answer: &'static [u8], close: bool) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    #[expect(clippy::disallowed_methods, reason = "a test's upstream")]
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"\r\n\r\n") {
+            socket.read_exact(&mut byte).await.unwrap();
+            seen.push(byte[0]);
+        }
+        socket.write_all(answer).await.unwrap();
+        if close {
+            drop(socket);
+        } else {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    });
+    port
+}
+
+/// Attack: a request too large for the upstream, which answers 413 before reading it. The
+/// write used to run to its end first: against an upstream that then waits, the call hung
+/// until its deadline; against one that closes, it failed with the write's EPIPE/ECONNRESET
+/// ("could not reach") instead of the upstream's own answer.
+#[tokio::test]
+async fn an_answer_before_the_request_was_read_is_the_answer() {
+    const REFUSED: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!";
+    for close in [false, true] {
+        let port = early_answer(REFUSED, close).await;
+        let client = client();
+        let response = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.send(post_large(port, 32 << 20)),
+        )
+        .await
+        .expect("the write waits for an upstream that does not read")
+        .unwrap_or_else(|e| panic!("close={close}: {e}"));
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        if !close {
+            assert_eq!(read_all(response).await.unwrap(), "too big!");
+        } else {
+            // After the reset the body may or may not still be readable; the status is
+            // what classifies the call.
+            let _ = read_all(response).await;
+        }
+        assert_eq!(
+            client.idle(),
+            0,
+            "a connection with a request half written is never reused"
+        );
+    }
+}
+
+/// Attack: `100 Continue` without end. Each interim head is small and used up, so the head
+/// limit never tripped and the call waited for its deadline.
+#[tokio::test]
+async fn endless_interim_heads_are_refused() {
+    let flood: &'static [u8] = Box::leak(
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+            .repeat(10_000)
+            .into_boxed_slice(),
+    );
+    let (port, _requests) = upstream(vec![vec![flood]]).await;
+    let error = tokio::time::timeout(Duration::from_secs(5), client().send(post(port, "{}")))
+        .await
+        .expect("bounded")
+        .unwrap_err();
+    assert!(error.to_string().contains("interim"), "{error}");
+}
+
+/// Attack: `Transfer-Encoding` and `Content-Length` both: read as chunked (as hyper does),
+/// but the connection is not kept (RFC 9112 §6.3: a likely smuggling attempt).
+#[tokio::test]
+async fn a_response_with_both_framings_does_not_keep_its_connection() {
+    let (port, _requests) = upstream(vec![vec![
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ]])
+    .await;
+    let client = client();
+    let response = client.send(post(port, "{}")).await.unwrap();
+    assert_eq!(read_all(response).await.unwrap(), "ok");
+    assert_eq!(client.idle(), 0);
+}
+
+/// Attack: bytes after a `Content-Length` body, at once or a little later while the
+/// connection is idle: the next call must get its own answer, never those bytes.
+#[tokio::test]
+async fn bytes_after_a_body_are_never_the_next_answer() {
+    for pieces in [
+        vec![&b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nEVIL"[..]],
+        vec![
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nEVIL",
+        ],
+    ] {
+        let (port, mut requests) = upstream(vec![
+            pieces,
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood"],
+        ])
+        .await;
+        let client = client();
+        let response = client.send(post(port, "{}")).await.unwrap();
+        assert_eq!(read_all(response).await.unwrap(), "ok");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let response = client.send(post(port, "{}")).await.unwrap();
+        assert_eq!(read_all(response).await.unwrap(), "good");
+        let connections: Vec<usize> = std::iter::from_fn(|| requests.try_recv().ok())
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(connections, [1, 2], "the tainted connection was not reused");
+    }
+}
+
+/// Heads real servers send, and what hyper's client (same parser, default options) made of
+/// them: accepted alike, refused alike.
+#[test]
+fn response_heads_as_hyper_reads_them() {
+    let ok = |head: &[u8]| parse_head(head).map(|h| h.map(|((s, v, _), _)| (s.as_u16(), v)));
+    assert_eq!(
+        ok(b"HTTP/1.1 200\r\n\r\n").unwrap(),
+        Some((200, Version::HTTP_11)),
+        "no reason phrase (uvicorn, some Go servers)"
+    );
+    assert_eq!(
+        ok(b"HTTP/1.1 200 \r\n\r\n").unwrap(),
+        Some((200, Version::HTTP_11))
+    );
+    assert_eq!(
+        ok(b"HTTP/1.1 999 Odd\r\n\r\n").unwrap(),
+        Some((999, Version::HTTP_11))
+    );
+    assert_eq!(
+        ok(b"HTTP/1.0 200 OK\r\n\r\n").unwrap(),
+        Some((200, Version::HTTP_10))
+    );
+    assert_eq!(
+        ok(b"HTTP/1.1 200 OK\nx: 1\n\n").unwrap(),
+        Some((200, Version::HTTP_11)),
+        "bare LF line ends"
+    );
+    for refused in [
+        &b"http/1.1 200 OK\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\nx: 1\r\n continued\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx y: 1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx : 1\r\n\r\n",
+        b"HTTP/1.1 000 Zero\r\n\r\n",
+        b"HTTP/2 200\r\n\r\n",
+    ] {
+        assert!(ok(refused).is_err(), "{}", String::from_utf8_lossy(refused));
+    }
+    // A head cut anywhere is incomplete, never an error.
+    let whole = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n";
+    for cut in 1..whole.len() {
+        assert!(ok(&whole[..cut]).unwrap().is_none(), "cut at {cut}");
+    }
+}
+
+/// A `100 Continue` while the request is still being written is not an early answer: the
+/// write goes on, and the final answer comes once the upstream read everything.
+#[tokio::test]
+async fn an_interim_head_during_the_write_does_not_stop_it() {
+    const SIZE: usize = 32 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    #[expect(clippy::disallowed_methods, reason = "a test's upstream")]
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"\r\n\r\n") {
+            socket.read_exact(&mut byte).await.unwrap();
+            seen.push(byte[0]);
+        }
+        socket
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut body = vec![0u8; SIZE];
+        socket.read_exact(&mut body).await.unwrap();
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nall")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let client = client();
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), client.send(post_large(port, SIZE)))
+            .await
+            .expect("answered")
+            .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(read_all(response).await.unwrap(), "all");
+    assert_eq!(client.idle(), 1, "the request went out whole: kept");
+}

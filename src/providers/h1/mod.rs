@@ -292,15 +292,15 @@ impl Conn {
     /// Whether an idle connection can still carry a request: the upstream has not closed it
     /// and has sent nothing unasked. Looks without waiting.
     fn is_usable(&mut self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            }
-        }
+        // Asks the kernel (`MSG_PEEK`, non-blocking: tokio's sockets are), not tokio's
+        // cached readiness: a close the runtime's I/O driver has not processed yet (a busy
+        // runtime) would otherwise go unseen, and the call would fail on it and be retried
+        // after a backoff. One system call per call that takes an idle connection.
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(
+            socket2::SockRef::from(&self.io).peek(&mut probe),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        )
     }
 }
 

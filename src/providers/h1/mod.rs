@@ -12,7 +12,7 @@
 //! What it speaks: one request at a time per connection, its body sent whole with a
 //! `Content-Length`; a response head parsed by `httparse` (hyper's own parser), interim
 //! `1xx` responses skipped; the body framed by `Content-Length`, `chunked` or the
-//! connection's close ([`framing`]). A connection whose response was read to its end, and
+//! connection's close (`framing.rs`). A connection whose response was read to its end, and
 //! that neither side asked to close, goes back to an idle list and serves the next call.
 //!
 //! `https://` upstreams (which negotiate HTTP/2 with real providers) and HTTP/2 with prior

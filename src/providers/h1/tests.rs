@@ -321,6 +321,16 @@ fn post_large(port: u16, n: usize) -> http::Request<reqwest::Body> {
         .unwrap()
 }
 
+/// Reads a request's head and leaves its body unread.
+async fn read_head_only(socket: &mut TcpStream) {
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !seen.ends_with(b"\r\n\r\n") {
+        socket.read_exact(&mut byte).await.unwrap();
+        seen.push(byte[0]);
+    }
+}
+
 /// An upstream that reads only the request head, answers at once and then, if `close`, closes
 /// with the body unread (which the kernel turns into a reset), else waits without reading.
 async fn early_answer(answer: &'static [u8], close: bool) -> u16 {
@@ -329,12 +339,7 @@ async fn early_answer(answer: &'static [u8], close: bool) -> u16 {
     #[expect(clippy::disallowed_methods, reason = "a test's upstream")]
     tokio::spawn(async move {
         let (mut socket, _) = listener.accept().await.unwrap();
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while !seen.ends_with(b"\r\n\r\n") {
-            socket.read_exact(&mut byte).await.unwrap();
-            seen.push(byte[0]);
-        }
+        read_head_only(&mut socket).await;
         socket.write_all(answer).await.unwrap();
         if close {
             drop(socket);
@@ -492,12 +497,7 @@ async fn an_interim_head_during_the_write_does_not_stop_it() {
     #[expect(clippy::disallowed_methods, reason = "a test's upstream")]
     tokio::spawn(async move {
         let (mut socket, _) = listener.accept().await.unwrap();
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while !seen.ends_with(b"\r\n\r\n") {
-            socket.read_exact(&mut byte).await.unwrap();
-            seen.push(byte[0]);
-        }
+        read_head_only(&mut socket).await;
         socket
             .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
             .await

@@ -631,7 +631,7 @@ async fn calls_past_an_upstreams_stream_limit_open_more_connections() {
 /// like a real one, sends `[DONE]` and the end of the body a little after the usage chunk
 /// that finishes the call. Counts the connections it accepts.
 async fn keep_alive_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let body = wire("openai_stream_ok.sse");
     let text = String::from_utf8(body).unwrap();
     let cut = text.rfind("data: [DONE]").unwrap();
@@ -646,30 +646,10 @@ async fn keep_alive_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
             let (answer, done) = (answer.clone(), done.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
                 loop {
-                    // One request: its head, then its body by content-length.
-                    let head_end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
-                        .unwrap_or(0);
-                    while buf.len() < head_end + length {
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
+                    if read_request(&mut socket, &mut buf).await.is_none() {
+                        return;
                     }
-                    buf.drain(..head_end + length);
                     let sent = async {
                         socket
                             .write_all(

@@ -146,21 +146,21 @@ impl FixtureServer {
     }
 }
 
-async fn answer(mut socket: TcpStream, reply: Reply, seen: Arc<Mutex<Vec<Captured>>>) {
-    socket.set_nodelay(true).unwrap();
-    if let Reply::Drop = reply {
-        return;
-    }
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
+/// Reads one request from `socket`: its head (as sent) and its `Content-Length` body. `buf`
+/// holds what was read past the previous request on the connection, and keeps what is read
+/// past this one. `None` when the connection ends (or fails) before the request is whole.
+pub(crate) async fn read_request(
+    socket: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(String, Vec<u8>)> {
+    let mut chunk = [0u8; 8192];
     let head_end = loop {
-        let n = socket.read(&mut chunk).await.unwrap_or(0);
-        if n == 0 {
-            return;
-        }
-        buf.extend_from_slice(&chunk[..n]);
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
+        }
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
@@ -173,13 +173,25 @@ async fn answer(mut socket: TcpStream, reply: Reply, seen: Arc<Mutex<Vec<Capture
         })
         .unwrap_or(0);
     while buf.len() < head_end + length {
-        let n = socket.read(&mut chunk).await.unwrap_or(0);
-        if n == 0 {
-            break;
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
-    let body = serde_json::from_slice(&buf[head_end..]).unwrap_or(serde_json::Value::Null);
+    let body = buf[head_end..head_end + length].to_vec();
+    buf.drain(..head_end + length);
+    Some((head, body))
+}
+
+async fn answer(mut socket: TcpStream, reply: Reply, seen: Arc<Mutex<Vec<Captured>>>) {
+    socket.set_nodelay(true).unwrap();
+    if let Reply::Drop = reply {
+        return;
+    }
+    let Some((head, body)) = read_request(&mut socket, &mut Vec::new()).await else {
+        return;
+    };
+    let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     seen.lock().unwrap().push(Captured { head, body });
     match reply {
         Reply::Drop => {}

@@ -20,7 +20,7 @@ use duet::{
 };
 use serde_json::{Value, json};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
 };
 
@@ -101,30 +101,11 @@ async fn serve(
     script: &(dyn Fn(usize, usize) -> Option<Answer> + Send + Sync),
 ) {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
     let _ = socket.set_nodelay(true);
     for n in 1.. {
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            match socket.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
-            .unwrap_or(0);
-        while buf.len() < head_end + length {
-            match socket.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-            }
+        if read_request(&mut socket, &mut buf).await.is_none() {
+            return;
         }
-        buf.drain(..head_end + length);
         let Some(answer) = script(c, n) else {
             return;
         };
@@ -146,8 +127,6 @@ async fn serve(
             }
         }
     }
-    // Keep the connection open until the client closes it, counting it as open meanwhile.
-    let _ = socket.read(&mut chunk).await;
 }
 
 /// OpenAI's streamed answer, byte for byte.

@@ -79,6 +79,19 @@ async fn upstream(
     (port, requests)
 }
 
+/// An upstream that answers one request with `answer` and closes the connection.
+async fn answer_once_and_close(answer: &'static [u8]) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    #[expect(clippy::disallowed_methods, reason = "a test's upstream")]
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        read_request(&mut socket).await.unwrap();
+        socket.write_all(answer).await.unwrap();
+    });
+    port
+}
+
 async fn read_all(response: http::Response<Body>) -> Result<String, Error> {
     let mut body = BodyDataStream::new(response.into_body());
     let mut text = Vec::new();
@@ -164,17 +177,7 @@ async fn a_connection_asked_to_close_or_read_to_close_is_not_kept() {
 
 #[tokio::test]
 async fn a_body_delimited_by_close_ends_at_the_close() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    #[expect(clippy::disallowed_methods, reason = "a test's upstream")]
-    tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.unwrap();
-        read_request(&mut socket).await.unwrap();
-        socket
-            .write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
-            .await
-            .unwrap();
-    });
+    let port = answer_once_and_close(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").await;
     let client = client();
     let response = client.send(post(port, "{}")).await.unwrap();
     assert_eq!(read_all(response).await.unwrap(), "until the end");
@@ -194,14 +197,7 @@ async fn a_close_before_the_end_is_an_error() {
         ),
         (b"HTTP/1.1 200 OK\r\ncontent-le", "complete response head"),
     ] {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        #[expect(clippy::disallowed_methods, reason = "a test's upstream")]
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            read_request(&mut socket).await.unwrap();
-            socket.write_all(answer).await.unwrap();
-        });
+        let port = answer_once_and_close(answer).await;
         let error = match client().send(post(port, "{}")).await {
             Ok(response) => read_all(response).await.unwrap_err(),
             Err(e) => e,

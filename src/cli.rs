@@ -44,7 +44,8 @@ Access
   RATE_LIMIT_BURST, AUTH_FAILURE_LIMIT, AUTH_FAILURE_WINDOW_S
   API_KEYS_FILE (TOML: named keys, their rate limits and daily budgets; SIGHUP reloads it)
 Audit and fleet
-  AUDIT_DEADLETTER_PATH, AUDIT_QUEUE_MAX_BYTES, AUDIT_STORE_TEXT [full|none],
+  AUDIT_DEADLETTER_PATH, AUDIT_QUEUE_MAX_BYTES, AUDIT_BATCH_INTERVAL_MS [0..100],
+  AUDIT_STORE_TEXT [full|none],
   AUDIT_RETENTION_DAYS [unset: keep], INSTANCE_ID, INSTANCE_LEASE_S
 Logging
   LOG_FORMAT [json unless on a terminal], RUST_LOG [info]

@@ -581,6 +581,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Arc::new(store.clone()),
         WriterOptions::new(&config.audit_deadletter_path)
             .with_queue_max_bytes(config.audit_queue_max_bytes)
+            .with_batch_interval(config.audit_batch_interval)
             .with_instance_id(instance_id)
             .with_store_text(config.audit_store_text),
         metrics.clone(),

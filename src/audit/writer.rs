@@ -10,11 +10,12 @@
 //!   file instead: a stream is never slowed and a record never dropped.
 //! - One task writes. It takes everything queued, up to `max_batch`, in one `recv_many`, and
 //!   writes it in one transaction; records that arrive meanwhile form the next batch. It
-//!   starts at most one transaction per [`MIN_BATCH_INTERVAL`] (unless a full batch waits):
-//!   an idle service writes each record at once, and a busy one writes a few records per
-//!   transaction instead of one, since each transaction has a fixed cost (measured at 1,450
-//!   runs/s: SQLite took 12 % of duet's CPU with a transaction per record or two, 7 % with
-//!   this pacing). It is short because records waiting here are what a `kill -9` loses.
+//!   starts at most one transaction per batch interval (`AUDIT_BATCH_INTERVAL_MS`, default
+//!   [`DEFAULT_BATCH_INTERVAL`]) unless a full batch waits: an idle service writes each
+//!   record at once, and a busy one writes several records per transaction instead of one,
+//!   since each transaction has a fixed cost (an fsync and a round trip per statement to
+//!   SQLite's thread; see docs/benchmarks.md, "Audit batch interval"). It is short because
+//!   records waiting here are what a `kill -9` loses.
 //! - The queue is bounded by bytes as well as by count (`AUDIT_QUEUE_MAX_BYTES`): a record
 //!   that does not fit is dead-lettered like one that finds the queue full.
 //! - On PostgreSQL two batches are in flight while writes succeed: the next batch's first
@@ -73,9 +74,14 @@ use super::{
 };
 use crate::{config::StoreText, metrics::Metrics};
 
-/// Transactions start at least this far apart while fewer than a full batch wait: records
-/// gather for at most this long (a few milliseconds more in memory, fewer commits).
-pub const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(2);
+/// `AUDIT_BATCH_INTERVAL_MS`'s default: transactions start at least this far apart while
+/// fewer than a full batch wait, so records gather for at most this long (a few milliseconds
+/// more in memory, fewer commits).
+pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The longest batch interval allowed: a run's `running` row must appear within about 100 ms
+/// of its start (contract §8), and the interval is also what a `kill -9` can lose.
+pub const MAX_BATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Longest one batch insert may take before it counts as failed.
 const INSERT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -144,6 +150,9 @@ pub struct WriterOptions {
     /// many records as before start rows existed (each transaction has a fixed cost, an
     /// fsync on SQLite).
     pub max_batch: usize,
+    /// Transactions start at least this far apart unless a full batch waits (see the module
+    /// doc); at most [`MAX_BATCH_INTERVAL`].
+    pub batch_interval: Duration,
     pub retry: RetryPolicy,
     pub deadletter_path: PathBuf,
     /// Batches that may wait for the dead-letter thread before senders append themselves.
@@ -168,6 +177,7 @@ impl WriterOptions {
             queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
             high_water_bytes: DEFAULT_QUEUE_MAX_BYTES / 4 * 3,
             max_batch: 500,
+            batch_interval: DEFAULT_BATCH_INTERVAL,
             retry: RetryPolicy::default(),
             deadletter_path: deadletter_path.into(),
             deadletter_capacity: 1024,
@@ -185,6 +195,13 @@ impl WriterOptions {
     /// Sets the instance id stamped on rows (see [`WriterOptions::instance_id`]).
     pub fn with_instance_id(mut self, id: impl Into<String>) -> WriterOptions {
         self.instance_id = id.into();
+        self
+    }
+
+    /// Sets the batch interval (see [`WriterOptions::batch_interval`]), at most
+    /// [`MAX_BATCH_INTERVAL`].
+    pub fn with_batch_interval(mut self, interval: Duration) -> WriterOptions {
+        self.batch_interval = interval.min(MAX_BATCH_INTERVAL);
         self
     }
 
@@ -365,6 +382,7 @@ impl AuditWriter {
             hold_capacity: options.queue_capacity.max(1),
             metrics,
             max_batch: options.max_batch.max(1),
+            batch_interval: options.batch_interval.min(MAX_BATCH_INTERVAL),
             retry: options.retry,
             drain: inner.drain.clone(),
             abort: inner.abort.clone(),
@@ -617,6 +635,7 @@ struct Task {
     held: Arc<AtomicUsize>,
     metrics: Metrics,
     max_batch: usize,
+    batch_interval: Duration,
     retry: RetryPolicy,
     drain: CancellationToken,
     abort: CancellationToken,
@@ -740,7 +759,7 @@ impl Task {
             self.top_up(&mut incoming);
             let (started, batch, journaled) = self.take(&mut incoming);
             self.set_depth();
-            next_write = tokio::time::Instant::now() + MIN_BATCH_INTERVAL;
+            next_write = tokio::time::Instant::now() + self.batch_interval;
             // Two batches in flight only while writes succeed: once one fails, the writer
             // goes back to one at a time, so retries, the journal and the backlog work as
             // they always have. The new batch starts before the one in flight is settled, so

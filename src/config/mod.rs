@@ -164,6 +164,9 @@ pub struct Config {
     /// Bytes of run records the audit queue may hold (`AUDIT_QUEUE_MAX_BYTES`); a record that
     /// does not fit is dead-lettered, as when the queue is full by count.
     pub audit_queue_max_bytes: usize,
+    /// `AUDIT_BATCH_INTERVAL_MS`: audit transactions start at least this far apart while
+    /// records keep coming (fewer commits, a longer `kill -9` window); 0 to 100 ms.
+    pub audit_batch_interval: Duration,
     pub api_keys: Vec<Secret>,
     /// `API_KEYS_FILE`: where the named keys are (contract §11), read again on `SIGHUP`.
     pub api_keys_file: Option<PathBuf>,
@@ -361,6 +364,7 @@ impl Config {
                 .unwrap_or_else(|| "duet-deadletter.jsonl".into())
                 .into(),
             audit_queue_max_bytes: positive(src, "AUDIT_QUEUE_MAX_BYTES", 64 << 20)?,
+            audit_batch_interval: batch_interval(src)?,
             api_keys: secrets_list(src, "API_KEYS")?,
             admin_token: var(src, "ADMIN_TOKEN").map(Secret::new),
             log_format,

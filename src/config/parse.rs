@@ -53,6 +53,22 @@ pub(super) fn seconds_or(
     Ok(seconds(src, name)?.unwrap_or(Duration::from_secs_f64(default)))
 }
 
+/// `AUDIT_BATCH_INTERVAL_MS`: whole milliseconds, 0 to the writer's maximum.
+pub(super) fn batch_interval(src: &dyn Source) -> Result<Duration, ConfigError> {
+    use crate::audit::writer::{DEFAULT_BATCH_INTERVAL, MAX_BATCH_INTERVAL};
+    const NAME: &str = "AUDIT_BATCH_INTERVAL_MS";
+    let default = u64::try_from(DEFAULT_BATCH_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+    let ms: u64 = parse_or(src, NAME, default, "a whole number of milliseconds")?;
+    let interval = Duration::from_millis(ms);
+    if interval > MAX_BATCH_INTERVAL {
+        return Err(ConfigError::new(
+            NAME,
+            format!("{ms} is more than {} ms", MAX_BATCH_INTERVAL.as_millis()),
+        ));
+    }
+    Ok(interval)
+}
+
 /// A yes/no variable: `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`.
 pub(super) fn flag(
     src: &dyn Source,

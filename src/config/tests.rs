@@ -289,3 +289,19 @@ fn prices_are_unknown_unless_set_and_refused_unless_finite_and_not_negative() {
         assert!(!line.contains('\n'), "{line}");
     }
 }
+
+#[test]
+fn batch_interval_defaults_to_ten_ms_and_refuses_more_than_a_hundred() {
+    assert_eq!(
+        load(&[]).unwrap().audit_batch_interval,
+        Duration::from_millis(10)
+    );
+    let c = load(&[("AUDIT_BATCH_INTERVAL_MS", "0")]).unwrap();
+    assert_eq!(c.audit_batch_interval, Duration::ZERO);
+    let c = load(&[("AUDIT_BATCH_INTERVAL_MS", "100")]).unwrap();
+    assert_eq!(c.audit_batch_interval, Duration::from_millis(100));
+    for bad in ["101", "-1", "2.5", "10ms"] {
+        let e = load(&[("AUDIT_BATCH_INTERVAL_MS", bad)]).unwrap_err();
+        assert_eq!(e.var, "AUDIT_BATCH_INTERVAL_MS", "{bad}");
+    }
+}

@@ -506,10 +506,10 @@ async fn writer_batches_what_is_queued() {
 }
 
 /// A record after a quiet spell is written at once; records that keep arriving are written
-/// at most one transaction per MIN_BATCH_INTERVAL, gathered into batches.
+/// at most one transaction per DEFAULT_BATCH_INTERVAL, gathered into batches.
 #[tokio::test(start_paused = true)]
 async fn writer_paces_transactions_under_steady_load() {
-    use duet::audit::writer::MIN_BATCH_INTERVAL;
+    use duet::audit::writer::DEFAULT_BATCH_INTERVAL;
     let dir = tempfile::tempdir().unwrap();
     let store = FakeStore::failing(0);
     let writer = AuditWriter::start(store.clone(), options(&dir), Metrics::new().unwrap()).unwrap();
@@ -532,12 +532,15 @@ async fn writer_paces_transactions_under_steady_load() {
         "the first record at once"
     );
     for pair in attempts.windows(2) {
-        assert!(pair[1].0 - pair[0].0 >= MIN_BATCH_INTERVAL, "{attempts:?}");
+        assert!(
+            pair[1].0 - pair[0].0 >= DEFAULT_BATCH_INTERVAL,
+            "{attempts:?}"
+        );
     }
     let sizes: Vec<usize> = attempts.iter().map(|a| a.1).collect();
     assert_eq!(sizes.iter().sum::<usize>(), 51);
-    // 50 records over 50 ms in about 50 ms / MIN_BATCH_INTERVAL transactions, not 50.
-    let most = (50 / MIN_BATCH_INTERVAL.as_millis() + 2) as usize;
+    // 50 records over 50 ms in about 50 ms / DEFAULT_BATCH_INTERVAL transactions, not 50.
+    let most = (50 / DEFAULT_BATCH_INTERVAL.as_millis() + 2) as usize;
     assert!(sizes.len() <= most && sizes.len() < 40, "{sizes:?}");
     assert_eq!(attempts.last().map(|a| (a.0, a.1)), Some((quiet, 1)));
     assert_eq!(store.stored().len(), 51);

@@ -205,7 +205,7 @@ async fn readyz_is_503_while_the_queue_is_above_its_high_water_mark() {
     assert_eq!(status, 503);
     assert_eq!(body["audit_queue"], "backlogged");
     gate.add_permits(100);
-    // The writer starts its next transaction at most MIN_BATCH_INTERVAL after the last one.
+    // The writer starts its next transaction at most DEFAULT_BATCH_INTERVAL after the last one.
     for _ in 0..100 {
         if !writer.backlogged() {
             break;

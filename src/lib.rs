@@ -26,6 +26,8 @@
 //! - [`backoff`]: the jittered exponential backoff that model calls and the audit writer
 //!   retry with.
 //! - [`server`]: binding, serving, signals and graceful shutdown.
+//! - [`workers`]: the serving threads, one single-threaded runtime per core, that client
+//!   connections and their runs are served on.
 //! - [`telemetry`]: logging setup, and traces over OTLP when an endpoint is configured.
 //! - [`cli`]: the command line.
 //! - [`healthcheck`]: `duet healthcheck`, the probe of `/healthz` for container images.
@@ -51,6 +53,7 @@ pub mod run;
 pub mod server;
 pub mod sse;
 pub mod telemetry;
+pub mod workers;
 
 /// This build's version, recorded in every run record.
 pub const SERVICE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -22,6 +22,7 @@ use tower::ServiceExt;
 use tracing::{error, info, warn};
 
 use self::connections::{Activity, Caps, Unused, Watch};
+use crate::workers::{Open, Workers};
 use crate::{
     api::{self, AppState, Guard},
     audit::{self, AuditError, AuditSink, AuditWriter, Store, WriterOptions},
@@ -99,6 +100,8 @@ pub struct Server {
     pub tracker: TaskTracker,
     pub state: AppState,
     task: JoinHandle<std::io::Result<()>>,
+    /// The serving threads, when connections are served on them (`duet serve`).
+    workers: Option<Arc<Workers>>,
 }
 
 impl Server {
@@ -108,7 +111,27 @@ impl Server {
         Server::start_on(listener, parts)
     }
 
+    /// Serves on `listener`, connections on the caller's runtime.
     pub fn start_on(listener: TcpListener, parts: Parts) -> Result<Server, ServeError> {
+        Server::start_serving(listener, parts, None)
+    }
+
+    /// Serves on `listener`, each connection (and the runs it starts) on one of `workers`'
+    /// threads (see [`crate::workers`]); the rest stays on the caller's runtime. The threads
+    /// are stopped once the server has drained.
+    pub fn start_on_threads(
+        listener: TcpListener,
+        parts: Parts,
+        workers: Workers,
+    ) -> Result<Server, ServeError> {
+        Server::start_serving(listener, parts, Some(Arc::new(workers)))
+    }
+
+    fn start_serving(
+        listener: TcpListener,
+        parts: Parts,
+        workers: Option<Arc<Workers>>,
+    ) -> Result<Server, ServeError> {
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -186,15 +209,20 @@ impl Server {
             shutdown.clone(),
             caps,
             state.metrics.clone(),
-            ConnectionSettings::of(&config),
+            ConnectionSettings::of(&config, workers.clone()),
         ));
-        info!(%addr, "listening");
+        info!(
+            %addr,
+            serving_threads = workers.as_ref().map_or(0, |w| w.len()),
+            "listening"
+        );
         Ok(Server {
             addr,
             shutdown,
             tracker,
             state,
             task,
+            workers,
         })
     }
 
@@ -221,6 +249,10 @@ impl Server {
             .is_err()
         {
             warn!("some run tasks did not end in time; going on with the shutdown");
+        }
+        // The accept loop, the only other holder, has ended.
+        if let Some(workers) = self.workers.and_then(Arc::into_inner) {
+            workers.stop().await;
         }
         served?;
         Ok(())
@@ -251,23 +283,26 @@ fn spawn_housekeeping(
 /// The first bytes of an HTTP/2 connection with prior knowledge (h2c), RFC 9113 §3.4.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// How the accept loop treats connections, from the configuration.
+/// How the accept loop treats connections, from the configuration, and where it serves them.
 struct ConnectionSettings {
     header_read_timeout: Duration,
     write_timeout: Duration,
     first_request_timeout: Duration,
     http2_idle_timeout: Duration,
     hard_stop: Duration,
+    /// The serving threads; `None`: connections are served on the accept loop's runtime.
+    workers: Option<Arc<Workers>>,
 }
 
 impl ConnectionSettings {
-    fn of(config: &Config) -> Self {
+    fn of(config: &Config, workers: Option<Arc<Workers>>) -> Self {
         ConnectionSettings {
             header_read_timeout: config.header_read_timeout,
             write_timeout: config.client_write_timeout,
             first_request_timeout: config.first_request_timeout,
             http2_idle_timeout: config.http2_idle_timeout,
             hard_stop: config.shutdown_grace + HARD_STOP_MARGIN,
+            workers,
         }
     }
 }
@@ -352,8 +387,34 @@ async fn accept_loop(
         };
         let (write_timeout, http2_idle_timeout) =
             (settings.write_timeout, settings.http2_idle_timeout);
-        tracker.spawn(connections.track_future(async move {
+        // With serving threads, the socket is handed over as a plain one and registered
+        // again on the thread that serves it: a tokio socket stays with the reactor it was
+        // made on, and every event on it would wake the accept loop's runtime first.
+        let (incoming, thread) = match &settings.workers {
+            None => (Incoming::Here(stream), None),
+            Some(workers) => match stream.into_std() {
+                Ok(socket) => {
+                    let (handle, open) = workers.pick();
+                    (Incoming::Handed(socket, open), Some(handle.clone()))
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot hand a connection to a serving thread");
+                    continue;
+                }
+            },
+        };
+        let connection = connections.track_future(async move {
             let _admitted = admitted;
+            let (stream, _open) = match incoming {
+                Incoming::Here(stream) => (stream, None),
+                Incoming::Handed(socket, open) => match tokio::net::TcpStream::from_std(socket) {
+                    Ok(stream) => (stream, Some(open)),
+                    Err(e) => {
+                        warn!(error = %e, "cannot serve a connection on its serving thread");
+                        return;
+                    }
+                },
+            };
             // A client that sends nothing at all is cut off at its first-request deadline,
             // and does not hold up a shutdown (bytes already waiting still count).
             let sniff = tokio::time::timeout_at(first_request_by, opens_with_h2(&stream));
@@ -398,7 +459,11 @@ async fn accept_loop(
                 let conn = std::pin::pin!(http1.serve_connection(io, service));
                 connections::drive(conn, watch).await;
             }
-        }));
+        });
+        match thread {
+            Some(handle) => tracker.spawn_on(connection, &handle),
+            None => tracker.spawn(connection),
+        };
     }
     drop(listener);
     connections.close();
@@ -408,6 +473,14 @@ async fn accept_loop(
         warn!("connections still open after the grace period; closing them");
     }
     Ok(())
+}
+
+/// An accepted connection on its way to the task that serves it.
+enum Incoming {
+    /// Served on the accept loop's runtime.
+    Here(tokio::net::TcpStream),
+    /// Handed to a serving thread, counted there while it is open.
+    Handed(std::net::TcpStream, Open),
 }
 
 /// Whether a new connection opens with the HTTP/2 preface. It looks with `MSG_PEEK`, so the
@@ -590,6 +663,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .audit_retention_days
         .map(|days| audit::purge::Purger::start(store.clone(), days, metrics.clone()));
     // The writer counts into this registry, so the server must expose the same one.
+    let config_threads = config.serve_threads;
     let started = Parts::from_config(config, Arc::new(writer.clone())).map(|parts| Parts {
         store: Some(store.clone()),
         instance: Some(instance.claim()),
@@ -597,7 +671,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         ..parts
     });
     let server = match started {
-        Ok(parts) => Server::start_on(listener, parts),
+        Ok(parts) => match config_threads {
+            0 => Server::start_on(listener, parts),
+            n => Workers::start(n)
+                .map_err(ServeError::from)
+                .and_then(|workers| Server::start_on_threads(listener, parts, workers)),
+        },
         Err(e) => Err(e),
     };
     let served = match server {

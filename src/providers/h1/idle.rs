@@ -1,7 +1,11 @@
 //! Idle upstream connections, kept for the next call.
 
 use std::{
-    sync::Mutex,
+    num::NonZeroUsize,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -15,25 +19,54 @@ const MAX_IDLE: usize = 256;
 /// request is sent on it fails that call.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Oldest first. No task watches them: a connection the upstream closed, or that outlived
+/// Idle connections, each with the time it was put back, oldest first.
+type List = Vec<(Conn, Instant)>;
+
+/// One list per serving thread (`crate::workers`), oldest first in each, plus one for every
+/// other thread. A connection is registered with the reactor of the thread that opened it,
+/// so it goes back to that thread's list and is taken from there: used from another thread,
+/// each of its reads would wake the opener's thread first, then this one.
+///
+/// No task watches them: a connection the upstream closed, or that outlived
 /// [`IDLE_TIMEOUT`], is found and closed when a call would take it, and the old ones are
 /// swept whenever a connection is put back; so without any calls at all, up to
 /// [`MAX_IDLE`] closed sockets may wait for the next call.
-#[derive(Default)]
 pub(super) struct IdleList {
-    conns: Mutex<Vec<(Conn, Instant)>>,
+    lists: Box<[Mutex<List>]>,
+    /// Connections in all lists together, at most [`MAX_IDLE`].
+    total: AtomicUsize,
+}
+
+impl Default for IdleList {
+    fn default() -> Self {
+        // One per core (the serving threads' default) and one for the other threads; more
+        // serving threads than that share lists, which is still correct.
+        let threads = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        IdleList {
+            lists: (0..=threads).map(|_| Mutex::default()).collect(),
+            total: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl IdleList {
     pub(super) fn len(&self) -> usize {
-        self.conns.lock().map_or(0, |c| c.len())
+        self.total.load(Ordering::Relaxed)
     }
 
-    /// The most recently used connection that is still open, if any.
+    /// This thread's list.
+    fn list(&self) -> &Mutex<List> {
+        let index = crate::workers::current().map_or(0, |i| i + 1) % self.lists.len();
+        &self.lists[index]
+    }
+
+    /// The most recently used connection of this thread that is still open, if any.
     pub(super) fn take(&self) -> Option<Conn> {
+        let list = self.list();
         loop {
             // Popped under the lock, checked and (if closed) dropped outside it.
-            let (mut conn, since) = self.conns.lock().ok()?.pop()?;
+            let (mut conn, since) = list.lock().ok()?.pop()?;
+            self.total.fetch_sub(1, Ordering::Relaxed);
             if since.elapsed() < IDLE_TIMEOUT && conn.is_usable() {
                 return Some(conn);
             }
@@ -41,7 +74,7 @@ impl IdleList {
     }
 
     pub(super) fn put(&self, conn: Conn) {
-        let Ok(mut conns) = self.conns.lock() else {
+        let Ok(mut conns) = self.list().lock() else {
             return;
         };
         let expired = conns
@@ -49,10 +82,12 @@ impl IdleList {
             .take_while(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
             .count();
         let expired: Vec<_> = conns.drain(..expired).collect();
-        let refused = if conns.len() < MAX_IDLE {
+        self.total.fetch_sub(expired.len(), Ordering::Relaxed);
+        let refused = if self.total.fetch_add(1, Ordering::Relaxed) < MAX_IDLE {
             conns.push((conn, Instant::now()));
             None
         } else {
+            self.total.fetch_sub(1, Ordering::Relaxed);
             Some(conn)
         };
         drop(conns);

@@ -305,3 +305,15 @@ fn batch_interval_defaults_to_ten_ms_and_refuses_more_than_a_hundred() {
         assert_eq!(e.var, "AUDIT_BATCH_INTERVAL_MS", "{bad}");
     }
 }
+
+#[test]
+fn serve_threads_default_to_one_per_core_and_zero_means_the_main_runtime() {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    assert_eq!(load(&[]).unwrap().serve_threads, cores);
+    assert_eq!(load(&[("SERVE_THREADS", "0")]).unwrap().serve_threads, 0);
+    assert_eq!(load(&[("SERVE_THREADS", "16")]).unwrap().serve_threads, 16);
+    for bad in ["1025", "-1", "two"] {
+        let e = load(&[("SERVE_THREADS", bad)]).unwrap_err();
+        assert_eq!(e.var, "SERVE_THREADS", "{bad}");
+    }
+}

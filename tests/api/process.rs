@@ -119,3 +119,70 @@ async fn secrets_never_reach_the_logs() {
     assert!(!log.contains(KEY), "client key leaked into logs");
     assert!(!log.contains(ADMIN), "admin token leaked into logs");
 }
+
+/// `duet serve` relaying a real HTTP/1.1 upstream (`duet mock-provider`, OpenAI format) with
+/// `SERVE_THREADS` = `threads`: three rounds of 24 streams at once over kept client
+/// connections, each stream whole and `ok`, one `ok` row per run, then SIGTERM and exit 0.
+/// Returns the process's log.
+async fn relay_rounds(threads: &str) -> String {
+    let mock = start_mock(duet::devtools::mock::MockConfig {
+        ttft: Duration::from_millis(20),
+        token_interval: Duration::from_millis(2),
+        tokens: 8,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!("http://{mock}/v1");
+    let mut child = duet_command(dir.path())
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("SERVE_THREADS", threads)
+        .env("FLASH_PROVIDER", "openai")
+        .env("PRO_PROVIDER", "openai")
+        .env("FLASH_BASE_URL", &base)
+        .env("PRO_BASE_URL", &base)
+        .env("FLASH_API_KEY", "mock")
+        .env("PRO_API_KEY", "mock")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (addr, log) = listening(&mut child);
+    let client = reqwest::Client::new();
+    for round in 0..3 {
+        let streams = (0..24).map(|i| {
+            let request = client
+                .post(format!("http://{addr}/query/stream"))
+                .json(&json!({"query": format!("q{round}-{i}"), "deltas": true}))
+                .send();
+            async move { read_events(request.await.unwrap()).await }
+        });
+        for events in futures::future::join_all(streams).await {
+            check_invariants(&events);
+            assert_eq!(done(&events)["status"], "ok", "{events:?}");
+        }
+    }
+    assert_eq!(terminate(child).await, Some(0));
+    let url = format!("sqlite://{}", dir.path().join("duet.db").display());
+    let store = duet::audit::Store::connect(&url).await.unwrap();
+    assert_eq!(crate::db::count(&store, "dual_runs").await, 72);
+    let ok = crate::db::text(
+        &store,
+        "SELECT CAST(COUNT(*) AS TEXT) FROM dual_runs WHERE status = 'ok'",
+    )
+    .await;
+    assert_eq!(ok.as_deref(), Some("72"), "one ok row per run");
+    log.join().unwrap()
+}
+
+#[tokio::test]
+async fn serving_threads_relay_concurrent_streams_and_stop_on_sigterm() {
+    let log = relay_rounds("3").await;
+    assert!(log.contains("\"serving_threads\":3"), "{log}");
+}
+
+#[tokio::test]
+async fn without_serving_threads_the_main_runtime_serves() {
+    let log = relay_rounds("0").await;
+    assert!(log.contains("\"serving_threads\":0"), "{log}");
+}

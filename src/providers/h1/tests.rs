@@ -517,3 +517,59 @@ async fn an_interim_head_during_the_write_does_not_stop_it() {
     assert_eq!(read_all(response).await.unwrap(), "all");
     assert_eq!(client.idle(), 1, "the request went out whole: kept");
 }
+
+/// A connection goes back to the idle list of the serving thread that opened it and is taken
+/// only there (a socket stays with the reactor that opened it); threads outside the serving
+/// threads share a list of their own.
+#[tokio::test]
+async fn an_idle_connection_serves_only_the_thread_that_opened_it() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    // Every request on every connection is answered; each answer names its connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&opened);
+    #[expect(clippy::disallowed_methods, reason = "a test's upstream")]
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let number = counter.fetch_add(1, Ordering::Relaxed) + 1;
+            #[expect(clippy::disallowed_methods, reason = "a test's upstream")]
+            tokio::spawn(async move {
+                while read_request(&mut socket).await.is_some() {
+                    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n{number}");
+                    if socket.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let client = client();
+    let workers = crate::workers::Workers::start(2).unwrap();
+    let (first, _a) = workers.pick();
+    let (second, _b) = workers.pick();
+    let call = |handle: &tokio::runtime::Handle| {
+        let client = client.clone();
+        let call = handle.spawn(async move {
+            let response = client.send(post(port, "{}")).await.unwrap();
+            read_all(response).await.unwrap()
+        });
+        async move { call.await.unwrap() }
+    };
+    assert_eq!(call(first).await, "1");
+    assert_eq!(client.idle(), 1);
+    assert_eq!(call(second).await, "2", "not the first thread's connection");
+    assert_eq!(client.idle(), 2);
+    assert_eq!(call(first).await, "1");
+    assert_eq!(call(second).await, "2");
+    // This test's own thread is not a serving thread: a list of its own.
+    let response = client.send(post(port, "{}")).await.unwrap();
+    assert_eq!(read_all(response).await.unwrap(), "3");
+    assert_eq!(client.idle(), 3);
+    assert_eq!(opened.load(Ordering::Relaxed), 3);
+    workers.stop().await;
+}

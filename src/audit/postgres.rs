@@ -29,11 +29,16 @@ pub(super) const DIALECT: Dialect<PgRow> = Dialect {
 
 /// A pool that connects on first use.
 pub(super) fn connect_lazy(url: &str, acquire_timeout: Duration) -> Result<PgPool> {
-    PgPoolOptions::new()
+    use sqlx::ConnectOptions;
+    let options = url
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .map_err(AuditError::Connect)?
+        // As on SQLite (see `sqlite::SqliteStore::connect_lazy`): slow statements only.
+        .log_statements(log::LevelFilter::Off);
+    Ok(PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(acquire_timeout)
-        .connect_lazy(url)
-        .map_err(AuditError::Connect)
+        .connect_lazy_with(options))
 }
 
 /// A whole batch in one statement: start rows and

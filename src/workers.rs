@@ -9,12 +9,16 @@
 //! a run's sockets, timers and task state move between cores. On a serving thread a
 //! connection's socket, its run's upstream sockets (see `providers::h1`'s idle lists, kept
 //! per serving thread) and its timers are all registered with the one thread's reactor, so
-//! an event wakes that thread and no other. docs/benchmarks.md, "Serving threads", has what
-//! it bought.
+//! an event wakes that thread and no other.
 //!
 //! The cost is that nothing is stolen: a thread with more work than its neighbour keeps it.
 //! New connections go to the thread with the fewest open ones, which keeps them even for
 //! the long-lived streams duet serves.
+//!
+//! Off unless `SERVE_THREADS` is set: on the relay benchmark it costs less CPU per run and
+//! gives a lower first-token p99 at moderate load, but more CPU per run at saturation, where
+//! the audit writer (on the main runtime) keeps its pace instead of being slowed into large,
+//! cheap batches (docs/benchmarks.md, "Serving threads").
 //!
 //! Everything else (the accept loop, the audit writer, housekeeping, LISTEN/NOTIFY, the key
 //! file's reloads) stays on the main runtime.

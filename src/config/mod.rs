@@ -168,8 +168,8 @@ pub struct Config {
     /// records keep coming (fewer commits, a longer `kill -9` window); 0 to 100 ms.
     pub audit_batch_interval: Duration,
     /// `SERVE_THREADS`: how many serving threads (single-threaded runtimes) client
-    /// connections and their runs are spread over; 0 serves them on the main runtime.
-    /// Default: one per core.
+    /// connections and their runs are spread over; 0 (the default) serves them on the main
+    /// runtime.
     pub serve_threads: usize,
     pub api_keys: Vec<Secret>,
     /// `API_KEYS_FILE`: where the named keys are (contract §11), read again on `SIGHUP`.
@@ -369,12 +369,7 @@ impl Config {
                 .into(),
             audit_queue_max_bytes: positive(src, "AUDIT_QUEUE_MAX_BYTES", 64 << 20)?,
             audit_batch_interval: batch_interval(src)?,
-            serve_threads: match parse_or(
-                src,
-                "SERVE_THREADS",
-                default_serve_threads(),
-                "a number",
-            )? {
+            serve_threads: match parse_or(src, "SERVE_THREADS", 0, "a number")? {
                 n if n > 1024 => {
                     return Err(ConfigError::new(
                         "SERVE_THREADS",

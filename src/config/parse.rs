@@ -53,11 +53,6 @@ pub(super) fn seconds_or(
     Ok(seconds(src, name)?.unwrap_or(Duration::from_secs_f64(default)))
 }
 
-/// `SERVE_THREADS`'s default: one serving thread per core this process may use.
-pub(super) fn default_serve_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-}
-
 /// `AUDIT_BATCH_INTERVAL_MS`: whole milliseconds, 0 to the writer's maximum.
 pub(super) fn batch_interval(src: &dyn Source) -> Result<Duration, ConfigError> {
     use crate::audit::writer::{DEFAULT_BATCH_INTERVAL, MAX_BATCH_INTERVAL};

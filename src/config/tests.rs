@@ -307,10 +307,9 @@ fn batch_interval_defaults_to_ten_ms_and_refuses_more_than_a_hundred() {
 }
 
 #[test]
-fn serve_threads_default_to_one_per_core_and_zero_means_the_main_runtime() {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    assert_eq!(load(&[]).unwrap().serve_threads, cores);
-    assert_eq!(load(&[("SERVE_THREADS", "0")]).unwrap().serve_threads, 0);
+fn serve_threads_are_off_unless_set() {
+    assert_eq!(load(&[]).unwrap().serve_threads, 0);
+    assert_eq!(load(&[("SERVE_THREADS", "2")]).unwrap().serve_threads, 2);
     assert_eq!(load(&[("SERVE_THREADS", "16")]).unwrap().serve_threads, 16);
     for bad in ["1025", "-1", "two"] {
         let e = load(&[("SERVE_THREADS", bad)]).unwrap_err();

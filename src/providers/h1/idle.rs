@@ -33,7 +33,7 @@ type List = Vec<(Conn, Instant)>;
 /// [`MAX_IDLE`] closed sockets may wait for the next call.
 pub(super) struct IdleList {
     lists: Box<[Mutex<List>]>,
-    /// Connections in all lists together, at most [`MAX_IDLE`].
+    /// Connections in all lists together (each list holds at most [`MAX_IDLE`]).
     total: AtomicUsize,
 }
 
@@ -83,11 +83,11 @@ impl IdleList {
             .count();
         let expired: Vec<_> = conns.drain(..expired).collect();
         self.total.fetch_sub(expired.len(), Ordering::Relaxed);
-        let refused = if self.total.fetch_add(1, Ordering::Relaxed) < MAX_IDLE {
+        let refused = if conns.len() < MAX_IDLE {
             conns.push((conn, Instant::now()));
+            self.total.fetch_add(1, Ordering::Relaxed);
             None
         } else {
-            self.total.fetch_sub(1, Ordering::Relaxed);
             Some(conn)
         };
         drop(conns);

@@ -291,10 +291,10 @@ fn prices_are_unknown_unless_set_and_refused_unless_finite_and_not_negative() {
 }
 
 #[test]
-fn batch_interval_defaults_to_ten_ms_and_refuses_more_than_a_hundred() {
+fn batch_interval_defaults_to_two_ms_and_refuses_more_than_a_hundred() {
     assert_eq!(
         load(&[]).unwrap().audit_batch_interval,
-        Duration::from_millis(10)
+        Duration::from_millis(2)
     );
     let c = load(&[("AUDIT_BATCH_INTERVAL_MS", "0")]).unwrap();
     assert_eq!(c.audit_batch_interval, Duration::ZERO);

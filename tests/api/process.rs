@@ -51,8 +51,19 @@ fn bad_cors_origin_stops_with_one_line_naming_it() {
 
 #[tokio::test]
 async fn sigterm_ends_open_streams_with_done_and_exits_zero() {
+    sigterm_with_an_open_stream("0").await;
+}
+
+#[tokio::test]
+async fn sigterm_ends_open_streams_on_serving_threads_too() {
+    sigterm_with_an_open_stream("2").await;
+}
+
+/// One stream still waiting for Pro when SIGTERM comes, with `SERVE_THREADS` = `threads`.
+async fn sigterm_with_an_open_stream(threads: &str) {
     let mut child = duet()
         .env("BIND_ADDR", "127.0.0.1:0")
+        .env("SERVE_THREADS", threads)
         .env("SIMULATED_PRO_TTFT_S", "60")
         .env("PRO_TIMEOUT_S", "120")
         .env("SHUTDOWN_GRACE_S", "0.5")

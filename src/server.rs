@@ -650,15 +650,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         ),
         Err(e) => error!(error = %e, "cannot replay the audit journal; run `duet audit replay`"),
     }
-    let writer = AuditWriter::start(
-        Arc::new(store.clone()),
-        WriterOptions::new(&config.audit_deadletter_path)
-            .with_queue_max_bytes(config.audit_queue_max_bytes)
-            .with_batch_interval(config.audit_batch_interval)
-            .with_instance_id(instance_id)
-            .with_store_text(config.audit_store_text),
-        metrics.clone(),
-    )?;
+    let options = WriterOptions::new(&config.audit_deadletter_path)
+        .with_queue_max_bytes(config.audit_queue_max_bytes)
+        .with_batch_interval(config.audit_batch_interval)
+        .with_instance_id(instance_id)
+        .with_store_text(config.audit_store_text);
+    // On SQLite the writer gets a thread of its own, out of the streams' way (see
+    // `WriterOptions::with_own_thread`); PostgreSQL's connections belong to this runtime.
+    let options = match &store {
+        Store::Sqlite(_) => options.with_own_thread(),
+        Store::Postgres(_) => options,
+    };
+    let writer = AuditWriter::start(Arc::new(store.clone()), options, metrics.clone())?;
     let purger = config
         .audit_retention_days
         .map(|days| audit::purge::Purger::start(store.clone(), days, metrics.clone()));

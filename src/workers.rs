@@ -41,8 +41,9 @@ thread_local! {
     static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// The serving thread this code runs on (0, 1, …), `None` on any other thread: the main
-/// runtime, the blocking pool, tests.
+/// The serving thread this code runs on (0, 1, …; or the index of the thread of any other
+/// [`Workers`], such as the audit writer's), `None` on any other thread: the main runtime, the
+/// blocking pool, tests.
 pub fn current() -> Option<usize> {
     CURRENT.with(Cell::get)
 }
@@ -75,6 +76,11 @@ impl Drop for Open {
 impl Workers {
     /// Starts `count` serving threads (at least one), named `duet-serve-N`.
     pub fn start(count: usize) -> io::Result<Workers> {
+        Workers::start_named(count, "duet-serve")
+    }
+
+    /// Starts `count` threads (at least one) named `NAME-N`, each a single-threaded runtime.
+    pub fn start_named(count: usize, name: &str) -> io::Result<Workers> {
         let mut workers = Workers {
             threads: Vec::with_capacity(count.max(1)),
         };
@@ -85,7 +91,7 @@ impl Workers {
             let handle = runtime.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
             let thread = thread::Builder::new()
-                .name(format!("duet-serve-{index}"))
+                .name(format!("{name}-{index}"))
                 .spawn(move || {
                     CURRENT.with(|c| c.set(Some(index)));
                     // The runtime runs its tasks while this waits. A dropped sender (the

@@ -952,3 +952,42 @@ async fn replay_while_appending_loses_nothing() {
     duet::audit::replay::replay(&db.store, &path).await.unwrap();
     assert_eq!(db::count(&db.store, "dual_runs").await, N as i64);
 }
+
+/// The names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
+/// With a thread of its own (as `duet serve` runs it on SQLite), the writer writes every
+/// record from there, drains on shutdown, and its thread is gone afterwards.
+#[tokio::test]
+async fn a_writer_on_its_own_thread_writes_everything_and_stops_the_thread() {
+    let db = db::sqlite().await;
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(
+        Arc::new(db.store.clone()),
+        options(&db.dir).with_own_thread(),
+        metrics.clone(),
+    )
+    .unwrap();
+    assert!(thread_names().iter().any(|n| n == "duet-audit-0"));
+    for i in 0..300 {
+        writer.submit(record(i));
+        if i % 50 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    writer.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(count(&db.store, "dual_runs").await, 300);
+    assert_eq!(writes(&metrics, "ok"), 300);
+    assert!(dead_letters(&db.dir.path().join("deadletter.jsonl")).is_empty());
+    assert!(
+        !thread_names().iter().any(|n| n == "duet-audit-0"),
+        "{:?}",
+        thread_names()
+    );
+}

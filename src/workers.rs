@@ -15,10 +15,12 @@
 //! New connections go to the thread with the fewest open ones, which keeps them even for
 //! the long-lived streams duet serves.
 //!
-//! Off unless `SERVE_THREADS` is set: on the relay benchmark it costs less CPU per run and
-//! gives a lower first-token p99 at moderate load, but more CPU per run at saturation, where
-//! the audit writer (on the main runtime) keeps its pace instead of being slowed into large,
-//! cheap batches (docs/benchmarks.md, "Serving threads").
+//! Off unless `SERVE_THREADS` is set: on the relay benchmark it costs less CPU per run at
+//! moderate load, but a little more at saturation (docs/benchmarks.md, "Serving threads and
+//! the audit batch interval").
+//!
+//! The audit writer on SQLite runs on a [`Workers`] thread of its own as well
+//! (`audit::writer::WriterOptions::with_own_thread`).
 //!
 //! Everything else (the accept loop, the audit writer, housekeeping, LISTEN/NOTIFY, the key
 //! file's reloads) stays on the main runtime.

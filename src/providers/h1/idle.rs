@@ -11,8 +11,8 @@ use std::{
 
 use super::Conn;
 
-/// Idle connections kept per upstream at most (hyper's pool kept as many): past it a
-/// finished call's connection is closed.
+/// Idle connections kept at most per upstream and per list, that is per serving thread
+/// (hyper's pool kept as many per upstream): past it a finished call's connection is closed.
 const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than used: upstreams close their own
 /// idle connections after a while (often 60–120 s), and one closed in the very moment a

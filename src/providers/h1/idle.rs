@@ -2,10 +2,7 @@
 
 use std::{
     num::NonZeroUsize,
-    sync::{
-        Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -33,8 +30,6 @@ type List = Vec<(Conn, Instant)>;
 /// [`MAX_IDLE`] closed sockets may wait for the next call.
 pub(super) struct IdleList {
     lists: Box<[Mutex<List>]>,
-    /// Connections in all lists together (each list holds at most [`MAX_IDLE`]).
-    total: AtomicUsize,
 }
 
 impl Default for IdleList {
@@ -44,14 +39,17 @@ impl Default for IdleList {
         let threads = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         IdleList {
             lists: (0..=threads).map(|_| Mutex::default()).collect(),
-            total: AtomicUsize::new(0),
         }
     }
 }
 
 impl IdleList {
+    /// Connections in all lists together (each holds at most [`MAX_IDLE`]).
     pub(super) fn len(&self) -> usize {
-        self.total.load(Ordering::Relaxed)
+        self.lists
+            .iter()
+            .map(|list| list.lock().map_or(0, |c| c.len()))
+            .sum()
     }
 
     /// This thread's list.
@@ -66,7 +64,6 @@ impl IdleList {
         loop {
             // Popped under the lock, checked and (if closed) dropped outside it.
             let (mut conn, since) = list.lock().ok()?.pop()?;
-            self.total.fetch_sub(1, Ordering::Relaxed);
             if since.elapsed() < IDLE_TIMEOUT && conn.is_usable() {
                 return Some(conn);
             }
@@ -82,10 +79,8 @@ impl IdleList {
             .take_while(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
             .count();
         let expired: Vec<_> = conns.drain(..expired).collect();
-        self.total.fetch_sub(expired.len(), Ordering::Relaxed);
         let refused = if conns.len() < MAX_IDLE {
             conns.push((conn, Instant::now()));
-            self.total.fetch_add(1, Ordering::Relaxed);
             None
         } else {
             Some(conn)

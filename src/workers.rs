@@ -81,21 +81,28 @@ impl Workers {
         Workers::start_named(count, "duet-serve")
     }
 
-    /// Starts `count` threads (at least one) named `NAME-N`, each a single-threaded runtime.
+    /// Starts `count` threads (at least one) named `NAME-N`, each a single-threaded runtime,
+    /// and returns once every one of them runs.
     pub fn start_named(count: usize, name: &str) -> io::Result<Workers> {
         let mut workers = Workers {
             threads: Vec::with_capacity(count.max(1)),
         };
+        // Each thread says when it runs, so that the caller never sees a thread that is not
+        // there yet (its name, its index): a wait of microseconds, once, at start.
+        let (running, started) = std::sync::mpsc::channel::<()>();
         for index in 0..count.max(1) {
             let runtime = runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let handle = runtime.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
+            let running = running.clone();
             let thread = thread::Builder::new()
                 .name(format!("{name}-{index}"))
                 .spawn(move || {
                     CURRENT.with(|c| c.set(Some(index)));
+                    let _ = running.send(());
+                    drop(running);
                     // The runtime runs its tasks while this waits. A dropped sender (the
                     // `Workers` gone without `stop`) ends it as well.
                     runtime.block_on(async {
@@ -111,6 +118,9 @@ impl Workers {
                 thread: Some(thread),
             });
         }
+        drop(running);
+        // Every thread sends once, or drops its sender if it died before: never a hang.
+        while started.recv().is_ok() {}
         Ok(workers)
     }
 

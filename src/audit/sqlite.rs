@@ -27,7 +27,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use sqlx::{
-    QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool,
+    QueryBuilder, Row, Sqlite, SqlitePool,
     pool::PoolConnection,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -94,7 +94,15 @@ pub(super) fn format_time(t: &DateTime<Utc>) -> String {
 /// and fails when it is not, which sends the records to retry and dead-letter instead.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
+    /// Reads, migrations and the service's other statements.
     pool: SqlitePool,
+    /// The audit writer's batches: one connection, always the same, so its page cache stays
+    /// valid between commits. Taking whichever connection the shared pool handed out next
+    /// meant a different connection for each batch (the pool's idle queue is first in,
+    /// first out), and a connection that did not make the last commit finds the WAL changed
+    /// and reads the pages it needs again: 24 `pread`s per commit, measured
+    /// (docs/benchmarks.md, "One writer connection").
+    writer: SqlitePool,
     file: Arc<SqliteFile>,
 }
 
@@ -117,6 +125,12 @@ impl std::ops::Deref for SqliteStore {
 impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Closes both pools, waiting for their connections to return.
+    pub(super) async fn close(&self) {
+        self.writer.close().await;
+        self.pool.close().await;
     }
 
     /// The database file, or `None` for an in-memory database.
@@ -151,13 +165,23 @@ impl SqliteStore {
             // small insert's; slow statements are still logged (`warn`, over 1 s).
             .log_statements(log::LevelFilter::Off);
         let path = sqlite_path(&options);
-        // One writer at a time is all SQLite allows; the other connections serve reads.
+        // One writer at a time is all SQLite allows, so the audit writer's pool holds one
+        // connection. Built from the same options, an in-memory database's pools share it
+        // (sqlx names it once, at parse time, and opens it with a shared cache).
+        // No ping before each batch (a round trip to the connection's thread): a broken
+        // connection fails the batch's BEGIN instead, which is retried on a new one.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .acquire_timeout(acquire_timeout)
+            .connect_lazy_with(options.clone());
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(3)
             .acquire_timeout(acquire_timeout)
             .connect_lazy_with(options);
         Ok(SqliteStore {
             pool,
+            writer,
             file: Arc::new(SqliteFile {
                 path,
                 opened: OnceLock::new(),
@@ -231,27 +255,30 @@ pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Resul
     // A write into a file that is no longer at the path would be lost: do not start one.
     store.check_file()?;
     let mut conn = WriteConn {
-        conn: store.pool().acquire().await?,
+        conn: store.writer.acquire().await?,
         clean: false,
     };
     // IMMEDIATE takes the write lock now, so a busy database fails here (and is retried)
     // rather than at COMMIT. A BEGIN that fails because a transaction is already open
     // would also catch a poisoned connection, should one ever reach the pool.
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *conn.conn)
-        .await?;
-    let result = match insert_started(&mut conn.conn, batch).await {
-        Ok(()) => insert_rows(&mut conn.conn, batch.instance_id, &batch.records).await,
-        Err(e) => Err(e),
-    };
-    let result = match result {
-        Ok(written) => sqlx::query("COMMIT")
-            .execute(&mut *conn.conn)
-            .await
-            .map(|_| written)
-            .map_err(Into::into),
-        Err(e) => Err(e),
-    };
+    let mut sql = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
+    push_started(&mut sql, batch);
+    push_rows(&mut sql, batch.instance_id, &batch.records);
+    sql.push("COMMIT");
+    // The whole transaction is one query of several statements: one round trip to sqlx's
+    // SQLite thread, where it was five (BEGIN, three inserts, COMMIT), each of which woke
+    // that thread and then the writer's (docs/benchmarks.md, "One writer connection, one
+    // round trip"). SQLite runs the statements in order and sqlx stops at the first that
+    // fails, so a failed insert never reaches COMMIT. sqlx 0.8 supports several statements
+    // in one query on SQLite only, and calls that behaviour deprecated: the audit tests
+    // (every row once, the faults) fail loudly should a later version drop it. Its rows are
+    // the `SELECT changes()` after each chunk of records: the run rows each chunk wrote.
+    let result = sql
+        .build_query_scalar::<i64>()
+        .fetch_all(&mut *conn.conn)
+        .await
+        .map(|counts| counts.into_iter().map(super::rows::from_db).sum::<u64>())
+        .map_err(AuditError::from);
     match result {
         Ok(written) => {
             conn.clean = true;
@@ -270,16 +297,16 @@ pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Resul
     }
 }
 
-/// The `running` rows of runs that started. A row already there (the run ended and its
-/// record came first) is left alone.
-async fn insert_started(tx: &mut SqliteConnection, batch: &Batch<'_>) -> Result<()> {
+/// The `running` rows of runs that started, one statement per chunk. A row already there
+/// (the run ended and its record came first) is left alone.
+fn push_started<'a>(sql: &mut QueryBuilder<'a, Sqlite>, batch: &'a Batch<'_>) {
     for chunk in batch.started.chunks(CHUNK) {
-        let mut runs = QueryBuilder::<Sqlite>::new(
+        sql.push(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
              status, total_ms, service_version, owner_fingerprint, instance_id, messages, \
              params, client_id) ",
         );
-        runs.push_values(chunk, |mut row, r| {
+        sql.push_values(chunk, |mut row, r| {
             row.push_bind(r.run_id.to_string())
                 .push_bind(r.client_request_id.as_deref())
                 .push_bind(format_time(&r.created_at))
@@ -298,25 +325,24 @@ async fn insert_started(tx: &mut SqliteConnection, batch: &Batch<'_>) -> Result<
                 .push_bind(r.params.as_ref().map(params_column))
                 .push_bind(r.client_id.as_deref());
         });
-        runs.push(" ON CONFLICT (run_id) DO NOTHING");
-        runs.build().execute(&mut *tx).await?;
+        sql.push(" ON CONFLICT (run_id) DO NOTHING; ");
     }
-    Ok(())
 }
 
-async fn insert_rows(
-    tx: &mut SqliteConnection,
-    instance_id: Option<&str>,
-    records: &[&RunRecord],
-) -> Result<u64> {
-    let mut written = 0;
+/// Each chunk of records: its run rows, `SELECT changes()` (how many of them were written),
+/// then its traces.
+fn push_rows<'a>(
+    sql: &mut QueryBuilder<'a, Sqlite>,
+    instance_id: Option<&'a str>,
+    records: &'a [&RunRecord],
+) {
     for chunk in records.chunks(CHUNK) {
-        let mut runs = QueryBuilder::<Sqlite>::new(
+        sql.push(
             "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
              status, total_ms, service_version, events, owner_fingerprint, instance_id, \
              messages, params, client_id, cost_usd, agreement) ",
         );
-        runs.push_values(chunk, |mut row, r| {
+        sql.push_values(chunk, |mut row, r| {
             row.push_bind(r.run_id.to_string())
                 .push_bind(r.client_request_id.as_deref())
                 .push_bind(format_time(&r.created_at))
@@ -340,10 +366,10 @@ async fn insert_rows(
                 .push_bind(r.agreement);
         });
         // A replayed or resubmitted record is ignored, never duplicated (contract §5).
-        runs.push(UPSERT_RUN);
-        written += runs.build().execute(&mut *tx).await?.rows_affected();
+        sql.push(UPSERT_RUN);
+        sql.push("; SELECT changes(); ");
 
-        let mut traces = QueryBuilder::<Sqlite>::new(
+        sql.push(
             "INSERT INTO model_traces (run_id, model, provider, model_name, model_version, \
              outcome, error_type, error_message, deadline, text, finish_reason, latency_ms, \
              ttft_ms, input_tokens, output_tokens, cost_usd) ",
@@ -351,7 +377,7 @@ async fn insert_rows(
         let rows = chunk
             .iter()
             .flat_map(|r| [(r.run_id, "flash", &r.flash), (r.run_id, "pro", &r.pro)]);
-        traces.push_values(rows, |mut row, (run_id, role, t)| {
+        sql.push_values(rows, |mut row, (run_id, role, t)| {
             row.push_bind(run_id.to_string())
                 .push_bind(role)
                 .push_bind(t.provider.as_str())
@@ -371,10 +397,8 @@ async fn insert_rows(
         });
         // A run whose row was already final has its traces: nothing to add. One finalized
         // just now (from `running` or `interrupted`) has none yet.
-        traces.push(" ON CONFLICT (run_id, model) DO NOTHING");
-        traces.build().execute(&mut *tx).await?;
+        sql.push(" ON CONFLICT (run_id, model) DO NOTHING; ");
     }
-    Ok(written)
 }
 
 #[cfg(test)]

@@ -258,7 +258,7 @@ impl Store {
     /// Closes the pool, waiting for connections to return (SQLite then checkpoints its WAL).
     pub async fn close(&self) {
         match self {
-            Store::Sqlite(s) => s.pool().close().await,
+            Store::Sqlite(s) => s.close().await,
             Store::Postgres(pool) => pool.close().await,
         }
     }

@@ -99,6 +99,43 @@ async fn big_batch_round_trips_postgres() {
     big_batch_round_trips(&db.store).await;
 }
 
+/// The audit writer has a SQLite connection of its own: readers holding every connection
+/// of the shared pool (slow `/runs` searches, say) neither keep a batch waiting for one
+/// until it times out nor take the writer's.
+#[tokio::test]
+async fn readers_holding_every_connection_do_not_block_the_sqlite_writer() {
+    let db = db::sqlite().await;
+    let Store::Sqlite(s) = &db.store else {
+        unreachable!("db::sqlite() opens SQLite")
+    };
+    let mut held = Vec::new();
+    for _ in 0..s.pool().options().get_max_connections() {
+        held.push(s.pool().acquire().await.unwrap());
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), s.pool().acquire())
+            .await
+            .is_err(),
+        "every read connection is taken"
+    );
+    let r = record(1);
+    let written = tokio::time::timeout(
+        Duration::from_secs(10),
+        db.store
+            .write(Some("i-1"), &[start_of(&r)], std::slice::from_ref(&r)),
+    )
+    .await
+    .expect("the writer does not wait for a read connection");
+    assert_eq!(written.unwrap(), 1);
+    // The readers still see it, on the connections they hold.
+    let mut conn = held.pop().unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM dual_runs")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
 /// A run's start row, as this process (instance `i-1`) would send it.
 fn start_of(r: &RunRecord) -> StartedRun {
     StartedRun {

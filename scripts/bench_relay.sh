@@ -25,7 +25,12 @@
 # BIN, so both builds face the same mock), OUT (default target/bench/relay-DATE), ports
 # FLASH_PORT/PRO_PORT (19190/19191), NEW_PORT/BASE_PORT (18190/18191), NEW_ENV/BASE_ENV
 # (extra VAR=VALUE words for that duet only: e.g. the same binary twice, one with
-# NEW_ENV=LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2, compares allocators).
+# NEW_ENV=LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2, compares allocators),
+# RAMP (seconds over which each run's C streams start; default 0 below C=1,000 and 2 at
+# 1,000). With RAMP=0 the C clients start together and, every stream taking the same time,
+# stay in step: runs start, stream and end in bursts of C, which makes the audit writer's
+# batches large and its cost per run small. RAMP=1 spreads them, as independent clients
+# would be, and the writer then commits a few records at a time.
 #
 # Builds nothing: build each binary first (`cargo build --release`, then copy it aside).
 # Output in $OUT: one JSON report per run, results.tsv (one line per run), table.txt (the
@@ -106,7 +111,7 @@ load() {
   local c="$1" target="$2" url="$3" file="$4"
   "$MOCK_BIN" bench streams --target "$target" --url "$url" -c "$c" --duration "$SECS" \
     --warmup "$([ "$c" -ge 100 ] && echo 1 || echo 3)" \
-    --ramp "$([ "$c" -ge 1000 ] && echo 2 || echo 0)" \
+    --ramp "${RAMP:-$([ "$c" -ge 1000 ] && echo 2 || echo 0)}" \
     --timeout 30 --deltas true --json >"$file" || echo "load run failed: $file" >&2
 }
 

@@ -112,7 +112,7 @@ pub struct SqliteStore {
     /// meant a different connection for each batch (the pool's idle queue is first in,
     /// first out), and a connection that did not make the last commit finds the WAL changed
     /// and reads the pages it needs again: 24 `pread`s per commit, measured
-    /// (docs/benchmarks.md, "One writer connection").
+    /// (docs/benchmarks.md, "One writer connection, one round trip").
     writer: SqlitePool,
     file: Arc<SqliteFile>,
 }

@@ -225,6 +225,40 @@ async fn a_failed_batch_stores_nothing_and_is_retried_whole_postgres() {
     }
 }
 
+/// On SQLite a batch is one query of several statements (BEGIN, start rows, run rows,
+/// traces, COMMIT). One failing after the others ran (a trace refused by its CHECK, after
+/// the start rows and run rows went in) leaves nothing behind: no row, and no transaction
+/// left open on the writer's connection, which would hold the write lock from every other
+/// connection and turn the next batch's BEGIN into an error.
+#[tokio::test]
+async fn a_batch_failing_at_its_last_statement_stores_nothing_sqlite() {
+    let db = db::sqlite().await;
+    let store = &db.store;
+    let mut records: Vec<RunRecord> = (0..20).map(record).collect();
+    let starts: Vec<StartedRun> = (20..25).map(record).map(|r| start_of(&r)).collect();
+    records[19].pro.cost_usd = Some(-1.0);
+    assert!(store.write(Some("i-1"), &starts, &records).await.is_err());
+    assert_eq!(
+        count(store, "dual_runs").await,
+        0,
+        "nothing of it committed"
+    );
+    assert_eq!(count(store, "model_traces").await, 0);
+    // Another connection can take the write lock: the failed batch's transaction is gone.
+    assert_eq!(store.interrupt_all_running().await.unwrap(), 0);
+    records[19].pro.cost_usd = Some(0.5);
+    assert_eq!(
+        store.write(Some("i-1"), &starts, &records).await.unwrap(),
+        20
+    );
+    assert_eq!(count(store, "dual_runs").await, 25);
+    assert_eq!(count(store, "model_traces").await, 40);
+    assert_eq!(
+        store.fetch(records[19].run_id).await.unwrap().as_ref(),
+        Some(&records[19])
+    );
+}
+
 /// The writer keeps two batches in flight on PostgreSQL, and a run's start row may be in one
 /// and its record in the next, both sent before either commits. Here every run is: one batch
 /// with the start rows (and records of other runs), the next with the records (and start rows

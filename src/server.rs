@@ -655,13 +655,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .with_batch_interval(config.audit_batch_interval)
         .with_instance_id(instance_id)
         .with_store_text(config.audit_store_text);
-    // On SQLite the writer gets a thread of its own, out of the streams' way (see
-    // `WriterOptions::with_own_thread`); PostgreSQL's connections belong to this runtime.
-    let options = match &store {
-        Store::Sqlite(_) => options.with_own_thread(),
-        Store::Postgres(_) => options,
-    };
-    let writer = AuditWriter::start(Arc::new(store.clone()), options, metrics.clone())?;
+    // The writer gets a thread of its own, out of the streams' way (see
+    // `WriterOptions::with_own_thread`). On PostgreSQL it writes through a pool of its own:
+    // a connection's socket belongs to the runtime it was opened on, and this pool opens
+    // its connections when the writer first asks, on the writer's thread, while the shared
+    // pool's stay on this runtime for the API. Without it, at twice the load that saturates
+    // this machine the writer's queue reached 6,435 of its 8,192 records
+    // (docs/benchmarks.md, "One writer connection, one round trip").
+    let writer = AuditWriter::start(
+        Arc::new(store.for_writer(&config.database_url)?),
+        options.with_own_thread(),
+        metrics.clone(),
+    )?;
     let purger = config
         .audit_retention_days
         .map(|days| audit::purge::Purger::start(store.clone(), days, metrics.clone()));

@@ -19,11 +19,11 @@
 //! moderate load, but a little more at saturation (docs/benchmarks.md, "Serving threads and
 //! the audit batch interval").
 //!
-//! The audit writer on SQLite runs on a [`Workers`] thread of its own as well
+//! The audit writer runs on a [`Workers`] thread of its own as well, on either backend
 //! (`audit::writer::WriterOptions::with_own_thread`).
 //!
-//! Everything else (the accept loop, the audit writer, housekeeping, LISTEN/NOTIFY, the key
-//! file's reloads) stays on the main runtime.
+//! Everything else (the accept loop, housekeeping, LISTEN/NOTIFY, the key file's reloads)
+//! stays on the main runtime.
 
 use std::{
     cell::Cell,

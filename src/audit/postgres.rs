@@ -27,8 +27,12 @@ pub(super) const DIALECT: Dialect<PgRow> = Dialect {
     created_at: |_, row| Ok(row.try_get("created_at")?),
 };
 
-/// A pool that connects on first use.
-pub(super) fn connect_lazy(url: &str, acquire_timeout: Duration) -> Result<PgPool> {
+/// A pool of up to `max_connections` that connects on first use.
+pub(super) fn connect_lazy(
+    url: &str,
+    acquire_timeout: Duration,
+    max_connections: u32,
+) -> Result<PgPool> {
     use sqlx::ConnectOptions;
     let options = url
         .parse::<sqlx::postgres::PgConnectOptions>()
@@ -36,7 +40,7 @@ pub(super) fn connect_lazy(url: &str, acquire_timeout: Duration) -> Result<PgPoo
         // As on SQLite (see `sqlite::SqliteStore::connect_lazy`): slow statements only.
         .log_statements(log::LevelFilter::Off);
     Ok(PgPoolOptions::new()
-        .max_connections(8)
+        .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
         .connect_lazy_with(options))
 }

@@ -28,6 +28,11 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A busy SQLite file (another process writing, e.g. `duet audit replay`) is waited on this
 /// long before the write fails and is retried.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections in a PostgreSQL store's pool: the API's reads, housekeeping, and (outside
+/// `duet serve`) the audit writer.
+const POOL_CONNECTIONS: u32 = 8;
+
 /// `/readyz` must answer quickly even when the database hangs.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -96,7 +101,22 @@ impl Store {
                     .map(Store::Sqlite)
             }
             DatabaseBackend::Postgres => {
-                postgres::connect_lazy(url, ACQUIRE_TIMEOUT).map(Store::Postgres)
+                postgres::connect_lazy(url, ACQUIRE_TIMEOUT, POOL_CONNECTIONS).map(Store::Postgres)
+            }
+        }
+    }
+
+    /// A store for the audit writer alone, connecting on first use: on PostgreSQL a pool of
+    /// its own, as many connections as it has batches in flight, opened by the writer
+    /// wherever it runs (`duet serve` runs it on a thread of its own, and a PostgreSQL
+    /// connection belongs to the runtime it was opened on). On SQLite, where connections
+    /// are threads of their own and the writer already has one, `self`.
+    pub fn for_writer(&self, url: &str) -> Result<Store> {
+        match self {
+            Store::Sqlite(_) => Ok(self.clone()),
+            Store::Postgres(_) => {
+                let n = postgres::BATCHES_IN_FLIGHT as u32;
+                postgres::connect_lazy(url, ACQUIRE_TIMEOUT, n).map(Store::Postgres)
             }
         }
     }

@@ -218,8 +218,11 @@ impl WriterOptions {
     /// stream also runs on, each of a batch's statements waits its turn among the streams'
     /// tasks: at saturation a batch took about 240 ms instead of 10, and in one benchmark run
     /// the queue filled and 1,143 records went to the dead-letter file. Only for a store
-    /// whose connections need no runtime's reactor (SQLite's run on threads of their own):
-    /// PostgreSQL connections opened there would stop working when the thread stops.
+    /// whose connections need no runtime's reactor (SQLite's run on threads of their own),
+    /// or that nothing else uses: a PostgreSQL connection belongs to the runtime it was
+    /// opened on and stops working when this thread stops, so `duet serve` gives the writer
+    /// a PostgreSQL pool of its own, whose connections open on this thread when it first
+    /// writes.
     pub fn with_own_thread(mut self) -> WriterOptions {
         self.own_thread = true;
         self

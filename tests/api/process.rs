@@ -136,6 +136,19 @@ async fn secrets_never_reach_the_logs() {
 /// connections, each stream whole and `ok`, one `ok` row per run, then SIGTERM and exit 0.
 /// Returns the process's log.
 async fn relay_rounds(threads: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("duet.db").display());
+    let store = duet::audit::Store::connect_lazy(&url).unwrap();
+    relay_rounds_into(threads, dir.path(), &url, &store).await
+}
+
+/// [`relay_rounds`] with the audit database at `url`, whose rows `store` reads.
+async fn relay_rounds_into(
+    threads: &str,
+    dir: &std::path::Path,
+    url: &str,
+    store: &duet::audit::Store,
+) -> String {
     let mock = start_mock(duet::devtools::mock::MockConfig {
         ttft: Duration::from_millis(20),
         token_interval: Duration::from_millis(2),
@@ -143,10 +156,10 @@ async fn relay_rounds(threads: &str) -> String {
         ..Default::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
     let base = format!("http://{mock}/v1");
-    let mut child = duet_command(dir.path())
+    let mut child = duet_command(dir)
         .env("BIND_ADDR", "127.0.0.1:0")
+        .env("DATABASE_URL", url)
         .env("SERVE_THREADS", threads)
         .env("FLASH_PROVIDER", "openai")
         .env("PRO_PROVIDER", "openai")
@@ -159,6 +172,18 @@ async fn relay_rounds(threads: &str) -> String {
         .spawn()
         .unwrap();
     let (addr, log) = listening(&mut child);
+    // The audit writer runs on a thread of its own, on either backend.
+    #[cfg(target_os = "linux")]
+    {
+        let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .collect();
+        assert!(
+            names.iter().any(|n| n.trim() == "duet-audit-0"),
+            "{names:?}"
+        );
+    }
     let client = reqwest::Client::new();
     for round in 0..3 {
         let streams = (0..24).map(|i| {
@@ -174,11 +199,9 @@ async fn relay_rounds(threads: &str) -> String {
         }
     }
     assert_eq!(terminate(child).await, Some(0));
-    let url = format!("sqlite://{}", dir.path().join("duet.db").display());
-    let store = duet::audit::Store::connect(&url).await.unwrap();
-    assert_eq!(crate::db::count(&store, "dual_runs").await, 72);
+    assert_eq!(crate::db::count(store, "dual_runs").await, 72);
     let ok = crate::db::text(
-        &store,
+        store,
         "SELECT CAST(COUNT(*) AS TEXT) FROM dual_runs WHERE status = 'ok'",
     )
     .await;
@@ -190,6 +213,19 @@ async fn relay_rounds(threads: &str) -> String {
 async fn serving_threads_relay_concurrent_streams_and_stop_on_sigterm() {
     let log = relay_rounds("3").await;
     assert!(log.contains("\"serving_threads\":3"), "{log}");
+}
+
+/// On PostgreSQL the writer has a thread and a pool of its own (its connections opened on
+/// that thread): every run's row is written, and SIGTERM still drains it and exits 0.
+#[tokio::test]
+async fn the_postgres_writer_on_its_own_thread_writes_every_run_and_stops() {
+    let Some(db) = crate::db::postgres("postgres_writer_own_thread").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = relay_rounds_into("0", dir.path(), &db.url, &db.store).await;
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("\"backend\":\"postgres\""), "{log}");
 }
 
 #[tokio::test]

@@ -278,7 +278,8 @@ pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Resul
     sql.push("COMMIT");
     // The whole transaction is one query of several statements: one round trip to sqlx's
     // SQLite thread, where it was five (BEGIN, three inserts, COMMIT), each of which woke
-    // that thread and then the writer's (docs/benchmarks.md, "One writer connection, one
+    // that thread and then the writer's; sqlx adds one more, a ping when the connection
+    // goes back to its pool, which it does whatever `test_before_acquire` says (docs/benchmarks.md, "One writer connection, one
     // round trip"). SQLite runs the statements in order and sqlx stops at the first that
     // fails, so a failed insert never reaches COMMIT. sqlx 0.8 supports several statements
     // in one query on SQLite only, and calls that behaviour deprecated: the audit tests

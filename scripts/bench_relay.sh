@@ -17,6 +17,14 @@
 # the moment; "added first token" = duet's first Flash `delta` percentile minus the Flash
 # mock's direct first-token percentile at the same C in the same round (a difference of
 # percentiles, p50 - p50 and p99 - p99; the mock answers with the same pacing either way).
+# "Mock + client CPU" per duet run = what a Flash stream and a Pro stream cost the mock that
+# served it plus the load generator that read it, in the same round's direct runs (CPU of
+# each process over the run, per stream). A reference, not a floor: a relay reads both streams as
+# that client does and writes both streams' events as that server does, through the same
+# kernel paths (a loopback `writev` also runs the reader's receive side), but the mock also
+# paces its tokens with timers and the load generator keeps statistics, while the relay
+# also parses the client's request, sends the run's other events and writes its audit
+# record. duet at or under it relays a run for no more than its two ends spend on it.
 #
 # Knobs (environment): BIN (the build under test, default target/release/duet), BASE_BIN
 # (the build to compare with; unset: BIN alone), LEVELS (default "1 100 1000"), ROUNDS
@@ -68,6 +76,7 @@ start_mock_at() {
   shift 2
   RUST_LOG=warn "$MOCK_BIN" mock-provider --port "$port" "$@" >"$OUT/mock-$name.log" 2>&1 &
   PIDS+=("$!")
+  MOCK_PID=$!
   wait_http "http://127.0.0.1:$port/healthz"
 }
 
@@ -106,26 +115,32 @@ wait_idle_at() {
   echo "duet on port $1 still has $(active_at "$1") streams after 30 s" >&2
 }
 
-# load C TARGET URL FILE: one load run.
+# load C TARGET URL FILE: one load run. Sets LOAD_CPU_S, the load generator's CPU seconds
+# (user + system, from its rusage).
 load() {
-  local c="$1" target="$2" url="$3" file="$4"
-  "$MOCK_BIN" bench streams --target "$target" --url "$url" -c "$c" --duration "$SECS" \
+  local c="$1" target="$2" url="$3" file="$4" TIMEFORMAT='%3U %3S' times
+  times=$( { time "$MOCK_BIN" bench streams --target "$target" --url "$url" -c "$c" --duration "$SECS" \
     --warmup "$([ "$c" -ge 100 ] && echo 1 || echo 3)" \
     --ramp "${RAMP:-$([ "$c" -ge 1000 ] && echo 2 || echo 0)}" \
-    --timeout 30 --deltas true --json >"$file" || echo "load run failed: $file" >&2
+    --timeout 30 --deltas true --json >"$file" 2>>"$OUT/load.err"; } 2>&1 ) ||
+    echo "load run failed: $file" >&2
+  LOAD_CPU_S=$(awk 'END {print $1 + $2}' <<<"$times")
 }
 
-# record ROUND C WHO FILE CPU_S LOAD: one line of results.tsv. First token = first Flash
-# delta through duet, first content chunk directly.
+# record ROUND C WHO FILE CPU_S LOAD MOCK_CPU_S: one line of results.tsv. First token = first
+# Flash delta through duet, first content chunk directly. CPU_S is duet's CPU (duet runs),
+# MOCK_CPU_S the mock's (direct runs); the load generator's is LOAD_CPU_S. Each goes in per
+# stream (ms).
 record() {
-  local round="$1" c="$2" who="$3" file="$4" cpu="$5" load="$6" field
+  local round="$1" c="$2" who="$3" file="$4" cpu="$5" load="$6" mock="${7:-}" field
   jq -e .streams "$file" >/dev/null 2>&1 || { echo "no report in $file" >&2; return 0; }
   field=$([ "${who#direct}" = "$who" ] && echo first_flash || echo first_token)
   jq -r --arg r "$round" --arg c "$c" --arg who "$who" --arg cpu "$cpu" --arg load "$load" \
-    --arg f "$field" \
-    '[$r, $c, $who, .streams_per_s, .[$f].p50_ms, .[$f].p99_ms, .end.p50_ms, .end.p99_ms,
-      (if $cpu == "" then "" else ($cpu | tonumber) * 1000 / ([.streams, 1] | max) end),
-      .errors_total, .streams, $load] | map(tostring) | join("\t")' "$file" >>"$OUT/results.tsv"
+    --arg f "$field" --arg mock "$mock" --arg lg "$LOAD_CPU_S" \
+    'def per_stream($s): if $s == "" then "" else ($s | tonumber) * 1000 / ([.streams, 1] | max) end;
+     [$r, $c, $who, .streams_per_s, .[$f].p50_ms, .[$f].p99_ms, .end.p50_ms, .end.p99_ms,
+      per_stream($cpu), .errors_total, .streams, $load, per_stream($mock), per_stream($lg)]
+     | map(tostring) | join("\t")' "$file" >>"$OUT/results.tsv"
 }
 
 # duet_run ROUND C NAME PORT PID
@@ -141,12 +156,15 @@ duet_run() {
   wait_idle_at "$port"
 }
 
+# direct_run ROUND C NAME PORT MOCK_PID
 direct_run() {
-  local round="$1" c="$2" name="$3" port="$4" l file
+  local round="$1" c="$2" name="$3" port="$4" pid="$5" t0 t1 l file
   file="$OUT/r$round-c$c-$name.json"
   l=$(load1)
+  t0=$(cpu_ticks "$pid")
   load "$c" openai "http://127.0.0.1:$port/v1/chat/completions" "$file"
-  record "$round" "$c" "$name" "$file" "" "$l"
+  t1=$(cpu_ticks "$pid")
+  record "$round" "$c" "$name" "$file" "" "$l" "$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {print (b - a) / hz}')"
   say "   r$round C=$c $name: $(jq -r '"\(.streams_per_s|floor) streams/s, first token p50 \(.first_token.p50_ms*100|round/100) p99 \(.first_token.p99_ms*100|round/100) ms, errors \(.errors_total)"' "$file"), load $l"
 }
 
@@ -154,10 +172,12 @@ say "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d:
 say "== new:  $BIN ($("$BIN" --version), $(stat -c %s "$BIN") bytes) $NEW_ENV"
 [ -n "$BASE_BIN" ] && say "== base: $BASE_BIN ($("$BASE_BIN" --version), $(stat -c %s "$BASE_BIN") bytes) $BASE_ENV"
 say "== mocks and load generator: $MOCK_BIN; LEVELS=$LEVELS ROUNDS=$ROUNDS SECS=$SECS BUSY=$BUSY; results in $OUT"
-printf 'round\tc\twho\tper_s\tfirst_p50\tfirst_p99\tend_p50\tend_p99\tcpu_ms_per_run\terrors\tstreams\tload1\n' >"$OUT/results.tsv"
+printf 'round\tc\twho\tper_s\tfirst_p50\tfirst_p99\tend_p50\tend_p99\tcpu_ms_per_run\terrors\tstreams\tload1\tmock_cpu_ms_per_stream\tclient_cpu_ms_per_stream\n' >"$OUT/results.tsv"
 
 start_mock_at "$FLASH_PORT" flash --ttft-ms 50 $PACE
+FLASH_MOCK_PID=$MOCK_PID
 start_mock_at "$PRO_PORT" pro --ttft-ms 250 $PACE
+PRO_MOCK_PID=$MOCK_PID
 # shellcheck disable=SC2086 # NEW_ENV and BASE_ENV are lists of words
 start_duet_at "$BIN" "$NEW_PORT" new $NEW_ENV
 NEW_PID=$DUET_PID
@@ -175,8 +195,8 @@ fi
 for round in $(seq 1 "$ROUNDS"); do
   for c in $LEVELS; do
     say "-- round $round, C=$c"
-    direct_run "$round" "$c" direct-flash "$FLASH_PORT"
-    direct_run "$round" "$c" direct-pro "$PRO_PORT"
+    direct_run "$round" "$c" direct-flash "$FLASH_PORT" "$FLASH_MOCK_PID"
+    direct_run "$round" "$c" direct-pro "$PRO_PORT" "$PRO_MOCK_PID"
     if [ -z "$BASE_BIN" ]; then
       duet_run "$round" "$c" new "$NEW_PORT" "$NEW_PID"
     elif [ $((round % 2)) = 1 ]; then
@@ -195,11 +215,15 @@ done
 
 # The table: per C and per process, the median over rounds and [min–max]; added first token
 # per round (duet minus the same round's direct Flash), then its median and range.
+# Mock + client CPU: for a direct row, what one stream cost the mock and the load generator
+# together; for a duet row, the sum of both directs' in the same round (see the header).
 awk -F'\t' '
   NR == 1 { next }
   { key = $2 SUBSEP $3; if (!(key in n)) { order[++k] = key }
     i = ++n[key]; per[key, i] = $4; f50[key, i] = $5; f99[key, i] = $6
     cpu[key, i] = $9; err[key] += $10; ld[key, i] = $12; round[key, i] = $1
+    pair[key, i] = ($13 != "" && $14 != "") ? $13 + $14 : ""
+    if ($3 ~ /^direct/ && pair[key, i] != "") { floor[$2, $1] += pair[key, i]; halves[$2, $1]++ }
     if ($3 == "direct-flash") { d50[$2, $1] = $5; d99[$2, $1] = $6 } }
   function med(arr, key, m,   v, i, j, t, c) {
     c = 0; for (i = 1; i <= m; i++) if (arr[key, i] != "") v[++c] = arr[key, i] + 0
@@ -211,18 +235,19 @@ awk -F'\t' '
     x = med(arr, key, m); if (x == "-") return "-"
     return sprintf(fmt " [" fmt "–" fmt "]", x, lo, hi) }
   END {
-    printf "| C | process | per s | first token p50 ms | first token p99 ms | added first token p50 ms | added p99 ms | duet CPU ms/run | errors | load avg (1 min) |\n"
-    printf "|---|---|---|---|---|---|---|---|---|---|\n"
+    printf "| C | process | per s | first token p50 ms | first token p99 ms | added first token p50 ms | added p99 ms | duet CPU ms/run | mock + client CPU ms/run | errors | load avg (1 min) |\n"
+    printf "|---|---|---|---|---|---|---|---|---|---|---|\n"
     for (o = 1; o <= k; o++) {
       key = order[o]; split(key, p, SUBSEP); m = n[key]
       for (i = 1; i <= m; i++) {
-        a50[key, i] = ""; a99[key, i] = ""
-        if (p[2] !~ /^direct/) { a50[key, i] = f50[key, i] - d50[p[1], round[key, i]]; a99[key, i] = f99[key, i] - d99[p[1], round[key, i]] }
+        a50[key, i] = ""; a99[key, i] = ""; fl[key, i] = pair[key, i]
+        if (p[2] !~ /^direct/) { a50[key, i] = f50[key, i] - d50[p[1], round[key, i]]; a99[key, i] = f99[key, i] - d99[p[1], round[key, i]]
+          fl[key, i] = (halves[p[1], round[key, i]] == 2) ? floor[p[1], round[key, i]] : "" }
       }
-      printf "| %s | %s | %s | %s | %s | %s | %s | %s | %d | %s |\n", p[1], p[2],
+      printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %d | %s |\n", p[1], p[2],
         cell(per, key, m, "%.0f"), cell(f50, key, m, "%.2f"), cell(f99, key, m, "%.2f"),
         cell(a50, key, m, "%+.2f"), cell(a99, key, m, "%+.2f"), cell(cpu, key, m, "%.3f"),
-        err[key], cell(ld, key, m, "%.2f")
+        cell(fl, key, m, "%.3f"), err[key], cell(ld, key, m, "%.2f")
     }
   }' "$OUT/results.tsv" >"$OUT/table.txt"
 say "== median over $ROUNDS rounds [min–max]; per s = streams/s (direct) or runs/s (duet); first token through duet = first Flash delta"

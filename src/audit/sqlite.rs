@@ -27,8 +27,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use sqlx::{
-    QueryBuilder, Row, Sqlite, SqlitePool,
-    pool::PoolConnection,
+    QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
     },
@@ -113,8 +112,58 @@ pub struct SqliteStore {
     /// first out), and a connection that did not make the last commit finds the WAL changed
     /// and reads the pages it needs again: 24 `pread`s per commit, measured
     /// (docs/benchmarks.md, "One writer connection, one round trip").
-    writer: SqlitePool,
+    writer: Arc<WriterSlot>,
     file: Arc<SqliteFile>,
+}
+
+/// The writer's connection, outside any pool. sqlx pings a pooled connection each time it
+/// goes back to its pool, whatever `test_before_acquire` says: a second round trip to the
+/// connection's thread per batch, each waking that thread and then the writer's. Kept here,
+/// a batch is one round trip (docs/benchmarks.md, "The writer's connection outside the
+/// pool").
+#[derive(Debug)]
+struct WriterSlot {
+    options: SqliteConnectOptions,
+    /// How long opening the connection may take before the batch counts as failed.
+    connect_timeout: Duration,
+    /// The idle connection, or `None` before the first batch, after a failed one (whose
+    /// connection was closed), or while a batch holds it. Never locked across an await: a
+    /// batch takes the connection out and puts it back once its write ended cleanly.
+    idle: std::sync::Mutex<Option<SqliteConnection>>,
+}
+
+impl WriterSlot {
+    /// The idle connection, or a new one. Two batches at once (the service's writer never
+    /// does this, tests and tools may) get two connections; SQLite's lock orders them.
+    async fn take(&self) -> Result<SqliteConnection> {
+        let idle = self.idle.lock().map(|mut slot| slot.take()).unwrap_or(None);
+        if let Some(conn) = idle {
+            return Ok(conn);
+        }
+        use sqlx::ConnectOptions as _;
+        tokio::time::timeout(self.connect_timeout, self.options.connect())
+            .await
+            .map_err(|_| AuditError::Database(sqlx::Error::PoolTimedOut))?
+            .map_err(AuditError::from)
+    }
+
+    /// Keeps a connection whose write ended cleanly for the next batch; a second one (see
+    /// `take`) is closed.
+    fn give_back(&self, conn: SqliteConnection) {
+        if let Ok(mut slot) = self.idle.lock()
+            && slot.is_none()
+        {
+            *slot = Some(conn);
+        }
+    }
+
+    async fn close(&self) {
+        let idle = self.idle.lock().map(|mut slot| slot.take()).unwrap_or(None);
+        if let Some(conn) = idle {
+            use sqlx::Connection as _;
+            let _ = conn.close().await;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -138,7 +187,8 @@ impl SqliteStore {
         &self.pool
     }
 
-    /// Closes both pools, waiting for their connections to return.
+    /// Closes the writer's connection and the pool, waiting for the pool's connections to
+    /// return.
     pub(super) async fn close(&self) {
         self.writer.close().await;
         self.pool.close().await;
@@ -176,16 +226,16 @@ impl SqliteStore {
             // small insert's; slow statements are still logged (`warn`, over 1 s).
             .log_statements(log::LevelFilter::Off);
         let path = sqlite_path(&options);
-        // One writer at a time is all SQLite allows, so the audit writer's pool holds one
-        // connection. Built from the same options, an in-memory database's pools share it
-        // (sqlx names it once, at parse time, and opens it with a shared cache).
-        // No ping before each batch (a round trip to the connection's thread): a broken
-        // connection fails the batch's BEGIN instead, which is retried on a new one.
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .acquire_timeout(acquire_timeout)
-            .connect_lazy_with(options.clone());
+        // One writer at a time is all SQLite allows, so the audit writer has one connection.
+        // Built from the same options, an in-memory database's connections share it (sqlx
+        // names it once, at parse time, and opens it with a shared cache). It is opened at
+        // the first batch, and never pinged: a broken connection fails the batch's BEGIN
+        // instead, and the batch is retried on a new one.
+        let writer = Arc::new(WriterSlot {
+            options: options.clone(),
+            connect_timeout: acquire_timeout,
+            idle: std::sync::Mutex::new(None),
+        });
         let pool = SqlitePoolOptions::new()
             .max_connections(3)
             .acquire_timeout(acquire_timeout)
@@ -245,19 +295,22 @@ fn sqlite_path(options: &SqliteConnectOptions) -> Option<PathBuf> {
     }
 }
 
-/// A pooled connection that is closed, not returned to the pool, unless the write on it
-/// ended cleanly: an error, or the future being dropped half-way (the writer's timeout),
-/// may have left it inside a transaction.
-struct WriteConn {
-    conn: PoolConnection<Sqlite>,
+/// The writer's connection during a batch: kept for the next batch only if the write on it
+/// ended cleanly. An error, or the future being dropped half-way (the writer's timeout), may
+/// have left it inside a transaction: it is then dropped, which closes it, and closing a
+/// SQLite connection rolls back whatever transaction it holds.
+struct WriteConn<'a> {
+    conn: Option<SqliteConnection>,
+    slot: &'a WriterSlot,
     clean: bool,
 }
 
-impl Drop for WriteConn {
+impl Drop for WriteConn<'_> {
     fn drop(&mut self) {
-        if !self.clean {
-            // Closing a SQLite connection rolls back whatever transaction it holds.
-            self.conn.close_on_drop();
+        if self.clean
+            && let Some(conn) = self.conn.take()
+        {
+            self.slot.give_back(conn);
         }
     }
 }
@@ -266,8 +319,13 @@ pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Resul
     // A write into a file that is no longer at the path would be lost: do not start one.
     store.check_file()?;
     let mut conn = WriteConn {
-        conn: store.writer.acquire().await?,
+        conn: Some(store.writer.take().await?),
+        slot: &store.writer,
         clean: false,
+    };
+    // Just put there; only `Drop` takes it out.
+    let Some(db) = conn.conn.as_mut() else {
+        return Err(AuditError::Database(sqlx::Error::PoolClosed));
     };
     // IMMEDIATE takes the write lock now, so a busy database fails here (and is retried)
     // rather than at COMMIT. A BEGIN that fails because a transaction is already open
@@ -278,8 +336,7 @@ pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Resul
     sql.push("COMMIT");
     // The whole transaction is one query of several statements: one round trip to sqlx's
     // SQLite thread, where it was five (BEGIN, three inserts, COMMIT), each of which woke
-    // that thread and then the writer's; sqlx adds one more, a ping when the connection
-    // goes back to its pool, which it does whatever `test_before_acquire` says (docs/benchmarks.md, "One writer connection, one
+    // that thread and then the writer's (docs/benchmarks.md, "One writer connection, one
     // round trip"). SQLite runs the statements in order and sqlx stops at the first that
     // fails, so a failed insert never reaches COMMIT. sqlx 0.8 supports several statements
     // in one query on SQLite only, and calls that behaviour deprecated: the audit tests
@@ -289,7 +346,7 @@ pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Resul
     let result = sql
         .build_query_scalar::<i64>()
         .persistent(small)
-        .fetch_all(&mut *conn.conn)
+        .fetch_all(&mut *db)
         .await
         .map(|counts| counts.into_iter().map(super::rows::from_db).sum::<u64>())
         .map_err(AuditError::from);
@@ -305,7 +362,7 @@ pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Resul
         }
         Err(e) => {
             // Best effort: closing (on drop) rolls back as well; this just does it now.
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn.conn).await;
+            let _ = sqlx::query("ROLLBACK").execute(&mut *db).await;
             Err(e)
         }
     }

@@ -136,6 +136,31 @@ async fn readers_holding_every_connection_do_not_block_the_sqlite_writer() {
     assert_eq!(n, 1);
 }
 
+/// Two batches at once on one SQLite store (the service's writer never does this; tools and
+/// tests may): the second finds the writer's connection taken and opens one of its own,
+/// SQLite's write lock orders the two, and the connection kept for later still works.
+#[tokio::test]
+async fn two_sqlite_batches_at_once_both_commit() {
+    let db = db::sqlite().await;
+    let (a, b): (Vec<RunRecord>, Vec<RunRecord>) = (
+        (0..40).map(record).collect(),
+        (40..90).map(record).collect(),
+    );
+    let starts: Vec<StartedRun> = b.iter().map(start_of).collect();
+    let (written_a, written_b) = tokio::join!(
+        db.store.write(Some("i-1"), &[], &a),
+        db.store.write(Some("i-1"), &starts, &[])
+    );
+    assert_eq!(written_a.unwrap(), 40);
+    assert_eq!(written_b.unwrap(), 0, "start rows alone finalize nothing");
+    assert_eq!(db.store.write(Some("i-1"), &[], &b).await.unwrap(), 50);
+    assert_eq!(count(&db.store, "dual_runs").await, 90);
+    assert_eq!(
+        count_where(&db.store, "dual_runs", "status = 'running'").await,
+        0
+    );
+}
+
 /// A run's start row, as this process (instance `i-1`) would send it.
 fn start_of(r: &RunRecord) -> StartedRun {
     StartedRun {

@@ -180,7 +180,7 @@ pub(super) async fn start_run(
             retry_after: over.retry_after,
         });
     }
-    let handle = state
+    let mut handle = state
         .orchestrator
         .start(
             RunRequest {
@@ -200,8 +200,22 @@ pub(super) async fn start_run(
                 state.usage.release(client, now);
             }
         })?;
+    // The response carries the run's id (`X-Run-Id`, then the `start` event): it goes out
+    // once the run's `running` row is committed, so that a client never holds the id of a
+    // run that a crash (`kill -9`, a lost machine) leaves without any row. The models are
+    // already called meanwhile, so their first tokens are not held up; a row that is not
+    // coming (dropped while the audit queue is backlogged or writes fail) is not waited
+    // for, and a slow commit for at most `START_ROW_WAIT`.
+    std::mem::take(&mut handle.start_written)
+        .wait(START_ROW_WAIT)
+        .await;
     Ok(handle)
 }
+
+/// The longest a response waits for its run's `running` row to be committed: contract §8's
+/// "within about 100 ms". A commit slower than that (a stalled disk) delays no response
+/// longer; the run goes on, and its record inserts the row as before.
+const START_ROW_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// `MAX_CONCURRENT_STREAMS` streams are open: the refusal (503 with `Retry-After`, from
 /// `AtCapacity`'s conversion) is counted.

@@ -451,6 +451,35 @@ impl StartedRun {
     }
 }
 
+/// Whether a run's `running` row has been committed: what the API waits on before it tells
+/// the client the run's id (see [`StartWritten::wait`]).
+#[must_use = "a run's id goes out once its start row is written: wait on this first"]
+#[derive(Debug, Default)]
+pub struct StartWritten(Option<tokio::sync::oneshot::Receiver<()>>);
+
+impl StartWritten {
+    /// No row is coming: the sink writes none, or dropped this one.
+    pub fn never() -> StartWritten {
+        StartWritten(None)
+    }
+
+    /// Answered once the row is committed; the sender dropped means it will not be (its
+    /// batch failed, or the writer stopped).
+    pub fn pending() -> (tokio::sync::oneshot::Sender<()>, StartWritten) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (tx, StartWritten(Some(rx)))
+    }
+
+    /// Waits until the row is committed, at most `bound`. Returns at once when no row is
+    /// coming. True when the row is in the database.
+    pub async fn wait(self, bound: std::time::Duration) -> bool {
+        match self.0 {
+            None => false,
+            Some(rx) => matches!(tokio::time::timeout(bound, rx).await, Ok(Ok(()))),
+        }
+    }
+}
+
 /// Where finished runs go. `submit` must return at once, whatever the backend is doing.
 pub trait AuditSink: Send + Sync + 'static {
     fn submit(&self, record: RunRecord);
@@ -458,7 +487,10 @@ pub trait AuditSink: Send + Sync + 'static {
     /// A run has started: write its `running` row soon. Must return at once, like `submit`.
     /// Unlike a record this is best effort: dropped when the queue is full or writes are
     /// failing, since the run's record, which it only announces, still inserts the row.
-    fn started(&self, _run: StartedRun) {}
+    /// The answer says when the row is committed (never, when it was dropped).
+    fn started(&self, _run: StartedRun) -> StartWritten {
+        StartWritten::never()
+    }
 
     /// True while records wait above the sink's high-water mark (`/readyz` answers 503).
     fn backlogged(&self) -> bool {

@@ -38,11 +38,13 @@
 //!   [`FAILURE_HOLD`] after the last failure, unless a write succeeds first.
 //! - A run's start goes through the same queue as a small [`StartedRun`] (contract §8: its
 //!   `running` row appears within milliseconds), and is written in the same transactions as
-//!   the records, so start rows cost no commit of their own. It is best effort: dropped (a
-//!   debug line, no dead-letter, no journal) while the queue is above its high-water mark or
-//!   writes are failing, so start rows never take the room records need; the run's record
-//!   inserts the row anyway. A batch that fails on every attempt dead-letters its records
-//!   and drops its start rows.
+//!   the records, so start rows cost no commit of their own. Once the batch holding it has
+//!   committed, the writer says so (`StartWritten`): the run's response, which carries its
+//!   id, waits for that, so a client never holds the id of a run a crash left without a row.
+//!   It is best effort: dropped (a debug line, no dead-letter, no journal, nobody waits)
+//!   while the queue is above its high-water mark or writes are failing, so start rows never
+//!   take the room records need; the run's record inserts the row anyway. A batch that fails
+//!   on every attempt dead-letters its records and drops its start rows.
 //! - Shutdown closes the queue, writes what is left, and is bounded: past the timeout the
 //!   batch in flight and the rest of the queue are dead-lettered. A write cut off mid-way may
 //!   have committed; replay then skips it, since inserts are idempotent.
@@ -58,7 +60,10 @@ use std::{
 };
 
 use tokio::{
-    sync::mpsc::{self, error::TrySendError},
+    sync::{
+        mpsc::{self, error::TrySendError},
+        oneshot,
+    },
     task::JoinHandle,
     time::Instant,
 };
@@ -66,7 +71,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    AuditError, AuditSink, Result, RunRecord, StartedRun,
+    AuditError, AuditSink, Result, RunRecord, StartWritten, StartedRun,
     deadletter::{Appender, DeadLetter, journal_path},
     privacy,
     store::RecordStore,
@@ -77,10 +82,13 @@ use crate::{config::StoreText, metrics::Metrics};
 /// fewer than a full batch wait, so records gather for at most this long (a few milliseconds
 /// more in memory, fewer commits).
 ///
-/// Kept at 2 ms: 10 ms measured about 3 % less CPU per run at C = 100, but in one of three
-/// `kill -9`s under load it left 11 runs without any row (their start rows still queued) where
-/// 2 ms left none in two; losing records weighs more than that CPU. Operators who want the
-/// CPU raise `AUDIT_BATCH_INTERVAL_MS` knowing this.
+/// Kept at 2 ms. A run's response waits for its start row, so a longer interval no longer
+/// leaves runs a client saw without any row after a `kill -9` (it did before: 11 in one of
+/// three kills at 10 ms), but it delays every response's headers by up to the interval, and
+/// a run that ended within the interval before a crash, its client holding `done`, is
+/// finalized `interrupted`. 10 ms saves about 0.2 ms of CPU per run when clients come
+/// independently (docs/benchmarks.md, "The start row before the run's id"); operators who
+/// want that raise `AUDIT_BATCH_INTERVAL_MS` knowing this.
 pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_millis(2);
 
 /// The longest batch interval allowed: a run's `running` row must appear within about 100 ms
@@ -243,8 +251,29 @@ impl WriterOptions {
               allocation per run to save a few hundred bytes per start row while it waits"
 )]
 enum Item {
-    Started(StartedRun),
+    /// A start row, and who to tell once it is committed.
+    Started(StartedRun, Ack),
     Ended(RunRecord),
+}
+
+/// Told once a start row is committed; dropped unanswered when it will not be.
+type Ack = oneshot::Sender<()>;
+
+/// Tells each waiting run that its start row is committed.
+fn answer(acks: Vec<Ack>) {
+    for ack in acks {
+        // The run may have ended its wait, or its client gone: nobody to tell.
+        let _ = ack.send(());
+    }
+}
+
+/// What one batch takes from the queue: start rows (and who waits on each), and records
+/// (and whether each is in the journal).
+struct Gathered {
+    started: Vec<StartedRun>,
+    acks: Vec<Ack>,
+    batch: Vec<RunRecord>,
+    journaled: Vec<bool>,
 }
 
 /// An item in the queue, with its size and whether it is in the journal already (start
@@ -259,7 +288,7 @@ impl Queued {
     fn record(&self) -> Option<&RunRecord> {
         match &self.item {
             Item::Ended(r) => Some(r),
-            Item::Started(_) => None,
+            Item::Started(..) => None,
         }
     }
 }
@@ -550,13 +579,13 @@ impl AuditWriter {
 }
 
 impl AuditSink for AuditWriter {
-    fn started(&self, mut run: StartedRun) {
+    fn started(&self, mut run: StartedRun) -> StartWritten {
         let inner = &self.inner;
         // Start rows only use the queue below its high-water marks, so the top quarter stays
         // free for records; and none while writes fail, since they would only wait in retry.
         if self.backlogged() || inner.health.failure().is_some() {
             debug!(run_id = %run.run_id, "audit queue busy or failing; no running row for this run");
-            return;
+            return StartWritten::never();
         }
         // After the early return: a row that will not be written is not worth hashing.
         if inner.store_text == StoreText::None {
@@ -566,18 +595,23 @@ impl AuditSink for AuditWriter {
             .get_or_insert_with(|| inner.instance_id.clone());
         let bytes = run.approx_bytes();
         if !self.reserve(bytes) {
-            return;
+            return StartWritten::never();
         }
+        let (ack, written) = StartWritten::pending();
         let queued = Queued {
-            item: Item::Started(run),
+            item: Item::Started(run, ack),
             bytes,
             journaled: false,
         };
         match inner.tx.try_send(queued) {
-            Ok(()) => self.queued(),
+            Ok(()) => {
+                self.queued();
+                written
+            }
             // Full or closed: the record will insert the row; nothing is lost.
             Err(TrySendError::Full(q) | TrySendError::Closed(q)) => {
                 inner.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
+                StartWritten::never()
             }
         }
     }
@@ -697,6 +731,7 @@ struct Task {
 /// starts) the next one: the second batch in flight (see `Task::run`).
 struct Flight {
     started: Arc<Vec<StartedRun>>,
+    acks: Vec<Ack>,
     batch: Arc<Vec<RunRecord>>,
     journaled: Vec<bool>,
     /// The first attempt's result and how long it took.
@@ -803,7 +838,12 @@ impl Task {
                 break;
             }
             self.top_up(&mut incoming);
-            let (started, batch, journaled) = self.take(&mut incoming);
+            let Gathered {
+                started,
+                acks,
+                batch,
+                journaled,
+            } = self.take(&mut incoming);
             self.set_depth();
             next_write = tokio::time::Instant::now() + self.batch_interval;
             // Two batches in flight only while writes succeed: once one fails, the writer
@@ -811,7 +851,7 @@ impl Task {
             // they always have. The new batch starts before the one in flight is settled, so
             // the server inserts it while the other's commit is flushed.
             if self.in_flight > 1 && self.health.failure().is_none() {
-                let next = self.launch(started, batch, journaled);
+                let next = self.launch(started, acks, batch, journaled);
                 if let Some(f) = flying.replace(next)
                     && let Some(cut) = self.land(f, None).await
                 {
@@ -838,7 +878,12 @@ impl Task {
             // Start rows are written with the batch or not at all (see the module header).
             drop(started);
             match written {
-                Some(written) => self.settle(written, batch, journaled).await,
+                Some(written) => {
+                    if written.is_ok() {
+                        answer(acks);
+                    }
+                    self.settle(written, batch, journaled).await;
+                }
                 None => {
                     abandoned = Some(batch);
                     break;
@@ -875,31 +920,37 @@ impl Task {
         }
     }
 
-    /// Moves received items into a batch (start rows and records apart, and whether each
-    /// record is in the journal), releasing their bytes from the queue's bound.
-    fn take(&self, incoming: &mut Vec<Queued>) -> (Vec<StartedRun>, Vec<RunRecord>, Vec<bool>) {
-        let mut started = Vec::with_capacity(incoming.len());
-        let mut batch = Vec::with_capacity(incoming.len());
-        let mut journaled = Vec::with_capacity(incoming.len());
+    /// Moves received items into a batch, releasing their bytes from the queue's bound.
+    fn take(&self, incoming: &mut Vec<Queued>) -> Gathered {
+        let mut g = Gathered {
+            started: Vec::with_capacity(incoming.len()),
+            acks: Vec::with_capacity(incoming.len()),
+            batch: Vec::with_capacity(incoming.len()),
+            journaled: Vec::with_capacity(incoming.len()),
+        };
         let mut bytes = 0;
         for q in incoming.drain(..) {
             bytes += q.bytes;
             match q.item {
-                Item::Started(run) => started.push(run),
+                Item::Started(run, ack) => {
+                    g.started.push(run);
+                    g.acks.push(ack);
+                }
                 Item::Ended(record) => {
-                    journaled.push(q.journaled);
-                    batch.push(record);
+                    g.journaled.push(q.journaled);
+                    g.batch.push(record);
                 }
             }
         }
         self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        (started, batch, journaled)
+        g
     }
 
     /// Starts a batch's first attempt on a task of its own.
     fn launch(
         &self,
         started: Vec<StartedRun>,
+        acks: Vec<Ack>,
         batch: Vec<RunRecord>,
         journaled: Vec<bool>,
     ) -> Flight {
@@ -913,6 +964,7 @@ impl Task {
             .spawn(async move { attempt(store.as_ref(), &instance_id, &s, &b).await });
         Flight {
             started,
+            acks,
             batch,
             journaled,
             attempt,
@@ -942,6 +994,7 @@ impl Task {
         };
         let Flight {
             started,
+            acks,
             batch,
             mut journaled,
             ..
@@ -955,6 +1008,9 @@ impl Task {
         let batch = unshare(batch);
         match written {
             Some(written) => {
+                if written.is_ok() {
+                    answer(acks);
+                }
                 self.settle(written, batch, journaled).await;
                 None
             }

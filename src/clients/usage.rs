@@ -37,7 +37,7 @@ use tracing::{info, warn};
 
 use super::{Budgets, Client};
 use crate::{
-    audit::{AuditSink, RunRecord, StartedRun, Store},
+    audit::{AuditSink, RunRecord, StartWritten, StartedRun, Store},
     metrics::Metrics,
 };
 
@@ -572,8 +572,8 @@ impl AuditSink for Metering {
         self.inner.submit(record);
     }
 
-    fn started(&self, run: StartedRun) {
-        self.inner.started(run);
+    fn started(&self, run: StartedRun) -> StartWritten {
+        self.inner.started(run)
     }
 
     fn backlogged(&self) -> bool {

@@ -165,7 +165,8 @@ pub struct Config {
     /// does not fit is dead-lettered, as when the queue is full by count.
     pub audit_queue_max_bytes: usize,
     /// `AUDIT_BATCH_INTERVAL_MS`: audit transactions start at least this far apart while
-    /// records keep coming (fewer commits, a longer `kill -9` window); 0 to 100 ms.
+    /// records keep coming (fewer commits; responses wait longer for their start rows, and
+    /// final records longer in memory); 0 to 100 ms.
     pub audit_batch_interval: Duration,
     /// `SERVE_THREADS`: how many serving threads (single-threaded runtimes) client
     /// connections and their runs are spread over; 0 (the default) serves them on the main

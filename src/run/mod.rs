@@ -53,7 +53,7 @@ use self::{
     report::{OwnedModelRef, RunGuard},
 };
 use crate::{
-    audit::{AuditSink, Outcome, RunRecord, StartedRun},
+    audit::{AuditSink, Outcome, RunRecord, StartWritten, StartedRun},
     config::{Config, Prices},
     conversation::{Conversation, RunParams},
     domain::{Role, Secret},
@@ -118,6 +118,9 @@ pub struct RunHandle {
     /// Measures `duet_overhead_seconds` where the events leave: give it to the response body
     /// that reads `events` (`sse::EventBody::with_overhead`).
     pub overhead: Arc<OverheadProbe>,
+    /// When the run's `running` row is committed: the API waits on it before the response
+    /// (and with it the run's id) goes out.
+    pub start_written: StartWritten,
 }
 
 /// Starts runs. Cheap to clone; shared by all requests.
@@ -277,8 +280,8 @@ impl Orchestrator {
         });
         let created_at = Utc::now();
         // The run's `running` row (contract §8): a message to the audit writer's queue,
-        // which returns at once; the writer writes it with its next batch.
-        inner.sink.started(StartedRun {
+        // which returns at once; the writer writes it with its next batch, and says so.
+        let start_written = inner.sink.started(StartedRun {
             run_id,
             client_request_id: request.client_request_id.clone(),
             created_at,
@@ -325,6 +328,7 @@ impl Orchestrator {
             events: rx,
             record: record_rx,
             overhead,
+            start_written,
         })
     }
 

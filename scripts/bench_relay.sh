@@ -25,6 +25,9 @@
 # paces its tokens with timers and the load generator keeps statistics, while the relay
 # also parses the client's request, sends the run's other events and writes its audit
 # record. duet at or under it relays a run for no more than its two ends spend on it.
+# "Serving / audit / other threads": duet's CPU per run split by thread (from
+# /proc/PID/task/*/schedstat): tokio's workers (or serving threads), the audit writer's
+# thread with SQLite's connection threads, and the rest (the log thread, ...).
 #
 # Knobs (environment): BIN (the build under test, default target/release/duet), BASE_BIN
 # (the build to compare with; unset: BIN alone), LEVELS (default "1 100 1000"), ROUNDS
@@ -129,29 +132,51 @@ load() {
 
 # record ROUND C WHO FILE CPU_S LOAD MOCK_CPU_S: one line of results.tsv. First token = first
 # Flash delta through duet, first content chunk directly. CPU_S is duet's CPU (duet runs),
-# MOCK_CPU_S the mock's (direct runs); the load generator's is LOAD_CPU_S. Each goes in per
-# stream (ms).
+# MOCK_CPU_S the mock's (direct runs); the load generator's is LOAD_CPU_S; duet's per thread
+# group (serving, audit, other) is THREADS_S. Each goes in per stream (ms).
 record() {
   local round="$1" c="$2" who="$3" file="$4" cpu="$5" load="$6" mock="${7:-}" field
   jq -e .streams "$file" >/dev/null 2>&1 || { echo "no report in $file" >&2; return 0; }
   field=$([ "${who#direct}" = "$who" ] && echo first_flash || echo first_token)
   jq -r --arg r "$round" --arg c "$c" --arg who "$who" --arg cpu "$cpu" --arg load "$load" \
-    --arg f "$field" --arg mock "$mock" --arg lg "$LOAD_CPU_S" \
-    'def per_stream($s): if $s == "" then "" else ($s | tonumber) * 1000 / ([.streams, 1] | max) end;
-     [$r, $c, $who, .streams_per_s, .[$f].p50_ms, .[$f].p99_ms, .end.p50_ms, .end.p99_ms,
-      per_stream($cpu), .errors_total, .streams, $load, per_stream($mock), per_stream($lg)]
+    --arg f "$field" --arg mock "$mock" --arg lg "$LOAD_CPU_S" --arg th "${THREADS_S:-}" \
+    'def per_stream($s; $n): if $s == "" then "" else ($s | tonumber) * 1000 / ([$n, 1] | max) end;
+     .streams as $n
+     | [$r, $c, $who, .streams_per_s, .[$f].p50_ms, .[$f].p99_ms, .end.p50_ms, .end.p99_ms,
+        per_stream($cpu; $n), .errors_total, .streams, $load, per_stream($mock; $n), per_stream($lg; $n),
+        ($th | split(" ") | map(select(. != ""))
+          | if length == 3 then map(per_stream(.; $n)) else ["", "", ""] end)[]]
      | map(tostring) | join("\t")' "$file" >>"$OUT/results.tsv"
+}
+
+# threads_ns PID: nanoseconds on CPU so far of the process's threads, in three groups:
+# serving (tokio's workers, serving threads), audit (the writer's thread and SQLite's
+# connection threads), other (the log thread, the main thread, ...).
+threads_ns() {
+  local t
+  for t in /proc/"$1"/task/*; do
+    printf '%s %s\n' "$(cat "$t/comm" 2>/dev/null)" "$(cut -d' ' -f1 "$t/schedstat" 2>/dev/null)"
+  done | awk '$2 == "" { next }
+    $1 ~ /^(tokio-rt-worker|duet-serve)/ { s += $2; next }
+    $1 ~ /^(duet-audit|sqlx-sqlite)/ { a += $2; next }
+    { o += $2 }
+    END { printf "%d %d %d\n", s, a, o }'
 }
 
 # duet_run ROUND C NAME PORT PID
 duet_run() {
-  local round="$1" c="$2" name="$3" port="$4" pid="$5" t0 t1 l file
+  local round="$1" c="$2" name="$3" port="$4" pid="$5" t0 t1 th0 th1 l file
   file="$OUT/r$round-c$c-$name.json"
   l=$(load1)
   t0=$(cpu_ticks "$pid")
+  th0=$(threads_ns "$pid")
   load "$c" duet "http://127.0.0.1:$port/query/stream" "$file"
   t1=$(cpu_ticks "$pid")
+  th1=$(threads_ns "$pid")
+  THREADS_S=$(awk -v a="$th0" -v b="$th1" 'BEGIN { split(a, x, " "); split(b, y, " ")
+    printf "%.6f %.6f %.6f", (y[1] - x[1]) / 1e9, (y[2] - x[2]) / 1e9, (y[3] - x[3]) / 1e9 }')
   record "$round" "$c" "$name" "$file" "$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {print (b - a) / hz}')" "$l"
+  THREADS_S=""
   say "   r$round C=$c $name: $(jq -r '"\(.streams_per_s|floor) runs/s, first flash p50 \(.first_flash.p50_ms*100|round/100) p99 \(.first_flash.p99_ms*100|round/100) ms, errors \(.errors_total)"' "$file"), CPU $(tail -1 "$OUT/results.tsv" | cut -f9 | xargs printf '%.3f') ms/run, load $l"
   wait_idle_at "$port"
 }
@@ -172,7 +197,7 @@ say "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d:
 say "== new:  $BIN ($("$BIN" --version), $(stat -c %s "$BIN") bytes) $NEW_ENV"
 [ -n "$BASE_BIN" ] && say "== base: $BASE_BIN ($("$BASE_BIN" --version), $(stat -c %s "$BASE_BIN") bytes) $BASE_ENV"
 say "== mocks and load generator: $MOCK_BIN; LEVELS=$LEVELS ROUNDS=$ROUNDS SECS=$SECS BUSY=$BUSY; results in $OUT"
-printf 'round\tc\twho\tper_s\tfirst_p50\tfirst_p99\tend_p50\tend_p99\tcpu_ms_per_run\terrors\tstreams\tload1\tmock_cpu_ms_per_stream\tclient_cpu_ms_per_stream\n' >"$OUT/results.tsv"
+printf 'round\tc\twho\tper_s\tfirst_p50\tfirst_p99\tend_p50\tend_p99\tcpu_ms_per_run\terrors\tstreams\tload1\tmock_cpu_ms_per_stream\tclient_cpu_ms_per_stream\tserving_ms_per_run\taudit_ms_per_run\tother_ms_per_run\n' >"$OUT/results.tsv"
 
 start_mock_at "$FLASH_PORT" flash --ttft-ms 50 $PACE
 FLASH_MOCK_PID=$MOCK_PID
@@ -222,6 +247,7 @@ awk -F'\t' '
   { key = $2 SUBSEP $3; if (!(key in n)) { order[++k] = key }
     i = ++n[key]; per[key, i] = $4; f50[key, i] = $5; f99[key, i] = $6
     cpu[key, i] = $9; err[key] += $10; ld[key, i] = $12; round[key, i] = $1
+    sv[key, i] = $15; au[key, i] = $16; ot[key, i] = $17
     pair[key, i] = ($13 != "" && $14 != "") ? $13 + $14 : ""
     if ($3 ~ /^direct/ && pair[key, i] != "") { floor[$2, $1] += pair[key, i]; halves[$2, $1]++ }
     if ($3 == "direct-flash") { d50[$2, $1] = $5; d99[$2, $1] = $6 } }
@@ -231,12 +257,16 @@ awk -F'\t' '
     for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
     lo = v[1]; hi = v[c]
     return (c % 2) ? v[(c + 1) / 2] : (v[c / 2] + v[c / 2 + 1]) / 2 }
+  function split3(key, m,   a, b, c) {
+    a = med(sv, key, m); b = med(au, key, m); c = med(ot, key, m)
+    if (a == "-" || b == "-" || c == "-") return "-"
+    return sprintf("%.3f / %.3f / %.3f", a, b, c) }
   function cell(arr, key, m, fmt,   x) {
     x = med(arr, key, m); if (x == "-") return "-"
     return sprintf(fmt " [" fmt "–" fmt "]", x, lo, hi) }
   END {
-    printf "| C | process | per s | first token p50 ms | first token p99 ms | added first token p50 ms | added p99 ms | duet CPU ms/run | mock + client CPU ms/run | errors | load avg (1 min) |\n"
-    printf "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    printf "| C | process | per s | first token p50 ms | first token p99 ms | added first token p50 ms | added p99 ms | duet CPU ms/run | mock + client CPU ms/run | serving / audit / other threads ms/run | errors | load avg (1 min) |\n"
+    printf "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     for (o = 1; o <= k; o++) {
       key = order[o]; split(key, p, SUBSEP); m = n[key]
       for (i = 1; i <= m; i++) {
@@ -244,10 +274,10 @@ awk -F'\t' '
         if (p[2] !~ /^direct/) { a50[key, i] = f50[key, i] - d50[p[1], round[key, i]]; a99[key, i] = f99[key, i] - d99[p[1], round[key, i]]
           fl[key, i] = (halves[p[1], round[key, i]] == 2) ? floor[p[1], round[key, i]] : "" }
       }
-      printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %d | %s |\n", p[1], p[2],
+      printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d | %s |\n", p[1], p[2],
         cell(per, key, m, "%.0f"), cell(f50, key, m, "%.2f"), cell(f99, key, m, "%.2f"),
         cell(a50, key, m, "%+.2f"), cell(a99, key, m, "%+.2f"), cell(cpu, key, m, "%.3f"),
-        cell(fl, key, m, "%.3f"), err[key], cell(ld, key, m, "%.2f")
+        cell(fl, key, m, "%.3f"), split3(key, m), err[key], cell(ld, key, m, "%.2f")
     }
   }' "$OUT/results.tsv" >"$OUT/table.txt"
 say "== median over $ROUNDS rounds [min–max]; per s = streams/s (direct) or runs/s (duet); first token through duet = first Flash delta"

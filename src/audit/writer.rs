@@ -86,9 +86,10 @@ use crate::{config::StoreText, metrics::Metrics};
 /// leaves runs a client saw without any row after a `kill -9` (it did before: 11 in one of
 /// three kills at 10 ms), but it delays every response's headers by up to the interval, and
 /// a run that ended within the interval before a crash, its client holding `done`, is
-/// finalized `interrupted`. 10 ms saves about 0.2 ms of CPU per run when clients come
-/// independently (docs/benchmarks.md, "The start row before the run's id"); operators who
-/// want that raise `AUDIT_BATCH_INTERVAL_MS` knowing this.
+/// finalized `interrupted`. 10 ms saves about 0.15 ms of CPU per run when clients come
+/// independently, and puts time to first byte at 7.5 ms (docs/benchmarks.md, "The writer's
+/// connection outside the pool, the start row before the run's id"); operators who want
+/// that raise `AUDIT_BATCH_INTERVAL_MS` knowing this.
 pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_millis(2);
 
 /// The longest batch interval allowed: a run's `running` row must appear within about 100 ms

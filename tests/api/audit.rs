@@ -1087,3 +1087,43 @@ async fn a_writer_on_its_own_thread_writes_everything_and_stops_the_thread() {
         thread_names()
     );
 }
+
+/// A run's response waits for its start row (`StartWritten`): answered once the batch holding
+/// it has committed, and never waited on past the bound when the store hangs.
+#[tokio::test(start_paused = true)]
+async fn a_start_row_is_answered_once_committed_and_not_waited_on_past_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let store = FakeStore::gated(Arc::clone(&gate));
+    let writer = AuditWriter::start(store.clone(), options(&dir), Metrics::new().unwrap()).unwrap();
+    let bound = Duration::from_millis(100);
+    let timed = |written: duet::audit::StartWritten| {
+        tokio::spawn(async move {
+            let began = tokio::time::Instant::now();
+            let ok = written.wait(bound).await;
+            (ok, began.elapsed())
+        })
+    };
+    // A start row and a record in one batch, whose commit waits for the gate.
+    let first = timed(writer.started(StartedRun::of(&record(1))));
+    writer.submit(record(2));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(!first.is_finished(), "answered before its batch committed");
+    gate.add_permits(1);
+    let (ok, waited) = first.await.unwrap();
+    assert!(ok, "the commit is answered");
+    assert_eq!(
+        waited,
+        Duration::from_millis(30),
+        "answered when it committed"
+    );
+    // The next batch hangs: its start row is waited on for the bound, not longer.
+    let second = timed(writer.started(StartedRun::of(&record(3))));
+    writer.submit(record(4));
+    let (ok, waited) = second.await.unwrap();
+    assert!(!ok);
+    assert_eq!(waited, bound);
+    gate.add_permits(100);
+    writer.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(store.stored().len(), 2, "both records written in the end");
+}

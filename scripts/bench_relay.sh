@@ -26,8 +26,10 @@
 # also parses the client's request, sends the run's other events and writes its audit
 # record. duet at or under it relays a run for no more than its two ends spend on it.
 # "Serving / audit / other threads": duet's CPU per run split by thread (from
-# /proc/PID/task/*/schedstat): tokio's workers (or serving threads), the audit writer's
-# thread with SQLite's connection threads, and the rest (the log thread, ...).
+# /proc/PID/task/*/schedstat): tokio's workers (or serving threads; tokio's blocking-pool
+# threads share the workers' name and count there), the audit writer's thread with SQLite's
+# connection threads (the read pool's too), and the rest (the log thread, ...). A thread
+# that ends during a run drops out, so the three may add up to less than duet's CPU.
 #
 # Knobs (environment): BIN (the build under test, default target/release/duet), BASE_BIN
 # (the build to compare with; unset: BIN alone), LEVELS (default "1 100 1000"), ROUNDS
@@ -121,7 +123,8 @@ wait_idle_at() {
 # load C TARGET URL FILE: one load run. Sets LOAD_CPU_S, the load generator's CPU seconds
 # (user + system, from its rusage).
 load() {
-  local c="$1" target="$2" url="$3" file="$4" TIMEFORMAT='%3U %3S' times
+  # LC_ALL=C: `time` prints the locale's decimal point, which awk would misread.
+  local c="$1" target="$2" url="$3" file="$4" TIMEFORMAT='%3U %3S' times LC_ALL=C
   times=$( { time "$MOCK_BIN" bench streams --target "$target" --url "$url" -c "$c" --duration "$SECS" \
     --warmup "$([ "$c" -ge 100 ] && echo 1 || echo 3)" \
     --ramp "${RAMP:-$([ "$c" -ge 1000 ] && echo 2 || echo 0)}" \

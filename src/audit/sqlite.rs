@@ -3,8 +3,9 @@
 //! Timestamps are stored as fixed-width RFC 3339 text (`2025-01-31T12:34:56.123456Z`), so
 //! text order is time order and SQLite's date functions accept them unchanged.
 //!
-//! Transactions are plain `BEGIN IMMEDIATE` / `COMMIT` statements on one pooled connection,
-//! not sqlx's `Transaction`, and a connection whose write failed is closed, never reused.
+//! Transactions are plain `BEGIN IMMEDIATE` / `COMMIT` statements on the writer's own
+//! connection, not sqlx's `Transaction`, and a connection whose write failed is closed,
+//! never reused.
 //! The reason is a trap found under a hostile test (sqlx 0.8.6): when COMMIT fails (an I/O
 //! error on an immutable file, a full disk), sqlx does not lower its transaction depth, so
 //! the connection goes back to the pool counted as inside a transaction; its next
@@ -130,26 +131,40 @@ struct WriterSlot {
     /// connection was closed), or while a batch holds it. Never locked across an await: a
     /// batch takes the connection out and puts it back once its write ended cleanly.
     idle: std::sync::Mutex<Option<SqliteConnection>>,
+    /// Set by `close`: no connection is opened or kept any more.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl WriterSlot {
     /// The idle connection, or a new one. Two batches at once (the service's writer never
     /// does this, tests and tools may) get two connections; SQLite's lock orders them.
     async fn take(&self) -> Result<SqliteConnection> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(AuditError::Database(sqlx::Error::PoolClosed));
+        }
         let idle = self.idle.lock().map(|mut slot| slot.take()).unwrap_or(None);
         if let Some(conn) = idle {
             return Ok(conn);
         }
         use sqlx::ConnectOptions as _;
+        let timed_out = || {
+            AuditError::Connect(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("opening the database took over {:?}", self.connect_timeout),
+            )))
+        };
         tokio::time::timeout(self.connect_timeout, self.options.connect())
             .await
-            .map_err(|_| AuditError::Database(sqlx::Error::PoolTimedOut))?
+            .map_err(|_| timed_out())?
             .map_err(AuditError::from)
     }
 
     /// Keeps a connection whose write ended cleanly for the next batch; a second one (see
     /// `take`) is closed.
     fn give_back(&self, conn: SqliteConnection) {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if let Ok(mut slot) = self.idle.lock()
             && slot.is_none()
         {
@@ -157,7 +172,10 @@ impl WriterSlot {
         }
     }
 
+    /// Closes the idle connection; one a batch holds now is closed when the batch ends.
     async fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         let idle = self.idle.lock().map(|mut slot| slot.take()).unwrap_or(None);
         if let Some(conn) = idle {
             use sqlx::Connection as _;
@@ -235,6 +253,7 @@ impl SqliteStore {
             options: options.clone(),
             connect_timeout: acquire_timeout,
             idle: std::sync::Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let pool = SqlitePoolOptions::new()
             .max_connections(3)
@@ -329,7 +348,7 @@ pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Resul
     };
     // IMMEDIATE takes the write lock now, so a busy database fails here (and is retried)
     // rather than at COMMIT. A BEGIN that fails because a transaction is already open
-    // would also catch a poisoned connection, should one ever reach the pool.
+    // would also catch a poisoned connection, should one ever be kept.
     let mut sql = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
     push_started(&mut sql, batch);
     push_rows(&mut sql, batch.instance_id, &batch.records);

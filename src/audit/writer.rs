@@ -86,8 +86,8 @@ use crate::{config::StoreText, metrics::Metrics};
 /// leaves runs a client saw without any row after a `kill -9` (it did before: 11 in one of
 /// three kills at 10 ms), but it delays every response's headers by up to the interval, and
 /// a run that ended within the interval before a crash, its client holding `done`, is
-/// finalized `interrupted`. 10 ms saves about 0.15 ms of CPU per run when clients come
-/// independently, and puts time to first byte at 7.5 ms (docs/benchmarks.md, "The writer's
+/// finalized `interrupted`. 10 ms saves the writer's threads about 0.14 ms of CPU per run when
+/// clients come independently, and puts time to first byte at 7.5 ms (docs/benchmarks.md, "The writer's
 /// connection outside the pool, the start row before the run's id"); operators who want
 /// that raise `AUDIT_BATCH_INTERVAL_MS` knowing this.
 pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_millis(2);
@@ -143,6 +143,13 @@ impl RetryPolicy {
 /// decides, and the next write confirms or fails again. Without it a service taken out of
 /// rotation for failing writes would never see another write, and never become ready.
 pub const FAILURE_HOLD: Duration = Duration::from_secs(10);
+
+/// A write attempt running longer than this counts as stalled: start rows queued meanwhile
+/// are still written, but no response waits for them. Without it, a database that hangs
+/// rather than refuses (a connection that takes its 5 s timeout to fail) held every new
+/// response for the whole bound of its wait (100 ms, `api::query`) until the first attempt
+/// failed; measured with PostgreSQL stopped under load: time to first byte p99 103 ms.
+pub const STALLED_AFTER: Duration = Duration::from_millis(100);
 
 /// Sizes and paths of the writer.
 #[derive(Debug, Clone)]
@@ -317,6 +324,18 @@ struct HealthState {
     failed: Option<(&'static str, Instant)>,
     /// A batch that has failed is still being retried.
     retrying: bool,
+    /// Attempts running now (two on PostgreSQL while writes succeed).
+    attempts: u32,
+    /// About when the oldest of them began: set by the first, reset to now when one of two
+    /// ends (the other began earlier, so its age is understated by at most one attempt).
+    attempt_began: Option<Instant>,
+}
+
+impl HealthState {
+    fn failure(&self) -> Option<&'static str> {
+        let (reason, at) = self.failed?;
+        (self.retrying || at.elapsed() < FAILURE_HOLD).then_some(reason)
+    }
 }
 
 impl Health {
@@ -338,9 +357,47 @@ impl Health {
     }
 
     fn failure(&self) -> Option<&'static str> {
+        self.lock().failure()
+    }
+
+    fn attempt_begins(&self) {
+        let mut s = self.lock();
+        s.attempts += 1;
+        s.attempt_began.get_or_insert_with(Instant::now);
+    }
+
+    fn attempt_ends(&self) {
+        let mut s = self.lock();
+        s.attempts = s.attempts.saturating_sub(1);
+        s.attempt_began = (s.attempts > 0).then(Instant::now);
+    }
+
+    /// Whether a start row queued now is likely to be committed soon: no write is failing,
+    /// and none has been running for [`STALLED_AFTER`]. One lock for both, per run.
+    fn answers_soon(&self) -> (bool, Option<&'static str>) {
         let s = self.lock();
-        let (reason, at) = s.failed?;
-        (s.retrying || at.elapsed() < FAILURE_HOLD).then_some(reason)
+        let failure = s.failure();
+        let stalled = s
+            .attempt_began
+            .is_some_and(|began| began.elapsed() >= STALLED_AFTER);
+        (failure.is_none() && !stalled, failure)
+    }
+}
+
+/// Marks an attempt as running in [`Health`] while it lives, whichever way it ends (a
+/// dropped future too).
+struct Attempting<'a>(&'a Health);
+
+impl<'a> Attempting<'a> {
+    fn new(health: &'a Health) -> Attempting<'a> {
+        health.attempt_begins();
+        Attempting(health)
+    }
+}
+
+impl Drop for Attempting<'_> {
+    fn drop(&mut self) {
+        self.0.attempt_ends();
     }
 }
 
@@ -584,7 +641,8 @@ impl AuditSink for AuditWriter {
         let inner = &self.inner;
         // Start rows only use the queue below its high-water marks, so the top quarter stays
         // free for records; and none while writes fail, since they would only wait in retry.
-        if self.backlogged() || inner.health.failure().is_some() {
+        let (soon, failure) = inner.health.answers_soon();
+        if self.backlogged() || failure.is_some() {
             debug!(run_id = %run.run_id, "audit queue busy or failing; no running row for this run");
             return StartWritten::never();
         }
@@ -605,9 +663,10 @@ impl AuditSink for AuditWriter {
             journaled: false,
         };
         match inner.tx.try_send(queued) {
+            // A stalled write: the row is queued, but nobody waits on it.
             Ok(()) => {
                 self.queued();
-                written
+                if soon { written } else { StartWritten::never() }
             }
             // Full or closed: the record will insert the row; nothing is lost.
             Err(TrySendError::Full(q) | TrySendError::Closed(q)) => {
@@ -772,10 +831,12 @@ fn unshare<T: Clone>(v: Arc<Vec<T>>) -> Vec<T> {
 /// attempt, or the writer would stall for good.
 async fn attempt(
     store: &dyn RecordStore,
+    health: &Health,
     instance_id: &str,
     started: &[StartedRun],
     batch: &[RunRecord],
 ) -> (Result<u64>, Duration) {
+    let _running = Attempting::new(health);
     let began = std::time::Instant::now();
     let result = tokio::time::timeout(
         INSERT_TIMEOUT,
@@ -803,6 +864,17 @@ impl Task {
                 tokio::select! {
                     biased;
                     () = self.drain.cancelled() => {}
+                    // A flight that commits during the interval is settled now, not when the
+                    // interval ends: the runs waiting on its start rows are answered at once.
+                    first = landing(&mut flying) => {
+                        if let Some(f) = flying.take()
+                            && let Some(cut) = self.land(f, Some(first), None).await
+                        {
+                            abandoned = Some(cut);
+                            break;
+                        }
+                        continue;
+                    }
                     () = tokio::time::sleep_until(next_write) => {}
                 }
             }
@@ -820,7 +892,7 @@ impl Task {
                 // as written (and leave the journal) when they are, not at the next record.
                 first = landing(&mut flying) => {
                     if let Some(f) = flying.take()
-                        && let Some(cut) = self.land(f, Some(first)).await
+                        && let Some(cut) = self.land(f, Some(first), None).await
                     {
                         abandoned = Some(cut);
                         break;
@@ -854,7 +926,7 @@ impl Task {
             if self.in_flight > 1 && self.health.failure().is_none() {
                 let next = self.launch(started, acks, batch, journaled);
                 if let Some(f) = flying.replace(next)
-                    && let Some(cut) = self.land(f, None).await
+                    && let Some(cut) = self.land(f, None, flying.as_mut()).await
                 {
                     abandoned = Some(cut);
                     break;
@@ -862,7 +934,7 @@ impl Task {
                 continue;
             }
             if let Some(f) = flying.take()
-                && let Some(mut cut) = self.land(f, None).await
+                && let Some(mut cut) = self.land(f, None, None).await
             {
                 // The batch just gathered was not tried: it goes with the rest.
                 cut.extend(batch);
@@ -871,20 +943,16 @@ impl Task {
             }
             let abort = self.abort.clone();
             let mut journaled = journaled;
+            let mut acks = acks;
             let written = tokio::select! {
                 biased;
                 () = abort.cancelled() => None,
-                result = self.write_with_retry(&started, &batch, &mut journaled, None) => Some(result),
+                result = self.write_with_retry(&started, &mut acks, &batch, &mut journaled, None) => Some(result),
             };
             // Start rows are written with the batch or not at all (see the module header).
             drop(started);
             match written {
-                Some(written) => {
-                    if written.is_ok() {
-                        answer(acks);
-                    }
-                    self.settle(written, batch, journaled).await;
-                }
+                Some(written) => self.settle(written, batch, journaled).await,
                 None => {
                     abandoned = Some(batch);
                     break;
@@ -899,7 +967,7 @@ impl Task {
                     f.attempt.abort();
                     records.extend(unshare(f.batch));
                 }
-                None => abandoned = self.land(f, None).await,
+                None => abandoned = self.land(f, None, None).await,
             }
         }
         if let Some(records) = abandoned {
@@ -959,10 +1027,11 @@ impl Task {
         let batch = Arc::new(batch);
         let store = Arc::clone(&self.store);
         let instance_id = self.instance_id.clone();
+        let health = Arc::clone(&self.health);
         let (s, b) = (Arc::clone(&started), Arc::clone(&batch));
         let attempt = self
             .tracker
-            .spawn(async move { attempt(store.as_ref(), &instance_id, &s, &b).await });
+            .spawn(async move { attempt(store.as_ref(), &health, &instance_id, &s, &b).await });
         Flight {
             started,
             acks,
@@ -976,10 +1045,18 @@ impl Task {
     /// on as a batch written here does: retries, then written or dead-lettered. The batch
     /// counts as written only once its attempt has returned, that is once its transactions
     /// committed. Returns the batch's records when the drain's abort came first.
+    ///
+    /// `next` is the flight launched after this one, if any. Should this one's first attempt
+    /// fail, that one's records are journaled before the retries begin: it lands only after
+    /// them (tens of seconds against a database that times out), and meanwhile its records
+    /// would be in memory only, which a `kill -9` loses (test
+    /// `audit_faults::kill_9_during_a_postgres_outage_loses_no_answered_run`, found failing
+    /// once the runs' timing changed).
     async fn land(
         &mut self,
         mut flight: Flight,
         first: Option<(Result<u64>, Duration)>,
+        next: Option<&mut Flight>,
     ) -> Option<Vec<RunRecord>> {
         let abort = self.abort.clone();
         let first = match first {
@@ -993,9 +1070,14 @@ impl Task {
                 first = Flight::first(&mut flight.attempt) => first,
             },
         };
+        if first.0.is_err()
+            && let Some(next) = next
+        {
+            self.journal(&next.batch, &mut next.journaled).await;
+        }
         let Flight {
             started,
-            acks,
+            mut acks,
             batch,
             mut journaled,
             ..
@@ -1003,15 +1085,12 @@ impl Task {
         let written = tokio::select! {
             biased;
             () = abort.cancelled() => None,
-            result = self.write_with_retry(&started, &batch, &mut journaled, Some(first)) => Some(result),
+            result = self.write_with_retry(&started, &mut acks, &batch, &mut journaled, Some(first)) => Some(result),
         };
         drop(started);
         let batch = unshare(batch);
         match written {
             Some(written) => {
-                if written.is_ok() {
-                    answer(acks);
-                }
                 self.settle(written, batch, journaled).await;
                 None
             }
@@ -1171,10 +1250,14 @@ impl Task {
 
     /// Writes one batch, retrying on the policy's schedule. `first` is the first attempt's
     /// result when it was made already (a batch in flight). Counts records, not batches, in
-    /// `duet_audit_writes_total` (a retried batch of 100 is 100 retries).
+    /// `duet_audit_writes_total` (a retried batch of 100 is 100 retries). `acks` (the runs
+    /// waiting on the batch's start rows) are answered once it commits, and let go at its
+    /// first failure: their responses then go out at once instead of waiting through the
+    /// retries for their bound.
     async fn write_with_retry(
         &mut self,
         started: &[StartedRun],
+        acks: &mut Vec<Ack>,
         batch: &[RunRecord],
         journaled: &mut [bool],
         mut first: Option<(Result<u64>, Duration)>,
@@ -1184,10 +1267,23 @@ impl Task {
         loop {
             let (result, took) = match first.take() {
                 Some(first) => first,
-                None => attempt(self.store.as_ref(), &self.instance_id, started, batch).await,
+                None => {
+                    attempt(
+                        self.store.as_ref(),
+                        &self.health,
+                        &self.instance_id,
+                        started,
+                        batch,
+                    )
+                    .await
+                }
             };
+            if result.is_err() {
+                acks.clear();
+            }
             match result {
                 Ok(new) => {
+                    answer(std::mem::take(acks));
                     self.metrics.audit_write_seconds.observe(took.as_secs_f64());
                     self.metrics
                         .audit_writes_total

@@ -1089,7 +1089,8 @@ async fn a_writer_on_its_own_thread_writes_everything_and_stops_the_thread() {
 }
 
 /// A run's response waits for its start row (`StartWritten`): answered once the batch holding
-/// it has committed, and never waited on past the bound when the store hangs.
+/// it has committed, never waited on past the bound when the store hangs, and not waited on
+/// at all once a write has been running for `STALLED_AFTER`.
 #[tokio::test(start_paused = true)]
 async fn a_start_row_is_answered_once_committed_and_not_waited_on_past_the_bound() {
     let dir = tempfile::tempdir().unwrap();
@@ -1123,7 +1124,144 @@ async fn a_start_row_is_answered_once_committed_and_not_waited_on_past_the_bound
     let (ok, waited) = second.await.unwrap();
     assert!(!ok);
     assert_eq!(waited, bound);
+    // Its attempt has now run for 100 ms: the write counts as stalled, and a run starting
+    // meanwhile is not held at all.
+    let third = timed(writer.started(StartedRun::of(&record(5))));
+    let (ok, waited) = third.await.unwrap();
+    assert!(!ok);
+    assert_eq!(waited, Duration::ZERO, "no wait behind a stalled write");
     gate.add_permits(100);
     writer.shutdown(Duration::from_secs(5)).await;
     assert_eq!(store.stored().len(), 2, "both records written in the end");
+}
+
+/// A batch whose first attempt fails lets its start rows' waiters go at once: their responses
+/// do not wait through the retries for their bound.
+#[tokio::test(start_paused = true)]
+async fn a_failed_batch_lets_its_start_rows_waiters_go_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FakeStore::failing(usize::MAX);
+    let writer = AuditWriter::start(store.clone(), options(&dir), Metrics::new().unwrap()).unwrap();
+    let written = writer.started(StartedRun::of(&record(1)));
+    writer.submit(record(2));
+    let began = tokio::time::Instant::now();
+    assert!(!written.wait(Duration::from_millis(100)).await);
+    assert_eq!(
+        began.elapsed(),
+        Duration::ZERO,
+        "let go at the first failure"
+    );
+    assert_eq!(store.attempts().len(), 1);
+    // Writes failing: a new run is not made to wait at all.
+    let began = tokio::time::Instant::now();
+    assert!(
+        !writer
+            .started(StartedRun::of(&record(3)))
+            .wait(Duration::from_millis(100))
+            .await
+    );
+    assert_eq!(began.elapsed(), Duration::ZERO);
+    writer.shutdown(Duration::from_secs(60)).await;
+}
+
+/// A store that takes two batches at once and commits each in 5 ms.
+struct FiveMsTwoInFlight;
+
+impl RecordStore for FiveMsTwoInFlight {
+    fn insert_batch<'a>(
+        &'a self,
+        records: &'a [RunRecord],
+    ) -> futures::future::BoxFuture<'a, Result<u64, duet::audit::AuditError>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok(records.len() as u64)
+        })
+    }
+
+    fn batches_in_flight(&self) -> usize {
+        2
+    }
+}
+
+/// With batches in flight (PostgreSQL), a start row is answered when its batch commits,
+/// not when the writer's batch interval ends: with 50 ms between batches, a batch started at
+/// once (the writer idle) is answered after the commit's 5 ms, not after 50.
+#[tokio::test(start_paused = true)]
+async fn a_flight_committing_within_the_batch_interval_is_answered_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = options(&dir).with_batch_interval(Duration::from_millis(50));
+    let writer = AuditWriter::start(
+        Arc::new(FiveMsTwoInFlight),
+        options,
+        Metrics::new().unwrap(),
+    )
+    .unwrap();
+    for round in 0..3 {
+        let written = writer.started(StartedRun::of(&record(2 * round)));
+        writer.submit(record(2 * round + 1));
+        let began = tokio::time::Instant::now();
+        assert!(written.wait(Duration::from_millis(100)).await);
+        let waited = began.elapsed();
+        assert!(
+            waited <= Duration::from_millis(5),
+            "round {round}: answered after {waited:?}"
+        );
+        // Past the interval: the next batch starts at once again.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    writer.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A store that takes two batches at once, each call failing after 5 s (a database that
+/// times out rather than refuses).
+struct SlowFailingTwoInFlight;
+
+impl RecordStore for SlowFailingTwoInFlight {
+    fn insert_batch<'a>(
+        &'a self,
+        _records: &'a [RunRecord],
+    ) -> futures::future::BoxFuture<'a, Result<u64, duet::audit::AuditError>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Err(duet::audit::AuditError::Timeout(Duration::from_secs(5)))
+        })
+    }
+
+    fn batches_in_flight(&self) -> usize {
+        2
+    }
+}
+
+/// When the first of two batches in flight fails, the second's records are journaled at
+/// once, not after the first one's retries (which take tens of seconds here): until then
+/// they were in memory only, and a `kill -9` lost them.
+#[tokio::test(start_paused = true)]
+async fn when_a_flight_fails_the_next_ones_records_are_journaled_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(
+        Arc::new(SlowFailingTwoInFlight),
+        options(&dir),
+        metrics.clone(),
+    )
+    .unwrap();
+    let records = vec![record(1), record(2)];
+    writer.submit(records[0].clone());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    writer.submit(records[1].clone());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        metrics.audit_journaled_total.get(),
+        2,
+        "both flights' records are in the journal a second after the first failure"
+    );
+    writer.shutdown(Duration::from_secs(1)).await;
+    let mut dead = dead_letters(&dir.path().join("deadletter.jsonl"));
+    dead.sort_by_key(|r| r.run_id);
+    let mut expected = records;
+    expected.sort_by_key(|r| r.run_id);
+    assert_eq!(
+        dead, expected,
+        "cut off by the drain: dead-lettered, none lost"
+    );
 }

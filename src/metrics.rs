@@ -60,6 +60,10 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Runs this process finalized as `interrupted` because the process running them died.
     pub runs_interrupted_total: IntCounter,
+    /// Runs whose response (and id) went out before their `running` row was known to be
+    /// committed: the row was dropped (queue backlogged, writes failing), its write stalled
+    /// or failed, or the wait's bound passed. A crash can leave such a run without a row.
+    pub start_rows_unconfirmed_total: IntCounter,
     /// Runs deleted by the `AUDIT_RETENTION_DAYS` purge (contract §10).
     pub audit_purged_total: IntCounter,
     pub streams_rejected_total: IntCounterVec,
@@ -257,6 +261,10 @@ impl Metrics {
             runs_interrupted_total: reg!(IntCounter::new(
                 "duet_runs_interrupted_total",
                 "Runs finalized as interrupted by this process because the process running them died."
+            )?),
+            start_rows_unconfirmed_total: reg!(IntCounter::new(
+                "duet_start_rows_unconfirmed_total",
+                "Runs whose response went out before their running row was known to be committed."
             )?),
             audit_purged_total: reg!(IntCounter::new(
                 "duet_audit_purged_total",

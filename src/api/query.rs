@@ -206,9 +206,12 @@ pub(super) async fn start_run(
     // already called meanwhile, so their first tokens are not held up; a row that is not
     // coming (dropped while the audit queue is backlogged or writes fail) is not waited
     // for, and a slow commit for at most `START_ROW_WAIT`.
-    std::mem::take(&mut handle.start_written)
+    let confirmed = std::mem::take(&mut handle.start_written)
         .wait(START_ROW_WAIT)
         .await;
+    if !confirmed {
+        state.metrics.start_rows_unconfirmed_total.inc();
+    }
     Ok(handle)
 }
 

@@ -657,16 +657,22 @@ impl AuditSink for AuditWriter {
             return StartWritten::never();
         }
         let (ack, written) = StartWritten::pending();
+        let run_id = run.run_id;
         let queued = Queued {
             item: Item::Started(run, ack),
             bytes,
             journaled: false,
         };
         match inner.tx.try_send(queued) {
-            // A stalled write: the row is queued, but nobody waits on it.
             Ok(()) => {
                 self.queued();
-                if soon { written } else { StartWritten::never() }
+                if soon {
+                    written
+                } else {
+                    // A stalled write: the row is queued, but nobody waits on it.
+                    debug!(run_id = %run_id, "audit write stalled; the run's response does not wait for its running row");
+                    StartWritten::never()
+                }
             }
             // Full or closed: the record will insert the row; nothing is lost.
             Err(TrySendError::Full(q) | TrySendError::Closed(q)) => {
@@ -1074,6 +1080,8 @@ impl Task {
             && let Some(next) = next
         {
             self.journal(&next.batch, &mut next.journaled).await;
+            // Its answer comes only after this one's retries: nobody waits for that.
+            next.acks.clear();
         }
         let Flight {
             started,

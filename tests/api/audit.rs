@@ -1234,7 +1234,8 @@ impl RecordStore for SlowFailingTwoInFlight {
 
 /// When the first of two batches in flight fails, the second's records are journaled at
 /// once, not after the first one's retries (which take tens of seconds here): until then
-/// they were in memory only, and a `kill -9` lost them.
+/// they were in memory only, and a `kill -9` lost them. Its start rows' waiters are let go
+/// then too.
 #[tokio::test(start_paused = true)]
 async fn when_a_flight_fails_the_next_ones_records_are_journaled_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -1248,6 +1249,9 @@ async fn when_a_flight_fails_the_next_ones_records_are_journaled_at_once() {
     let records = vec![record(1), record(2)];
     writer.submit(records[0].clone());
     tokio::time::sleep(Duration::from_millis(10)).await;
+    // The second flight also holds a start row, waited on here with a long bound.
+    let second = writer.started(StartedRun::of(&record(3)));
+    let waiting = tokio::spawn(second.wait(Duration::from_secs(60)));
     writer.submit(records[1].clone());
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
@@ -1255,6 +1259,11 @@ async fn when_a_flight_fails_the_next_ones_records_are_journaled_at_once() {
         2,
         "both flights' records are in the journal a second after the first failure"
     );
+    assert!(
+        waiting.is_finished(),
+        "the second flight's waiter is let go when the first fails, not after its retries"
+    );
+    assert!(!waiting.await.unwrap());
     writer.shutdown(Duration::from_secs(1)).await;
     let mut dead = dead_letters(&dir.path().join("deadletter.jsonl"));
     dead.sort_by_key(|r| r.run_id);

@@ -451,14 +451,13 @@ async fn sqlite_kill_9_leaves_no_run_a_client_saw_without_a_row() {
     // a batch interval): every id a client got, with when, and the responses held open.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let starter = {
-        let (client, seen) = (client.clone(), std::sync::Arc::clone(&seen));
+        let (client, seen, addr) = (client.clone(), std::sync::Arc::clone(&seen), addr.clone());
         tokio::spawn(async move {
             let mut requests = Vec::new();
             for i in 0..400 {
                 let (client, seen, addr) =
                     (client.clone(), std::sync::Arc::clone(&seen), addr.clone());
                 requests.push(tokio::spawn(async move {
-                    let asked = Instant::now();
                     let sent = client
                         .post(format!("http://{addr}/query/stream"))
                         .json(&json!({"query": format!("q{i}")}))
@@ -470,8 +469,7 @@ async fn sqlite_kill_9_leaves_no_run_a_client_saw_without_a_row() {
                         .unwrap()
                         .parse()
                         .unwrap();
-                    let now = Instant::now();
-                    seen.lock().unwrap().push((id, now, now - asked));
+                    seen.lock().unwrap().push((id, Instant::now()));
                     Some(resp)
                 }));
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -480,6 +478,9 @@ async fn sqlite_kill_9_leaves_no_run_a_client_saw_without_a_row() {
         })
     };
     tokio::time::sleep(Duration::from_millis(400)).await;
+    // Responses that went out without their row confirmed (a commit slowed past the wait's
+    // bound on a loaded machine, or a write counted as stalled): by design, so not counted.
+    let unconfirmed = metric_of(&client, &addr, "duet_start_rows_unconfirmed_total").await;
     let killed = Instant::now();
     kill_9(child);
     let mut open = Vec::new();
@@ -492,17 +493,13 @@ async fn sqlite_kill_9_leaves_no_run_a_client_saw_without_a_row() {
     let mut youngest_with_row: Option<Duration> = None;
     let mut oldest_without_row: Option<Duration> = None;
     let mut without = 0;
-    // A response whose row took longer than the wait's bound (100 ms: a commit slowed by a
-    // loaded machine) went out without it, by design: those are not counted.
-    let mut slow = 0;
-    for (id, seen, took) in &runs {
+    for (id, seen) in &runs {
         let age = killed.saturating_duration_since(*seen);
         match status(&db.store, *id).await {
             Some(s) => {
                 assert_eq!(s, "interrupted");
                 youngest_with_row = Some(youngest_with_row.map_or(age, |y| y.min(age)));
             }
-            None if *took >= Duration::from_millis(100) => slow += 1,
             None => {
                 without += 1;
                 oldest_without_row = Some(oldest_without_row.map_or(age, |o| o.max(age)));
@@ -510,14 +507,20 @@ async fn sqlite_kill_9_leaves_no_run_a_client_saw_without_a_row() {
         }
     }
     eprintln!(
-        "kill -9: {} runs seen, {without} without a row ({slow} more whose response took \
-         the wait's whole bound); youngest with a row {youngest_with_row:?} old, oldest \
-         without {oldest_without_row:?}",
+        "kill -9: {} runs seen, {without} without a row ({unconfirmed} responses went out \
+         unconfirmed); youngest with a row {youngest_with_row:?} old, oldest without \
+         {oldest_without_row:?}",
         runs.len()
     );
-    assert_eq!(
-        without, 0,
-        "runs whose id the client had, without a row (oldest {oldest_without_row:?} before the kill)"
+    assert!(
+        unconfirmed < runs.len() as f64 / 2.0,
+        "{unconfirmed} of {} responses went out before their row was confirmed",
+        runs.len()
+    );
+    assert!(
+        without as f64 <= unconfirmed,
+        "{without} runs whose id the client had are without a row, {unconfirmed} went out \
+         unconfirmed (oldest {oldest_without_row:?} before the kill)"
     );
     assert_eq!(terminate(child).await, Some(0));
 }

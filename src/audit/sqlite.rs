@@ -142,7 +142,7 @@ impl WriterSlot {
         if self.closed.load(std::sync::atomic::Ordering::Acquire) {
             return Err(AuditError::Database(sqlx::Error::PoolClosed));
         }
-        let idle = self.idle.lock().map(|mut slot| slot.take()).unwrap_or(None);
+        let idle = self.take_idle();
         if let Some(conn) = idle {
             return Ok(conn);
         }
@@ -157,6 +157,10 @@ impl WriterSlot {
             .await
             .map_err(|_| timed_out())?
             .map_err(AuditError::from)
+    }
+
+    fn take_idle(&self) -> Option<SqliteConnection> {
+        self.idle.lock().map(|mut slot| slot.take()).unwrap_or(None)
     }
 
     /// Keeps a connection whose write ended cleanly for the next batch; a second one (see
@@ -176,7 +180,7 @@ impl WriterSlot {
     async fn close(&self) {
         self.closed
             .store(true, std::sync::atomic::Ordering::Release);
-        let idle = self.idle.lock().map(|mut slot| slot.take()).unwrap_or(None);
+        let idle = self.take_idle();
         if let Some(conn) = idle {
             use sqlx::Connection as _;
             let _ = conn.close().await;

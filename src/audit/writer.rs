@@ -267,14 +267,6 @@ enum Item {
 /// Told once a start row is committed; dropped unanswered when it will not be.
 type Ack = oneshot::Sender<()>;
 
-/// Tells each waiting run that its start row is committed.
-fn answer(acks: Vec<Ack>) {
-    for ack in acks {
-        // The run may have ended its wait, or its client gone: nobody to tell.
-        let _ = ack.send(());
-    }
-}
-
 /// What one batch takes from the queue: start rows (and who waits on each), and records
 /// (and whether each is in the journal).
 struct Gathered {
@@ -372,15 +364,15 @@ impl Health {
         s.attempt_began = (s.attempts > 0).then(Instant::now);
     }
 
-    /// Whether a start row queued now is likely to be committed soon: no write is failing,
-    /// and none has been running for [`STALLED_AFTER`]. One lock for both, per run.
-    fn answers_soon(&self) -> (bool, Option<&'static str>) {
+    /// Why writes are failing (as [`Health::failure`]), and whether a write has been
+    /// running for [`STALLED_AFTER`]: what decides whether a start row queued now is worth
+    /// waiting for. One lock for both, per run.
+    fn failure_or_stall(&self) -> (Option<&'static str>, bool) {
         let s = self.lock();
-        let failure = s.failure();
         let stalled = s
             .attempt_began
             .is_some_and(|began| began.elapsed() >= STALLED_AFTER);
-        (failure.is_none() && !stalled, failure)
+        (s.failure(), stalled)
     }
 }
 
@@ -641,7 +633,7 @@ impl AuditSink for AuditWriter {
         let inner = &self.inner;
         // Start rows only use the queue below its high-water marks, so the top quarter stays
         // free for records; and none while writes fail, since they would only wait in retry.
-        let (soon, failure) = inner.health.answers_soon();
+        let (failure, stalled) = inner.health.failure_or_stall();
         if self.backlogged() || failure.is_some() {
             debug!(run_id = %run.run_id, "audit queue busy or failing; no running row for this run");
             return StartWritten::never();
@@ -666,12 +658,12 @@ impl AuditSink for AuditWriter {
         match inner.tx.try_send(queued) {
             Ok(()) => {
                 self.queued();
-                if soon {
-                    written
-                } else {
-                    // A stalled write: the row is queued, but nobody waits on it.
+                if stalled {
+                    // The row is queued, but nobody waits on it.
                     debug!(run_id = %run_id, "audit write stalled; the run's response does not wait for its running row");
                     StartWritten::never()
+                } else {
+                    written
                 }
             }
             // Full or closed: the record will insert the row; nothing is lost.
@@ -873,9 +865,7 @@ impl Task {
                     // A flight that commits during the interval is settled now, not when the
                     // interval ends: the runs waiting on its start rows are answered at once.
                     first = landing(&mut flying) => {
-                        if let Some(f) = flying.take()
-                            && let Some(cut) = self.land(f, Some(first), None).await
-                        {
+                        if let Some(cut) = self.land_ended(&mut flying, first).await {
                             abandoned = Some(cut);
                             break;
                         }
@@ -897,9 +887,7 @@ impl Task {
                 // A flight that ends while nothing new comes is settled now: its records count
                 // as written (and leave the journal) when they are, not at the next record.
                 first = landing(&mut flying) => {
-                    if let Some(f) = flying.take()
-                        && let Some(cut) = self.land(f, Some(first), None).await
-                    {
+                    if let Some(cut) = self.land_ended(&mut flying, first).await {
                         abandoned = Some(cut);
                         break;
                     }
@@ -919,7 +907,7 @@ impl Task {
             self.top_up(&mut incoming);
             let Gathered {
                 started,
-                acks,
+                mut acks,
                 batch,
                 journaled,
             } = self.take(&mut incoming);
@@ -949,7 +937,6 @@ impl Task {
             }
             let abort = self.abort.clone();
             let mut journaled = journaled;
-            let mut acks = acks;
             let written = tokio::select! {
                 biased;
                 () = abort.cancelled() => None,
@@ -1045,6 +1032,17 @@ impl Task {
             journaled,
             attempt,
         }
+    }
+
+    /// Lands the flight whose first attempt `landing` saw end, with that result; `Some` as
+    /// from [`Task::land`].
+    async fn land_ended(
+        &mut self,
+        flying: &mut Option<Flight>,
+        first: (Result<u64>, Duration),
+    ) -> Option<Vec<RunRecord>> {
+        let f = flying.take()?;
+        self.land(f, Some(first), None).await
     }
 
     /// Waits for a flight's first attempt (unless its result is known already) and carries
@@ -1291,7 +1289,10 @@ impl Task {
             }
             match result {
                 Ok(new) => {
-                    answer(std::mem::take(acks));
+                    for ack in acks.drain(..) {
+                        // The run may have ended its wait, or its client gone: nobody to tell.
+                        let _ = ack.send(());
+                    }
                     self.metrics.audit_write_seconds.observe(took.as_secs_f64());
                     self.metrics
                         .audit_writes_total

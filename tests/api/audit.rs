@@ -1164,16 +1164,23 @@ async fn a_failed_batch_lets_its_start_rows_waiters_go_at_once() {
     writer.shutdown(Duration::from_secs(60)).await;
 }
 
-/// A store that takes two batches at once and commits each in 5 ms.
-struct FiveMsTwoInFlight;
+/// A store that takes two batches at once, each call answering after `delay`: committed,
+/// or failed when `fails` (a database that times out rather than refuses).
+struct TimedTwoInFlight {
+    delay: Duration,
+    fails: bool,
+}
 
-impl RecordStore for FiveMsTwoInFlight {
+impl RecordStore for TimedTwoInFlight {
     fn insert_batch<'a>(
         &'a self,
         records: &'a [RunRecord],
     ) -> futures::future::BoxFuture<'a, Result<u64, duet::audit::AuditError>> {
         Box::pin(async move {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(self.delay).await;
+            if self.fails {
+                return Err(duet::audit::AuditError::Timeout(self.delay));
+            }
             Ok(records.len() as u64)
         })
     }
@@ -1191,7 +1198,10 @@ async fn a_flight_committing_within_the_batch_interval_is_answered_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let options = options(&dir).with_batch_interval(Duration::from_millis(50));
     let writer = AuditWriter::start(
-        Arc::new(FiveMsTwoInFlight),
+        Arc::new(TimedTwoInFlight {
+            delay: Duration::from_millis(5),
+            fails: false,
+        }),
         options,
         Metrics::new().unwrap(),
     )
@@ -1212,26 +1222,6 @@ async fn a_flight_committing_within_the_batch_interval_is_answered_at_once() {
     writer.shutdown(Duration::from_secs(5)).await;
 }
 
-/// A store that takes two batches at once, each call failing after 5 s (a database that
-/// times out rather than refuses).
-struct SlowFailingTwoInFlight;
-
-impl RecordStore for SlowFailingTwoInFlight {
-    fn insert_batch<'a>(
-        &'a self,
-        _records: &'a [RunRecord],
-    ) -> futures::future::BoxFuture<'a, Result<u64, duet::audit::AuditError>> {
-        Box::pin(async move {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            Err(duet::audit::AuditError::Timeout(Duration::from_secs(5)))
-        })
-    }
-
-    fn batches_in_flight(&self) -> usize {
-        2
-    }
-}
-
 /// When the first of two batches in flight fails, the second's records are journaled at
 /// once, not after the first one's retries (which take tens of seconds here): until then
 /// they were in memory only, and a `kill -9` lost them. Its start rows' waiters are let go
@@ -1241,7 +1231,10 @@ async fn when_a_flight_fails_the_next_ones_records_are_journaled_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Metrics::new().unwrap();
     let writer = AuditWriter::start(
-        Arc::new(SlowFailingTwoInFlight),
+        Arc::new(TimedTwoInFlight {
+            delay: Duration::from_secs(5),
+            fails: true,
+        }),
         options(&dir),
         metrics.clone(),
     )

@@ -41,6 +41,14 @@ use tracing::warn;
 
 thread_local! {
     static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
+    static MAY_BLOCK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True on a thread started by [`Workers::start_dedicated`]: its one task may block it (the
+/// SQLite audit writer runs its batches in place there). False everywhere else, where a
+/// blocking call belongs on tokio's blocking pool.
+pub fn may_block() -> bool {
+    MAY_BLOCK.with(Cell::get)
 }
 
 /// The serving thread this code runs on (0, 1, …; or the index of the thread of any other
@@ -81,9 +89,19 @@ impl Workers {
         Workers::start_named(count, "duet-serve")
     }
 
+    /// Starts one thread named `NAME-0` for a task of its own, which may block it (see
+    /// [`may_block`]): nothing else is run there, so a blocking call delays that task only.
+    pub fn start_dedicated(name: &str) -> io::Result<Workers> {
+        Workers::start_threads(1, name, true)
+    }
+
     /// Starts `count` threads (at least one) named `NAME-N`, each a single-threaded runtime,
     /// and returns once every one of them runs.
     pub fn start_named(count: usize, name: &str) -> io::Result<Workers> {
+        Workers::start_threads(count, name, false)
+    }
+
+    fn start_threads(count: usize, name: &str, may_block: bool) -> io::Result<Workers> {
         let mut workers = Workers {
             threads: Vec::with_capacity(count.max(1)),
         };
@@ -101,6 +119,7 @@ impl Workers {
                 .name(format!("{name}-{index}"))
                 .spawn(move || {
                     CURRENT.with(|c| c.set(Some(index)));
+                    MAY_BLOCK.with(|c| c.set(may_block));
                     let _ = running.send(());
                     drop(running);
                     // The runtime runs its tasks while this waits. A dropped sender (the

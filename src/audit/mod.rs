@@ -32,6 +32,7 @@ pub mod purge;
 pub mod replay;
 mod rows;
 mod sqlite;
+mod sqlite_batch;
 pub mod store;
 pub mod writer;
 
@@ -531,6 +532,12 @@ pub enum AuditError {
     SchemaNewer { applied: i64, known: i64 },
     #[error("audit database query failed: {0}")]
     Database(#[from] sqlx::Error),
+    /// The SQLite audit writer's own connection (`sqlite_batch`) could not be opened.
+    #[error("cannot open the audit database: {0}")]
+    SqliteOpen(#[source] rusqlite::Error),
+    /// A statement of the SQLite audit writer's batch failed.
+    #[error("audit database query failed: {0}")]
+    Sqlite(#[source] rusqlite::Error),
     #[error("the audit database did not answer within {0:?}")]
     Timeout(std::time::Duration),
     #[error("stored run {run_id} cannot be read back: {problem}")]
@@ -593,8 +600,29 @@ impl AuditError {
                 sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
             ) => "database_unavailable",
             AuditError::Database(_) => "database_error",
+            AuditError::SqliteOpen(_) => "database_unavailable",
+            AuditError::Sqlite(e) => sqlite_reason(e),
             _ => "audit_error",
         }
+    }
+}
+
+/// The same words as for sqlx's SQLite errors above, from SQLite's primary result codes.
+fn sqlite_reason(e: &rusqlite::Error) -> &'static str {
+    use rusqlite::ErrorCode as Code;
+    let rusqlite::Error::SqliteFailure(failure, message) = e else {
+        return "database_error";
+    };
+    let message = message.as_deref().unwrap_or_default();
+    match failure.code {
+        Code::DiskFull => "disk_full",
+        Code::SystemIoFailure | Code::ReadOnly => "database_io_error",
+        Code::CannotOpen => "database_unavailable",
+        _ if message.contains("no such table") => "schema_missing",
+        _ if message.contains("disk I/O error") || message.contains("readonly") => {
+            "database_io_error"
+        }
+        _ => "database_error",
     }
 }
 

@@ -1,25 +1,25 @@
-//! SQLite SQL for the audit store: multi-row `INSERT`s in one transaction, and reading back.
+//! SQLite for the audit store: the pool that reads records back and runs migrations, and the
+//! writer's batches (their SQL and connection are in [`super::sqlite_batch`]).
 //!
 //! Timestamps are stored as fixed-width RFC 3339 text (`2025-01-31T12:34:56.123456Z`), so
 //! text order is time order and SQLite's date functions accept them unchanged.
 //!
-//! Transactions are plain `BEGIN IMMEDIATE` / `COMMIT` statements on the writer's own
-//! connection, not sqlx's `Transaction`, and a connection whose write failed is closed,
-//! never reused.
-//! The reason is a trap found under a hostile test (sqlx 0.8.6): when COMMIT fails (an I/O
-//! error on an immutable file, a full disk), sqlx does not lower its transaction depth, so
-//! the connection goes back to the pool counted as inside a transaction; its next
-//! `begin`/`commit` become `SAVEPOINT`/`RELEASE`, and after a second failed commit SQLite is
-//! really left inside a transaction that no later RELEASE commits. Observed with a pool of
-//! one connection: two commits failing with `(778) disk I/O error`, then three "successful"
-//! commits that no other connection ever saw, a raw `BEGIN` on the pooled connection
-//! refused with "cannot start a transaction within a transaction", and `database is
-//! locked` for every other writer. SQLite documents that a failed COMMIT may or may not
-//! leave the transaction open ("Response To Errors Within A Transaction"), so the only
-//! safe response is to roll back and discard the connection.
+//! A batch's transaction is plain `BEGIN IMMEDIATE` / `COMMIT` on the writer's own
+//! connection, and a connection whose write failed is closed, never reused.
+//! The reason is a trap found under a hostile test (sqlx 0.8.6, when batches still went
+//! through sqlx's `Transaction`): when COMMIT fails (an I/O error on an immutable file, a
+//! full disk), sqlx does not lower its transaction depth, so the connection goes back to the
+//! pool counted as inside a transaction; its next `begin`/`commit` become
+//! `SAVEPOINT`/`RELEASE`, and after a second failed commit SQLite is really left inside a
+//! transaction that no later RELEASE commits. Observed with a pool of one connection: two
+//! commits failing with `(778) disk I/O error`, then three "successful" commits that no other
+//! connection ever saw, a raw `BEGIN` on the pooled connection refused with "cannot start a
+//! transaction within a transaction", and `database is locked` for every other writer.
+//! SQLite documents that a failed COMMIT may or may not leave the transaction open
+//! ("Response To Errors Within A Transaction"), so the only safe response is to roll back and
+//! discard the connection.
 
 use std::{
-    borrow::Cow,
     path::{Path, PathBuf},
     str::FromStr,
     sync::{Arc, OnceLock},
@@ -28,53 +28,18 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use sqlx::{
-    QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool,
+    Row, SqlitePool,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
     },
 };
 
 use super::{
-    AuditError, Deadline, Result, RunRecord, events,
-    rows::{Dialect, corrupt, messages_column, params_column, to_db},
+    AuditError, Result, RunRecord, StartedRun,
+    rows::{Dialect, corrupt},
+    sqlite_batch::BatchConnection,
     store::Batch,
 };
-
-/// Runs per statement. SQLite allows at most 32766 bound values per statement; a chunk of
-/// runs binds 16 values per run and 16 per trace (two per run): 500 runs bind 24000. A chunk
-/// of start rows binds 11 values each.
-///
-/// One statement per kind and chunk, its text built for the batch's size, rather than a few
-/// fixed sizes that stay prepared: those cut the writer's instructions by 5 % (fewer
-/// re-parsed statements) but made a batch several statements, each a round trip to sqlx's
-/// SQLite thread, and on a saturated CPU each round trip waits for that thread to be
-/// scheduled: at 1,300 runs/s the writer fell behind and dead-lettered 6,824 records that
-/// this shape writes (docs/benchmarks.md, "Audit writer, second pass").
-const CHUNK: usize = 500;
-
-/// Batches of at most this many rows (start rows and records) keep their query prepared
-/// in the connection's statement cache; larger ones are prepared for the one use. A batch is
-/// one query whose text depends on how many start rows and records it holds, so small
-/// shapes recur whenever the service is not saturated (and preparing one again costs a
-/// visible share of a small commit), while large ones rarely repeat and a prepared query
-/// holds the bytecode of every value it binds: 0.72 MB for one 500-row insert of 16
-/// columns (`.stats on` in the `sqlite3` shell), about 2.7 MB for a full batch. sqlx bounds
-/// its cache (100 per connection) in statements, not bytes: kept small, 100 of them stay
-/// under about 5 MB.
-const KEEP_PREPARED: usize = 8;
-
-/// A record's run row: inserted, or finalizing the run's `running` row (contract §8), or
-/// replacing an `interrupted` one (the real record of a run presumed dead, back from the
-/// journal or the dead-letter file, says more than the presumption). A row that already
-/// ended is left alone, so a record is stored once however often it is replayed. Only the
-/// columns a start row does not know are set: the others (the run's id, time, request,
-/// instance) are the same run's, and leaving them out of `SET` spares their indexes.
-const UPSERT_RUN: &str = " ON CONFLICT (run_id) DO UPDATE SET \
-    status = excluded.status, total_ms = excluded.total_ms, \
-    service_version = excluded.service_version, events = excluded.events, \
-    owner_fingerprint = excluded.owner_fingerprint, cost_usd = excluded.cost_usd, \
-    agreement = excluded.agreement \
-    WHERE dual_runs.status IN ('running', 'interrupted')";
 
 /// How reading a record back differs on SQLite: `?` parameters, `created_at` as text.
 pub(super) const DIALECT: Dialect<SqliteRow> = Dialect {
@@ -112,80 +77,10 @@ pub struct SqliteStore {
     /// meant a different connection for each batch (the pool's idle queue is first in,
     /// first out), and a connection that did not make the last commit finds the WAL changed
     /// and reads the pages it needs again: 24 `pread`s per commit, measured
-    /// (docs/benchmarks.md, "One writer connection, one round trip").
-    writer: Arc<WriterSlot>,
+    /// (docs/benchmarks.md, "One writer connection, one round trip"). Outside sqlx, so
+    /// that a batch runs on the writer's own thread (`sqlite_batch`).
+    batches: Arc<BatchConnection>,
     file: Arc<SqliteFile>,
-}
-
-/// The writer's connection, outside any pool. sqlx pings a pooled connection each time it
-/// goes back to its pool, whatever `test_before_acquire` says: a second round trip to the
-/// connection's thread per batch, each waking that thread and then the writer's. Kept here,
-/// a batch is one round trip (docs/benchmarks.md, "The writer's connection outside the
-/// pool").
-#[derive(Debug)]
-struct WriterSlot {
-    options: SqliteConnectOptions,
-    /// How long opening the connection may take before the batch counts as failed.
-    connect_timeout: Duration,
-    /// The idle connection, or `None` before the first batch, after a failed one (whose
-    /// connection was closed), or while a batch holds it. Never locked across an await: a
-    /// batch takes the connection out and puts it back once its write ended cleanly.
-    idle: std::sync::Mutex<Option<SqliteConnection>>,
-    /// Set by `close`: no connection is opened or kept any more.
-    closed: std::sync::atomic::AtomicBool,
-}
-
-impl WriterSlot {
-    /// The idle connection, or a new one. Two batches at once (the service's writer never
-    /// does this, tests and tools may) get two connections; SQLite's lock orders them.
-    async fn take(&self) -> Result<SqliteConnection> {
-        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(AuditError::Database(sqlx::Error::PoolClosed));
-        }
-        let idle = self.take_idle();
-        if let Some(conn) = idle {
-            return Ok(conn);
-        }
-        use sqlx::ConnectOptions as _;
-        let timed_out = || {
-            AuditError::Connect(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("opening the database took over {:?}", self.connect_timeout),
-            )))
-        };
-        tokio::time::timeout(self.connect_timeout, self.options.connect())
-            .await
-            .map_err(|_| timed_out())?
-            .map_err(AuditError::from)
-    }
-
-    fn take_idle(&self) -> Option<SqliteConnection> {
-        self.idle.lock().map(|mut slot| slot.take()).unwrap_or(None)
-    }
-
-    /// Keeps a connection whose write ended cleanly for the next batch; a second one (see
-    /// `take`) is closed.
-    fn give_back(&self, conn: SqliteConnection) {
-        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        if let Ok(mut slot) = self.idle.lock()
-            && slot.is_none()
-        {
-            *slot = Some(conn);
-        }
-    }
-
-    /// Closes the idle connection; one a batch holds now is closed when the batch ends.
-    async fn close(&self) {
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
-        let idle = self.take_idle();
-        if let Some(conn) = idle {
-            use sqlx::Connection as _;
-            let _ = conn.close().await;
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -212,7 +107,9 @@ impl SqliteStore {
     /// Closes the writer's connection and the pool, waiting for the pool's connections to
     /// return.
     pub(super) async fn close(&self) {
-        self.writer.close().await;
+        let batches = Arc::clone(&self.batches);
+        // Off the runtime's workers: closing the last connection checkpoints the WAL.
+        let _ = tokio::task::spawn_blocking(move || batches.close()).await;
         self.pool.close().await;
     }
 
@@ -248,24 +145,21 @@ impl SqliteStore {
             // small insert's; slow statements are still logged (`warn`, over 1 s).
             .log_statements(log::LevelFilter::Off);
         let path = sqlite_path(&options);
-        // One writer at a time is all SQLite allows, so the audit writer has one connection.
-        // Built from the same options, an in-memory database's connections share it (sqlx
-        // names it once, at parse time, and opens it with a shared cache). It is opened at
-        // the first batch, and never pinged: a broken connection fails the batch's BEGIN
-        // instead, and the batch is retried on a new one.
-        let writer = Arc::new(WriterSlot {
-            options: options.clone(),
-            connect_timeout: acquire_timeout,
-            idle: std::sync::Mutex::new(None),
-            closed: std::sync::atomic::AtomicBool::new(false),
-        });
+        // One writer at a time is all SQLite allows, so the audit writer has one connection,
+        // to the same database. It is opened at the first batch, and never pinged: a broken
+        // connection fails the batch's BEGIN instead, and the batch is retried on a new one.
+        let batches = Arc::new(BatchConnection::new(
+            url,
+            options.get_filename(),
+            busy_timeout,
+        ));
         let pool = SqlitePoolOptions::new()
             .max_connections(3)
             .acquire_timeout(acquire_timeout)
             .connect_lazy_with(options);
         Ok(SqliteStore {
             pool,
-            writer,
+            batches,
             file: Arc::new(SqliteFile {
                 path,
                 opened: OnceLock::new(),
@@ -318,180 +212,51 @@ fn sqlite_path(options: &SqliteConnectOptions) -> Option<PathBuf> {
     }
 }
 
-/// The writer's connection during a batch: kept for the next batch only if the write on it
-/// ended cleanly. An error, or the future being dropped half-way (the writer's timeout), may
-/// have left it inside a transaction: it is then dropped, which closes it, and closing a
-/// SQLite connection rolls back whatever transaction it holds.
-struct WriteConn<'a> {
-    conn: Option<SqliteConnection>,
-    slot: &'a WriterSlot,
-    clean: bool,
-}
-
-impl Drop for WriteConn<'_> {
-    fn drop(&mut self) {
-        if self.clean
-            && let Some(conn) = self.conn.take()
-        {
-            self.slot.give_back(conn);
-        }
-    }
-}
-
+/// Writes a batch in one transaction on the writer's own connection (`sqlite_batch`): in
+/// place on the audit writer's own thread, which may block, on tokio's blocking pool from
+/// anywhere else.
 pub(super) async fn write_batch(store: &SqliteStore, batch: &Batch<'_>) -> Result<u64> {
     // A write into a file that is no longer at the path would be lost: do not start one.
     store.check_file()?;
-    let mut conn = WriteConn {
-        conn: Some(store.writer.take().await?),
-        slot: &store.writer,
-        clean: false,
+    let written = if crate::workers::may_block() {
+        store.batches.write(batch)?
+    } else {
+        let owned = OwnedBatch::of(batch);
+        let batches = Arc::clone(&store.batches);
+        tokio::task::spawn_blocking(move || batches.write(&owned.batch()))
+            .await
+            .map_err(|_| AuditError::Database(sqlx::Error::WorkerCrashed))??
     };
-    // Just put there; only `Drop` takes it out.
-    let Some(db) = conn.conn.as_mut() else {
-        return Err(AuditError::Database(sqlx::Error::PoolClosed));
-    };
-    // IMMEDIATE takes the write lock now, so a busy database fails here (and is retried)
-    // rather than at COMMIT. A BEGIN that fails because a transaction is already open
-    // would also catch a poisoned connection, should one ever be kept.
-    let mut sql = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
-    push_started(&mut sql, batch);
-    push_rows(&mut sql, batch.instance_id, &batch.records);
-    sql.push("COMMIT");
-    // The whole transaction is one query of several statements: one round trip to sqlx's
-    // SQLite thread, where it was five (BEGIN, three inserts, COMMIT), each of which woke
-    // that thread and then the writer's (docs/benchmarks.md, "One writer connection, one
-    // round trip"). SQLite runs the statements in order and sqlx stops at the first that
-    // fails, so a failed insert never reaches COMMIT. sqlx 0.8 supports several statements
-    // in one query on SQLite only, and calls that behaviour deprecated: the audit tests
-    // (every row once, the faults) fail loudly should a later version drop it. Its rows are
-    // the `SELECT changes()` after each chunk of records: the run rows each chunk wrote.
-    let small = batch.started.len() + batch.records.len() <= KEEP_PREPARED;
-    let result = sql
-        .build_query_scalar::<i64>()
-        .persistent(small)
-        .fetch_all(&mut *db)
-        .await
-        .map(|counts| counts.into_iter().map(super::rows::from_db).sum::<u64>())
-        .map_err(AuditError::from);
-    match result {
-        Ok(written) => {
-            conn.clean = true;
-            drop(conn);
-            // Committed, but into the file at the path? If it was deleted or replaced
-            // meanwhile, the rows are in an inode nobody will read: count them as failed so
-            // that they are retried and dead-lettered, not reported `ok`.
-            store.check_file()?;
-            Ok(written)
-        }
-        Err(e) => {
-            // Best effort: closing (on drop) rolls back as well; this just does it now.
-            let _ = sqlx::query("ROLLBACK").execute(&mut *db).await;
-            Err(e)
-        }
-    }
+    // Committed, but into the file at the path? If it was deleted or replaced meanwhile,
+    // the rows are in an inode nobody will read: count them as failed so that they are
+    // retried and dead-lettered, not reported `ok`.
+    store.check_file()?;
+    Ok(written)
 }
 
-/// The `running` rows of runs that started, one statement per chunk. A row already there
-/// (the run ended and its record came first) is left alone.
-fn push_started<'a>(sql: &mut QueryBuilder<'a, Sqlite>, batch: &'a Batch<'_>) {
-    for chunk in batch.started.chunks(CHUNK) {
-        sql.push(
-            "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
-             status, total_ms, service_version, owner_fingerprint, instance_id, messages, \
-             params, client_id) ",
-        );
-        sql.push_values(chunk, |mut row, r| {
-            row.push_bind(r.run_id.to_string())
-                .push_bind(r.client_request_id.as_deref())
-                .push_bind(format_time(&r.created_at))
-                .push_bind(&*r.query)
-                .push_bind(r.system.as_deref())
-                .push("'running'")
-                .push("0")
-                .push_bind(crate::SERVICE_VERSION)
-                .push_bind(r.owner_fingerprint.as_deref())
-                .push_bind(r.instance_id.as_deref())
-                .push_bind(
-                    r.conversation
-                        .as_ref()
-                        .map(|c| messages_column(c.messages(), Cow::Borrowed)),
-                )
-                .push_bind(r.params.as_ref().map(params_column))
-                .push_bind(r.client_id.as_deref());
-        });
-        sql.push(" ON CONFLICT (run_id) DO NOTHING; ");
-    }
+/// A copy of a batch for a thread of tokio's blocking pool, which takes nothing borrowed.
+/// Only batches written off the writer's own thread (tests, tools) pay for it.
+struct OwnedBatch {
+    instance_id: Option<String>,
+    started: Vec<StartedRun>,
+    records: Vec<RunRecord>,
 }
 
-/// Each chunk of records: its run rows, `SELECT changes()` (how many of them were written),
-/// then its traces.
-fn push_rows<'a>(
-    sql: &mut QueryBuilder<'a, Sqlite>,
-    instance_id: Option<&'a str>,
-    records: &'a [&RunRecord],
-) {
-    for chunk in records.chunks(CHUNK) {
-        sql.push(
-            "INSERT INTO dual_runs (run_id, client_request_id, created_at, query, system, \
-             status, total_ms, service_version, events, owner_fingerprint, instance_id, \
-             messages, params, client_id, cost_usd, agreement) ",
-        );
-        sql.push_values(chunk, |mut row, r| {
-            row.push_bind(r.run_id.to_string())
-                .push_bind(r.client_request_id.as_deref())
-                .push_bind(format_time(&r.created_at))
-                .push_bind(r.query.as_str())
-                .push_bind(r.system.as_deref())
-                .push_bind(r.status.as_str())
-                .push_bind(to_db(r.total_ms))
-                .push_bind(r.service_version.as_str())
-                .push_bind(events::to_column(&r.events))
-                .push_bind(r.owner_fingerprint.as_deref())
-                .push_bind(instance_id)
-                .push_bind(r.messages.as_ref().map(|m| {
-                    messages_column(
-                        m.iter().map(|m| (m.role, m.content.as_str())),
-                        Cow::Borrowed,
-                    )
-                }))
-                .push_bind(r.params.as_ref().map(params_column))
-                .push_bind(r.client_id.as_deref())
-                .push_bind(r.cost_usd)
-                .push_bind(r.agreement);
-        });
-        // A replayed or resubmitted record is ignored, never duplicated (contract §5).
-        sql.push(UPSERT_RUN);
-        sql.push("; SELECT changes(); ");
+impl OwnedBatch {
+    fn of(batch: &Batch<'_>) -> OwnedBatch {
+        OwnedBatch {
+            instance_id: batch.instance_id.map(str::to_owned),
+            started: batch.started.iter().map(|r| (*r).clone()).collect(),
+            records: batch.records.iter().map(|r| (*r).clone()).collect(),
+        }
+    }
 
-        sql.push(
-            "INSERT INTO model_traces (run_id, model, provider, model_name, model_version, \
-             outcome, error_type, error_message, deadline, text, finish_reason, latency_ms, \
-             ttft_ms, input_tokens, output_tokens, cost_usd) ",
-        );
-        let rows = chunk
-            .iter()
-            .flat_map(|r| [(r.run_id, "flash", &r.flash), (r.run_id, "pro", &r.pro)]);
-        sql.push_values(rows, |mut row, (run_id, role, t)| {
-            row.push_bind(run_id.to_string())
-                .push_bind(role)
-                .push_bind(t.provider.as_str())
-                .push_bind(t.model.as_str())
-                .push_bind(t.model_version.as_deref())
-                .push_bind(t.outcome.as_str())
-                .push_bind(t.error_type.as_deref())
-                .push_bind(t.error_message.as_deref())
-                .push_bind(t.deadline.map(Deadline::as_str))
-                .push_bind(t.text.as_str())
-                .push_bind(t.finish_reason.as_deref())
-                .push_bind(to_db(t.latency_ms))
-                .push_bind(t.ttft_ms.map(to_db))
-                .push_bind(t.input_tokens.map(to_db))
-                .push_bind(t.output_tokens.map(to_db))
-                .push_bind(t.cost_usd);
-        });
-        // A run whose row was already final has its traces: nothing to add. One finalized
-        // just now (from `running` or `interrupted`) has none yet.
-        sql.push(" ON CONFLICT (run_id, model) DO NOTHING; ");
+    fn batch(&self) -> Batch<'_> {
+        Batch {
+            instance_id: self.instance_id.as_deref(),
+            started: self.started.iter().collect(),
+            records: self.records.iter().collect(),
+        }
     }
 }
 

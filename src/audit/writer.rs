@@ -238,7 +238,8 @@ impl WriterOptions {
     /// or that nothing else uses: a PostgreSQL connection belongs to the runtime it was
     /// opened on and stops working when this thread stops, so `duet serve` gives the writer
     /// a PostgreSQL pool of its own, whose connections open on this thread when it first
-    /// writes.
+    /// writes. The thread may block ([`crate::workers::may_block`]): SQLite's batches run
+    /// there in place, with no hop to another thread.
     pub fn with_own_thread(mut self) -> WriterOptions {
         self.own_thread = true;
         self
@@ -454,7 +455,7 @@ impl AuditWriter {
         let book = Arc::new(Mutex::new(JournalBook::default()));
         let thread = if options.own_thread {
             Some(
-                crate::workers::Workers::start_named(1, "duet-audit")
+                crate::workers::Workers::start_dedicated("duet-audit")
                     .map_err(AuditError::Thread)?,
             )
         } else {
@@ -550,13 +551,16 @@ impl AuditWriter {
 
     /// Writes everything queued and stops the writer, waiting at most `timeout` for the
     /// database; what is still unwritten then goes to the dead-letter file. Call it after
-    /// every run has ended (records submitted later are dead-lettered directly).
+    /// every run has ended (records submitted later are dead-lettered directly). A write
+    /// that blocks the writer's thread past that (a hung disk) is waited for `timeout` more,
+    /// then left: its batch and what queued behind it are lost with the process.
     ///
     /// Once every record is either in the database or in the dead-letter file, the journal
     /// has nothing left that is not somewhere else, and is removed; it is kept when some
     /// dead-letter append failed.
     pub async fn shutdown(&self, timeout: Duration) {
         let inner = &self.inner;
+        let mut stuck = false;
         inner.drain.cancel();
         inner.tracker.close();
         if tokio::time::timeout(timeout, inner.tracker.wait())
@@ -568,7 +572,20 @@ impl AuditWriter {
                 "audit queue not drained in time; dead-lettering the rest"
             );
             inner.abort.cancel();
-            inner.tracker.wait().await;
+            // The abort is seen between awaits. A SQLite batch runs on the writer's thread
+            // as one blocking call (`sqlite_batch`), so a disk that hangs its fsync would
+            // hang this wait: bounded by the same timeout again, the shutdown then goes on
+            // without that batch, and without waiting for the thread it blocks.
+            if tokio::time::timeout(timeout, inner.tracker.wait())
+                .await
+                .is_err()
+            {
+                error!(
+                    timeout_s = timeout.as_secs_f64(),
+                    "the audit writer is stuck in a write (a hung disk?); stopping without it"
+                );
+                stuck = true;
+            }
         }
         let deadletter = Arc::clone(&inner.deadletter);
         let journal = Arc::clone(&inner.journal);
@@ -589,8 +606,11 @@ impl AuditWriter {
             error!("the dead-letter thread could not be stopped cleanly");
         }
         let thread = inner.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(thread) = thread {
-            thread.stop().await;
+        match thread {
+            // Told to stop when dropped; it ends if its write ever returns.
+            Some(thread) if stuck => drop(thread),
+            Some(thread) => thread.stop().await,
+            None => {}
         }
         info!("audit writer stopped");
     }

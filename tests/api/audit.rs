@@ -61,6 +61,27 @@ async fn same_record_twice_is_one_row_sqlite() {
     same_record_twice_is_one_row(&db.store).await;
 }
 
+/// `sqlite::memory:`: the writer's own connection (rusqlite) and sqlx's read pool must open
+/// the same in-memory database, or records would be written where no read finds them.
+#[tokio::test]
+async fn an_in_memory_sqlite_database_is_one_database_for_writes_and_reads() {
+    let store = Store::connect("sqlite::memory:").await.unwrap();
+    store.migrate().await.unwrap();
+    let records: Vec<RunRecord> = (0..3).map(record).collect();
+    let starts: Vec<StartedRun> = (3..5).map(record).map(|r| start_of(&r)).collect();
+    assert_eq!(
+        store.write(Some("i-1"), &starts, &records).await.unwrap(),
+        3
+    );
+    assert_eq!(count(&store, "dual_runs").await, 5);
+    assert_eq!(count(&store, "model_traces").await, 6);
+    assert_eq!(
+        store.fetch(records[1].run_id).await.unwrap().as_ref(),
+        Some(&records[1])
+    );
+    store.close().await;
+}
+
 #[tokio::test]
 async fn same_record_twice_is_one_row_postgres() {
     let Some(db) = db::postgres("same_record_twice_is_one_row").await else {
@@ -250,7 +271,7 @@ async fn a_failed_batch_stores_nothing_and_is_retried_whole_postgres() {
     }
 }
 
-/// On SQLite a batch is one query of several statements (BEGIN, start rows, run rows,
+/// On SQLite a batch is one transaction of many statements (BEGIN, start rows, run rows,
 /// traces, COMMIT). One failing after the others ran (a trace refused by its CHECK, after
 /// the start rows and run rows went in) leaves nothing behind: no row, and no transaction
 /// left open on the writer's connection, which would hold the write lock from every other
@@ -768,6 +789,67 @@ async fn a_drain_cut_off_with_two_batches_in_flight_dead_letters_both() {
     expected.sort_by_key(|r| r.run_id);
     assert_eq!(dead, expected);
     assert_eq!(writes(&metrics, "ok"), 0);
+}
+
+/// A store whose write blocks the thread it runs on until released, as a SQLite batch blocks
+/// the writer's own thread when the disk hangs its fsync.
+struct BlockingStore {
+    began: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl RecordStore for BlockingStore {
+    fn insert_batch<'a>(
+        &'a self,
+        records: &'a [RunRecord],
+    ) -> futures::future::BoxFuture<'a, Result<u64, duet::audit::AuditError>> {
+        Box::pin(async move {
+            let _ = self.began.lock().unwrap().send(());
+            let _ = self
+                .release
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(60));
+            Ok(records.len() as u64)
+        })
+    }
+}
+
+/// The drain's abort cannot cut off a write that blocks the writer's thread: shutdown waits
+/// for it as long again as for the drain, then goes on without it (it used to wait forever).
+#[tokio::test]
+async fn shutdown_goes_on_when_a_write_blocks_the_writers_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (began, write_began) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel();
+    let store = Arc::new(BlockingStore {
+        began: std::sync::Mutex::new(began),
+        release: std::sync::Mutex::new(released),
+    });
+    let writer = AuditWriter::start(
+        store,
+        options(&dir).with_own_thread(),
+        Metrics::new().unwrap(),
+    )
+    .unwrap();
+    writer.submit(record(1));
+    write_began.recv_timeout(Duration::from_secs(30)).unwrap();
+    let started = std::time::Instant::now();
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(60),
+        writer.shutdown(Duration::from_millis(200)),
+    )
+    .await;
+    let took = started.elapsed();
+    let _ = release.send(());
+    assert!(
+        stopped.is_ok(),
+        "shutdown waited for a write that never ended"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "bounded by twice the drain timeout, not the thread's stop timeout: {took:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

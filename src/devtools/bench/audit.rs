@@ -125,9 +125,14 @@ pub async fn run(options: Options) -> Result<Report, BenchError> {
     let store = Store::connect(&options.database_url).await?;
     store.migrate().await?;
     let metrics = Metrics::new()?;
-    let writer_options = WriterOptions::new(&options.deadletter);
+    // The writer as `duet serve` starts it: on a thread of its own, with its own connections.
+    let writer_options = WriterOptions::new(&options.deadletter).with_own_thread();
     let high_water = writer_options.high_water;
-    let writer = AuditWriter::start(Arc::new(store.clone()), writer_options, metrics.clone())?;
+    let writer = AuditWriter::start(
+        Arc::new(store.for_writer(&options.database_url)?),
+        writer_options,
+        metrics.clone(),
+    )?;
     let text: String = "Gray waves fold to foam "
         .chars()
         .cycle()

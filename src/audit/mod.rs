@@ -600,7 +600,12 @@ impl AuditError {
                 sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
             ) => "database_unavailable",
             AuditError::Database(_) => "database_error",
-            AuditError::SqliteOpen(_) => "database_unavailable",
+            // Opening may fail for the reasons a write does (a full disk creating the WAL
+            // file); anything else is an unusable database.
+            AuditError::SqliteOpen(e) => match sqlite_reason(e) {
+                "database_error" => "database_unavailable",
+                reason => reason,
+            },
             AuditError::Sqlite(e) => sqlite_reason(e),
             _ => "audit_error",
         }

@@ -166,8 +166,14 @@ impl BatchConnection {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(self.busy_timeout)?;
-        // Answers with the mode now in force ("memory" for an in-memory database).
-        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
+        // Answers with the mode now in force ("memory" for an in-memory database). A file
+        // that will not take WAL still commits durably (FULL sync), but readers then block
+        // the writer: worth a line in the log.
+        let mode = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
+        if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
+            tracing::warn!(journal_mode = %mode, "the audit database did not take WAL mode");
+        }
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
@@ -218,8 +224,7 @@ fn insert_started(insert: &mut rusqlite::Statement<'_>, r: &StartedRun) -> rusql
     Ok(())
 }
 
-/// The record's run row and, when that row was written, its two traces. Returns the run
-/// rows written: 0 or 1.
+/// The record's run row and its two traces. Returns the run rows written: 0 or 1.
 fn upsert_record(
     run_row: &mut rusqlite::Statement<'_>,
     trace: &mut rusqlite::Statement<'_>,
@@ -287,15 +292,24 @@ fn uri(url: &str, filename: &Path) -> String {
         return format!("{name}?mode=memory&cache=shared");
     }
     let mut uri = String::with_capacity(name.len() + 16);
-    if !name.starts_with("file:") {
-        uri.push_str("file:");
-    }
-    for c in name.chars() {
-        match c {
-            '%' => uri.push_str("%25"),
-            '?' => uri.push_str("%3f"),
-            '#' => uri.push_str("%23"),
-            c => uri.push(c),
+    if name.starts_with("file:") {
+        // Already a SQLite URI, as sqlx hands it to SQLite.
+        uri.push_str(&name);
+    } else {
+        // An absolute path after an empty authority (`file:///srv/a.db`), so that a path
+        // starting with `//` is not read as an authority; a relative one as it is.
+        uri.push_str(if name.starts_with('/') {
+            "file://"
+        } else {
+            "file:"
+        });
+        for c in name.chars() {
+            match c {
+                '%' => uri.push_str("%25"),
+                '?' => uri.push_str("%3f"),
+                '#' => uri.push_str("%23"),
+                c => uri.push(c),
+            }
         }
     }
     if let Some((_, params)) = url.split_once('?')
@@ -322,7 +336,11 @@ mod tests {
                 "sqlite:///var/lib/a b.db?mode=rwc",
                 Path::new("/var/lib/a b.db")
             ),
-            "file:/var/lib/a b.db?mode=rwc"
+            "file:///var/lib/a b.db?mode=rwc"
+        );
+        assert_eq!(
+            uri("sqlite:////srv/x.db", Path::new("//srv/x.db")),
+            "file:////srv/x.db"
         );
         assert_eq!(
             uri("sqlite://x%3F%23%25.db", Path::new("x?#%.db")),

@@ -13,8 +13,8 @@
 //!   starts at most one transaction per batch interval (`AUDIT_BATCH_INTERVAL_MS`, default
 //!   [`DEFAULT_BATCH_INTERVAL`]) unless a full batch waits: an idle service writes each
 //!   record at once, and a busy one writes several records per transaction instead of one,
-//!   since each transaction has a fixed cost (an fsync and a round trip per statement to
-//!   SQLite's thread). It is short because records waiting here are what a `kill -9` loses.
+//!   since each transaction has a fixed cost (an fsync, and on PostgreSQL a round trip to
+//!   the server). It is short because records waiting here are what a `kill -9` loses.
 //! - The queue is bounded by bytes as well as by count (`AUDIT_QUEUE_MAX_BYTES`): a record
 //!   that does not fit is dead-lettered like one that finds the queue full.
 //! - On PostgreSQL two batches are in flight while writes succeed: the next batch's first
@@ -47,7 +47,15 @@
 //!   on every attempt dead-letters its records and drops its start rows.
 //! - Shutdown closes the queue, writes what is left, and is bounded: past the timeout the
 //!   batch in flight and the rest of the queue are dead-lettered. A write cut off mid-way may
-//!   have committed; replay then skips it, since inserts are idempotent.
+//!   have committed; replay then skips it, since inserts are idempotent. A SQLite batch runs
+//!   on the writer's own thread as one blocking call, which nothing cuts off: should one hang
+//!   (a disk that never answers an fsync), shutdown waits the timeout once more and then
+//!   leaves without it, keeping the journal; what was in memory only (that batch, unless it
+//!   was a retry, and what queued behind it) is lost as a `kill -9` would lose it.
+//! - An attempt running past [`INSERT_TIMEOUT`] counts as a failing write (`database_timeout`)
+//!   even before it returns: records are journaled as they arrive and `/readyz` says 503.
+//!   On PostgreSQL the timeout ends the attempt at that moment anyway; a SQLite batch on the
+//!   writer's thread cannot be cut off.
 
 use std::{
     collections::VecDeque,
@@ -326,8 +334,17 @@ struct HealthState {
 
 impl HealthState {
     fn failure(&self) -> Option<&'static str> {
-        let (reason, at) = self.failed?;
-        (self.retrying || at.elapsed() < FAILURE_HOLD).then_some(reason)
+        if let Some((reason, at)) = self.failed
+            && (self.retrying || at.elapsed() < FAILURE_HOLD)
+        {
+            return Some(reason);
+        }
+        // A write that has run past its timeout without returning (a SQLite batch on the
+        // writer's thread, which no timeout cuts off) is failing: records are journaled as
+        // they arrive, and readiness says so, while it hangs.
+        self.attempt_began
+            .is_some_and(|began| began.elapsed() >= INSERT_TIMEOUT)
+            .then_some(AuditError::Timeout(INSERT_TIMEOUT).reason())
     }
 }
 
@@ -582,7 +599,9 @@ impl AuditWriter {
             {
                 error!(
                     timeout_s = timeout.as_secs_f64(),
-                    "the audit writer is stuck in a write (a hung disk?); stopping without it"
+                    queued = inner.tx.max_capacity() - inner.tx.capacity(),
+                    "the audit writer is stuck in a write (a hung disk?); stopping without \
+                     it: its batch and the records queued behind it are lost unless journaled"
                 );
                 stuck = true;
             }
@@ -595,6 +614,9 @@ impl AuditWriter {
             if deadletter.ever_failed() {
                 warn!(journal = %journal.path().display(),
                     "a dead-letter append failed; keeping the audit journal for replay");
+            } else if stuck {
+                warn!(journal = %journal.path().display(),
+                    "the audit writer stopped in a write; keeping the audit journal for replay");
             } else if let Err(e) = std::fs::remove_file(journal.path())
                 && e.kind() != std::io::ErrorKind::NotFound
             {
@@ -846,7 +868,9 @@ fn unshare<T: Clone>(v: Arc<Vec<T>>) -> Vec<T> {
 
 /// One attempt at a batch, bounded by [`INSERT_TIMEOUT`]: a database that takes the
 /// connection and then hangs (a lock wait, a half-open socket) must count as a failed
-/// attempt, or the writer would stall for good.
+/// attempt, or the writer would stall for good. A SQLite batch on the writer's own thread
+/// is one blocking call the timeout cannot cut off (its lock waits are bounded by SQLite's
+/// busy timeout); `HealthState::failure` counts it as failing once it has run that long.
 async fn attempt(
     store: &dyn RecordStore,
     health: &Health,
@@ -1377,5 +1401,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A write that has not returned within the insert timeout (a SQLite batch blocking the
+    /// writer's thread) counts as failing while it runs, and stops counting once it ends.
+    #[test]
+    fn an_attempt_running_past_the_insert_timeout_is_a_failure() {
+        let health = Health::default();
+        health.attempt_begins();
+        assert_eq!(health.failure(), None, "just begun");
+        health.lock().attempt_began = Instant::now().checked_sub(STALLED_AFTER);
+        assert_eq!(
+            health.failure_or_stall(),
+            (None, true),
+            "stalled, not failing"
+        );
+        health.lock().attempt_began = Instant::now().checked_sub(INSERT_TIMEOUT);
+        assert_eq!(health.failure(), Some("database_timeout"));
+        health.attempt_ends();
+        assert_eq!(health.failure(), None);
     }
 }

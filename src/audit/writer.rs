@@ -52,7 +52,7 @@
 //!   (a disk that never answers an fsync), shutdown waits the timeout once more and then
 //!   leaves without it, keeping the journal; what was in memory only (that batch, unless it
 //!   was a retry, and what queued behind it) is lost as a `kill -9` would lose it.
-//! - An attempt running past [`INSERT_TIMEOUT`] counts as a failing write (`database_timeout`)
+//! - An attempt running past `INSERT_TIMEOUT` counts as a failing write (`database_timeout`)
 //!   even before it returns: records are journaled as they arrive and `/readyz` says 503.
 //!   On PostgreSQL the timeout ends the attempt at that moment anyway; a SQLite batch on the
 //!   writer's thread cannot be cut off.

@@ -108,8 +108,9 @@ pub(super) struct Readiness {
     audit_writes: &'static str,
     /// Why the service is not ready, when it is not: `database_unavailable`,
     /// `database_timeout`, `schema_missing`, `database_file_replaced`, `disk_full`,
-    /// `database_io_error`, `database_error`, `audit_queue_backlogged`, `instance_id_taken`
-    /// (another process took this replica's `INSTANCE_ID` over).
+    /// `database_io_error`, `database_locked` (SQLite: another process held the write lock
+    /// past the busy timeout), `database_error`, `audit_queue_backlogged`,
+    /// `instance_id_taken` (another process took this replica's `INSTANCE_ID` over).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     reason: Option<&'static str>,

@@ -592,6 +592,10 @@ impl AuditError {
                     "schema_missing"
                 } else if message.contains("disk I/O error") || message.contains("readonly") {
                     "database_io_error"
+                } else if message.contains("database is locked")
+                    || message.contains("database table is locked")
+                {
+                    "database_locked"
                 } else {
                     "database_error"
                 }
@@ -623,6 +627,9 @@ fn sqlite_reason(e: &rusqlite::Error) -> &'static str {
         Code::DiskFull => "disk_full",
         Code::SystemIoFailure | Code::ReadOnly => "database_io_error",
         Code::CannotOpen => "database_unavailable",
+        // Another process held SQLite's write lock past the busy timeout (an operator's
+        // `sqlite3` in a write transaction, a second writer on the file).
+        Code::DatabaseBusy | Code::DatabaseLocked => "database_locked",
         _ if message.contains("no such table") => "schema_missing",
         _ if message.contains("disk I/O error") || message.contains("readonly") => {
             "database_io_error"

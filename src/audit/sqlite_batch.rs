@@ -325,6 +325,32 @@ fn uri(url: &str, filename: &Path) -> String {
 mod tests {
     use super::*;
 
+    /// Another process holding the write lock past the busy timeout fails the batch at its
+    /// BEGIN, with the reason operators see on `/readyz`, and the connection is not kept.
+    #[test]
+    fn a_write_lock_held_elsewhere_fails_the_batch_as_database_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("locked.db");
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let url = format!("sqlite://{}", path.display());
+        let batches = BatchConnection::new(&url, &path, Duration::from_millis(50));
+        let batch = Batch {
+            instance_id: None,
+            started: Vec::new(),
+            records: Vec::new(),
+        };
+        let error = batches.write(&batch).unwrap_err();
+        assert_eq!(error.reason(), "database_locked", "{error}");
+        assert!(
+            batches.take_idle().is_none(),
+            "a failed connection is not kept"
+        );
+        holder.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(batches.write(&batch).unwrap(), 0);
+        assert!(batches.take_idle().is_some(), "a clean one is");
+    }
+
     #[test]
     fn the_uri_names_the_file_sqlx_opens_with_the_urls_parameters() {
         assert_eq!(

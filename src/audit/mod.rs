@@ -585,19 +585,14 @@ impl AuditError {
             AuditError::Database(sqlx::Error::Database(e)) => {
                 let code = e.code().unwrap_or_default();
                 let message = e.message();
+                let named = reason_in_message(message);
                 // SQLite's extended codes: 13 SQLITE_FULL; PostgreSQL: 53100 disk_full.
-                if code == "13" || code == "53100" || message.contains("disk is full") {
+                if code == "13" || code == "53100" || named == Some("disk_full") {
                     "disk_full"
-                } else if code == "42P01" || message.contains("no such table") {
+                } else if code == "42P01" {
                     "schema_missing"
-                } else if message.contains("disk I/O error") || message.contains("readonly") {
-                    "database_io_error"
-                } else if message.contains("database is locked")
-                    || message.contains("database table is locked")
-                {
-                    "database_locked"
                 } else {
-                    "database_error"
+                    named.unwrap_or("database_error")
                 }
             }
             AuditError::Database(
@@ -616,6 +611,23 @@ impl AuditError {
     }
 }
 
+/// The reason a database's error message names, in SQLite's wording (or PostgreSQL's, for
+/// a full disk): what both drivers' errors fall back on when their codes say nothing more.
+fn reason_in_message(message: &str) -> Option<&'static str> {
+    if message.contains("disk is full") {
+        Some("disk_full")
+    } else if message.contains("no such table") {
+        Some("schema_missing")
+    } else if message.contains("disk I/O error") || message.contains("readonly") {
+        Some("database_io_error")
+    } else if message.contains("database is locked") || message.contains("database table is locked")
+    {
+        Some("database_locked")
+    } else {
+        None
+    }
+}
+
 /// The same words as for sqlx's SQLite errors above, from SQLite's primary result codes.
 fn sqlite_reason(e: &rusqlite::Error) -> &'static str {
     use rusqlite::ErrorCode as Code;
@@ -630,11 +642,7 @@ fn sqlite_reason(e: &rusqlite::Error) -> &'static str {
         // Another process held SQLite's write lock past the busy timeout (an operator's
         // `sqlite3` in a write transaction, a second writer on the file).
         Code::DatabaseBusy | Code::DatabaseLocked => "database_locked",
-        _ if message.contains("no such table") => "schema_missing",
-        _ if message.contains("disk I/O error") || message.contains("readonly") => {
-            "database_io_error"
-        }
-        _ => "database_error",
+        _ => reason_in_message(message).unwrap_or("database_error"),
     }
 }
 

@@ -599,7 +599,7 @@ impl AuditWriter {
             {
                 error!(
                     timeout_s = timeout.as_secs_f64(),
-                    queued = inner.tx.max_capacity() - inner.tx.capacity(),
+                    queued = self.queue_depth(),
                     "the audit writer is stuck in a write (a hung disk?); stopping without \
                      it: its batch and the records queued behind it are lost unless journaled"
                 );

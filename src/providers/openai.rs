@@ -5,7 +5,9 @@
 //! The stream is `data: <chat.completion.chunk>` events ending with `data: [DONE]`. The
 //! finish reason comes on one chunk and the usage on a later one with no choices, so the call
 //! finishes as soon as it has both, without waiting for `[DONE]` (some proxies never send it).
-//! `[DONE]` with no finish reason is a truncated answer. Mid-stream errors are
+//! A finish reason followed by `[DONE]` or the body's end, with no usage, finishes with the
+//! token counts unknown. `[DONE]` or the end with no finish reason is a truncated answer.
+//! Mid-stream errors are
 //! `data: {"error": ...}`, or an `error: {...}` line from older llama.cpp builds.
 
 use std::borrow::Cow;
@@ -329,6 +331,17 @@ impl Decoder for OpenAiDecoder {
             ));
         }
         Ok(self.step(read_chunk(&v)))
+    }
+
+    /// The body ended after a finish chunk with neither a usage chunk nor `[DONE]` (a
+    /// server that ignores `include_usage` and closes without the terminator): the answer is
+    /// whole, its token counts unknown. Recording it as cut short would call a complete
+    /// answer a failure.
+    fn ended(&mut self, ctx: &CallContext, stray: &str) -> Result<Completion, ProviderError> {
+        if self.finish_reason.is_some() {
+            return Ok(self.completion());
+        }
+        Err(http::unfinished(ctx, stray))
     }
 
     fn whole(

@@ -641,7 +641,7 @@ async fn truncated_streams_are_invalid_and_openai_does_not_wait_for_done() {
     // Finish and usage but no [DONE], and the connection stays open: finished at once.
     let full = String::from_utf8(wire("openai_stream_ok.sse")).unwrap();
     let no_done = full.replace("data: [DONE]\n\n", "");
-    let server = FixtureServer::start(vec![then(sse(no_done.into_bytes()), Then::Hang)]).await;
+    let server = FixtureServer::start(vec![then(sse(no_done.clone().into_bytes()), Then::Hang)]).await;
     let (text, done) = tokio::time::timeout(
         Duration::from_secs(5),
         run(&openai(&server, BodyLimits::default()), &request("q", None)),
@@ -650,6 +650,33 @@ async fn truncated_streams_are_invalid_and_openai_does_not_wait_for_done() {
     .expect("finished without waiting for [DONE]");
     assert_eq!(text, HAIKU);
     assert_eq!(done.unwrap().usage.output_tokens, Some(20));
+
+    // A finish chunk, then neither usage nor [DONE]: the body just ends. The answer is
+    // whole, its token counts unknown; not an error.
+    let usage_line = full
+        .split("\n\n")
+        .find(|event| event.contains("\"choices\":[]"))
+        .expect("the fixture's usage chunk")
+        .to_owned();
+    let bare = no_done.replace(&format!("{usage_line}\n\n"), "");
+    assert!(!bare.contains("prompt_tokens"), "usage removed");
+    let server = FixtureServer::start(vec![sse(bare.clone().into_bytes())]).await;
+    let (text, done) = run(&openai(&server, BodyLimits::default()), &request("q", None)).await;
+    assert_eq!(text, HAIKU);
+    let completion = done.expect("a finished answer, not a truncated one");
+    assert_eq!(completion.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(completion.usage.output_tokens, None);
+
+    // With no finish chunk either, the same end is a truncated answer.
+    let finish_line = bare
+        .split("\n\n")
+        .find(|event| event.contains("\"finish_reason\":\"stop\""))
+        .expect("the fixture's finish chunk")
+        .to_owned();
+    let cut = bare.replace(&format!("{finish_line}\n\n"), "");
+    let server = FixtureServer::start(vec![sse(cut.into_bytes())]).await;
+    let (_, done) = run(&openai(&server, BodyLimits::default()), &request("q", None)).await;
+    assert_eq!(done.unwrap_err().error_type, ErrorType::InvalidResponse);
 }
 
 #[tokio::test]

@@ -51,14 +51,13 @@ pub enum Step {
 pub trait Decoder: Send + Unpin + 'static {
     /// One SSE event of the stream.
     fn event(&mut self, ctx: &CallContext, event: &Event) -> Result<Step, ProviderError>;
-    /// The stream ended (EOF or terminator) without a finish. `stray` holds the lines no SSE
-    /// parser sees (Gemini's raw JSON errors, llama.cpp's old `error:` field), which may say
-    /// why.
-    fn ended(&mut self, ctx: &CallContext, stray: &str) -> ProviderError {
-        if let Some(error) = stray_error(ctx, stray) {
-            return error;
-        }
-        truncated(ctx)
+    /// The stream ended (EOF or terminator) without a [`Step::Finish`]. A format that can
+    /// tell a finished answer from what came so far (OpenAI's finish chunk with no usage
+    /// chunk and no `[DONE]` after it) returns its completion; otherwise the error: `stray`
+    /// holds the lines no SSE parser sees (Gemini's raw JSON errors, llama.cpp's old
+    /// `error:` field), which may say why, and without them the answer was cut short.
+    fn ended(&mut self, ctx: &CallContext, stray: &str) -> Result<Completion, ProviderError> {
+        Err(unfinished(ctx, stray))
     }
     /// A whole JSON body, for upstreams that answer a streaming request without streaming.
     fn whole(
@@ -66,6 +65,11 @@ pub trait Decoder: Send + Unpin + 'static {
         ctx: &CallContext,
         body: &Value,
     ) -> Result<(String, Completion), ProviderError>;
+}
+
+/// Why a stream ended without a finish: what its stray lines say, or else cut short.
+pub fn unfinished(ctx: &CallContext, stray: &str) -> ProviderError {
+    stray_error(ctx, stray).unwrap_or_else(|| truncated(ctx))
 }
 
 /// Makes the request with the provider's request builder
@@ -235,8 +239,10 @@ impl<D: Decoder> Stream for Call<D> {
                 Phase::Streaming(events) => match ready!(events.poll_event(cx)) {
                     None => {
                         let stray = stray_text(&call.stray);
-                        let error = call.decoder.ended(&call.ctx, &stray);
-                        return call.fail(error);
+                        match call.decoder.ended(&call.ctx, &stray) {
+                            Ok(completion) => call.queued = Some(completion),
+                            Err(error) => return call.fail(error),
+                        }
                     }
                     Some(Err(e)) => {
                         let error = body_error(&call.ctx, e);
@@ -256,8 +262,10 @@ impl<D: Decoder> Stream for Call<D> {
                         }
                         Ok(Step::Ended) => {
                             let stray = stray_text(&call.stray);
-                            let error = call.decoder.ended(&call.ctx, &stray);
-                            return call.fail(error);
+                            match call.decoder.ended(&call.ctx, &stray) {
+                                Ok(completion) => call.queued = Some(completion),
+                                Err(error) => return call.fail(error),
+                            }
                         }
                     },
                 },

@@ -30,7 +30,7 @@ mod redact;
 mod retry_after;
 pub mod scan;
 
-pub use call::{Body, Build, Decoder, Step, call, decode};
+pub use call::{Body, Build, Decoder, Step, call, decode, unfinished};
 pub use classify::{
     classify_http, classify_midstream, error_object, json, malformed, stray_error, truncated,
 };

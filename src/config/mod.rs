@@ -380,7 +380,9 @@ impl Config {
                 n => n,
             },
             api_keys: secrets_list(src, "API_KEYS")?,
-            admin_token: var(src, "ADMIN_TOKEN").map(Secret::new),
+            admin_token: var(src, "ADMIN_TOKEN")
+                .map(|t| header_secret("ADMIN_TOKEN", None, &t))
+                .transpose()?,
             log_format,
             rate_limit_per_minute: match parse_or(
                 src,

@@ -139,9 +139,11 @@ pub(super) fn model_config(src: &dyn Source, role: Role) -> Result<ModelConfig, 
         None => provider.default_base_url().to_owned(),
         Some(url) => {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
+                // Not quoted: a value that is not a URL may well be a key pasted into the
+                // wrong variable, and keys are never logged.
                 return Err(ConfigError::new(
                     names.base_url,
-                    format!("{url:?} must start with http:// or https://"),
+                    "must start with http:// or https:// (the value is not shown)",
                 ));
             }
             url.trim_end_matches('/').to_owned()
@@ -256,12 +258,35 @@ pub(super) fn secrets_list(
         .split(',')
         .map(str::trim)
         .filter(|k| !k.is_empty())
-        .map(Secret::new)
-        .collect();
+        .enumerate()
+        .map(|(i, k)| header_secret(name, Some(i + 1), k))
+        .collect::<Result<_, _>>()?;
     if keys.is_empty() {
         return Err(ConfigError::new(name, "lists no key"));
     }
     Ok(keys)
+}
+
+/// A key or token clients send as `Authorization: Bearer ...`: printable ASCII without
+/// spaces, or no client could ever send it (a header value with other bytes is refused
+/// before it is compared) and every request would be a 401 with nothing in the log. Checked
+/// at start, as `API_KEYS_FILE`'s keys are. The error never quotes the value.
+pub(super) fn header_secret(
+    name: &'static str,
+    position: Option<usize>,
+    value: &str,
+) -> Result<Secret, ConfigError> {
+    if value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Ok(Secret::new(value));
+    }
+    let which = position.map_or_else(|| "the value".to_owned(), |n| format!("entry {n}"));
+    Err(ConfigError::new(
+        name,
+        format!(
+            "{which} must be printable ASCII without spaces: it is sent in an Authorization \
+             header (the value is not shown)"
+        ),
+    ))
 }
 
 /// Every entry must be an origin that can match: the CORS layer compares `Origin` byte for

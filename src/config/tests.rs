@@ -189,6 +189,27 @@ fn secrets_do_not_print() {
     assert!(!shown.contains("topsecret") && !shown.contains("a1"));
 }
 
+/// A key no client can send in a header stops the service at start, named by its variable
+/// and place but never quoted; so does a base URL that is not one (it may be a pasted key).
+#[test]
+fn keys_that_cannot_be_sent_stop_the_service_without_being_shown() {
+    for (var, value, place) in [
+        ("API_KEYS", "good-key, k\u{e9}y-secret", "entry 2"),
+        ("API_KEYS", "sp ace-secret", "entry 1"),
+        ("ADMIN_TOKEN", "t\u{f6}k-secret", "the value"),
+        ("ADMIN_TOKEN", "tab\tsecret", "the value"),
+    ] {
+        let e = load(&[(var, value)]).unwrap_err();
+        assert_eq!(e.var, var, "{value:?}");
+        let shown = e.to_string();
+        assert!(shown.contains(place), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+    let e = load(&[("FLASH_BASE_URL", "sk-proj-PLANTEDsecret")]).unwrap_err();
+    assert_eq!(e.var, "FLASH_BASE_URL");
+    assert!(!e.to_string().contains("PLANTED"), "{e}");
+}
+
 #[test]
 fn trusted_proxies_are_ranges_and_a_bad_one_is_named() {
     assert!(load(&[]).unwrap().trusted_proxies.is_empty());

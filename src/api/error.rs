@@ -18,7 +18,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use crate::run::AtCapacity;
+use crate::run::{AtCapacity, NotStarted};
 
 /// Why a request was refused. Each variant's message is written for the client: it never
 /// carries internal error text (that goes to the log).
@@ -38,6 +38,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("the service is at capacity; retry later")]
     Overloaded { retry_after: Duration },
+    /// Shutdown has begun: this instance starts no new run.
+    #[error("the service is shutting down; retry later")]
+    ShuttingDown { retry_after: Duration },
     #[error("too many requests; retry later")]
     RateLimited { retry_after: Duration },
     /// The client's address presented too many wrong keys or tokens lately; it is refused
@@ -115,7 +118,9 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, Kind::NotFound),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Kind::MethodNotAllowed),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, Kind::Unauthorized),
-            ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, Kind::Overloaded),
+            ApiError::Overloaded { .. } | ApiError::ShuttingDown { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, Kind::Overloaded)
+            }
             ApiError::RateLimited { .. } | ApiError::AuthThrottled { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, Kind::RateLimited)
             }
@@ -128,11 +133,24 @@ impl ApiError {
 }
 
 /// `MAX_CONCURRENT_STREAMS` streams are open. The caller counts the refusal
-/// (`api::count_capacity_refusal`), since that needs the metrics.
+/// (`api::count_refusal`), since that needs the metrics.
 impl From<AtCapacity> for ApiError {
     fn from(AtCapacity: AtCapacity) -> Self {
         ApiError::Overloaded {
             retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// No run started: at capacity, or shutting down. Either way 503 with `Retry-After`. The
+/// caller counts the refusal (`api::count_refusal`).
+impl From<NotStarted> for ApiError {
+    fn from(e: NotStarted) -> Self {
+        match e {
+            NotStarted::AtCapacity => AtCapacity.into(),
+            NotStarted::ShuttingDown => ApiError::ShuttingDown {
+                retry_after: Duration::from_secs(1),
+            },
         }
     }
 }
@@ -181,6 +199,7 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         match &self {
             ApiError::Overloaded { retry_after }
+            | ApiError::ShuttingDown { retry_after }
             | ApiError::RateLimited { retry_after }
             | ApiError::AuthThrottled { retry_after }
             | ApiError::BudgetExceeded { retry_after, .. } => {
@@ -229,6 +248,9 @@ mod tests {
             ApiError::MethodNotAllowed,
             ApiError::Unauthorized,
             ApiError::Overloaded {
+                retry_after: Duration::ZERO,
+            },
+            ApiError::ShuttingDown {
                 retry_after: Duration::ZERO,
             },
             ApiError::RateLimited {

@@ -446,8 +446,8 @@ mod responses {
     )]
     pub(in crate::api) struct RateLimited(ErrorBody<'static>);
 
-    /// The service is at capacity (MAX_CONCURRENT_STREAMS); retry after the given seconds. No
-    /// run was started.
+    /// The service is at capacity (MAX_CONCURRENT_STREAMS), or shutting down; retry after the
+    /// given seconds. No run was started.
     #[derive(ToResponse)]
     #[response(
         headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),

@@ -30,7 +30,7 @@ use crate::{
     clients::Client,
     domain::Role,
     events::AnswerEvent,
-    run::{AtCapacity, RunHandle, RunRequest},
+    run::{NotStarted, RunHandle, RunRequest},
     sse::{self, EventBody},
     telemetry::spans,
 };
@@ -193,8 +193,8 @@ pub(super) async fn start_run(
             },
             caller.map(|c| c.key()),
         )
-        .inspect_err(|AtCapacity| {
-            count_capacity_refusal(state);
+        .inspect_err(|refused| {
+            count_refusal(state, *refused);
             // Admitted by its budget but never started: not one of the key's runs.
             if let Some(client) = caller {
                 state.usage.release(client, now);
@@ -220,13 +220,17 @@ pub(super) async fn start_run(
 /// longer; the run goes on, and its record inserts the row as before.
 const START_ROW_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// `MAX_CONCURRENT_STREAMS` streams are open: the refusal (503 with `Retry-After`, from
-/// `AtCapacity`'s conversion) is counted.
-pub(super) fn count_capacity_refusal(state: &AppState) {
+/// A run refused before it started (503 with `Retry-After`, from `NotStarted`'s
+/// conversion) is counted.
+pub(super) fn count_refusal(state: &AppState, refused: NotStarted) {
+    let reason = match refused {
+        NotStarted::AtCapacity => "capacity",
+        NotStarted::ShuttingDown => "shutdown",
+    };
     state
         .metrics
         .streams_rejected_total
-        .with_label_values(&["capacity"])
+        .with_label_values(&[reason])
         .inc();
 }
 

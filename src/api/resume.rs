@@ -14,7 +14,7 @@ use axum::{
 use super::{
     ApiError, AppState,
     error::Context,
-    query::{count_capacity_refusal, event_stream, insert_ids},
+    query::{count_refusal, event_stream, insert_ids},
 };
 use crate::{
     audit::{OpenRun, OpenStatus, StoredRun},
@@ -22,7 +22,7 @@ use crate::{
     resume::{
         Owner, follow, parse_last_event_id, remote, send_all, stored_frames_after, stored_last_seq,
     },
-    run::{AtCapacity, CHANNEL_CAPACITY},
+    run::{AtCapacity, CHANNEL_CAPACITY, NotStarted},
 };
 
 /// A reconnect: the events after `seq` of the same run, never a new run. 204 when the run
@@ -51,7 +51,7 @@ pub(super) async fn resume(
     let slot = state
         .orchestrator
         .stream_slot()
-        .inspect_err(|AtCapacity| count_capacity_refusal(state))?;
+        .inspect_err(|AtCapacity| count_refusal(state, NotStarted::AtCapacity))?;
     // Another key's run in memory is looked for in the store like an unknown one, where the
     // same check refuses it: the same answer, by the same path.
     let Some(log) = state

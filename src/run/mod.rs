@@ -219,11 +219,17 @@ impl Orchestrator {
         &self,
         request: RunRequest,
         owner_key: Option<&Secret>,
-    ) -> Result<RunHandle, AtCapacity> {
+    ) -> Result<RunHandle, NotStarted> {
         let inner = &self.inner;
+        // A request whose body was still arriving when shutdown began would otherwise start
+        // a run that the hard stop (grace + a margin) may cut before its `done`; refused,
+        // its client retries elsewhere.
+        if inner.shutdown.is_cancelled() {
+            return Err(NotStarted::ShuttingDown);
+        }
         let permit = Arc::clone(&inner.streams)
             .try_acquire_owned()
-            .map_err(|_| AtCapacity)?;
+            .map_err(|_| NotStarted::AtCapacity)?;
         let run_id = Uuid::now_v7();
         let log = inner
             .registry
@@ -504,6 +510,16 @@ impl Drop for StreamSlot {
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the service is at its limit of concurrent streams")]
 pub struct AtCapacity;
+
+/// Why [`Orchestrator::start`] started no run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotStarted {
+    #[error("the service is at its limit of concurrent streams")]
+    AtCapacity,
+    /// Shutdown has begun: no new run, whatever its request's timing.
+    #[error("the service is shutting down")]
+    ShuttingDown,
+}
 
 /// Why a run was cut off: its client went away, or the service shut down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -585,6 +585,48 @@ async fn shutdown_ends_open_streams_with_done() {
     assert_eq!(app.records(1).await[0].status, RunStatus::Cancelled);
 }
 
+/// A request still arriving when shutdown begins starts no run: 503 with `Retry-After`, so
+/// its client goes elsewhere, rather than a stream the hard stop might cut before `done`.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_finishes_arriving_after_shutdown_began_starts_no_run() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut app = spawn_app(
+        normal_flash(),
+        vec![Step::Hang],
+        &[("SHUTDOWN_GRACE_S", "2")],
+    )
+    .await;
+    let body = br#"{"query": "late"}"#;
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /query/stream HTTP/1.1\r\nhost: duet\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket.write_all(&body[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stop = tokio::spawn({
+        let server = app.server.take().unwrap();
+        async move { server.stop().await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    socket.write_all(&body[5..]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), socket.read_to_end(&mut answer))
+        .await
+        .expect("answered, then closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    assert!(answer.contains("the service is shutting down"), "{answer}");
+    assert!(!answer.contains("event:"), "no stream: {answer}");
+    stop.await.unwrap().unwrap();
+    assert!(app.sink.records().is_empty(), "no run started, so no record");
+    assert_eq!(app.flash.started(), 0, "no model was called");
+}
+
 #[tokio::test(start_paused = true)]
 async fn simulated_provider_streams_by_default() {
     // No scripted parts: the configured (simulated) providers, as `cargo run` has them.

@@ -138,6 +138,7 @@ fn api_type_and_code(e: &ApiError) -> (&'static str, &'static str) {
         ApiError::MethodNotAllowed => (INVALID_REQUEST, "method_not_allowed"),
         ApiError::Unauthorized => (AUTHENTICATION, "unauthorized"),
         ApiError::Overloaded { .. } => (SERVER, "overloaded"),
+        ApiError::ShuttingDown { .. } => (SERVER, "shutting_down"),
         ApiError::RateLimited { .. } | ApiError::AuthThrottled { .. } => {
             (RATE_LIMIT, "rate_limited")
         }

@@ -98,6 +98,16 @@ impl Appender {
         // A poisoned lock guards nothing but ordering; keep appending.
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut file = self.open_locked().map_err(|e| self.error(e))?;
+        // A line cut short (a full disk mid-write, a crash) would swallow the first record
+        // appended after it: both on one line, which replay cannot parse. Start on a fresh
+        // line instead, leaving only the cut one unreadable.
+        let joined;
+        let bytes = if ends_mid_line(&self.path, &file).map_err(|e| self.error(e))? {
+            joined = [b"\n".as_slice(), bytes].concat();
+            joined.as_slice()
+        } else {
+            bytes
+        };
         // One write of whole lines: with O_APPEND, another process's appends (a second duet
         // on the same path) land before or after it, not inside it.
         file.write_all(bytes).map_err(|e| self.error(e))?;
@@ -149,6 +159,32 @@ impl Appender {
             source,
         }
     }
+}
+
+/// True when the regular file at `path` (open as `file`) is not empty and its last byte is
+/// not a newline. Read through a second, read-only handle: the appending one is write-only,
+/// and opening a FIFO for reading too would change when its open blocks.
+fn ends_mid_line(path: &Path, file: &std::fs::File) -> std::io::Result<bool> {
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() == 0 {
+        return Ok(false);
+    }
+    let mut last = [0u8; 1];
+    read_at(&std::fs::File::open(path)?, &mut last, meta.len() - 1)?;
+    Ok(last[0] != b'\n')
+}
+
+#[cfg(unix)]
+fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(not(unix))]
+fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = file;
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(buf)
 }
 
 /// Called once records are appended and fsynced (or the append failed and was logged).
@@ -387,6 +423,41 @@ mod tests {
             // Not a short decimal either: the line must keep every bit.
             agreement: Some(2.0 / 3.0),
         }
+    }
+
+    /// A line cut short by an earlier append (a full disk, a crash) does not swallow the
+    /// next record: it starts on a line of its own, which replay reads.
+    #[test]
+    fn an_append_after_a_cut_line_starts_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deadletter.jsonl");
+        let appender = Appender::new(&path, None);
+        let first = record();
+        appender.append(std::slice::from_ref(&first)).unwrap();
+        let whole = std::fs::read(&path).unwrap();
+        // A second record cut halfway, as ENOSPC leaves it.
+        let cut = serde_json::to_vec(&record()).unwrap();
+        let mut torn = whole.clone();
+        torn.extend_from_slice(&cut[..cut.len() / 2]);
+        std::fs::write(&path, &torn).unwrap();
+
+        let next = record();
+        appender.append(std::slice::from_ref(&next)).unwrap();
+        let lines: Vec<String> = std::io::BufReader::new(std::fs::File::open(&path).unwrap())
+            .lines()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        let parsed = |line: &str| serde_json::from_str::<RunRecord>(line).map(|r| r.run_id);
+        assert_eq!(parsed(&lines[0]).unwrap(), first.run_id);
+        assert!(parsed(&lines[1]).is_err(), "the cut line stays unreadable");
+        assert_eq!(parsed(&lines[2]).unwrap(), next.run_id, "the next record is whole");
+
+        // A file that ends a line gets no blank line.
+        appender.append(&[record()]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 4);
+        assert!(!text.contains("\n\n"));
     }
 
     /// The dead-letter "file" is a FIFO nobody reads yet, so every append blocks opening it:

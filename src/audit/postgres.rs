@@ -185,7 +185,8 @@ impl<'a> Runs<'a> {
                 .as_ref()
                 .map(|c| messages_column(c.messages(), json_text)),
         );
-        self.params.push(s.params.as_ref().map(params_column));
+        self.params
+            .push(s.params.as_ref().map(|p| params_column(p, json_text)));
         self.client.push(s.client_id.as_deref());
         self.cost_usd.push(None);
         self.agreement.push(None);
@@ -209,7 +210,8 @@ impl<'a> Runs<'a> {
                 messages_column(m.iter().map(|m| (m.role, m.content.as_str())), json_text)
             }),
         );
-        self.params.push(r.params.as_ref().map(params_column));
+        self.params
+            .push(r.params.as_ref().map(|p| params_column(p, json_text)));
         self.client.push(r.client_id.as_deref());
         self.cost_usd.push(r.cost_usd);
         self.agreement.push(r.agreement);

@@ -41,10 +41,29 @@ pub(super) fn messages_column<'a>(
     serde_json::to_string(&column).unwrap_or_else(|_| "[]".to_owned())
 }
 
-/// The `params` column: the parameters as the client sent them, as JSON.
-pub(super) fn params_column(params: &RunParams) -> String {
-    // Cannot fail: numbers and fixed words.
-    serde_json::to_string(params).unwrap_or_else(|_| "{}".to_owned())
+/// A `clean` for backends that hold any text (SQLite).
+pub(super) fn as_is(s: &str) -> Cow<'_, str> {
+    Cow::Borrowed(s)
+}
+
+/// The `params` column: the parameters as the client sent them, as JSON. `clean` adapts
+/// their only text, the `stop` strings, to the backend as [`messages_column`]'s does: a
+/// client's NUL in a stop string must not fail the batch its record shares with other
+/// runs' records on PostgreSQL.
+pub(super) fn params_column(params: &RunParams, clean: fn(&str) -> Cow<'_, str>) -> String {
+    let to_json = |params: &RunParams| {
+        // Cannot fail: numbers, strings and fixed words.
+        serde_json::to_string(params).unwrap_or_else(|_| "{}".to_owned())
+    };
+    let stop = &params.sampling.stop;
+    if !stop.iter().any(|s| matches!(clean(s), Cow::Owned(_))) {
+        return to_json(params);
+    }
+    let mut cleaned = params.clone();
+    for s in &mut cleaned.sampling.stop {
+        *s = clean(s).into_owned();
+    }
+    to_json(&cleaned)
 }
 
 /// Reads the `messages` and `params` columns back.

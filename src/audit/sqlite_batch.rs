@@ -31,7 +31,7 @@ use rusqlite::{Connection, OpenFlags, params};
 
 use super::{
     AuditError, Deadline, Result, RunRecord, StartedRun, events,
-    rows::{messages_column, params_column, to_db},
+    rows::{as_is, messages_column, params_column, to_db},
     sqlite::format_time,
     store::Batch,
 };
@@ -218,7 +218,7 @@ fn insert_started(insert: &mut rusqlite::Statement<'_>, r: &StartedRun) -> rusql
         r.conversation
             .as_ref()
             .map(|c| messages_column(c.messages(), Cow::Borrowed)),
-        r.params.as_ref().map(params_column),
+        r.params.as_ref().map(|p| params_column(p, as_is)),
         r.client_id.as_deref(),
     ])?;
     Ok(())
@@ -251,7 +251,7 @@ fn upsert_record(
                 Cow::Borrowed,
             )
         }),
-        r.params.as_ref().map(params_column),
+        r.params.as_ref().map(|p| params_column(p, as_is)),
         r.client_id.as_deref(),
         r.cost_usd,
         r.agreement,

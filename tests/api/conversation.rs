@@ -430,6 +430,49 @@ async fn a_nul_in_a_message_is_stored_on_postgres() {
     writer.shutdown(Duration::from_secs(10)).await;
 }
 
+/// Nor can a `stop` string's NUL reach `params` on PostgreSQL: such a run's record failed
+/// every retry of its batch, taking the other runs' records in it to the dead-letter file,
+/// where replay failed them again. Now it is stored with U+FFFD, next to a plain run.
+#[tokio::test]
+async fn a_nul_in_a_stop_string_is_stored_on_postgres() {
+    let Some(db) = db::postgres("a_nul_in_a_stop_string_is_stored").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let deadletter = dir.path().join("deadletter.jsonl");
+    let (mut app, writer) = spawn_audited(
+        Scripted::new("flash-m", quick("fast")),
+        Scripted::new("pro-m", quick("slow")),
+        &[],
+        db.store.clone(),
+        WriterOptions::new(&deadletter),
+    )
+    .await;
+    let poisoned = app
+        .client
+        .post(format!("http://{}/v1/chat/completions", app.addr))
+        .json(&json!({
+            "model": "duet",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stop": ["\u{0}", "end"],
+        }));
+    let plain = app.post_query(json!({"query": "innocent neighbour"}));
+    let (poisoned, plain) = tokio::join!(poisoned.send(), plain);
+    let poisoned = poisoned.unwrap();
+    assert_eq!(poisoned.status(), 200);
+    let poisoned_id = poisoned.headers()["x-run-id"].to_str().unwrap().to_owned();
+    let plain_id = plain.headers()["x-run-id"].to_str().unwrap().to_owned();
+    wait_ended(&db.store, &plain_id).await;
+    wait_ended(&db.store, &poisoned_id).await;
+    assert_eq!(
+        json_column(&db.store, "params", &poisoned_id).await,
+        Some(json!({"stop": ["\u{FFFD}", "end"]}))
+    );
+    app.stop().await;
+    writer.shutdown(Duration::from_secs(10)).await;
+    assert!(!deadletter.exists(), "nothing dead-lettered");
+}
+
 async fn store_text_none_strips_every_message(store: &Store, dir: &std::path::Path) {
     let options = WriterOptions::new(dir.join("deadletter.jsonl")).with_store_text(StoreText::None);
     let (mut app, writer) = spawn_audited(

@@ -36,6 +36,21 @@ pub struct ReplayReport {
     pub kept: u64,
 }
 
+impl ReplayReport {
+    /// `records` inserted, of which `written` were new (the others already stored).
+    fn wrote(&mut self, records: usize, written: u64) {
+        self.written += written;
+        self.skipped += (records as u64).saturating_sub(written);
+    }
+
+    /// A line put back in the file.
+    fn keep(&mut self, keep: &mut Vec<u8>, line: &[u8]) {
+        keep.extend_from_slice(line);
+        keep.push(b'\n');
+        self.kept += 1;
+    }
+}
+
 impl std::fmt::Display for ReplayReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -141,26 +156,35 @@ async fn replay_claimed(
             Ok(record) => records.push((record, line)),
             Err(e) => {
                 warn!(error = %e, "dead-letter line is not a run record; keeping it");
-                keep.extend_from_slice(line);
-                keep.push(b'\n');
-                report.kept += 1;
+                report.keep(&mut keep, line);
             }
         }
     }
     for chunk in records.chunks(BATCH) {
         let batch: Vec<RunRecord> = chunk.iter().map(|(r, _)| r.clone()).collect();
         match store.insert(&batch).await {
-            Ok(written) => {
-                report.written += written;
-                report.skipped += batch.len() as u64 - written;
+            Ok(written) => report.wrote(batch.len(), written),
+            // The database refused something in the batch itself (not a connection, a lock,
+            // a full disk or a missing table, which would refuse each record alike): one
+            // record the database cannot take must not keep the others out for good, so
+            // each goes on its own.
+            Err(e) if chunk.len() > 1 && e.reason() == "database_error" => {
+                warn!(error = %e, records = batch.len(), "a batch of records was refused; replaying them one by one");
+                for (record, line) in chunk {
+                    match store.insert(std::slice::from_ref(record)).await {
+                        Ok(written) => report.wrote(1, written),
+                        Err(e) => {
+                            warn!(error = %e, run_id = %record.run_id, "cannot replay a record; keeping it");
+                            report.keep(&mut keep, line);
+                        }
+                    }
+                }
             }
             Err(e) => {
                 warn!(error = %e, records = batch.len(), "cannot replay records; keeping them");
                 for (_, line) in chunk {
-                    keep.extend_from_slice(line);
-                    keep.push(b'\n');
+                    report.keep(&mut keep, line);
                 }
-                report.kept += batch.len() as u64;
             }
         }
     }

@@ -928,6 +928,38 @@ async fn unreachable_postgres_dead_letters_then_replay_puts_records_back_once() 
     }
 }
 
+/// A record the database refuses (here a trigger stands for whatever it may refuse) keeps
+/// only itself in the dead-letter file: the records replayed in the same batch go in.
+#[tokio::test]
+async fn replay_keeps_only_the_record_the_database_refuses() {
+    let db = db::sqlite().await;
+    db::execute(
+        &db.store,
+        "CREATE TRIGGER poison BEFORE INSERT ON dual_runs WHEN NEW.query = 'poison' \
+         BEGIN SELECT RAISE(ABORT, 'poisoned record'); END",
+    )
+    .await;
+    let mut records: Vec<RunRecord> = (0..5).map(record).collect();
+    records[2].query = "poison".into();
+    let path = db.dir.path().join("deadletter.jsonl");
+    let lines: String = records
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap() + "\n")
+        .collect();
+    std::fs::write(&path, lines).unwrap();
+
+    let report = replay(&db.store, &path).await.unwrap();
+    assert_eq!((report.written, report.skipped, report.kept), (4, 0, 1));
+    assert_eq!(dead_letters(&path), [records[2].clone()]);
+    assert_eq!(count(&db.store, "dual_runs").await, 4);
+
+    // Once the database takes it, the next replay puts it back.
+    db::execute(&db.store, "DROP TRIGGER poison").await;
+    let again = replay(&db.store, &path).await.unwrap();
+    assert_eq!((again.written, again.skipped, again.kept), (1, 0, 0));
+    assert_eq!(count(&db.store, "dual_runs").await, 5);
+}
+
 #[tokio::test(start_paused = true)]
 async fn full_queue_dead_letters_without_blocking() {
     let dir = tempfile::tempdir().unwrap();

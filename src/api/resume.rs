@@ -104,6 +104,17 @@ async fn resume_from_store(
     slot: crate::run::StreamSlot,
 ) -> Result<Response, ApiError> {
     let store = state.store.as_ref().ok_or_else(cannot_resume)?;
+    // The owner first, alone: another key's run is refused after the same one small read
+    // as an unknown id, before its record is read, so the time of the 404 does not tell
+    // whether the run exists.
+    let owner = store
+        .fetch_owner(run_id)
+        .await
+        .context(|| format!("reading the owner of run {run_id} to resume it"))?;
+    let allowed = Owner::allows_stored(owner.as_ref().and_then(Option::as_deref), run_id, caller);
+    if owner.is_none() || !allowed {
+        return Err(cannot_resume());
+    }
     let stored = store
         .fetch_stored(run_id)
         .await
@@ -113,6 +124,8 @@ async fn resume_from_store(
         StoredRun::Ended(ended) => ended.record,
         StoredRun::Open(open) => return resume_open(state, open, seq, caller, slot),
     };
+    // Read again with the record: an owner that changed in between (it cannot, short of an
+    // operator's UPDATE) is still refused.
     if !Owner::allows_stored(record.owner_fingerprint.as_deref(), run_id, caller) {
         return Err(cannot_resume());
     }

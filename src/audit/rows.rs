@@ -116,6 +116,37 @@ pub(super) struct Dialect<R> {
     pub created_at: fn(Uuid, &R) -> Result<DateTime<Utc>>,
 }
 
+/// The owner fingerprint of a stored run: `None` when no run has that id, `Some(None)` for
+/// a run without an owner. One small read, the same for every run, so that a resume can
+/// refuse another key's run in the time it refuses an unknown id (reading the whole record
+/// and its traces first took measurably longer: run ids could be probed).
+pub(super) async fn fetch_owner<DB>(
+    pool: &Pool<DB>,
+    dialect: &Dialect<DB::Row>,
+    run_id: Uuid,
+) -> Result<Option<Option<String>>>
+where
+    DB: Database,
+    for<'e> &'e Pool<DB>: Executor<'e, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> String: Encode<'q, DB>,
+    String: Type<DB>,
+    for<'a> &'a str: ColumnIndex<DB::Row>,
+    for<'r> String: Decode<'r, DB>,
+{
+    let sql = format!(
+        "SELECT owner_fingerprint FROM dual_runs WHERE {}",
+        dialect.by_run_id
+    );
+    let row = sqlx::query::<DB>(&sql)
+        .bind(run_id.to_string())
+        .fetch_optional(pool)
+        .await?;
+    row.map(|row| row.try_get::<Option<String>, _>("owner_fingerprint"))
+        .transpose()
+        .map_err(AuditError::from)
+}
+
 /// What is stored of one run (its record, or its `running`/`interrupted` row), or `None`.
 pub(super) async fn fetch<DB>(
     pool: &Pool<DB>,

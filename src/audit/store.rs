@@ -267,6 +267,14 @@ impl Store {
         })
     }
 
+    /// Who owns a stored run (its owner fingerprint): `None` when no run has that id.
+    pub async fn fetch_owner(&self, run_id: Uuid) -> Result<Option<Option<String>>> {
+        match self {
+            Store::Sqlite(s) => rows::fetch_owner(s.pool(), &sqlite::DIALECT, run_id).await,
+            Store::Postgres(pool) => rows::fetch_owner(pool, &postgres::DIALECT, run_id).await,
+        }
+    }
+
     /// What is stored of one run: its record, or its `running`/`interrupted` row.
     pub async fn fetch_stored(&self, run_id: Uuid) -> Result<Option<StoredRun>> {
         match self {

@@ -222,6 +222,19 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A run that failed for a reason that passes (the upstreams' rate limits: 429; a shutdown:
+/// 503) says when to come back, as every other 429 and 503 of duet does: a second, the
+/// same hint as a refusal at capacity. OpenAI's SDKs and HTTP clients wait that long before
+/// their retry instead of guessing.
+pub(super) fn retry_after_if_transient(response: &mut Response) {
+    let status = response.status();
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+}
+
 /// Logs the error a response was built from, if any. Only internal errors are logged: the
 /// others are the client's doing, answered and counted (`duet_requests_total`), and an
 /// attacker could flood the log with them.

@@ -348,6 +348,8 @@ pub(super) async fn query_post(
         RunStatus::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
     };
     let mut response = (status, Json(QueryResponse::from(&record))).into_response();
+    // 503: shutdown cut the run short; another instance can take the retry.
+    super::error::retry_after_if_transient(&mut response);
     insert_ids(
         response.headers_mut(),
         record.run_id,

@@ -286,6 +286,9 @@ async fn both_failing_is_an_openai_error_with_the_run_id() {
         for stream in [false, true] {
             let resp = post(&app, ask(stream)).await;
             assert_eq!(resp.status(), status, "{code} stream: {stream}");
+            // A rate limit passes: the client is told when to come back.
+            let retry_after = (status == 429).then_some("1");
+            assert_eq!(header(&resp, "retry-after"), retry_after, "{code}");
             let body: Value = resp.json().await.unwrap();
             assert_eq!(body["error"]["code"], code);
         }

@@ -585,6 +585,34 @@ async fn shutdown_ends_open_streams_with_done() {
     assert_eq!(app.records(1).await[0].status, RunStatus::Cancelled);
 }
 
+/// `POST /query` whose run the shutdown cut short: 503, and when to retry (elsewhere).
+#[tokio::test(start_paused = true)]
+async fn a_whole_answer_cut_by_shutdown_is_503_with_retry_after() {
+    let mut app = spawn_app(
+        vec![Step::Hang],
+        vec![Step::Hang],
+        &[("SHUTDOWN_GRACE_S", "2")],
+    )
+    .await;
+    let request = tokio::spawn(
+        app.client
+            .post(format!("http://{}/query", app.addr))
+            .json(&json!({"query": "q"}))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stop = tokio::spawn({
+        let server = app.server.take().unwrap();
+        async move { server.stop().await }
+    });
+    let resp = request.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "cancelled");
+    stop.await.unwrap().unwrap();
+}
+
 /// A request still arriving when shutdown begins starts no run: 503 with `Retry-After`, so
 /// its client goes elsewhere, rather than a stream the hard stop might cut before `done`.
 #[tokio::test(start_paused = true)]

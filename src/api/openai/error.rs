@@ -181,7 +181,9 @@ impl IntoResponse for OpenAiError {
                 Body::new(message, run_failure_type(status), None, &code),
             ),
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        crate::api::error::retry_after_if_transient(&mut response);
+        response
     }
 }
 

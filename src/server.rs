@@ -646,6 +646,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             written = r.written,
             skipped = r.skipped,
             dead_lettered = r.kept,
+            interrupted = r.interrupted,
             "replayed the audit journal a previous run left behind"
         ),
         Err(e) => error!(error = %e, "cannot replay the audit journal; run `duet audit replay`"),

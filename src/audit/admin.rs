@@ -323,13 +323,17 @@ pub async fn replay(config: &Config, file: Option<&Path>) -> Result<String, Admi
 }
 
 fn file_line(path: &Path, r: ReplayReport) -> String {
-    format!(
+    let mut line = format!(
         "replayed {}: {} written, {} skipped (already stored), {} kept in the file",
         path.display(),
         r.written,
         r.skipped,
         r.kept
-    )
+    );
+    if r.interrupted > 0 {
+        line.push_str(&format!(", {} runs interrupted", r.interrupted));
+    }
+    line
 }
 
 /// `duet audit purge --older-than DAYS`: deletes the ended runs created more than `days`

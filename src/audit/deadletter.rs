@@ -102,7 +102,7 @@ impl Appender {
         // appended after it: both on one line, which replay cannot parse. Start on a fresh
         // line instead, leaving only the cut one unreadable.
         let joined;
-        let bytes = if ends_mid_line(&self.path, &file).map_err(|e| self.error(e))? {
+        let bytes = if ends_mid_line(&file) {
             joined = [b"\n".as_slice(), bytes].concat();
             joined.as_slice()
         } else {
@@ -122,9 +122,14 @@ impl Appender {
     /// and opens the new file. No line can land in a file replay has already read.
     fn open_locked(&self) -> std::io::Result<std::fs::File> {
         loop {
+            // Readable too when it is a regular file (or not there yet), to check how it
+            // ends (`ends_mid_line`); not otherwise: opening a FIFO for reading as well would
+            // change when its open blocks.
+            let regular = std::fs::metadata(&self.path).map_or(true, |m| m.is_file());
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .read(regular)
                 .open(&self.path)?;
             file.lock_shared()?;
             let same = match std::fs::metadata(&self.path) {
@@ -161,17 +166,20 @@ impl Appender {
     }
 }
 
-/// True when the regular file at `path` (open as `file`) is not empty and its last byte is
-/// not a newline. Read through a second, read-only handle: the appending one is write-only,
-/// and opening a FIFO for reading too would change when its open blocks.
-fn ends_mid_line(path: &Path, file: &std::fs::File) -> std::io::Result<bool> {
-    let meta = file.metadata()?;
+/// True when `file`, a regular file opened for reading too (see `open_locked`), is not
+/// empty and its last byte is not a newline. Read through the same handle: the path may
+/// already name another file (a replay claims the file by renaming it, then waits for this
+/// append's lock). A file that cannot be read back is appended to as it is: the check must
+/// never cost a record its append.
+fn ends_mid_line(file: &std::fs::File) -> bool {
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
     if !meta.is_file() || meta.len() == 0 {
-        return Ok(false);
+        return false;
     }
     let mut last = [0u8; 1];
-    read_at(&std::fs::File::open(path)?, &mut last, meta.len() - 1)?;
-    Ok(last[0] != b'\n')
+    read_at(file, &mut last, meta.len() - 1).is_ok() && last[0] != b'\n'
 }
 
 #[cfg(unix)]
@@ -194,6 +202,8 @@ enum Msg {
     /// Records and their [`RunRecord::approx_bytes`], released once appended, and what to
     /// call then.
     Records(Vec<RunRecord>, usize, Option<Then>),
+    /// Lines ready to append as they are (a run's start in the journal, `start_line`).
+    Line(Vec<u8>),
     Stop,
 }
 
@@ -251,6 +261,44 @@ impl DeadLetter {
             })?
     }
 
+    /// Appends whole lines now and waits until they are on disk.
+    pub async fn append_line_now(&self, line: Vec<u8>) -> Result<()> {
+        let file = Arc::clone(&self.file);
+        let path = file.path().to_owned();
+        tokio::task::spawn_blocking(move || file.append_bytes(&line))
+            .await
+            .map_err(|e| AuditError::DeadLetter {
+                path,
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    /// Hands whole lines to the thread without waiting, and never appends on the caller's
+    /// thread: false, and nothing written, when its queue is full or it has stopped. For
+    /// what is worth keeping but not worth holding a request for (a run's start).
+    pub fn try_send_line(&self, line: Vec<u8>) -> bool {
+        let bytes = line.len();
+        if !self.reserve(bytes) {
+            return false;
+        }
+        if self.tx.try_send(Msg::Line(line)).is_ok() {
+            return true;
+        }
+        self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        false
+    }
+
+    /// Reserves `bytes` under [`MAX_PENDING_BYTES`]. An empty queue takes any amount,
+    /// however large: the writer must not block on it.
+    fn reserve(&self, bytes: usize) -> bool {
+        self.pending_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
+                (pending == 0 || pending.saturating_add(bytes) <= MAX_PENDING_BYTES)
+                    .then(|| pending.saturating_add(bytes))
+            })
+            .is_ok()
+    }
+
     /// Hands records to the thread without waiting. If its queue is full or it has stopped,
     /// appends them here and now (see `append_here`), since dropping them is not an option.
     pub fn send(&self, records: Vec<RunRecord>) {
@@ -267,15 +315,7 @@ impl DeadLetter {
             return;
         }
         let bytes: usize = records.iter().map(RunRecord::approx_bytes).sum();
-        // An empty queue takes any batch, however large: the writer must not block on it.
-        let reserved = self
-            .pending_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
-                (pending == 0 || pending.saturating_add(bytes) <= MAX_PENDING_BYTES)
-                    .then(|| pending.saturating_add(bytes))
-            })
-            .is_ok();
-        if !reserved {
+        if !self.reserve(bytes) {
             warn!(
                 records = records.len(),
                 "dead-letter queue full (bytes); appending on the caller's thread"
@@ -296,7 +336,10 @@ impl DeadLetter {
                 (r, then)
             }
             Err(TrySendError::Disconnected(Msg::Records(r, _, then))) => (r, then),
-            Err(TrySendError::Full(Msg::Stop) | TrySendError::Disconnected(Msg::Stop)) => return,
+            Err(
+                TrySendError::Full(Msg::Stop | Msg::Line(_))
+                | TrySendError::Disconnected(Msg::Stop | Msg::Line(_)),
+            ) => return,
         };
         self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
         let ok = append_here(&self.file, &records);
@@ -337,19 +380,24 @@ fn append_here(file: &Appender, records: &[RunRecord]) -> bool {
 }
 
 fn run(rx: &Receiver<Msg>, file: &Appender, pending_bytes: &AtomicUsize) {
-    while let Ok(msg) = rx.recv() {
-        let Msg::Records(mut records, mut bytes, then) = msg else {
-            return;
-        };
-        let mut thens: Vec<Then> = then.into_iter().collect();
-        // Whatever queued up meanwhile shares one fsync.
+    while let Ok(first) = rx.recv() {
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        let mut thens: Vec<Then> = Vec::new();
+        let mut lines = Vec::new();
         let mut stop = false;
-        while let Ok(more) = rx.try_recv() {
-            match more {
+        // Whatever queued up meanwhile shares one fsync.
+        let mut next = Some(first);
+        while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
+            match msg {
                 Msg::Records(r, b, then) => {
                     records.extend(r);
                     bytes += b;
                     thens.extend(then);
+                }
+                Msg::Line(line) => {
+                    bytes += line.len();
+                    lines.extend_from_slice(&line);
                 }
                 Msg::Stop => {
                     stop = true;
@@ -357,11 +405,18 @@ fn run(rx: &Receiver<Msg>, file: &Appender, pending_bytes: &AtomicUsize) {
                 }
             }
         }
-        let ok = file.append_or_log(&records);
-        pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        for then in thens {
-            then(ok);
+        if !lines.is_empty()
+            && let Err(e) = file.append_bytes(&lines)
+        {
+            error!(error = %e, "cannot append to the audit journal; runs that started are in memory only");
         }
+        if !records.is_empty() || !thens.is_empty() {
+            let ok = file.append_or_log(&records);
+            for then in thens {
+                then(ok);
+            }
+        }
+        pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
         if stop {
             return;
         }
@@ -451,7 +506,11 @@ mod tests {
         let parsed = |line: &str| serde_json::from_str::<RunRecord>(line).map(|r| r.run_id);
         assert_eq!(parsed(&lines[0]).unwrap(), first.run_id);
         assert!(parsed(&lines[1]).is_err(), "the cut line stays unreadable");
-        assert_eq!(parsed(&lines[2]).unwrap(), next.run_id, "the next record is whole");
+        assert_eq!(
+            parsed(&lines[2]).unwrap(),
+            next.run_id,
+            "the next record is whole"
+        );
 
         // A file that ends a line gets no blank line.
         appender.append(&[record()]).unwrap();

@@ -33,6 +33,7 @@ pub mod replay;
 mod rows;
 mod sqlite;
 mod sqlite_batch;
+mod start_line;
 pub mod store;
 pub mod writer;
 

@@ -11,16 +11,21 @@
 //!
 //! The audit journal (`PATH.journal`, see `writer`) is replayed the same way: by
 //! `duet audit replay` before the dead-letter file, and by `duet serve` at start, where what
-//! the database refuses moves to the dead-letter file.
+//! the database refuses moves to the dead-letter file. The journal also holds the starts of
+//! runs that began while writes failed (`start_line`): one with no record in the file was cut
+//! off with its process, and becomes an `interrupted` row, after the records.
 
 use std::{
+    collections::HashSet,
     ffi::OsString,
     path::{Path, PathBuf},
 };
 
 use tracing::warn;
 
-use super::{AuditError, Result, RunRecord, deadletter::Appender, store::Store};
+use super::{
+    AuditError, Result, RunRecord, StartedRun, deadletter::Appender, start_line, store::Store,
+};
 
 /// Records per insert transaction.
 const BATCH: usize = 500;
@@ -34,6 +39,9 @@ pub struct ReplayReport {
     pub skipped: u64,
     /// Lines kept in the dead-letter file: unparsable, or the database refused them.
     pub kept: u64,
+    /// Runs whose start the journal held without their record (their process died during
+    /// an outage, before they ended), finalized as `interrupted` now.
+    pub interrupted: u64,
 }
 
 impl ReplayReport {
@@ -57,7 +65,11 @@ impl std::fmt::Display for ReplayReport {
             f,
             "replayed: {} written, {} skipped (already stored), {} kept in the dead-letter file",
             self.written, self.skipped, self.kept
-        )
+        )?;
+        if self.interrupted > 0 {
+            write!(f, ", {} runs interrupted", self.interrupted)?;
+        }
+        Ok(())
     }
 }
 
@@ -148,18 +160,26 @@ async fn replay_claimed(
     })?;
     let mut keep: Vec<u8> = Vec::new();
     let mut records: Vec<(RunRecord, &[u8])> = Vec::new();
+    let mut starts: Vec<(StartedRun, &[u8])> = Vec::new();
     for line in content.split(|b| *b == b'\n') {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         match serde_json::from_slice::<RunRecord>(line) {
             Ok(record) => records.push((record, line)),
-            Err(e) => {
-                warn!(error = %e, "dead-letter line is not a run record; keeping it");
-                report.keep(&mut keep, line);
-            }
+            Err(e) => match start_line::parse(line) {
+                Some(start) => starts.push((start, line)),
+                None => {
+                    warn!(error = %e, "dead-letter line is not a run record; keeping it");
+                    report.keep(&mut keep, line);
+                }
+            },
         }
     }
+    // A start whose record is in the file too: the record says more. A start journaled
+    // twice (a batch's, then the backlog's) is taken once.
+    let mut seen: HashSet<uuid::Uuid> = records.iter().map(|(r, _)| r.run_id).collect();
+    starts.retain(|(s, _)| seen.insert(s.run_id));
     for chunk in records.chunks(BATCH) {
         let batch: Vec<RunRecord> = chunk.iter().map(|(r, _)| r.clone()).collect();
         match store.insert(&batch).await {
@@ -182,6 +202,19 @@ async fn replay_claimed(
             }
             Err(e) => {
                 warn!(error = %e, records = batch.len(), "cannot replay records; keeping them");
+                for (_, line) in chunk {
+                    report.keep(&mut keep, line);
+                }
+            }
+        }
+    }
+    // After the records: a run whose record is stored keeps it.
+    for chunk in starts.chunks(BATCH) {
+        let runs: Vec<StartedRun> = chunk.iter().map(|(s, _)| s.clone()).collect();
+        match store.interrupt_started(&runs).await {
+            Ok(n) => report.interrupted += n,
+            Err(e) => {
+                warn!(error = %e, runs = runs.len(), "cannot finalize journaled starts; keeping them");
                 for (_, line) in chunk {
                     report.keep(&mut keep, line);
                 }

@@ -246,6 +246,43 @@ impl Store {
         }
     }
 
+    /// The starts of runs whose process died before their records (journaled while writes
+    /// failed; `start_line`): each becomes an `interrupted` row, as the `running` row it
+    /// would have had is at the next start. A run with a row already (its record stored,
+    /// or a start row that made it) keeps it, unless it is still `running`. Returns how
+    /// many rows it finalized. On PostgreSQL the replicas waiting for those runs are told.
+    pub async fn interrupt_started(&self, started: &[StartedRun]) -> Result<u64> {
+        if started.is_empty() {
+            return Ok(0);
+        }
+        self.write(None, started, &[]).await?;
+        let mut finalized = 0;
+        for run in started {
+            let id = run.run_id.to_string();
+            finalized += match self {
+                Store::Sqlite(s) => sqlx::query(
+                    "UPDATE dual_runs SET status = 'interrupted', total_ms = 0 \
+                         WHERE run_id = ? AND status = 'running'",
+                )
+                .bind(id)
+                .execute(s.pool())
+                .await?
+                .rows_affected(),
+                Store::Postgres(pool) => sqlx::query(
+                    "WITH ended AS ( \
+                         UPDATE dual_runs SET status = 'interrupted', total_ms = 0 \
+                         WHERE run_id = $1::text::uuid AND status = 'running' RETURNING run_id) \
+                     SELECT pg_notify('duet_run_ended', run_id::text) FROM ended",
+                )
+                .bind(id)
+                .fetch_all(pool)
+                .await?
+                .len() as u64,
+            };
+        }
+        Ok(finalized)
+    }
+
     /// Finalizes as `interrupted` every run still `running` in this database: what a
     /// SQLite file's previous process left when it died (one process owns a SQLite file, so
     /// at start every running row is a dead one's). Returns how many.

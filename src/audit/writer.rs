@@ -41,10 +41,14 @@
 //!   the records, so start rows cost no commit of their own. Once the batch holding it has
 //!   committed, the writer says so (`StartWritten`): the run's response, which carries its
 //!   id, waits for that, so a client never holds the id of a run a crash left without a row.
-//!   It is best effort: dropped (a debug line, no dead-letter, no journal, nobody waits)
-//!   while the queue is above its high-water mark or writes are failing, so start rows never
-//!   take the room records need; the run's record inserts the row anyway. A batch that fails
-//!   on every attempt dead-letters its records and drops its start rows.
+//!   It is best effort: dropped (a debug line, nobody waits) while the queue is above its
+//!   high-water mark, so start rows never take the room records need; the run's record
+//!   inserts the row anyway. While writes are failing, a start is journaled instead of
+//!   queued (`start_line`; never appended on the request's thread), and counts in the
+//!   journal's book until the run's record comes, so a crash during the outage leaves the
+//!   run in flight a row: the next start replays it as `interrupted`. The start rows of a
+//!   batch whose first attempt failed are journaled with its records. A batch that fails on
+//!   every attempt dead-letters its records and drops its start rows.
 //! - Shutdown closes the queue, writes what is left, and is bounded: past the timeout the
 //!   batch in flight and the rest of the queue are dead-lettered. A write cut off mid-way may
 //!   have committed; replay then skips it, since inserts are idempotent. A SQLite batch runs
@@ -58,7 +62,7 @@
 //!   writer's thread cannot be cut off.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -77,11 +81,12 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
+use uuid::Uuid;
 
 use super::{
     AuditError, AuditSink, Result, RunRecord, StartWritten, StartedRun,
     deadletter::{Appender, DeadLetter, journal_path},
-    privacy,
+    privacy, start_line,
     store::RecordStore,
 };
 use crate::{config::StoreText, metrics::Metrics};
@@ -307,10 +312,14 @@ impl Queued {
 /// that rides out many short outages does not grow it for ever.
 #[derive(Default)]
 struct JournalBook {
-    /// Journaled records not yet written or durably dead-lettered.
+    /// Journaled records not yet written or durably dead-lettered, and journaled starts of
+    /// runs that have not ended yet.
     outstanding: u64,
     /// Something was appended since the file was last removed.
     dirty: bool,
+    /// The runs whose start `started` journaled and whose record has not come yet: each
+    /// counts in `outstanding` until it does (see `AuditWriter::journal_start`).
+    starts: HashSet<Uuid>,
 }
 
 /// Recent write results, for `/readyz`.
@@ -430,6 +439,9 @@ struct Inner {
     queued_bytes: Arc<AtomicUsize>,
     /// Records the task has taken out of the channel to journal them (see `Task::hold`).
     held: Arc<AtomicUsize>,
+    /// How many runs are in `JournalBook::starts`: while none are (nearly always), a record
+    /// skips the book's lock.
+    journaled_starts: AtomicUsize,
     max_bytes: usize,
     high_water_bytes: usize,
     /// Close the queue and write what is left.
@@ -488,6 +500,7 @@ impl AuditWriter {
             high_water: options.high_water,
             queued_bytes: Arc::clone(&queued_bytes),
             held: Arc::clone(&held),
+            journaled_starts: AtomicUsize::new(0),
             max_bytes: options.queue_max_bytes,
             high_water_bytes: options.high_water_bytes,
             drain: CancellationToken::new(),
@@ -564,6 +577,31 @@ impl AuditWriter {
             }
         });
         inner.deadletter.send_then(vec![record], Some(then));
+    }
+
+    /// Journals a run's start while writes fail (`start_line`). It counts as outstanding
+    /// until the run's record comes (`submit`), so the journal is not removed while the run
+    /// may still die with its process. Best effort, like every start row: never appended on
+    /// the request's thread; a journal thread with no room leaves the start unjournaled.
+    fn journal_start(&self, run: &StartedRun) {
+        let inner = &self.inner;
+        // Counted before it is handed over, so no removal can run between the two.
+        {
+            let mut book = lock(&inner.book);
+            book.outstanding += 1;
+            book.dirty = true;
+            book.starts.insert(run.run_id);
+        }
+        inner.journaled_starts.fetch_add(1, Ordering::AcqRel);
+        if inner.journal.try_send_line(start_line::to_line(run)) {
+            return;
+        }
+        warn!(run_id = %run.run_id, "audit journal busy; this run's start is not journaled");
+        let mut book = lock(&inner.book);
+        if book.starts.remove(&run.run_id) {
+            book.outstanding = book.outstanding.saturating_sub(1);
+            inner.journaled_starts.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Writes everything queued and stops the writer, waiting at most `timeout` for the
@@ -674,10 +712,10 @@ impl AuditSink for AuditWriter {
     fn started(&self, mut run: StartedRun) -> StartWritten {
         let inner = &self.inner;
         // Start rows only use the queue below its high-water marks, so the top quarter stays
-        // free for records; and none while writes fail, since they would only wait in retry.
+        // free for records.
         let (failure, stalled) = inner.health.failure_or_stall();
-        if self.backlogged() || failure.is_some() {
-            debug!(run_id = %run.run_id, "audit queue busy or failing; no running row for this run");
+        if self.backlogged() {
+            debug!(run_id = %run.run_id, "audit queue busy; no running row for this run");
             return StartWritten::never();
         }
         // After the early return: a row that will not be written is not worth hashing.
@@ -686,6 +724,12 @@ impl AuditSink for AuditWriter {
         }
         run.instance_id
             .get_or_insert_with(|| inner.instance_id.clone());
+        if failure.is_some() {
+            // A start row queued now would only wait in retry, in memory: journaled instead,
+            // so that a crash during the outage still leaves the run a row (`interrupted`).
+            self.journal_start(&run);
+            return StartWritten::never();
+        }
         let bytes = run.approx_bytes();
         if !self.reserve(bytes) {
             return StartWritten::never();
@@ -718,6 +762,15 @@ impl AuditSink for AuditWriter {
 
     fn submit(&self, mut record: RunRecord) {
         let inner = &self.inner;
+        // The run has ended: its journaled start, if any, has done its job (the record
+        // itself goes to the journal below while writes fail).
+        if inner.journaled_starts.load(Ordering::Acquire) > 0 {
+            let mut book = lock(&inner.book);
+            if book.starts.remove(&record.run_id) {
+                book.outstanding = book.outstanding.saturating_sub(1);
+                inner.journaled_starts.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         // Before the journal, the queue and the dead-letter file: none may see a text.
         if inner.store_text == StoreText::None {
             privacy::strip_record(&mut record);
@@ -1122,6 +1175,7 @@ impl Task {
             && let Some(next) = next
         {
             self.journal(&next.batch, &mut next.journaled).await;
+            self.journal_starts(&next.started).await;
             // Its answer comes only after this one's retries: nobody waits for that.
             next.acks.clear();
         }
@@ -1260,6 +1314,33 @@ impl Task {
                 .skip(start)
                 .for_each(|q| q.journaled = true);
         }
+        let starts: Vec<StartedRun> = self
+            .backlog
+            .iter()
+            .skip(start)
+            .filter_map(|q| match &q.item {
+                Item::Started(run, _) => Some(run.clone()),
+                Item::Ended(_) => None,
+            })
+            .collect();
+        self.journal_starts(&starts).await;
+    }
+
+    /// Journals the start rows of a batch that failed (or of the backlog) and waits for the
+    /// fsync: their runs may still be in flight, and a crash before the rows are written
+    /// would otherwise leave those runs no row at all. Not counted as outstanding: the
+    /// batch's retries write them, or the journal's records keep the file until the outage
+    /// ends. A start already journaled again is harmless (replay takes each run once).
+    async fn journal_starts(&self, started: &[StartedRun]) {
+        if started.is_empty() {
+            return;
+        }
+        let lines: Vec<u8> = started.iter().flat_map(start_line::to_line).collect();
+        match self.journal.append_line_now(lines).await {
+            Ok(()) => lock(&self.book).dirty = true,
+            Err(e) => error!(error = %e, runs = started.len(),
+                "cannot write the audit journal; these runs' starts live in memory until written"),
+        }
     }
 
     /// Writes the records of a failed attempt that are not in the journal yet to it, and
@@ -1357,6 +1438,7 @@ impl Task {
                     self.metrics.ready.set(0);
                     if retry == 0 {
                         self.journal(batch, journaled).await;
+                        self.journal_starts(started).await;
                     }
                     self.hold().await;
                     let wait = self.retry.jittered(retry);
@@ -1374,6 +1456,7 @@ impl Task {
                     self.metrics.ready.set(0);
                     if retry == 0 {
                         self.journal(batch, journaled).await;
+                        self.journal_starts(started).await;
                     }
                     self.hold().await;
                     return Err(e);

@@ -960,6 +960,61 @@ async fn replay_keeps_only_the_record_the_database_refuses() {
     assert_eq!(count(&db.store, "dual_runs").await, 5);
 }
 
+/// A journal's start lines (runs that began while writes failed): one whose record is in
+/// the file too is that record's, one without is a run its process took with it, finalized
+/// `interrupted`; a start seen twice is one run; a run already stored keeps its record.
+#[tokio::test]
+async fn replay_finalizes_journaled_starts_without_records_as_interrupted() {
+    let db = db::sqlite().await;
+    let stored = record(1);
+    db.store
+        .insert(std::slice::from_ref(&stored))
+        .await
+        .unwrap();
+    let ended = record(2);
+    let start = |r: &RunRecord| {
+        serde_json::json!({"started": {
+            "run_id": r.run_id, "client_request_id": null, "created_at": r.created_at,
+            "query": r.query, "system": null, "messages": null, "params": null,
+            "owner_fingerprint": null, "instance_id": "gone:1", "client_id": null,
+        }})
+        .to_string()
+    };
+    let lost = {
+        let mut r = record(3);
+        r.query = "cut off".into();
+        r
+    };
+    let path = db.dir.path().join("deadletter.jsonl.journal");
+    let lines = [
+        start(&stored),
+        start(&ended),
+        serde_json::to_string(&ended).unwrap(),
+        start(&lost),
+        start(&lost),
+    ];
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+
+    let report = replay(&db.store, &path).await.unwrap();
+    assert_eq!(
+        (report.written, report.kept, report.interrupted),
+        (1, 0, 1),
+        "{report}"
+    );
+    assert!(dead_letters(&path).is_empty());
+    assert_eq!(count(&db.store, "dual_runs").await, 3);
+    assert_eq!(db.store.fetch(stored.run_id).await.unwrap(), Some(stored));
+    assert_eq!(db.store.fetch(ended.run_id).await.unwrap(), Some(ended));
+    match db.store.fetch_stored(lost.run_id).await.unwrap() {
+        Some(duet::audit::StoredRun::Open(open)) => {
+            assert_eq!(open.status, duet::audit::OpenStatus::Interrupted);
+            assert_eq!(open.query, "cut off");
+            assert_eq!(open.instance_id.as_deref(), Some("gone:1"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn full_queue_dead_letters_without_blocking() {
     let dir = tempfile::tempdir().unwrap();
@@ -1059,7 +1114,8 @@ async fn replay_twice(store: &Store, dir: &tempfile::TempDir) {
         ReplayReport {
             written: 2,
             skipped: 2,
-            kept: 1
+            kept: 1,
+            interrupted: 0
         }
     );
     assert_eq!(count(store, "dual_runs").await, 3);
@@ -1076,7 +1132,8 @@ async fn replay_twice(store: &Store, dir: &tempfile::TempDir) {
         ReplayReport {
             written: 0,
             skipped: 0,
-            kept: 1
+            kept: 1,
+            interrupted: 0
         }
     );
     assert_eq!(count(store, "dual_runs").await, 3);
@@ -1111,7 +1168,8 @@ async fn replay_keeps_records_the_database_refuses() {
         ReplayReport {
             written: 0,
             skipped: 0,
-            kept: 1
+            kept: 1,
+            interrupted: 0
         }
     );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), line);

@@ -724,6 +724,104 @@ async fn kill_9_during_a_postgres_outage_loses_no_answered_run() {
     assert_eq!(count(&pg.store, "dual_runs").await, 50);
 }
 
+/// Runs still in flight when the process dies during an outage are not lost either: one
+/// whose start row waited in the failing batch, and one that started once writes were known
+/// to fail, each have their start journaled, and the next start finalizes both as
+/// `interrupted` (contract section 8). Before, neither left any row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_an_outage_leaves_the_runs_in_flight_interrupted() {
+    let Some(pg) = db::postgres("kill_9_during_an_outage_leaves_runs_in_flight").await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (proxy, proxied) = {
+        let (_, server) = via(&pg.url, "127.0.0.1:1".parse().unwrap());
+        let proxy = Proxy::start(server).await;
+        let (proxied, _) = via(&pg.url, proxy.addr);
+        (proxy, proxied)
+    };
+    let spawn = |url: &str| {
+        let mut child = duet_command(dir)
+            .env("BIND_ADDR", "127.0.0.1:0")
+            .env("DATABASE_URL", url)
+            .env("SIMULATED_FLASH_TTFT_S", "0.01")
+            .env("SIMULATED_FLASH_TOKEN_S", "0.001")
+            // Pro is still thinking when the process dies.
+            .env("SIMULATED_PRO_TTFT_S", "600")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (addr, log) = listening(&mut child);
+        (child, addr, log)
+    };
+    let (mut child, addr, _log) = spawn(&proxied);
+    proxy.stop();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let journal = dir.join("duet-deadletter.jsonl.journal");
+    let open_run = || async {
+        let resp = client
+            .post(format!("http://{addr}/query/stream"))
+            .json(&json!({"query": "still thinking"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let run = resp.headers()["x-run-id"].to_str().unwrap().to_owned();
+        (run, resp)
+    };
+    let journaled = |run: &str| {
+        let run = run.to_owned();
+        let journal = journal.clone();
+        async move {
+            // The first write fails when the pool's 5 s acquire timeout ends.
+            for _ in 0..400 {
+                let text = std::fs::read_to_string(&journal).unwrap_or_default();
+                if text
+                    .lines()
+                    .any(|l| l.contains("\"started\"") && l.contains(&run))
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the start of run {run} never reached the journal");
+        }
+    };
+    // Before the failure is known: its start row waits in the batch that fails.
+    let (early, _early_stream) = open_run().await;
+    journaled(&early).await;
+    // After: journaled as it starts.
+    let (late, _late_stream) = open_run().await;
+    journaled(&late).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        count(&pg.store, "dual_runs").await,
+        0,
+        "nothing reached the database"
+    );
+
+    let (child, _, _log) = spawn(&pg.url);
+    assert_eq!(terminate(child).await, Some(0));
+    assert_eq!(count(&pg.store, "dual_runs").await, 2);
+    for run in [&early, &late] {
+        let stored = pg.store.fetch_stored(run.parse().unwrap()).await.unwrap();
+        match stored {
+            Some(duet::audit::StoredRun::Open(open)) => {
+                assert_eq!(open.status, duet::audit::OpenStatus::Interrupted, "{run}");
+                assert_eq!(&*open.query, "still thinking");
+            }
+            other => panic!("{run}: {other:?}"),
+        }
+    }
+    assert!(
+        !journal.exists(),
+        "replayed at start, then removed at the clean stop"
+    );
+}
+
 /// The journal does not grow for ever: once every record in it is stored (or durably
 /// dead-lettered), the writer removes it, without waiting for shutdown.
 #[tokio::test]

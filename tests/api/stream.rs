@@ -651,7 +651,10 @@ async fn a_request_that_finishes_arriving_after_shutdown_began_starts_no_run() {
     assert!(answer.contains("the service is shutting down"), "{answer}");
     assert!(!answer.contains("event:"), "no stream: {answer}");
     stop.await.unwrap().unwrap();
-    assert!(app.sink.records().is_empty(), "no run started, so no record");
+    assert!(
+        app.sink.records().is_empty(),
+        "no run started, so no record"
+    );
     assert_eq!(app.flash.started(), 0, "no model was called");
 }
 

@@ -641,7 +641,8 @@ async fn truncated_streams_are_invalid_and_openai_does_not_wait_for_done() {
     // Finish and usage but no [DONE], and the connection stays open: finished at once.
     let full = String::from_utf8(wire("openai_stream_ok.sse")).unwrap();
     let no_done = full.replace("data: [DONE]\n\n", "");
-    let server = FixtureServer::start(vec![then(sse(no_done.clone().into_bytes()), Then::Hang)]).await;
+    let server =
+        FixtureServer::start(vec![then(sse(no_done.clone().into_bytes()), Then::Hang)]).await;
     let (text, done) = tokio::time::timeout(
         Duration::from_secs(5),
         run(&openai(&server, BodyLimits::default()), &request("q", None)),

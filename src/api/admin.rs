@@ -79,14 +79,26 @@ pub(super) fn admin_auth(
     headers: &HeaderMap,
     token: &Secret,
 ) -> Result<(), ApiError> {
+    token_auth(state, extensions, headers, token, Realm::Admin)
+}
+
+/// [`admin_auth`] for any one token (`realm` names it in the auth metrics): the one budget
+/// of guesses per address covers every secret.
+pub(super) fn token_auth(
+    state: &AppState,
+    extensions: &Extensions,
+    headers: &HeaderMap,
+    token: &Secret,
+    realm: Realm,
+) -> Result<(), ApiError> {
     let ip = state.guard.client(extensions, headers);
-    state.guard.admit(ip, Realm::Admin, &state.metrics)?;
+    state.guard.admit(ip, realm, &state.metrics)?;
     if guard::bearer_secret(headers, std::slice::from_ref(token)).is_some() {
         return Ok(());
     }
     // Only a token that was presented is a guess (see `guard::protect`).
     if guard::bearer(headers).is_some() {
-        state.guard.failed(ip, Realm::Admin, &state.metrics);
+        state.guard.failed(ip, realm, &state.metrics);
     }
     Err(ApiError::Unauthorized)
 }

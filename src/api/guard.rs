@@ -56,6 +56,8 @@ pub enum Realm {
     Query,
     /// `ADMIN_TOKEN`, on `/runs*`.
     Admin,
+    /// `METRICS_TOKEN`, on `/metrics`.
+    Metrics,
 }
 
 impl Realm {
@@ -63,6 +65,7 @@ impl Realm {
         match self {
             Realm::Query => "query",
             Realm::Admin => "admin",
+            Realm::Metrics => "metrics",
         }
     }
 }

@@ -201,9 +201,21 @@ async fn healthz() -> impl IntoResponse {
     get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text exposition (format 0.0.4)",
         content_type = "text/plain; version=0.0.4; charset=utf-8", body = String),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 429, response = openapi::RateLimited),
         (status = 500, response = openapi::Internal)),
+    security((), ("metrics_token" = [])),
 )]
-async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+async fn metrics(
+    State(state): State<AppState>,
+    extensions: axum::http::Extensions,
+    headers: axum::http::HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    // The exposition names each `API_KEYS_FILE` client and counts its requests: an operator
+    // who cannot keep the endpoint on a private network sets METRICS_TOKEN.
+    if let Some(token) = &state.config.metrics_token {
+        admin::token_auth(&state, &extensions, &headers, token, guard::Realm::Metrics)?;
+    }
     let text = state
         .metrics
         .render()

@@ -98,6 +98,7 @@ pub(super) struct ApiDoc;
 /// takes only literals).
 pub(super) const API_KEY: &str = "api_key";
 pub(super) const ADMIN_TOKEN: &str = "admin_token";
+pub(super) const METRICS_TOKEN: &str = "metrics_token";
 
 struct Security;
 
@@ -113,6 +114,18 @@ impl Modify for Security {
                         "One of the keys in API_KEYS or API_KEYS_FILE. Needed by /query, \
                          /query/stream and /v1 only when keys are set; never put a key in a \
                          URL.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            METRICS_TOKEN,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "METRICS_TOKEN. Needed by /metrics only when it is set; Prometheus \
+                         sends it with `authorization: {credentials: ...}` in its scrape config.",
                     ))
                     .build(),
             ),

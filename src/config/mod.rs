@@ -178,6 +178,9 @@ pub struct Config {
     /// The named keys as read at start; `None` without `API_KEYS_FILE`.
     pub key_file: Option<KeyFile>,
     pub admin_token: Option<Secret>,
+    /// `METRICS_TOKEN`: when set, `GET /metrics` needs it as a bearer token (the exposition
+    /// names each `API_KEYS_FILE` client and counts its requests); unset, it is open.
+    pub metrics_token: Option<Secret>,
     pub log_format: LogFormat,
     /// Sustained requests per minute per client (API key, or client address without keys;
     /// on PostgreSQL one budget for all replicas); `None` (the default,
@@ -382,6 +385,9 @@ impl Config {
             api_keys: secrets_list(src, "API_KEYS")?,
             admin_token: var(src, "ADMIN_TOKEN")
                 .map(|t| header_secret("ADMIN_TOKEN", None, &t))
+                .transpose()?,
+            metrics_token: var(src, "METRICS_TOKEN")
+                .map(|t| header_secret("METRICS_TOKEN", None, &t))
                 .transpose()?,
             log_format,
             rate_limit_per_minute: match parse_or(

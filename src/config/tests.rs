@@ -198,6 +198,7 @@ fn keys_that_cannot_be_sent_stop_the_service_without_being_shown() {
         ("API_KEYS", "sp ace-secret", "entry 1"),
         ("ADMIN_TOKEN", "t\u{f6}k-secret", "the value"),
         ("ADMIN_TOKEN", "tab\tsecret", "the value"),
+        ("METRICS_TOKEN", "m\u{e9}trics-secret", "the value"),
     ] {
         let e = load(&[(var, value)]).unwrap_err();
         assert_eq!(e.var, var, "{value:?}");

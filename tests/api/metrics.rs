@@ -337,3 +337,44 @@ async fn overhead_is_observed_for_events_made_from_upstream_chunks() {
         observed
     );
 }
+
+/// With METRICS_TOKEN set, the exposition (which names each key file's client and counts
+/// its requests) is for the scraper that has the token: 401 without it or with another,
+/// wrong guesses counted and throttled like any other secret's.
+#[tokio::test(start_paused = true)]
+async fn metrics_token_closes_the_exposition_to_everyone_else() {
+    let app = spawn_app(
+        normal_flash(),
+        normal_pro(),
+        &[("METRICS_TOKEN", "scrape-me"), ("AUTH_FAILURE_LIMIT", "3")],
+    )
+    .await;
+    let get = |token: Option<&str>| {
+        let mut req = app.client.get(app.url("/metrics"));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        req.send()
+    };
+    let resp = get(None).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "unauthorized");
+    assert_eq!(get(Some("guess")).await.unwrap().status(), 401);
+    let resp = get(Some("scrape-me")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            "duet_auth_failures_total{endpoint=\"metrics\"}"
+        ),
+        1.0,
+        "the wrong guess is counted; a request without a token is not a guess"
+    );
+    // Past the limit the address is refused, even with the right token.
+    for _ in 0..2 {
+        assert_eq!(get(Some("guess")).await.unwrap().status(), 401);
+    }
+    assert_eq!(get(Some("scrape-me")).await.unwrap().status(), 429);
+}

@@ -365,10 +365,7 @@ async fn metrics_token_closes_the_exposition_to_everyone_else() {
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     assert_eq!(
-        sample(
-            &text,
-            "duet_auth_failures_total{endpoint=\"metrics\"}"
-        ),
+        sample(&text, "duet_auth_failures_total{endpoint=\"metrics\"}"),
         1.0,
         "the wrong guess is counted; a request without a token is not a guess"
     );

@@ -26,7 +26,9 @@
 //!   row whatever the order (see `postgres::write_batch`). Once a write fails the writer goes
 //!   back to one batch at a time, so everything below works as it does on SQLite.
 //! - A failed batch is retried with jittered exponential backoff; after the last retry it
-//!   goes to the dead-letter file, and the writer moves on.
+//!   goes to the dead-letter file, and the writer moves on. A batch the database refused for
+//!   its content (`database_error`) is first tried record by record (`Task::isolate`), so one
+//!   bad record does not take the batch's other runs with it.
 //! - Before the first retry, the batch is appended to the journal (`PATH.journal` beside the
 //!   dead-letter file) and fsynced; while writes fail, each new record is journaled as it
 //!   arrives. So a `kill -9` during an outage loses no record whose client had its answer
@@ -1205,6 +1207,12 @@ impl Task {
     /// After a batch's last attempt: its journaled records leave the journal's count, and a
     /// batch that failed on every attempt goes to the dead-letter file.
     async fn settle(&mut self, written: Result<u64>, batch: Vec<RunRecord>, journaled: Vec<bool>) {
+        let (written, batch, journaled) = match written {
+            Err(e) if batch.len() > 1 && e.reason() == "database_error" => {
+                self.isolate(e, batch, journaled).await
+            }
+            written => (written, batch, journaled),
+        };
         let resolved = journaled.iter().filter(|j| **j).count();
         match written {
             Ok(_) => self.resolve(resolved).await,
@@ -1227,6 +1235,62 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// A batch the database refused on every attempt for something in it (`database_error`,
+    /// not a connection, a lock, a full disk or a missing table, which would refuse each
+    /// record alike): each record is tried alone, so that one record the database cannot
+    /// take sends only itself to the dead-letter file, not its batch's other runs, and does
+    /// not hold `/readyz` at 503. Returns what is left to dead-letter (none: `Ok`).
+    async fn isolate(
+        &mut self,
+        e: AuditError,
+        batch: Vec<RunRecord>,
+        journaled: Vec<bool>,
+    ) -> (Result<u64>, Vec<RunRecord>, Vec<bool>) {
+        warn!(error = %e, records = batch.len(),
+            "the database refused an audit batch; writing its records one by one");
+        let mut refused = Vec::new();
+        let mut refused_journaled = Vec::new();
+        let mut resolved = 0;
+        let mut written = 0;
+        for (record, j) in batch.into_iter().zip(journaled) {
+            let one = std::slice::from_ref(&record);
+            match attempt(
+                self.store.as_ref(),
+                &self.health,
+                &self.instance_id,
+                &[],
+                one,
+            )
+            .await
+            {
+                (Ok(_), _) => {
+                    written += 1;
+                    resolved += usize::from(j);
+                }
+                (Err(e), _) => {
+                    warn!(error = %e, run_id = %record.run_id,
+                        "the database refused an audit record; dead-lettering it");
+                    refused.push(record);
+                    refused_journaled.push(j);
+                }
+            }
+        }
+        if written > 0 {
+            self.metrics
+                .audit_writes_total
+                .with_label_values(&["ok"])
+                .inc_by(written);
+            // The database takes writes: one record it refuses is no outage.
+            self.health.succeeded();
+            self.metrics.ready.set(1);
+        }
+        self.resolve(resolved).await;
+        if refused.is_empty() {
+            return (Ok(written), refused, refused_journaled);
+        }
+        (Err(e), refused, refused_journaled)
     }
 
     /// The drain's abort cut the writer off: `batch` (what was being written) and everything

@@ -960,6 +960,40 @@ async fn replay_keeps_only_the_record_the_database_refuses() {
     assert_eq!(count(&db.store, "dual_runs").await, 5);
 }
 
+/// The live writer, likewise: a record the database refuses for what is in it (a trigger
+/// stands for whatever that may be) goes to the dead-letter file alone; the other records
+/// of its batch are written, and readiness is not held at 503 by it.
+#[tokio::test]
+async fn a_record_the_database_refuses_dead_letters_only_itself() {
+    let db = db::sqlite().await;
+    db::execute(
+        &db.store,
+        "CREATE TRIGGER poison BEFORE INSERT ON dual_runs WHEN NEW.query = 'poison' \
+         BEGIN SELECT RAISE(ABORT, 'poisoned record'); END",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = options(&dir);
+    options.retry.base = Duration::from_millis(10);
+    options.retry.cap = Duration::from_millis(20);
+    options.retry.retries = 2;
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(Arc::new(db.store.clone()), options, metrics.clone()).unwrap();
+    let mut records: Vec<RunRecord> = (0..5).map(record).collect();
+    records[2].query = "poison".into();
+    // Queued before the writer runs: one batch.
+    for r in &records {
+        writer.submit(r.clone());
+    }
+    writer.shutdown(Duration::from_secs(30)).await;
+    assert_eq!(count(&db.store, "dual_runs").await, 4);
+    let path = dir.path().join("deadletter.jsonl");
+    assert_eq!(dead_letters(&path), [records[2].clone()]);
+    assert_eq!(writes(&metrics, "ok"), 4);
+    assert_eq!(writes(&metrics, "deadletter"), 1);
+    assert_eq!(metrics.ready.get(), 1, "one refused record is no outage");
+}
+
 /// A journal's start lines (runs that began while writes failed): one whose record is in
 /// the file too is that record's, one without is a run its process took with it, finalized
 /// `interrupted`; a start seen twice is one run; a run already stored keeps its record.

@@ -53,6 +53,10 @@ pub(super) struct Emitter {
     pub(super) span: tracing::Span,
     /// What each model's deltas begin with: Flash's, then Pro's.
     pub(super) delta_prefixes: [sse::DeltaPrefix; 2],
+    /// A channel slot kept for one notice on the way out (see [`Emitter::emit_now`]), as
+    /// `done` has its own: a client that stopped reading still gets the `error` that says
+    /// why its stream ends, before `done`.
+    pub(super) notice: std::sync::Mutex<Option<mpsc::OwnedPermit<Bytes>>>,
 }
 
 /// The receiver is gone: the client disconnected.
@@ -156,19 +160,30 @@ impl Emitter {
         }
     }
 
-    /// Sends at once if there is room, else drops the event: for notices on the way out
-    /// (shutdown, a panicking run) that must not wait on a client.
+    /// Sends at once, never waiting on the client: for notices on the way out (shutdown, a
+    /// panicking run). With no room (a client that stopped reading has filled the channel or
+    /// the byte budget), the first such notice goes through the slot kept for it, outside
+    /// the budget (a notice is small); a later one, if any, is dropped.
     pub(super) fn emit_now(&self, event: EventKind, data: &impl Serialize) {
         let draft = sse::Draft::new(event, &self.run_id, data, DATA_HINT);
         let len = draft.max_len().min(STREAM_BUFFER_BYTES);
-        let Ok(bytes) =
+        if let Ok(bytes) =
             Arc::clone(&self.budget).try_acquire_many_owned(u32::try_from(len).unwrap_or(u32::MAX))
-        else {
+            && let Ok(permit) = self.tx.try_reserve()
+        {
+            self.send(permit, bytes, event, draft, None);
+            return;
+        }
+        let kept = self.notice.lock().ok().and_then(|mut slot| slot.take());
+        let Some(permit) = kept else {
             return;
         };
-        if let Ok(permit) = self.tx.try_reserve() {
-            self.send(permit, bytes, event, draft, None);
-        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let data_len = draft.data_len();
+        let frame = draft.finish(event, &self.run_id, seq).freeze();
+        self.log.push(seq, event, frame.clone(), data_len);
+        permit.send(frame);
+        self.metrics.sse_event(event);
     }
 
     /// Numbers and sends an event. Taking the number and sending happen with no `.await`

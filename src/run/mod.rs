@@ -235,9 +235,10 @@ impl Orchestrator {
             .registry
             .open(run_id, owner_key.map(|key| Owner::of(run_id, key)));
         let run_id_text = run_id.hyphenated().to_string();
-        // +2: the `start` frame queued below and the slot reserved for `done`, so a full
-        // CHANNEL_CAPACITY stays available to the run in between.
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY + 2);
+        // +3: the `start` frame queued below and the slots reserved for `done` and for one
+        // notice on the way out (`Emitter::notice`), so a full CHANNEL_CAPACITY stays
+        // available to the run in between.
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY + 3);
         let (record_tx, record_rx) = oneshot::channel();
 
         let start = StartEvent {
@@ -254,6 +255,7 @@ impl Orchestrator {
         log.push(0, EventKind::Start, start.clone(), data.len());
         let _ = tx.try_send(start);
         let done_permit = tx.clone().try_reserve_owned().ok();
+        let notice = std::sync::Mutex::new(tx.clone().try_reserve_owned().ok());
         inner.metrics.sse_event(EventKind::Start);
         inner.metrics.streams_active.inc();
 
@@ -283,6 +285,7 @@ impl Orchestrator {
             write_timeout: inner.client_write_timeout,
             budget: Arc::new(Semaphore::new(STREAM_BUFFER_BYTES)),
             overhead: Arc::clone(&overhead),
+            notice,
         });
         let created_at = Utc::now();
         // The run's `running` row (contract §8): a message to the audit writer's queue,

@@ -711,6 +711,47 @@ async fn a_reader_that_stops_reading_cannot_hold_the_run_or_shutdown() {
     drop(resp);
 }
 
+/// A reader that stopped reading, then reads again after the shutdown's grace ran out, is
+/// still told why its stream ends: the shutdown's `error` has a channel slot of its own, as
+/// `done` has, so a full buffer no longer drops it.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_reader_still_gets_the_shutdown_error_before_done() {
+    const BIG: &str = include_str!("big_delta.txt");
+    let mut flash = vec![];
+    for _ in 0..2000 {
+        flash.push(Step::Delta(BIG));
+    }
+    flash.push(Step::Finish);
+    let mut app = spawn_app(
+        flash,
+        vec![Step::Hang],
+        &[("SHUTDOWN_GRACE_S", "1"), ("CLIENT_WRITE_TIMEOUT_S", "60")],
+    )
+    .await;
+    let resp = app.post_stream(json!({"query": "q", "deltas": true})).await;
+    // Not read: the run's buffer fills.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stop = tokio::spawn({
+        let server = app.server.take().unwrap();
+        async move { server.stop().await }
+    });
+    // The grace period runs out while nothing is read.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let events = read_events(resp).await;
+    let tail: Vec<&str> = events
+        .iter()
+        .rev()
+        .take(2)
+        .rev()
+        .map(|e| e.event.as_str())
+        .collect();
+    assert_eq!(tail, ["error", "done"]);
+    let error = &events[events.len() - 2];
+    assert_eq!(error.data["error_type"], "cancelled");
+    check_invariants(&events);
+    stop.await.unwrap().unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_reader_that_stops_reading_is_let_go_after_the_write_timeout() {
     const BIG: &str = include_str!("big_delta.txt");

@@ -640,15 +640,26 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     // Records a crash left in the journal (see `audit::writer`): put back before new ones
     // arrive; what the database refuses moves to the dead-letter file.
     let journal = audit::deadletter::journal_path(&config.audit_deadletter_path);
-    match audit::replay::replay_into(&store, &journal, &config.audit_deadletter_path).await {
+    // Runs journaled at their start by a process now dead: on SQLite any (this process owns
+    // the file, see `Instance::start`), on PostgreSQL this instance's earlier incarnation.
+    let starts = audit::replay::Starts::OfDeadProcess {
+        instance_id: &instance_id,
+        any: matches!(store, Store::Sqlite(_)),
+    };
+    match audit::replay::replay_into(&store, &journal, &config.audit_deadletter_path, starts).await
+    {
         Ok(r) if r == audit::replay::ReplayReport::default() => {}
-        Ok(r) => warn!(
-            written = r.written,
-            skipped = r.skipped,
-            dead_lettered = r.kept,
-            interrupted = r.interrupted,
-            "replayed the audit journal a previous run left behind"
-        ),
+        Ok(r) => {
+            metrics.runs_interrupted_total.inc_by(r.interrupted);
+            warn!(
+                written = r.written,
+                skipped = r.skipped,
+                dead_lettered = r.kept,
+                interrupted = r.interrupted,
+                left_running = r.running,
+                "replayed the audit journal a previous run left behind"
+            );
+        }
         Err(e) => error!(error = %e, "cannot replay the audit journal; run `duet audit replay`"),
     }
     let options = WriterOptions::new(&config.audit_deadletter_path)

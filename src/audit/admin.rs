@@ -333,6 +333,9 @@ fn file_line(path: &Path, r: ReplayReport) -> String {
     if r.interrupted > 0 {
         line.push_str(&format!(", {} runs interrupted", r.interrupted));
     }
+    if r.running > 0 {
+        line.push_str(&format!(", {} runs left running", r.running));
+    }
     line
 }
 

@@ -28,6 +28,7 @@ use std::{
 };
 
 use prometheus::IntCounter;
+use tokio::sync::oneshot;
 use tracing::{error, warn};
 
 use super::{AuditError, Result, RunRecord};
@@ -75,10 +76,17 @@ impl Appender {
 
     /// Appends each record as one JSON line, then flushes and syncs to disk.
     pub fn append(&self, records: &[RunRecord]) -> Result<()> {
-        if records.is_empty() {
+        self.append_after(Vec::new(), records)
+    }
+
+    /// Appends `lines` (whole lines, as they are), then each record as one JSON line, in one
+    /// write and one sync.
+    fn append_after(&self, lines: Vec<u8>, records: &[RunRecord]) -> Result<()> {
+        if records.is_empty() && lines.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(records.len() * 1024);
+        let mut buf = lines;
+        buf.reserve(records.len() * 1024);
         for record in records {
             serde_json::to_writer(&mut buf, record).map_err(|e| self.error(e.into()))?;
             buf.push(b'\n');
@@ -126,11 +134,20 @@ impl Appender {
             // ends (`ends_mid_line`); not otherwise: opening a FIFO for reading as well would
             // change when its open blocks.
             let regular = std::fs::metadata(&self.path).map_or(true, |m| m.is_file());
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .read(regular)
-                .open(&self.path)?;
+            let open = |read: bool| {
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .read(read)
+                    .open(&self.path)
+            };
+            // A file made write-only for duet (a log shipper's) is appended to unread.
+            let file = match open(regular) {
+                Err(e) if regular && e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    open(false)?
+                }
+                opened => opened?,
+            };
             file.lock_shared()?;
             let same = match std::fs::metadata(&self.path) {
                 Ok(at_path) => same_file(&file.metadata()?, &at_path),
@@ -147,9 +164,20 @@ impl Appender {
     /// Appends, and when even that fails, logs every record in full: the last place left.
     /// True when the records reached the file.
     pub fn append_or_log(&self, records: &[RunRecord]) -> bool {
-        let Err(e) = self.append(records) else {
+        self.append_or_log_after(Vec::new(), records)
+    }
+
+    /// [`Appender::append_or_log`] with whole `lines` first, in the same write (start lines,
+    /// which are not logged: a run's start is in the log already, `run` span).
+    fn append_or_log_after(&self, lines: Vec<u8>, records: &[RunRecord]) -> bool {
+        let had_lines = !lines.is_empty();
+        let Err(e) = self.append_after(lines, records) else {
             return true;
         };
+        if had_lines {
+            error!(error = %e, path = %self.path.display(),
+                "cannot append runs' starts; those runs are in memory only until they end");
+        }
         for record in records {
             let json = serde_json::to_string(record).unwrap_or_default();
             error!(error = %e, run_id = %record.run_id, record = %json,
@@ -202,8 +230,9 @@ enum Msg {
     /// Records and their [`RunRecord::approx_bytes`], released once appended, and what to
     /// call then.
     Records(Vec<RunRecord>, usize, Option<Then>),
-    /// Lines ready to append as they are (a run's start in the journal, `start_line`).
-    Line(Vec<u8>),
+    /// Lines ready to append as they are (a run's start in the journal, `start_line`), and
+    /// who to tell once they are on disk.
+    Line(Vec<u8>, Option<oneshot::Sender<()>>),
     Stop,
 }
 
@@ -276,12 +305,12 @@ impl DeadLetter {
     /// Hands whole lines to the thread without waiting, and never appends on the caller's
     /// thread: false, and nothing written, when its queue is full or it has stopped. For
     /// what is worth keeping but not worth holding a request for (a run's start).
-    pub fn try_send_line(&self, line: Vec<u8>) -> bool {
+    pub fn try_send_line(&self, line: Vec<u8>, synced: Option<oneshot::Sender<()>>) -> bool {
         let bytes = line.len();
         if !self.reserve(bytes) {
             return false;
         }
-        if self.tx.try_send(Msg::Line(line)).is_ok() {
+        if self.tx.try_send(Msg::Line(line, synced)).is_ok() {
             return true;
         }
         self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
@@ -337,8 +366,8 @@ impl DeadLetter {
             }
             Err(TrySendError::Disconnected(Msg::Records(r, _, then))) => (r, then),
             Err(
-                TrySendError::Full(Msg::Stop | Msg::Line(_))
-                | TrySendError::Disconnected(Msg::Stop | Msg::Line(_)),
+                TrySendError::Full(Msg::Stop | Msg::Line(..))
+                | TrySendError::Disconnected(Msg::Stop | Msg::Line(..)),
             ) => return,
         };
         self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
@@ -385,6 +414,7 @@ fn run(rx: &Receiver<Msg>, file: &Appender, pending_bytes: &AtomicUsize) {
         let mut bytes = 0;
         let mut thens: Vec<Then> = Vec::new();
         let mut lines = Vec::new();
+        let mut synced = Vec::new();
         let mut stop = false;
         // Whatever queued up meanwhile shares one fsync.
         let mut next = Some(first);
@@ -395,9 +425,10 @@ fn run(rx: &Receiver<Msg>, file: &Appender, pending_bytes: &AtomicUsize) {
                     bytes += b;
                     thens.extend(then);
                 }
-                Msg::Line(line) => {
+                Msg::Line(line, then) => {
                     bytes += line.len();
                     lines.extend_from_slice(&line);
+                    synced.extend(then);
                 }
                 Msg::Stop => {
                     stop = true;
@@ -405,18 +436,18 @@ fn run(rx: &Receiver<Msg>, file: &Appender, pending_bytes: &AtomicUsize) {
                 }
             }
         }
-        if !lines.is_empty()
-            && let Err(e) = file.append_bytes(&lines)
-        {
-            error!(error = %e, "cannot append to the audit journal; runs that started are in memory only");
+        // One write and one sync for all of it.
+        let ok = file.append_or_log_after(lines, &records);
+        pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        for then in thens {
+            then(ok);
         }
-        if !records.is_empty() || !thens.is_empty() {
-            let ok = file.append_or_log(&records);
-            for then in thens {
-                then(ok);
+        if ok {
+            for tell in synced {
+                // Whoever waited may have stopped waiting.
+                let _ = tell.send(());
             }
         }
-        pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
         if stop {
             return;
         }

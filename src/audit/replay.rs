@@ -30,6 +30,34 @@ use super::{
 /// Records per insert transaction.
 const BATCH: usize = 500;
 
+/// What replay makes of the starts of runs with no record (`start_line`): whether their
+/// runs may still be going in a live process decides it, since a live run is never marked
+/// `interrupted`.
+#[derive(Debug, Clone, Copy)]
+pub enum Starts<'a> {
+    /// Written as `running` rows, left to what finalizes a dead process's runs (the lease
+    /// sweep on PostgreSQL, the next start on SQLite) or to the run's own record: `duet
+    /// audit replay`, which may run beside live services.
+    Running,
+    /// `duet serve` replaying its journal at start, before its first run: the process that
+    /// journaled them is dead when it was this instance's earlier incarnation (`instance_id`),
+    /// or whatever it was, on SQLite (`any`: one process owns the file). Those become
+    /// `interrupted` rows; others are [`Starts::Running`].
+    OfDeadProcess { instance_id: &'a str, any: bool },
+}
+
+impl Starts<'_> {
+    fn interrupts(&self, run: &StartedRun) -> bool {
+        match self {
+            Starts::Running => false,
+            Starts::OfDeadProcess { any: true, .. } => true,
+            Starts::OfDeadProcess { instance_id, .. } => {
+                run.instance_id.as_deref() == Some(*instance_id)
+            }
+        }
+    }
+}
+
 /// What a replay did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReplayReport {
@@ -42,6 +70,9 @@ pub struct ReplayReport {
     /// Runs whose start the journal held without their record (their process died during
     /// an outage, before they ended), finalized as `interrupted` now.
     pub interrupted: u64,
+    /// Starts of runs with no record whose process may still be alive, written as
+    /// `running` rows (see [`Starts::Running`]).
+    pub running: u64,
 }
 
 impl ReplayReport {
@@ -69,6 +100,9 @@ impl std::fmt::Display for ReplayReport {
         if self.interrupted > 0 {
             write!(f, ", {} runs interrupted", self.interrupted)?;
         }
+        if self.running > 0 {
+            write!(f, ", {} runs left running", self.running)?;
+        }
         Ok(())
     }
 }
@@ -81,20 +115,27 @@ fn claimed_path(path: &Path) -> PathBuf {
 
 /// Replays the dead-letter file at `path` into `store`.
 pub async fn replay(store: &Store, path: &Path) -> Result<ReplayReport> {
-    replay_into(store, path, path).await
+    replay_into(store, path, path, Starts::Running).await
 }
 
 /// Replays the file at `path` into `store`; lines that cannot be written are appended to
 /// `keep` (the same file, or for the journal at start-up, the dead-letter file).
-pub async fn replay_into(store: &Store, path: &Path, keep: &Path) -> Result<ReplayReport> {
-    Ok(replay_found(store, path, keep).await?.unwrap_or_default())
+pub async fn replay_into(
+    store: &Store,
+    path: &Path,
+    keep: &Path,
+    starts: Starts<'_>,
+) -> Result<ReplayReport> {
+    Ok(replay_found(store, path, keep, starts)
+        .await?
+        .unwrap_or_default())
 }
 
 /// Like [`replay`], but `None` when there was no file to read: neither `path` nor the
 /// `PATH.replaying` an interrupted replay left. `duet audit replay` must tell "nothing at
 /// that path" (a wrong path, most often) from "read it, nothing new".
 pub async fn replay_file(store: &Store, path: &Path) -> Result<Option<ReplayReport>> {
-    replay_found(store, path, path).await
+    replay_found(store, path, path, Starts::Running).await
 }
 
 /// Whether there is anything at `path` to replay (the file, or an interrupted replay's
@@ -110,7 +151,12 @@ pub async fn has_file(path: &Path) -> Result<bool> {
             .map_err(io)?)
 }
 
-async fn replay_found(store: &Store, path: &Path, keep: &Path) -> Result<Option<ReplayReport>> {
+async fn replay_found(
+    store: &Store,
+    path: &Path,
+    keep: &Path,
+    starts: Starts<'_>,
+) -> Result<Option<ReplayReport>> {
     let claimed = claimed_path(path);
     let io = |source| AuditError::DeadLetter {
         path: path.to_owned(),
@@ -121,12 +167,12 @@ async fn replay_found(store: &Store, path: &Path, keep: &Path) -> Result<Option<
     // A claimed file left by an interrupted replay comes first.
     if tokio::fs::try_exists(&claimed).await.map_err(io)? {
         found = true;
-        replay_claimed(store, keep, &claimed, &mut report).await?;
+        replay_claimed(store, keep, &claimed, starts, &mut report).await?;
     }
     match tokio::fs::rename(path, &claimed).await {
         Ok(()) => {
             found = true;
-            replay_claimed(store, keep, &claimed, &mut report).await?;
+            replay_claimed(store, keep, &claimed, starts, &mut report).await?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
@@ -138,6 +184,7 @@ async fn replay_claimed(
     store: &Store,
     keep_path: &Path,
     claimed: &Path,
+    policy: Starts<'_>,
     report: &mut ReplayReport,
 ) -> Result<()> {
     let path = keep_path;
@@ -211,8 +258,12 @@ async fn replay_claimed(
     // After the records: a run whose record is stored keeps it.
     for chunk in starts.chunks(BATCH) {
         let runs: Vec<StartedRun> = chunk.iter().map(|(s, _)| s.clone()).collect();
-        match store.interrupt_started(&runs).await {
-            Ok(n) => report.interrupted += n,
+        let dead: Vec<bool> = runs.iter().map(|r| policy.interrupts(r)).collect();
+        match store.write_journaled_starts(&runs, &dead).await {
+            Ok((interrupted, running)) => {
+                report.interrupted += interrupted;
+                report.running += running;
+            }
             Err(e) => {
                 warn!(error = %e, runs = runs.len(), "cannot finalize journaled starts; keeping them");
                 for (_, line) in chunk {

@@ -246,18 +246,29 @@ impl Store {
         }
     }
 
-    /// The starts of runs whose process died before their records (journaled while writes
-    /// failed; `start_line`): each becomes an `interrupted` row, as the `running` row it
-    /// would have had is at the next start. A run with a row already (its record stored,
-    /// or a start row that made it) keeps it, unless it is still `running`. Returns how
-    /// many rows it finalized. On PostgreSQL the replicas waiting for those runs are told.
-    pub async fn interrupt_started(&self, started: &[StartedRun]) -> Result<u64> {
+    /// The starts of runs that had no record yet when they were journaled (`start_line`):
+    /// each becomes a `running` row, as if its start row had been written, and those whose
+    /// process is known to be dead (`dead[i]`) are finalized `interrupted` at once, as a
+    /// `running` row is at the next start. A run with a row already (its record stored, or
+    /// a start row that made it) keeps it, unless it is still `running`. Returns how many
+    /// rows it finalized and how many it left `running`. On PostgreSQL the replicas waiting
+    /// for the runs finalized are told.
+    pub async fn write_journaled_starts(
+        &self,
+        started: &[StartedRun],
+        dead: &[bool],
+    ) -> Result<(u64, u64)> {
         if started.is_empty() {
-            return Ok(0);
+            return Ok((0, 0));
         }
+        // Start rows keep the instance id they carry: the sweep finds a dead one's.
         self.write(None, started, &[]).await?;
         let mut finalized = 0;
-        for run in started {
+        for run in started
+            .iter()
+            .zip(dead)
+            .filter_map(|(run, dead)| dead.then_some(run))
+        {
             let id = run.run_id.to_string();
             finalized += match self {
                 Store::Sqlite(s) => sqlx::query(
@@ -280,7 +291,8 @@ impl Store {
                 .len() as u64,
             };
         }
-        Ok(finalized)
+        let left_running = dead.iter().filter(|d| !**d).count() as u64;
+        Ok((finalized, left_running))
     }
 
     /// Finalizes as `interrupted` every run still `running` in this database: what a

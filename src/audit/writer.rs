@@ -50,7 +50,7 @@
 //!   journal's book until the run's record comes, so a crash during the outage leaves the
 //!   run in flight a row: the next start replays it as `interrupted`. The start rows of a
 //!   batch whose first attempt failed are journaled with its records. A batch that fails on
-//!   every attempt dead-letters its records and drops its start rows.
+//!   every attempt dead-letters its records, and its start rows as start lines.
 //! - Shutdown closes the queue, writes what is left, and is bounded: past the timeout the
 //!   batch in flight and the rest of the queue are dead-lettered. A write cut off mid-way may
 //!   have committed; replay then skips it, since inserts are idempotent. A SQLite batch runs
@@ -585,7 +585,7 @@ impl AuditWriter {
     /// until the run's record comes (`submit`), so the journal is not removed while the run
     /// may still die with its process. Best effort, like every start row: never appended on
     /// the request's thread; a journal thread with no room leaves the start unjournaled.
-    fn journal_start(&self, run: &StartedRun) {
+    fn journal_start(&self, run: &StartedRun, synced: Ack) -> bool {
         let inner = &self.inner;
         // Counted before it is handed over, so no removal can run between the two.
         {
@@ -595,15 +595,21 @@ impl AuditWriter {
             book.starts.insert(run.run_id);
         }
         inner.journaled_starts.fetch_add(1, Ordering::AcqRel);
-        if inner.journal.try_send_line(start_line::to_line(run)) {
-            return;
+        if inner
+            .journal
+            .try_send_line(start_line::to_line(run), Some(synced))
+        {
+            return true;
         }
-        warn!(run_id = %run.run_id, "audit journal busy; this run's start is not journaled");
+        // Counted (`duet_start_rows_unconfirmed_total`): a line per run would flood the log
+        // during the outage that causes it.
+        debug!(run_id = %run.run_id, "audit journal busy; this run's start is not journaled");
         let mut book = lock(&inner.book);
         if book.starts.remove(&run.run_id) {
             book.outstanding = book.outstanding.saturating_sub(1);
             inner.journaled_starts.fetch_sub(1, Ordering::AcqRel);
         }
+        false
     }
 
     /// Writes everything queued and stops the writer, waiting at most `timeout` for the
@@ -648,10 +654,16 @@ impl AuditWriter {
         }
         let deadletter = Arc::clone(&inner.deadletter);
         let journal = Arc::clone(&inner.journal);
+        // A run that outlived the server's wait for its task has not ended: its journaled
+        // start is its only trace.
+        let runs_open = lock(&inner.book).starts.len();
         let stopped = tokio::task::spawn_blocking(move || {
             journal.stop_blocking();
             deadletter.stop_blocking();
-            if deadletter.ever_failed() {
+            if runs_open > 0 {
+                warn!(journal = %journal.path().display(), runs = runs_open,
+                    "runs journaled at their start have not ended; keeping the audit journal");
+            } else if deadletter.ever_failed() {
                 warn!(journal = %journal.path().display(),
                     "a dead-letter append failed; keeping the audit journal for replay");
             } else if stuck {
@@ -713,10 +725,11 @@ impl AuditWriter {
 impl AuditSink for AuditWriter {
     fn started(&self, mut run: StartedRun) -> StartWritten {
         let inner = &self.inner;
-        // Start rows only use the queue below its high-water marks, so the top quarter stays
-        // free for records.
         let (failure, stalled) = inner.health.failure_or_stall();
-        if self.backlogged() {
+        // Start rows only use the queue below its high-water marks, so the top quarter stays
+        // free for records. While writes fail they go to the journal instead, which that
+        // does not concern (an outage under load is what fills the queue).
+        if failure.is_none() && self.backlogged() {
             debug!(run_id = %run.run_id, "audit queue busy; no running row for this run");
             return StartWritten::never();
         }
@@ -728,8 +741,12 @@ impl AuditSink for AuditWriter {
             .get_or_insert_with(|| inner.instance_id.clone());
         if failure.is_some() {
             // A start row queued now would only wait in retry, in memory: journaled instead,
-            // so that a crash during the outage still leaves the run a row (`interrupted`).
-            self.journal_start(&run);
+            // so that a crash during the outage still leaves the run a row. The response
+            // waits for the journal's sync as it would for the row's commit.
+            let (ack, written) = StartWritten::pending();
+            if self.journal_start(&run, ack) {
+                return written;
+            }
             return StartWritten::never();
         }
         let bytes = run.approx_bytes();
@@ -1041,10 +1058,8 @@ impl Task {
                 () = abort.cancelled() => None,
                 result = self.write_with_retry(&started, &mut acks, &batch, &mut journaled, None) => Some(result),
             };
-            // Start rows are written with the batch or not at all (see the module header).
-            drop(started);
             match written {
-                Some(written) => self.settle(written, batch, journaled).await,
+                Some(written) => self.settle(written, &started, batch, journaled).await,
                 None => {
                     abandoned = Some(batch);
                     break;
@@ -1193,11 +1208,10 @@ impl Task {
             () = abort.cancelled() => None,
             result = self.write_with_retry(&started, &mut acks, &batch, &mut journaled, Some(first)) => Some(result),
         };
-        drop(started);
         let batch = unshare(batch);
         match written {
             Some(written) => {
-                self.settle(written, batch, journaled).await;
+                self.settle(written, &started, batch, journaled).await;
                 None
             }
             None => Some(batch),
@@ -1205,8 +1219,23 @@ impl Task {
     }
 
     /// After a batch's last attempt: its journaled records leave the journal's count, and a
-    /// batch that failed on every attempt goes to the dead-letter file.
-    async fn settle(&mut self, written: Result<u64>, batch: Vec<RunRecord>, journaled: Vec<bool>) {
+    /// batch that failed on every attempt goes to the dead-letter file, its start rows too
+    /// (as start lines: their runs may still be going, and the journal that holds them may
+    /// go once the records are settled).
+    async fn settle(
+        &mut self,
+        written: Result<u64>,
+        started: &[StartedRun],
+        batch: Vec<RunRecord>,
+        journaled: Vec<bool>,
+    ) {
+        if written.is_err() && !started.is_empty() {
+            let lines: Vec<u8> = started.iter().flat_map(start_line::to_line).collect();
+            if let Err(e) = self.deadletter.append_line_now(lines).await {
+                error!(error = %e, runs = started.len(),
+                    "cannot dead-letter the start rows of a failed audit batch");
+            }
+        }
         let (written, batch, journaled) = match written {
             Err(e) if batch.len() > 1 && e.reason() == "database_error" => {
                 self.isolate(e, batch, journaled).await

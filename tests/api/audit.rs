@@ -994,11 +994,53 @@ async fn a_record_the_database_refuses_dead_letters_only_itself() {
     assert_eq!(metrics.ready.get(), 1, "one refused record is no outage");
 }
 
-/// A journal's start lines (runs that began while writes failed): one whose record is in
-/// the file too is that record's, one without is a run its process took with it, finalized
-/// `interrupted`; a start seen twice is one run; a run already stored keeps its record.
+/// A batch that fails on every attempt sends its start rows to the dead-letter file too,
+/// as start lines (their runs may still be going, and the journal holding them may go once
+/// the records are settled); replay writes them as `running` rows.
 #[tokio::test]
-async fn replay_finalizes_journaled_starts_without_records_as_interrupted() {
+async fn a_batch_that_fails_every_attempt_dead_letters_its_start_rows() {
+    use duet::audit::{AuditSink, OpenStatus, StartedRun, StoredRun};
+    let db = db::sqlite().await;
+    db::execute(
+        &db.store,
+        "CREATE TRIGGER no_start_rows BEFORE INSERT ON dual_runs WHEN NEW.status = 'running' \
+         BEGIN SELECT RAISE(ABORT, 'no start rows today'); END",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = options(&dir);
+    options.retry.base = Duration::from_millis(10);
+    options.retry.cap = Duration::from_millis(20);
+    options.retry.retries = 2;
+    let writer =
+        AuditWriter::start(Arc::new(db.store.clone()), options, Metrics::new().unwrap()).unwrap();
+    let run = StartedRun::of(&record(1));
+    // Writes are not known to fail yet: queued.
+    drop(writer.started(run.clone()));
+    writer.shutdown(Duration::from_secs(30)).await;
+    let path = dir.path().join("deadletter.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("\"started\"") && text.contains(&run.run_id.to_string()));
+
+    db::execute(&db.store, "DROP TRIGGER no_start_rows").await;
+    let report = replay(&db.store, &path).await.unwrap();
+    assert_eq!(report.running, 1, "{report}");
+    match db.store.fetch_stored(run.run_id).await.unwrap() {
+        Some(StoredRun::Open(open)) => assert_eq!(open.status, OpenStatus::Running),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A journal's start lines (runs that began while writes failed): one whose record is in
+/// the file too is that record's; one without is a run cut off with its process when that
+/// process is known dead (`duet serve` at start, for its own instance id), finalized
+/// `interrupted`, and otherwise (`duet audit replay`, another instance's) written `running`,
+/// since a live run is never marked interrupted; a start seen twice is one run; a run
+/// already stored keeps its record.
+#[tokio::test]
+async fn replay_finalizes_journaled_starts_without_records_only_of_a_dead_process() {
+    use duet::audit::{OpenStatus, StoredRun, replay::Starts, replay::replay_into};
     let db = db::sqlite().await;
     let stored = record(1);
     db.store
@@ -1006,47 +1048,72 @@ async fn replay_finalizes_journaled_starts_without_records_as_interrupted() {
         .await
         .unwrap();
     let ended = record(2);
-    let start = |r: &RunRecord| {
+    let start = |r: &RunRecord, instance: &str| {
         serde_json::json!({"started": {
             "run_id": r.run_id, "client_request_id": null, "created_at": r.created_at,
             "query": r.query, "system": null, "messages": null, "params": null,
-            "owner_fingerprint": null, "instance_id": "gone:1", "client_id": null,
+            "owner_fingerprint": null, "instance_id": instance, "client_id": null,
         }})
         .to_string()
     };
-    let lost = {
-        let mut r = record(3);
-        r.query = "cut off".into();
+    let named = |i, query: &str| {
+        let mut r = record(i);
+        r.query = query.into();
         r
     };
+    let lost = named(3, "cut off");
+    let elsewhere = named(4, "another replica's");
     let path = db.dir.path().join("deadletter.jsonl.journal");
     let lines = [
-        start(&stored),
-        start(&ended),
+        start(&stored, "gone:1"),
+        start(&ended, "gone:1"),
         serde_json::to_string(&ended).unwrap(),
-        start(&lost),
-        start(&lost),
+        start(&lost, "gone:1"),
+        start(&lost, "gone:1"),
+        start(&elsewhere, "live:2"),
     ];
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
 
-    let report = replay(&db.store, &path).await.unwrap();
+    let dead = Starts::OfDeadProcess {
+        instance_id: "gone:1",
+        any: false,
+    };
+    let report = replay_into(&db.store, &path, &path, dead).await.unwrap();
     assert_eq!(
-        (report.written, report.kept, report.interrupted),
-        (1, 0, 1),
+        (
+            report.written,
+            report.kept,
+            report.interrupted,
+            report.running
+        ),
+        (1, 0, 1, 1),
         "{report}"
     );
     assert!(dead_letters(&path).is_empty());
-    assert_eq!(count(&db.store, "dual_runs").await, 3);
+    assert_eq!(count(&db.store, "dual_runs").await, 4);
     assert_eq!(db.store.fetch(stored.run_id).await.unwrap(), Some(stored));
     assert_eq!(db.store.fetch(ended.run_id).await.unwrap(), Some(ended));
-    match db.store.fetch_stored(lost.run_id).await.unwrap() {
-        Some(duet::audit::StoredRun::Open(open)) => {
-            assert_eq!(open.status, duet::audit::OpenStatus::Interrupted);
-            assert_eq!(open.query, "cut off");
-            assert_eq!(open.instance_id.as_deref(), Some("gone:1"));
+    let status = |run: RunRecord| {
+        let store = db.store.clone();
+        async move {
+            match store.fetch_stored(run.run_id).await.unwrap() {
+                Some(StoredRun::Open(open)) => {
+                    assert_eq!(open.query, run.query);
+                    open.status
+                }
+                other => panic!("{other:?}"),
+            }
         }
-        other => panic!("{other:?}"),
-    }
+    };
+    assert_eq!(status(lost).await, OpenStatus::Interrupted);
+    assert_eq!(status(elsewhere.clone()).await, OpenStatus::Running);
+
+    // `duet audit replay` never presumes a run dead.
+    let cli = named(5, "replayed by hand");
+    std::fs::write(&path, start(&cli, "gone:1") + "\n").unwrap();
+    let report = replay(&db.store, &path).await.unwrap();
+    assert_eq!((report.interrupted, report.running), (0, 1), "{report}");
+    assert_eq!(status(cli).await, OpenStatus::Running);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1149,7 +1216,8 @@ async fn replay_twice(store: &Store, dir: &tempfile::TempDir) {
             written: 2,
             skipped: 2,
             kept: 1,
-            interrupted: 0
+            interrupted: 0,
+            running: 0
         }
     );
     assert_eq!(count(store, "dual_runs").await, 3);
@@ -1167,7 +1235,8 @@ async fn replay_twice(store: &Store, dir: &tempfile::TempDir) {
             written: 0,
             skipped: 0,
             kept: 1,
-            interrupted: 0
+            interrupted: 0,
+            running: 0
         }
     );
     assert_eq!(count(store, "dual_runs").await, 3);
@@ -1203,7 +1272,8 @@ async fn replay_keeps_records_the_database_refuses() {
             written: 0,
             skipped: 0,
             kept: 1,
-            interrupted: 0
+            interrupted: 0,
+            running: 0
         }
     );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), line);
@@ -1358,15 +1428,23 @@ async fn a_failed_batch_lets_its_start_rows_waiters_go_at_once() {
         "let go at the first failure"
     );
     assert_eq!(store.attempts().len(), 1);
-    // Writes failing: a new run is not made to wait at all.
-    let began = tokio::time::Instant::now();
+    // Writes failing: a new run's start goes to the journal, not behind the retries, and its
+    // response waits for that line's fsync only.
+    let third = StartedRun::of(&record(3));
     assert!(
-        !writer
-            .started(StartedRun::of(&record(3)))
+        writer
+            .started(third.clone())
             .wait(Duration::from_millis(100))
-            .await
+            .await,
+        "confirmed once journaled"
     );
-    assert_eq!(began.elapsed(), Duration::ZERO);
+    let journal = std::fs::read_to_string(dir.path().join("deadletter.jsonl.journal")).unwrap();
+    assert!(
+        journal
+            .lines()
+            .any(|l| l.starts_with("{\"started\":") && l.contains(&third.run_id.to_string())),
+        "{journal}"
+    );
     writer.shutdown(Duration::from_secs(60)).await;
 }
 

@@ -745,6 +745,10 @@ async fn kill_9_during_an_outage_leaves_the_runs_in_flight_interrupted() {
         let mut child = duet_command(dir)
             .env("BIND_ADDR", "127.0.0.1:0")
             .env("DATABASE_URL", url)
+            // The same replica restarted (a StatefulSet pod, a systemd unit): the new process
+            // knows the journal's runs were its dead incarnation's. Another id's are left
+            // `running` for the lease sweep (audit::replay_finalizes_journaled_starts_...).
+            .env("INSTANCE_ID", "replica-a")
             .env("SIMULATED_FLASH_TTFT_S", "0.01")
             .env("SIMULATED_FLASH_TOKEN_S", "0.001")
             // Pro is still thinking when the process dies.

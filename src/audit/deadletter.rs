@@ -280,21 +280,22 @@ impl DeadLetter {
     /// Appends records now and waits until they are on disk (on a blocking thread; the
     /// lock in [`Appender`] orders this with the thread's own appends).
     pub async fn append_now(&self, records: Vec<RunRecord>) -> Result<()> {
-        let file = Arc::clone(&self.file);
-        let path = file.path().to_owned();
-        tokio::task::spawn_blocking(move || file.append(&records))
-            .await
-            .map_err(|e| AuditError::DeadLetter {
-                path,
-                source: std::io::Error::other(e),
-            })?
+        self.blocking(move |file| file.append(&records)).await
     }
 
     /// Appends whole lines now and waits until they are on disk.
     pub async fn append_line_now(&self, line: Vec<u8>) -> Result<()> {
+        self.blocking(move |file| file.append_bytes(&line)).await
+    }
+
+    /// Runs an append on tokio's blocking pool and waits for it.
+    async fn blocking(
+        &self,
+        append: impl FnOnce(&Appender) -> Result<()> + Send + 'static,
+    ) -> Result<()> {
         let file = Arc::clone(&self.file);
         let path = file.path().to_owned();
-        tokio::task::spawn_blocking(move || file.append_bytes(&line))
+        tokio::task::spawn_blocking(move || append(&file))
             .await
             .map_err(|e| AuditError::DeadLetter {
                 path,

@@ -19,6 +19,25 @@ fn options(dir: &tempfile::TempDir) -> WriterOptions {
     WriterOptions::new(dir.path().join("deadletter.jsonl"))
 }
 
+/// A trigger that makes the database refuse the rows `when` matches, as it may refuse a
+/// record for what is in it.
+async fn refuse_rows(store: &Store, name: &str, when: &str) {
+    let sql = format!(
+        "CREATE TRIGGER {name} BEFORE INSERT ON dual_runs WHEN {when} \
+         BEGIN SELECT RAISE(ABORT, 'refused by {name}'); END"
+    );
+    db::execute(store, &sql).await;
+}
+
+/// Retries short enough for a test whose batches fail on every attempt.
+fn quick_retries(dir: &tempfile::TempDir) -> WriterOptions {
+    let mut options = options(dir);
+    options.retry.base = Duration::from_millis(10);
+    options.retry.cap = Duration::from_millis(20);
+    options.retry.retries = 2;
+    options
+}
+
 fn writes(metrics: &Metrics, outcome: &str) -> u64 {
     metrics
         .audit_writes_total
@@ -933,12 +952,7 @@ async fn unreachable_postgres_dead_letters_then_replay_puts_records_back_once() 
 #[tokio::test]
 async fn replay_keeps_only_the_record_the_database_refuses() {
     let db = db::sqlite().await;
-    db::execute(
-        &db.store,
-        "CREATE TRIGGER poison BEFORE INSERT ON dual_runs WHEN NEW.query = 'poison' \
-         BEGIN SELECT RAISE(ABORT, 'poisoned record'); END",
-    )
-    .await;
+    refuse_rows(&db.store, "poison", "NEW.query = 'poison'").await;
     let mut records: Vec<RunRecord> = (0..5).map(record).collect();
     records[2].query = "poison".into();
     let path = db.dir.path().join("deadletter.jsonl");
@@ -966,19 +980,15 @@ async fn replay_keeps_only_the_record_the_database_refuses() {
 #[tokio::test]
 async fn a_record_the_database_refuses_dead_letters_only_itself() {
     let db = db::sqlite().await;
-    db::execute(
-        &db.store,
-        "CREATE TRIGGER poison BEFORE INSERT ON dual_runs WHEN NEW.query = 'poison' \
-         BEGIN SELECT RAISE(ABORT, 'poisoned record'); END",
-    )
-    .await;
+    refuse_rows(&db.store, "poison", "NEW.query = 'poison'").await;
     let dir = tempfile::tempdir().unwrap();
-    let mut options = options(&dir);
-    options.retry.base = Duration::from_millis(10);
-    options.retry.cap = Duration::from_millis(20);
-    options.retry.retries = 2;
     let metrics = Metrics::new().unwrap();
-    let writer = AuditWriter::start(Arc::new(db.store.clone()), options, metrics.clone()).unwrap();
+    let writer = AuditWriter::start(
+        Arc::new(db.store.clone()),
+        quick_retries(&dir),
+        metrics.clone(),
+    )
+    .unwrap();
     let mut records: Vec<RunRecord> = (0..5).map(record).collect();
     records[2].query = "poison".into();
     // Queued before the writer runs: one batch.
@@ -1001,19 +1011,14 @@ async fn a_record_the_database_refuses_dead_letters_only_itself() {
 async fn a_batch_that_fails_every_attempt_dead_letters_its_start_rows() {
     use duet::audit::{AuditSink, OpenStatus, StartedRun, StoredRun};
     let db = db::sqlite().await;
-    db::execute(
-        &db.store,
-        "CREATE TRIGGER no_start_rows BEFORE INSERT ON dual_runs WHEN NEW.status = 'running' \
-         BEGIN SELECT RAISE(ABORT, 'no start rows today'); END",
-    )
-    .await;
+    refuse_rows(&db.store, "no_start_rows", "NEW.status = 'running'").await;
     let dir = tempfile::tempdir().unwrap();
-    let mut options = options(&dir);
-    options.retry.base = Duration::from_millis(10);
-    options.retry.cap = Duration::from_millis(20);
-    options.retry.retries = 2;
-    let writer =
-        AuditWriter::start(Arc::new(db.store.clone()), options, Metrics::new().unwrap()).unwrap();
+    let writer = AuditWriter::start(
+        Arc::new(db.store.clone()),
+        quick_retries(&dir),
+        Metrics::new().unwrap(),
+    )
+    .unwrap();
     let run = StartedRun::of(&record(1));
     // Writes are not known to fail yet: queued.
     drop(writer.started(run.clone()));

@@ -602,9 +602,38 @@ impl Proxy {
         Proxy { addr, task }
     }
 
+    /// A proxy to the server of the PostgreSQL URL `url`, and `url` through it.
+    async fn to(url: &str) -> (Proxy, String) {
+        let (_, server) = via(url, "127.0.0.1:1".parse().unwrap());
+        let proxy = Proxy::start(server).await;
+        let (proxied, _) = via(url, proxy.addr);
+        (proxy, proxied)
+    }
+
     fn stop(&self) {
         self.task.abort();
     }
+}
+
+/// `duet serve` on `url` in `dir`, on a port of its own, with a quick simulated Flash and
+/// `env`: the child, its address, and its log.
+fn serve_on(
+    dir: &Path,
+    url: &str,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
+    let mut command = duet_command(dir);
+    command
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("DATABASE_URL", url)
+        .env("SIMULATED_FLASH_TTFT_S", "0.01")
+        .env("SIMULATED_FLASH_TOKEN_S", "0.001")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = command.spawn().unwrap();
+    let (addr, log) = listening(&mut child);
+    (child, addr, log)
 }
 
 /// `postgres://user@host:port/db` with `host:port` replaced by `addr`, and the old
@@ -636,26 +665,16 @@ async fn kill_9_during_a_postgres_outage_loses_no_answered_run() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let target_url = pg.url.clone();
-    let (proxy, proxied) = {
-        let (_, server) = via(&pg.url, "127.0.0.1:1".parse().unwrap());
-        let proxy = Proxy::start(server).await;
-        let (proxied, _) = via(&pg.url, proxy.addr);
-        (proxy, proxied)
-    };
+    let (proxy, proxied) = Proxy::to(&pg.url).await;
     let spawn = |url: &str| {
-        let mut child = duet_command(dir)
-            .env("BIND_ADDR", "127.0.0.1:0")
-            .env("DATABASE_URL", url)
-            .env("SIMULATED_FLASH_TTFT_S", "0.01")
-            .env("SIMULATED_FLASH_TOKEN_S", "0.001")
-            .env("SIMULATED_PRO_TTFT_S", "0.02")
-            .env("SIMULATED_PRO_TOKEN_S", "0.001")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let (addr, log) = listening(&mut child);
-        (child, addr, log)
+        serve_on(
+            dir,
+            url,
+            &[
+                ("SIMULATED_PRO_TTFT_S", "0.02"),
+                ("SIMULATED_PRO_TOKEN_S", "0.001"),
+            ],
+        )
     };
     let (mut child, addr, _log) = spawn(&proxied);
     proxy.stop();
@@ -735,30 +754,21 @@ async fn kill_9_during_an_outage_leaves_the_runs_in_flight_interrupted() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (proxy, proxied) = {
-        let (_, server) = via(&pg.url, "127.0.0.1:1".parse().unwrap());
-        let proxy = Proxy::start(server).await;
-        let (proxied, _) = via(&pg.url, proxy.addr);
-        (proxy, proxied)
-    };
+    let (proxy, proxied) = Proxy::to(&pg.url).await;
     let spawn = |url: &str| {
-        let mut child = duet_command(dir)
-            .env("BIND_ADDR", "127.0.0.1:0")
-            .env("DATABASE_URL", url)
-            // The same replica restarted (a StatefulSet pod, a systemd unit): the new process
-            // knows the journal's runs were its dead incarnation's. Another id's are left
-            // `running` for the lease sweep (audit::replay_finalizes_journaled_starts_...).
-            .env("INSTANCE_ID", "replica-a")
-            .env("SIMULATED_FLASH_TTFT_S", "0.01")
-            .env("SIMULATED_FLASH_TOKEN_S", "0.001")
-            // Pro is still thinking when the process dies.
-            .env("SIMULATED_PRO_TTFT_S", "600")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let (addr, log) = listening(&mut child);
-        (child, addr, log)
+        serve_on(
+            dir,
+            url,
+            &[
+                // The same replica restarted (a StatefulSet pod, a systemd unit): the new
+                // process knows the journal's runs were its dead incarnation's. Another id's
+                // are left `running` for the lease sweep
+                // (audit::replay_finalizes_journaled_starts_without_records_only_of_a_dead_process).
+                ("INSTANCE_ID", "replica-a"),
+                // Pro is still thinking when the process dies.
+                ("SIMULATED_PRO_TTFT_S", "600"),
+            ],
+        )
     };
     let (mut child, addr, _log) = spawn(&proxied);
     proxy.stop();

@@ -577,6 +577,31 @@ pub enum AuditError {
 }
 
 impl AuditError {
+    /// The database refused what a write holds, not the write itself: a value it cannot
+    /// store or a constraint it breaks (PostgreSQL's classes 22 and 23; SQLite's constraint,
+    /// mismatch and too-big errors). Another batch without that record would go in; an
+    /// outage, a lock, a full disk, a deadlock or a server shutting down would refuse it too,
+    /// and are not this.
+    pub fn refuses_content(&self) -> bool {
+        match self {
+            AuditError::Database(sqlx::Error::Database(e)) => {
+                let code = e.code().unwrap_or_default();
+                // PostgreSQL's SQLSTATE; SQLite's extended codes through sqlx (19 and its
+                // extensions: constraint; 20 mismatch; 18 too big).
+                code.starts_with("22")
+                    || code.starts_with("23")
+                    || matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(18..=20))
+            }
+            AuditError::Sqlite(rusqlite::Error::SqliteFailure(failure, _)) => matches!(
+                failure.code,
+                rusqlite::ErrorCode::ConstraintViolation
+                    | rusqlite::ErrorCode::TypeMismatch
+                    | rusqlite::ErrorCode::TooBig
+            ),
+            _ => false,
+        }
+    }
+
     /// Why a write failed, as the short fixed word `/readyz` reports and logs carry.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -676,5 +701,33 @@ impl AuditSink for MemorySink {
             Err(poisoned) => poisoned.into_inner(),
         };
         records.push(record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AuditError;
+
+    fn sqlite(code: i32) -> AuditError {
+        AuditError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            None,
+        ))
+    }
+
+    /// Only what a record holds counts as refused content: the writer and replay then try
+    /// each record alone, which an outage would only make 500 times slower.
+    #[test]
+    fn a_refused_value_is_content_an_outage_is_not() {
+        // SQLITE_CONSTRAINT (a trigger's RAISE, a CHECK), its extended form, SQLITE_TOOBIG.
+        for code in [19, 19 | (3 << 8), 18] {
+            assert!(sqlite(code).refuses_content(), "{code}");
+        }
+        // SQLITE_BUSY, SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY, SQLITE_CANTOPEN.
+        for code in [5, 13, 10, 8, 14] {
+            assert!(!sqlite(code).refuses_content(), "{code}");
+        }
+        assert!(!AuditError::Timeout(std::time::Duration::from_secs(1)).refuses_content());
+        assert!(!AuditError::Database(sqlx::Error::PoolTimedOut).refuses_content());
     }
 }

@@ -235,7 +235,7 @@ async fn replay_claimed(
             // a full disk or a missing table, which would refuse each record alike): one
             // record the database cannot take must not keep the others out for good, so
             // each goes on its own.
-            Err(e) if chunk.len() > 1 && e.reason() == "database_error" => {
+            Err(e) if chunk.len() > 1 && e.refuses_content() => {
                 warn!(error = %e, records = batch.len(), "a batch of records was refused; replaying them one by one");
                 for (record, line) in chunk {
                     match store.insert(std::slice::from_ref(record)).await {

@@ -27,7 +27,7 @@
 //!   back to one batch at a time, so everything below works as it does on SQLite.
 //! - A failed batch is retried with jittered exponential backoff; after the last retry it
 //!   goes to the dead-letter file, and the writer moves on. A batch the database refused for
-//!   its content (`database_error`) is first tried record by record (`Task::isolate`), so one
+//!   its content (`AuditError::refuses_content`) is first tried record by record (`Task::isolate`), so one
 //!   bad record does not take the batch's other runs with it.
 //! - Before the first retry, the batch is appended to the journal (`PATH.journal` beside the
 //!   dead-letter file) and fsynced; while writes fail, each new record is journaled as it
@@ -1237,7 +1237,7 @@ impl Task {
             }
         }
         let (written, batch, journaled) = match written {
-            Err(e) if batch.len() > 1 && e.reason() == "database_error" => {
+            Err(e) if batch.len() > 1 && e.refuses_content() => {
                 self.isolate(e, batch, journaled).await
             }
             written => (written, batch, journaled),
@@ -1266,9 +1266,9 @@ impl Task {
         }
     }
 
-    /// A batch the database refused on every attempt for something in it (`database_error`,
-    /// not a connection, a lock, a full disk or a missing table, which would refuse each
-    /// record alike): each record is tried alone, so that one record the database cannot
+    /// A batch the database refused on every attempt for something in it
+    /// ([`AuditError::refuses_content`]: not an outage, a lock, a full disk or a deadlock,
+    /// which would refuse each record alike): each record is tried alone, so that one record the database cannot
     /// take sends only itself to the dead-letter file, not its batch's other runs, and does
     /// not hold `/readyz` at 503. Returns what is left to dead-letter (none: `Ok`).
     async fn isolate(

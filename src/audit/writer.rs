@@ -47,8 +47,11 @@
 //!   high-water mark, so start rows never take the room records need; the run's record
 //!   inserts the row anyway. While writes are failing, a start is journaled instead of
 //!   queued (`start_line`; never appended on the request's thread), and counts in the
-//!   journal's book until the run's record comes, so a crash during the outage leaves the
-//!   run in flight a row: the next start replays it as `interrupted`. The start rows of a
+//!   journal's book until the run's record is in the database or the dead-letter file, so
+//!   a crash during the outage leaves the run in flight a row: the next start replays it as
+//!   `interrupted`. While a write has stalled (running past `STALLED_AFTER`), starts and
+//!   records are journaled as well as queued: an unreachable database fails the attempt
+//!   only when the pool gives up connecting. The start rows of a
 //!   batch whose first attempt failed are journaled with its records. A batch that fails on
 //!   every attempt dead-letters its records, and its start rows as start lines.
 //! - Shutdown closes the queue, writes what is left, and is bounded: past the timeout the
@@ -443,7 +446,7 @@ struct Inner {
     held: Arc<AtomicUsize>,
     /// How many runs are in `JournalBook::starts`: while none are (nearly always), a record
     /// skips the book's lock.
-    journaled_starts: AtomicUsize,
+    journaled_starts: Arc<AtomicUsize>,
     max_bytes: usize,
     high_water_bytes: usize,
     /// Close the queue and write what is left.
@@ -484,6 +487,7 @@ impl AuditWriter {
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let held = Arc::new(AtomicUsize::new(0));
         let book = Arc::new(Mutex::new(JournalBook::default()));
+        let journaled_starts = Arc::new(AtomicUsize::new(0));
         let thread = if options.own_thread {
             Some(
                 crate::workers::Workers::start_dedicated("duet-audit")
@@ -502,7 +506,7 @@ impl AuditWriter {
             high_water: options.high_water,
             queued_bytes: Arc::clone(&queued_bytes),
             held: Arc::clone(&held),
-            journaled_starts: AtomicUsize::new(0),
+            journaled_starts: Arc::clone(&journaled_starts),
             max_bytes: options.queue_max_bytes,
             high_water_bytes: options.high_water_bytes,
             drain: CancellationToken::new(),
@@ -524,6 +528,7 @@ impl AuditWriter {
             health,
             queued_bytes,
             held,
+            journaled_starts,
             backlog: VecDeque::new(),
             hold_capacity: options.queue_capacity.max(1),
             metrics,
@@ -563,7 +568,13 @@ impl AuditWriter {
     /// in it is outstanding.
     fn dead_letter(&self, record: RunRecord, journaled: bool) {
         let inner = &self.inner;
-        if !journaled {
+        let start = take_starts(
+            &inner.book,
+            &inner.journaled_starts,
+            std::iter::once(&record.run_id),
+        );
+        let settled = u64::from(journaled) + start;
+        if settled == 0 {
             inner.deadletter.send(vec![record]);
             return;
         }
@@ -571,7 +582,7 @@ impl AuditWriter {
         let path = inner.journal.path().to_owned();
         let then: super::deadletter::Then = Box::new(move |durable| {
             if durable {
-                match settle(&book, &path, 1) {
+                match settle(&book, &path, settled) {
                     Ok(true) => debug!("every journaled audit record is stored; journal removed"),
                     Ok(false) => {}
                     Err(e) => warn!(error = %e, "cannot remove the audit journal"),
@@ -582,8 +593,8 @@ impl AuditWriter {
     }
 
     /// Journals a run's start while writes fail (`start_line`). It counts as outstanding
-    /// until the run's record comes (`submit`), so the journal is not removed while the run
-    /// may still die with its process. Best effort, like every start row: never appended on
+    /// until the run's record is in the database or the dead-letter file, so the journal is
+    /// not removed while the run may still die with its process. Best effort, like every start row: never appended on
     /// the request's thread; a journal thread with no room leaves the start unjournaled.
     fn journal_start(&self, run: &StartedRun, synced: Ack) -> bool {
         let inner = &self.inner;
@@ -727,9 +738,10 @@ impl AuditSink for AuditWriter {
         let inner = &self.inner;
         let (failure, stalled) = inner.health.failure_or_stall();
         // Start rows only use the queue below its high-water marks, so the top quarter stays
-        // free for records. While writes fail they go to the journal instead, which that
+        // free for records. While writes fail or stall they go to the journal, which that
         // does not concern (an outage under load is what fills the queue).
-        if failure.is_none() && self.backlogged() {
+        let backlogged = self.backlogged();
+        if failure.is_none() && !stalled && backlogged {
             debug!(run_id = %run.run_id, "audit queue busy; no running row for this run");
             return StartWritten::never();
         }
@@ -749,9 +761,19 @@ impl AuditSink for AuditWriter {
             }
             return StartWritten::never();
         }
+        // A write has stalled (the first attempt against an unreachable database waits for
+        // the pool's connect timeout): journaled as well as queued, so that a crash during
+        // the stall leaves the run a row, and the row still appears once the write goes
+        // through. The response waits for the journal's sync only.
+        let journaled = if stalled {
+            let (ack, written) = StartWritten::pending();
+            self.journal_start(&run, ack).then_some(written)
+        } else {
+            None
+        };
         let bytes = run.approx_bytes();
-        if !self.reserve(bytes) {
-            return StartWritten::never();
+        if backlogged || !self.reserve(bytes) {
+            return journaled.unwrap_or_else(StartWritten::never);
         }
         let (ack, written) = StartWritten::pending();
         let run_id = run.run_id;
@@ -764,9 +786,9 @@ impl AuditSink for AuditWriter {
             Ok(()) => {
                 self.queued();
                 if stalled {
-                    // The row is queued, but nobody waits on it.
+                    // The row is queued, but nobody waits on its commit.
                     debug!(run_id = %run_id, "audit write stalled; the run's response does not wait for its running row");
-                    StartWritten::never()
+                    journaled.unwrap_or_else(StartWritten::never)
                 } else {
                     written
                 }
@@ -774,29 +796,23 @@ impl AuditSink for AuditWriter {
             // Full or closed: the record will insert the row; nothing is lost.
             Err(TrySendError::Full(q) | TrySendError::Closed(q)) => {
                 inner.queued_bytes.fetch_sub(q.bytes, Ordering::AcqRel);
-                StartWritten::never()
+                journaled.unwrap_or_else(StartWritten::never)
             }
         }
     }
 
     fn submit(&self, mut record: RunRecord) {
         let inner = &self.inner;
-        // The run has ended: its journaled start, if any, has done its job (the record
-        // itself goes to the journal below while writes fail).
-        if inner.journaled_starts.load(Ordering::Acquire) > 0 {
-            let mut book = lock(&inner.book);
-            if book.starts.remove(&record.run_id) {
-                book.outstanding = book.outstanding.saturating_sub(1);
-                inner.journaled_starts.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
         // Before the journal, the queue and the dead-letter file: none may see a text.
         if inner.store_text == StoreText::None {
             privacy::strip_record(&mut record);
         }
         // While writes fail, a record goes to the journal at once: the queue behind a batch
-        // in retry is memory only, and a crash then would lose it.
-        let journaled = inner.health.failure().is_some();
+        // in retry is memory only, and a crash then would lose it. So while a write has
+        // stalled: an unreachable database fails the attempt only when the pool gives up
+        // connecting (seconds), and a crash meanwhile lost what had queued.
+        let (failure, stalled) = inner.health.failure_or_stall();
+        let journaled = failure.is_some() || stalled;
         if journaled {
             // Counted before it is handed over, so no removal can run between the two; the
             // lock is not held over the hand-over, which appends on this thread when the
@@ -848,6 +864,29 @@ fn lock(book: &Mutex<JournalBook>) -> std::sync::MutexGuard<'_, JournalBook> {
     book.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The runs of `ended` whose start is in the journal leave `JournalBook::starts`: their
+/// records are now in the database or durably dead-lettered, or about to be, so the caller
+/// settles them (with `settle`, after that is so). Returns how many; without a lock while
+/// no start is journaled (nearly always).
+fn take_starts<'a>(
+    book: &Mutex<JournalBook>,
+    journaled_starts: &AtomicUsize,
+    ended: impl IntoIterator<Item = &'a Uuid>,
+) -> u64 {
+    if journaled_starts.load(Ordering::Acquire) == 0 {
+        return 0;
+    }
+    let mut book = lock(book);
+    let mut taken = 0;
+    for run_id in ended {
+        if book.starts.remove(run_id) {
+            taken += 1;
+        }
+    }
+    journaled_starts.fetch_sub(taken, Ordering::AcqRel);
+    taken as u64
+}
+
 /// `n` journaled records are now in the database or durably dead-lettered; when nothing
 /// journaled is outstanding any more, removes the journal at `path`. Blocking (a file
 /// removal under the lock): call it off the runtime's workers. True when it removed the file.
@@ -885,6 +924,8 @@ struct Task {
     backlog: VecDeque<Queued>,
     hold_capacity: usize,
     held: Arc<AtomicUsize>,
+    /// Shared with `Inner` (see there).
+    journaled_starts: Arc<AtomicUsize>,
     metrics: Metrics,
     max_batch: usize,
     batch_interval: Duration,
@@ -1242,19 +1283,21 @@ impl Task {
             }
             written => (written, batch, journaled),
         };
-        let resolved = journaled.iter().filter(|j| **j).count();
+        // Journaled records, and the journaled starts of the batch's runs, which have ended.
+        let starts = self.take_starts(&batch);
+        let resolved = journaled.iter().filter(|j| **j).count() + starts;
         match written {
             Ok(_) => self.resolve(resolved).await,
             Err(e) => {
                 error!(error = %e, reason = e.reason(), records = batch.len(),
                     "audit batch failed on every attempt; dead-lettering it");
                 if batch.is_empty() {
-                    // Start rows only: nothing to keep.
+                    // Start rows only: dead-lettered above.
                 } else if resolved == 0 {
                     self.deadletter.send(batch);
                 } else {
-                    // Journaled records leave the journal's count only once they are
-                    // fsynced in the dead-letter file: wait for that append.
+                    // Journaled records (and starts) leave the journal's count only once
+                    // the records are fsynced in the dead-letter file: wait for that append.
                     match self.deadletter.append_now(batch.clone()).await {
                         Ok(()) => self.resolve(resolved).await,
                         // The thread retries the append and logs what still fails; the
@@ -1296,7 +1339,7 @@ impl Task {
             {
                 (Ok(_), _) => {
                     written += 1;
-                    resolved += usize::from(j);
+                    resolved += usize::from(j) + self.take_starts(one);
                 }
                 (Err(e), _) => {
                     warn!(error = %e, run_id = %record.run_id,
@@ -1322,6 +1365,17 @@ impl Task {
         (Err(e), refused, refused_journaled)
     }
 
+    /// The runs of `records` whose start is in the journal: taken out of the book, to be
+    /// settled with the records (see `take_starts`).
+    fn take_starts(&self, records: &[RunRecord]) -> usize {
+        let taken = take_starts(
+            &self.book,
+            &self.journaled_starts,
+            records.iter().map(|r| &r.run_id),
+        );
+        usize::try_from(taken).unwrap_or(usize::MAX)
+    }
+
     /// The drain's abort cut the writer off: `batch` (what was being written) and everything
     /// still queued go to the dead-letter file.
     fn abandon(&mut self, mut batch: Vec<RunRecord>) {
@@ -1342,6 +1396,8 @@ impl Task {
             records = batch.len(),
             "audit drain timed out; dead-lettering"
         );
+        // Their runs have ended: shutdown need not keep the journal for their starts.
+        self.take_starts(&batch);
         self.deadletter.send(batch);
     }
 
@@ -1429,10 +1485,28 @@ impl Task {
             return;
         }
         let lines: Vec<u8> = started.iter().flat_map(start_line::to_line).collect();
-        match self.journal.append_line_now(lines).await {
-            Ok(()) => lock(&self.book).dirty = true,
-            Err(e) => error!(error = %e, runs = started.len(),
-                "cannot write the audit journal; these runs' starts live in memory until written"),
+        // Counted before the append, as `AuditWriter::journal_start` does, so that no
+        // removal of the file can come between; each start once, however often journaled.
+        // A run's record always comes after its start, through this task (or the dead-letter
+        // file at `submit`), which settles the start then.
+        let counted = {
+            let mut book = lock(&self.book);
+            book.dirty = true;
+            let new: Vec<Uuid> = started
+                .iter()
+                .map(|s| s.run_id)
+                .filter(|id| book.starts.insert(*id))
+                .collect();
+            book.outstanding += new.len() as u64;
+            self.journaled_starts.fetch_add(new.len(), Ordering::AcqRel);
+            new
+        };
+        if let Err(e) = self.journal.append_line_now(lines).await {
+            error!(error = %e, runs = started.len(),
+                "cannot write the audit journal; these runs' starts live in memory until written");
+            let n = take_starts(&self.book, &self.journaled_starts, &counted);
+            let mut book = lock(&self.book);
+            book.outstanding = book.outstanding.saturating_sub(n);
         }
     }
 

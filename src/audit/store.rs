@@ -251,7 +251,7 @@ impl Store {
     /// process is known to be dead (`dead[i]`) are finalized `interrupted` at once, as a
     /// `running` row is at the next start. A run with a row already (its record stored, or
     /// a start row that made it) keeps it, unless it is still `running`. Returns how many
-    /// rows it finalized and how many it left `running`. On PostgreSQL the replicas waiting
+    /// rows it finalized and how many of the others are `running` now. On PostgreSQL the replicas waiting
     /// for the runs finalized are told.
     pub async fn write_journaled_starts(
         &self,
@@ -291,7 +291,19 @@ impl Store {
                 .len() as u64,
             };
         }
-        let left_running = dead.iter().filter(|d| !**d).count() as u64;
+        // The others: how many are `running` now (a run that has its record kept it).
+        let mut left_running = 0;
+        for run in started
+            .iter()
+            .zip(dead)
+            .filter_map(|(run, dead)| (!dead).then_some(run))
+        {
+            if let Some(StoredRun::Open(open)) = self.fetch_stored(run.run_id).await?
+                && open.status == super::OpenStatus::Running
+            {
+                left_running += 1;
+            }
+        }
         Ok((finalized, left_running))
     }
 

@@ -1215,7 +1215,7 @@ impl Task {
         &mut self,
         mut flight: Flight,
         first: Option<(Result<u64>, Duration)>,
-        next: Option<&mut Flight>,
+        mut next: Option<&mut Flight>,
     ) -> Option<Vec<RunRecord>> {
         let abort = self.abort.clone();
         let first = match first {
@@ -1227,6 +1227,25 @@ impl Task {
                     return Some(unshare(flight.batch));
                 }
                 first = Flight::first(&mut flight.attempt) => first,
+                // Stalled: journaled now, as in `write_with_retry`, with the flight launched
+                // after it, which would wait behind it in memory.
+                () = tokio::time::sleep(STALLED_AFTER) => {
+                    self.journal(&flight.batch, &mut flight.journaled).await;
+                    self.journal_starts(&flight.started).await;
+                    if let Some(next) = next.as_deref_mut() {
+                        self.journal(&next.batch, &mut next.journaled).await;
+                        self.journal_starts(&next.started).await;
+                    }
+                    self.hold().await;
+                    tokio::select! {
+                        biased;
+                        () = abort.cancelled() => {
+                            flight.attempt.abort();
+                            return Some(unshare(flight.batch));
+                        }
+                        first = Flight::first(&mut flight.attempt) => first,
+                    }
+                }
             },
         };
         if first.0.is_err()
@@ -1562,18 +1581,37 @@ impl Task {
     ) -> Result<u64> {
         let n = batch.len() as u64;
         let mut retry = 0;
+        // Journaled when the first attempt stalled: not again at its failure.
+        let mut starts_journaled = false;
         loop {
             let (result, took) = match first.take() {
                 Some(first) => first,
                 None => {
-                    attempt(
-                        self.store.as_ref(),
-                        &self.health,
-                        &self.instance_id,
-                        started,
-                        batch,
-                    )
-                    .await
+                    // Owning what it needs of the task, so that the task can journal while it
+                    // runs.
+                    let (store, health) = (Arc::clone(&self.store), Arc::clone(&self.health));
+                    let instance_id = self.instance_id.clone();
+                    let attempt = async move {
+                        attempt(store.as_ref(), &health, &instance_id, started, batch).await
+                    };
+                    let mut attempt = std::pin::pin!(attempt);
+                    tokio::select! {
+                        biased;
+                        done = &mut attempt => done,
+                        // A first attempt that stalls (an unreachable database answers only
+                        // when the pool gives up connecting, seconds later): its records and
+                        // start rows, and what queued behind it meanwhile, go to the journal
+                        // now, not at its failure, so a crash meanwhile loses none. (A SQLite
+                        // batch blocks the writer's thread instead, and fails fast when its
+                        // file does.)
+                        () = tokio::time::sleep(STALLED_AFTER), if retry == 0 => {
+                            self.journal(batch, journaled).await;
+                            self.journal_starts(started).await;
+                            self.hold().await;
+                            starts_journaled = true;
+                            attempt.await
+                        }
+                    }
                 }
             };
             if result.is_err() {
@@ -1603,7 +1641,7 @@ impl Task {
                 Err(e) if retry < self.retry.retries => {
                     self.health.failed(e.reason(), true);
                     self.metrics.ready.set(0);
-                    if retry == 0 {
+                    if retry == 0 && !starts_journaled {
                         self.journal(batch, journaled).await;
                         self.journal_starts(started).await;
                     }
@@ -1621,7 +1659,7 @@ impl Task {
                 Err(e) => {
                     self.health.failed(e.reason(), false);
                     self.metrics.ready.set(0);
-                    if retry == 0 {
+                    if retry == 0 && !starts_journaled {
                         self.journal(batch, journaled).await;
                         self.journal_starts(started).await;
                     }

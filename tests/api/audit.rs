@@ -1400,7 +1400,8 @@ async fn a_start_row_is_answered_once_committed_and_not_waited_on_past_the_bound
         "answered when it committed"
     );
     // The next batch hangs: its start row is waited on for the bound, not longer.
-    let second = timed(writer.started(StartedRun::of(&record(3))));
+    let third_record = record(3);
+    let second = timed(writer.started(StartedRun::of(&third_record)));
     writer.submit(record(4));
     let (ok, waited) = second.await.unwrap();
     assert!(!ok);
@@ -1431,12 +1432,14 @@ async fn a_start_row_is_answered_once_committed_and_not_waited_on_past_the_bound
     }
     assert!(text.contains(&fifth.run_id.to_string()), "{text}");
     assert!(text.contains(&sixth.run_id.to_string()), "{text}");
-    // Run 5 ends too: with every record written, nothing is outstanding and the journal
-    // goes (a run that had not ended would keep it: its start is its only trace).
+    // Runs 3 and 5 end too (3's start row was journaled with its stalled batch): with every
+    // record written, nothing is outstanding and the journal goes (a run that had not ended
+    // would keep it: its start is its only trace).
+    writer.submit(third_record);
     writer.submit(fifth_record);
     gate.add_permits(100);
     writer.shutdown(Duration::from_secs(5)).await;
-    assert_eq!(store.stored().len(), 4, "every record written in the end");
+    assert_eq!(store.stored().len(), 5, "every record written in the end");
     assert!(
         !journal.exists(),
         "nothing outstanding: the journal goes: {}",

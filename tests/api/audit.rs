@@ -1432,6 +1432,8 @@ async fn a_start_row_is_answered_once_committed_and_not_waited_on_past_the_bound
     }
     assert!(text.contains(&fifth.run_id.to_string()), "{text}");
     assert!(text.contains(&sixth.run_id.to_string()), "{text}");
+    // And the stalled batch's own start row and record, journaled when it stalled.
+    assert!(text.contains(&third_record.run_id.to_string()), "{text}");
     // Runs 3 and 5 end too (3's start row was journaled with its stalled batch): with every
     // record written, nothing is outstanding and the journal goes (a run that had not ended
     // would keep it: its start is its only trace).

@@ -1421,14 +1421,17 @@ async fn a_start_row_is_answered_once_committed_and_not_waited_on_past_the_bound
     writer.submit(sixth.clone());
     let journal = dir.path().join("deadletter.jsonl.journal");
     // The journal thread writes in real time, which this test's paused clock does not
-    // measure: waited for on the wall clock (up to 10 s, a few ms when the box is idle).
+    // measure: waited for on the wall clock (up to 10 s, a few ms when the box is idle),
+    // letting the writer's task run in between (this runtime has one thread).
     let mut text = String::new();
+    let ids = [&third_record.run_id, &fifth.run_id, &sixth.run_id].map(|id| id.to_string());
     for _ in 0..1000 {
         text = std::fs::read_to_string(&journal).unwrap_or_default();
-        if text.contains(&fifth.run_id.to_string()) && text.contains(&sixth.run_id.to_string()) {
+        if ids.iter().all(|id| text.contains(id.as_str())) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert!(text.contains(&fifth.run_id.to_string()), "{text}");
     assert!(text.contains(&sixth.run_id.to_string()), "{text}");

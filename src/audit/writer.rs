@@ -1131,10 +1131,18 @@ impl Task {
     fn top_up(&mut self, incoming: &mut Vec<Queued>) {
         let mut records = incoming.iter().filter(|q| q.record().is_some()).count();
         while records < self.max_batch && incoming.len() < 2 * self.max_batch {
-            let Ok(q) = self.rx.try_recv() else { break };
+            // The backlog first: it holds what came before anything still in the channel,
+            // and a run's record must not overtake its start (`hold` fills the backlog while
+            // a write stalls, not only once it failed).
+            let next = match self.backlog.pop_front() {
+                Some(q) => Some(q),
+                None => self.rx.try_recv().ok(),
+            };
+            let Some(q) = next else { break };
             records += usize::from(q.record().is_some());
             incoming.push(q);
         }
+        self.held.store(self.backlog.len(), Ordering::Relaxed);
     }
 
     /// Moves received items into a batch, releasing their bytes from the queue's bound.
@@ -1302,8 +1310,19 @@ impl Task {
             }
             written => (written, batch, journaled),
         };
-        // Journaled records, and the journaled starts of the batch's runs, which have ended.
-        let starts = self.take_starts(&batch);
+        // Journaled records, and the journaled starts of the batch's runs, which have ended;
+        // on a commit also those of its start rows: a committed `running` row does what the
+        // journal's line would (the next start finalizes it), so a run whose record went
+        // elsewhere (the dead-letter file, at `submit`) leaves nothing counted for good.
+        let mut starts = self.take_starts(&batch);
+        if written.is_ok() && !started.is_empty() {
+            let taken = take_starts(
+                &self.book,
+                &self.journaled_starts,
+                started.iter().map(|s| &s.run_id),
+            );
+            starts += usize::try_from(taken).unwrap_or(usize::MAX);
+        }
         let resolved = journaled.iter().filter(|j| **j).count() + starts;
         match written {
             Ok(_) => self.resolve(resolved).await,

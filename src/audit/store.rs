@@ -251,8 +251,8 @@ impl Store {
     /// process is known to be dead (`dead[i]`) are finalized `interrupted` at once, as a
     /// `running` row is at the next start. A run with a row already (its record stored, or
     /// a start row that made it) keeps it, unless it is still `running`. Returns how many
-    /// rows it finalized and how many of the others are `running` now. On PostgreSQL the replicas waiting
-    /// for the runs finalized are told.
+    /// rows it finalized and how many of the others are `running` now. On PostgreSQL the
+    /// replicas waiting for the runs finalized are told.
     pub async fn write_journaled_starts(
         &self,
         started: &[StartedRun],

@@ -592,10 +592,11 @@ impl AuditWriter {
         inner.deadletter.send_then(vec![record], Some(then));
     }
 
-    /// Journals a run's start while writes fail (`start_line`). It counts as outstanding
-    /// until the run's record is in the database or the dead-letter file, so the journal is
-    /// not removed while the run may still die with its process. Best effort, like every start row: never appended on
-    /// the request's thread; a journal thread with no room leaves the start unjournaled.
+    /// Journals a run's start while writes fail or stall (`start_line`). It counts as
+    /// outstanding until the run's record is in the database or the dead-letter file (or
+    /// its start row committed), so the journal is not removed while the run may still die
+    /// with its process. Best effort, like every start row: never appended on the request's
+    /// thread; a journal thread with no room leaves the start unjournaled.
     fn journal_start(&self, run: &StartedRun, synced: Ack) -> bool {
         let inner = &self.inner;
         // Counted before it is handed over, so no removal can run between the two.
@@ -1349,9 +1350,10 @@ impl Task {
 
     /// A batch the database refused on every attempt for something in it
     /// ([`AuditError::refuses_content`]: not an outage, a lock, a full disk or a deadlock,
-    /// which would refuse each record alike): each record is tried alone, so that one record the database cannot
-    /// take sends only itself to the dead-letter file, not its batch's other runs, and does
-    /// not hold `/readyz` at 503. Returns what is left to dead-letter (none: `Ok`).
+    /// which would refuse each record alike): each record is tried alone, so that one record
+    /// the database cannot take sends only itself to the dead-letter file, not its batch's
+    /// other runs, and does not hold `/readyz` at 503. Returns what is left to dead-letter
+    /// (none: `Ok`).
     async fn isolate(
         &mut self,
         e: AuditError,

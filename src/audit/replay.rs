@@ -12,8 +12,9 @@
 //! The audit journal (`PATH.journal`, see `writer`) is replayed the same way: by
 //! `duet audit replay` before the dead-letter file, and by `duet serve` at start, where what
 //! the database refuses moves to the dead-letter file. The journal also holds the starts of
-//! runs that began while writes failed (`start_line`): one with no record in the file was cut
-//! off with its process, and becomes an `interrupted` row, after the records.
+//! runs that began while writes failed (`start_line`): one with no record in the file
+//! becomes the run's `running` row, after the records, finalized `interrupted` at once when
+//! its process is known to be dead ([`Starts`]).
 
 use std::{
     collections::HashSet,

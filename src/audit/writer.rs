@@ -600,13 +600,11 @@ impl AuditWriter {
     fn journal_start(&self, run: &StartedRun, synced: Ack) -> bool {
         let inner = &self.inner;
         // Counted before it is handed over, so no removal can run between the two.
-        {
-            let mut book = lock(&inner.book);
-            book.outstanding += 1;
-            book.dirty = true;
-            book.starts.insert(run.run_id);
-        }
-        inner.journaled_starts.fetch_add(1, Ordering::AcqRel);
+        let counted = count_starts(
+            &inner.book,
+            &inner.journaled_starts,
+            std::iter::once(run.run_id),
+        );
         if inner
             .journal
             .try_send_line(start_line::to_line(run), Some(synced))
@@ -616,11 +614,7 @@ impl AuditWriter {
         // Counted (`duet_start_rows_unconfirmed_total`): a line per run would flood the log
         // during the outage that causes it.
         debug!(run_id = %run.run_id, "audit journal busy; this run's start is not journaled");
-        let mut book = lock(&inner.book);
-        if book.starts.remove(&run.run_id) {
-            book.outstanding = book.outstanding.saturating_sub(1);
-            inner.journaled_starts.fetch_sub(1, Ordering::AcqRel);
-        }
+        uncount_starts(&inner.book, &inner.journaled_starts, &counted);
         false
     }
 
@@ -863,6 +857,32 @@ impl AuditSink for AuditWriter {
 /// A plain counter behind a lock: a panic elsewhere cannot leave it half-written.
 fn lock(book: &Mutex<JournalBook>) -> std::sync::MutexGuard<'_, JournalBook> {
     book.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts the starts of `runs` in the journal's book (each once, however often journaled):
+/// each is outstanding until its run's record, or its own start row, is settled. Returns the
+/// runs counted now, for [`uncount_starts`] should their lines not reach the file.
+fn count_starts(
+    book: &Mutex<JournalBook>,
+    journaled_starts: &AtomicUsize,
+    runs: impl IntoIterator<Item = Uuid>,
+) -> Vec<Uuid> {
+    let mut book = lock(book);
+    book.dirty = true;
+    let new: Vec<Uuid> = runs
+        .into_iter()
+        .filter(|id| book.starts.insert(*id))
+        .collect();
+    book.outstanding += new.len() as u64;
+    journaled_starts.fetch_add(new.len(), Ordering::AcqRel);
+    new
+}
+
+/// Undoes [`count_starts`] for starts whose lines did not reach the journal.
+fn uncount_starts(book: &Mutex<JournalBook>, journaled_starts: &AtomicUsize, runs: &[Uuid]) {
+    let n = take_starts(book, journaled_starts, runs);
+    let mut book = lock(book);
+    book.outstanding = book.outstanding.saturating_sub(n);
 }
 
 /// The runs of `ended` whose start is in the journal leave `JournalBook::starts`: their
@@ -1315,14 +1335,9 @@ impl Task {
         // on a commit also those of its start rows: a committed `running` row does what the
         // journal's line would (the next start finalizes it), so a run whose record went
         // elsewhere (the dead-letter file, at `submit`) leaves nothing counted for good.
-        let mut starts = self.take_starts(&batch);
-        if written.is_ok() && !started.is_empty() {
-            let taken = take_starts(
-                &self.book,
-                &self.journaled_starts,
-                started.iter().map(|s| &s.run_id),
-            );
-            starts += usize::try_from(taken).unwrap_or(usize::MAX);
+        let mut starts = self.take_starts(batch.iter().map(|r| &r.run_id));
+        if written.is_ok() {
+            starts += self.take_starts(started.iter().map(|s| &s.run_id));
         }
         let resolved = journaled.iter().filter(|j| **j).count() + starts;
         match written {
@@ -1379,7 +1394,7 @@ impl Task {
             {
                 (Ok(_), _) => {
                     written += 1;
-                    resolved += usize::from(j) + self.take_starts(one);
+                    resolved += usize::from(j) + self.take_starts([&record.run_id]);
                 }
                 (Err(e), _) => {
                     warn!(error = %e, run_id = %record.run_id,
@@ -1405,14 +1420,10 @@ impl Task {
         (Err(e), refused, refused_journaled)
     }
 
-    /// The runs of `records` whose start is in the journal: taken out of the book, to be
-    /// settled with the records (see `take_starts`).
-    fn take_starts(&self, records: &[RunRecord]) -> usize {
-        let taken = take_starts(
-            &self.book,
-            &self.journaled_starts,
-            records.iter().map(|r| &r.run_id),
-        );
+    /// The runs of `ended` whose start is in the journal: taken out of the book, to be
+    /// settled with their records or start rows (see `take_starts`).
+    fn take_starts<'a>(&self, ended: impl IntoIterator<Item = &'a Uuid>) -> usize {
+        let taken = take_starts(&self.book, &self.journaled_starts, ended);
         usize::try_from(taken).unwrap_or(usize::MAX)
     }
 
@@ -1437,7 +1448,7 @@ impl Task {
             "audit drain timed out; dead-lettering"
         );
         // Their runs have ended: shutdown need not keep the journal for their starts.
-        self.take_starts(&batch);
+        self.take_starts(batch.iter().map(|r| &r.run_id));
         self.deadletter.send(batch);
     }
 
@@ -1515,38 +1526,29 @@ impl Task {
         self.journal_starts(&starts).await;
     }
 
-    /// Journals the start rows of a batch that failed (or of the backlog) and waits for the
-    /// fsync: their runs may still be in flight, and a crash before the rows are written
-    /// would otherwise leave those runs no row at all. Not counted as outstanding: the
-    /// batch's retries write them, or the journal's records keep the file until the outage
-    /// ends. A start already journaled again is harmless (replay takes each run once).
+    /// Journals the start rows of a batch that failed or stalled (or of the backlog, or of
+    /// the batch in flight behind it) and waits for the fsync: their runs may still be in
+    /// flight, and a crash before the rows are written would otherwise leave those runs no
+    /// row at all. Each counts as outstanding until its run's record or its start row is
+    /// settled. A start journaled again is harmless (replay takes each run once).
     async fn journal_starts(&self, started: &[StartedRun]) {
         if started.is_empty() {
             return;
         }
         let lines: Vec<u8> = started.iter().flat_map(start_line::to_line).collect();
         // Counted before the append, as `AuditWriter::journal_start` does, so that no
-        // removal of the file can come between; each start once, however often journaled.
-        // A run's record always comes after its start, through this task (or the dead-letter
-        // file at `submit`), which settles the start then.
-        let counted = {
-            let mut book = lock(&self.book);
-            book.dirty = true;
-            let new: Vec<Uuid> = started
-                .iter()
-                .map(|s| s.run_id)
-                .filter(|id| book.starts.insert(*id))
-                .collect();
-            book.outstanding += new.len() as u64;
-            self.journaled_starts.fetch_add(new.len(), Ordering::AcqRel);
-            new
-        };
+        // removal of the file can come between. A run's record always comes after its
+        // start, through this task (or the dead-letter file at `submit`), which settles the
+        // start then, as a commit of the start row does.
+        let counted = count_starts(
+            &self.book,
+            &self.journaled_starts,
+            started.iter().map(|s| s.run_id),
+        );
         if let Err(e) = self.journal.append_line_now(lines).await {
             error!(error = %e, runs = started.len(),
                 "cannot write the audit journal; these runs' starts live in memory until written");
-            let n = take_starts(&self.book, &self.journaled_starts, &counted);
-            let mut book = lock(&self.book);
-            book.outstanding = book.outstanding.saturating_sub(n);
+            uncount_starts(&self.book, &self.journaled_starts, &counted);
         }
     }
 

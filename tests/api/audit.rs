@@ -38,6 +38,26 @@ fn quick_retries(dir: &tempfile::TempDir) -> WriterOptions {
     options
 }
 
+/// An audit writer, with quick retries, on a fresh SQLite database that refuses the rows
+/// `when` matches (see [`refuse_rows`]): the database, the writer's directory (its
+/// dead-letter file and journal), the writer and its metrics.
+async fn writer_refusing(
+    name: &str,
+    when: &str,
+) -> (db::SqliteDb, tempfile::TempDir, AuditWriter, Metrics) {
+    let db = db::sqlite().await;
+    refuse_rows(&db.store, name, when).await;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Metrics::new().unwrap();
+    let writer = AuditWriter::start(
+        Arc::new(db.store.clone()),
+        quick_retries(&dir),
+        metrics.clone(),
+    )
+    .unwrap();
+    (db, dir, writer, metrics)
+}
+
 fn writes(metrics: &Metrics, outcome: &str) -> u64 {
     metrics
         .audit_writes_total
@@ -979,16 +999,7 @@ async fn replay_keeps_only_the_record_the_database_refuses() {
 /// of its batch are written, and readiness is not held at 503 by it.
 #[tokio::test]
 async fn a_record_the_database_refuses_dead_letters_only_itself() {
-    let db = db::sqlite().await;
-    refuse_rows(&db.store, "poison", "NEW.query = 'poison'").await;
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = Metrics::new().unwrap();
-    let writer = AuditWriter::start(
-        Arc::new(db.store.clone()),
-        quick_retries(&dir),
-        metrics.clone(),
-    )
-    .unwrap();
+    let (db, dir, writer, metrics) = writer_refusing("poison", "NEW.query = 'poison'").await;
     let mut records: Vec<RunRecord> = (0..5).map(record).collect();
     records[2].query = "poison".into();
     // Queued before the writer runs: one batch.
@@ -1010,15 +1021,7 @@ async fn a_record_the_database_refuses_dead_letters_only_itself() {
 #[tokio::test]
 async fn a_batch_that_fails_every_attempt_dead_letters_its_start_rows() {
     use duet::audit::{AuditSink, OpenStatus, StartedRun, StoredRun};
-    let db = db::sqlite().await;
-    refuse_rows(&db.store, "no_start_rows", "NEW.status = 'running'").await;
-    let dir = tempfile::tempdir().unwrap();
-    let writer = AuditWriter::start(
-        Arc::new(db.store.clone()),
-        quick_retries(&dir),
-        Metrics::new().unwrap(),
-    )
-    .unwrap();
+    let (db, dir, writer, _) = writer_refusing("no_start_rows", "NEW.status = 'running'").await;
     let run = StartedRun::of(&record(1));
     // Writes are not known to fail yet: queued.
     drop(writer.started(run.clone()));
@@ -1458,15 +1461,7 @@ async fn a_start_row_is_answered_once_committed_and_not_waited_on_past_the_bound
 #[tokio::test]
 async fn a_start_journaled_by_a_failed_batch_keeps_the_journal_until_its_run_ends() {
     use duet::audit::{AuditSink, StartedRun};
-    let db = db::sqlite().await;
-    refuse_rows(&db.store, "down", "1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let writer = AuditWriter::start(
-        Arc::new(db.store.clone()),
-        quick_retries(&dir),
-        Metrics::new().unwrap(),
-    )
-    .unwrap();
+    let (_db, dir, writer, _) = writer_refusing("down", "1").await;
     let journal = dir.path().join("deadletter.jsonl.journal");
     let deadletter = dir.path().join("deadletter.jsonl");
     let in_flight = record(1);
